@@ -1,0 +1,208 @@
+//! The client side of the native protocol: connect, log in with SCRAM, and
+//! get a framed session to a service. Workers, the debug console, `ping`,
+//! the tests and the benchmarks all log in through here.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
+
+use crate::auth::scram::{MECHANISM, ScramClient, ScramError};
+use crate::auth::verifier::salted_password;
+use crate::dispatcher::MAX_HANDSHAKE_FRAME;
+use crate::dispatcher::registry::DEFAULT_MAX_FRAME_LENGTH;
+use crate::dispatcher::sniff::NATIVE_MAGIC;
+use crate::proto::{ClientHandshake, Hello, RejectCode, Response, ServerHandshake, client_handshake, server_handshake};
+
+/// A user name and password, with a cache of SaltedPassword per salt, so a
+/// client that logs in again and again (a worker reconnecting, a monitor)
+/// pays for PBKDF2 once, as real SCRAM clients do. The cache holds derived
+/// keys, never the password.
+/// SaltedPassword by (salt, iterations).
+type SaltCache = HashMap<(Vec<u8>, u32), [u8; 32]>;
+
+pub struct Credentials {
+    user: String,
+    password: String,
+    cache: Mutex<SaltCache>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials { user: user.into(), password: password.into(), cache: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn salted(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        let key = (salt.to_vec(), iterations);
+        if let Some(v) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return *v;
+        }
+        let v = salted_password(password, salt, iterations);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() > 64 {
+            cache.clear();
+        }
+        cache.insert(key, v);
+        v
+    }
+}
+
+/// How a client connects.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Sent in `Hello.client_agent`.
+    pub client_agent: String,
+    /// Bound on connecting plus the whole handshake.
+    pub timeout: Duration,
+    /// The largest session frame this client accepts.
+    pub max_frame_length: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            client_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
+            timeout: Duration::from_secs(30),
+            max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+        }
+    }
+}
+
+/// A logged-in session.
+pub struct ClientSession {
+    pub stream: Framed<TcpStream, LengthDelimitedCodec>,
+    pub session_id: String,
+    pub heartbeat_interval: Duration,
+    pub server_agent: String,
+}
+
+/// Why a login did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("the connection failed during the handshake: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the master refused the login ({}): {message}", code.as_str_name())]
+    Rejected { code: RejectCode, message: String },
+    #[error("the master broke the handshake protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Scram(#[from] ScramError),
+    #[error("no answer from the master within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// The reject code, if the master refused the login.
+    pub fn reject_code(&self) -> Option<RejectCode> {
+        match self {
+            ClientError::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Connects to `addr` and logs in to `service`.
+pub async fn connect(addr: &str, service: &str, creds: &Credentials) -> Result<ClientSession, ClientError> {
+    connect_with(addr, service, creds, &ClientOptions::default()).await
+}
+
+pub async fn connect_with(
+    addr: &str,
+    service: &str,
+    creds: &Credentials,
+    opts: &ClientOptions,
+) -> Result<ClientSession, ClientError> {
+    let work = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
+        let _ = stream.set_nodelay(true);
+        login(stream, service, creds, opts).await
+    };
+    tokio::time::timeout(opts.timeout, work).await.map_err(|_| ClientError::Timeout(opts.timeout))?
+}
+
+type HandshakeStream = Framed<TcpStream, LengthDelimitedCodec>;
+
+async fn send(framed: &mut HandshakeStream, kind: client_handshake::Kind) -> Result<(), ClientError> {
+    let msg = ClientHandshake { kind: Some(kind) };
+    framed.send(Bytes::from(msg.encode_to_vec())).await?;
+    Ok(())
+}
+
+async fn receive(framed: &mut HandshakeStream) -> Result<server_handshake::Kind, ClientError> {
+    let frame = framed
+        .next()
+        .await
+        .ok_or_else(|| ClientError::Protocol("the master closed the connection during the handshake".into()))??;
+    let msg = ServerHandshake::decode(frame.freeze())
+        .map_err(|e| ClientError::Protocol(format!("undecodable ServerHandshake: {e}")))?;
+    match msg.kind {
+        Some(server_handshake::Kind::Reject(r)) => Err(ClientError::Rejected {
+            code: RejectCode::try_from(r.code).unwrap_or(RejectCode::Unspecified),
+            message: r.message,
+        }),
+        Some(kind) => Ok(kind),
+        None => Err(ClientError::Protocol("empty ServerHandshake".into())),
+    }
+}
+
+/// Logs in over an already connected stream (sends the magic first).
+pub async fn login(
+    mut stream: TcpStream,
+    service: &str,
+    creds: &Credentials,
+    opts: &ClientOptions,
+) -> Result<ClientSession, ClientError> {
+    stream.write_all(NATIVE_MAGIC).await?;
+    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_HANDSHAKE_FRAME).new_codec();
+    let mut framed = Framed::new(stream, codec);
+    let scram = ScramClient::new(&creds.user, creds.password.as_bytes());
+    let hello = Hello {
+        service: service.to_string(),
+        mechanism: MECHANISM.to_string(),
+        initial_response: scram.client_first().into_bytes(),
+        client_agent: opts.client_agent.clone(),
+    };
+    send(&mut framed, client_handshake::Kind::Hello(hello)).await?;
+    let challenge = match receive(&mut framed).await? {
+        server_handshake::Kind::Challenge(c) => c,
+        _ => return Err(ClientError::Protocol("expected Challenge".into())),
+    };
+    let fin = scram.answer(&challenge.data, |pw, salt, i| creds.salted(pw, salt, i))?;
+    send(&mut framed, client_handshake::Kind::Response(Response { data: fin.message().as_bytes().to_vec() }))
+        .await?;
+    let welcome = match receive(&mut framed).await? {
+        server_handshake::Kind::Welcome(w) => w,
+        _ => return Err(ClientError::Protocol("expected Welcome or Reject".into())),
+    };
+    fin.verify_server(&welcome.data)?;
+    let old = framed.into_parts();
+    let codec = LengthDelimitedCodec::builder().max_frame_length(opts.max_frame_length).new_codec();
+    let mut parts = FramedParts::new::<Bytes>(old.io, codec);
+    parts.read_buf = old.read_buf;
+    Ok(ClientSession {
+        stream: Framed::from_parts(parts),
+        session_id: welcome.session_id,
+        heartbeat_interval: Duration::from_millis(welcome.heartbeat_interval_ms as u64),
+        server_agent: welcome.server_agent,
+    })
+}

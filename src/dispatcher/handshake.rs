@@ -1,0 +1,278 @@
+//! The native handshake: `Hello`, `Challenge`, `Response`, then `Welcome` or
+//! `Reject`, over 4-byte length-prefixed frames of at most 8 KiB.
+//!
+//! The order of checks is part of the contract: `UNKNOWN_SERVICE` and
+//! `UNSUPPORTED_MECHANISM` may come right after `Hello` (they say nothing
+//! about users), `AUTH_FAILED` comes after the proof for a wrong password and
+//! an unknown name alike (same message, same work), and `NOT_AUTHORIZED`
+//! only after a proof that checked out. Every reject closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::registry::Route;
+use super::session::{LiveSession, Session, hangup_for};
+use super::{MAX_HANDSHAKE_FRAME, Shared};
+use crate::auth::scram::{Authenticated, ClientFirst, MECHANISM, ScramError};
+use crate::proto::{
+    Challenge, ClientHandshake, Reject, RejectCode, ServerHandshake, Welcome, client_handshake, server_handshake,
+};
+
+type HandshakeStream = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// The same words for a wrong password and an unknown user.
+pub const AUTH_FAILED_MESSAGE: &str = "authentication failed: wrong user name or password";
+
+/// Why the handshake did not end in `Welcome`.
+enum End {
+    /// Answer with `Reject`, log `log` (never a secret), and close.
+    Reject { code: RejectCode, message: String, log: String },
+    /// The peer went away or the link failed: nothing to answer.
+    Closed(String),
+}
+
+fn reject(code: RejectCode, message: impl Into<String>) -> End {
+    let message = message.into();
+    End::Reject { code, log: message.clone(), message }
+}
+
+fn protocol_error(message: impl Into<String>) -> End {
+    reject(RejectCode::ProtocolError, message)
+}
+
+/// One frame holding `Reject`, ready to write (length prefix included).
+pub(crate) fn reject_frame(code: RejectCode, message: &str) -> Vec<u8> {
+    frame(&ServerHandshake {
+        kind: Some(server_handshake::Kind::Reject(Reject { code: code as i32, message: message.to_string() })),
+    })
+}
+
+fn frame(msg: &ServerHandshake) -> Vec<u8> {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode(&mut out).expect("Vec grows as needed");
+    out
+}
+
+async fn send(framed: &mut HandshakeStream, kind: server_handshake::Kind) -> Result<(), End> {
+    let msg = ServerHandshake { kind: Some(kind) };
+    framed
+        .send(Bytes::from(msg.encode_to_vec()))
+        .await
+        .map_err(|e| End::Closed(format!("write failed: {e}")))
+}
+
+async fn receive(framed: &mut HandshakeStream, expecting: &str) -> Result<client_handshake::Kind, End> {
+    let frame = match framed.next().await {
+        None => return Err(End::Closed(format!("closed while we waited for {expecting}"))),
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(protocol_error(format!(
+                "handshake frame longer than the limit of {MAX_HANDSHAKE_FRAME} bytes"
+            )));
+        }
+        Some(Err(e)) => return Err(End::Closed(format!("read failed: {e}"))),
+        Some(Ok(f)) => f,
+    };
+    match ClientHandshake::decode(frame.freeze()) {
+        Ok(ClientHandshake { kind: Some(kind) }) => Ok(kind),
+        Ok(ClientHandshake { kind: None }) => Err(protocol_error(format!("empty ClientHandshake; expected {expecting}"))),
+        Err(_) => Err(protocol_error(format!("frame is not a ClientHandshake; expected {expecting}"))),
+    }
+}
+
+struct Accepted {
+    auth: Authenticated,
+    service: String,
+    route: Route,
+    client_agent: String,
+}
+
+async fn exchange(shared: &Shared, framed: &mut HandshakeStream, peer: SocketAddr) -> Result<Accepted, End> {
+    let hello = match receive(framed, "Hello").await? {
+        client_handshake::Kind::Hello(h) => h,
+        client_handshake::Kind::Response(_) => return Err(protocol_error("expected Hello, got Response")),
+    };
+    let service = hello.service;
+    if shared.registry.route(&service).is_none() {
+        return Err(reject(RejectCode::UnknownService, format!("no service named {service:?} on this port")));
+    }
+    if hello.mechanism != MECHANISM {
+        return Err(reject(
+            RejectCode::UnsupportedMechanism,
+            format!("mechanism {:?} is not offered on this connection; use {MECHANISM}", hello.mechanism),
+        ));
+    }
+    let first = ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
+    let user = first.user().to_string();
+    let (verifier, known, checker_down) = match shared.checker.verifier(&user).await {
+        Ok(Some(v)) => (v, true, false),
+        Ok(None) => (shared.mock.verifier(&user), false, false),
+        Err(e) => {
+            tracing::error!(%peer, user = %user, error = %e, "credential checker failed; refusing the login");
+            (shared.mock.verifier(&user), false, true)
+        }
+    };
+    let server_first = first.challenge(verifier, known);
+    send(framed, server_handshake::Kind::Challenge(Challenge { data: server_first.message().as_bytes().to_vec() }))
+        .await?;
+    let response = match receive(framed, "Response").await? {
+        client_handshake::Kind::Response(r) => r,
+        client_handshake::Kind::Hello(_) => return Err(protocol_error("expected Response, got a second Hello")),
+    };
+    let auth = match server_first.verify(&response.data) {
+        Ok(a) => a,
+        Err(e) => {
+            if !checker_down {
+                shared.throttle.record_failure(peer.ip());
+            }
+            return Err(match e {
+                ScramError::InvalidProof => End::Reject {
+                    code: RejectCode::AuthFailed,
+                    message: AUTH_FAILED_MESSAGE.to_string(),
+                    log: format!("authentication failed for user {user:?}"),
+                },
+                other => protocol_error(other.to_string()),
+            });
+        }
+    };
+    let policy = shared.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if !policy.allows(&auth.user, &service) {
+        return Err(reject(
+            RejectCode::NotAuthorized,
+            format!("user {:?} may not use service {service:?}", auth.user),
+        ));
+    }
+    // The service may have left the port while we were authenticating.
+    let route = shared
+        .registry
+        .route(&service)
+        .ok_or_else(|| reject(RejectCode::UnknownService, format!("no service named {service:?} on this port")))?;
+    Ok(Accepted { auth, service, route, client_agent: hello.client_agent })
+}
+
+fn session_id() -> String {
+    let mut raw = [0u8; 16];
+    rand::fill(&mut raw[..]);
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the handshake on a connection whose magic was already read (`rest`
+/// holds any bytes the sniffer read past it) and, on success, hands the
+/// session to its service in a task of its own.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    rest: BytesMut,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_HANDSHAKE_FRAME).new_codec();
+    let mut parts = FramedParts::new::<Bytes>(stream, codec);
+    parts.read_buf = rest;
+    let mut framed = Framed::from_parts(parts);
+
+    let Ok(handshake_slot) = shared.handshakes.clone().try_acquire_owned() else {
+        return refuse(
+            framed,
+            peer,
+            reject(RejectCode::Overloaded, "too many logins in progress; retry shortly"),
+        )
+        .await;
+    };
+    if let Err(remaining) = shared.throttle.check(peer.ip()) {
+        let message = format!(
+            "too many failed logins from this address; retry in {} s",
+            remaining.as_secs().max(1)
+        );
+        return refuse(framed, peer, reject(RejectCode::AuthFailed, message)).await;
+    }
+    let limits = shared.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(limits.handshake_timeout, exchange(&shared, &mut framed, peer)) => r,
+    };
+    drop(handshake_slot);
+    let accepted = match outcome {
+        Ok(Ok(a)) => a,
+        Ok(Err(end)) => return refuse(framed, peer, end).await,
+        Err(_) => {
+            let message = format!("handshake not finished within {:?}", limits.handshake_timeout);
+            return refuse(framed, peer, reject(RejectCode::Timeout, message)).await;
+        }
+    };
+
+    let Accepted { auth, service, route, client_agent } = accepted;
+    let id = session_id();
+    let welcome = Welcome {
+        data: auth.server_final.into_bytes(),
+        session_id: id.clone(),
+        heartbeat_interval_ms: limits.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
+        server_agent: shared.server_agent.clone(),
+    };
+    if let Err(End::Closed(why)) | Err(End::Reject { log: why, .. }) =
+        send(&mut framed, server_handshake::Kind::Welcome(welcome)).await
+    {
+        tracing::debug!(%peer, user = %auth.user, reason = %why, "connection lost while sending Welcome");
+        return;
+    }
+    tracing::info!(%peer, user = %auth.user, %service, session = %id, client = %client_agent, "session opened");
+
+    // Hand the session over with empty buffers: they grow with the service's
+    // traffic, so an idle session costs a few hundred bytes, not 16 KiB.
+    let leftover = framed.into_parts();
+    let codec = LengthDelimitedCodec::builder().max_frame_length(route.options.max_frame_length).new_codec();
+    let mut parts = FramedParts::new::<Bytes>(leftover.io, codec);
+    if !leftover.read_buf.is_empty() {
+        parts.read_buf = BytesMut::from(&leftover.read_buf[..]);
+    }
+    let token = shutdown.child_token();
+    let guard = shared.sessions.insert(
+        LiveSession {
+            user: auth.user.clone(),
+            service: service.clone(),
+            id: id.clone(),
+            verifier: auth.verifier,
+            token: token.clone(),
+        },
+        permit,
+    );
+    let session = Session {
+        user: auth.user,
+        service,
+        peer,
+        id,
+        heartbeat_interval: limits.heartbeat_interval,
+        stream: Framed::from_parts(parts),
+        hangup: hangup_for(token),
+        _guard: guard,
+    };
+    tracker.spawn(route.handler.serve(session));
+}
+
+async fn refuse(framed: HandshakeStream, peer: SocketAddr, end: End) {
+    match end {
+        End::Closed(why) => {
+            tracing::info!(%peer, reason = %why, "connection closed during the handshake");
+        }
+        End::Reject { code, message, log } => {
+            tracing::info!(%peer, code = code.as_str_name(), reason = %log, "refused connection");
+            let mut io = framed.into_inner();
+            let reply = reject_frame(code, &message);
+            let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::write_all(&mut io, &reply)).await;
+            super::listener::close_gracefully(io).await;
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The accept loop and the per-connection task.
+//!
+//! [`Dispatcher::serve`] accepts until shutdown. Each connection takes a slot
+//! from the connection semaphore and runs in its own task, first sniffing,
+//! then in the protocol it speaks. Over the limit, a small second pool of
+//! slots tells the client it was refused (native: `OVERLOADED`; HTTP: 503);
+//! past that, the connection is closed at once. At shutdown the loop stops
+//! accepting and every task, including those still sniffing or in their
+//! handshake, sees the shutdown token and ends, so shutdown never hangs on a
+//! silent client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::sniff::{NATIVE_MAGIC, Protocol, sniff};
+use super::{Dispatcher, Shared, handshake, http1};
+use crate::proto::RejectCode;
+
+/// How long shutdown waits for connections to close before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl Dispatcher {
+    /// Serves the port until `shutdown` is cancelled, then closes every
+    /// connection and returns (after at most a few seconds).
+    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.admit(stream, peer, &tracker, &shutdown),
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before
+                    // we took it: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                still_open = tracker.len(),
+                "some connections did not close within {SHUTDOWN_GRACE:?} of shutdown"
+            );
+        }
+    }
+
+    fn admit(&self, stream: TcpStream, peer: SocketAddr, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        let shared = self.shared.clone();
+        match shared.connections.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let t = tracker.clone();
+                tracker.spawn(connection(shared, stream, peer, permit, shutdown.clone(), t));
+            }
+            Err(_) => {
+                let limit = shared.limits.read().unwrap_or_else(|e| e.into_inner()).max_connections;
+                match shared.overflow.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let shutdown = shutdown.clone();
+                        tracker.spawn(async move {
+                            tokio::select! {
+                                _ = refuse_overloaded(stream, peer, limit) => {}
+                                _ = shutdown.cancelled() => {}
+                            }
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, limit, "refused connection: connection limit reached (closed without a reply)");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = shared.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let sniffed = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(limits.sniff_timeout, sniff(&mut stream)) => r,
+    };
+    let (protocol, mut buf) = match sniffed {
+        Err(_) => {
+            tracing::info!(%peer, timeout = ?limits.sniff_timeout, "refused connection: sent no recognisable protocol bytes before the deadline");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed while sniffing");
+            return;
+        }
+        Ok(Ok(found)) => found,
+    };
+    match protocol {
+        Protocol::Native => {
+            let rest = buf.split_off(NATIVE_MAGIC.len());
+            handshake::serve(shared, stream, rest, peer, permit, shutdown, tracker).await;
+        }
+        Protocol::Http1 => {
+            http1::serve(stream, buf.freeze(), peer, limits.sniff_timeout, shutdown).await;
+        }
+        Protocol::Http2 => {
+            tracing::info!(%peer, "refused connection: gRPC (HTTP/2) is not served on this port by this version");
+        }
+        Protocol::Tls => {
+            tracing::info!(%peer, "refused connection: TLS is not configured on this port");
+        }
+        Protocol::Unknown => {
+            let shown = &buf[..buf.len().min(16)];
+            tracing::info!(%peer, first_bytes = ?String::from_utf8_lossy(shown), "refused connection: not a protocol this port speaks (native SWYD/1, HTTP/1)");
+            close_gracefully(stream).await;
+        }
+        Protocol::Closed => {
+            tracing::debug!(%peer, "connection closed before sending anything");
+        }
+    }
+}
+
+/// Tells a client over the connection limit that it was refused, in its own
+/// protocol where we can tell it in time.
+async fn refuse_overloaded(mut stream: TcpStream, peer: SocketAddr, limit: usize) {
+    tracing::warn!(%peer, limit, "refused connection: connection limit reached");
+    let sniffed = tokio::time::timeout(Duration::from_secs(2), sniff(&mut stream)).await;
+    let reply: Option<Vec<u8>> = match sniffed {
+        Ok(Ok((Protocol::Native, _))) => Some(handshake::reject_frame(
+            RejectCode::Overloaded,
+            "the master has too many connections open; retry later",
+        )),
+        Ok(Ok((Protocol::Http1, _))) => Some(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 33\r\nconnection: close\r\n\r\nswitchyard: too many connections\n"
+                .to_vec(),
+        ),
+        _ => None,
+    };
+    if let Some(reply) = reply {
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&reply)).await;
+    }
+    close_gracefully(stream).await;
+}
+
+/// Closes a connection so that a reply we just wrote reaches the client:
+/// sends FIN, then reads (and drops) what the client still sends for a short,
+/// bounded while, so that unread bytes do not turn our close into a reset
+/// that destroys the reply.
+pub(crate) async fn close_gracefully<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}

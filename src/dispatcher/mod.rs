@@ -1,0 +1,242 @@
+//! The Dispatcher: one TCP port for every kind of client.
+//!
+//! The [`listener`] accepts a connection, [`sniff`]s its first bytes under a
+//! deadline, and hands it to the protocol it speaks. Native connections run
+//! the SCRAM [`handshake`], then their [`Session`] goes to the handler that
+//! the service's name is registered under in the [`ServiceRegistry`].
+//!
+//! A [`Dispatcher`] is cheap to clone: every clone shares the same state, so
+//! the master can keep one to reload policy while another serves the port.
+
+pub mod handshake;
+mod http1;
+pub mod listener;
+pub mod registry;
+pub mod rewind;
+pub mod session;
+pub mod sniff;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::auth::{AuthThrottle, Checker, MockCredentials, ThrottleConfig, Verifier};
+
+pub use registry::{Registration, RegistryError, ServiceOptions, ServiceRegistry, SessionHandler};
+pub use session::{Hangup, Session, SessionStream};
+
+/// The limits of one port. Timeouts and the throttle can change on reload;
+/// the connection limits are fixed when the port starts serving.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, in any state; over it a native client gets
+    /// `OVERLOADED` and an HTTP client a 503.
+    pub max_connections: usize,
+    /// Native connections in their handshake at once.
+    pub max_handshakes: usize,
+    /// How long a new connection has to send bytes we recognise.
+    pub sniff_timeout: Duration,
+    /// How long a native client has, after its magic, to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Announced in `Welcome`; services use it for their heartbeats.
+    pub heartbeat_interval: Duration,
+    pub throttle: ThrottleConfig,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_handshakes: 256,
+            sniff_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(10),
+            throttle: ThrottleConfig::default(),
+        }
+    }
+}
+
+/// The largest handshake frame we read: a SCRAM message is a few hundred
+/// bytes, so 8 KiB is generous and bounds what a stranger can make us hold.
+pub const MAX_HANDSHAKE_FRAME: usize = 8 * 1024;
+
+/// Which services each user may use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessPolicy {
+    users: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl AccessPolicy {
+    pub fn new(users: BTreeMap<String, BTreeSet<String>>) -> Self {
+        AccessPolicy { users }
+    }
+
+    /// Grants `user` the given services (adding the user if new).
+    pub fn grant<S: Into<String>>(mut self, user: &str, services: impl IntoIterator<Item = S>) -> Self {
+        self.users
+            .entry(user.to_string())
+            .or_default()
+            .extend(services.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn has_user(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    pub fn allows(&self, user: &str, service: &str) -> bool {
+        self.users.get(user).is_some_and(|s| s.contains(service))
+    }
+
+    pub fn users(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) limits: RwLock<Limits>,
+    pub(crate) checker: Arc<dyn Checker>,
+    pub(crate) mock: MockCredentials,
+    pub(crate) throttle: AuthThrottle,
+    pub(crate) policy: RwLock<Arc<AccessPolicy>>,
+    pub(crate) registry: Arc<ServiceRegistry>,
+    pub(crate) sessions: Arc<session::SessionTable>,
+    pub(crate) connections: Arc<Semaphore>,
+    pub(crate) handshakes: Arc<Semaphore>,
+    /// Slots for telling clients over the connection limit that we are
+    /// overloaded; past these, excess connections are just closed.
+    pub(crate) overflow: Arc<Semaphore>,
+    pub(crate) server_agent: String,
+}
+
+/// The port's shared state: checker, policy, registry, live sessions.
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What a revalidation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revalidation {
+    /// Sessions hung up, as (user, service, reason).
+    pub hung_up: Vec<(String, String, &'static str)>,
+    /// Sessions left alone.
+    pub kept: usize,
+}
+
+impl Dispatcher {
+    pub fn new(limits: Limits, checker: Arc<dyn Checker>, policy: AccessPolicy) -> Self {
+        let overflow = (limits.max_connections / 16).clamp(4, 256);
+        Dispatcher {
+            shared: Arc::new(Shared {
+                connections: Arc::new(Semaphore::new(limits.max_connections)),
+                handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+                overflow: Arc::new(Semaphore::new(overflow)),
+                throttle: AuthThrottle::new(limits.throttle.clone()),
+                limits: RwLock::new(limits),
+                checker,
+                mock: MockCredentials::new(),
+                policy: RwLock::new(Arc::new(policy)),
+                registry: ServiceRegistry::new(),
+                sessions: Default::default(),
+                server_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
+            }),
+        }
+    }
+
+    /// The services on this port.
+    pub fn registry(&self) -> &Arc<ServiceRegistry> {
+        &self.shared.registry
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.shared.limits.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies new timeouts and throttle limits. Connection limits keep the
+    /// values the port started with; the returned list names any that differ.
+    pub fn set_limits(&self, limits: Limits) -> Vec<&'static str> {
+        let mut fixed = Vec::new();
+        let mut cur = self.shared.limits.write().unwrap_or_else(|e| e.into_inner());
+        if limits.max_connections != cur.max_connections {
+            fixed.push("max_connections");
+        }
+        if limits.max_handshakes != cur.max_handshakes {
+            fixed.push("max_handshakes");
+        }
+        self.shared.throttle.set_config(limits.throttle.clone());
+        *cur = Limits {
+            max_connections: cur.max_connections,
+            max_handshakes: cur.max_handshakes,
+            ..limits
+        };
+        fixed
+    }
+
+    pub fn policy(&self) -> Arc<AccessPolicy> {
+        self.shared.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a new policy to new logins at once. Call
+    /// [`Dispatcher::revalidate_sessions`] to apply it to live sessions.
+    pub fn set_policy(&self, policy: AccessPolicy) {
+        *self.shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Authenticated sessions open now.
+    pub fn session_count(&self) -> usize {
+        self.shared.sessions.len()
+    }
+
+    /// Hangs up exactly the live sessions whose user is gone, whose verifier
+    /// changed, or whose user lost the session's service; leaves every other
+    /// session alone. A checker that cannot answer right now keeps its
+    /// sessions (it is logged): an outage must not log everybody out.
+    pub async fn revalidate_sessions(&self) -> Revalidation {
+        let users: BTreeSet<String> = self
+            .shared
+            .sessions
+            .with(|live| live.values().map(|s| s.user.clone()).collect());
+        let mut current: HashMap<String, Option<Verifier>> = HashMap::new();
+        let mut unknown = BTreeSet::new();
+        for u in users {
+            match self.shared.checker.verifier(&u).await {
+                Ok(v) => {
+                    current.insert(u, v);
+                }
+                Err(e) => {
+                    tracing::warn!(user = %u, error = %e, "cannot recheck this user's credentials; keeping its sessions");
+                    unknown.insert(u);
+                }
+            }
+        }
+        let policy = self.policy();
+        let mut result = Revalidation::default();
+        self.shared.sessions.with(|live| {
+            for s in live.values() {
+                if unknown.contains(&s.user) {
+                    result.kept += 1;
+                    continue;
+                }
+                let reason = match current.get(&s.user) {
+                    _ if !policy.has_user(&s.user) => Some("user removed"),
+                    Some(Some(v)) if *v != s.verifier => Some("password changed"),
+                    Some(Some(_)) if !policy.allows(&s.user, &s.service) => Some("service no longer granted"),
+                    Some(Some(_)) => None,
+                    _ => Some("user removed"),
+                };
+                match reason {
+                    Some(reason) => {
+                        tracing::info!(user = %s.user, service = %s.service, session = %s.id, reason, "hanging up session after reload");
+                        s.token.cancel();
+                        result.hung_up.push((s.user.clone(), s.service.clone(), reason));
+                    }
+                    None => result.kept += 1,
+                }
+            }
+        });
+        result
+    }
+}

@@ -1,0 +1,166 @@
+//! The services that sessions can be routed to, by name.
+//!
+//! As in Buildbot's `pbmanager`, [`ServiceRegistry::register`] returns a
+//! [`Registration`]: holding it is what keeps a service on the port, and
+//! dropping it (or calling [`Registration::unregister`]) is how the service
+//! leaves. New sessions for a name that is not registered get
+//! `UNKNOWN_SERVICE`; sessions already running are the handler's to finish.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+
+use super::session::Session;
+
+/// Per-service options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// The largest frame a session of this service may send or receive.
+    pub max_frame_length: usize,
+}
+
+/// 16 MiB: large enough for a log chunk or a config, small enough that one
+/// peer cannot make the master allocate without bound.
+pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+        }
+    }
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Serves authenticated sessions of one service. Each session runs in its
+/// own task; the handler should return when the peer goes away or
+/// [`Session::hangup`] fires.
+pub trait SessionHandler: Send + Sync + 'static {
+    fn serve(&self, session: Session) -> BoxFuture;
+}
+
+impl<F, Fut> SessionHandler for F
+where
+    F: Fn(Session) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn serve(&self, session: Session) -> BoxFuture {
+        Box::pin(self(session))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("service `{0}` is already registered on this port")]
+    AlreadyRegistered(String),
+    #[error("`{0}` is not a valid service name (1 to 255 characters, no spaces or control characters)")]
+    InvalidName(String),
+}
+
+#[derive(Clone)]
+pub(crate) struct Route {
+    id: u64,
+    pub(crate) options: ServiceOptions,
+    pub(crate) handler: Arc<dyn SessionHandler>,
+}
+
+/// The table of services on one port.
+#[derive(Default)]
+pub struct ServiceRegistry {
+    routes: RwLock<HashMap<String, Route>>,
+    next_id: AtomicU64,
+}
+
+impl ServiceRegistry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Puts `handler` on the port under `name` until the returned
+    /// registration is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        name: &str,
+        options: ServiceOptions,
+        handler: impl SessionHandler,
+    ) -> Result<Registration, RegistryError> {
+        if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(RegistryError::InvalidName(name.to_string()));
+        }
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if routes.contains_key(name) {
+            return Err(RegistryError::AlreadyRegistered(name.to_string()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        routes.insert(
+            name.to_string(),
+            Route {
+                id,
+                options,
+                handler: Arc::new(handler),
+            },
+        );
+        Ok(Registration {
+            registry: Arc::downgrade(self),
+            name: name.to_string(),
+            id,
+        })
+    }
+
+    pub(crate) fn route(&self, name: &str) -> Option<Route> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The names of the services on the port now, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.route(name).is_some()
+    }
+}
+
+/// Keeps a service on the port. Drop it, or call
+/// [`Registration::unregister`], to stop new sessions to the service.
+#[must_use = "dropping the registration takes the service off the port at once"]
+pub struct Registration {
+    registry: Weak<ServiceRegistry>,
+    name: String,
+    id: u64,
+}
+
+impl Registration {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Takes the service off the port (the same as dropping this).
+    pub fn unregister(self) {}
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(reg) = self.registry.upgrade() {
+            let mut routes = reg.routes.write().unwrap_or_else(|e| e.into_inner());
+            if routes.get(&self.name).is_some_and(|r| r.id == self.id) {
+                routes.remove(&self.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! An authenticated session and the table of live ones.
+//!
+//! A [`Session`] is born when the handshake ends with `Welcome` and is handed
+//! to its service's handler, which owns it from then on. It carries a
+//! [`Hangup`] signal: the master fires it at shutdown, and a reload fires it
+//! for exactly the sessions whose user, verifier or service grant went away.
+//! When the handler drops the session, its entry leaves the table and its
+//! connection slot is freed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+
+/// The framed stream a service talks over: 4-byte big-endian length, then
+/// the message.
+pub type SessionStream = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// Tells a handler that it must end the session.
+#[derive(Clone, Debug)]
+pub struct Hangup(CancellationToken);
+
+impl Hangup {
+    /// Resolves when the session must end.
+    pub async fn requested(&self) {
+        self.0.cancelled().await
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.0.is_cancelled()
+    }
+}
+
+/// One authenticated session, owned by its service's handler.
+pub struct Session {
+    /// The authenticated user name.
+    pub user: String,
+    /// The service the session was routed to.
+    pub service: String,
+    pub peer: SocketAddr,
+    /// 128 random bits, hex: unique per session, for logs and for clients.
+    pub id: String,
+    /// The heartbeat interval announced in `Welcome`.
+    pub heartbeat_interval: std::time::Duration,
+    pub stream: SessionStream,
+    pub hangup: Hangup,
+    pub(crate) _guard: SessionGuard,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.user)
+            .field("service", &self.service)
+            .field("peer", &self.peer)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct LiveSession {
+    pub(crate) user: String,
+    pub(crate) service: String,
+    pub(crate) id: String,
+    pub(crate) verifier: Verifier,
+    pub(crate) token: CancellationToken,
+}
+
+/// Every live session on the port.
+#[derive(Default)]
+pub(crate) struct SessionTable {
+    live: Mutex<HashMap<u64, LiveSession>>,
+    next: AtomicU64,
+}
+
+impl SessionTable {
+    pub(crate) fn insert(self: &Arc<Self>, s: LiveSession, permit: OwnedSemaphorePermit) -> SessionGuard {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(key, s);
+        SessionGuard {
+            table: self.clone(),
+            key,
+            _permit: permit,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Runs `f` over a snapshot-free view of the table (under its lock).
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&HashMap<u64, LiveSession>) -> R) -> R {
+        f(&self.live.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Removes the session from the table, and frees its connection slot, when
+/// the handler is done with it.
+pub(crate) struct SessionGuard {
+    table: Arc<SessionTable>,
+    key: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.table
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+pub(crate) fn hangup_for(token: CancellationToken) -> Hangup {
+    Hangup(token)
+}

@@ -1,0 +1,166 @@
+//! `switchyard`: the command line. Everything it does lives in the library.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+
+use switchyard::auth::verifier::{MAX_ITERATIONS, MIN_ITERATIONS, Verifier};
+use switchyard::client::{self, Credentials};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "A build master whose whole front door is one TCP port.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the master on the port its config names. SIGHUP reloads the
+    /// config and the secrets; SIGINT or SIGTERM stops it.
+    Master {
+        /// The master's TOML config file (try examples/master.toml).
+        #[arg(long, short, value_name = "FILE", default_value = "master.toml")]
+        config: PathBuf,
+    },
+    /// Turn a password into a verifier line for the secrets file. Reads the
+    /// password from a prompt on a terminal, otherwise from the first line of
+    /// standard input; prints the verifier alone on standard output.
+    Passwd {
+        /// The user the verifier is for (used in the prompt).
+        user: String,
+        /// PBKDF2 iterations: more is slower for attackers and for logins.
+        #[arg(long, default_value_t = MIN_ITERATIONS, value_parser = clap::value_parser!(u32).range(MIN_ITERATIONS as i64..=MAX_ITERATIONS as i64))]
+        iterations: u32,
+    },
+    /// Log in to a master's `ping` service and time a few echoes: checks
+    /// that the port is up and that the credentials work.
+    Ping {
+        /// The master's address.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
+        master: String,
+        #[arg(long, short)]
+        user: String,
+        /// A file whose first line is the password; otherwise the
+        /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// How many echoes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: u32,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn first_line(reader: impl BufRead) -> Result<String, String> {
+    let mut line = String::new();
+    let mut reader = reader;
+    reader.read_line(&mut line).map_err(|e| format!("cannot read the password: {e}"))?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn read_new_password(user: &str) -> Result<String, String> {
+    let password = if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password(format!("New password for {user}: "))
+            .map_err(|e| format!("cannot read the password: {e}"))?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| format!("cannot read the password: {e}"))?;
+        if p != again {
+            return Err("the passwords do not match".into());
+        }
+        p
+    } else {
+        first_line(std::io::stdin().lock())?
+    };
+    if password.is_empty() {
+        return Err("the password is empty".into());
+    }
+    Ok(password)
+}
+
+/// `--password-file`, then `SWITCHYARD_PASSWORD`, then a prompt.
+fn read_password(file: Option<&PathBuf>, user: &str) -> Result<String, String> {
+    if let Some(f) = file {
+        let fh = std::fs::File::open(f).map_err(|e| format!("cannot open password file {}: {e}", f.display()))?;
+        return first_line(std::io::BufReader::new(fh));
+    }
+    if let Ok(p) = std::env::var("SWITCHYARD_PASSWORD") {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password(format!("Password for {user}: "))
+            .map_err(|e| format!("cannot read the password: {e}"));
+    }
+    Err("no password: give --password-file FILE or set SWITCHYARD_PASSWORD".into())
+}
+
+async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<(), String> {
+    let creds = Credentials::new(user, password);
+    let started = Instant::now();
+    let mut session = client::connect(master, switchyard::services::ping::NAME, &creds)
+        .await
+        .map_err(|e| e.to_string())?;
+    let login = started.elapsed();
+    let started = Instant::now();
+    for i in 0..count {
+        let payload = bytes::Bytes::from(format!("ping {i}"));
+        session.stream.send(payload.clone()).await.map_err(|e| format!("send failed: {e}"))?;
+        let echo = tokio::time::timeout(Duration::from_secs(10), session.stream.next())
+            .await
+            .map_err(|_| "no echo within 10 s".to_string())?
+            .ok_or("the master closed the session")?
+            .map_err(|e| format!("receive failed: {e}"))?;
+        if echo.freeze() != payload {
+            return Err("the echo differs from what was sent".into());
+        }
+    }
+    let per = started.elapsed() / count;
+    println!(
+        "ok: {} session {} logged in in {login:.1?}; {count} echoes, {per:.1?} each",
+        session.server_agent, session.session_id
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Passwd { user, iterations } => read_new_password(&user).and_then(|pw| {
+            let v = Verifier::from_password(pw.as_bytes(), iterations).map_err(|e| e.to_string())?;
+            println!("{}", v.encode());
+            Ok(())
+        }),
+        Command::Master { config } => runtime().and_then(|rt| {
+            rt.block_on(switchyard::master::run(&config)).map_err(|e| e.to_string())
+        }),
+        Command::Ping { master, user, password_file, count } => read_password(password_file.as_ref(), &user)
+            .and_then(|pw| runtime().and_then(|rt| rt.block_on(ping(&master, &user, pw, count)))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}

@@ -1,0 +1,230 @@
+//! The master: a config file, the secrets beside it, and one port.
+//!
+//! A [`Master`] is made from a validated config and serves its port until a
+//! shutdown token is cancelled. [`Master::reload`] re-reads both files; it is
+//! all or nothing (nothing changes unless both files validate) and reloads
+//! are serialised, so two `SIGHUP`s in a row cannot interleave.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::SecretsFileChecker;
+use crate::config::{Config, ConfigError, Secrets};
+use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
+use crate::services::ping;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub users_added: Vec<String>,
+    pub users_removed: Vec<String>,
+    /// Users whose services or verifier changed.
+    pub users_changed: Vec<String>,
+    pub users_unchanged: usize,
+    /// Sessions hung up, as (user, service, reason).
+    pub hung_up: Vec<(String, String, &'static str)>,
+    /// Settings that changed but only take effect on restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "users: {} added {:?}, {} removed {:?}, {} changed {:?}, {} unchanged; {} session(s) hung up",
+            self.users_added.len(),
+            self.users_added,
+            self.users_removed.len(),
+            self.users_removed,
+            self.users_changed.len(),
+            self.users_changed,
+            self.users_unchanged,
+            self.hung_up.len()
+        )?;
+        if !self.restart_needed.is_empty() {
+            write!(f, "; needs a restart to apply: {}", self.restart_needed.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Master {
+    config: RwLock<Config>,
+    secrets: Arc<SecretsFileChecker>,
+    dispatcher: Dispatcher,
+    reload_lock: tokio::sync::Mutex<()>,
+    _ping: Registration,
+}
+
+fn policy_of(config: &Config) -> AccessPolicy {
+    AccessPolicy::new(config.users.clone())
+}
+
+impl Master {
+    /// Reads and validates the config file and the secrets file it names.
+    pub fn load(path: &Path) -> Result<Self, MasterError> {
+        let config = Config::load(path)?;
+        let secrets = Secrets::load(&config.secrets_path)?;
+        Self::new(config, secrets)
+    }
+
+    pub fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
+        let checker = Arc::new(SecretsFileChecker::from_secrets(&config.secrets_path, secrets));
+        let dispatcher = Dispatcher::new(config.limits.clone(), checker.clone(), policy_of(&config));
+        let ping = dispatcher.registry().register(ping::NAME, ServiceOptions::default(), ping::serve)?;
+        let master = Master {
+            config: RwLock::new(config),
+            secrets: checker,
+            dispatcher,
+            reload_lock: tokio::sync::Mutex::new(()),
+            _ping: ping,
+        };
+        master.warn_about_config();
+        Ok(master)
+    }
+
+    fn warn_about_config(&self) {
+        let config = self.config();
+        let registry = self.dispatcher.registry();
+        let mut unserved = BTreeSet::new();
+        for (user, services) in &config.users {
+            unserved.extend(services.iter().filter(|s| !registry.contains(s)).cloned());
+            let _ = user;
+        }
+        if !unserved.is_empty() {
+            tracing::warn!(services = ?unserved, "the config grants services this version does not serve yet");
+        }
+    }
+
+    async fn warn_about_missing_verifiers(&self) {
+        use crate::auth::Checker;
+        let config = self.config();
+        for user in config.users.keys() {
+            if matches!(self.secrets.verifier(user).await, Ok(None)) {
+                tracing::warn!(user = %user, secrets = %config.secrets_path.display(), "user has no verifier in the secrets file and cannot log in; add one made by `switchyard passwd`");
+            }
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.config().path
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Binds the configured address.
+    pub async fn bind(&self) -> Result<TcpListener, MasterError> {
+        let addr = self.config().listen;
+        TcpListener::bind(addr).await.map_err(|source| MasterError::Bind { addr, source })
+    }
+
+    /// Serves `listener` until `shutdown` is cancelled.
+    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
+        self.warn_about_missing_verifiers().await;
+        self.dispatcher.serve(listener, shutdown).await
+    }
+
+    /// Re-reads the config file and its secrets file. On any error nothing
+    /// changes and the error names the file and line. On success new logins
+    /// see the new files at once, and live sessions whose user was removed,
+    /// whose verifier changed or who lost their service are hung up.
+    pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        let _serial = self.reload_lock.lock().await;
+        let old = self.config();
+        let new = Config::load(&old.path)?;
+        let secrets = Secrets::load(&new.secrets_path)?;
+
+        let mut report = ReloadReport::default();
+        for (user, services) in &new.users {
+            match old.users.get(user) {
+                None => report.users_added.push(user.clone()),
+                Some(s) if s != services => report.users_changed.push(user.clone()),
+                Some(_) => {
+                    let before = crate::auth::Checker::verifier(self.secrets.as_ref(), user).await.ok().flatten();
+                    if before.as_ref() != secrets.verifiers.get(user) {
+                        report.users_changed.push(user.clone());
+                    } else {
+                        report.users_unchanged += 1;
+                    }
+                }
+            }
+        }
+        report.users_removed = old.users.keys().filter(|u| !new.users.contains_key(*u)).cloned().collect();
+        if new.listen != old.listen {
+            report.restart_needed.push("listen");
+        }
+
+        self.secrets.install(&new.secrets_path, secrets);
+        self.dispatcher.set_policy(policy_of(&new));
+        report.restart_needed.extend(self.dispatcher.set_limits(new.limits.clone()));
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = new;
+        report.hung_up = self.dispatcher.revalidate_sessions().await.hung_up;
+        self.warn_about_config();
+        self.warn_about_missing_verifiers().await;
+        Ok(report)
+    }
+}
+
+/// Runs a master from a config file until `SIGINT` or `SIGTERM`, reloading
+/// on `SIGHUP`. This is `switchyard master`.
+#[cfg(unix)]
+pub async fn run(config_path: &Path) -> Result<(), MasterError> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let master = Arc::new(Master::load(config_path)?);
+    let listener = master.bind().await?;
+    let addr = listener.local_addr().map_err(|source| MasterError::Bind { addr: master.config().listen, source })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(MasterError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(MasterError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(MasterError::Signals)?;
+    let shutdown = CancellationToken::new();
+    tracing::info!(config = %config_path.display(), "switchyard master listening on {addr}");
+
+    let signals = {
+        let master = master.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading the config and the secrets");
+                        match master.reload().await {
+                            Ok(report) => tracing::info!(%report, "reload applied"),
+                            Err(e) => tracing::error!(error = %e, "reload rejected; the running config is unchanged"),
+                        }
+                    }
+                    _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                    _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                }
+            }
+            shutdown.cancel();
+        })
+    };
+    master.serve(listener, shutdown).await;
+    signals.abort();
+    tracing::info!("switchyard master stopped");
+    Ok(())
+}

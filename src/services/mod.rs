@@ -1,0 +1,3 @@
+//! The services built into the master.
+
+pub mod ping;
