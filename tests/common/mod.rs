@@ -1,0 +1,172 @@
+//! Test harness: a real master on 127.0.0.1 port 0 with its config and
+//! secrets in a temp dir, and raw protocol helpers. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use switchyard::auth::Verifier;
+use switchyard::client::{self, ClientSession, Credentials};
+use switchyard::master::Master;
+use switchyard::proto::{ClientHandshake, ServerHandshake};
+
+/// The bound on any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// Users as (name, password, services).
+pub type UserSpec<'a> = (&'a str, &'a str, &'a [&'a str]);
+
+pub fn config_text(extra_master: &str, users: &[UserSpec<'_>]) -> String {
+    let mut s = format!("[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n{extra_master}\n");
+    for (name, _, services) in users {
+        let list: Vec<String> = services.iter().map(|s| format!("{s:?}")).collect();
+        s.push_str(&format!("\n[[user]]\nname = {name:?}\nservices = [{}]\n", list.join(", ")));
+    }
+    s
+}
+
+pub fn secrets_text(users: &[UserSpec<'_>]) -> String {
+    let mut s = String::from("[verifiers]\n");
+    for (name, password, _) in users {
+        let v = Verifier::from_password(password.as_bytes(), 4096).unwrap();
+        s.push_str(&format!("{name:?} = {:?}\n", v.encode()));
+    }
+    s
+}
+
+/// A master running in this process.
+pub struct TestMaster {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub master: Arc<Master>,
+    pub shutdown: CancellationToken,
+    pub served: tokio::task::JoinHandle<()>,
+}
+
+impl TestMaster {
+    pub async fn start(extra_master: &str, users: &[UserSpec<'_>]) -> TestMaster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("master.toml"), config_text(extra_master, users)).unwrap();
+        std::fs::write(dir.path().join("secrets.toml"), secrets_text(users)).unwrap();
+        let master = Arc::new(Master::load(&dir.path().join("master.toml")).unwrap());
+        let listener = master.bind().await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let served = {
+            let (m, s) = (master.clone(), shutdown.clone());
+            tokio::spawn(async move { m.serve(listener, s).await })
+        };
+        TestMaster { dir, addr, master, shutdown, served }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("master.toml")
+    }
+
+    /// Rewrites both files (not reloaded until [`TestMaster::reload`]).
+    pub fn rewrite(&self, extra_master: &str, users: &[UserSpec<'_>]) {
+        std::fs::write(self.config_path(), config_text(extra_master, users)).unwrap();
+        std::fs::write(self.dir.path().join("secrets.toml"), secrets_text(users)).unwrap();
+    }
+
+    pub async fn login(&self, user: &str, password: &str, service: &str) -> Result<ClientSession, client::ClientError> {
+        let creds = Credentials::new(user, password);
+        within("a login", client::connect(&self.addr.to_string(), service, &creds)).await
+    }
+
+    /// Logs in to `ping` and checks one echo: the port serves this user.
+    pub async fn assert_serves(&self, user: &str, password: &str) -> ClientSession {
+        let mut s = self
+            .login(user, password, "ping")
+            .await
+            .unwrap_or_else(|e| panic!("{user} should still be served: {e}"));
+        assert_echo(&mut s, b"still here").await;
+        s
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within("the master to stop", self.served).await.unwrap();
+    }
+}
+
+pub async fn assert_echo(s: &mut ClientSession, payload: &[u8]) {
+    use futures_util::{SinkExt, StreamExt};
+    within("sending a frame", s.stream.send(bytes::Bytes::copy_from_slice(payload))).await.unwrap();
+    let echo = within("an echo", s.stream.next()).await.expect("session closed").unwrap();
+    assert_eq!(&echo[..], payload);
+}
+
+/// Waits for a session to be closed by the master; fails if it is not
+/// closed within `bound`.
+pub async fn assert_hung_up(s: &mut ClientSession, bound: Duration) {
+    use futures_util::StreamExt;
+    match tokio::time::timeout(bound, s.stream.next()).await {
+        Ok(None) | Ok(Some(Err(_))) => {}
+        Ok(Some(Ok(f))) => panic!("expected a hang-up, got a frame {f:?}"),
+        Err(_) => panic!("session was not hung up within {bound:?}"),
+    }
+}
+
+/// A raw connection speaking the wire format by hand.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw { stream: within("connect", TcpStream::connect(addr)).await.unwrap() }
+    }
+
+    /// Connects and sends the native magic.
+    pub async fn native(addr: SocketAddr) -> Raw {
+        let mut r = Self::connect(addr).await;
+        r.write(b"SWYD/1\r\n").await;
+        r
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) {
+        within("a write", self.stream.write_all(bytes)).await.unwrap();
+    }
+
+    pub async fn send(&mut self, msg: &ClientHandshake) {
+        let body = msg.encode_to_vec();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.write(&frame).await;
+    }
+
+    /// The next server message, or `None` if the master closed the connection.
+    pub async fn recv(&mut self) -> Option<ServerHandshake> {
+        let mut len = [0u8; 4];
+        match within("a server frame", self.stream.read_exact(&mut len)).await {
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        within("a server frame body", self.stream.read_exact(&mut body)).await.unwrap();
+        Some(ServerHandshake::decode(&body[..]).expect("a ServerHandshake"))
+    }
+
+    /// Reads everything until the master closes; panics if it does not.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = within("the master to close the connection", self.stream.read_to_end(&mut out)).await;
+        out
+    }
+}
