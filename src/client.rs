@@ -18,7 +18,10 @@ use crate::auth::verifier::salted_password;
 use crate::dispatcher::MAX_HANDSHAKE_FRAME;
 use crate::dispatcher::registry::DEFAULT_MAX_FRAME_LENGTH;
 use crate::dispatcher::sniff::NATIVE_MAGIC;
-use crate::proto::{ClientHandshake, Hello, RejectCode, Response, ServerHandshake, client_handshake, server_handshake};
+use crate::proto::{
+    ClientHandshake, Hello, RejectCode, Response, ServerHandshake, client_handshake,
+    server_handshake,
+};
 
 /// A user name and password, with a cache of SaltedPassword per salt, so a
 /// client that logs in again and again (a worker reconnecting, a monitor)
@@ -35,13 +38,19 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 
 impl Credentials {
     pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
-        Credentials { user: user.into(), password: password.into(), cache: Mutex::new(HashMap::new()) }
+        Credentials {
+            user: user.into(),
+            password: password.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn user(&self) -> &str {
@@ -50,7 +59,12 @@ impl Credentials {
 
     fn salted(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
         let key = (salt.to_vec(), iterations);
-        if let Some(v) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(v) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return *v;
         }
         let v = salted_password(password, salt, iterations);
@@ -96,7 +110,10 @@ pub struct ClientSession {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("the connection failed during the handshake: {0}")]
     Io(#[from] std::io::Error),
     #[error("the master refused the login ({}): {message}", code.as_str_name())]
@@ -120,7 +137,11 @@ impl ClientError {
 }
 
 /// Connects to `addr` and logs in to `service`.
-pub async fn connect(addr: &str, service: &str, creds: &Credentials) -> Result<ClientSession, ClientError> {
+pub async fn connect(
+    addr: &str,
+    service: &str,
+    creds: &Credentials,
+) -> Result<ClientSession, ClientError> {
     connect_with(addr, service, creds, &ClientOptions::default()).await
 }
 
@@ -133,26 +154,33 @@ pub async fn connect_with(
     let work = async {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         login(stream, service, creds, opts).await
     };
-    tokio::time::timeout(opts.timeout, work).await.map_err(|_| ClientError::Timeout(opts.timeout))?
+    tokio::time::timeout(opts.timeout, work)
+        .await
+        .map_err(|_| ClientError::Timeout(opts.timeout))?
 }
 
 type HandshakeStream = Framed<TcpStream, LengthDelimitedCodec>;
 
-async fn send(framed: &mut HandshakeStream, kind: client_handshake::Kind) -> Result<(), ClientError> {
+async fn send(
+    framed: &mut HandshakeStream,
+    kind: client_handshake::Kind,
+) -> Result<(), ClientError> {
     let msg = ClientHandshake { kind: Some(kind) };
     framed.send(Bytes::from(msg.encode_to_vec())).await?;
     Ok(())
 }
 
 async fn receive(framed: &mut HandshakeStream) -> Result<server_handshake::Kind, ClientError> {
-    let frame = framed
-        .next()
-        .await
-        .ok_or_else(|| ClientError::Protocol("the master closed the connection during the handshake".into()))??;
+    let frame = framed.next().await.ok_or_else(|| {
+        ClientError::Protocol("the master closed the connection during the handshake".into())
+    })??;
     let msg = ServerHandshake::decode(frame.freeze())
         .map_err(|e| ClientError::Protocol(format!("undecodable ServerHandshake: {e}")))?;
     match msg.kind {
@@ -173,7 +201,9 @@ pub async fn login(
     opts: &ClientOptions,
 ) -> Result<ClientSession, ClientError> {
     stream.write_all(NATIVE_MAGIC).await?;
-    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_HANDSHAKE_FRAME).new_codec();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_HANDSHAKE_FRAME)
+        .new_codec();
     let mut framed = Framed::new(stream, codec);
     let scram = ScramClient::new(&creds.user, creds.password.as_bytes());
     let hello = Hello {
@@ -188,15 +218,22 @@ pub async fn login(
         _ => return Err(ClientError::Protocol("expected Challenge".into())),
     };
     let fin = scram.answer(&challenge.data, |pw, salt, i| creds.salted(pw, salt, i))?;
-    send(&mut framed, client_handshake::Kind::Response(Response { data: fin.message().as_bytes().to_vec() }))
-        .await?;
+    send(
+        &mut framed,
+        client_handshake::Kind::Response(Response {
+            data: fin.message().as_bytes().to_vec(),
+        }),
+    )
+    .await?;
     let welcome = match receive(&mut framed).await? {
         server_handshake::Kind::Welcome(w) => w,
         _ => return Err(ClientError::Protocol("expected Welcome or Reject".into())),
     };
     fin.verify_server(&welcome.data)?;
     let old = framed.into_parts();
-    let codec = LengthDelimitedCodec::builder().max_frame_length(opts.max_frame_length).new_codec();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(opts.max_frame_length)
+        .new_codec();
     let mut parts = FramedParts::new::<Bytes>(old.io, codec);
     parts.read_buf = old.read_buf;
     Ok(ClientSession {

@@ -56,7 +56,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = offset - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+    let column = offset
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
     (line, column)
 }
 
@@ -120,11 +125,26 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err<T>(&self, span: std::ops::Range<usize>, key: &str, msg: impl std::fmt::Display) -> Result<T, ConfigError> {
-        Err(ConfigError::at(self.path, self.text, span.start, format!("key `{key}`: {msg}")))
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        key: &str,
+        msg: impl std::fmt::Display,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::at(
+            self.path,
+            self.text,
+            span.start,
+            format!("key `{key}`: {msg}"),
+        ))
     }
 
-    fn duration(&self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) if !d.is_zero() => Ok(d),
@@ -132,12 +152,20 @@ impl Validator<'_> {
             Err(e) => self.err(
                 v.span(),
                 key,
-                format_args!("`{}` is not a duration ({e}); write e.g. \"10s\" or \"500ms\"", v.get_ref()),
+                format_args!(
+                    "`{}` is not a duration ({e}); write e.g. \"10s\" or \"500ms\"",
+                    v.get_ref()
+                ),
             ),
         }
     }
 
-    fn count(&self, v: &Option<Spanned<i64>>, key: &str, default: usize) -> Result<usize, ConfigError> {
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n > 0 => Ok(n),
@@ -147,7 +175,9 @@ impl Validator<'_> {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 255 && !name.chars().any(|c| c.is_control() || c.is_whitespace())
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 impl Config {
@@ -159,15 +189,25 @@ impl Config {
 
     /// Validates config text as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
         let c = Validator { path, text };
         let m = &raw.master;
         let listen = match &m.listen {
-            None => DEFAULT_LISTEN.parse().expect("default listen address parses"),
+            None => DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses"),
             Some(l) => match l.get_ref().parse::<SocketAddr>() {
                 Ok(a) => a,
                 Err(_) => {
-                    return c.err(l.span(), "master.listen", format_args!("`{}` is not an address:port such as \"127.0.0.1:9989\"", l.get_ref()));
+                    return c.err(
+                        l.span(),
+                        "master.listen",
+                        format_args!(
+                            "`{}` is not an address:port such as \"127.0.0.1:9989\"",
+                            l.get_ref()
+                        ),
+                    );
                 }
             },
         };
@@ -179,21 +219,57 @@ impl Config {
         let defaults = Limits::default();
         let throttle_defaults = ThrottleConfig::default();
         let limits = Limits {
-            max_connections: c.count(&m.max_connections, "master.max_connections", defaults.max_connections)?,
-            max_handshakes: c.count(&m.max_handshakes, "master.max_handshakes", defaults.max_handshakes)?,
-            sniff_timeout: c.duration(&m.sniff_timeout, "master.sniff_timeout", defaults.sniff_timeout)?,
-            handshake_timeout: c.duration(&m.handshake_timeout, "master.handshake_timeout", defaults.handshake_timeout)?,
-            heartbeat_interval: c.duration(&m.heartbeat_interval, "master.heartbeat_interval", defaults.heartbeat_interval)?,
+            max_connections: c.count(
+                &m.max_connections,
+                "master.max_connections",
+                defaults.max_connections,
+            )?,
+            max_handshakes: c.count(
+                &m.max_handshakes,
+                "master.max_handshakes",
+                defaults.max_handshakes,
+            )?,
+            sniff_timeout: c.duration(
+                &m.sniff_timeout,
+                "master.sniff_timeout",
+                defaults.sniff_timeout,
+            )?,
+            handshake_timeout: c.duration(
+                &m.handshake_timeout,
+                "master.handshake_timeout",
+                defaults.handshake_timeout,
+            )?,
+            heartbeat_interval: c.duration(
+                &m.heartbeat_interval,
+                "master.heartbeat_interval",
+                defaults.heartbeat_interval,
+            )?,
             throttle: ThrottleConfig {
-                max_failures: c.count(&m.auth_max_failures, "master.auth_max_failures", throttle_defaults.max_failures as usize)?
+                max_failures: c
+                    .count(
+                        &m.auth_max_failures,
+                        "master.auth_max_failures",
+                        throttle_defaults.max_failures as usize,
+                    )?
                     .min(u32::MAX as usize) as u32,
-                window: c.duration(&m.auth_failure_window, "master.auth_failure_window", throttle_defaults.window)?,
+                window: c.duration(
+                    &m.auth_failure_window,
+                    "master.auth_failure_window",
+                    throttle_defaults.window,
+                )?,
                 block: c.duration(&m.auth_block, "master.auth_block", throttle_defaults.block)?,
                 max_tracked: throttle_defaults.max_tracked,
             },
         };
         if limits.heartbeat_interval.as_millis() > u32::MAX as u128 {
-            return c.err(m.heartbeat_interval.as_ref().map(|s| s.span()).unwrap_or(0..0), "master.heartbeat_interval", "is too long");
+            return c.err(
+                m.heartbeat_interval
+                    .as_ref()
+                    .map(|s| s.span())
+                    .unwrap_or(0..0),
+                "master.heartbeat_interval",
+                "is too long",
+            );
         }
         let mut users: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut first_line: BTreeMap<String, usize> = BTreeMap::new();
@@ -203,13 +279,21 @@ impl Config {
                 return c.err(u.name.span(), "user.name", format_args!("`{name}` is not a valid user name (1 to 255 characters, no spaces or control characters)"));
             }
             if let Some(line) = first_line.get(name) {
-                return c.err(u.name.span(), "user.name", format_args!("user `{name}` is defined twice (first at line {line})"));
+                return c.err(
+                    u.name.span(),
+                    "user.name",
+                    format_args!("user `{name}` is defined twice (first at line {line})"),
+                );
             }
             first_line.insert(name.clone(), line_col(text, u.name.span().start).0);
             let mut services = BTreeSet::new();
             for s in &u.services {
                 if !valid_name(s.get_ref()) {
-                    return c.err(s.span(), "user.services", format_args!("`{}` is not a valid service name", s.get_ref()));
+                    return c.err(
+                        s.span(),
+                        "user.services",
+                        format_args!("`{}` is not a valid service name", s.get_ref()),
+                    );
                 }
                 services.insert(s.get_ref().clone());
             }
@@ -248,11 +332,17 @@ impl Secrets {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawSecrets = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
+        let raw: RawSecrets =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
         let mut verifiers = std::collections::HashMap::new();
         for (user, v) in raw.verifiers {
             let verifier = Verifier::parse(v.get_ref()).map_err(|e| {
-                ConfigError::at(path, text, v.span().start, format!("key `verifiers.{user}`: {e}"))
+                ConfigError::at(
+                    path,
+                    text,
+                    v.span().start,
+                    format!("key `verifiers.{user}`: {e}"),
+                )
             })?;
             verifiers.insert(user, verifier);
         }
@@ -283,7 +373,10 @@ mod tests {
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let c = parse("[master]\nsecrets = \"s.toml\"\n[[user]]\nname = \"a\"\nservices = [\"ping\"]\n").unwrap();
+        let c = parse(
+            "[master]\nsecrets = \"s.toml\"\n[[user]]\nname = \"a\"\nservices = [\"ping\"]\n",
+        )
+        .unwrap();
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.secrets_path, Path::new("/etc/sy/s.toml"));
         assert_eq!(c.limits, Limits::default());
@@ -292,24 +385,47 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_key() {
-        let e = parse("[master]\nsecrets = \"s.toml\"\nsniff_timeout = \"10 parsecs\"\n").unwrap_err().to_string();
+        let e = parse("[master]\nsecrets = \"s.toml\"\nsniff_timeout = \"10 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("/etc/sy/master.toml:3:"), "{e}");
         assert!(e.contains("master.sniff_timeout"), "{e}");
-        let e = parse("[master]\nsecrets = \"s.toml\"\n[[user]]\nname = \"a\"\n[[user]]\nname = \"a\"\n").unwrap_err().to_string();
-        assert!(e.contains(":6:") && e.contains("defined twice (first at line 4)"), "{e}");
-        let e = parse("[master]\nsecrets = \"s.toml\"\nlisten = 9989\n").unwrap_err().to_string();
+        let e = parse(
+            "[master]\nsecrets = \"s.toml\"\n[[user]]\nname = \"a\"\n[[user]]\nname = \"a\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":6:") && e.contains("defined twice (first at line 4)"),
+            "{e}"
+        );
+        let e = parse("[master]\nsecrets = \"s.toml\"\nlisten = 9989\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(":3:"), "{e}");
-        let e = parse("[master]\nsecrets = \"s.toml\"\nlisen = \"x\"\n").unwrap_err().to_string();
+        let e = parse("[master]\nsecrets = \"s.toml\"\nlisen = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(":3:") && e.contains("lisen"), "{e}");
     }
 
     #[test]
     fn secrets_errors_do_not_quote_the_file() {
         let text = "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:c2FsdA==$AAAA:SECRETSECRET\"\n";
-        let e = Secrets::parse(Path::new("s.toml"), text).unwrap_err().to_string();
-        assert!(e.starts_with("s.toml:2:") && e.contains("verifiers.admin"), "{e}");
+        let e = Secrets::parse(Path::new("s.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("s.toml:2:") && e.contains("verifiers.admin"),
+            "{e}"
+        );
         assert!(!e.contains("SECRETSECRET"), "{e}");
-        let e = Secrets::parse(Path::new("s.toml"), "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:SECRET\n").unwrap_err().to_string();
+        let e = Secrets::parse(
+            Path::new("s.toml"),
+            "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:SECRET\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(!e.contains("SECRET\""), "{e}");
     }
 }

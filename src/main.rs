@@ -12,7 +12,11 @@ use switchyard::auth::verifier::{MAX_ITERATIONS, MIN_ITERATIONS, Verifier};
 use switchyard::client::{self, Credentials};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "A build master whose whole front door is one TCP port.")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A build master whose whole front door is one TCP port."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,7 +72,9 @@ fn init_logging() {
 fn first_line(reader: impl BufRead) -> Result<String, String> {
     let mut line = String::new();
     let mut reader = reader;
-    reader.read_line(&mut line).map_err(|e| format!("cannot read the password: {e}"))?;
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password: {e}"))?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
@@ -76,7 +82,8 @@ fn read_new_password(user: &str) -> Result<String, String> {
     let password = if std::io::stdin().is_terminal() {
         let p = rpassword::prompt_password(format!("New password for {user}: "))
             .map_err(|e| format!("cannot read the password: {e}"))?;
-        let again = rpassword::prompt_password("Again: ").map_err(|e| format!("cannot read the password: {e}"))?;
+        let again = rpassword::prompt_password("Again: ")
+            .map_err(|e| format!("cannot read the password: {e}"))?;
         if p != again {
             return Err("the passwords do not match".into());
         }
@@ -93,7 +100,8 @@ fn read_new_password(user: &str) -> Result<String, String> {
 /// `--password-file`, then `SWITCHYARD_PASSWORD`, then a prompt.
 fn read_password(file: Option<&PathBuf>, user: &str) -> Result<String, String> {
     if let Some(f) = file {
-        let fh = std::fs::File::open(f).map_err(|e| format!("cannot open password file {}: {e}", f.display()))?;
+        let fh = std::fs::File::open(f)
+            .map_err(|e| format!("cannot open password file {}: {e}", f.display()))?;
         return first_line(std::io::BufReader::new(fh));
     }
     if let Ok(p) = std::env::var("SWITCHYARD_PASSWORD") {
@@ -116,7 +124,11 @@ async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<
     let started = Instant::now();
     for i in 0..count {
         let payload = bytes::Bytes::from(format!("ping {i}"));
-        session.stream.send(payload.clone()).await.map_err(|e| format!("send failed: {e}"))?;
+        session
+            .stream
+            .send(payload.clone())
+            .await
+            .map_err(|e| format!("send failed: {e}"))?;
         let echo = tokio::time::timeout(Duration::from_secs(10), session.stream.next())
             .await
             .map_err(|_| "no echo within 10 s".to_string())?
@@ -139,14 +151,21 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Passwd { user, iterations } => read_new_password(&user).and_then(|pw| {
-            let v = Verifier::from_password(pw.as_bytes(), iterations).map_err(|e| e.to_string())?;
+            let v =
+                Verifier::from_password(pw.as_bytes(), iterations).map_err(|e| e.to_string())?;
             println!("{}", v.encode());
             Ok(())
         }),
         Command::Master { config } => runtime().and_then(|rt| {
-            rt.block_on(switchyard::master::run(&config)).map_err(|e| e.to_string())
+            rt.block_on(switchyard::master::run(&config))
+                .map_err(|e| e.to_string())
         }),
-        Command::Ping { master, user, password_file, count } => read_password(password_file.as_ref(), &user)
+        Command::Ping {
+            master,
+            user,
+            password_file,
+            count,
+        } => read_password(password_file.as_ref(), &user)
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(ping(&master, &user, pw, count)))),
     };
     match result {

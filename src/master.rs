@@ -23,7 +23,10 @@ pub enum MasterError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("cannot install signal handlers: {0}")]
@@ -59,7 +62,11 @@ impl std::fmt::Display for ReloadReport {
             self.hung_up.len()
         )?;
         if !self.restart_needed.is_empty() {
-            write!(f, "; needs a restart to apply: {}", self.restart_needed.join(", "))?;
+            write!(
+                f,
+                "; needs a restart to apply: {}",
+                self.restart_needed.join(", ")
+            )?;
         }
         Ok(())
     }
@@ -86,9 +93,16 @@ impl Master {
     }
 
     pub fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
-        let checker = Arc::new(SecretsFileChecker::from_secrets(&config.secrets_path, secrets));
-        let dispatcher = Dispatcher::new(config.limits.clone(), checker.clone(), policy_of(&config));
-        let ping = dispatcher.registry().register(ping::NAME, ServiceOptions::default(), ping::serve)?;
+        let checker = Arc::new(SecretsFileChecker::from_secrets(
+            &config.secrets_path,
+            secrets,
+        ));
+        let dispatcher =
+            Dispatcher::new(config.limits.clone(), checker.clone(), policy_of(&config));
+        let ping =
+            dispatcher
+                .registry()
+                .register(ping::NAME, ServiceOptions::default(), ping::serve)?;
         let master = Master {
             config: RwLock::new(config),
             secrets: checker,
@@ -124,7 +138,10 @@ impl Master {
     }
 
     pub fn config(&self) -> Config {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -138,7 +155,9 @@ impl Master {
     /// Binds the configured address.
     pub async fn bind(&self) -> Result<TcpListener, MasterError> {
         let addr = self.config().listen;
-        TcpListener::bind(addr).await.map_err(|source| MasterError::Bind { addr, source })
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| MasterError::Bind { addr, source })
     }
 
     /// Serves `listener` until `shutdown` is cancelled.
@@ -163,7 +182,10 @@ impl Master {
                 None => report.users_added.push(user.clone()),
                 Some(s) if s != services => report.users_changed.push(user.clone()),
                 Some(_) => {
-                    let before = crate::auth::Checker::verifier(self.secrets.as_ref(), user).await.ok().flatten();
+                    let before = crate::auth::Checker::verifier(self.secrets.as_ref(), user)
+                        .await
+                        .ok()
+                        .flatten();
                     if before.as_ref() != secrets.verifiers.get(user) {
                         report.users_changed.push(user.clone());
                     } else {
@@ -172,14 +194,21 @@ impl Master {
                 }
             }
         }
-        report.users_removed = old.users.keys().filter(|u| !new.users.contains_key(*u)).cloned().collect();
+        report.users_removed = old
+            .users
+            .keys()
+            .filter(|u| !new.users.contains_key(*u))
+            .cloned()
+            .collect();
         if new.listen != old.listen {
             report.restart_needed.push("listen");
         }
 
         self.secrets.install(&new.secrets_path, secrets);
         self.dispatcher.set_policy(policy_of(&new));
-        report.restart_needed.extend(self.dispatcher.set_limits(new.limits.clone()));
+        report
+            .restart_needed
+            .extend(self.dispatcher.set_limits(new.limits.clone()));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = new;
         report.hung_up = self.dispatcher.revalidate_sessions().await.hung_up;
         self.warn_about_config();
@@ -196,7 +225,10 @@ pub async fn run(config_path: &Path) -> Result<(), MasterError> {
 
     let master = Arc::new(Master::load(config_path)?);
     let listener = master.bind().await?;
-    let addr = listener.local_addr().map_err(|source| MasterError::Bind { addr: master.config().listen, source })?;
+    let addr = listener.local_addr().map_err(|source| MasterError::Bind {
+        addr: master.config().listen,
+        source,
+    })?;
     let mut hup = signal(SignalKind::hangup()).map_err(MasterError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(MasterError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(MasterError::Signals)?;

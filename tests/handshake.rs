@@ -7,11 +7,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use switchyard::auth::scram::{ClientFirst, ScramClient};
 use switchyard::auth::Verifier;
+use switchyard::auth::scram::{ClientFirst, ScramClient};
 use switchyard::client::ClientError;
 use switchyard::proto::{
-    ClientHandshake, Hello, RejectCode, Response, ServerHandshake, client_handshake, server_handshake,
+    ClientHandshake, Hello, RejectCode, Response, ServerHandshake, client_handshake,
+    server_handshake,
 };
 
 const ADMIN: UserSpec = ("admin", "s3cret-admin", &["ping", "debug"]);
@@ -29,12 +30,18 @@ fn hello(service: &str, mechanism: &str, initial: &str) -> ClientHandshake {
 }
 
 fn response(data: &str) -> ClientHandshake {
-    ClientHandshake { kind: Some(client_handshake::Kind::Response(Response { data: data.as_bytes().to_vec() })) }
+    ClientHandshake {
+        kind: Some(client_handshake::Kind::Response(Response {
+            data: data.as_bytes().to_vec(),
+        })),
+    }
 }
 
 fn rejected(msg: Option<ServerHandshake>) -> (RejectCode, String) {
     match msg.and_then(|m| m.kind) {
-        Some(server_handshake::Kind::Reject(r)) => (RejectCode::try_from(r.code).unwrap(), r.message),
+        Some(server_handshake::Kind::Reject(r)) => {
+            (RejectCode::try_from(r.code).unwrap(), r.message)
+        }
         other => panic!("expected a Reject, got {other:?}"),
     }
 }
@@ -62,7 +69,8 @@ async fn scram_matches_rfc7677_example() {
     let client = ScramClient::with_nonce("user", b"pencil", "rOprNGfwEbeRWgbNEkqO");
     assert_eq!(client.client_first(), "n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
     let first = ClientFirst::parse(client.client_first().as_bytes()).unwrap();
-    let server = first.challenge_with_nonce(verifier.clone(), true, "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0");
+    let server =
+        first.challenge_with_nonce(verifier.clone(), true, "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0");
     assert_eq!(
         server.message(),
         "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
@@ -73,7 +81,10 @@ async fn scram_matches_rfc7677_example() {
         "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
     );
     let done = server.verify(fin.message().as_bytes()).unwrap();
-    assert_eq!(done.server_final, "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+    assert_eq!(
+        done.server_final,
+        "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    );
     assert_eq!(done.user, "user");
     fin.verify_server(done.server_final.as_bytes()).unwrap();
 
@@ -112,7 +123,9 @@ async fn fifty_sessions_at_once() {
         let addr = m.addr.to_string();
         tasks.push(tokio::spawn(async move {
             let creds = switchyard::client::Credentials::new("admin", "s3cret-admin");
-            let mut s = switchyard::client::connect(&addr, "ping", &creds).await.unwrap();
+            let mut s = switchyard::client::connect(&addr, "ping", &creds)
+                .await
+                .unwrap();
             assert_echo(&mut s, format!("session {i}").as_bytes()).await;
             s
         }));
@@ -136,21 +149,38 @@ async fn wrong_password_and_unknown_user_look_the_same() {
     let wrong = reject_code(m.login("admin", "not-it", "ping").await);
     let unknown = reject_code(m.login("ghost", "not-it", "ping").await);
     assert_eq!(wrong.0, RejectCode::AuthFailed);
-    assert_eq!(wrong, unknown, "code and message must not tell which users exist");
+    assert_eq!(
+        wrong, unknown,
+        "code and message must not tell which users exist"
+    );
 
     // The unknown user's challenge looks like a real one, and is stable.
     let mut salts = Vec::new();
     for user in ["ghost", "ghost", "admin"] {
         let mut raw = Raw::native(m.addr).await;
-        raw.send(&hello("ping", "SCRAM-SHA-256", &format!("n,,n={user},r=abcdefgh"))).await;
+        raw.send(&hello(
+            "ping",
+            "SCRAM-SHA-256",
+            &format!("n,,n={user},r=abcdefgh"),
+        ))
+        .await;
         let c = challenge(raw.recv().await);
         let parts: Vec<&str> = c.split(',').collect();
-        assert!(parts[0].starts_with("r=abcdefgh") && parts[0].len() > 12, "{c}");
+        assert!(
+            parts[0].starts_with("r=abcdefgh") && parts[0].len() > 12,
+            "{c}"
+        );
         assert_eq!(parts[2], "i=4096");
         salts.push(parts[1].to_string());
     }
-    assert_eq!(salts[0], salts[1], "an unknown user's salt must not change between attempts");
-    assert_eq!(base64_decode(&salts[0][2..]).len(), base64_decode(&salts[2][2..]).len());
+    assert_eq!(
+        salts[0], salts[1],
+        "an unknown user's salt must not change between attempts"
+    );
+    assert_eq!(
+        base64_decode(&salts[0][2..]).len(),
+        base64_decode(&salts[2][2..]).len()
+    );
     m.assert_serves("admin", "s3cret-admin").await;
     m.stop().await;
 }
@@ -159,7 +189,8 @@ async fn wrong_password_and_unknown_user_look_the_same() {
 async fn unknown_service_is_refused_right_after_hello() {
     let m = TestMaster::start("", &[ADMIN]).await;
     let mut raw = Raw::native(m.addr).await;
-    raw.send(&hello("nosuch", "SCRAM-SHA-256", "n,,n=admin,r=abcdefgh")).await;
+    raw.send(&hello("nosuch", "SCRAM-SHA-256", "n,,n=admin,r=abcdefgh"))
+        .await;
     let (code, message) = rejected(raw.recv().await);
     assert_eq!(code, RejectCode::UnknownService);
     assert!(message.contains("nosuch"), "{message}");
@@ -173,10 +204,16 @@ async fn not_authorized_only_after_a_valid_proof() {
     let m = TestMaster::start("", &[ADMIN, MONITOR]).await;
     // The user exists but may not use ping: a wrong password still says
     // AUTH_FAILED, so the reject does not reveal the grant.
-    assert_eq!(reject_code(m.login("monitor", "wrong", "ping").await).0, RejectCode::AuthFailed);
+    assert_eq!(
+        reject_code(m.login("monitor", "wrong", "ping").await).0,
+        RejectCode::AuthFailed
+    );
     let (code, message) = reject_code(m.login("monitor", "s3cret-monitor", "ping").await);
     assert_eq!(code, RejectCode::NotAuthorized);
-    assert!(message.contains("monitor") && message.contains("ping"), "{message}");
+    assert!(
+        message.contains("monitor") && message.contains("ping"),
+        "{message}"
+    );
     m.assert_serves("admin", "s3cret-admin").await;
     m.stop().await;
 }
@@ -186,7 +223,8 @@ async fn unsupported_mechanism() {
     let m = TestMaster::start("", &[ADMIN]).await;
     for mech in ["PLAIN", "SCRAM-SHA-1", ""] {
         let mut raw = Raw::native(m.addr).await;
-        raw.send(&hello("ping", mech, "\0admin\0s3cret-admin")).await;
+        raw.send(&hello("ping", mech, "\0admin\0s3cret-admin"))
+            .await;
         let (code, message) = rejected(raw.recv().await);
         assert_eq!(code, RejectCode::UnsupportedMechanism, "{mech}");
         assert!(message.contains("SCRAM-SHA-256"), "{message}");
@@ -213,9 +251,13 @@ async fn out_of_order_and_malformed_messages_are_protocol_errors() {
     assert_eq!(rejected(raw.recv().await).0, RejectCode::ProtocolError);
     // A client-final with the wrong nonce.
     let mut raw = Raw::native(m.addr).await;
-    raw.send(&hello("ping", "SCRAM-SHA-256", "n,,n=admin,r=abcdefgh")).await;
+    raw.send(&hello("ping", "SCRAM-SHA-256", "n,,n=admin,r=abcdefgh"))
+        .await;
     challenge(raw.recv().await);
-    raw.send(&response("c=biws,r=abcdefghXX,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")).await;
+    raw.send(&response(
+        "c=biws,r=abcdefghXX,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+    ))
+    .await;
     assert_eq!(rejected(raw.recv().await).0, RejectCode::ProtocolError);
     raw.read_to_close().await;
     m.assert_serves("admin", "s3cret-admin").await;
@@ -225,10 +267,18 @@ async fn out_of_order_and_malformed_messages_are_protocol_errors() {
 #[tokio::test]
 async fn garbage_bytes_are_closed() {
     let m = TestMaster::start("", &[ADMIN]).await;
-    for garbage in [&b"hello there, master\r\n"[..], &[0u8; 32][..], &b"SWYD/2\r\n"[..], &[0x16, 0x01][..]] {
+    for garbage in [
+        &b"hello there, master\r\n"[..],
+        &[0u8; 32][..],
+        &b"SWYD/2\r\n"[..],
+        &[0x16, 0x01][..],
+    ] {
         let mut raw = Raw::connect(m.addr).await;
         raw.write(garbage).await;
-        assert!(raw.read_to_close().await.is_empty(), "nothing is answered to garbage");
+        assert!(
+            raw.read_to_close().await.is_empty(),
+            "nothing is answered to garbage"
+        );
     }
     m.assert_serves("admin", "s3cret-admin").await;
     m.stop().await;
@@ -259,7 +309,9 @@ async fn four_gib_frame_length_is_refused_without_allocating() {
 
     // After login, frames over the service's limit (16 MiB) close the session.
     let mut s = m.login("admin", "s3cret-admin", "ping").await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(s.stream.get_mut(), &[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(s.stream.get_mut(), &[0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     assert_hung_up(&mut s, WAIT).await;
     m.assert_serves("admin", "s3cret-admin").await;
     m.stop().await;
@@ -267,7 +319,11 @@ async fn four_gib_frame_length_is_refused_without_allocating() {
 
 #[tokio::test]
 async fn silence_before_and_after_the_magic() {
-    let m = TestMaster::start("sniff_timeout = \"300ms\"\nhandshake_timeout = \"300ms\"", &[ADMIN]).await;
+    let m = TestMaster::start(
+        "sniff_timeout = \"300ms\"\nhandshake_timeout = \"300ms\"",
+        &[ADMIN],
+    )
+    .await;
     // Before the magic: closed without a word.
     let mut silent = Raw::connect(m.addr).await;
     // Half a magic is still silence.
@@ -277,7 +333,8 @@ async fn silence_before_and_after_the_magic() {
     let mut after = Raw::native(m.addr).await;
     // After Hello: TIMEOUT too.
     let mut mid = Raw::native(m.addr).await;
-    mid.send(&hello("ping", "SCRAM-SHA-256", "n,,n=admin,r=abcdefgh")).await;
+    mid.send(&hello("ping", "SCRAM-SHA-256", "n,,n=admin,r=abcdefgh"))
+        .await;
     challenge(mid.recv().await);
 
     assert!(silent.read_to_close().await.is_empty());
@@ -304,18 +361,28 @@ async fn http1_healthz_and_a_note_for_anything_else() {
     raw.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let reply = String::from_utf8(raw.read_to_close().await).unwrap();
     assert!(reply.starts_with("HTTP/1.1 404 Not Found\r\n"), "{reply}");
-    assert!(reply.contains("SWYD/1") && reply.contains("HTTP/1"), "{reply}");
+    assert!(
+        reply.contains("SWYD/1") && reply.contains("HTTP/1"),
+        "{reply}"
+    );
 
     let mut raw = Raw::connect(m.addr).await;
-    raw.write(b"POST /healthz HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi").await;
+    raw.write(b"POST /healthz HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
     let reply = String::from_utf8(raw.read_to_close().await).unwrap();
-    assert!(reply.starts_with("HTTP/1.0 404") || reply.starts_with("HTTP/1.1 404"), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.0 404") || reply.starts_with("HTTP/1.1 404"),
+        "{reply}"
+    );
 
     // A malformed request gets an error, not a hang.
     let mut raw = Raw::connect(m.addr).await;
     raw.write(b"GET \x01\x02 nonsense\r\n\r\n").await;
     let reply = String::from_utf8_lossy(&raw.read_to_close().await).to_string();
-    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+        "{reply}"
+    );
     m.assert_serves("admin", "s3cret-admin").await;
     m.stop().await;
 }
@@ -350,7 +417,11 @@ async fn more_connections_than_the_limit_get_overloaded() {
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    assert_echo(ok.as_mut().expect("a freed slot takes a new session"), b"in").await;
+    assert_echo(
+        ok.as_mut().expect("a freed slot takes a new session"),
+        b"in",
+    )
+    .await;
     m.stop().await;
 }
 
@@ -383,7 +454,10 @@ async fn repeated_failures_block_the_address_for_a_while() {
     let m = TestMaster::start("auth_max_failures = 3\nauth_block = \"1h\"", &[ADMIN]).await;
     let held = m.assert_serves("admin", "s3cret-admin").await;
     for _ in 0..3 {
-        assert_eq!(reject_code(m.login("admin", "guess", "ping").await).0, RejectCode::AuthFailed);
+        assert_eq!(
+            reject_code(m.login("admin", "guess", "ping").await).0,
+            RejectCode::AuthFailed
+        );
     }
     // Now even the right password is refused from this address...
     let (code, message) = reject_code(m.login("admin", "s3cret-admin", "ping").await);
@@ -405,7 +479,10 @@ async fn shutdown_closes_sessions_and_connections_in_every_state() {
     let started = std::time::Instant::now();
     m.shutdown.cancel();
     within("shutdown", m.served).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(4), "shutdown waited on idle connections");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown waited on idle connections"
+    );
     assert_hung_up(&mut session, WAIT).await;
     sniffing.read_to_close().await;
     handshaking.read_to_close().await;

@@ -117,7 +117,9 @@ impl ClientFirst {
         let mut attrs = bare.split(',');
         let user = match attrs.next() {
             Some(a) if a.starts_with("m=") => {
-                return Err(ScramError::Malformed("mandatory extensions are not supported"));
+                return Err(ScramError::Malformed(
+                    "mandatory extensions are not supported",
+                ));
             }
             Some(a) => a
                 .strip_prefix("n=")
@@ -218,7 +220,9 @@ impl ServerFirst {
             .decode(cbind)
             .map_err(|_| ScramError::Malformed("channel binding is not base64"))?;
         if cbind != self.first.gs2_header.as_bytes() {
-            return Err(ScramError::Malformed("channel binding does not match gs2 header"));
+            return Err(ScramError::Malformed(
+                "channel binding does not match gs2 header",
+            ));
         }
         if nonce != self.nonce {
             return Err(ScramError::NonceMismatch);

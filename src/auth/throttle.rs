@@ -57,7 +57,10 @@ impl AuthThrottle {
     }
 
     fn config(&self) -> ThrottleConfig {
-        self.config.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// `Err(remaining)` while `ip` is blocked.

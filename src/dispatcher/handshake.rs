@@ -25,7 +25,8 @@ use super::session::{LiveSession, Session, hangup_for};
 use super::{MAX_HANDSHAKE_FRAME, Shared};
 use crate::auth::scram::{Authenticated, ClientFirst, MECHANISM, ScramError};
 use crate::proto::{
-    Challenge, ClientHandshake, Reject, RejectCode, ServerHandshake, Welcome, client_handshake, server_handshake,
+    Challenge, ClientHandshake, Reject, RejectCode, ServerHandshake, Welcome, client_handshake,
+    server_handshake,
 };
 
 type HandshakeStream = Framed<TcpStream, LengthDelimitedCodec>;
@@ -36,14 +37,22 @@ pub const AUTH_FAILED_MESSAGE: &str = "authentication failed: wrong user name or
 /// Why the handshake did not end in `Welcome`.
 enum End {
     /// Answer with `Reject`, log `log` (never a secret), and close.
-    Reject { code: RejectCode, message: String, log: String },
+    Reject {
+        code: RejectCode,
+        message: String,
+        log: String,
+    },
     /// The peer went away or the link failed: nothing to answer.
     Closed(String),
 }
 
 fn reject(code: RejectCode, message: impl Into<String>) -> End {
     let message = message.into();
-    End::Reject { code, log: message.clone(), message }
+    End::Reject {
+        code,
+        log: message.clone(),
+        message,
+    }
 }
 
 fn protocol_error(message: impl Into<String>) -> End {
@@ -53,7 +62,10 @@ fn protocol_error(message: impl Into<String>) -> End {
 /// One frame holding `Reject`, ready to write (length prefix included).
 pub(crate) fn reject_frame(code: RejectCode, message: &str) -> Vec<u8> {
     frame(&ServerHandshake {
-        kind: Some(server_handshake::Kind::Reject(Reject { code: code as i32, message: message.to_string() })),
+        kind: Some(server_handshake::Kind::Reject(Reject {
+            code: code as i32,
+            message: message.to_string(),
+        })),
     })
 }
 
@@ -73,9 +85,16 @@ async fn send(framed: &mut HandshakeStream, kind: server_handshake::Kind) -> Res
         .map_err(|e| End::Closed(format!("write failed: {e}")))
 }
 
-async fn receive(framed: &mut HandshakeStream, expecting: &str) -> Result<client_handshake::Kind, End> {
+async fn receive(
+    framed: &mut HandshakeStream,
+    expecting: &str,
+) -> Result<client_handshake::Kind, End> {
     let frame = match framed.next().await {
-        None => return Err(End::Closed(format!("closed while we waited for {expecting}"))),
+        None => {
+            return Err(End::Closed(format!(
+                "closed while we waited for {expecting}"
+            )));
+        }
         Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
             return Err(protocol_error(format!(
                 "handshake frame longer than the limit of {MAX_HANDSHAKE_FRAME} bytes"
@@ -86,8 +105,12 @@ async fn receive(framed: &mut HandshakeStream, expecting: &str) -> Result<client
     };
     match ClientHandshake::decode(frame.freeze()) {
         Ok(ClientHandshake { kind: Some(kind) }) => Ok(kind),
-        Ok(ClientHandshake { kind: None }) => Err(protocol_error(format!("empty ClientHandshake; expected {expecting}"))),
-        Err(_) => Err(protocol_error(format!("frame is not a ClientHandshake; expected {expecting}"))),
+        Ok(ClientHandshake { kind: None }) => Err(protocol_error(format!(
+            "empty ClientHandshake; expected {expecting}"
+        ))),
+        Err(_) => Err(protocol_error(format!(
+            "frame is not a ClientHandshake; expected {expecting}"
+        ))),
     }
 }
 
@@ -98,22 +121,35 @@ struct Accepted {
     client_agent: String,
 }
 
-async fn exchange(shared: &Shared, framed: &mut HandshakeStream, peer: SocketAddr) -> Result<Accepted, End> {
+async fn exchange(
+    shared: &Shared,
+    framed: &mut HandshakeStream,
+    peer: SocketAddr,
+) -> Result<Accepted, End> {
     let hello = match receive(framed, "Hello").await? {
         client_handshake::Kind::Hello(h) => h,
-        client_handshake::Kind::Response(_) => return Err(protocol_error("expected Hello, got Response")),
+        client_handshake::Kind::Response(_) => {
+            return Err(protocol_error("expected Hello, got Response"));
+        }
     };
     let service = hello.service;
     if shared.registry.route(&service).is_none() {
-        return Err(reject(RejectCode::UnknownService, format!("no service named {service:?} on this port")));
+        return Err(reject(
+            RejectCode::UnknownService,
+            format!("no service named {service:?} on this port"),
+        ));
     }
     if hello.mechanism != MECHANISM {
         return Err(reject(
             RejectCode::UnsupportedMechanism,
-            format!("mechanism {:?} is not offered on this connection; use {MECHANISM}", hello.mechanism),
+            format!(
+                "mechanism {:?} is not offered on this connection; use {MECHANISM}",
+                hello.mechanism
+            ),
         ));
     }
-    let first = ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
+    let first =
+        ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
     let user = first.user().to_string();
     let (verifier, known, checker_down) = match shared.checker.verifier(&user).await {
         Ok(Some(v)) => (v, true, false),
@@ -124,11 +160,18 @@ async fn exchange(shared: &Shared, framed: &mut HandshakeStream, peer: SocketAdd
         }
     };
     let server_first = first.challenge(verifier, known);
-    send(framed, server_handshake::Kind::Challenge(Challenge { data: server_first.message().as_bytes().to_vec() }))
-        .await?;
+    send(
+        framed,
+        server_handshake::Kind::Challenge(Challenge {
+            data: server_first.message().as_bytes().to_vec(),
+        }),
+    )
+    .await?;
     let response = match receive(framed, "Response").await? {
         client_handshake::Kind::Response(r) => r,
-        client_handshake::Kind::Hello(_) => return Err(protocol_error("expected Response, got a second Hello")),
+        client_handshake::Kind::Hello(_) => {
+            return Err(protocol_error("expected Response, got a second Hello"));
+        }
     };
     let auth = match server_first.verify(&response.data) {
         Ok(a) => a,
@@ -146,7 +189,11 @@ async fn exchange(shared: &Shared, framed: &mut HandshakeStream, peer: SocketAdd
             });
         }
     };
-    let policy = shared.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let policy = shared
+        .policy
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     if !policy.allows(&auth.user, &service) {
         return Err(reject(
             RejectCode::NotAuthorized,
@@ -154,11 +201,18 @@ async fn exchange(shared: &Shared, framed: &mut HandshakeStream, peer: SocketAdd
         ));
     }
     // The service may have left the port while we were authenticating.
-    let route = shared
-        .registry
-        .route(&service)
-        .ok_or_else(|| reject(RejectCode::UnknownService, format!("no service named {service:?} on this port")))?;
-    Ok(Accepted { auth, service, route, client_agent: hello.client_agent })
+    let route = shared.registry.route(&service).ok_or_else(|| {
+        reject(
+            RejectCode::UnknownService,
+            format!("no service named {service:?} on this port"),
+        )
+    })?;
+    Ok(Accepted {
+        auth,
+        service,
+        route,
+        client_agent: hello.client_agent,
+    })
 }
 
 fn session_id() -> String {
@@ -179,7 +233,9 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_HANDSHAKE_FRAME).new_codec();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_HANDSHAKE_FRAME)
+        .new_codec();
     let mut parts = FramedParts::new::<Bytes>(stream, codec);
     parts.read_buf = rest;
     let mut framed = Framed::from_parts(parts);
@@ -188,7 +244,10 @@ pub(crate) async fn serve(
         return refuse(
             framed,
             peer,
-            reject(RejectCode::Overloaded, "too many logins in progress; retry shortly"),
+            reject(
+                RejectCode::Overloaded,
+                "too many logins in progress; retry shortly",
+            ),
         )
         .await;
     };
@@ -199,7 +258,11 @@ pub(crate) async fn serve(
         );
         return refuse(framed, peer, reject(RejectCode::AuthFailed, message)).await;
     }
-    let limits = shared.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let limits = shared
+        .limits
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout(limits.handshake_timeout, exchange(&shared, &mut framed, peer)) => r,
@@ -209,12 +272,20 @@ pub(crate) async fn serve(
         Ok(Ok(a)) => a,
         Ok(Err(end)) => return refuse(framed, peer, end).await,
         Err(_) => {
-            let message = format!("handshake not finished within {:?}", limits.handshake_timeout);
+            let message = format!(
+                "handshake not finished within {:?}",
+                limits.handshake_timeout
+            );
             return refuse(framed, peer, reject(RejectCode::Timeout, message)).await;
         }
     };
 
-    let Accepted { auth, service, route, client_agent } = accepted;
+    let Accepted {
+        auth,
+        service,
+        route,
+        client_agent,
+    } = accepted;
     let id = session_id();
     let welcome = Welcome {
         data: auth.server_final.into_bytes(),
@@ -233,7 +304,9 @@ pub(crate) async fn serve(
     // Hand the session over with empty buffers: they grow with the service's
     // traffic, so an idle session costs a few hundred bytes, not 16 KiB.
     let leftover = framed.into_parts();
-    let codec = LengthDelimitedCodec::builder().max_frame_length(route.options.max_frame_length).new_codec();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(route.options.max_frame_length)
+        .new_codec();
     let mut parts = FramedParts::new::<Bytes>(leftover.io, codec);
     if !leftover.read_buf.is_empty() {
         parts.read_buf = BytesMut::from(&leftover.read_buf[..]);
@@ -271,7 +344,11 @@ async fn refuse(framed: HandshakeStream, peer: SocketAddr, end: End) {
             tracing::info!(%peer, code = code.as_str_name(), reason = %log, "refused connection");
             let mut io = framed.into_inner();
             let reply = reject_frame(code, &message);
-            let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncWriteExt::write_all(&mut io, &reply)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncWriteExt::write_all(&mut io, &reply),
+            )
+            .await;
             super::listener::close_gracefully(io).await;
         }
     }

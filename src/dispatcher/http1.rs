@@ -25,12 +25,20 @@ fn respond<B>(req: &Request<B>) -> Response<Full<Bytes>> {
     };
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
-pub(crate) async fn serve(stream: TcpStream, sniffed: Bytes, peer: SocketAddr, deadline: Duration, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    stream: TcpStream,
+    sniffed: Bytes,
+    peer: SocketAddr,
+    deadline: Duration,
+    shutdown: CancellationToken,
+) {
     let io = TokioIo::new(Rewind::new(sniffed, stream));
     let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
         let resp = respond(&req);

@@ -49,7 +49,10 @@ impl Dispatcher {
         }
         drop(listener);
         tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 still_open = tracker.len(),
                 "some connections did not close within {SHUTDOWN_GRACE:?} of shutdown"
@@ -57,15 +60,32 @@ impl Dispatcher {
         }
     }
 
-    fn admit(&self, stream: TcpStream, peer: SocketAddr, tracker: &TaskTracker, shutdown: &CancellationToken) {
+    fn admit(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
         let shared = self.shared.clone();
         match shared.connections.clone().try_acquire_owned() {
             Ok(permit) => {
                 let t = tracker.clone();
-                tracker.spawn(connection(shared, stream, peer, permit, shutdown.clone(), t));
+                tracker.spawn(connection(
+                    shared,
+                    stream,
+                    peer,
+                    permit,
+                    shutdown.clone(),
+                    t,
+                ));
             }
             Err(_) => {
-                let limit = shared.limits.read().unwrap_or_else(|e| e.into_inner()).max_connections;
+                let limit = shared
+                    .limits
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .max_connections;
                 match shared.overflow.clone().try_acquire_owned() {
                     Ok(slot) => {
                         let shutdown = shutdown.clone();
@@ -95,7 +115,11 @@ async fn connection(
     tracker: TaskTracker,
 ) {
     let _ = stream.set_nodelay(true);
-    let limits = shared.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let limits = shared
+        .limits
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let sniffed = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout(limits.sniff_timeout, sniff(&mut stream)) => r,

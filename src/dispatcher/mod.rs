@@ -74,7 +74,11 @@ impl AccessPolicy {
     }
 
     /// Grants `user` the given services (adding the user if new).
-    pub fn grant<S: Into<String>>(mut self, user: &str, services: impl IntoIterator<Item = S>) -> Self {
+    pub fn grant<S: Into<String>>(
+        mut self,
+        user: &str,
+        services: impl IntoIterator<Item = S>,
+    ) -> Self {
         self.users
             .entry(user.to_string())
             .or_default()
@@ -152,14 +156,22 @@ impl Dispatcher {
     }
 
     pub fn limits(&self) -> Limits {
-        self.shared.limits.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Applies new timeouts and throttle limits. Connection limits keep the
     /// values the port started with; the returned list names any that differ.
     pub fn set_limits(&self, limits: Limits) -> Vec<&'static str> {
         let mut fixed = Vec::new();
-        let mut cur = self.shared.limits.write().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self
+            .shared
+            .limits
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if limits.max_connections != cur.max_connections {
             fixed.push("max_connections");
         }
@@ -176,13 +188,21 @@ impl Dispatcher {
     }
 
     pub fn policy(&self) -> Arc<AccessPolicy> {
-        self.shared.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Applies a new policy to new logins at once. Call
     /// [`Dispatcher::revalidate_sessions`] to apply it to live sessions.
     pub fn set_policy(&self, policy: AccessPolicy) {
-        *self.shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
     }
 
     /// Authenticated sessions open now.

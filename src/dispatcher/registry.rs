@@ -56,7 +56,9 @@ where
 pub enum RegistryError {
     #[error("service `{0}` is already registered on this port")]
     AlreadyRegistered(String),
-    #[error("`{0}` is not a valid service name (1 to 255 characters, no spaces or control characters)")]
+    #[error(
+        "`{0}` is not a valid service name (1 to 255 characters, no spaces or control characters)"
+    )]
     InvalidName(String),
 }
 
@@ -87,7 +89,10 @@ impl ServiceRegistry {
         options: ServiceOptions,
         handler: impl SessionHandler,
     ) -> Result<Registration, RegistryError> {
-        if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if name.is_empty()
+            || name.len() > 255
+            || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
             return Err(RegistryError::InvalidName(name.to_string()));
         }
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());

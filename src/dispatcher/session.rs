@@ -9,9 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -82,9 +82,16 @@ pub(crate) struct SessionTable {
 }
 
 impl SessionTable {
-    pub(crate) fn insert(self: &Arc<Self>, s: LiveSession, permit: OwnedSemaphorePermit) -> SessionGuard {
+    pub(crate) fn insert(
+        self: &Arc<Self>,
+        s: LiveSession,
+        permit: OwnedSemaphorePermit,
+    ) -> SessionGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(key, s);
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, s);
         SessionGuard {
             table: self.clone(),
             key,

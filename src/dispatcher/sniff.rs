@@ -13,7 +13,15 @@ pub const NATIVE_MAGIC: &[u8; 8] = b"SWYD/1\r\n";
 /// The HTTP/2 connection preface, as gRPC clients send it.
 pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HTTP1_METHODS: &[&[u8]] = &[
-    b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ",
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
 ];
 
 /// What a connection speaks.
@@ -77,7 +85,11 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
             Some(_) => Some(Protocol::Unknown),
         };
     }
-    if undecided { None } else { Some(Protocol::Unknown) }
+    if undecided {
+        None
+    } else {
+        Some(Protocol::Unknown)
+    }
 }
 
 /// Reads until the protocol is known. Returns it with every byte read.
@@ -103,7 +115,10 @@ mod tests {
         assert_eq!(classify(b"SWYD"), None);
         assert_eq!(classify(b"PRI * HTTP/2.0"), None);
         assert_eq!(classify(HTTP2_PREFACE), Some(Protocol::Http2));
-        assert_eq!(classify(b"GET /healthz HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET /healthz HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(b"P"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Tls));
         assert_eq!(classify(b"\x16"), None);

@@ -32,10 +32,14 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 pub type UserSpec<'a> = (&'a str, &'a str, &'a [&'a str]);
 
 pub fn config_text(extra_master: &str, users: &[UserSpec<'_>]) -> String {
-    let mut s = format!("[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n{extra_master}\n");
+    let mut s =
+        format!("[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n{extra_master}\n");
     for (name, _, services) in users {
         let list: Vec<String> = services.iter().map(|s| format!("{s:?}")).collect();
-        s.push_str(&format!("\n[[user]]\nname = {name:?}\nservices = [{}]\n", list.join(", ")));
+        s.push_str(&format!(
+            "\n[[user]]\nname = {name:?}\nservices = [{}]\n",
+            list.join(", ")
+        ));
     }
     s
 }
@@ -61,7 +65,11 @@ pub struct TestMaster {
 impl TestMaster {
     pub async fn start(extra_master: &str, users: &[UserSpec<'_>]) -> TestMaster {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("master.toml"), config_text(extra_master, users)).unwrap();
+        std::fs::write(
+            dir.path().join("master.toml"),
+            config_text(extra_master, users),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("secrets.toml"), secrets_text(users)).unwrap();
         let master = Arc::new(Master::load(&dir.path().join("master.toml")).unwrap());
         let listener = master.bind().await.unwrap();
@@ -71,7 +79,13 @@ impl TestMaster {
             let (m, s) = (master.clone(), shutdown.clone());
             tokio::spawn(async move { m.serve(listener, s).await })
         };
-        TestMaster { dir, addr, master, shutdown, served }
+        TestMaster {
+            dir,
+            addr,
+            master,
+            shutdown,
+            served,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -84,9 +98,18 @@ impl TestMaster {
         std::fs::write(self.dir.path().join("secrets.toml"), secrets_text(users)).unwrap();
     }
 
-    pub async fn login(&self, user: &str, password: &str, service: &str) -> Result<ClientSession, client::ClientError> {
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        service: &str,
+    ) -> Result<ClientSession, client::ClientError> {
         let creds = Credentials::new(user, password);
-        within("a login", client::connect(&self.addr.to_string(), service, &creds)).await
+        within(
+            "a login",
+            client::connect(&self.addr.to_string(), service, &creds),
+        )
+        .await
     }
 
     /// Logs in to `ping` and checks one echo: the port serves this user.
@@ -107,8 +130,16 @@ impl TestMaster {
 
 pub async fn assert_echo(s: &mut ClientSession, payload: &[u8]) {
     use futures_util::{SinkExt, StreamExt};
-    within("sending a frame", s.stream.send(bytes::Bytes::copy_from_slice(payload))).await.unwrap();
-    let echo = within("an echo", s.stream.next()).await.expect("session closed").unwrap();
+    within(
+        "sending a frame",
+        s.stream.send(bytes::Bytes::copy_from_slice(payload)),
+    )
+    .await
+    .unwrap();
+    let echo = within("an echo", s.stream.next())
+        .await
+        .expect("session closed")
+        .unwrap();
     assert_eq!(&echo[..], payload);
 }
 
@@ -130,7 +161,9 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
-        Raw { stream: within("connect", TcpStream::connect(addr)).await.unwrap() }
+        Raw {
+            stream: within("connect", TcpStream::connect(addr)).await.unwrap(),
+        }
     }
 
     /// Connects and sends the native magic.
@@ -141,7 +174,9 @@ impl Raw {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) {
-        within("a write", self.stream.write_all(bytes)).await.unwrap();
+        within("a write", self.stream.write_all(bytes))
+            .await
+            .unwrap();
     }
 
     pub async fn send(&mut self, msg: &ClientHandshake) {
@@ -159,14 +194,20 @@ impl Raw {
             Err(_) => return None,
         }
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        within("a server frame body", self.stream.read_exact(&mut body)).await.unwrap();
+        within("a server frame body", self.stream.read_exact(&mut body))
+            .await
+            .unwrap();
         Some(ServerHandshake::decode(&body[..]).expect("a ServerHandshake"))
     }
 
     /// Reads everything until the master closes; panics if it does not.
     pub async fn read_to_close(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        let _ = within("the master to close the connection", self.stream.read_to_end(&mut out)).await;
+        let _ = within(
+            "the master to close the connection",
+            self.stream.read_to_end(&mut out),
+        )
+        .await;
         out
     }
 }

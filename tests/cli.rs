@@ -1,0 +1,275 @@
+//! The `switchyard` binary as an operator runs it: real processes, real
+//! signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use switchyard::auth::Verifier;
+use switchyard::client::{self, Credentials};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// Kills the child if a test fails half-way.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn master(config: &std::path::Path) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(["master", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no log line containing {needle:?}; saw:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the master did not exit within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn listening_addr(p: &Proc) -> String {
+    let line = p.wait_for_line("listening on ");
+    line.rsplit("listening on ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+const ALICE: UserSpec = ("alice", "alice-pw", &["ping"]);
+const BOB: UserSpec = ("bob", "bob-pw", &["ping"]);
+
+#[tokio::test]
+async fn master_reloads_on_sighup_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[ALICE, BOB])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE, BOB])).unwrap();
+    let mut p = Proc::master(&config);
+    let addr = listening_addr(&p);
+
+    let mut a = within(
+        "login",
+        client::connect(&addr, "ping", &Credentials::new("alice", "alice-pw")),
+    )
+    .await
+    .unwrap();
+    let mut b = within(
+        "login",
+        client::connect(&addr, "ping", &Credentials::new("bob", "bob-pw")),
+    )
+    .await
+    .unwrap();
+
+    // A broken config is rejected with file and line; nothing changes.
+    std::fs::write(
+        &config,
+        "[master]\nsecrets = \"secrets.toml\"\nlisten = [\n",
+    )
+    .unwrap();
+    p.signal("HUP");
+    let line = p.wait_for_line("reload rejected");
+    assert!(line.contains("master.toml:"), "{line}");
+    assert_echo(&mut b, b"bob after a broken reload").await;
+
+    // Removing bob hangs up bob, and only bob.
+    std::fs::write(&config, config_text("", &[ALICE])).unwrap();
+    p.signal("HUP");
+    p.wait_for_line("reload applied");
+    assert_hung_up(&mut b, Duration::from_secs(3)).await;
+    assert_echo(&mut a, b"alice untouched").await;
+
+    // Shutdown closes sessions and connections still sniffing or logging in.
+    let mut silent = Raw::connect(addr.parse().unwrap()).await;
+    let mut half = Raw::native(addr.parse().unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.signal("TERM");
+    let status = p.wait_exit();
+    assert!(status.success(), "master exited with {status}");
+    assert_hung_up(&mut a, WAIT).await;
+    silent.read_to_close().await;
+    half.read_to_close().await;
+}
+
+#[test]
+fn master_refuses_a_broken_config_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(
+        &config,
+        "[master]\nsecrets = \"secrets.toml\"\nmax_connections = -1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), "[verifiers]\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("master.toml:3:") && err.contains("master.max_connections"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["master", "--config", "/nonexistent/master.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/master.toml: cannot read"));
+}
+
+fn passwd(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .arg("passwd")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn passwd_prints_a_verifier_and_nothing_else() {
+    let out = passwd(&["alice"], "correct horse\nsecond line ignored\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1);
+    let v = Verifier::parse(stdout.trim()).unwrap();
+    assert_eq!(v.iterations(), 4096);
+    assert!(v.matches_password(b"correct horse"));
+    assert!(!stdout.contains("correct horse"));
+
+    let out = passwd(&["alice", "--iterations", "10000"], "pw\n");
+    assert!(out.status.success());
+    assert_eq!(
+        Verifier::parse(String::from_utf8(out.stdout).unwrap().trim())
+            .unwrap()
+            .iterations(),
+        10000
+    );
+
+    let out = passwd(&["alice", "--iterations", "100"], "pw\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4096"));
+
+    let out = passwd(&["alice"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+}
+
+#[tokio::test]
+async fn ping_command_checks_a_live_port() {
+    let m = TestMaster::start("", &[ALICE]).await;
+    let addr = m.addr.to_string();
+    let run = |pw: &'static str| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["ping", "--master", &addr, "--user", "alice", "--count", "2"])
+                .env("SWITCHYARD_PASSWORD", pw)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let ok = within("ping", run("alice-pw")).await.unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: "));
+    let bad = within("ping", run("wrong")).await.unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("AUTH_FAILED"));
+    m.stop().await;
+}
+
+#[test]
+fn help_names_every_subcommand() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for cmd in ["master", "passwd", "ping"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
