@@ -58,7 +58,9 @@ where
     for _ in 0..workers {
         let (op, done) = (op.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
-            while start.elapsed() < cap && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
+            while start.elapsed() < cap
+                && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
+            {
                 op().await;
             }
         }));
@@ -74,11 +76,17 @@ async fn switchyard_port() -> (String, Dispatcher, CancellationToken) {
     let users = Arc::new(InMemoryChecker::new());
     users.insert("bench", Verifier::from_password(b"bench-pw", 4096).unwrap());
     let dispatcher = Dispatcher::new(
-        Limits { max_connections: 50_000, ..Limits::default() },
+        Limits {
+            max_connections: 50_000,
+            ..Limits::default()
+        },
         users,
         AccessPolicy::default().grant("bench", ["ping"]),
     );
-    let reg = dispatcher.registry().register(ping::NAME, Default::default(), ping::serve).unwrap();
+    let reg = dispatcher
+        .registry()
+        .register(ping::NAME, Default::default(), ping::serve)
+        .unwrap();
     std::mem::forget(reg); // the service stays for the whole bench
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -200,7 +208,11 @@ async fn bench_idle_memory(n: usize) -> (f64, u64, u64) {
         ),
     )
     .unwrap();
-    std::fs::write(dir.join("secrets.toml"), format!("[verifiers]\nbench = {:?}\n", v.encode())).unwrap();
+    std::fs::write(
+        dir.join("secrets.toml"),
+        format!("[verifiers]\nbench = {:?}\n", v.encode()),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["master", "--config"])
         .arg(dir.join("master.toml"))
@@ -237,7 +249,10 @@ async fn bench_idle_memory(n: usize) -> (f64, u64, u64) {
         .buffer_unordered(64);
     while let Some(s) = pending.next().await {
         sessions.push(s.expect("login"));
-        assert!(Instant::now() < deadline, "opening {n} sessions took over 120 s");
+        assert!(
+            Instant::now() < deadline,
+            "opening {n} sessions took over 120 s"
+        );
     }
     // Every session is live: one echo each would make them not idle, so
     // check a sample.
@@ -257,15 +272,30 @@ async fn bench_idle_memory(n: usize) -> (f64, u64, u64) {
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let s = if quick {
-        Settings { rounds: 1, sessions: 500, echoes: 5_000, time_cap: Duration::from_secs(3), idle_sessions: 2_000 }
+        Settings {
+            rounds: 1,
+            sessions: 500,
+            echoes: 5_000,
+            time_cap: Duration::from_secs(3),
+            idle_sessions: 2_000,
+        }
     } else {
-        Settings { rounds: 3, sessions: 5_000, echoes: 50_000, time_cap: Duration::from_secs(10), idle_sessions: 10_000 }
+        Settings {
+            rounds: 3,
+            sessions: 5_000,
+            echoes: 50_000,
+            time_cap: Duration::from_secs(10),
+            idle_sessions: 10_000,
+        }
     };
     // 10,000 sessions need 10,000 descriptors on each side.
     if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
         let _ = rlimit::Resource::NOFILE.set(hard, hard);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (ours, base) = bench_sessions(&s).await;
         println!(

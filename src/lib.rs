@@ -4,6 +4,48 @@
 //! line over it. Start with [`master::Master`] to run a master from a config
 //! file, or with [`dispatcher::Dispatcher`] to serve your own services on a
 //! port with the same handshake, and [`client`] to connect to one.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use futures_util::{SinkExt, StreamExt};
+//! use switchyard::auth::InMemoryChecker;
+//! use switchyard::client::{self, Credentials};
+//! use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits, ServiceOptions, Session};
+//!
+//! # #[tokio::main] async fn main() {
+//! # tokio::time::timeout(std::time::Duration::from_secs(10), async {
+//! let users = Arc::new(InMemoryChecker::new());
+//! users.insert_password("alice", "wonderland");
+//! let policy = AccessPolicy::default().grant("alice", ["shout"]);
+//! let port = Dispatcher::new(Limits::default(), users, policy);
+//!
+//! // The service is on the port for as long as `_shout` lives.
+//! let _shout = port
+//!     .registry()
+//!     .register("shout", ServiceOptions::default(), |mut s: Session| async move {
+//!         while let Some(Ok(frame)) = s.stream.next().await {
+//!             let _ = s.stream.send(Bytes::from(frame.to_ascii_uppercase())).await;
+//!         }
+//!     })
+//!     .unwrap();
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let addr = listener.local_addr().unwrap().to_string();
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! tokio::spawn({
+//!     let (port, shutdown) = (port.clone(), shutdown.clone());
+//!     async move { port.serve(listener, shutdown).await }
+//! });
+//!
+//! let alice = Credentials::new("alice", "wonderland");
+//! let mut session = client::connect(&addr, "shout", &alice).await.unwrap();
+//! session.stream.send(Bytes::from("hello")).await.unwrap();
+//! assert_eq!(&session.stream.next().await.unwrap().unwrap()[..], b"HELLO");
+//! shutdown.cancel();
+//! # }).await.expect("the example finishes");
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod auth;
