@@ -118,9 +118,8 @@ impl Master {
         let config = self.config();
         let registry = self.dispatcher.registry();
         let mut unserved = BTreeSet::new();
-        for (user, services) in &config.users {
+        for services in config.users.values() {
             unserved.extend(services.iter().filter(|s| !registry.contains(s)).cloned());
-            let _ = user;
         }
         if !unserved.is_empty() {
             tracing::warn!(services = ?unserved, "the config grants services this version does not serve yet");

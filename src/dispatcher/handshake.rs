@@ -151,12 +151,15 @@ async fn exchange(
     let first =
         ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
     let user = first.user().to_string();
+    // The mock is computed for every login, known or not, so that both
+    // paths do the same work.
+    let mock = shared.mock.verifier(&user);
     let (verifier, known, checker_down) = match shared.checker.verifier(&user).await {
         Ok(Some(v)) => (v, true, false),
-        Ok(None) => (shared.mock.verifier(&user), false, false),
+        Ok(None) => (mock, false, false),
         Err(e) => {
-            tracing::error!(%peer, user = %user, error = %e, "credential checker failed; refusing the login");
-            (shared.mock.verifier(&user), false, true)
+            tracing::error!(%peer, user = ?user, error = %e, "credential checker failed; refusing the login");
+            (mock, false, true)
         }
     };
     let server_first = first.challenge(verifier, known);
@@ -299,7 +302,8 @@ pub(crate) async fn serve(
         tracing::debug!(%peer, user = %auth.user, reason = %why, "connection lost while sending Welcome");
         return;
     }
-    tracing::info!(%peer, user = %auth.user, %service, session = %id, client = %client_agent, "session opened");
+    let client: String = client_agent.chars().take(128).collect();
+    tracing::info!(%peer, user = %auth.user, %service, session = %id, client = ?client, "session opened");
 
     // Hand the session over with empty buffers: they grow with the service's
     // traffic, so an idle session costs a few hundred bytes, not 16 KiB.
