@@ -85,6 +85,7 @@ struct RawConfig {
 struct RawMaster {
     listen: Option<Spanned<String>>,
     secrets: Spanned<String>,
+    state: Option<Spanned<String>>,
     sniff_timeout: Option<Spanned<String>>,
     handshake_timeout: Option<Spanned<String>>,
     heartbeat_interval: Option<Spanned<String>>,
@@ -111,10 +112,15 @@ pub struct Config {
     pub path: PathBuf,
     pub listen: SocketAddr,
     pub secrets_path: PathBuf,
+    /// The SQLite database holding changes, builds and the master's secrets.
+    pub state_path: PathBuf,
     pub limits: Limits,
     /// User name to the services it may use.
     pub users: BTreeMap<String, BTreeSet<String>>,
 }
+
+/// The state database's default name, beside the config file.
+pub const DEFAULT_STATE: &str = "state.sqlite";
 
 /// The default port: Buildbot's worker port, which operators already open.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9989";
@@ -216,6 +222,13 @@ impl Config {
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let secrets_path = base.join(m.secrets.get_ref());
+        let state_path = match &m.state {
+            None => base.join(DEFAULT_STATE),
+            Some(s) if s.get_ref().trim().is_empty() => {
+                return c.err(s.span(), "master.state", "names no file");
+            }
+            Some(s) => base.join(s.get_ref()),
+        };
         let defaults = Limits::default();
         let throttle_defaults = ThrottleConfig::default();
         let limits = Limits {
@@ -303,6 +316,7 @@ impl Config {
             path: path.to_path_buf(),
             listen,
             secrets_path,
+            state_path,
             limits,
             users,
         })
@@ -379,6 +393,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.secrets_path, Path::new("/etc/sy/s.toml"));
+        assert_eq!(c.state_path, Path::new("/etc/sy/state.sqlite"));
         assert_eq!(c.limits, Limits::default());
         assert!(c.users["a"].contains("ping"));
     }

@@ -52,10 +52,17 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod dispatcher;
+pub mod grpc;
 pub mod master;
 pub mod services;
+pub mod state;
 
-/// Messages generated from `proto/switchyard/v1/*.proto`.
+/// Messages and gRPC services generated from `proto/switchyard/v1/*.proto`.
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/switchyard.v1.rs"));
+
+    /// The encoded descriptors of every Switchyard `.proto` file, for gRPC
+    /// server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));
 }

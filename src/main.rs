@@ -41,6 +41,9 @@ enum Command {
         #[arg(long, default_value_t = MIN_ITERATIONS, value_parser = clap::value_parser!(u32).range(MIN_ITERATIONS as i64..=MAX_ITERATIONS as i64))]
         iterations: u32,
     },
+    /// Push a change to a master (what a VCS hook runs). Prints the change's
+    /// id once the master has stored it.
+    Sendchange(SendchangeArgs),
     /// Log in to a master's `ping` service and time a few echoes: checks
     /// that the port is up and that the credentials work.
     Ping {
@@ -57,6 +60,77 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: u32,
     },
+}
+
+#[derive(clap::Args)]
+struct SendchangeArgs {
+    /// The master's address.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
+    master: String,
+    /// A user granted the service `change-source`.
+    #[arg(long, short)]
+    user: String,
+    /// A file whose first line is the password; otherwise the
+    /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Where the change happened (a URL or a name the schedulers know).
+    #[arg(long)]
+    repository: String,
+    #[arg(long, default_value = "")]
+    branch: String,
+    #[arg(long, default_value = "")]
+    revision: String,
+    #[arg(long, default_value = "")]
+    author: String,
+    /// The commit message.
+    #[arg(long, default_value = "")]
+    comments: String,
+    #[arg(long, default_value = "")]
+    category: String,
+    #[arg(long, default_value = "")]
+    project: String,
+    /// A path the change touches (repeat for more).
+    #[arg(long = "file", value_name = "PATH")]
+    files: Vec<String>,
+    /// A property of the change (repeat for more).
+    #[arg(long = "property", value_name = "NAME=VALUE", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    /// The commit time in seconds since the Unix epoch (default: when the
+    /// master receives it).
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    when: Option<i64>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+async fn sendchange(a: SendchangeArgs, password: String) -> Result<(), String> {
+    use switchyard::grpc::client::ChangeSourceConnection;
+    let change = switchyard::proto::Change {
+        repository: a.repository,
+        branch: a.branch,
+        revision: a.revision,
+        author: a.author,
+        comments: a.comments,
+        category: a.category,
+        project: a.project,
+        files: a.files,
+        when: a
+            .when
+            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+        properties: a.properties.into_iter().collect(),
+    };
+    let mut conn = ChangeSourceConnection::connect(&a.master, &a.user, &password)
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = conn.push(change).await.map_err(|e| e.to_string())?;
+    println!("{id}");
+    Ok(())
 }
 
 fn init_logging() {
@@ -160,6 +234,8 @@ fn main() -> ExitCode {
             rt.block_on(switchyard::master::run(&config))
                 .map_err(|e| e.to_string())
         }),
+        Command::Sendchange(args) => read_password(args.password_file.as_ref(), &args.user)
+            .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
         Command::Ping {
             master,
             user,

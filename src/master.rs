@@ -13,10 +13,14 @@ use std::sync::{Arc, RwLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::SecretsFileChecker;
+use crate::auth::{MockCredentials, SecretsFileChecker};
 use crate::config::{Config, ConfigError, Secrets};
 use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
+use crate::grpc::change_source::ChangeSourceService;
+use crate::grpc::{GrpcAuth, GrpcFrontDoor};
+use crate::proto::change_source_server::ChangeSourceServer;
 use crate::services::ping;
+use crate::state::{StateDb, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -31,6 +35,10 @@ pub enum MasterError {
     Registry(#[from] RegistryError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot build the gRPC reflection service: {0}")]
+    Reflection(String),
 }
 
 /// What a reload changed.
@@ -76,8 +84,39 @@ pub struct Master {
     config: RwLock<Config>,
     secrets: Arc<SecretsFileChecker>,
     dispatcher: Dispatcher,
+    state: Arc<StateDb>,
+    health: tonic_health::server::HealthReporter,
     reload_lock: tokio::sync::Mutex<()>,
     _ping: Registration,
+    _grpc: Registration,
+}
+
+/// The name under which the unknown-user secret is kept in the state.
+const MOCK_SECRET: &str = "mock-credentials";
+
+/// The gRPC routes the master serves on its port.
+fn grpc_routes(
+    dispatcher: &Dispatcher,
+    state: Arc<StateDb>,
+) -> Result<(tonic::service::Routes, tonic_health::server::HealthReporter), MasterError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| MasterError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| MasterError::Reflection(e.to_string()))?;
+    let changes = ChangeSourceService::new(state, GrpcAuth::new(dispatcher.clone())).into_server();
+    let routes = tonic::service::Routes::new(changes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Ok((routes, health))
 }
 
 fn policy_of(config: &Config) -> AccessPolicy {
@@ -92,23 +131,37 @@ impl Master {
         Self::new(config, secrets)
     }
 
+    /// Opens the state database the config names and sets up the port.
     pub fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
+        let state = Arc::new(StateDb::open(&config.state_path)?);
+        let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET)?);
         let checker = Arc::new(SecretsFileChecker::from_secrets(
             &config.secrets_path,
             secrets,
         ));
-        let dispatcher =
-            Dispatcher::new(config.limits.clone(), checker.clone(), policy_of(&config));
+        let dispatcher = Dispatcher::with_mock_secret(
+            config.limits.clone(),
+            checker.clone(),
+            policy_of(&config),
+            mock,
+        );
         let ping =
             dispatcher
                 .registry()
                 .register(ping::NAME, ServiceOptions::default(), ping::serve)?;
+        let (routes, health) = grpc_routes(&dispatcher, state.clone())?;
+        let grpc = dispatcher
+            .registry()
+            .register_http2(GrpcFrontDoor::new(routes))?;
         let master = Master {
             config: RwLock::new(config),
             secrets: checker,
             dispatcher,
+            state,
+            health,
             reload_lock: tokio::sync::Mutex::new(()),
             _ping: ping,
+            _grpc: grpc,
         };
         master.warn_about_config();
         Ok(master)
@@ -119,7 +172,14 @@ impl Master {
         let registry = self.dispatcher.registry();
         let mut unserved = BTreeSet::new();
         for services in config.users.values() {
-            unserved.extend(services.iter().filter(|s| !registry.contains(s)).cloned());
+            unserved.extend(
+                services
+                    .iter()
+                    .filter(|s| {
+                        !registry.contains(s) && s.as_str() != crate::grpc::change_source::SERVICE
+                    })
+                    .cloned(),
+            );
         }
         if !unserved.is_empty() {
             tracing::warn!(services = ?unserved, "the config grants services this version does not serve yet");
@@ -151,6 +211,11 @@ impl Master {
         &self.dispatcher
     }
 
+    /// The state database.
+    pub fn state(&self) -> &Arc<StateDb> {
+        &self.state
+    }
+
     /// Binds the configured address.
     pub async fn bind(&self) -> Result<TcpListener, MasterError> {
         let addr = self.config().listen;
@@ -162,7 +227,13 @@ impl Master {
     /// Serves `listener` until `shutdown` is cancelled.
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
         self.warn_about_missing_verifiers().await;
-        self.dispatcher.serve(listener, shutdown).await
+        self.health
+            .set_serving::<ChangeSourceServer<ChangeSourceService>>()
+            .await;
+        self.dispatcher.serve(listener, shutdown).await;
+        self.health
+            .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
+            .await;
     }
 
     /// Re-reads the config file and its secrets file. On any error nothing
@@ -201,6 +272,9 @@ impl Master {
             .collect();
         if new.listen != old.listen {
             report.restart_needed.push("listen");
+        }
+        if new.state_path != old.state_path {
+            report.restart_needed.push("state");
         }
 
         self.secrets.install(&new.secrets_path, secrets);

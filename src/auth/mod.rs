@@ -276,6 +276,11 @@ impl MockCredentials {
         MockCredentials { secret }
     }
 
+    /// Mock credentials from a secret kept elsewhere (the state database).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        MockCredentials { secret }
+    }
+
     pub fn verifier(&self, user: &str) -> Verifier {
         let tagged = |tag: &str| {
             let mut data = Vec::with_capacity(tag.len() + 1 + user.len());

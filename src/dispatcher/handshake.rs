@@ -218,7 +218,7 @@ async fn exchange(
     })
 }
 
-fn session_id() -> String {
+pub(crate) fn session_id() -> String {
     let mut raw = [0u8; 16];
     rand::fill(&mut raw[..]);
     raw.iter().map(|b| format!("{b:02x}")).collect()
@@ -324,7 +324,7 @@ pub(crate) async fn serve(
             verifier: auth.verifier,
             token: token.clone(),
         },
-        permit,
+        Some(permit),
     );
     let session = Session {
         user: auth.user,

@@ -19,8 +19,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::rewind::Rewind;
 use super::sniff::{NATIVE_MAGIC, Protocol, sniff};
-use super::{Dispatcher, Shared, handshake, http1};
+use super::{ConnectionSessions, Dispatcher, Http2Connection, Shared, handshake, http1};
 use crate::proto::RejectCode;
 
 /// How long shutdown waits for connections to close before giving up on them.
@@ -143,9 +144,20 @@ async fn connection(
         Protocol::Http1 => {
             http1::serve(stream, buf.freeze(), peer, limits.sniff_timeout, shutdown).await;
         }
-        Protocol::Http2 => {
-            tracing::info!(%peer, "refused connection: gRPC (HTTP/2) is not served on this port by this version");
-        }
+        Protocol::Http2 => match shared.registry.http2() {
+            Some(handler) => {
+                let sessions = Arc::new(ConnectionSessions::new(
+                    shared.sessions.clone(),
+                    shutdown.child_token(),
+                ));
+                let io = Rewind::new(buf.freeze(), stream);
+                handler.serve(Http2Connection { io, peer, sessions }).await;
+                drop(permit);
+            }
+            None => {
+                tracing::info!(%peer, "refused connection: gRPC (HTTP/2) is not served on this port")
+            }
+        },
         Protocol::Tls => {
             tracing::info!(%peer, "refused connection: TLS is not configured on this port");
         }

@@ -11,6 +11,7 @@
 pub mod handshake;
 mod http1;
 pub mod listener;
+pub mod password;
 pub mod registry;
 pub mod rewind;
 pub mod session;
@@ -24,8 +25,21 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{AuthThrottle, Checker, MockCredentials, ThrottleConfig, Verifier};
 
-pub use registry::{Registration, RegistryError, ServiceOptions, ServiceRegistry, SessionHandler};
-pub use session::{Hangup, Session, SessionStream};
+pub use password::{PasswordRefusal, parse_basic};
+pub use registry::{
+    ConnectionHandler, Registration, RegistryError, ServiceOptions, ServiceRegistry, SessionHandler,
+};
+pub use session::{ConnectionSessions, Hangup, Session, SessionStream};
+
+/// An HTTP/2 connection, handed whole to the registered
+/// [`ConnectionHandler`] with the bytes the sniffer read replayed first.
+pub struct Http2Connection {
+    pub io: rewind::Rewind<tokio::net::TcpStream>,
+    pub peer: std::net::SocketAddr,
+    /// Who has logged in over it; its hang-up fires at shutdown or when a
+    /// reload revokes one of them.
+    pub sessions: Arc<ConnectionSessions>,
+}
 
 /// The limits of one port. Timeouts and the throttle can change on reload;
 /// the connection limits are fixed when the port starts serving.
@@ -113,6 +127,7 @@ pub(crate) struct Shared {
     /// overloaded; past these, excess connections are just closed.
     pub(crate) overflow: Arc<Semaphore>,
     pub(crate) server_agent: String,
+    pub(crate) credential_cache: password::CredentialCache,
 }
 
 /// The port's shared state: checker, policy, registry, live sessions.
@@ -131,7 +146,21 @@ pub struct Revalidation {
 }
 
 impl Dispatcher {
+    /// A port whose unknown-user challenges derive from a fresh random
+    /// secret (see [`Dispatcher::with_mock_secret`]).
     pub fn new(limits: Limits, checker: Arc<dyn Checker>, policy: AccessPolicy) -> Self {
+        Self::with_mock_secret(limits, checker, policy, MockCredentials::new())
+    }
+
+    /// A port whose unknown-user challenges derive from `mock`. A master
+    /// keeps that secret in its state database, so that an unknown user's
+    /// salt stays the same across restarts, as a real user's does.
+    pub fn with_mock_secret(
+        limits: Limits,
+        checker: Arc<dyn Checker>,
+        policy: AccessPolicy,
+        mock: MockCredentials,
+    ) -> Self {
         let overflow = (limits.max_connections / 16).clamp(4, 256);
         Dispatcher {
             shared: Arc::new(Shared {
@@ -141,11 +170,12 @@ impl Dispatcher {
                 throttle: AuthThrottle::new(limits.throttle.clone()),
                 limits: RwLock::new(limits),
                 checker,
-                mock: MockCredentials::new(),
+                mock,
                 policy: RwLock::new(Arc::new(policy)),
                 registry: ServiceRegistry::new(),
                 sessions: Default::default(),
                 server_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
+                credential_cache: password::CredentialCache::new(),
             }),
         }
     }
@@ -215,6 +245,8 @@ impl Dispatcher {
     /// session alone. A checker that cannot answer right now keeps its
     /// sessions (it is logged): an outage must not log everybody out.
     pub async fn revalidate_sessions(&self) -> Revalidation {
+        // Cached password checks were made against the old secrets.
+        self.shared.credential_cache.clear();
         let users: BTreeSet<String> = self
             .shared
             .sessions

@@ -52,6 +52,10 @@ where
     }
 }
 
+/// The registration name of the HTTP/2 handler. It contains a space, so no
+/// native service can take it.
+const HTTP2: &str = "HTTP/2 (gRPC)";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
     #[error("service `{0}` is already registered on this port")]
@@ -60,6 +64,15 @@ pub enum RegistryError {
         "`{0}` is not a valid service name (1 to 255 characters, no spaces or control characters)"
     )]
     InvalidName(String),
+}
+
+/// Serves whole connections of a protocol the port recognises but does not
+/// speak itself (HTTP/2, for gRPC). The handler owns the connection until it
+/// returns; it must close it when [`ConnectionSessions::hangup`] fires.
+///
+/// [`ConnectionSessions::hangup`]: super::session::ConnectionSessions::hangup
+pub trait ConnectionHandler: Send + Sync + 'static {
+    fn serve(&self, conn: super::Http2Connection) -> BoxFuture;
 }
 
 #[derive(Clone)]
@@ -73,6 +86,7 @@ pub(crate) struct Route {
 #[derive(Default)]
 pub struct ServiceRegistry {
     routes: RwLock<HashMap<String, Route>>,
+    http2: RwLock<Option<(u64, Arc<dyn ConnectionHandler>)>>,
     next_id: AtomicU64,
 }
 
@@ -113,6 +127,33 @@ impl ServiceRegistry {
             name: name.to_string(),
             id,
         })
+    }
+
+    /// Puts `handler` in charge of HTTP/2 connections (gRPC) until the
+    /// returned registration is dropped.
+    pub fn register_http2(
+        self: &Arc<Self>,
+        handler: impl ConnectionHandler,
+    ) -> Result<Registration, RegistryError> {
+        let mut slot = self.http2.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(RegistryError::AlreadyRegistered(HTTP2.to_string()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        *slot = Some((id, Arc::new(handler)));
+        Ok(Registration {
+            registry: Arc::downgrade(self),
+            name: HTTP2.to_string(),
+            id,
+        })
+    }
+
+    pub(crate) fn http2(&self) -> Option<Arc<dyn ConnectionHandler>> {
+        self.http2
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, h)| h.clone())
     }
 
     pub(crate) fn route(&self, name: &str) -> Option<Route> {
@@ -162,6 +203,13 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(reg) = self.registry.upgrade() {
+            if self.name == HTTP2 {
+                let mut slot = reg.http2.write().unwrap_or_else(|e| e.into_inner());
+                if slot.as_ref().is_some_and(|(id, _)| *id == self.id) {
+                    *slot = None;
+                }
+                return;
+            }
             let mut routes = reg.routes.write().unwrap_or_else(|e| e.into_inner());
             if routes.get(&self.name).is_some_and(|r| r.id == self.id) {
                 routes.remove(&self.name);

@@ -85,7 +85,7 @@ impl SessionTable {
     pub(crate) fn insert(
         self: &Arc<Self>,
         s: LiveSession,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> SessionGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         self.live
@@ -114,7 +114,7 @@ impl SessionTable {
 pub(crate) struct SessionGuard {
     table: Arc<SessionTable>,
     key: u64,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for SessionGuard {
@@ -129,4 +129,58 @@ impl Drop for SessionGuard {
 
 pub(crate) fn hangup_for(token: CancellationToken) -> Hangup {
     Hangup(token)
+}
+
+/// The users logged in over one connection that carries credentials with
+/// every request (HTTP/2: gRPC's Basic credentials).
+///
+/// Each (user, service) that authenticates on the connection gets an entry in
+/// the port's session table, tied to the connection's hang-up token: a reload
+/// that revokes any of them hangs up the whole connection, as it would a
+/// native session. The entries leave the table when the connection ends.
+pub struct ConnectionSessions {
+    id: String,
+    token: CancellationToken,
+    table: Arc<SessionTable>,
+    entries: Mutex<HashMap<(String, String), (Verifier, SessionGuard)>>,
+}
+
+impl ConnectionSessions {
+    pub(crate) fn new(table: Arc<SessionTable>, token: CancellationToken) -> Self {
+        ConnectionSessions {
+            id: super::handshake::session_id(),
+            token,
+            table,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fires at shutdown, or when a reload revokes a user of this connection.
+    pub fn hangup(&self) -> Hangup {
+        Hangup(self.token.clone())
+    }
+
+    /// The connection's id, for logs.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) fn note_login(&self, user: &str, service: &str, verifier: &Verifier) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (user.to_string(), service.to_string());
+        if entries.get(&key).is_some_and(|(v, _)| v == verifier) {
+            return;
+        }
+        let guard = self.table.insert(
+            LiveSession {
+                user: user.to_string(),
+                service: service.to_string(),
+                id: self.id.clone(),
+                verifier: verifier.clone(),
+                token: self.token.clone(),
+            },
+            None,
+        );
+        entries.insert(key, (verifier.clone(), guard));
+    }
 }

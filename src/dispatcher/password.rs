@@ -1,0 +1,190 @@
+//! Logins that carry the password itself: gRPC's `authorization: Basic`.
+//!
+//! They use the same checkers, the same grants, the same throttle and the
+//! same session table as native logins. Checking a cleartext password
+//! against a SCRAM verifier costs one PBKDF2, so successful checks are
+//! cached; the cache key is an HMAC of the user and password under a random
+//! per-process key, so the cache never holds a password, and the cache is
+//! dropped on every reload. An unknown user costs the same PBKDF2 as a known
+//! one, so timing does not tell which users exist.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+use super::Dispatcher;
+use super::session::ConnectionSessions;
+use crate::auth::Verifier;
+
+/// Why a password login was refused. The `Display` text is what the client
+/// is told; it is the same for a wrong password and an unknown user.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PasswordRefusal {
+    #[error("missing credentials: send `authorization: Basic base64(user:password)`")]
+    Missing,
+    #[error("malformed credentials: expected `authorization: Basic base64(user:password)`")]
+    Malformed,
+    #[error("authentication failed: wrong user name or password")]
+    Failed,
+    #[error("too many failed logins from this address; retry in {} s", .0.as_secs().max(1))]
+    Throttled(Duration),
+    #[error("user {user:?} may not use service {service:?}")]
+    NotAuthorized { user: String, service: String },
+    #[error("the credential checker is unavailable; retry later")]
+    CheckerDown,
+}
+
+/// Most cached logins; past it the cache starts over.
+const CACHE_LIMIT: usize = 10_000;
+
+pub(crate) struct CredentialCache {
+    key: [u8; 32],
+    entries: Mutex<HashMap<[u8; 32], Verifier>>,
+}
+
+impl CredentialCache {
+    pub(crate) fn new() -> Self {
+        let mut key = [0u8; 32];
+        rand::fill(&mut key[..]);
+        CredentialCache {
+            key,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut data = Vec::with_capacity(user.len() + 1 + password.len());
+        data.extend_from_slice(user.as_bytes());
+        data.push(0);
+        data.extend_from_slice(password.as_bytes());
+        crate::auth::verifier::hmac(&self.key, &data)
+    }
+
+    pub(crate) fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// Splits `Basic base64(user:password)`.
+pub fn parse_basic(header: &str) -> Result<(String, String), PasswordRefusal> {
+    let (scheme, rest) = header
+        .trim()
+        .split_once(' ')
+        .ok_or(PasswordRefusal::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(PasswordRefusal::Malformed);
+    }
+    let decoded = B64
+        .decode(rest.trim())
+        .map_err(|_| PasswordRefusal::Malformed)?;
+    let text = String::from_utf8(decoded).map_err(|_| PasswordRefusal::Malformed)?;
+    let (user, password) = text.split_once(':').ok_or(PasswordRefusal::Malformed)?;
+    if user.is_empty() {
+        return Err(PasswordRefusal::Malformed);
+    }
+    Ok((user.to_string(), password.to_string()))
+}
+
+impl Dispatcher {
+    /// Checks a user name and password for `service`, as carried by a
+    /// request on a connection from `peer`. On success, records the login on
+    /// `conn` so that a reload revoking the user hangs the connection up.
+    pub async fn check_password_login(
+        &self,
+        user: &str,
+        password: &str,
+        service: &str,
+        peer: Option<SocketAddr>,
+        conn: Option<&ConnectionSessions>,
+    ) -> Result<(), PasswordRefusal> {
+        let shared = &self.shared;
+        if let Some(peer) = peer {
+            shared
+                .throttle
+                .check(peer.ip())
+                .map_err(PasswordRefusal::Throttled)?;
+        }
+        let (verifier, known) = match shared.checker.verifier(user).await {
+            Ok(Some(v)) => (v, true),
+            Ok(None) => (shared.mock.verifier(user), false),
+            Err(e) => {
+                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
+                return Err(PasswordRefusal::CheckerDown);
+            }
+        };
+        let slot = shared.credential_cache.slot(user, password);
+        let cached = known
+            && shared
+                .credential_cache
+                .entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&slot)
+                .is_some_and(|v| *v == verifier);
+        if !cached {
+            let (v, pw) = (verifier.clone(), password.to_string());
+            let matches = tokio::task::spawn_blocking(move || v.matches_password(pw.as_bytes()))
+                .await
+                .unwrap_or(false);
+            if !(matches && known) {
+                if let Some(peer) = peer {
+                    shared.throttle.record_failure(peer.ip());
+                }
+                tracing::info!(peer = ?peer, user = ?user, "refused password login: authentication failed");
+                return Err(PasswordRefusal::Failed);
+            }
+            let mut entries = shared
+                .credential_cache
+                .entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if entries.len() >= CACHE_LIMIT {
+                entries.clear();
+            }
+            entries.insert(slot, verifier.clone());
+        }
+        if !self.policy().allows(user, service) {
+            tracing::info!(peer = ?peer, user = ?user, service, "refused password login: service not granted");
+            return Err(PasswordRefusal::NotAuthorized {
+                user: user.to_string(),
+                service: service.to_string(),
+            });
+        }
+        if let Some(conn) = conn {
+            conn.note_login(user, service, &verifier);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_basic() {
+        let h = format!("Basic {}", B64.encode("alice:pa:ss"));
+        assert_eq!(parse_basic(&h).unwrap(), ("alice".into(), "pa:ss".into()));
+        assert_eq!(
+            parse_basic(&format!("basic {}", B64.encode("a:"))).unwrap(),
+            ("a".into(), "".into())
+        );
+        assert_eq!(parse_basic("Bearer xyz"), Err(PasswordRefusal::Malformed));
+        assert_eq!(parse_basic("Basic !!!"), Err(PasswordRefusal::Malformed));
+        assert_eq!(
+            parse_basic(&format!("Basic {}", B64.encode("nocolon"))),
+            Err(PasswordRefusal::Malformed)
+        );
+        assert_eq!(
+            parse_basic(&format!("Basic {}", B64.encode(":pw"))),
+            Err(PasswordRefusal::Malformed)
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! `switchyard.v1.ChangeSource`: change hooks push changes here.
+//!
+//! Every change is validated in full before anything is stored, and a batch
+//! is stored all or nothing, so bad input never leaves half a push behind.
+//! An error names the field, e.g. `changes[2].files[7]: 5000 bytes is over
+//! the limit of 4096`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use super::GrpcAuth;
+use crate::proto::change_source_server::{ChangeSource, ChangeSourceServer};
+use crate::proto::{Change, PushChangeRequest, PushChangeResponse, PushChangesResponse};
+use crate::state::{ChangeStore, NewChange};
+
+/// The service name users must be granted to push changes.
+pub const SERVICE: &str = "change-source";
+
+/// Limits on what one push may carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeLimits {
+    /// repository, branch, revision, author, category, project.
+    pub max_field: usize,
+    pub max_comments: usize,
+    pub max_files: usize,
+    pub max_path: usize,
+    pub max_properties: usize,
+    pub max_property_name: usize,
+    pub max_property_value: usize,
+    /// Changes in one `PushChanges` call.
+    pub max_batch: usize,
+}
+
+impl Default for ChangeLimits {
+    fn default() -> Self {
+        ChangeLimits {
+            max_field: 1024,
+            max_comments: 64 * 1024,
+            max_files: 10_000,
+            max_path: 4096,
+            max_properties: 1000,
+            max_property_name: 256,
+            max_property_value: 64 * 1024,
+            max_batch: 1000,
+        }
+    }
+}
+
+fn check_len(at: &str, field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{at}.{field}: {} bytes is over the limit of {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a pushed change; `at` names it in errors (`change`, `changes[3]`).
+pub fn validate(
+    change: Option<Change>,
+    at: &str,
+    limits: &ChangeLimits,
+) -> Result<NewChange, Status> {
+    let c = change.ok_or_else(|| Status::invalid_argument(format!("{at}: required")))?;
+    if c.repository.trim().is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{at}.repository: required"
+        )));
+    }
+    for (field, value) in [
+        ("repository", &c.repository),
+        ("branch", &c.branch),
+        ("revision", &c.revision),
+        ("author", &c.author),
+        ("category", &c.category),
+        ("project", &c.project),
+    ] {
+        check_len(at, field, value, limits.max_field)?;
+    }
+    check_len(at, "comments", &c.comments, limits.max_comments)?;
+    if c.files.len() > limits.max_files {
+        return Err(Status::invalid_argument(format!(
+            "{at}.files: {} files is over the limit of {}",
+            c.files.len(),
+            limits.max_files
+        )));
+    }
+    for (i, f) in c.files.iter().enumerate() {
+        check_len(at, &format!("files[{i}]"), f, limits.max_path)?;
+    }
+    if c.properties.len() > limits.max_properties {
+        return Err(Status::invalid_argument(format!(
+            "{at}.properties: {} properties is over the limit of {}",
+            c.properties.len(),
+            limits.max_properties
+        )));
+    }
+    for (k, v) in &c.properties {
+        if k.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{at}.properties: a property has an empty name"
+            )));
+        }
+        check_len(at, "properties (name)", k, limits.max_property_name)?;
+        check_len(
+            at,
+            &format!("properties[{k:?}]"),
+            v,
+            limits.max_property_value,
+        )?;
+    }
+    let when = match c.when {
+        None => None,
+        Some(t) => {
+            // RFC 3339 range, as google.protobuf.Timestamp defines it.
+            if !(-62_135_596_800..=253_402_300_799).contains(&t.seconds)
+                || !(0..1_000_000_000).contains(&t.nanos)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "{at}.when: not a valid timestamp"
+                )));
+            }
+            Some((t.seconds, t.nanos))
+        }
+    };
+    Ok(NewChange {
+        repository: c.repository,
+        branch: c.branch,
+        revision: c.revision,
+        author: c.author,
+        comments: c.comments,
+        category: c.category,
+        project: c.project,
+        files: c.files,
+        when,
+        properties: c.properties.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// The service: authenticates, validates, stores.
+pub struct ChangeSourceService {
+    store: Arc<dyn ChangeStore>,
+    auth: GrpcAuth,
+    limits: ChangeLimits,
+}
+
+impl ChangeSourceService {
+    pub fn new(store: Arc<dyn ChangeStore>, auth: GrpcAuth) -> Self {
+        ChangeSourceService {
+            store,
+            auth,
+            limits: ChangeLimits::default(),
+        }
+    }
+
+    pub fn with_limits(mut self, limits: ChangeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The tonic service, ready to add to routes or a server.
+    pub fn into_server(self) -> ChangeSourceServer<Self> {
+        ChangeSourceServer::new(self)
+    }
+
+    async fn store(&self, user: &str, batch: Vec<NewChange>) -> Result<Vec<i64>, Status> {
+        let summary: Vec<(String, String, String)> = batch
+            .iter()
+            .map(|c| (c.repository.clone(), c.branch.clone(), c.revision.clone()))
+            .collect();
+        let ids = self.store.add_changes(batch).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot store pushed changes");
+            Status::unavailable(format!("the master could not store the change: {e}"))
+        })?;
+        for (id, (repository, branch, revision)) in ids.iter().zip(summary) {
+            tracing::info!(user, id, repository, branch, revision, "change received");
+        }
+        Ok(ids)
+    }
+}
+
+#[tonic::async_trait]
+impl ChangeSource for ChangeSourceService {
+    async fn push_change(
+        &self,
+        request: Request<PushChangeRequest>,
+    ) -> Result<Response<PushChangeResponse>, Status> {
+        let user = self.auth.authorize(&request, SERVICE).await?;
+        let change = validate(request.into_inner().change, "change", &self.limits)?;
+        let ids = self.store(&user, vec![change]).await?;
+        let id = ids
+            .first()
+            .copied()
+            .ok_or_else(|| Status::internal("the store returned no id"))?;
+        Ok(Response::new(PushChangeResponse { id }))
+    }
+
+    async fn push_changes(
+        &self,
+        request: Request<Streaming<PushChangeRequest>>,
+    ) -> Result<Response<PushChangesResponse>, Status> {
+        let user = self.auth.authorize(&request, SERVICE).await?;
+        let mut stream = request.into_inner();
+        let mut batch = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            if batch.len() == self.limits.max_batch {
+                return Err(Status::invalid_argument(format!(
+                    "changes: more than {} changes in one batch; split it",
+                    self.limits.max_batch
+                )));
+            }
+            let at = format!("changes[{}]", batch.len());
+            batch.push(validate(msg.change, &at, &self.limits)?);
+        }
+        let ids = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.store(&user, batch).await?
+        };
+        Ok(Response::new(PushChangesResponse { ids }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change() -> Change {
+        Change {
+            repository: "r".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let l = ChangeLimits::default();
+        let msg = |c: Option<Change>| {
+            validate(c, "changes[2]", &l)
+                .unwrap_err()
+                .message()
+                .to_string()
+        };
+        assert_eq!(msg(None), "changes[2]: required");
+        assert_eq!(
+            msg(Some(Change::default())),
+            "changes[2].repository: required"
+        );
+        let mut c = change();
+        c.branch = "x".repeat(2000);
+        assert!(msg(Some(c)).starts_with("changes[2].branch: 2000 bytes"));
+        let mut c = change();
+        c.files = vec!["a".into(), "b".repeat(5000)];
+        assert!(msg(Some(c)).starts_with("changes[2].files[1]: 5000 bytes"));
+        let mut c = change();
+        c.files = vec!["f".into(); 10_001];
+        assert!(msg(Some(c)).starts_with("changes[2].files: 10001 files"));
+        let mut c = change();
+        c.when = Some(prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        });
+        assert_eq!(msg(Some(c)), "changes[2].when: not a valid timestamp");
+        assert!(validate(Some(change()), "change", &l).is_ok());
+    }
+}

@@ -1,0 +1,122 @@
+//! A gRPC client for change hooks: what `switchyard sendchange` runs.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::proto::change_source_client::ChangeSourceClient;
+use crate::proto::{Change, PushChangeRequest};
+
+/// Why a push failed, in words a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum SendChangeError {
+    #[error("{0:?} is not a master address; give HOST:PORT, e.g. 127.0.0.1:9989")]
+    Address(String),
+    #[error("cannot connect to the master at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("the master refused the credentials of user {user:?}: {message}")]
+    Credentials { user: String, message: String },
+    #[error("user {user:?} may not push changes (needs the service `change-source`): {message}")]
+    NotAllowed { user: String, message: String },
+    #[error("the master rejected the change: {0}")]
+    Invalid(String),
+    #[error("the master could not take the change right now: {0}")]
+    Unavailable(String),
+    #[error("the master answered {code:?}: {message}")]
+    Other { code: Code, message: String },
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// A connection to a master's `ChangeSource` with credentials.
+pub struct ChangeSourceConnection {
+    client: ChangeSourceClient<Channel>,
+    user: String,
+    authorization: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl ChangeSourceConnection {
+    /// Connects to `addr` (HOST:PORT), within 10 seconds.
+    pub async fn connect(addr: &str, user: &str, password: &str) -> Result<Self, SendChangeError> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| SendChangeError::Address(addr.to_string()))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| SendChangeError::Connect {
+                addr: addr.to_string(),
+                reason: error_chain(&e),
+            })?;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let authorization = MetadataValue::try_from(format!("Basic {token}"))
+            .map_err(|_| SendChangeError::Address(addr.to_string()))?;
+        Ok(ChangeSourceConnection {
+            client: ChangeSourceClient::new(channel),
+            user: user.to_string(),
+            authorization,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        req
+    }
+
+    fn explain(&self, s: Status) -> SendChangeError {
+        let message = s.message().to_string();
+        match s.code() {
+            Code::Unauthenticated => SendChangeError::Credentials {
+                user: self.user.clone(),
+                message,
+            },
+            Code::PermissionDenied => SendChangeError::NotAllowed {
+                user: self.user.clone(),
+                message,
+            },
+            Code::InvalidArgument => SendChangeError::Invalid(message),
+            Code::Unavailable => SendChangeError::Unavailable(message),
+            code => SendChangeError::Other { code, message },
+        }
+    }
+
+    /// Pushes one change; returns its id once the master has stored it.
+    pub async fn push(&mut self, change: Change) -> Result<i64, SendChangeError> {
+        let req = self.request(PushChangeRequest {
+            change: Some(change),
+        });
+        match self.client.push_change(req).await {
+            Ok(r) => Ok(r.into_inner().id),
+            Err(s) => Err(self.explain(s)),
+        }
+    }
+
+    /// Pushes a batch, all or nothing; returns the ids in order.
+    pub async fn push_batch(&mut self, changes: Vec<Change>) -> Result<Vec<i64>, SendChangeError> {
+        let stream = futures_util::stream::iter(
+            changes
+                .into_iter()
+                .map(|c| PushChangeRequest { change: Some(c) }),
+        );
+        let req = self.request(stream);
+        match self.client.push_changes(req).await {
+            Ok(r) => Ok(r.into_inner().ids),
+            Err(s) => Err(self.explain(s)),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! gRPC on the shared port: change hooks (`switchyard.v1.ChangeSource`),
+//! health (`grpc.health.v1.Health`) and server reflection.
+//!
+//! The services are built once as tonic [`Routes`]. The Dispatcher hands
+//! every connection that starts with the HTTP/2 preface to [`GrpcFrontDoor`],
+//! which serves it with hyper on the very socket the listener accepted, so
+//! the master keeps a handle on each connection: it closes them at shutdown,
+//! and closes one at once when a reload revokes a user who logged in over it.
+//!
+//! Credentials are per request: `authorization: Basic base64(user:password)`,
+//! checked by the port's checkers against the port's grants ([`GrpcAuth`]).
+//! Health and reflection need none, so load balancers and `grpcurl` work.
+
+pub mod change_source;
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tonic::service::Routes;
+use tonic::{Request, Status};
+use tower::ServiceExt;
+
+use crate::dispatcher::registry::BoxFuture;
+use crate::dispatcher::{
+    ConnectionHandler, ConnectionSessions, Dispatcher, Http2Connection, PasswordRefusal,
+    parse_basic,
+};
+
+/// How long a connection being closed (shutdown, or a revoked user) may take
+/// to finish the requests it has in flight.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Set on every request that arrives through the shared port: which
+/// connection it came over.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub sessions: Arc<ConnectionSessions>,
+}
+
+/// Checks a request's Basic credentials and the user's grant.
+#[derive(Clone)]
+pub struct GrpcAuth {
+    dispatcher: Dispatcher,
+}
+
+fn refusal_status(r: PasswordRefusal) -> Status {
+    match r {
+        PasswordRefusal::NotAuthorized { .. } => Status::permission_denied(r.to_string()),
+        PasswordRefusal::CheckerDown => Status::unavailable(r.to_string()),
+        _ => Status::unauthenticated(r.to_string()),
+    }
+}
+
+impl GrpcAuth {
+    pub fn new(dispatcher: Dispatcher) -> Self {
+        GrpcAuth { dispatcher }
+    }
+
+    /// The authenticated user, if the request's credentials are good and the
+    /// user may use `service`.
+    pub async fn authorize<T>(&self, req: &Request<T>, service: &str) -> Result<String, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| refusal_status(PasswordRefusal::Missing))?
+            .to_str()
+            .map_err(|_| refusal_status(PasswordRefusal::Malformed))?;
+        let (user, password) = parse_basic(header).map_err(refusal_status)?;
+        let conn = req.extensions().get::<ConnInfo>();
+        let peer = conn.map(|c| c.peer).or_else(|| req.remote_addr());
+        self.dispatcher
+            .check_password_login(
+                &user,
+                &password,
+                service,
+                peer,
+                conn.map(|c| c.sessions.as_ref()),
+            )
+            .await
+            .map_err(refusal_status)?;
+        Ok(user)
+    }
+}
+
+/// Serves HTTP/2 connections from the shared port with a set of routes.
+pub struct GrpcFrontDoor {
+    routes: Routes,
+}
+
+impl GrpcFrontDoor {
+    pub fn new(routes: Routes) -> Self {
+        GrpcFrontDoor {
+            routes: routes.prepare(),
+        }
+    }
+}
+
+impl ConnectionHandler for GrpcFrontDoor {
+    fn serve(&self, conn: Http2Connection) -> BoxFuture {
+        Box::pin(serve_connection(self.routes.clone(), conn))
+    }
+}
+
+async fn serve_connection(routes: Routes, conn: Http2Connection) {
+    let Http2Connection { io, peer, sessions } = conn;
+    let hangup = sessions.hangup();
+    let id = sessions.id().to_string();
+    let info = ConnInfo { peer, sessions };
+    let service = tower::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        routes.clone().oneshot(req)
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, connection = %id, error = %e, "HTTP/2 connection ended with an error");
+            }
+        }
+        _ = hangup.requested() => {
+            tracing::info!(%peer, connection = %id, "closing HTTP/2 connection (shutdown, or a user of it was revoked)");
+            conn.as_mut().graceful_shutdown();
+            if tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.is_err() {
+                tracing::info!(%peer, connection = %id, "HTTP/2 connection did not finish within {CLOSE_GRACE:?}; dropped");
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! The master's durable state, in an embedded SQLite database.
+//!
+//! One writer thread owns the write connection. Writes arrive as jobs on a
+//! channel; the thread takes every job that is waiting (up to a bound), runs
+//! them in one transaction, each inside its own savepoint so that one bad job
+//! cannot undo another, commits with a full sync, and only then answers. So
+//! a change is on disk before its RPC returns, and concurrent pushes share
+//! one fsync ("group commit").
+//!
+//! The schema is versioned with `PRAGMA user_version` and migrated forward
+//! on open; a file from a newer Switchyard is refused rather than damaged.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+/// Why the state database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot open the state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the state database {path} has schema version {found}, but this switchyard knows versions up to {known}: it was written by a newer switchyard"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("state database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the state database writer has stopped")]
+    WriterGone,
+    #[error("cannot start the state database writer: {0}")]
+    Thread(std::io::Error),
+    #[error("state database transaction failed: {0}")]
+    Transaction(String),
+}
+
+/// A change as pushed, validated, before it has an id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewChange {
+    pub repository: String,
+    pub branch: String,
+    pub revision: String,
+    pub author: String,
+    pub comments: String,
+    pub category: String,
+    pub project: String,
+    pub files: Vec<String>,
+    /// The commit time, as (seconds, nanoseconds) since the Unix epoch.
+    pub when: Option<(i64, i32)>,
+    pub properties: BTreeMap<String, String>,
+}
+
+/// A change as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredChange {
+    pub id: i64,
+    pub change: NewChange,
+    /// When the master received it, milliseconds since the Unix epoch.
+    pub received_ms: i64,
+}
+
+/// Where pushed changes go. The master uses [`StateDb`]; benchmarks and
+/// embedders may plug in their own.
+#[async_trait]
+pub trait ChangeStore: Send + Sync + 'static {
+    /// Stores the whole batch, or none of it, and returns the ids in order.
+    async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError>;
+}
+
+/// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: changes, and a key/value table for the master's own settings.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+     CREATE TABLE changes (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         repository TEXT NOT NULL,
+         branch TEXT NOT NULL,
+         revision TEXT NOT NULL,
+         author TEXT NOT NULL,
+         comments TEXT NOT NULL,
+         category TEXT NOT NULL,
+         project TEXT NOT NULL,
+         when_secs INTEGER,
+         when_nanos INTEGER,
+         received_ms INTEGER NOT NULL
+     );
+     CREATE TABLE change_files (
+         change_id INTEGER NOT NULL REFERENCES changes(id) ON DELETE CASCADE,
+         position INTEGER NOT NULL,
+         path TEXT NOT NULL,
+         PRIMARY KEY (change_id, position)
+     );
+     CREATE TABLE change_properties (
+         change_id INTEGER NOT NULL REFERENCES changes(id) ON DELETE CASCADE,
+         name TEXT NOT NULL,
+         value TEXT NOT NULL,
+         PRIMARY KEY (change_id, name)
+     );",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Most jobs the writer puts in one transaction.
+const MAX_GROUP: usize = 256;
+
+enum Job {
+    AddChanges(
+        Vec<NewChange>,
+        oneshot::Sender<Result<Vec<i64>, StateError>>,
+    ),
+}
+
+/// The master's state database. Cheap to share (`Arc`); dropping the last
+/// handle lets the writer finish what is queued and stop.
+pub struct StateDb {
+    path: PathBuf,
+    jobs: std::sync::mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StateError> {
+    let open = |path: &Path| -> rusqlite::Result<Connection> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit is synced to disk before it returns.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(conn)
+    };
+    open(path).map_err(|source| StateError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StateError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(file = %path.display(), version = i + 1, "state database migrated");
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn insert_change(conn: &Connection, c: &NewChange, received_ms: i64) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO changes (repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        c.repository,
+        c.branch,
+        c.revision,
+        c.author,
+        c.comments,
+        c.category,
+        c.project,
+        c.when.map(|w| w.0),
+        c.when.map(|w| w.1),
+        received_ms
+    ])?;
+    let id = conn.last_insert_rowid();
+    let mut files = conn.prepare_cached(
+        "INSERT INTO change_files (change_id, position, path) VALUES (?1, ?2, ?3)",
+    )?;
+    for (i, f) in c.files.iter().enumerate() {
+        files.execute(params![id, i as i64, f])?;
+    }
+    let mut props = conn.prepare_cached(
+        "INSERT INTO change_properties (change_id, name, value) VALUES (?1, ?2, ?3)",
+    )?;
+    for (k, v) in &c.properties {
+        props.execute(params![id, k, v])?;
+    }
+    Ok(id)
+}
+
+/// Runs a group of jobs in one transaction, each in its own savepoint.
+fn run_group(conn: &Connection, jobs: Vec<Job>) {
+    let mut results: Vec<(
+        oneshot::Sender<Result<Vec<i64>, StateError>>,
+        Result<Vec<i64>, StateError>,
+    )> = Vec::with_capacity(jobs.len());
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        for Job::AddChanges(_, reply) in jobs {
+            let _ = reply.send(Err(StateError::Transaction(msg.clone())));
+        }
+        return;
+    }
+    let received = now_ms();
+    for Job::AddChanges(batch, reply) in jobs {
+        let result = (|| -> rusqlite::Result<Vec<i64>> {
+            conn.execute_batch("SAVEPOINT job")?;
+            let ids: rusqlite::Result<Vec<i64>> = batch
+                .iter()
+                .map(|c| insert_change(conn, c, received))
+                .collect();
+            match ids {
+                Ok(ids) => {
+                    conn.execute_batch("RELEASE job")?;
+                    Ok(ids)
+                }
+                Err(e) => {
+                    conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                    Err(e)
+                }
+            }
+        })();
+        results.push((reply, result.map_err(StateError::from)));
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => {
+            for (reply, result) in results {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::error!(error = %e, "state database commit failed");
+            let msg = e.to_string();
+            for (reply, _) in results {
+                let _ = reply.send(Err(StateError::Transaction(msg.clone())));
+            }
+        }
+    }
+}
+
+impl StateDb {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let mut writer = open_connection(path)?;
+        migrate(&mut writer, path)?;
+        let reader = open_connection(path)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("switchyard-state".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(job) => group.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    run_group(&writer, group);
+                }
+                tracing::debug!(file = %thread_path.display(), "state writer stopped");
+            })
+            .map_err(StateError::Thread)?;
+        Ok(StateDb {
+            path: path.to_path_buf(),
+            jobs: tx,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn).map_err(StateError::from)
+        })
+        .await
+        .map_err(|_| StateError::WriterGone)?
+    }
+
+    /// A 32-byte secret that belongs to this master and survives restarts,
+    /// made at random the first time it is asked for under `name`.
+    pub fn secret(&self, name: &str) -> Result<[u8; 32], StateError> {
+        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let key = format!("secret:{name}");
+        let existing: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(v) = existing.and_then(|v| <[u8; 32]>::try_from(v).ok()) {
+            return Ok(v);
+        }
+        let mut fresh = [0u8; 32];
+        rand::fill(&mut fresh[..]);
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, &fresh[..]],
+        )?;
+        // Another master process on the same file may have won the race.
+        let v: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
+            r.get(0)
+        })?;
+        Ok(<[u8; 32]>::try_from(v).unwrap_or(fresh))
+    }
+
+    /// One change by id.
+    pub async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
+        self.read(move |conn| load_change(conn, id)).await
+    }
+
+    /// Changes with ids above `after`, oldest first, at most `limit`.
+    pub async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredChange>, StateError> {
+        self.read(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM changes WHERE id > ?1 ORDER BY id LIMIT ?2")?
+                .query_map(params![after, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(c) = load_change(conn, id)? {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many changes are stored.
+    pub async fn change_count(&self) -> Result<i64, StateError> {
+        self.read(|conn| conn.query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0)))
+            .await
+    }
+}
+
+fn load_change(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredChange>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms
+             FROM changes WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            let when_secs: Option<i64> = r.get(7)?;
+            let when_nanos: Option<i32> = r.get(8)?;
+            Ok((
+                NewChange {
+                    repository: r.get(0)?,
+                    branch: r.get(1)?,
+                    revision: r.get(2)?,
+                    author: r.get(3)?,
+                    comments: r.get(4)?,
+                    category: r.get(5)?,
+                    project: r.get(6)?,
+                    files: Vec::new(),
+                    when: when_secs.map(|s| (s, when_nanos.unwrap_or(0))),
+                    properties: BTreeMap::new(),
+                },
+                r.get::<_, i64>(9)?,
+            ))
+        })
+        .optional()?;
+    let Some((mut change, received_ms)) = row else {
+        return Ok(None);
+    };
+    change.files = conn
+        .prepare_cached("SELECT path FROM change_files WHERE change_id = ?1 ORDER BY position")?
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    change.properties = conn
+        .prepare_cached("SELECT name, value FROM change_properties WHERE change_id = ?1")?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some(StoredChange {
+        id,
+        change,
+        received_ms,
+    }))
+}
+
+#[async_trait]
+impl ChangeStore for StateDb {
+    async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::AddChanges(batch, tx))
+            .map_err(|_| StateError::WriterGone)?;
+        rx.await.map_err(|_| StateError::WriterGone)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stores_reads_back_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let change = NewChange {
+            repository: "https://example.org/repo.git".into(),
+            branch: "main".into(),
+            files: vec!["a.c".into(), "b/c.h".into()],
+            when: Some((1_700_000_000, 5)),
+            properties: [("k".to_string(), "v".to_string())].into(),
+            ..Default::default()
+        };
+        let secret;
+        {
+            let db = StateDb::open(&path).unwrap();
+            let ids = db
+                .add_changes(vec![change.clone(), change.clone()])
+                .await
+                .unwrap();
+            assert_eq!(ids.len(), 2);
+            assert!(ids[1] > ids[0]);
+            secret = db.secret("mock").unwrap();
+            assert_eq!(db.secret("mock").unwrap(), secret);
+        }
+        let db = StateDb::open(&path).unwrap();
+        let all = db.changes_after(0, 10).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].change, change);
+        assert_eq!(db.secret("mock").unwrap(), secret);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = StateDb::open(&path).err().unwrap().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+}
