@@ -77,18 +77,23 @@ struct SendchangeArgs {
     /// Where the change happened (a URL or a name the schedulers know).
     #[arg(long)]
     repository: String,
-    #[arg(long, default_value = "")]
+    /// The branch the change is on.
+    #[arg(long, default_value = "", hide_default_value = true)]
     branch: String,
-    #[arg(long, default_value = "")]
+    /// The revision (commit id).
+    #[arg(long, default_value = "", hide_default_value = true)]
     revision: String,
-    #[arg(long, default_value = "")]
+    /// Who made the change.
+    #[arg(long, default_value = "", hide_default_value = true)]
     author: String,
     /// The commit message.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     comments: String,
-    #[arg(long, default_value = "")]
+    /// A category schedulers can filter on.
+    #[arg(long, default_value = "", hide_default_value = true)]
     category: String,
-    #[arg(long, default_value = "")]
+    /// The project the change belongs to.
+    #[arg(long, default_value = "", hide_default_value = true)]
     project: String,
     /// A path the change touches (repeat for more).
     #[arg(long = "file", value_name = "PATH")]

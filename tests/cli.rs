@@ -269,7 +269,167 @@ async fn ping_command_checks_a_live_port() {
 fn help_names_every_subcommand() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    for cmd in ["master", "passwd", "ping"] {
+    for cmd in ["master", "passwd", "sendchange", "ping"] {
         assert!(help.contains(cmd), "{help}");
     }
+}
+
+fn sendchange(addr: &str, user: &str, password: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["sendchange", "--master", addr, "--user", user])
+        .args(extra)
+        .env("SWITCHYARD_PASSWORD", password)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
+
+#[test]
+fn sendchange_is_durable_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[HOOK])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[HOOK])).unwrap();
+    let mut p = Proc::master(&config);
+    let addr = listening_addr(&p);
+
+    let out = sendchange(
+        &addr,
+        "hook",
+        "hook-pw",
+        &[
+            "--repository",
+            "https://git.example.org/widgets.git",
+            "--branch",
+            "main",
+            "--revision",
+            "abc123",
+            "--author",
+            "Ada",
+            "--comments",
+            "fix the frobnicator",
+            "--file",
+            "src/a.rs",
+            "--file",
+            "src/b.rs",
+            "--property",
+            "ci=yes",
+            "--when",
+            "1750000000",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: i64 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Acknowledged: now kill the master without warning.
+    p.signal("KILL");
+    p.wait_exit();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+    let stored = rt
+        .block_on(db.change(id))
+        .unwrap()
+        .expect("an acknowledged change survives kill -9");
+    assert_eq!(stored.change.revision, "abc123");
+    assert_eq!(stored.change.comments, "fix the frobnicator");
+    assert_eq!(stored.change.files, vec!["src/a.rs", "src/b.rs"]);
+    assert_eq!(
+        stored.change.properties.get("ci").map(String::as_str),
+        Some("yes")
+    );
+    assert_eq!(stored.change.when, Some((1_750_000_000, 0)));
+}
+
+#[test]
+fn sendchange_failures_say_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[HOOK])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[HOOK])).unwrap();
+    let p = Proc::master(&config);
+    let addr = listening_addr(&p);
+    let repo = ["--repository", "r"];
+
+    let out = sendchange(&addr, "hook", "wrong", &repo);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused the credentials of user \"hook\""),
+        "{err}"
+    );
+
+    let out = sendchange(&addr, "hook", "hook-pw", &["--repository", ""]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rejected the change: change.repository: required"),
+        "{err}"
+    );
+
+    // Nothing listens on this port once the listener is dropped.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let out = sendchange(&closed, "hook", "hook-pw", &repo);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to the master at {closed}")),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "sendchange",
+            "--master",
+            &addr,
+            "--user",
+            "hook",
+            "--repository",
+            "r",
+        ])
+        .env_remove("SWITCHYARD_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--password-file"));
+
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, "hook-pw\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "sendchange",
+            "--master",
+            &addr,
+            "--user",
+            "hook",
+            "--repository",
+            "r",
+            "--password-file",
+        ])
+        .arg(&pwfile)
+        .env_remove("SWITCHYARD_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

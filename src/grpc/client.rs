@@ -32,9 +32,15 @@ pub enum SendChangeError {
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
+    let mut last = out.clone();
     while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        // Layers often repeat their inner error's words; say them once.
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         cur = s.source();
     }
     out

@@ -71,6 +71,11 @@ impl TestMaster {
         )
         .unwrap();
         std::fs::write(dir.path().join("secrets.toml"), secrets_text(users)).unwrap();
+        Self::start_in(dir).await
+    }
+
+    /// Starts a master on the files (and state) already in `dir`.
+    pub async fn start_in(dir: tempfile::TempDir) -> TestMaster {
         let master = Arc::new(Master::load(&dir.path().join("master.toml")).unwrap());
         let listener = master.bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -123,8 +128,26 @@ impl TestMaster {
     }
 
     pub async fn stop(self) {
+        self.stop_keeping_files().await;
+    }
+
+    /// Stops the master and hands back its directory (config, secrets and
+    /// state), to start another master on it.
+    pub async fn stop_keeping_files(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         within("the master to stop", self.served).await.unwrap();
+        // The last handle on the state database goes with the master.
+        drop(self.master);
+        self.dir
+    }
+
+    /// A gRPC channel to the master's port.
+    pub async fn grpc(&self) -> tonic::transport::Channel {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).unwrap();
+        within("a gRPC connection", endpoint.connect())
+            .await
+            .unwrap()
     }
 }
 

@@ -1,0 +1,521 @@
+//! gRPC change hooks on the shared port, with a tonic client.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+use common::*;
+use switchyard::grpc::client::{ChangeSourceConnection, SendChangeError};
+use switchyard::proto::change_source_client::ChangeSourceClient;
+use switchyard::proto::{Change, PushChangeRequest};
+
+const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
+const OTHER_HOOK: UserSpec = ("hook2", "hook2-pw", &["change-source", "ping"]);
+const PINGER: UserSpec = ("pinger", "pinger-pw", &["ping"]);
+
+fn change(n: usize) -> Change {
+    Change {
+        repository: "https://git.example.org/widgets.git".into(),
+        branch: "main".into(),
+        revision: format!("{n:040x}"),
+        author: "Ada <ada@example.org>".into(),
+        comments: format!("commit number {n}"),
+        category: "push".into(),
+        project: "widgets".into(),
+        files: vec!["src/lib.rs".into(), format!("docs/{n}.md")],
+        when: Some(prost_types::Timestamp {
+            seconds: 1_750_000_000 + n as i64,
+            nanos: 0,
+        }),
+        properties: [("ci".to_string(), "yes".to_string())].into(),
+    }
+}
+
+fn with_basic<T>(msg: T, user: &str, password: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    req.metadata_mut()
+        .insert("authorization", format!("Basic {token}").parse().unwrap());
+    req
+}
+
+async fn push_as(
+    client: &mut ChangeSourceClient<Channel>,
+    user: &str,
+    password: &str,
+    c: Change,
+) -> Result<i64, tonic::Status> {
+    let req = with_basic(PushChangeRequest { change: Some(c) }, user, password);
+    within("PushChange", client.push_change(req))
+        .await
+        .map(|r| r.into_inner().id)
+}
+
+#[tokio::test]
+async fn credentials_are_checked_like_native_logins() {
+    let m = TestMaster::start("", &[HOOK, PINGER]).await;
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+
+    // No credentials at all.
+    let req = Request::new(PushChangeRequest {
+        change: Some(change(0)),
+    });
+    let s = within("PushChange", client.push_change(req))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert!(s.message().contains("Basic"), "{}", s.message());
+    // Not Basic.
+    let mut req = Request::new(PushChangeRequest {
+        change: Some(change(0)),
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer abc".parse().unwrap());
+    assert_eq!(
+        within("PushChange", client.push_change(req))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    // Wrong password and unknown user: the same answer.
+    let wrong = push_as(&mut client, "hook", "nope", change(0))
+        .await
+        .unwrap_err();
+    let unknown = push_as(&mut client, "ghost", "nope", change(0))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert_eq!(
+        (wrong.code(), wrong.message()),
+        (unknown.code(), unknown.message())
+    );
+    // A real user without the service.
+    let denied = push_as(&mut client, "pinger", "pinger-pw", change(0))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(
+        denied.message().contains("change-source"),
+        "{}",
+        denied.message()
+    );
+    assert_eq!(
+        m.master.state().change_count().await.unwrap(),
+        0,
+        "nothing stored by refused pushes"
+    );
+
+    // The right credentials, twice (the second from the cache).
+    let a = push_as(&mut client, "hook", "hook-pw", change(1))
+        .await
+        .unwrap();
+    let b = push_as(&mut client, "hook", "hook-pw", change(2))
+        .await
+        .unwrap();
+    assert!(a > 0 && b > a);
+    // A wrong password right after a cached success is still refused.
+    assert_eq!(
+        push_as(&mut client, "hook", "hook-pw2", change(3))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_pushed_change_survives_a_restart() {
+    let m = TestMaster::start("", &[HOOK]).await;
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+    let id = push_as(&mut client, "hook", "hook-pw", change(7))
+        .await
+        .unwrap();
+    drop(client);
+    let dir = m.stop_keeping_files().await;
+
+    let m = TestMaster::start_in(dir).await;
+    let stored = m
+        .master
+        .state()
+        .change(id)
+        .await
+        .unwrap()
+        .expect("the change is still there");
+    let c = change(7);
+    assert_eq!(stored.change.repository, c.repository);
+    assert_eq!(stored.change.revision, c.revision);
+    assert_eq!(stored.change.author, c.author);
+    assert_eq!(stored.change.comments, c.comments);
+    assert_eq!(stored.change.files, c.files);
+    assert_eq!(stored.change.when, Some((1_750_000_007, 0)));
+    assert_eq!(
+        stored.change.properties.get("ci").map(String::as_str),
+        Some("yes")
+    );
+    // New ids keep growing after the restart.
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+    assert!(
+        push_as(&mut client, "hook", "hook-pw", change(8))
+            .await
+            .unwrap()
+            > id
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_stored_in_order_or_not_at_all() {
+    let m = TestMaster::start("", &[HOOK]).await;
+    let mut conn = within(
+        "connect",
+        ChangeSourceConnection::connect(&m.addr.to_string(), "hook", "hook-pw"),
+    )
+    .await
+    .unwrap();
+    let ids = within("PushChanges", conn.push_batch((0..5).map(change).collect()))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            m.master
+                .state()
+                .change(*id)
+                .await
+                .unwrap()
+                .unwrap()
+                .change
+                .revision,
+            change(i).revision
+        );
+    }
+
+    // One bad change in the middle: the error names it, nothing is stored.
+    let mut bad = (0..4).map(change).collect::<Vec<_>>();
+    bad[2].repository.clear();
+    let err = within("PushChanges", conn.push_batch(bad))
+        .await
+        .unwrap_err();
+    match err {
+        SendChangeError::Invalid(msg) => assert_eq!(msg, "changes[2].repository: required"),
+        other => panic!("{other}"),
+    }
+    // Too many in one batch.
+    let err = within(
+        "PushChanges",
+        conn.push_batch((0..1001).map(change).collect()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, SendChangeError::Invalid(m) if m.contains("more than 1000")),
+        "{err}"
+    );
+    assert_eq!(m.master.state().change_count().await.unwrap(), 5);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn bad_fields_are_invalid_argument_naming_the_field() {
+    let m = TestMaster::start("", &[HOOK]).await;
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+    let cases: Vec<(Change, &str)> = vec![
+        (
+            Change {
+                repository: String::new(),
+                ..change(0)
+            },
+            "change.repository: required",
+        ),
+        (
+            Change {
+                branch: "b".repeat(5000),
+                ..change(0)
+            },
+            "change.branch: 5000 bytes is over the limit of 1024",
+        ),
+        (
+            Change {
+                comments: "c".repeat(70_000),
+                ..change(0)
+            },
+            "change.comments: 70000 bytes",
+        ),
+        (
+            Change {
+                files: vec!["f".into(); 10_001],
+                ..change(0)
+            },
+            "change.files: 10001 files",
+        ),
+    ];
+    for (c, expected) in cases {
+        let s = push_as(&mut client, "hook", "hook-pw", c)
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message().starts_with(expected),
+            "{} / {expected}",
+            s.message()
+        );
+    }
+    let req = with_basic(PushChangeRequest { change: None }, "hook", "hook-pw");
+    let s = within("PushChange", client.push_change(req))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::InvalidArgument, "change: required")
+    );
+    assert_eq!(m.master.state().change_count().await.unwrap(), 0);
+    // And the port still takes good pushes.
+    push_as(&mut client, "hook", "hook-pw", change(1))
+        .await
+        .unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_answer_without_credentials() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let m = TestMaster::start("", &[HOOK]).await;
+    let channel = m.grpc().await;
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "switchyard.v1.ChangeSource"] {
+        let r = within(
+            "Health.Check",
+            health.check(HealthCheckRequest {
+                service: service.into(),
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            r.into_inner().status(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = within(
+        "reflection",
+        reflection.server_reflection_info(futures_util::stream::iter([req])),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let first = within("reflection answer", answers.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("expected a service list, got {first:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"switchyard.v1.ChangeSource".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn native_sessions_and_grpc_pushes_share_the_port() {
+    let m = TestMaster::start("", &[HOOK, PINGER]).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let addr = m.addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            let creds = switchyard::client::Credentials::new("pinger", "pinger-pw");
+            let mut s = switchyard::client::connect(&addr, "ping", &creds)
+                .await
+                .unwrap();
+            for j in 0..20 {
+                assert_echo(&mut s, format!("{i}/{j}").as_bytes()).await;
+            }
+        }));
+    }
+    let channel = m.grpc().await;
+    for i in 0..20 {
+        let mut client = ChangeSourceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            for j in 0..5 {
+                push_as(&mut client, "hook", "hook-pw", change(i * 100 + j))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        within("all clients", t).await.unwrap();
+    }
+    assert_eq!(m.master.state().change_count().await.unwrap(), 100);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_failures_block_grpc_logins_too() {
+    let m = TestMaster::start("auth_max_failures = 3", &[HOOK]).await;
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+    for _ in 0..3 {
+        push_as(&mut client, "hook", "guess", change(0))
+            .await
+            .unwrap_err();
+    }
+    let s = push_as(&mut client, "hook", "hook-pw", change(0))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert!(
+        s.message().contains("too many failed logins"),
+        "{}",
+        s.message()
+    );
+    // The same address is blocked on the native protocol as well.
+    let err = m.login("hook", "hook-pw", "ping").await.err().unwrap();
+    assert!(err.to_string().contains("too many failed logins"), "{err}");
+    m.stop().await;
+}
+
+/// A TCP stream that notes when the connection ends: the server closed it
+/// (EOF or reset), or the client let go of it after the server's GOAWAY.
+struct Watched {
+    inner: TcpStream,
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(res) = &r {
+            if res.is_err() || buf.filled().len() == before {
+                self.closed.store(true, Ordering::SeqCst);
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One HTTP/2 connection whose closing we can see.
+async fn watched_channel(addr: std::net::SocketAddr) -> (Channel, Arc<AtomicBool>) {
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let flag = flag.clone();
+        async move {
+            let inner = TcpStream::connect(addr).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Watched {
+                inner,
+                closed: flag,
+            }))
+        }
+    });
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let channel = within("connect", endpoint.connect_with_connector(connector))
+        .await
+        .unwrap();
+    (channel, closed)
+}
+
+#[tokio::test]
+async fn a_reload_closes_the_http2_connections_of_a_revoked_user() {
+    let m = TestMaster::start("", &[HOOK, OTHER_HOOK]).await;
+    let (revoked_channel, revoked_closed) = watched_channel(m.addr).await;
+    let (kept_channel, kept_closed) = watched_channel(m.addr).await;
+    let mut revoked = ChangeSourceClient::new(revoked_channel);
+    let mut kept = ChangeSourceClient::new(kept_channel);
+    push_as(&mut revoked, "hook", "hook-pw", change(1))
+        .await
+        .unwrap();
+    push_as(&mut kept, "hook2", "hook2-pw", change(2))
+        .await
+        .unwrap();
+
+    // Remove `hook` from the config (its verifier line stays).
+    std::fs::write(m.config_path(), config_text("", &[OTHER_HOOK])).unwrap();
+    let report = m.master.reload().await.unwrap();
+    assert_eq!(report.hung_up.len(), 1, "{report}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !revoked_closed.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked user's connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !kept_closed.load(Ordering::SeqCst),
+        "another user's connection was closed"
+    );
+    push_as(&mut kept, "hook2", "hook2-pw", change(3))
+        .await
+        .unwrap();
+    assert!(!kept_closed.load(Ordering::SeqCst));
+    // The revoked user cannot come back.
+    let mut fresh = ChangeSourceClient::new(m.grpc().await);
+    assert_eq!(
+        push_as(&mut fresh, "hook", "hook-pw", change(4))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    m.stop().await;
+}
