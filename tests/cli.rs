@@ -433,3 +433,71 @@ fn sendchange_failures_say_what_to_fix() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_example_post_receive_hook_pushes_each_new_commit() {
+    let git_ok = Command::new("git").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(git_ok, "this test needs git on PATH");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[HOOK])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[HOOK])).unwrap();
+    let p = Proc::master(&config);
+    let addr = listening_addr(&p);
+
+    let git = |cwd: &std::path::Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=Ada", "-c", "user.email=ada@example.org", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(cwd)
+            .env("SWITCHYARD_MASTER", &addr)
+            .env("SWITCHYARD_USER", "hook")
+            .env("SWITCHYARD_PASSWORD", "hook-pw")
+            .env("SWITCHYARD_REPOSITORY", "widgets")
+            .env("SWITCHYARD", BIN)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let bare = dir.path().join("widgets.git");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(dir.path(), &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    let hook = bare.join("hooks/post-receive");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"), &hook).unwrap();
+    git(&work, &["init", "-q"]);
+    for (file, msg) in [("a.txt", "first"), ("b.txt", "second")] {
+        std::fs::write(work.join(file), msg).unwrap();
+        git(&work, &["add", file]);
+        git(&work, &["commit", "-q", "-m", msg]);
+    }
+    let out = git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    assert_eq!(out.matches("switchyard: change").count(), 2, "{out}");
+    std::fs::write(work.join("c.txt"), "third").unwrap();
+    git(&work, &["add", "c.txt"]);
+    git(&work, &["commit", "-q", "-m", "third"]);
+    let out = git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    assert_eq!(out.matches("switchyard: change").count(), 1, "{out}");
+
+    let head = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+    let all = rt.block_on(db.changes_after(0, 10)).unwrap();
+    let seen: Vec<(&str, &str, Vec<String>)> = all
+        .iter()
+        .map(|c| (c.change.branch.as_str(), c.change.comments.trim(), c.change.files.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("main", "first", vec!["a.txt".to_string()]),
+            ("main", "second", vec!["b.txt".to_string()]),
+            ("main", "third", vec!["c.txt".to_string()])
+        ]
+    );
+    assert_eq!(all[2].change.revision, head);
+    assert_eq!(all[2].change.repository, "widgets");
+    assert_eq!(all[2].change.author, "Ada <ada@example.org>");
+    drop(p);
+}
