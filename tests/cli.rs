@@ -436,7 +436,11 @@ fn sendchange_failures_say_what_to_fix() {
 
 #[test]
 fn the_example_post_receive_hook_pushes_each_new_commit() {
-    let git_ok = Command::new("git").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let git_ok = Command::new("git")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(git_ok, "this test needs git on PATH");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("master.toml");
@@ -447,7 +451,14 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
 
     let git = |cwd: &std::path::Path, args: &[&str]| {
         let out = Command::new("git")
-            .args(["-c", "user.name=Ada", "-c", "user.email=ada@example.org", "-c", "init.defaultBranch=main"])
+            .args([
+                "-c",
+                "user.name=Ada",
+                "-c",
+                "user.email=ada@example.org",
+                "-c",
+                "init.defaultBranch=main",
+            ])
             .args(args)
             .current_dir(cwd)
             .env("SWITCHYARD_MASTER", &addr)
@@ -457,15 +468,26 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
             .env("SWITCHYARD", BIN)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
     };
     let bare = dir.path().join("widgets.git");
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    git(dir.path(), &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(
+        dir.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
     let hook = bare.join("hooks/post-receive");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"), &hook).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"),
+        &hook,
+    )
+    .unwrap();
     git(&work, &["init", "-q"]);
     for (file, msg) in [("a.txt", "first"), ("b.txt", "second")] {
         std::fs::write(work.join(file), msg).unwrap();
@@ -481,12 +503,21 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
     assert_eq!(out.matches("switchyard: change").count(), 1, "{out}");
 
     let head = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
     let all = rt.block_on(db.changes_after(0, 10)).unwrap();
     let seen: Vec<(&str, &str, Vec<String>)> = all
         .iter()
-        .map(|c| (c.change.branch.as_str(), c.change.comments.trim(), c.change.files.clone()))
+        .map(|c| {
+            (
+                c.change.branch.as_str(),
+                c.change.comments.trim(),
+                c.change.files.clone(),
+            )
+        })
         .collect();
     assert_eq!(
         seen,

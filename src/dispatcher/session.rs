@@ -142,7 +142,15 @@ pub struct ConnectionSessions {
     id: String,
     token: CancellationToken,
     table: Arc<SessionTable>,
-    entries: Mutex<HashMap<(String, String), (Verifier, SessionGuard)>>,
+    /// Few per connection (usually one user), so a list.
+    entries: Mutex<Vec<NotedLogin>>,
+}
+
+struct NotedLogin {
+    user: String,
+    service: String,
+    verifier: Verifier,
+    _guard: SessionGuard,
 }
 
 impl ConnectionSessions {
@@ -151,7 +159,7 @@ impl ConnectionSessions {
             id: super::handshake::session_id(),
             token,
             table,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Vec::new()),
         }
     }
 
@@ -165,11 +173,18 @@ impl ConnectionSessions {
         &self.id
     }
 
+    /// Called on every request that authenticates, so the common case (the
+    /// user is already noted with this verifier) allocates nothing.
     pub(crate) fn note_login(&self, user: &str, service: &str, verifier: &Verifier) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (user.to_string(), service.to_string());
-        if entries.get(&key).is_some_and(|(v, _)| v == verifier) {
-            return;
+        if let Some(i) = entries
+            .iter()
+            .position(|e| e.user == user && e.service == service)
+        {
+            if entries[i].verifier == *verifier {
+                return;
+            }
+            entries.swap_remove(i);
         }
         let guard = self.table.insert(
             LiveSession {
@@ -181,6 +196,11 @@ impl ConnectionSessions {
             },
             None,
         );
-        entries.insert(key, (verifier.clone(), guard));
+        entries.push(NotedLogin {
+            user: user.to_string(),
+            service: service.to_string(),
+            verifier: verifier.clone(),
+            _guard: guard,
+        });
     }
 }

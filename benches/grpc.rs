@@ -1,0 +1,239 @@
+//! gRPC change hooks: `PushChange` through the shared port against the same
+//! tonic service served alone on a plain port (`Server::builder()`), in one
+//! run, each pair with the same store:
+//!
+//! 1. both with SQLite persistence (full sync, group commit);
+//! 2. both with the bench's own in-memory store, to isolate what the shared
+//!    port costs (sniffing, hyper on an accepted socket, Basic credentials
+//!    through the port's checkers);
+//! 3. durable pushes per second with SQLite, as measured in 1.
+//!
+//! Run: `cargo bench --bench grpc` (add `-- quick` for a short run). Loopback
+//! only; every loop is bounded in count and time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::{Channel, Endpoint};
+
+use switchyard::auth::{InMemoryChecker, Verifier};
+use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
+use switchyard::grpc::change_source::ChangeSourceService;
+use switchyard::grpc::{GrpcAuth, GrpcFrontDoor};
+use switchyard::proto::change_source_client::ChangeSourceClient;
+use switchyard::proto::{Change, PushChangeRequest};
+use switchyard::state::{ChangeStore, NewChange, StateDb, StateError};
+
+/// The bench's in-memory store: ids from a counter, changes dropped.
+struct MemoryStore(AtomicI64);
+
+#[async_trait]
+impl ChangeStore for MemoryStore {
+    async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+        let first = self.0.fetch_add(batch.len() as i64, Ordering::Relaxed) + 1;
+        Ok((0..batch.len() as i64).map(|i| first + i).collect())
+    }
+}
+
+fn dispatcher() -> Dispatcher {
+    let users = Arc::new(InMemoryChecker::new());
+    users.insert("hook", Verifier::from_password(b"hook-pw", 4096).unwrap());
+    Dispatcher::new(
+        Limits::default(),
+        users,
+        AccessPolicy::default().grant("hook", ["change-source"]),
+    )
+}
+
+/// The service on the shared port; returns its address.
+async fn shared_port(store: Arc<dyn ChangeStore>) -> String {
+    let d = dispatcher();
+    let service = ChangeSourceService::new(store, GrpcAuth::new(d.clone())).into_server();
+    let reg = d
+        .registry()
+        .register_http2(GrpcFrontDoor::new(tonic::service::Routes::new(service)))
+        .unwrap();
+    std::mem::forget(reg); // served for the whole bench
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { d.serve(listener, CancellationToken::new()).await });
+    addr
+}
+
+/// The same service served alone by tonic on a plain port.
+async fn plain_tonic(store: Arc<dyn ChangeStore>) -> String {
+    let d = dispatcher();
+    let service = ChangeSourceService::new(store, GrpcAuth::new(d)).into_server();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+fn change(n: usize) -> Change {
+    Change {
+        repository: "https://git.example.org/widgets.git".into(),
+        branch: "main".into(),
+        revision: format!("{n:040x}"),
+        author: "Ada <ada@example.org>".into(),
+        comments: "fix the frobnicator".into(),
+        files: vec!["src/lib.rs".into(), "src/frob.rs".into()],
+        ..Default::default()
+    }
+}
+
+/// Pushes from `clients` tasks over `channels` connections until `count`
+/// pushes or `cap`; returns pushes per second.
+async fn push_rate(
+    addr: &str,
+    channels: usize,
+    clients: usize,
+    count: usize,
+    cap: Duration,
+) -> f64 {
+    let auth: tonic::metadata::MetadataValue<_> = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("hook:hook-pw")
+    )
+    .parse()
+    .unwrap();
+    let mut conns: Vec<Channel> = Vec::new();
+    for _ in 0..channels {
+        conns.push(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    // One warm-up push fills the credential cache, as for a hook that pushes often.
+    let mut warm = ChangeSourceClient::new(conns[0].clone());
+    let mut req = Request::new(PushChangeRequest {
+        change: Some(change(0)),
+    });
+    req.metadata_mut().insert("authorization", auth.clone());
+    warm.push_change(req).await.unwrap();
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut client = ChangeSourceClient::new(conns[i % channels].clone());
+        let (done, auth) = (done.clone(), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = done.fetch_add(1, Ordering::Relaxed);
+                if n >= count || start.elapsed() >= cap {
+                    break;
+                }
+                let mut req = Request::new(PushChangeRequest {
+                    change: Some(change(n)),
+                });
+                req.metadata_mut().insert("authorization", auth.clone());
+                client.push_change(req).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = done.load(Ordering::Relaxed).min(count);
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Measures the two servers in short alternating slices (the order flips
+/// every round) so that the machine's drift hits both alike, and reports the
+/// median rate of each and the median of the per-round ratios.
+async fn pair(
+    shared: &str,
+    plain: &str,
+    rounds: usize,
+    count: usize,
+    cap: Duration,
+) -> (f64, f64, f64) {
+    let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = push_rate(shared, 4, 32, count, cap).await;
+            (x, push_rate(plain, 4, 32, count, cap).await)
+        } else {
+            let y = push_rate(plain, 4, 32, count, cap).await;
+            (push_rate(shared, 4, 32, count, cap).await, y)
+        };
+        a.push(x);
+        b.push(y);
+        ratios.push(x / y);
+    }
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "   rounds: shared port [{}], plain tonic [{}]",
+        show(&a),
+        show(&b)
+    );
+    (median(a), median(b), median(ratios))
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let (rounds, count, cap) = if quick {
+        (2, 2_000, Duration::from_secs(1))
+    } else {
+        (15, 20_000, Duration::from_secs(2))
+    };
+    let dir = std::env::temp_dir().join(format!("switchyard-grpc-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        if std::env::args().any(|a| a == "memory-only") {
+            let shared = shared_port(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
+            let plain = plain_tonic(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
+            let (_, _, ratio) = pair(&shared, &plain, rounds, count * 2, cap).await;
+            println!("2. in memory: ratio {ratio:.3}");
+            return;
+        }
+        let sqlite_shared: Arc<dyn ChangeStore> = Arc::new(StateDb::open(&dir.join("shared.sqlite")).unwrap());
+        let sqlite_plain: Arc<dyn ChangeStore> = Arc::new(StateDb::open(&dir.join("plain.sqlite")).unwrap());
+        let shared = shared_port(sqlite_shared).await;
+        let plain = plain_tonic(sqlite_plain).await;
+        let (ours, base, ratio) = pair(&shared, &plain, rounds, count, cap).await;
+        println!(
+            "1. PushChange/s with SQLite: shared port {ours:.0}, plain tonic {base:.0}, median ratio {ratio:.3} (target >= 0.95)"
+        );
+        println!("3. durable pushes/s with SQLite (shared port, 32 concurrent clients): {ours:.0}");
+
+        let shared = shared_port(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
+        let plain = plain_tonic(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
+        let (ours, base, ratio) = pair(&shared, &plain, rounds, count * 2, cap).await;
+        println!(
+            "2. PushChange/s in memory: shared port {ours:.0}, plain tonic {base:.0}, median ratio {ratio:.3} (target >= 0.97)"
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
