@@ -43,7 +43,7 @@ enum Command {
     },
     /// Push a change to a master (what a VCS hook runs). Prints the change's
     /// id once the master has stored it.
-    Sendchange(SendchangeArgs),
+    Sendchange(Box<SendchangeArgs>),
     /// Log in to a master's `ping` service and time a few echoes: checks
     /// that the port is up and that the credentials work.
     Ping {
@@ -114,7 +114,7 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
     }
 }
 
-async fn sendchange(a: SendchangeArgs, password: String) -> Result<(), String> {
+async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<(), String> {
     use switchyard::grpc::client::ChangeSourceConnection;
     let change = switchyard::proto::Change {
         repository: a.repository,

@@ -115,11 +115,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Most jobs the writer puts in one transaction.
 const MAX_GROUP: usize = 256;
 
+type Reply = oneshot::Sender<Result<Vec<i64>, StateError>>;
+
 enum Job {
-    AddChanges(
-        Vec<NewChange>,
-        oneshot::Sender<Result<Vec<i64>, StateError>>,
-    ),
+    AddChanges(Vec<NewChange>, Reply),
 }
 
 /// The master's state database. Cheap to share (`Arc`); dropping the last
@@ -207,10 +206,7 @@ fn insert_change(conn: &Connection, c: &NewChange, received_ms: i64) -> rusqlite
 
 /// Runs a group of jobs in one transaction, each in its own savepoint.
 fn run_group(conn: &Connection, jobs: Vec<Job>) {
-    let mut results: Vec<(
-        oneshot::Sender<Result<Vec<i64>, StateError>>,
-        Result<Vec<i64>, StateError>,
-    )> = Vec::with_capacity(jobs.len());
+    let mut results: Vec<(Reply, Result<Vec<i64>, StateError>)> = Vec::with_capacity(jobs.len());
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = e.to_string();
         for Job::AddChanges(_, reply) in jobs {

@@ -427,10 +427,10 @@ impl AsyncRead for Watched {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(res) = &r {
-            if res.is_err() || buf.filled().len() == before {
-                self.closed.store(true, Ordering::SeqCst);
-            }
+        if let Poll::Ready(res) = &r
+            && (res.is_err() || buf.filled().len() == before)
+        {
+            self.closed.store(true, Ordering::SeqCst);
         }
         r
     }
