@@ -519,3 +519,39 @@ async fn a_reload_closes_the_http2_connections_of_a_revoked_user() {
     );
     m.stop().await;
 }
+
+#[tokio::test]
+async fn idle_http2_connections_of_strangers_are_closed_but_logged_in_ones_stay() {
+    let m = TestMaster::start("handshake_timeout = \"300ms\"", &[HOOK]).await;
+    // A stranger that sends the preface and nothing else.
+    let mut silent = Raw::connect(m.addr).await;
+    silent.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    // A real client that logs in, then idles.
+    let (channel, closed) = watched_channel(m.addr).await;
+    let mut client = ChangeSourceClient::new(channel);
+    push_as(&mut client, "hook", "hook-pw", change(1))
+        .await
+        .unwrap();
+    // A real client that never logs in (only asks for health).
+    let (idle_channel, idle_closed) = watched_channel(m.addr).await;
+
+    silent.read_to_close().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !idle_closed.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an idle connection without a login stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !closed.load(Ordering::SeqCst),
+        "a logged-in connection was closed for idling"
+    );
+    push_as(&mut client, "hook", "hook-pw", change(2))
+        .await
+        .unwrap();
+    assert!(!closed.load(Ordering::SeqCst));
+    drop(idle_channel);
+    m.stop().await;
+}

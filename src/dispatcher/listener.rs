@@ -151,7 +151,15 @@ async fn connection(
                     shutdown.child_token(),
                 ));
                 let io = Rewind::new(buf.freeze(), stream);
-                handler.serve(Http2Connection { io, peer, sessions }).await;
+                let idle_timeout = limits.handshake_timeout;
+                handler
+                    .serve(Http2Connection {
+                        io,
+                        peer,
+                        sessions,
+                        idle_timeout,
+                    })
+                    .await;
                 drop(permit);
             }
             None => {

@@ -39,6 +39,9 @@ pub struct Http2Connection {
     /// Who has logged in over it; its hang-up fires at shutdown or when a
     /// reload revokes one of them.
     pub sessions: Arc<ConnectionSessions>,
+    /// A connection on which nobody has logged in may stay idle (no request)
+    /// this long before it is closed: a stranger cannot hold a slot for free.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// The limits of one port. Timeouts and the throttle can change on reload;

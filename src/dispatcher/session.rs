@@ -168,6 +168,15 @@ impl ConnectionSessions {
         Hangup(self.token.clone())
     }
 
+    /// Whether anybody has logged in over this connection.
+    pub fn has_logins(&self) -> bool {
+        !self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// The connection's id, for logs.
     pub fn id(&self) -> &str {
         &self.id

@@ -16,6 +16,7 @@ pub mod client;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -34,6 +35,9 @@ use crate::dispatcher::{
 /// How long a connection being closed (shutdown, or a revoked user) may take
 /// to finish the requests it has in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The most header bytes one request may carry: gRPC needs a few hundred.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// Set on every request that arrives through the shared port: which
 /// connection it came over.
@@ -108,11 +112,24 @@ impl ConnectionHandler for GrpcFrontDoor {
 }
 
 async fn serve_connection(routes: Routes, conn: Http2Connection) {
-    let Http2Connection { io, peer, sessions } = conn;
+    let Http2Connection {
+        io,
+        peer,
+        sessions,
+        idle_timeout,
+    } = conn;
     let hangup = sessions.hangup();
     let id = sessions.id().to_string();
-    let info = ConnInfo { peer, sessions };
+    let started = tokio::time::Instant::now();
+    // Milliseconds from `started` to the latest request.
+    let last_request = Arc::new(AtomicU64::new(0));
+    let info = ConnInfo {
+        peer,
+        sessions: sessions.clone(),
+    };
+    let seen = last_request.clone();
     let service = tower::service_fn(move |mut req: http::Request<Incoming>| {
+        seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         req.extensions_mut().insert(info.clone());
         routes.clone().oneshot(req)
     });
@@ -120,21 +137,37 @@ async fn serve_connection(routes: Routes, conn: Http2Connection) {
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_header_list_size(MAX_HEADER_LIST);
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, connection = %id, error = %e, "HTTP/2 connection ended with an error");
+    let mut idle_check = tokio::time::interval_at(
+        started + idle_timeout,
+        idle_timeout.max(Duration::from_millis(50)) / 2,
+    );
+    let reason = loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, connection = %id, error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            _ = hangup.requested() => break "shutdown, or a user of it was revoked",
+            _ = idle_check.tick() => {
+                let idle = started.elapsed().saturating_sub(Duration::from_millis(last_request.load(Ordering::Relaxed)));
+                if !sessions.has_logins() && idle >= idle_timeout {
+                    break "idle, and nobody logged in over it";
+                }
             }
         }
-        _ = hangup.requested() => {
-            tracing::info!(%peer, connection = %id, "closing HTTP/2 connection (shutdown, or a user of it was revoked)");
-            conn.as_mut().graceful_shutdown();
-            if tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.is_err() {
-                tracing::info!(%peer, connection = %id, "HTTP/2 connection did not finish within {CLOSE_GRACE:?}; dropped");
-            }
-        }
+    };
+    tracing::info!(%peer, connection = %id, reason, "closing HTTP/2 connection");
+    conn.as_mut().graceful_shutdown();
+    if tokio::time::timeout(CLOSE_GRACE, conn.as_mut())
+        .await
+        .is_err()
+    {
+        tracing::info!(%peer, connection = %id, "HTTP/2 connection did not finish within {CLOSE_GRACE:?}; dropped");
     }
 }
