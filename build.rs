@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/switchyard/v1/handshake.proto",
         "proto/switchyard/v1/change_source.proto",
+        "proto/switchyard/v1/worker.proto",
+        "proto/switchyard/v1/debug.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

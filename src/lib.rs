@@ -49,6 +49,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod builds;
 pub mod client;
 pub mod config;
 pub mod dispatcher;
@@ -56,6 +57,7 @@ pub mod grpc;
 pub mod master;
 pub mod services;
 pub mod state;
+pub mod worker;
 
 /// Messages and gRPC services generated from `proto/switchyard/v1/*.proto`.
 pub mod proto {

@@ -41,6 +41,24 @@ enum Command {
         #[arg(long, default_value_t = MIN_ITERATIONS, value_parser = clap::value_parser!(u32).range(MIN_ITERATIONS as i64..=MAX_ITERATIONS as i64))]
         iterations: u32,
     },
+    /// Run a build worker: log in to the master as NAME, run the steps it
+    /// sends under DIR, reconnect when the link drops. SIGINT or SIGTERM
+    /// stop it (and its running steps).
+    Worker {
+        /// The master's address.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
+        master: String,
+        /// This worker's name: a [[worker]] in the master's config.
+        #[arg(long)]
+        name: String,
+        /// Steps run in DIR/<builder>/<workdir>.
+        #[arg(long, value_name = "DIR")]
+        basedir: PathBuf,
+        /// A file whose first line is the password; otherwise the
+        /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
     /// Push a change to a master (what a VCS hook runs). Prints the change's
     /// id once the master has stored it.
     Sendchange(Box<SendchangeArgs>),
@@ -135,6 +153,32 @@ async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<(), Stri
         .map_err(|e| e.to_string())?;
     let id = conn.push(change).await.map_err(|e| e.to_string())?;
     println!("{id}");
+    Ok(())
+}
+
+async fn worker(
+    master: String,
+    name: String,
+    basedir: PathBuf,
+    password: String,
+) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    std::fs::create_dir_all(&basedir)
+        .map_err(|e| format!("cannot create the basedir {}: {e}", basedir.display()))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let stopper = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping the worker and its steps");
+        stopper.cancel();
+    });
+    let opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
+    switchyard::worker::agent::run(opts, shutdown).await;
     Ok(())
 }
 
@@ -239,6 +283,13 @@ fn main() -> ExitCode {
             rt.block_on(switchyard::master::run(&config))
                 .map_err(|e| e.to_string())
         }),
+        Command::Worker {
+            master,
+            name,
+            basedir,
+            password_file,
+        } => read_password(password_file.as_ref(), &name)
+            .and_then(|pw| runtime().and_then(|rt| rt.block_on(worker(master, name, basedir, pw)))),
         Command::Sendchange(args) => read_password(args.password_file.as_ref(), &args.user)
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
         Command::Ping {

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{MockCredentials, SecretsFileChecker};
+use crate::builds::{BuildConfig, BuildMaster, SchedulingStore};
 use crate::config::{Config, ConfigError, Secrets};
 use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
 use crate::grpc::change_source::ChangeSourceService;
@@ -89,6 +90,8 @@ pub struct Master {
     reload_lock: tokio::sync::Mutex<()>,
     _ping: Registration,
     _grpc: Registration,
+    _worker: Registration,
+    builds: BuildMaster,
 }
 
 /// The name under which the unknown-user secret is kept in the state.
@@ -97,7 +100,7 @@ const MOCK_SECRET: &str = "mock-credentials";
 /// The gRPC routes the master serves on its port.
 fn grpc_routes(
     dispatcher: &Dispatcher,
-    state: Arc<StateDb>,
+    builds: &BuildMaster,
 ) -> Result<(tonic::service::Routes, tonic_health::server::HealthReporter), MasterError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
@@ -111,7 +114,10 @@ fn grpc_routes(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| MasterError::Reflection(e.to_string()))?;
-    let changes = ChangeSourceService::new(state, GrpcAuth::new(dispatcher.clone())).into_server();
+    let store = Arc::new(SchedulingStore {
+        builds: builds.clone(),
+    });
+    let changes = ChangeSourceService::new(store, GrpcAuth::new(dispatcher.clone())).into_server();
     let routes = tonic::service::Routes::new(changes)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -119,8 +125,17 @@ fn grpc_routes(
     Ok((routes, health))
 }
 
+/// Users get the services their `[[user]]` lists; each `[[worker]]` gets
+/// the service `worker` and nothing else.
 fn policy_of(config: &Config) -> AccessPolicy {
-    AccessPolicy::new(config.users.clone())
+    let mut users = config.users.clone();
+    for name in config.workers.keys() {
+        users
+            .entry(name.clone())
+            .or_default()
+            .insert(crate::worker::SERVICE.to_string());
+    }
+    AccessPolicy::new(users)
 }
 
 impl Master {
@@ -149,7 +164,16 @@ impl Master {
             dispatcher
                 .registry()
                 .register(ping::NAME, ServiceOptions::default(), ping::serve)?;
-        let (routes, health) = grpc_routes(&dispatcher, state.clone())?;
+        let builds = BuildMaster::new(state.clone(), BuildConfig::from_config(&config));
+        let worker = {
+            let builds = builds.clone();
+            dispatcher.registry().register(
+                crate::worker::SERVICE,
+                ServiceOptions::default(),
+                move |session| builds.clone().serve_worker(session),
+            )?
+        };
+        let (routes, health) = grpc_routes(&dispatcher, &builds)?;
         let grpc = dispatcher
             .registry()
             .register_http2(GrpcFrontDoor::new(routes))?;
@@ -162,6 +186,8 @@ impl Master {
             reload_lock: tokio::sync::Mutex::new(()),
             _ping: ping,
             _grpc: grpc,
+            _worker: worker,
+            builds,
         };
         master.warn_about_config();
         Ok(master)
@@ -189,7 +215,7 @@ impl Master {
     async fn warn_about_missing_verifiers(&self) {
         use crate::auth::Checker;
         let config = self.config();
-        for user in config.users.keys() {
+        for user in config.users.keys().chain(config.workers.keys()) {
             if matches!(self.secrets.verifier(user).await, Ok(None)) {
                 tracing::warn!(user = %user, secrets = %config.secrets_path.display(), "user has no verifier in the secrets file and cannot log in; add one made by `switchyard passwd`");
             }
@@ -216,6 +242,11 @@ impl Master {
         &self.state
     }
 
+    /// Builders, workers and builds.
+    pub fn builds(&self) -> &BuildMaster {
+        &self.builds
+    }
+
     /// Binds the configured address.
     pub async fn bind(&self) -> Result<TcpListener, MasterError> {
         let addr = self.config().listen;
@@ -230,7 +261,12 @@ impl Master {
         self.health
             .set_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
+        let dispatch = {
+            let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
+            tokio::spawn(async move { builds.run(shutdown).await })
+        };
         self.dispatcher.serve(listener, shutdown).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch).await;
         self.health
             .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;

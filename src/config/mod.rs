@@ -13,6 +13,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod builds;
+
+pub use builds::{BuilderConfig, OnLost, SchedulerConfig, StepConfig, WorkerConfig};
+
 use crate::auth::{ThrottleConfig, Verifier};
 use crate::dispatcher::Limits;
 
@@ -78,6 +82,12 @@ struct RawConfig {
     master: RawMaster,
     #[serde(default)]
     user: Vec<RawUser>,
+    #[serde(default)]
+    worker: Vec<builds::RawWorker>,
+    #[serde(default)]
+    builder: Vec<builds::RawBuilder>,
+    #[serde(default)]
+    scheduler: Vec<builds::RawScheduler>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +127,10 @@ pub struct Config {
     pub limits: Limits,
     /// User name to the services it may use.
     pub users: BTreeMap<String, BTreeSet<String>>,
+    /// Build machines, by name (each logs in as that user to `worker`).
+    pub workers: BTreeMap<String, WorkerConfig>,
+    pub builders: BTreeMap<String, BuilderConfig>,
+    pub schedulers: BTreeMap<String, SchedulerConfig>,
 }
 
 /// The state database's default name, beside the config file.
@@ -125,13 +139,17 @@ pub const DEFAULT_STATE: &str = "state.sqlite";
 /// The default port: Buildbot's worker port, which operators already open.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9989";
 
-struct Validator<'a> {
+pub(crate) struct Validator<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
 impl Validator<'_> {
-    fn err<T>(
+    pub(crate) fn line_of(&self, offset: usize) -> usize {
+        line_col(self.text, offset).0
+    }
+
+    pub(crate) fn err<T>(
         &self,
         span: std::ops::Range<usize>,
         key: &str,
@@ -145,7 +163,7 @@ impl Validator<'_> {
         ))
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &self,
         v: &Option<Spanned<String>>,
         key: &str,
@@ -166,7 +184,7 @@ impl Validator<'_> {
         }
     }
 
-    fn count(
+    pub(crate) fn count(
         &self,
         v: &Option<Spanned<i64>>,
         key: &str,
@@ -180,7 +198,7 @@ impl Validator<'_> {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 255
         && !name.chars().any(|c| c.is_control() || c.is_whitespace())
@@ -312,6 +330,7 @@ impl Config {
             }
             users.insert(name.clone(), services);
         }
+        let builds = builds::validate(&c, &raw.worker, &raw.builder, &raw.scheduler, &users)?;
         Ok(Config {
             path: path.to_path_buf(),
             listen,
@@ -319,6 +338,9 @@ impl Config {
             state_path,
             limits,
             users,
+            workers: builds.workers,
+            builders: builds.builders,
+            schedulers: builds.schedulers,
         })
     }
 }

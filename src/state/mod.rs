@@ -19,6 +19,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+mod builds;
+
+pub use builds::{BuildRecord, BuildRequest, LogChunk, NewRequest, StepRecord};
+
 /// Why the state database could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -107,6 +111,7 @@ const MIGRATIONS: &[&str] = &[
          value TEXT NOT NULL,
          PRIMARY KEY (change_id, name)
      );",
+    builds::MIGRATION_2,
 ];
 
 /// The schema version this build writes.
@@ -115,10 +120,28 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Most jobs the writer puts in one transaction.
 const MAX_GROUP: usize = 256;
 
-type Reply = oneshot::Sender<Result<Vec<i64>, StateError>>;
+/// Called once the group a job ran in has committed (`None`) or failed to
+/// (`Some(error)`): only then is the job's caller answered.
+type Completion = Box<dyn FnOnce(Option<String>) + Send>;
+/// A write, run by the writer thread inside its own savepoint.
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 
-enum Job {
-    AddChanges(Vec<NewChange>, Reply),
+/// Runs `f` in a savepoint: on error, exactly its own writes are undone.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
 }
 
 /// The master's state database. Cheap to share (`Arc`); dropping the last
@@ -164,7 +187,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
     Ok(())
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -204,51 +227,29 @@ fn insert_change(conn: &Connection, c: &NewChange, received_ms: i64) -> rusqlite
     Ok(id)
 }
 
-/// Runs a group of jobs in one transaction, each in its own savepoint.
+/// Runs a group of jobs in one transaction, each in its own savepoint, and
+/// answers them all once the transaction has committed.
 fn run_group(conn: &Connection, jobs: Vec<Job>) {
-    let mut results: Vec<(Reply, Result<Vec<i64>, StateError>)> = Vec::with_capacity(jobs.len());
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let msg = e.to_string();
-        for Job::AddChanges(_, reply) in jobs {
-            let _ = reply.send(Err(StateError::Transaction(msg.clone())));
-        }
-        return;
+    let began = conn.execute_batch("BEGIN IMMEDIATE");
+    if let Err(e) = &began {
+        // Each job's savepoint then commits on its own.
+        tracing::error!(error = %e, "state database: cannot begin a transaction");
     }
-    let received = now_ms();
-    for Job::AddChanges(batch, reply) in jobs {
-        let result = (|| -> rusqlite::Result<Vec<i64>> {
-            conn.execute_batch("SAVEPOINT job")?;
-            let ids: rusqlite::Result<Vec<i64>> = batch
-                .iter()
-                .map(|c| insert_change(conn, c, received))
-                .collect();
-            match ids {
-                Ok(ids) => {
-                    conn.execute_batch("RELEASE job")?;
-                    Ok(ids)
-                }
-                Err(e) => {
-                    conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
-                    Err(e)
-                }
-            }
-        })();
-        results.push((reply, result.map_err(StateError::from)));
-    }
-    match conn.execute_batch("COMMIT") {
-        Ok(()) => {
-            for (reply, result) in results {
-                let _ = reply.send(result);
+    let completions: Vec<Completion> = jobs.into_iter().map(|job| job(conn)).collect();
+    let outcome = if began.is_ok() {
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => None,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "state database commit failed");
+                Some(e.to_string())
             }
         }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            tracing::error!(error = %e, "state database commit failed");
-            let msg = e.to_string();
-            for (reply, _) in results {
-                let _ = reply.send(Err(StateError::Transaction(msg.clone())));
-            }
-        }
+    } else {
+        None
+    };
+    for done in completions {
+        done(outcome.clone());
     }
 }
 
@@ -287,7 +288,29 @@ impl StateDb {
         &self.path
     }
 
-    async fn read<T: Send + 'static>(
+    /// Runs a write on the writer thread, in its own savepoint inside the
+    /// next group commit; answers once it is durable (or failed, with
+    /// nothing of it left behind).
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    None => result.map_err(StateError::from),
+                    Some(e) => Err(StateError::Transaction(e)),
+                });
+            })
+        });
+        self.jobs.send(job).map_err(|_| StateError::WriterGone)?;
+        rx.await.map_err(|_| StateError::WriterGone)?
+    }
+
+    /// Runs a read on the reader connection (off the async runtime).
+    pub async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StateError> {
@@ -407,11 +430,14 @@ fn load_change(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredChan
 #[async_trait]
 impl ChangeStore for StateDb {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::AddChanges(batch, tx))
-            .map_err(|_| StateError::WriterGone)?;
-        rx.await.map_err(|_| StateError::WriterGone)?
+        self.write(move |conn| {
+            let received = now_ms();
+            batch
+                .iter()
+                .map(|c| insert_change(conn, c, received))
+                .collect()
+        })
+        .await
     }
 }
 

@@ -1,0 +1,359 @@
+//! The build master: schedulers turn changes into build requests, connected
+//! workers take the oldest request of their builders, and each build runs its
+//! steps in order on one worker, stopping at the first failure. Everything
+//! lands in the state database; everything that happens is broadcast as a
+//! [`DebugEvent`] for `watch`.
+//!
+//! Lifecycle: [`BuildMaster::start`] runs the dispatch loop, which wakes when
+//! a request is added, a worker connects or a build ends. Worker sessions
+//! arrive through the `worker` service ([`BuildMaster::serve_worker`]); each
+//! build is a task of its own ([`run`]).
+
+mod run;
+mod workers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BuilderConfig, Config, SchedulerConfig, WorkerConfig};
+use crate::proto::{DebugEvent, debug_event};
+use crate::state::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
+
+pub use workers::WorkerLink;
+
+/// What went wrong with an operator's request.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no builder named {0:?}")]
+    UnknownBuilder(String),
+    #[error("no running build {0}")]
+    NotRunning(i64),
+    #[error("worker {0:?} is not connected")]
+    NotConnected(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The build part of the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildConfig {
+    pub workers: BTreeMap<String, WorkerConfig>,
+    pub builders: BTreeMap<String, BuilderConfig>,
+    pub schedulers: BTreeMap<String, SchedulerConfig>,
+}
+
+impl BuildConfig {
+    pub fn from_config(c: &Config) -> Self {
+        BuildConfig {
+            workers: c.workers.clone(),
+            builders: c.builders.clone(),
+            schedulers: c.schedulers.clone(),
+        }
+    }
+}
+
+struct RunningBuild {
+    builder: String,
+    worker: String,
+    stop: CancellationToken,
+}
+
+pub(crate) struct Inner {
+    state: Arc<StateDb>,
+    config: RwLock<Arc<BuildConfig>>,
+    workers: Mutex<HashMap<String, Arc<WorkerLink>>>,
+    running: Mutex<HashMap<i64, RunningBuild>>,
+    events: broadcast::Sender<DebugEvent>,
+    wake: Notify,
+}
+
+/// The build master. Cheap to clone.
+#[derive(Clone)]
+pub struct BuildMaster {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn event(kind: debug_event::Kind) -> DebugEvent {
+    DebugEvent {
+        unix_ms: crate::state::now_ms(),
+        kind: Some(kind),
+    }
+}
+
+impl Inner {
+    fn emit(&self, kind: debug_event::Kind) {
+        let _ = self.events.send(event(kind));
+    }
+
+    fn config(&self) -> Arc<BuildConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl BuildMaster {
+    pub fn new(state: Arc<StateDb>, config: BuildConfig) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        BuildMaster {
+            inner: Arc::new(Inner {
+                state,
+                config: RwLock::new(Arc::new(config)),
+                workers: Mutex::new(HashMap::new()),
+                running: Mutex::new(HashMap::new()),
+                events,
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn state(&self) -> &Arc<StateDb> {
+        &self.inner.state
+    }
+
+    pub fn config(&self) -> Arc<BuildConfig> {
+        self.inner.config()
+    }
+
+    /// Live events, for `watch`.
+    pub fn subscribe(&self) -> broadcast::Receiver<DebugEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Runs the dispatch loop until `shutdown`. Builds left unfinished by a
+    /// previous master process are marked `exception` first.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        match self
+            .inner
+            .state
+            .abandon_unfinished("the master restarted while the step ran")
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                builds = n,
+                "builds left running by the previous master marked as exception"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mark the previous master's unfinished builds")
+            }
+        }
+        loop {
+            if let Err(e) = self.dispatch().await {
+                tracing::error!(error = %e, "cannot dispatch build requests");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+        for r in self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            r.stop.cancel();
+        }
+    }
+
+    fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Gives waiting requests, oldest first, to connected workers with a free
+    /// slot.
+    async fn dispatch(&self) -> Result<(), StateError> {
+        let waiting = self.inner.state.waiting_requests().await?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let config = self.inner.config();
+        for req in waiting {
+            let Some(builder) = config.builders.get(&req.request.builder) else {
+                continue;
+            };
+            let link = {
+                let workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
+                builder
+                    .workers
+                    .iter()
+                    .filter_map(|w| workers.get(w))
+                    .filter(|l| l.busy.load(Ordering::SeqCst) < l.max_builds)
+                    .min_by_key(|l| l.busy.load(Ordering::SeqCst))
+                    .cloned()
+            };
+            let Some(link) = link else { continue };
+            link.busy.fetch_add(1, Ordering::SeqCst);
+            match self.inner.state.claim_request(req.id, &link.name).await {
+                Ok(Some(build)) => {
+                    let stop = CancellationToken::new();
+                    self.inner
+                        .running
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            build,
+                            RunningBuild {
+                                builder: builder.name.clone(),
+                                worker: link.name.clone(),
+                                stop: stop.clone(),
+                            },
+                        );
+                    let me = self.clone();
+                    let builder = builder.clone();
+                    tokio::spawn(async move {
+                        run::run_build(&me, build, req, builder, link.clone(), stop).await;
+                        link.busy.fetch_sub(1, Ordering::SeqCst);
+                        me.inner
+                            .running
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&build);
+                        me.wake();
+                    });
+                }
+                Ok(None) => {
+                    link.busy.fetch_sub(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    link.busy.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests builds for the changes that match a scheduler.
+    pub async fn changes_added(
+        &self,
+        ids: &[i64],
+        changes: &[NewChange],
+    ) -> Result<Vec<i64>, StateError> {
+        let config = self.inner.config();
+        let mut requests = Vec::new();
+        for (id, c) in ids.iter().zip(changes) {
+            for s in config.schedulers.values() {
+                if !s.matches(&c.repository, &c.branch) {
+                    continue;
+                }
+                for b in &s.builders {
+                    requests.push(NewRequest {
+                        builder: b.clone(),
+                        change_id: Some(*id),
+                        reason: format!("change {id} matched scheduler {}", s.name),
+                        repository: c.repository.clone(),
+                        branch: c.branch.clone(),
+                        revision: c.revision.clone(),
+                    });
+                }
+            }
+        }
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = self.inner.state.add_requests(requests).await?;
+        self.wake();
+        Ok(ids)
+    }
+
+    /// An operator asks for a build.
+    pub async fn force(
+        &self,
+        builder: &str,
+        branch: &str,
+        revision: &str,
+        repository: &str,
+        who: &str,
+    ) -> Result<i64, BuildError> {
+        if !self.inner.config().builders.contains_key(builder) {
+            return Err(BuildError::UnknownBuilder(builder.to_string()));
+        }
+        let ids = self
+            .inner
+            .state
+            .add_requests(vec![NewRequest {
+                builder: builder.to_string(),
+                change_id: None,
+                reason: format!("forced by {who}"),
+                repository: repository.to_string(),
+                branch: branch.to_string(),
+                revision: revision.to_string(),
+            }])
+            .await?;
+        self.wake();
+        Ok(ids[0])
+    }
+
+    /// Stops a running build: its worker kills the running step's process
+    /// group, and the build ends `interrupted`.
+    pub fn stop(&self, build: i64) -> Result<(), BuildError> {
+        let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        let r = running.get(&build).ok_or(BuildError::NotRunning(build))?;
+        tracing::info!(build, builder = %r.builder, worker = %r.worker, "stopping build");
+        r.stop.cancel();
+        Ok(())
+    }
+
+    /// Hangs up a worker's session (it will reconnect).
+    pub fn hangup(&self, worker: &str) -> Result<(), BuildError> {
+        let workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let link = workers
+            .get(worker)
+            .ok_or_else(|| BuildError::NotConnected(worker.to_string()))?;
+        link.hangup.cancel();
+        Ok(())
+    }
+
+    /// The connected workers.
+    pub fn connected(&self) -> Vec<Arc<WorkerLink>> {
+        self.inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn running_builds(&self) -> usize {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Serves one session of the `worker` service.
+    pub async fn serve_worker(self, session: crate::dispatcher::Session) {
+        workers::serve(self, session).await
+    }
+}
+
+/// The change store the master's `ChangeSource` uses: stores the change,
+/// then asks the schedulers for builds.
+pub struct SchedulingStore {
+    pub builds: BuildMaster,
+}
+
+#[async_trait]
+impl ChangeStore for SchedulingStore {
+    async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+        let ids = self.builds.inner.state.add_changes(batch.clone()).await?;
+        if let Err(e) = self.builds.changes_added(&ids, &batch).await {
+            // The changes are stored; only their builds are missing.
+            tracing::error!(error = %e, "changes stored, but their build requests could not be");
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,205 @@
+//! One build: its steps in order on one worker, stopping at the first step
+//! that does not succeed.
+//!
+//! Results: `success`; `failure` (a step exited non-zero, timed out, or could
+//! not start); `exception` (the worker was lost, or the master could not
+//! record the build); `interrupted` (an operator stopped it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::workers::{PendingStep, WorkerLink};
+use super::{BuildMaster, debug_event};
+use crate::config::BuilderConfig;
+use crate::proto::{
+    BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
+    StepFinished, StepStartedEvent, master_message, step_finished,
+};
+use crate::state::BuildRequest;
+
+/// How long a stopped step's worker has to report the step's end.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+struct StepResult {
+    result: &'static str,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    detail: String,
+}
+
+fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
+    let (mut exit_code, mut signal, mut detail) = (None, None, String::new());
+    let mut result = match &f.status {
+        Some(step_finished::Status::ExitCode(0)) => "success",
+        Some(step_finished::Status::ExitCode(c)) => {
+            exit_code = Some(*c);
+            detail = format!("exited with code {c}");
+            "failure"
+        }
+        Some(step_finished::Status::Signal(s)) => {
+            signal = Some(*s);
+            detail = format!("killed by signal {s}");
+            "failure"
+        }
+        Some(step_finished::Status::StartError(e)) => {
+            detail = format!("could not start: {e}");
+            "failure"
+        }
+        None => {
+            detail = "the worker reported no exit status".into();
+            "exception"
+        }
+    };
+    if result == "success" {
+        exit_code = Some(0);
+    }
+    if f.timed_out {
+        result = "failure";
+        detail = match timeout {
+            Some(t) => format!("timed out after {t:?}; its process group was killed"),
+            None => "timed out; its process group was killed".into(),
+        };
+    } else if f.interrupted {
+        result = "interrupted";
+        detail = "interrupted; its process group was killed".into();
+    }
+    StepResult {
+        result,
+        exit_code,
+        signal,
+        detail,
+    }
+}
+
+pub(super) async fn run_build(
+    bm: &BuildMaster,
+    build: i64,
+    request: BuildRequest,
+    builder: BuilderConfig,
+    link: Arc<WorkerLink>,
+    stop: CancellationToken,
+) {
+    let inner = &bm.inner;
+    tracing::info!(build, builder = %builder.name, worker = %link.name, reason = %request.request.reason, "build started");
+    inner.emit(debug_event::Kind::BuildStarted(BuildStartedEvent {
+        build,
+        builder: builder.name.clone(),
+        worker: link.name.clone(),
+    }));
+    let mut outcome = "success";
+    for (position, step) in builder.steps.iter().enumerate() {
+        let mut step_id = [0u8; 16];
+        rand::fill(&mut step_id[..]);
+        let row = match inner
+            .state
+            .start_step(
+                build,
+                position as u32,
+                &step.name,
+                1,
+                step_id,
+                step.on_lost.as_str(),
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::error!(build, error = %e, "cannot record a step; the build ends as exception");
+                outcome = "exception";
+                break;
+            }
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        link.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(step_id.to_vec(), PendingStep { row, done: done_tx });
+        inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {
+            build,
+            step: step.name.clone(),
+            attempt: 1,
+        }));
+        let start = StartStep {
+            step_id: step_id.to_vec(),
+            builder: builder.name.clone(),
+            name: step.name.clone(),
+            argv: step.argv.clone(),
+            env: step.env.clone().into_iter().collect(),
+            workdir: step.workdir.clone().unwrap_or_default(),
+            timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+        };
+        let sent = link
+            .tx
+            .send(MasterMessage {
+                kind: Some(master_message::Kind::Start(start)),
+            })
+            .await
+            .is_ok();
+        let finished: Option<StepFinished> = if !sent {
+            None
+        } else {
+            tokio::pin!(done_rx);
+            tokio::select! {
+                r = &mut done_rx => r.ok(),
+                _ = stop.cancelled() => {
+                    let interrupt = InterruptStep { step_id: step_id.to_vec(), reason: "stopped by an operator".into() };
+                    let _ = link.tx.send(MasterMessage { kind: Some(master_message::Kind::Interrupt(interrupt)) }).await;
+                    match tokio::time::timeout(STOP_GRACE, &mut done_rx).await {
+                        Ok(r) => r.ok(),
+                        Err(_) => Some(StepFinished { interrupted: true, ..Default::default() }),
+                    }
+                }
+            }
+        };
+        link.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&step_id[..]);
+        let judged = match &finished {
+            Some(f) => judge(f, step.timeout),
+            None => StepResult {
+                result: "exception",
+                exit_code: None,
+                signal: None,
+                detail: format!("lost worker {} while the step ran", link.name),
+            },
+        };
+        if let Err(e) = inner
+            .state
+            .finish_step(
+                row,
+                judged.result,
+                judged.exit_code,
+                judged.signal,
+                &judged.detail,
+            )
+            .await
+        {
+            tracing::error!(build, error = %e, "cannot record a step's end");
+        }
+        tracing::info!(build, step = %step.name, result = judged.result, detail = %judged.detail, "step finished");
+        inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
+            build,
+            step: step.name.clone(),
+            attempt: 1,
+            result: judged.result.into(),
+            detail: judged.detail.clone(),
+        }));
+        if judged.result != "success" {
+            outcome = judged.result;
+            break;
+        }
+    }
+    if let Err(e) = inner.state.finish_build(build, outcome).await {
+        tracing::error!(build, error = %e, "cannot record the build's end");
+    }
+    tracing::info!(build, builder = %builder.name, result = outcome, "build finished");
+    inner.emit(debug_event::Kind::BuildEnded(BuildEndedEvent {
+        build,
+        builder: builder.name.clone(),
+        result: outcome.into(),
+    }));
+}

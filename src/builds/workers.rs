@@ -1,0 +1,341 @@
+//! The master's side of a worker session.
+//!
+//! A session starts with the worker's `WorkerHello`. A second login under a
+//! name whose first session is still alive is refused; a first session that
+//! does not answer a ping within a few seconds is replaced. Output chunks are
+//! stored in batches (at most [`MAX_BATCH`] bytes or [`BATCH_DELAY`] old)
+//! and acknowledged only once stored; while a batch is being stored the
+//! session reads nothing more, so a step that prints a gigabyte is slowed to
+//! the database's pace instead of filling the master's memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::BuildMaster;
+use crate::dispatcher::Session;
+use crate::proto::{
+    Heartbeat, InterruptStep, MasterMessage, OutputAck, StepFinished, WorkerConnectedEvent,
+    WorkerHello, WorkerLostEvent, WorkerMessage, debug_event, master_message, worker_message,
+};
+use crate::state::{LogChunk, now_ms};
+
+/// Most output bytes stored in one batch.
+pub const MAX_BATCH: usize = 1024 * 1024;
+/// Longest a chunk waits to be stored.
+pub const BATCH_DELAY: Duration = Duration::from_millis(20);
+/// How long a live first session has to answer the ping that decides a
+/// second login under its name.
+const PROBE: Duration = Duration::from_secs(3);
+
+pub(crate) struct PendingStep {
+    pub(crate) row: i64,
+    pub(crate) done: oneshot::Sender<StepFinished>,
+}
+
+/// A connected worker, as builds see it.
+pub struct WorkerLink {
+    pub name: String,
+    pub session_id: String,
+    pub hello: WorkerHello,
+    pub connected_ms: i64,
+    pub max_builds: usize,
+    pub(crate) busy: AtomicUsize,
+    pub(crate) tx: mpsc::Sender<MasterMessage>,
+    pub(crate) hangup: CancellationToken,
+    pub(crate) pending: Mutex<HashMap<Vec<u8>, PendingStep>>,
+    last_heard_ms: AtomicI64,
+}
+
+impl WorkerLink {
+    pub fn running_builds(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    fn heard(&self) {
+        self.last_heard_ms.store(now_ms(), Ordering::SeqCst);
+    }
+
+    /// Whether the worker answers a ping within [`PROBE`].
+    async fn answers_ping(&self) -> bool {
+        let asked = now_ms();
+        let ping = MasterMessage {
+            kind: Some(master_message::Kind::Heartbeat(Heartbeat {
+                sent_unix_ms: asked as u64,
+            })),
+        };
+        if self.tx.try_send(ping).is_err() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + PROBE;
+        while tokio::time::Instant::now() < deadline {
+            if self.last_heard_ms.load(Ordering::SeqCst) >= asked {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    fn row_of(&self, step_id: &[u8]) -> Option<i64> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(step_id)
+            .map(|p| p.row)
+    }
+}
+
+fn encode(msg: MasterMessage) -> Bytes {
+    Bytes::from(msg.encode_to_vec())
+}
+
+fn ack(step_id: Vec<u8>, seq: u64, finished: bool) -> MasterMessage {
+    MasterMessage {
+        kind: Some(master_message::Kind::Ack(OutputAck {
+            step_id,
+            seq,
+            finished,
+        })),
+    }
+}
+
+pub(crate) async fn serve(bm: BuildMaster, session: Session) {
+    let heartbeat = session.heartbeat_interval;
+    let name = session.user.clone();
+    let session_id = session.id.clone();
+    let peer = session.peer;
+    let hangup = session.hangup.clone();
+    let Session { stream, .. } = session;
+    let (mut sink, mut stream) = stream.split();
+
+    // The first message says what the worker is.
+    let first =
+        tokio::time::timeout(heartbeat.max(Duration::from_secs(5)) * 2, stream.next()).await;
+    let hello = match first {
+        Ok(Some(Ok(b))) => match WorkerMessage::decode(b.freeze()) {
+            Ok(WorkerMessage {
+                kind: Some(worker_message::Kind::Hello(h)),
+            }) => h,
+            _ => {
+                tracing::warn!(worker = %name, %peer, "worker session did not start with WorkerHello; closing");
+                return;
+            }
+        },
+        _ => {
+            tracing::warn!(worker = %name, %peer, "worker sent no WorkerHello in time; closing");
+            return;
+        }
+    };
+    let Some(wc) = bm.inner.config().workers.get(&name).cloned() else {
+        tracing::warn!(worker = %name, %peer, "refused worker session: not a [[worker]] in the config");
+        return;
+    };
+    let existing = bm
+        .inner
+        .workers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&name)
+        .cloned();
+    if let Some(old) = existing {
+        if old.answers_ping().await {
+            tracing::warn!(worker = %name, %peer, live_session = %old.session_id, "refused a second login for a worker whose first session is alive");
+            return;
+        }
+        tracing::warn!(worker = %name, %peer, old_session = %old.session_id, "the worker's previous session does not answer; replacing it");
+        old.hangup.cancel();
+    }
+
+    let (tx, mut rx) = mpsc::channel::<MasterMessage>(1024);
+    let link = Arc::new(WorkerLink {
+        name: name.clone(),
+        session_id: session_id.clone(),
+        hello: hello.clone(),
+        connected_ms: now_ms(),
+        max_builds: wc.max_builds,
+        busy: AtomicUsize::new(0),
+        tx,
+        hangup: CancellationToken::new(),
+        pending: Mutex::new(HashMap::new()),
+        last_heard_ms: AtomicI64::new(now_ms()),
+    });
+    bm.inner
+        .workers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), link.clone());
+    tracing::info!(worker = %name, %peer, session = %session_id, host = %hello.hostname, os = %hello.os, arch = %hello.arch, cpus = hello.cpus, version = %hello.version, "worker connected");
+    bm.inner
+        .emit(debug_event::Kind::WorkerConnected(WorkerConnectedEvent {
+            worker: name.clone(),
+            session_id: session_id.clone(),
+        }));
+
+    // Steps this worker still holds from before belong to builds that have
+    // already ended: stop them and let the worker forget them.
+    for held in &hello.steps {
+        let msg = if held.finished {
+            ack(held.step_id.clone(), u64::MAX, true)
+        } else {
+            MasterMessage {
+                kind: Some(master_message::Kind::Interrupt(InterruptStep {
+                    step_id: held.step_id.clone(),
+                    reason: "the master no longer runs this step's build".into(),
+                })),
+            }
+        };
+        let _ = link.tx.try_send(msg);
+    }
+    bm.wake();
+
+    let mut batch: Vec<LogChunk> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut batch_acks: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut batch_deadline = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = tokio::time::Instant::now();
+
+    let reason: String = 'session: loop {
+        let flush_now;
+        tokio::select! {
+            _ = hangup.requested() => break 'session "the master hung up the session".into(),
+            _ = link.hangup.cancelled() => break 'session "hung up by an operator or replaced".into(),
+            _ = tokio::time::sleep_until(last_heard + heartbeat * 2) => {
+                break 'session format!("no word from the worker for {:?} (two heartbeat intervals)", heartbeat * 2);
+            }
+            Some(msg) = rx.recv() => {
+                if let Err(e) = sink.send(encode(msg)).await {
+                    break 'session format!("link failed: {e}");
+                }
+                continue;
+            }
+            _ = tick.tick() => {
+                let hb = MasterMessage { kind: Some(master_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_ms() as u64 })) };
+                if let Err(e) = sink.send(encode(hb)).await {
+                    break 'session format!("link failed: {e}");
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => flush_now = true,
+            frame = stream.next() => {
+                last_heard = tokio::time::Instant::now();
+                link.heard();
+                let bytes = match frame {
+                    None => break 'session "the worker closed the session".into(),
+                    Some(Err(e)) => break 'session format!("link failed: {e}"),
+                    Some(Ok(b)) => b,
+                };
+                let kind = match WorkerMessage::decode(bytes.freeze()) {
+                    Ok(WorkerMessage { kind: Some(k) }) => k,
+                    _ => break 'session "the worker sent a message the master does not understand".into(),
+                };
+                match kind {
+                    worker_message::Kind::Output(o) => match link.row_of(&o.step_id) {
+                        Some(row) => {
+                            if batch.is_empty() {
+                                batch_deadline = tokio::time::Instant::now() + BATCH_DELAY;
+                            }
+                            batch_bytes += o.data.len();
+                            let seq = batch_acks.entry(o.step_id.clone()).or_insert(0);
+                            *seq = (*seq).max(o.seq);
+                            batch.push(LogChunk { step: row, seq: o.seq, stream: o.stream, data: o.data });
+                            flush_now = batch_bytes >= MAX_BATCH;
+                        }
+                        None => {
+                            // A step whose build has ended: let the worker forget the chunk.
+                            if let Err(e) = sink.send(encode(ack(o.step_id, o.seq, false))).await {
+                                break 'session format!("link failed: {e}");
+                            }
+                            continue;
+                        }
+                    },
+                    worker_message::Kind::Finished(f) => {
+                        // Its output first, then its end.
+                        if let Err(why) = flush(&bm, &mut sink, &mut batch, &mut batch_bytes, &mut batch_acks).await {
+                            break 'session why;
+                        }
+                        let pending = link.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
+                        let (step_id, last) = (f.step_id.clone(), f.last_seq);
+                        if let Some(p) = pending {
+                            let _ = p.done.send(f);
+                        }
+                        if let Err(e) = sink.send(encode(ack(step_id, last, true))).await {
+                            break 'session format!("link failed: {e}");
+                        }
+                        continue;
+                    }
+                    worker_message::Kind::Heartbeat(_) | worker_message::Kind::Hello(_) => continue,
+                }
+            }
+        }
+        if flush_now
+            && let Err(why) = flush(
+                &bm,
+                &mut sink,
+                &mut batch,
+                &mut batch_bytes,
+                &mut batch_acks,
+            )
+            .await
+        {
+            break 'session why;
+        }
+    };
+
+    // Leave the table (unless a newer session already took our place), and
+    // fail the steps waiting on us: their builds end as `exception`.
+    {
+        let mut workers = bm.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if workers.get(&name).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+            workers.remove(&name);
+        }
+    }
+    link.pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    link.hangup.cancel();
+    tracing::warn!(worker = %name, session = %session_id, reason = %reason, "worker lost");
+    bm.inner
+        .emit(debug_event::Kind::WorkerLost(WorkerLostEvent {
+            worker: name,
+            reason,
+        }));
+    bm.wake();
+}
+
+async fn flush<S>(
+    bm: &BuildMaster,
+    sink: &mut S,
+    batch: &mut Vec<LogChunk>,
+    batch_bytes: &mut usize,
+    acks: &mut HashMap<Vec<u8>, u64>,
+) -> Result<(), String>
+where
+    S: futures_util::Sink<Bytes, Error = std::io::Error> + Unpin,
+{
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let chunks = std::mem::take(batch);
+    *batch_bytes = 0;
+    if let Err(e) = bm.inner.state.append_logs(chunks).await {
+        tracing::error!(error = %e, "cannot store step output");
+        return Err(format!("cannot store step output: {e}"));
+    }
+    for (step_id, seq) in acks.drain() {
+        sink.feed(encode(ack(step_id, seq, false)))
+            .await
+            .map_err(|e| format!("link failed: {e}"))?;
+    }
+    sink.flush().await.map_err(|e| format!("link failed: {e}"))
+}

@@ -1,0 +1,383 @@
+//! The build part of the config: `[[worker]]`, `[[builder]]` (with its
+//! `[[builder.step]]`s) and `[[scheduler]]`.
+//!
+//! ```toml
+//! [[worker]]
+//! name = "linux-1"          # logs in as this user to the service `worker`
+//! max_builds = 2            # default 1
+//!
+//! [[builder]]
+//! name = "widgets"
+//! workers = ["linux-1"]
+//! [[builder.step]]
+//! name = "build"
+//! command = ["make", "all"] # or: shell = "make all && make check"
+//! workdir = "src"           # under the builder's directory on the worker
+//! env = { CC = "clang" }
+//! timeout = "20m"
+//! on_lost = "retry"         # retry | restart | fail (default fail)
+//!
+//! [[scheduler]]
+//! name = "main"
+//! builders = ["widgets"]
+//! branches = ["main"]       # empty: every branch
+//! repository = "widgets"    # optional
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Validator, valid_name};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWorker {
+    name: Spanned<String>,
+    max_builds: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBuilder {
+    name: Spanned<String>,
+    #[serde(default)]
+    workers: Vec<Spanned<String>>,
+    #[serde(default)]
+    step: Vec<Spanned<RawStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStep {
+    name: Spanned<String>,
+    command: Option<Spanned<Vec<String>>>,
+    shell: Option<Spanned<String>>,
+    workdir: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    timeout: Option<Spanned<String>>,
+    on_lost: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScheduler {
+    name: Spanned<String>,
+    #[serde(default)]
+    builders: Vec<Spanned<String>>,
+    #[serde(default)]
+    branches: Vec<String>,
+    repository: Option<String>,
+}
+
+/// A build machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    pub name: String,
+    /// Builds it may run at once.
+    pub max_builds: usize,
+}
+
+/// What happens to a step that is truly lost (its worker restarted, or did
+/// not come back in time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLost {
+    /// Run the step again (for `make all`).
+    Retry,
+    /// Run the whole build again from its first step (a checkout that
+    /// cannot resume halfway).
+    Restart,
+    /// Fail the build.
+    Fail,
+}
+
+impl OnLost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLost::Retry => "retry",
+            OnLost::Restart => "restart",
+            OnLost::Fail => "fail",
+        }
+    }
+}
+
+/// One step of a builder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepConfig {
+    pub name: String,
+    /// The program and its arguments (`shell = "..."` becomes `sh -c "..."`).
+    pub argv: Vec<String>,
+    /// Relative to the builder's directory on the worker.
+    pub workdir: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+    pub on_lost: OnLost,
+}
+
+/// A builder: steps, and the workers that may run them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuilderConfig {
+    pub name: String,
+    pub workers: Vec<String>,
+    pub steps: Vec<StepConfig>,
+}
+
+/// Turns matching changes into build requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub name: String,
+    pub builders: Vec<String>,
+    /// Branches that match; empty matches every branch.
+    pub branches: Vec<String>,
+    /// If set, only changes to this repository match.
+    pub repository: Option<String>,
+}
+
+impl SchedulerConfig {
+    pub fn matches(&self, repository: &str, branch: &str) -> bool {
+        (self.branches.is_empty() || self.branches.iter().any(|b| b == branch))
+            && self.repository.as_deref().is_none_or(|r| r == repository)
+    }
+}
+
+pub(crate) struct Builds {
+    pub(crate) workers: BTreeMap<String, WorkerConfig>,
+    pub(crate) builders: BTreeMap<String, BuilderConfig>,
+    pub(crate) schedulers: BTreeMap<String, SchedulerConfig>,
+}
+
+/// A relative path that stays inside the builder's directory.
+fn safe_relative(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+fn unique<'a>(
+    c: &Validator<'_>,
+    seen: &mut BTreeMap<String, usize>,
+    name: &'a Spanned<String>,
+    key: &str,
+    what: &str,
+    text_line: impl Fn(usize) -> usize,
+) -> Result<&'a str, ConfigError> {
+    let n = name.get_ref();
+    if !valid_name(n) {
+        return c.err(name.span(), key, format_args!("`{n}` is not a valid {what} name (1 to 255 characters, no spaces or control characters)"));
+    }
+    if let Some(line) = seen.get(n) {
+        return c.err(
+            name.span(),
+            key,
+            format_args!("{what} `{n}` is defined twice (first at line {line})"),
+        );
+    }
+    seen.insert(n.clone(), text_line(name.span().start));
+    Ok(n)
+}
+
+pub(crate) fn validate(
+    c: &Validator<'_>,
+    raw_workers: &[RawWorker],
+    raw_builders: &[RawBuilder],
+    raw_schedulers: &[RawScheduler],
+    users: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<Builds, ConfigError> {
+    let line = |offset: usize| c.line_of(offset);
+    let mut seen = BTreeMap::new();
+    let mut workers = BTreeMap::new();
+    for w in raw_workers {
+        let name = unique(c, &mut seen, &w.name, "worker.name", "worker", line)?;
+        if users.contains_key(name) {
+            return c.err(
+                w.name.span(),
+                "worker.name",
+                format_args!(
+                    "`{name}` is both a [[user]] and a [[worker]]; give the worker its own name"
+                ),
+            );
+        }
+        let max_builds = c.count(&w.max_builds, "worker.max_builds", 1)?;
+        workers.insert(
+            name.to_string(),
+            WorkerConfig {
+                name: name.to_string(),
+                max_builds,
+            },
+        );
+    }
+    for (user, services) in users {
+        if services.contains(crate::worker::SERVICE) {
+            return c.err(
+                0..0,
+                "user.services",
+                format_args!(
+                    "user `{user}` lists the service `worker`: workers are declared with [[worker]]"
+                ),
+            );
+        }
+    }
+
+    let mut seen = BTreeMap::new();
+    let mut builders = BTreeMap::new();
+    for b in raw_builders {
+        let name = unique(c, &mut seen, &b.name, "builder.name", "builder", line)?;
+        if name.contains('/') || name == "." || name == ".." {
+            return c.err(
+                b.name.span(),
+                "builder.name",
+                format_args!(
+                    "`{name}` names the builder's directory on workers: no `/`, `.` or `..`"
+                ),
+            );
+        }
+        let mut names = Vec::new();
+        for w in &b.workers {
+            if !workers.contains_key(w.get_ref()) {
+                return c.err(
+                    w.span(),
+                    "builder.workers",
+                    format_args!(
+                        "builder `{name}` names worker `{}`, which is not a [[worker]]",
+                        w.get_ref()
+                    ),
+                );
+            }
+            names.push(w.get_ref().clone());
+        }
+        if b.step.is_empty() {
+            return c.err(
+                b.name.span(),
+                "builder.step",
+                format_args!("builder `{name}` has no [[builder.step]]"),
+            );
+        }
+        let mut steps = Vec::new();
+        let mut step_names = BTreeSet::new();
+        for s in &b.step {
+            let span = s.span();
+            let s = s.get_ref();
+            let sname = s.name.get_ref();
+            if sname.trim().is_empty() {
+                return c.err(s.name.span(), "builder.step.name", "is empty");
+            }
+            if !step_names.insert(sname.clone()) {
+                return c.err(
+                    s.name.span(),
+                    "builder.step.name",
+                    format_args!("builder `{name}` has two steps named `{sname}`"),
+                );
+            }
+            let argv = match (&s.command, &s.shell) {
+                (Some(cmd), None) if !cmd.get_ref().is_empty() && !cmd.get_ref()[0].is_empty() => {
+                    cmd.get_ref().clone()
+                }
+                (Some(cmd), None) => {
+                    return c.err(
+                        cmd.span(),
+                        "builder.step.command",
+                        "is empty: give the program and its arguments",
+                    );
+                }
+                (None, Some(sh)) if !sh.get_ref().trim().is_empty() => {
+                    vec!["sh".into(), "-c".into(), sh.get_ref().clone()]
+                }
+                (None, Some(sh)) => return c.err(sh.span(), "builder.step.shell", "is empty"),
+                (Some(_), Some(sh)) => {
+                    return c.err(
+                        sh.span(),
+                        "builder.step",
+                        format_args!("step `{sname}` has both `command` and `shell`; keep one"),
+                    );
+                }
+                (None, None) => {
+                    return c.err(
+                        span,
+                        "builder.step",
+                        format_args!("step `{sname}` needs `command = [...]` or `shell = \"...\"`"),
+                    );
+                }
+            };
+            let workdir = match &s.workdir {
+                None => None,
+                Some(w) if safe_relative(w.get_ref()) => Some(w.get_ref().clone()),
+                Some(w) => return c.err(w.span(), "builder.step.workdir", format_args!("`{}` must be a relative path inside the builder's directory (no `..`, not absolute)", w.get_ref())),
+            };
+            let timeout = match &s.timeout {
+                None => None,
+                Some(_) => Some(c.duration(&s.timeout, "builder.step.timeout", Duration::ZERO)?),
+            };
+            let on_lost = match &s.on_lost {
+                None => OnLost::Fail,
+                Some(v) => match v.get_ref().as_str() {
+                    "retry" => OnLost::Retry,
+                    "restart" => OnLost::Restart,
+                    "fail" => OnLost::Fail,
+                    other => {
+                        return c.err(
+                            v.span(),
+                            "builder.step.on_lost",
+                            format_args!("`{other}` is not one of retry, restart, fail"),
+                        );
+                    }
+                },
+            };
+            steps.push(StepConfig {
+                name: sname.clone(),
+                argv,
+                workdir,
+                env: s.env.clone(),
+                timeout,
+                on_lost,
+            });
+        }
+        builders.insert(
+            name.to_string(),
+            BuilderConfig {
+                name: name.to_string(),
+                workers: names,
+                steps,
+            },
+        );
+    }
+
+    let mut seen = BTreeMap::new();
+    let mut schedulers = BTreeMap::new();
+    for s in raw_schedulers {
+        let name = unique(c, &mut seen, &s.name, "scheduler.name", "scheduler", line)?;
+        let mut list = Vec::new();
+        for b in &s.builders {
+            if !builders.contains_key(b.get_ref()) {
+                return c.err(
+                    b.span(),
+                    "scheduler.builders",
+                    format_args!(
+                        "scheduler `{name}` names builder `{}`, which is not a [[builder]]",
+                        b.get_ref()
+                    ),
+                );
+            }
+            list.push(b.get_ref().clone());
+        }
+        schedulers.insert(
+            name.to_string(),
+            SchedulerConfig {
+                name: name.to_string(),
+                builders: list,
+                branches: s.branches.clone(),
+                repository: s.repository.clone(),
+            },
+        );
+    }
+    Ok(Builds {
+        workers,
+        builders,
+        schedulers,
+    })
+}

@@ -1,0 +1,392 @@
+//! Build requests, builds, steps and their logs.
+//!
+//! A request waits (`build_id IS NULL`) until a worker claims it; claiming
+//! creates the build in the same write, so two workers can never take the
+//! same request. Log chunks are keyed by (step, seq) and inserted with
+//! `OR IGNORE`: a chunk replayed after a reconnect is stored once.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{StateDb, StateError, now_ms};
+
+pub(super) const MIGRATION_2: &str = "
+CREATE TABLE build_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    builder TEXT NOT NULL,
+    change_id INTEGER REFERENCES changes(id),
+    reason TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    build_id INTEGER
+);
+CREATE INDEX build_requests_waiting ON build_requests(id) WHERE build_id IS NULL;
+CREATE TABLE builds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id INTEGER NOT NULL REFERENCES build_requests(id),
+    builder TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    result TEXT
+);
+CREATE INDEX builds_by_builder ON builds(builder, id);
+CREATE TABLE steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    step_id BLOB NOT NULL UNIQUE,
+    on_lost TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    result TEXT,
+    exit_code INTEGER,
+    signal INTEGER,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX steps_by_build ON steps(build_id, position, attempt);
+CREATE TABLE log_chunks (
+    step INTEGER NOT NULL REFERENCES steps(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (step, seq)
+);
+";
+
+/// A build request to create.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewRequest {
+    pub builder: String,
+    pub change_id: Option<i64>,
+    pub reason: String,
+    pub repository: String,
+    pub branch: String,
+    pub revision: String,
+}
+
+/// A stored build request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildRequest {
+    pub id: i64,
+    pub request: NewRequest,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRecord {
+    /// The row id (what log chunks hang off).
+    pub row: i64,
+    pub position: u32,
+    pub name: String,
+    pub attempt: u32,
+    /// 128 random bits, hex.
+    pub step_id: String,
+    pub on_lost: String,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// `success`, `failure`, `exception`, `interrupted`; `None` while it runs.
+    pub result: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildRecord {
+    pub id: i64,
+    pub request_id: i64,
+    pub builder: String,
+    pub worker: String,
+    pub reason: String,
+    pub repository: String,
+    pub branch: String,
+    pub revision: String,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub result: Option<String>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// One stored chunk of a step's output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogChunk {
+    pub step: i64,
+    pub seq: u64,
+    pub stream: i32,
+    pub data: Vec<u8>,
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>> {
+    conn.prepare_cached(
+        "SELECT id, position, name, attempt, step_id, on_lost, started_ms, finished_ms, result, exit_code, signal, detail
+         FROM steps WHERE build_id = ?1 ORDER BY position, attempt",
+    )?
+    .query_map([build], |r| {
+        Ok(StepRecord {
+            row: r.get(0)?,
+            position: r.get(1)?,
+            name: r.get(2)?,
+            attempt: r.get(3)?,
+            step_id: hex(&r.get::<_, Vec<u8>>(4)?),
+            on_lost: r.get(5)?,
+            started_ms: r.get(6)?,
+            finished_ms: r.get(7)?,
+            result: r.get(8)?,
+            exit_code: r.get(9)?,
+            signal: r.get(10)?,
+            detail: r.get(11)?,
+        })
+    })?
+    .collect()
+}
+
+const BUILD_COLUMNS: &str = "b.id, b.request_id, b.builder, b.worker, r.reason, r.repository, r.branch, r.revision, b.started_ms, b.finished_ms, b.result";
+
+fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
+    Ok(BuildRecord {
+        id: r.get(0)?,
+        request_id: r.get(1)?,
+        builder: r.get(2)?,
+        worker: r.get(3)?,
+        reason: r.get(4)?,
+        repository: r.get(5)?,
+        branch: r.get(6)?,
+        revision: r.get(7)?,
+        started_ms: r.get(8)?,
+        finished_ms: r.get(9)?,
+        result: r.get(10)?,
+        steps: Vec::new(),
+    })
+}
+
+impl StateDb {
+    /// Stores build requests; returns their ids in order.
+    pub async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            requests
+                .iter()
+                .map(|q| {
+                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now])?;
+                    Ok(conn.last_insert_rowid())
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Requests no build has taken yet, oldest first.
+    pub async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT id, builder, change_id, reason, repository, branch, revision, created_ms
+                 FROM build_requests WHERE build_id IS NULL ORDER BY id",
+            )?
+            .query_map([], |r| {
+                Ok(BuildRequest {
+                    id: r.get(0)?,
+                    request: NewRequest {
+                        builder: r.get(1)?,
+                        change_id: r.get(2)?,
+                        reason: r.get(3)?,
+                        repository: r.get(4)?,
+                        branch: r.get(5)?,
+                        revision: r.get(6)?,
+                    },
+                    created_ms: r.get(7)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    /// Creates a build for a waiting request on `worker`; `None` if the
+    /// request was taken meanwhile.
+    pub async fn claim_request(
+        &self,
+        request: i64,
+        worker: &str,
+    ) -> Result<Option<i64>, StateError> {
+        let worker = worker.to_string();
+        self.write(move |conn| {
+            let builder: Option<String> = conn
+                .query_row("SELECT builder FROM build_requests WHERE id = ?1 AND build_id IS NULL", [request], |r| r.get(0))
+                .optional()?;
+            let Some(builder) = builder else { return Ok(None) };
+            conn.execute(
+                "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![request, builder, worker, now_ms()],
+            )?;
+            let build = conn.last_insert_rowid();
+            conn.execute("UPDATE build_requests SET build_id = ?1 WHERE id = ?2", params![build, request])?;
+            Ok(Some(build))
+        })
+        .await
+    }
+
+    /// Records a step attempt starting; returns its row id.
+    pub async fn start_step(
+        &self,
+        build: i64,
+        position: u32,
+        name: &str,
+        attempt: u32,
+        step_id: [u8; 16],
+        on_lost: &str,
+    ) -> Result<i64, StateError> {
+        let (name, on_lost) = (name.to_string(), on_lost.to_string());
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![build, position, name, attempt, &step_id[..], on_lost, now_ms()],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+        .await
+    }
+
+    pub async fn finish_step(
+        &self,
+        row: i64,
+        result: &str,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        detail: &str,
+    ) -> Result<(), StateError> {
+        let (result, detail) = (result.to_string(), detail.to_string());
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6 WHERE id = ?1",
+                params![row, now_ms(), result, exit_code, signal, detail],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn finish_build(&self, build: i64, result: &str) -> Result<(), StateError> {
+        let result = result.to_string();
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE builds SET finished_ms = ?2, result = ?3 WHERE id = ?1",
+                params![build, now_ms(), result],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores log chunks; a chunk already stored (same step and seq) is
+    /// ignored, so replays never double a log.
+    pub async fn append_logs(&self, chunks: Vec<LogChunk>) -> Result<(), StateError> {
+        self.write(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("INSERT OR IGNORE INTO log_chunks (step, seq, stream, data) VALUES (?1, ?2, ?3, ?4)")?;
+            for c in &chunks {
+                stmt.execute(params![c.step, c.seq as i64, c.stream, c.data])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks builds and steps left unfinished by a previous master process.
+    pub async fn abandon_unfinished(&self, detail: &str) -> Result<usize, StateError> {
+        let detail = detail.to_string();
+        self.write(move |conn| {
+            let now = now_ms();
+            conn.execute(
+                "UPDATE steps SET finished_ms = ?1, result = 'exception', detail = ?2 WHERE result IS NULL",
+                params![now, detail],
+            )?;
+            Ok(conn.execute("UPDATE builds SET finished_ms = ?1, result = 'exception' WHERE result IS NULL", [now])?)
+        })
+        .await
+    }
+
+    /// The most recent builds, newest first, with their steps.
+    pub async fn builds(
+        &self,
+        builder: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<BuildRecord>, StateError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
+                 WHERE (?1 IS NULL OR b.builder = ?1) ORDER BY b.id DESC LIMIT ?2"
+            );
+            let mut builds: Vec<BuildRecord> = conn
+                .prepare_cached(&sql)?
+                .query_map(params![builder, limit as i64], build_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            for b in &mut builds {
+                b.steps = load_steps(conn, b.id)?;
+            }
+            Ok(builds)
+        })
+        .await
+    }
+
+    pub async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
+        self.read(move |conn| {
+            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
+            let Some(mut b) = conn.prepare_cached(&sql)?.query_row([id], build_row).optional()? else { return Ok(None) };
+            b.steps = load_steps(conn, b.id)?;
+            Ok(Some(b))
+        })
+        .await
+    }
+
+    /// A page of a step's log: chunks after `after_seq`, at most about
+    /// `max_bytes` (at least one chunk).
+    pub async fn log_page(
+        &self,
+        step_row: i64,
+        after_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StateError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND seq > ?2 ORDER BY seq LIMIT 4096",
+            )?;
+            let mut rows = stmt.query(params![step_row, after_seq as i64])?;
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            while let Some(r) = rows.next()? {
+                let data: Vec<u8> = r.get(2)?;
+                bytes += data.len();
+                out.push(LogChunk { step: step_row, seq: r.get::<_, i64>(0)? as u64, stream: r.get(1)?, data });
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Requests waiting, per builder.
+    pub async fn waiting_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT builder, COUNT(*) FROM build_requests WHERE build_id IS NULL GROUP BY builder")?
+                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                .collect()
+        })
+        .await
+    }
+}

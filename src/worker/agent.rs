@@ -1,0 +1,427 @@
+//! The worker agent: `switchyard worker`.
+//!
+//! It logs in to the master's `worker` service, says what it is, runs the
+//! steps it is sent, streams their output in numbered chunks, and keeps every
+//! chunk until the master acknowledges it. When the link drops (or goes
+//! silent for two heartbeat intervals) it reconnects with exponential backoff
+//! and jitter; its steps keep running meanwhile, and the new session starts by
+//! listing them and replaying what was not acknowledged.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::step::{self, StepEnd, StepEvent, StepSpec};
+use crate::client::{self, ClientError, ClientOptions, ClientSession, Credentials};
+use crate::proto::{
+    Heartbeat, HeldStep, MasterMessage, OutputStream, StepFinished, StepOutput, WorkerHello,
+    WorkerMessage, master_message, step_finished, worker_message,
+};
+
+/// Unacknowledged output bytes the agent holds before it stops reading its
+/// steps' pipes (and so slows the steps) until the master catches up.
+pub const WINDOW: usize = 8 * 1024 * 1024;
+
+/// How a worker connects.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub master: String,
+    pub name: String,
+    pub password: String,
+    /// Steps run in `basedir/<builder>/<workdir>`.
+    pub basedir: PathBuf,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl AgentOptions {
+    pub fn new(
+        master: impl Into<String>,
+        name: impl Into<String>,
+        password: impl Into<String>,
+        basedir: impl Into<PathBuf>,
+    ) -> Self {
+        AgentOptions {
+            master: master.into(),
+            name: name.into(),
+            password: password.into(),
+            basedir: basedir.into(),
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A step this agent holds: running, or finished but not yet acknowledged.
+struct Held {
+    interrupt: CancellationToken,
+    next_seq: u64,
+    acked: u64,
+    unacked: VecDeque<StepOutput>,
+    finished: Option<StepFinished>,
+}
+
+struct Agent {
+    opts: AgentOptions,
+    creds: Credentials,
+    steps: HashMap<Vec<u8>, Held>,
+    unacked_bytes: usize,
+    events_tx: mpsc::Sender<StepEvent>,
+    events_rx: mpsc::Receiver<StepEvent>,
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+fn safe_component(name: &str) -> bool {
+    let mut c = Path::new(name).components();
+    matches!((c.next(), c.next()), (Some(Component::Normal(_)), None))
+}
+
+fn safe_relative(p: &str) -> bool {
+    Path::new(p)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+fn hello_info(steps: Vec<HeldStep>) -> WorkerHello {
+    WorkerHello {
+        hostname: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+        os: std::env::consts::OS.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        steps,
+    }
+}
+
+fn frame(kind: worker_message::Kind) -> Bytes {
+    Bytes::from(WorkerMessage { kind: Some(kind) }.encode_to_vec())
+}
+
+/// Runs the agent until `shutdown`: connects, serves, reconnects. Returns
+/// when shut down; every step it was running is killed first.
+pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let creds = Credentials::new(opts.name.clone(), opts.password.clone());
+    let mut agent = Agent {
+        opts,
+        creds,
+        steps: HashMap::new(),
+        unacked_bytes: 0,
+        events_tx,
+        events_rx,
+    };
+    let mut failures: u32 = 0;
+    let client_opts = ClientOptions {
+        client_agent: format!("switchyard-worker/{}", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    };
+    loop {
+        let connect = client::connect_with(
+            &agent.opts.master,
+            super::SERVICE,
+            &agent.creds,
+            &client_opts,
+        );
+        let session = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = connect => s,
+        };
+        let why = match session {
+            Ok(session) => {
+                failures = 0;
+                tracing::info!(master = %agent.opts.master, worker = %agent.opts.name, session = %session.session_id, "connected to the master");
+                match agent.serve(session, &shutdown).await {
+                    End::Shutdown => break,
+                    End::Lost(why) => why,
+                }
+            }
+            Err(e) => {
+                if let ClientError::Rejected { code, .. } = &e {
+                    use crate::proto::RejectCode;
+                    if matches!(code, RejectCode::AuthFailed | RejectCode::NotAuthorized) {
+                        tracing::error!(worker = %agent.opts.name, "the master refused this worker: check its name is a [[worker]] in the master's config and its password matches the verifier in the secrets file");
+                    }
+                }
+                e.to_string()
+            }
+        };
+        let delay = backoff(&agent.opts, failures);
+        failures = failures.saturating_add(1);
+        tracing::warn!(master = %agent.opts.master, reason = %why, retry_in = ?delay, "not connected to the master");
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    agent.stop_all().await;
+}
+
+/// Exponential backoff with jitter: a random delay in [d/2, d], d doubling
+/// from the initial delay up to the maximum.
+fn backoff(opts: &AgentOptions, failures: u32) -> Duration {
+    let d = opts
+        .initial_backoff
+        .saturating_mul(1u32 << failures.min(16))
+        .min(opts.max_backoff);
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+impl Agent {
+    fn held_list(&self) -> Vec<HeldStep> {
+        self.steps
+            .iter()
+            .map(|(id, h)| HeldStep {
+                step_id: id.clone(),
+                acked_seq: h.acked,
+                finished: h.finished.is_some(),
+            })
+            .collect()
+    }
+
+    async fn serve(&mut self, session: ClientSession, shutdown: &CancellationToken) -> End {
+        let heartbeat = if session.heartbeat_interval.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            session.heartbeat_interval
+        };
+        let (mut sink, mut stream) = session.stream.split();
+        let lost = |e: std::io::Error| End::Lost(format!("link failed: {e}"));
+        if let Err(e) = sink
+            .send(frame(worker_message::Kind::Hello(hello_info(
+                self.held_list(),
+            ))))
+            .await
+        {
+            return lost(e);
+        }
+        // Replay what the master has not acknowledged, oldest first.
+        for h in self.steps.values() {
+            for chunk in &h.unacked {
+                if let Err(e) = sink
+                    .feed(frame(worker_message::Kind::Output(chunk.clone())))
+                    .await
+                {
+                    return lost(e);
+                }
+            }
+            if let Some(f) = &h.finished
+                && let Err(e) = sink
+                    .feed(frame(worker_message::Kind::Finished(f.clone())))
+                    .await
+            {
+                return lost(e);
+            }
+        }
+        if let Err(e) = sink.flush().await {
+            return lost(e);
+        }
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            let silence_deadline = last_heard + heartbeat * 2;
+            tokio::select! {
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = tokio::time::sleep_until(silence_deadline) => {
+                    return End::Lost(format!("no word from the master for {:?} (two heartbeat intervals)", heartbeat * 2));
+                }
+                msg = stream.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    let bytes = match msg {
+                        None => return End::Lost("the master closed the session".into()),
+                        Some(Err(e)) => return lost(e),
+                        Some(Ok(b)) => b,
+                    };
+                    let Ok(MasterMessage { kind: Some(kind) }) = MasterMessage::decode(bytes.freeze()) else {
+                        return End::Lost("the master sent a message this worker does not understand".into());
+                    };
+                    if let Some(reply) = self.on_master(kind)
+                        && let Err(e) = sink.send(frame(reply)).await
+                    {
+                        return lost(e);
+                    }
+                }
+                ev = self.events_rx.recv(), if self.unacked_bytes < WINDOW => {
+                    let Some(ev) = ev else { continue };
+                    let Some(out) = self.on_step_event(ev) else { continue };
+                    if let Err(e) = sink.send(frame(out)).await {
+                        return lost(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                    if let Err(e) = sink.send(frame(worker_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now }))).await {
+                        return lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on a master message; returns the reply to send, if any.
+    fn on_master(&mut self, kind: master_message::Kind) -> Option<worker_message::Kind> {
+        match kind {
+            master_message::Kind::Start(s) => {
+                if self.steps.contains_key(&s.step_id) {
+                    return None; // already running: a repeat after a reconnect
+                }
+                let interrupt = CancellationToken::new();
+                self.steps.insert(
+                    s.step_id.clone(),
+                    Held {
+                        interrupt: interrupt.clone(),
+                        next_seq: 1,
+                        acked: 0,
+                        unacked: VecDeque::new(),
+                        finished: None,
+                    },
+                );
+                let tx = self.events_tx.clone();
+                if !safe_component(&s.builder) || !safe_relative(&s.workdir) {
+                    let msg = format!(
+                        "refusing builder {:?} / workdir {:?}: not a path inside the basedir",
+                        s.builder, s.workdir
+                    );
+                    tokio::spawn(async move {
+                        let _ = tx
+                            .send(StepEvent::Finished {
+                                step_id: s.step_id,
+                                end: StepEnd::StartFailed(msg),
+                                timed_out: false,
+                                interrupted: false,
+                            })
+                            .await;
+                    });
+                    return None;
+                }
+                let dir = self.opts.basedir.join(&s.builder).join(&s.workdir);
+                tracing::info!(builder = %s.builder, step = %s.name, dir = %dir.display(), "starting step");
+                let spec = StepSpec {
+                    step_id: s.step_id,
+                    dir,
+                    argv: s.argv,
+                    env: s.env.into_iter().collect(),
+                    timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms)),
+                };
+                tokio::spawn(step::run(spec, tx, interrupt));
+                None
+            }
+            master_message::Kind::Interrupt(i) => {
+                if let Some(h) = self.steps.get(&i.step_id) {
+                    tracing::info!(reason = %i.reason, "interrupting step");
+                    h.interrupt.cancel();
+                }
+                None
+            }
+            master_message::Kind::Ack(a) => {
+                let h = self.steps.get_mut(&a.step_id)?;
+                while h.unacked.front().is_some_and(|c| c.seq <= a.seq) {
+                    if let Some(c) = h.unacked.pop_front() {
+                        self.unacked_bytes -= c.data.len();
+                    }
+                }
+                h.acked = h.acked.max(a.seq);
+                if a.finished && h.finished.is_some() {
+                    self.steps.remove(&a.step_id);
+                }
+                None
+            }
+            // The master's heartbeat doubles as a ping: answer it (the
+            // master never answers ours, so this does not echo forever).
+            master_message::Kind::Heartbeat(hb) => Some(worker_message::Kind::Heartbeat(hb)),
+        }
+    }
+
+    /// The message to send for a step event; `None` for an event of a step
+    /// this agent no longer holds (late output after its end was
+    /// acknowledged), which is dropped.
+    fn on_step_event(&mut self, ev: StepEvent) -> Option<worker_message::Kind> {
+        Some(match ev {
+            StepEvent::Output {
+                step_id,
+                stream,
+                data,
+            } => {
+                let h = self
+                    .steps
+                    .get_mut(&step_id)
+                    .filter(|h| h.finished.is_none())?;
+                let chunk = StepOutput {
+                    step_id,
+                    seq: h.next_seq,
+                    stream: stream as i32,
+                    data,
+                };
+                h.next_seq += 1;
+                self.unacked_bytes += chunk.data.len();
+                h.unacked.push_back(chunk.clone());
+                worker_message::Kind::Output(chunk)
+            }
+            StepEvent::Finished {
+                step_id,
+                end,
+                timed_out,
+                interrupted,
+            } => {
+                let h = self.steps.get_mut(&step_id)?;
+                let status = match end {
+                    StepEnd::Exited(c) => step_finished::Status::ExitCode(c),
+                    StepEnd::Signalled(s) => step_finished::Status::Signal(s),
+                    StepEnd::StartFailed(e) => step_finished::Status::StartError(e),
+                };
+                let f = StepFinished {
+                    step_id,
+                    last_seq: h.next_seq - 1,
+                    status: Some(status),
+                    timed_out,
+                    interrupted,
+                };
+                h.finished = Some(f.clone());
+                worker_message::Kind::Finished(f)
+            }
+        })
+    }
+
+    /// Kills every running step and waits (briefly) for them to end.
+    async fn stop_all(&mut self) {
+        let running = self.steps.values().filter(|h| h.finished.is_none()).count();
+        for h in self.steps.values() {
+            h.interrupt.cancel();
+        }
+        let mut left = running;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while left > 0 {
+            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
+                Ok(Some(StepEvent::Finished { .. })) => left -= 1,
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Output streams by number, for logs.
+pub fn stream_name(s: i32) -> &'static str {
+    match OutputStream::try_from(s) {
+        Ok(OutputStream::Stdout) => "stdout",
+        Ok(OutputStream::Stderr) => "stderr",
+        _ => "output",
+    }
+}

@@ -1,0 +1,9 @@
+//! Build workers: the agent that runs on each build machine
+//! (`switchyard worker`), and the protocol it speaks with the master over the
+//! native session protocol, service `worker`.
+
+/// The service workers log in to.
+pub const SERVICE: &str = "worker";
+
+pub mod agent;
+pub mod step;

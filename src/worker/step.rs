@@ -1,0 +1,209 @@
+//! Running one step on the worker: a process in its own process group, its
+//! output read in chunks, its timeout and interrupt killing the whole group.
+//!
+//! A step task owns its child process from spawn to reaping. It reports
+//! through a bounded channel, so a master that acknowledges slowly slows the
+//! step's reads, then the step itself (its pipe fills): memory stays bounded
+//! however much a step prints.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::OutputStream;
+
+/// Bytes read from a pipe at once (and so the largest output chunk).
+pub const CHUNK: usize = 64 * 1024;
+
+/// How long a step has between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct StepSpec {
+    pub step_id: Vec<u8>,
+    /// The directory to run in (created if missing).
+    pub dir: PathBuf,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+}
+
+/// How a step ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepEnd {
+    Exited(i32),
+    Signalled(i32),
+    StartFailed(String),
+}
+
+/// What a step task reports.
+#[derive(Debug)]
+pub enum StepEvent {
+    Output {
+        step_id: Vec<u8>,
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
+    Finished {
+        step_id: Vec<u8>,
+        end: StepEnd,
+        timed_out: bool,
+        interrupted: bool,
+    },
+}
+
+/// Signals the whole process group `pgid`; a group that is already gone is
+/// not an error.
+fn signal_group(pgid: u32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pgid as i32), sig);
+}
+
+async fn pump(
+    mut pipe: impl tokio::io::AsyncRead + Unpin,
+    stream: OutputStream,
+    step_id: Vec<u8>,
+    events: mpsc::Sender<StepEvent>,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let ev = StepEvent::Output {
+                    step_id: step_id.clone(),
+                    stream,
+                    data: buf[..n].to_vec(),
+                };
+                if events.send(ev).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs a step to its end. `interrupt` stops it (the whole group is
+/// killed). Always ends with exactly one `Finished` event.
+pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: CancellationToken) {
+    let finish = |end: StepEnd, timed_out: bool, interrupted: bool| StepEvent::Finished {
+        step_id: spec.step_id.clone(),
+        end,
+        timed_out,
+        interrupted,
+    };
+    if let Err(e) = std::fs::create_dir_all(&spec.dir) {
+        let msg = format!(
+            "cannot create the step's directory {}: {e}",
+            spec.dir.display()
+        );
+        let _ = events
+            .send(finish(StepEnd::StartFailed(msg), false, false))
+            .await;
+        return;
+    }
+    let Some((program, args)) = spec.argv.split_first() else {
+        let _ = events
+            .send(finish(
+                StepEnd::StartFailed("the step has no command".into()),
+                false,
+                false,
+            ))
+            .await;
+        return;
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .envs(&spec.env)
+        .current_dir(&spec.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("cannot start {program:?}: {e}");
+            let _ = events
+                .send(finish(StepEnd::StartFailed(msg), false, false))
+                .await;
+            return;
+        }
+    };
+    let pgid = child.id().unwrap_or(0);
+    let out = child.stdout.take().map(|p| {
+        tokio::spawn(pump(
+            p,
+            OutputStream::Stdout,
+            spec.step_id.clone(),
+            events.clone(),
+        ))
+    });
+    let err = child.stderr.take().map(|p| {
+        tokio::spawn(pump(
+            p,
+            OutputStream::Stderr,
+            spec.step_id.clone(),
+            events.clone(),
+        ))
+    });
+
+    let timeout = async {
+        match spec.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let (status, timed_out, interrupted) = tokio::select! {
+        s = child.wait() => (s, false, false),
+        _ = timeout => (kill_and_wait(&mut child, pgid).await, true, false),
+        _ = interrupt.cancelled() => (kill_and_wait(&mut child, pgid).await, false, true),
+    };
+    // Whatever the step left running in its group dies with it: nothing
+    // outlives its step, and the pipes close.
+    if pgid != 0 {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    for pump in [out, err].into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+    }
+    let end = match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            match (s.code(), s.signal()) {
+                (Some(code), _) => StepEnd::Exited(code),
+                (None, Some(sig)) => StepEnd::Signalled(sig),
+                (None, None) => StepEnd::StartFailed("unknown exit status".into()),
+            }
+        }
+        Err(e) => StepEnd::StartFailed(format!("cannot wait for the step: {e}")),
+    };
+    let _ = events.send(finish(end, timed_out, interrupted)).await;
+}
+
+async fn kill_and_wait(
+    child: &mut tokio::process::Child,
+    pgid: u32,
+) -> std::io::Result<std::process::ExitStatus> {
+    if pgid != 0 {
+        signal_group(pgid, Signal::SIGTERM);
+    }
+    match tokio::time::timeout(KILL_GRACE, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            if pgid != 0 {
+                signal_group(pgid, Signal::SIGKILL);
+            }
+            child.wait().await
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! A real build master: real worker processes, real steps, real SQLite.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use switchyard::proto::{Change, debug_event};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
+const ADMIN: UserSpec = ("admin", "admin-pw", &["debug", "change-source"]);
+
+/// A worker process that is killed when the test ends.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn worker(m: &TestMaster, name: &str, password: &str) -> Worker {
+    let basedir = m.dir.path().join(format!("basedir-{name}"));
+    Worker(
+        Command::new(BIN)
+            .args([
+                "worker",
+                "--master",
+                &m.addr.to_string(),
+                "--name",
+                name,
+                "--basedir",
+            ])
+            .arg(&basedir)
+            .env("SWITCHYARD_PASSWORD", password)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Starts a master whose config has these workers (name, password,
+/// max_builds) and this extra TOML (builders, schedulers).
+async fn master_with(workers: &[(&str, &str, u32)], builds_toml: &str) -> TestMaster {
+    let users = [HOOK, ADMIN];
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_text("heartbeat_interval = \"1s\"", &users);
+    for (name, _, max) in workers {
+        config.push_str(&format!(
+            "\n[[worker]]\nname = {name:?}\nmax_builds = {max}\n"
+        ));
+    }
+    config.push_str(builds_toml);
+    let mut secrets = secrets_text(&users);
+    let worker_specs: Vec<UserSpec> = workers.iter().map(|(n, p, _)| (*n, *p, &[][..])).collect();
+    secrets.push_str(secrets_text(&worker_specs).trim_start_matches("[verifiers]\n"));
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    TestMaster::start_in(dir).await
+}
+
+async fn wait_connected(m: &TestMaster, n: usize) {
+    within("workers to connect", async {
+        while m.master.builds().connected().len() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+async fn push(m: &TestMaster, branch: &str) -> i64 {
+    let mut conn = switchyard::grpc::client::ChangeSourceConnection::connect(
+        &m.addr.to_string(),
+        "hook",
+        "hook-pw",
+    )
+    .await
+    .unwrap();
+    let change = Change {
+        repository: "widgets".into(),
+        branch: branch.into(),
+        revision: "r1".into(),
+        ..Default::default()
+    };
+    within("a push", conn.push(change)).await.unwrap()
+}
+
+/// Waits for `n` builds to end; returns their (id, result) in the order they ended.
+async fn builds_ended(
+    events: &mut tokio::sync::broadcast::Receiver<switchyard::proto::DebugEvent>,
+    n: usize,
+) -> Vec<(i64, String)> {
+    let mut ended = Vec::new();
+    within("builds to end", async {
+        while ended.len() < n {
+            if let Ok(e) = events.recv().await
+                && let Some(debug_event::Kind::BuildEnded(b)) = e.kind
+            {
+                ended.push((b.build, b.result));
+            }
+        }
+    })
+    .await;
+    ended
+}
+
+async fn log_text(m: &TestMaster, build: i64, step: usize) -> String {
+    let b = m.master.state().build(build).await.unwrap().unwrap();
+    let row = b.steps[step].row;
+    let chunks = m.master.state().log_page(row, 0, usize::MAX).await.unwrap();
+    String::from_utf8(chunks.into_iter().flat_map(|c| c.data).collect()).unwrap()
+}
+
+const TWO_STEPS: &str = r#"
+[[builder]]
+name = "widgets"
+workers = ["w1"]
+[[builder.step]]
+name = "hello"
+shell = "echo hello; exit 0"
+[[builder.step]]
+name = "world"
+command = ["sh", "-c", "echo world >&2"]
+
+[[scheduler]]
+name = "main"
+builders = ["widgets"]
+branches = ["main"]
+"#;
+
+#[tokio::test]
+async fn a_pushed_change_runs_a_two_step_build_to_success() {
+    let m = master_with(&[("w1", "w1-pw", 1)], TWO_STEPS).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "success");
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.builder, "widgets");
+    assert_eq!(b.worker, "w1");
+    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.steps.len(), 2);
+    assert!(
+        b.steps
+            .iter()
+            .all(|s| s.result.as_deref() == Some("success") && s.exit_code == Some(0))
+    );
+    assert_ne!(b.steps[0].step_id, b.steps[1].step_id);
+    assert_eq!(b.steps[0].step_id.len(), 32, "128-bit step ids");
+    assert_eq!(log_text(&m, b.id, 0).await, "hello\n");
+    assert_eq!(log_text(&m, b.id, 1).await, "world\n");
+    // A change on another branch matches no scheduler.
+    push(&m, "feature").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(m.master.state().builds(None, 10).await.unwrap().len(), 1);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_step_fails_the_build_and_later_steps_do_not_run() {
+    let toml = r#"
+[[builder]]
+name = "widgets"
+workers = ["w1"]
+[[builder.step]]
+name = "compile"
+shell = "echo compiling; exit 3"
+[[builder.step]]
+name = "never"
+shell = "touch ran-anyway"
+
+[[scheduler]]
+name = "all"
+builders = ["widgets"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "any").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "failure");
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.steps.len(), 1, "the second step must not run");
+    assert_eq!(b.steps[0].exit_code, Some(3));
+    assert_eq!(log_text(&m, b.id, 0).await, "compiling\n");
+    assert!(!m.dir.path().join("basedir-w1/widgets/ran-anyway").exists());
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_process_group() {
+    // The step starts a background child that would write a file after 3 s;
+    // the timeout (1 s) must kill it too.
+    let toml = r#"
+[[builder]]
+name = "slow"
+workers = ["w1"]
+[[builder.step]]
+name = "hang"
+shell = "(sleep 3; touch child-survived) & echo started; sleep 30"
+timeout = "1s"
+
+[[scheduler]]
+name = "all"
+builders = ["slow"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "failure");
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert!(b.steps[0].detail.contains("timed out"), "{:?}", b.steps[0]);
+    assert_eq!(log_text(&m, b.id, 0).await, "started\n");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !m.dir.path().join("basedir-w1/slow/child-survived").exists(),
+        "a child of the step outlived the timeout"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn two_workers_share_one_builders_queue() {
+    let toml = r#"
+[[builder]]
+name = "widgets"
+workers = ["w1", "w2"]
+[[builder.step]]
+name = "work"
+shell = "sleep 0.5; echo done"
+
+[[scheduler]]
+name = "all"
+builders = ["widgets"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1), ("w2", "w2-pw", 1)], toml).await;
+    let _w1 = worker(&m, "w1", "w1-pw");
+    let _w2 = worker(&m, "w2", "w2-pw");
+    wait_connected(&m, 2).await;
+    let mut events = m.master.builds().subscribe();
+    for _ in 0..4 {
+        push(&m, "main").await;
+    }
+    let ended = builds_ended(&mut events, 4).await;
+    assert!(ended.iter().all(|(_, r)| r == "success"), "{ended:?}");
+    let builds = m.master.state().builds(None, 10).await.unwrap();
+    let on = |w: &str| builds.iter().filter(|b| b.worker == w).count();
+    assert_eq!(on("w1") + on("w2"), 4);
+    assert!(
+        on("w1") >= 1 && on("w2") >= 1,
+        "both workers took builds: w1 {} w2 {}",
+        on("w1"),
+        on("w2")
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_worker_cannot_log_in() {
+    let m = master_with(&[("w1", "w1-pw", 1)], TWO_STEPS).await;
+    // A user that exists but is not a worker, and a name that does not exist.
+    let err = m.login("hook", "hook-pw", "worker").await.err().unwrap();
+    assert_eq!(
+        err.reject_code(),
+        Some(switchyard::proto::RejectCode::NotAuthorized)
+    );
+    let err = m.login("w9", "w1-pw", "worker").await.err().unwrap();
+    assert_eq!(
+        err.reject_code(),
+        Some(switchyard::proto::RejectCode::AuthFailed)
+    );
+    // The real worker still connects.
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    m.stop().await;
+}
