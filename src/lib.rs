@@ -52,6 +52,7 @@ pub mod auth;
 pub mod builds;
 pub mod client;
 pub mod config;
+pub mod debug;
 pub mod dispatcher;
 pub mod grpc;
 pub mod master;

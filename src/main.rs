@@ -62,6 +62,32 @@ enum Command {
     /// Push a change to a master (what a VCS hook runs). Prints the change's
     /// id once the master has stored it.
     Sendchange(Box<SendchangeArgs>),
+    /// The operator's console on the master's port. With a COMMAND, runs it
+    /// once and exits; without, an interactive console (`help` lists the
+    /// commands).
+    #[command(after_help = switchyard::debug::console::HELP)]
+    Debug {
+        /// The master's address.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
+        master: String,
+        /// A user granted the service `debug`.
+        #[arg(long, short)]
+        user: String,
+        /// A file whose first line is the password; otherwise the
+        /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Print machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments, e.g. `builds widgets --limit 5`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<String>,
+    },
     /// Log in to a master's `ping` service and time a few echoes: checks
     /// that the port is up and that the credentials work.
     Ping {
@@ -290,6 +316,24 @@ fn main() -> ExitCode {
             password_file,
         } => read_password(password_file.as_ref(), &name)
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(worker(master, name, basedir, pw)))),
+        Command::Debug {
+            master,
+            user,
+            password_file,
+            json,
+            command,
+        } => read_password(password_file.as_ref(), &user).and_then(|pw| {
+            let creds = Credentials::new(&user, pw);
+            runtime().and_then(|rt| {
+                if command.is_empty() {
+                    switchyard::debug::console::interactive(&rt, &master, &creds, json)
+                } else {
+                    rt.block_on(switchyard::debug::console::once(
+                        &master, &creds, json, &command,
+                    ))
+                }
+            })
+        }),
         Command::Sendchange(args) => read_password(args.password_file.as_ref(), &args.user)
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
         Command::Ping {

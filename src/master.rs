@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{MockCredentials, SecretsFileChecker};
 use crate::builds::{BuildConfig, BuildMaster, SchedulingStore};
 use crate::config::{Config, ConfigError, Secrets};
+use crate::debug::DebugApi;
 use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
 use crate::grpc::change_source::ChangeSourceService;
 use crate::grpc::{GrpcAuth, GrpcFrontDoor};
@@ -91,6 +92,7 @@ pub struct Master {
     _ping: Registration,
     _grpc: Registration,
     _worker: Registration,
+    _debug: Registration,
     builds: BuildMaster,
 }
 
@@ -118,7 +120,12 @@ fn grpc_routes(
         builds: builds.clone(),
     });
     let changes = ChangeSourceService::new(store, GrpcAuth::new(dispatcher.clone())).into_server();
+    let debug = crate::debug::grpc::DebugService::new(
+        DebugApi::new(builds.clone()),
+        GrpcAuth::new(dispatcher.clone()),
+    );
     let routes = tonic::service::Routes::new(changes)
+        .add_service(debug.into_server())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -173,6 +180,14 @@ impl Master {
                 move |session| builds.clone().serve_worker(session),
             )?
         };
+        let debug = {
+            let api = DebugApi::new(builds.clone());
+            dispatcher.registry().register(
+                crate::debug::SERVICE,
+                ServiceOptions::default(),
+                move |session| crate::debug::service::serve(api.clone(), session),
+            )?
+        };
         let (routes, health) = grpc_routes(&dispatcher, &builds)?;
         let grpc = dispatcher
             .registry()
@@ -187,6 +202,7 @@ impl Master {
             _ping: ping,
             _grpc: grpc,
             _worker: worker,
+            _debug: debug,
             builds,
         };
         master.warn_about_config();

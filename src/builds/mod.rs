@@ -122,6 +122,11 @@ impl BuildMaster {
         self.inner.config()
     }
 
+    /// How many `watch`es are subscribed now.
+    pub fn watchers(&self) -> usize {
+        self.inner.events.receiver_count()
+    }
+
     /// Live events, for `watch`.
     pub fn subscribe(&self) -> broadcast::Receiver<DebugEvent> {
         self.inner.events.subscribe()

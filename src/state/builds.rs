@@ -313,7 +313,7 @@ impl StateDb {
                 "UPDATE steps SET finished_ms = ?1, result = 'exception', detail = ?2 WHERE result IS NULL",
                 params![now, detail],
             )?;
-            Ok(conn.execute("UPDATE builds SET finished_ms = ?1, result = 'exception' WHERE result IS NULL", [now])?)
+            conn.execute("UPDATE builds SET finished_ms = ?1, result = 'exception' WHERE result IS NULL", [now])
         })
         .await
     }

@@ -1,0 +1,527 @@
+//! `switchyard debug`: the console client.
+//!
+//! With a command it runs it once and exits (for scripts); without one it is
+//! an interactive console with line editing, history and `help`. `--json`
+//! prints machine-readable output: one JSON document per command, or one
+//! JSON object per line for `watch` and `log`.
+
+use std::io::Write;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use serde_json::{Value, json};
+
+use crate::client::{self, ClientSession, Credentials};
+use crate::proto::{
+    BuildDetails, BuildersRequest, BuildsRequest, DebugEvent, DebugReply, DebugRequest,
+    ForceRequest, HangupRequest, LogRequest, StatusRequest, StopRequest, WatchRequest,
+    WorkersRequest, debug_event, debug_reply, debug_request,
+};
+
+pub const HELP: &str = "\
+commands:
+  status                                   the master at a glance
+  workers                                  configured workers, connected or not
+  builders                                 builders, their workers, steps and queue
+  builds [BUILDER] [--limit N]             recent builds with their steps
+  log BUILD [STEP]                         a build's output (STEP: name or position)
+  force BUILDER [--branch B] [--revision R] [--repository R]
+                                           request a build
+  stop BUILD                               stop a running build
+  hangup WORKER                            hang up a worker's session
+  watch                                    live events until Ctrl-C
+  help, quit";
+
+/// A console session with a master.
+pub struct Console {
+    session: ClientSession,
+    next_id: u64,
+    pub json: bool,
+}
+
+fn take_flag(words: &mut Vec<String>, flag: &str) -> Result<Option<String>, String> {
+    match words.iter().position(|w| w == flag) {
+        None => Ok(None),
+        Some(i) if i + 1 < words.len() => {
+            let v = words.remove(i + 1);
+            words.remove(i);
+            Ok(Some(v))
+        }
+        Some(_) => Err(format!("{flag} needs a value")),
+    }
+}
+
+fn number(word: &str, what: &str) -> Result<i64, String> {
+    word.parse()
+        .map_err(|_| format!("{what} must be a number, not {word:?}"))
+}
+
+/// Parses a console command line into a request.
+pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
+    use debug_request::Command as C;
+    let mut words = words.to_vec();
+    if words.is_empty() {
+        return Err("no command; try `help`".into());
+    }
+    let cmd = words.remove(0);
+    let limit = take_flag(&mut words, "--limit")?;
+    let branch = take_flag(&mut words, "--branch")?.unwrap_or_default();
+    let revision = take_flag(&mut words, "--revision")?.unwrap_or_default();
+    let repository = take_flag(&mut words, "--repository")?.unwrap_or_default();
+    if let Some(flag) = words.iter().find(|w| w.starts_with("--")) {
+        return Err(format!("unknown option {flag} for {cmd}; try `help`"));
+    }
+    let n = words.len();
+    let usage = |u: &str| Err(format!("usage: {u}"));
+    let command = match (cmd.as_str(), n) {
+        ("status", 0) => C::Status(StatusRequest {}),
+        ("workers", 0) => C::Workers(WorkersRequest {}),
+        ("builders", 0) => C::Builders(BuildersRequest {}),
+        ("builds", 0 | 1) => C::Builds(BuildsRequest {
+            builder: words.first().cloned().unwrap_or_default(),
+            limit: limit
+                .map(|l| number(&l, "--limit"))
+                .transpose()?
+                .unwrap_or(0)
+                .clamp(0, 1000) as u32,
+        }),
+        ("builds", _) => return usage("builds [BUILDER] [--limit N]"),
+        ("log", 1 | 2) => C::Log(LogRequest {
+            build: number(&words[0], "BUILD")?,
+            step: words.get(1).cloned().unwrap_or_default(),
+        }),
+        ("log", _) => return usage("log BUILD [STEP]"),
+        ("force", 1) => C::Force(ForceRequest {
+            builder: words[0].clone(),
+            branch,
+            revision,
+            repository,
+        }),
+        ("force", _) => return usage("force BUILDER [--branch B] [--revision R] [--repository R]"),
+        ("stop", 1) => C::Stop(StopRequest {
+            build: number(&words[0], "BUILD")?,
+        }),
+        ("stop", _) => return usage("stop BUILD"),
+        ("hangup", 1) => C::Hangup(HangupRequest {
+            worker: words[0].clone(),
+        }),
+        ("hangup", _) => return usage("hangup WORKER"),
+        ("watch", 0) => C::Watch(WatchRequest {}),
+        ("status" | "workers" | "builders" | "watch", _) => {
+            return Err(format!("{cmd} takes no arguments"));
+        }
+        _ => return Err(format!("unknown command {cmd:?}; try `help`")),
+    };
+    Ok(command)
+}
+
+fn opt_str(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { json!(s) }
+}
+
+fn opt_ms(ms: i64) -> Value {
+    if ms == 0 { Value::Null } else { json!(ms) }
+}
+
+pub fn build_json(b: &BuildDetails) -> Value {
+    json!({
+        "id": b.id,
+        "builder": b.builder,
+        "worker": b.worker,
+        "result": opt_str(&b.result),
+        "reason": b.reason,
+        "repository": b.repository,
+        "branch": b.branch,
+        "revision": b.revision,
+        "started_unix_ms": b.started_unix_ms,
+        "finished_unix_ms": opt_ms(b.finished_unix_ms),
+        "steps": b.steps.iter().map(|s| json!({
+            "name": s.name,
+            "position": s.position,
+            "attempt": s.attempt,
+            "step_id": s.step_id,
+            "result": opt_str(&s.result),
+            "exit_code": s.exit_code,
+            "signal": s.signal,
+            "detail": s.detail,
+            "on_lost": s.on_lost,
+            "started_unix_ms": s.started_unix_ms,
+            "finished_unix_ms": opt_ms(s.finished_unix_ms),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn event_json(e: &DebugEvent) -> Value {
+    use debug_event::Kind as K;
+    let mut v = match &e.kind {
+        Some(K::WorkerConnected(w)) => {
+            json!({"type": "worker_connected", "worker": w.worker, "session_id": w.session_id})
+        }
+        Some(K::WorkerLost(w)) => {
+            json!({"type": "worker_lost", "worker": w.worker, "reason": w.reason})
+        }
+        Some(K::BuildStarted(b)) => {
+            json!({"type": "build_started", "build": b.build, "builder": b.builder, "worker": b.worker})
+        }
+        Some(K::StepStarted(s)) => {
+            json!({"type": "step_started", "build": s.build, "step": s.step, "attempt": s.attempt})
+        }
+        Some(K::StepEnded(s)) => {
+            json!({"type": "step_finished", "build": s.build, "step": s.step, "attempt": s.attempt, "result": s.result, "detail": s.detail})
+        }
+        Some(K::BuildEnded(b)) => {
+            json!({"type": "build_finished", "build": b.build, "builder": b.builder, "result": b.result})
+        }
+        None => json!({"type": "unknown"}),
+    };
+    v["unix_ms"] = json!(e.unix_ms);
+    v
+}
+
+pub fn event_text(e: &DebugEvent) -> String {
+    use debug_event::Kind as K;
+    match &e.kind {
+        Some(K::WorkerConnected(w)) => {
+            format!("worker {} connected (session {})", w.worker, w.session_id)
+        }
+        Some(K::WorkerLost(w)) => format!("worker {} lost: {}", w.worker, w.reason),
+        Some(K::BuildStarted(b)) => format!(
+            "build {} started: builder {} on worker {}",
+            b.build, b.builder, b.worker
+        ),
+        Some(K::StepStarted(s)) => format!(
+            "build {} step {} started (attempt {})",
+            s.build, s.step, s.attempt
+        ),
+        Some(K::StepEnded(s)) if s.detail.is_empty() => {
+            format!("build {} step {} finished: {}", s.build, s.step, s.result)
+        }
+        Some(K::StepEnded(s)) => format!(
+            "build {} step {} finished: {} ({})",
+            s.build, s.step, s.result, s.detail
+        ),
+        Some(K::BuildEnded(b)) => format!(
+            "build {} finished: {} (builder {})",
+            b.build, b.result, b.builder
+        ),
+        None => "unknown event".into(),
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
+impl Console {
+    pub async fn connect(addr: &str, creds: &Credentials) -> Result<Self, client::ClientError> {
+        let session = client::connect(addr, super::SERVICE, creds).await?;
+        Ok(Console {
+            session,
+            next_id: 1,
+            json: false,
+        })
+    }
+
+    async fn send(&mut self, command: debug_request::Command) -> Result<u64, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = DebugRequest {
+            id,
+            command: Some(command),
+        };
+        self.session
+            .stream
+            .send(Bytes::from(req.encode_to_vec()))
+            .await
+            .map_err(|e| format!("lost the master: {e}"))?;
+        Ok(id)
+    }
+
+    async fn reply(&mut self, id: u64) -> Result<DebugReply, String> {
+        loop {
+            let frame = self
+                .session
+                .stream
+                .next()
+                .await
+                .ok_or("the master closed the console session")?
+                .map_err(|e| format!("lost the master: {e}"))?;
+            let reply = DebugReply::decode(frame.freeze())
+                .map_err(|_| "the master sent an undecodable reply".to_string())?;
+            if reply.id == id {
+                if let Some(debug_reply::Result::Error(e)) = &reply.result {
+                    return Err(e.clone());
+                }
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Runs one command, printing its output to `out`. `watch` runs until
+    /// the session ends or `stop` resolves.
+    pub async fn run(
+        &mut self,
+        command: debug_request::Command,
+        out: &mut dyn Write,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
+        let id = self.send(command).await?;
+        tokio::pin!(stop);
+        loop {
+            let reply = tokio::select! {
+                r = self.reply(id) => r?,
+                _ = &mut stop => return Ok(()),
+            };
+            let end = reply.end;
+            if let Some(r) = reply.result {
+                self.print(r, out)
+                    .map_err(|e| format!("cannot write the output: {e}"))?;
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    fn print(&self, r: debug_reply::Result, out: &mut dyn Write) -> std::io::Result<()> {
+        use debug_reply::Result as R;
+        if self.json {
+            let v = match r {
+                R::Status(s) => json!({
+                    "version": s.version, "workers_configured": s.workers_configured, "workers_connected": s.workers_connected,
+                    "builders": s.builders, "builds_running": s.builds_running, "requests_waiting": s.requests_waiting,
+                    "watchers": s.watchers,
+                }),
+                R::Workers(w) => json!(w.workers.iter().map(|w| json!({
+                    "name": w.name, "connected": w.connected, "hostname": opt_str(&w.hostname), "os": opt_str(&w.os),
+                    "arch": opt_str(&w.arch), "cpus": w.cpus, "version": opt_str(&w.version), "max_builds": w.max_builds,
+                    "running_builds": w.running_builds, "session_id": opt_str(&w.session_id),
+                    "connected_unix_ms": opt_ms(w.connected_unix_ms),
+                })).collect::<Vec<_>>()),
+                R::Builders(b) => json!(b.builders.iter().map(|b| json!({
+                    "name": b.name, "workers": b.workers, "steps": b.steps, "waiting": b.waiting,
+                })).collect::<Vec<_>>()),
+                R::Builds(b) => json!(b.builds.iter().map(build_json).collect::<Vec<_>>()),
+                R::Log(l) => json!({
+                    "step": l.step, "attempt": l.attempt, "stream": crate::worker::agent::stream_name(l.stream),
+                    "text": String::from_utf8_lossy(&l.data),
+                }),
+                R::Force(f) => json!({"request_id": f.request_id}),
+                R::Stop(_) | R::Hangup(_) => json!({"ok": true}),
+                R::Event(e) => event_json(&e),
+                R::Error(e) => json!({"error": e}),
+            };
+            writeln!(out, "{v}")?;
+            return out.flush();
+        }
+        match r {
+            R::Status(s) => writeln!(
+                out,
+                "switchyard {}: {}/{} workers connected, {} builders, {} builds running, {} requests waiting",
+                s.version,
+                s.workers_connected,
+                s.workers_configured,
+                s.builders,
+                s.builds_running,
+                s.requests_waiting
+            )?,
+            R::Workers(w) => {
+                writeln!(
+                    out,
+                    "{:<20} {:<10} {:<20} {:<16} {:>4} {:>7}",
+                    "WORKER", "CONNECTED", "HOST", "OS/ARCH", "CPUS", "BUILDS"
+                )?;
+                for w in w.workers {
+                    let os = if w.connected {
+                        format!("{}/{}", w.os, w.arch)
+                    } else {
+                        "-".into()
+                    };
+                    writeln!(
+                        out,
+                        "{:<20} {:<10} {:<20} {:<16} {:>4} {:>7}",
+                        w.name,
+                        if w.connected { "yes" } else { "no" },
+                        or_dash(&w.hostname),
+                        os,
+                        w.cpus,
+                        format!("{}/{}", w.running_builds, w.max_builds)
+                    )?;
+                }
+            }
+            R::Builders(b) => {
+                writeln!(
+                    out,
+                    "{:<20} {:>7}  {:<30} STEPS",
+                    "BUILDER", "WAITING", "WORKERS"
+                )?;
+                for b in b.builders {
+                    writeln!(
+                        out,
+                        "{:<20} {:>7}  {:<30} {}",
+                        b.name,
+                        b.waiting,
+                        b.workers.join(","),
+                        b.steps.join(" → ")
+                    )?;
+                }
+            }
+            R::Builds(b) => {
+                writeln!(
+                    out,
+                    "{:>6} {:<20} {:<12} {:<12} STEPS",
+                    "BUILD", "BUILDER", "WORKER", "RESULT"
+                )?;
+                for b in b.builds {
+                    let steps: Vec<String> = b
+                        .steps
+                        .iter()
+                        .map(|s| {
+                            let attempt = if s.attempt > 1 {
+                                format!("#{}", s.attempt)
+                            } else {
+                                String::new()
+                            };
+                            format!(
+                                "{}{attempt}:{}",
+                                s.name,
+                                if s.result.is_empty() {
+                                    "running"
+                                } else {
+                                    &s.result
+                                }
+                            )
+                        })
+                        .collect();
+                    let result = if b.result.is_empty() {
+                        "running"
+                    } else {
+                        &b.result
+                    };
+                    writeln!(
+                        out,
+                        "{:>6} {:<20} {:<12} {:<12} {}",
+                        b.id,
+                        b.builder,
+                        b.worker,
+                        result,
+                        steps.join(" ")
+                    )?;
+                }
+            }
+            R::Log(l) => out.write_all(&l.data)?,
+            R::Force(f) => writeln!(out, "build requested (request {})", f.request_id)?,
+            R::Stop(_) => writeln!(out, "stopping")?,
+            R::Hangup(_) => writeln!(out, "hung up")?,
+            R::Event(e) => writeln!(out, "{} {}", hms(e.unix_ms), event_text(&e))?,
+            R::Error(e) => writeln!(out, "error: {e}")?,
+        }
+        out.flush()
+    }
+}
+
+fn hms(unix_ms: i64) -> String {
+    let s = (unix_ms / 1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Runs one command and exits: `switchyard debug ... COMMAND`.
+pub async fn once(
+    addr: &str,
+    creds: &Credentials,
+    json: bool,
+    words: &[String],
+) -> Result<(), String> {
+    let command = parse(words)?;
+    let mut console = Console::connect(addr, creds)
+        .await
+        .map_err(|e| e.to_string())?;
+    console.json = json;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    console.run(command, &mut out, ctrl_c).await
+}
+
+/// The interactive console: line editing, history, `help`.
+pub fn interactive(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    creds: &Credentials,
+    json: bool,
+) -> Result<(), String> {
+    use rustyline::error::ReadlineError;
+    let mut console = rt
+        .block_on(Console::connect(addr, creds))
+        .map_err(|e| e.to_string())?;
+    console.json = json;
+    let mut editor =
+        rustyline::DefaultEditor::new().map_err(|e| format!("cannot start line editing: {e}"))?;
+    let history =
+        std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".switchyard_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    println!(
+        "connected to {addr} as {}; type `help` for commands",
+        creds.user()
+    );
+    loop {
+        let line = match editor.readline("switchyard> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(format!("cannot read the command: {e}")),
+        };
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        if words.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line.as_str());
+        match words[0].as_str() {
+            "quit" | "exit" => break,
+            "help" => {
+                println!("{HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        let command = match parse(&words) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                continue;
+            }
+        };
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let result = if matches!(command, debug_request::Command::Watch(_)) {
+            // A watch of its own, on a session of its own, that Ctrl-C ends.
+            rt.block_on(async {
+                let mut watcher = Console::connect(addr, creds)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                watcher.json = json;
+                let ctrl_c = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                watcher.run(command, &mut out, ctrl_c).await
+            })
+        } else {
+            rt.block_on(console.run(command, &mut out, std::future::pending()))
+        };
+        if let Err(e) = result {
+            eprintln!("error: {e}");
+            if e.starts_with("lost the master") || e.starts_with("the master closed") {
+                return Err(e);
+            }
+        }
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
+}

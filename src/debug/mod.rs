@@ -1,0 +1,267 @@
+//! The operator's console: status, workers, builders, builds, logs, force,
+//! stop, hangup and watch.
+//!
+//! [`DebugApi`] is the one implementation. It is served twice on the port:
+//! over the native protocol as service `debug` ([`service`]), and as the gRPC
+//! service `switchyard.v1.Debug` ([`grpc`]). [`console`] is the client behind
+//! `switchyard debug`.
+
+pub mod console;
+pub mod grpc;
+pub mod service;
+
+use tokio::sync::{broadcast, mpsc};
+
+use crate::builds::{BuildError, BuildMaster};
+use crate::proto::{
+    BuildDetails, BuilderDetails, BuildersReply, BuildsReply, BuildsRequest, DebugEvent,
+    ForceReply, ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest, OutputStream,
+    StatusReply, StepDetails, StopReply, StopRequest, WorkerDetails, WorkersReply,
+};
+use crate::state::{BuildRecord, StateError};
+
+/// The service name users must be granted to use the console.
+pub const SERVICE: &str = "debug";
+
+/// Why a console command failed; the text is shown to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DebugError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<BuildError> for DebugError {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::State(s) => DebugError::Internal(s.to_string()),
+            other => DebugError::NotFound(other.to_string()),
+        }
+    }
+}
+
+impl From<StateError> for DebugError {
+    fn from(e: StateError) -> Self {
+        DebugError::Internal(e.to_string())
+    }
+}
+
+/// Log bytes per reply when streaming a log.
+const LOG_PAGE: usize = 256 * 1024;
+
+/// The console's operations, on one build master.
+#[derive(Clone)]
+pub struct DebugApi {
+    builds: BuildMaster,
+}
+
+fn build_details(b: BuildRecord) -> BuildDetails {
+    BuildDetails {
+        id: b.id,
+        builder: b.builder,
+        worker: b.worker,
+        result: b.result.unwrap_or_default(),
+        reason: b.reason,
+        repository: b.repository,
+        branch: b.branch,
+        revision: b.revision,
+        started_unix_ms: b.started_ms,
+        finished_unix_ms: b.finished_ms.unwrap_or(0),
+        steps: b
+            .steps
+            .into_iter()
+            .map(|s| StepDetails {
+                name: s.name,
+                position: s.position,
+                attempt: s.attempt,
+                step_id: s.step_id,
+                result: s.result.unwrap_or_default(),
+                exit_code: s.exit_code,
+                signal: s.signal,
+                detail: s.detail,
+                started_unix_ms: s.started_ms,
+                finished_unix_ms: s.finished_ms.unwrap_or(0),
+                on_lost: s.on_lost,
+            })
+            .collect(),
+    }
+}
+
+impl DebugApi {
+    pub fn new(builds: BuildMaster) -> Self {
+        DebugApi { builds }
+    }
+
+    pub async fn status(&self) -> Result<StatusReply, DebugError> {
+        let config = self.builds.config();
+        let waiting: u64 = self.builds.state().waiting_counts().await?.values().sum();
+        Ok(StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            workers_configured: config.workers.len() as u32,
+            workers_connected: self.builds.connected().len() as u32,
+            builders: config.builders.len() as u32,
+            builds_running: self.builds.running_builds() as u32,
+            requests_waiting: waiting,
+            watchers: self.builds.watchers() as u32,
+        })
+    }
+
+    pub fn workers(&self) -> WorkersReply {
+        let config = self.builds.config();
+        let connected: std::collections::HashMap<String, _> = self
+            .builds
+            .connected()
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
+        let workers = config
+            .workers
+            .values()
+            .map(|w| match connected.get(&w.name) {
+                Some(l) => WorkerDetails {
+                    name: w.name.clone(),
+                    connected: true,
+                    hostname: l.hello.hostname.clone(),
+                    os: l.hello.os.clone(),
+                    arch: l.hello.arch.clone(),
+                    cpus: l.hello.cpus,
+                    version: l.hello.version.clone(),
+                    max_builds: w.max_builds as u32,
+                    running_builds: l.running_builds() as u32,
+                    connected_unix_ms: l.connected_ms,
+                    session_id: l.session_id.clone(),
+                },
+                None => WorkerDetails {
+                    name: w.name.clone(),
+                    max_builds: w.max_builds as u32,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        WorkersReply { workers }
+    }
+
+    pub async fn builders(&self) -> Result<BuildersReply, DebugError> {
+        let config = self.builds.config();
+        let waiting = self.builds.state().waiting_counts().await?;
+        Ok(BuildersReply {
+            builders: config
+                .builders
+                .values()
+                .map(|b| BuilderDetails {
+                    name: b.name.clone(),
+                    workers: b.workers.clone(),
+                    steps: b.steps.iter().map(|s| s.name.clone()).collect(),
+                    waiting: waiting.get(&b.name).copied().unwrap_or(0),
+                })
+                .collect(),
+        })
+    }
+
+    pub async fn builds(&self, req: BuildsRequest) -> Result<BuildsReply, DebugError> {
+        let builder = (!req.builder.is_empty()).then_some(req.builder);
+        if let Some(b) = &builder
+            && !self.builds.config().builders.contains_key(b)
+        {
+            return Err(DebugError::NotFound(format!("no builder named {b:?}")));
+        }
+        let limit = if req.limit == 0 {
+            20
+        } else {
+            req.limit.min(1000)
+        } as usize;
+        let builds = self.builds.state().builds(builder, limit).await?;
+        Ok(BuildsReply {
+            builds: builds.into_iter().map(build_details).collect(),
+        })
+    }
+
+    /// Sends the log of a build (or of one step: its name or position) to
+    /// `out`, page by page, oldest first.
+    pub async fn log(
+        &self,
+        req: LogRequest,
+        out: mpsc::Sender<LogReply>,
+    ) -> Result<(), DebugError> {
+        let build = self
+            .builds
+            .state()
+            .build(req.build)
+            .await?
+            .ok_or_else(|| DebugError::NotFound(format!("no build {}", req.build)))?;
+        let steps: Vec<_> = if req.step.is_empty() {
+            build.steps
+        } else {
+            let chosen: Vec<_> = build
+                .steps
+                .into_iter()
+                .filter(|s| s.name == req.step || s.position.to_string() == req.step)
+                .collect();
+            if chosen.is_empty() {
+                return Err(DebugError::NotFound(format!(
+                    "build {} has no step {:?}",
+                    req.build, req.step
+                )));
+            }
+            chosen
+        };
+        for s in steps {
+            let mut after = 0;
+            loop {
+                let page = self.builds.state().log_page(s.row, after, LOG_PAGE).await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for c in page {
+                    let reply = LogReply {
+                        step: s.name.clone(),
+                        attempt: s.attempt,
+                        stream: OutputStream::try_from(c.stream)
+                            .unwrap_or(OutputStream::Unspecified)
+                            as i32,
+                        data: c.data,
+                    };
+                    if out.send(reply).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn force(&self, req: ForceRequest, who: &str) -> Result<ForceReply, DebugError> {
+        if req.builder.is_empty() {
+            return Err(DebugError::Invalid("force needs a builder name".into()));
+        }
+        let id = self
+            .builds
+            .force(
+                &req.builder,
+                &req.branch,
+                &req.revision,
+                &req.repository,
+                who,
+            )
+            .await?;
+        tracing::info!(builder = %req.builder, request = id, by = %who, "build forced");
+        Ok(ForceReply { request_id: id })
+    }
+
+    pub fn stop(&self, req: StopRequest) -> Result<StopReply, DebugError> {
+        self.builds.stop(req.build)?;
+        Ok(StopReply {})
+    }
+
+    pub fn hangup(&self, req: HangupRequest) -> Result<HangupReply, DebugError> {
+        self.builds.hangup(&req.worker)?;
+        tracing::info!(worker = %req.worker, "worker hung up from the console");
+        Ok(HangupReply {})
+    }
+
+    pub fn watch(&self) -> broadcast::Receiver<DebugEvent> {
+        self.builds.subscribe()
+    }
+}

@@ -1,0 +1,415 @@
+//! The operator's console against a real master with real workers: the
+//! `switchyard debug` binary, its `--json` output, and the gRPC Debug service.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use switchyard::proto::debug_event;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+const ADMIN: UserSpec = ("admin", "admin-pw", &["debug", "change-source"]);
+const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const BUILDS: &str = r#"
+[[worker]]
+name = "w1"
+max_builds = 2
+
+[[builder]]
+name = "quick"
+workers = ["w1"]
+[[builder.step]]
+name = "say"
+shell = "echo quick output"
+[[builder.step]]
+name = "more"
+shell = "echo more output >&2"
+
+[[builder]]
+name = "slow"
+workers = ["w1"]
+[[builder.step]]
+name = "wait"
+shell = "(sleep 5; touch survived) & echo waiting; sleep 60"
+"#;
+
+async fn start() -> (TestMaster, Reaped) {
+    let users = [ADMIN, HOOK];
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text("heartbeat_interval = \"1s\"", &users) + BUILDS;
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let worker = Reaped(
+        Command::new(BIN)
+            .args([
+                "worker",
+                "--master",
+                &m.addr.to_string(),
+                "--name",
+                "w1",
+                "--basedir",
+            ])
+            .arg(m.dir.path().join("basedir"))
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    within("the worker to connect", async {
+        while m.master.builds().connected().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    (m, worker)
+}
+
+/// Runs `switchyard debug` once (off the async runtime) and returns stdout.
+async fn debug(
+    m: &TestMaster,
+    user: &str,
+    password: &str,
+    args: &[&str],
+) -> Result<String, String> {
+    let (addr, user, password) = (m.addr.to_string(), user.to_string(), password.to_string());
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = within(
+        "switchyard debug",
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["debug", "--master", &addr, "--user", &user])
+                .args(&args)
+                .env("SWITCHYARD_PASSWORD", password)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+async fn json(m: &TestMaster, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = debug(m, "admin", "admin-pw", &all).await.unwrap();
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+async fn wait_result(m: &TestMaster, build: i64) -> String {
+    within("the build to end", async {
+        loop {
+            if let Some(r) = m
+                .master
+                .state()
+                .build(build)
+                .await
+                .unwrap()
+                .and_then(|b| b.result)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+async fn next_build_started(
+    events: &mut tokio::sync::broadcast::Receiver<switchyard::proto::DebugEvent>,
+) -> i64 {
+    within("a build to start", async {
+        loop {
+            if let Ok(e) = events.recv().await
+                && let Some(debug_event::Kind::BuildStarted(b)) = e.kind
+            {
+                return b.build;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn force_status_builds_log_and_json_from_the_console() {
+    let (m, _w) = start().await;
+    let mut events = m.master.builds().subscribe();
+    let forced = json(
+        &m,
+        &["force", "quick", "--branch", "main", "--revision", "abc"],
+    )
+    .await;
+    assert!(forced["request_id"].as_i64().unwrap() > 0);
+    let build = next_build_started(&mut events).await;
+    assert_eq!(wait_result(&m, build).await, "success");
+
+    let status = json(&m, &["status"]).await;
+    assert_eq!(status["workers_connected"], 1);
+    assert_eq!(status["builders"], 2);
+    let workers = json(&m, &["workers"]).await;
+    assert_eq!(workers[0]["name"], "w1");
+    assert_eq!(workers[0]["connected"], true);
+    let builders = json(&m, &["builders"]).await;
+    assert_eq!(builders.as_array().unwrap().len(), 2);
+    let builds = json(&m, &["builds", "quick"]).await;
+    let b = &builds[0];
+    assert_eq!(b["id"], build);
+    assert_eq!(b["builder"], "quick");
+    assert_eq!(b["result"], "success");
+    assert_eq!(b["branch"], "main");
+    assert_eq!(b["revision"], "abc");
+    assert_eq!(b["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(b["steps"][1]["name"], "more");
+    assert_eq!(b["steps"][1]["result"], "success");
+
+    // Human output too.
+    let text = debug(&m, "admin", "admin-pw", &["builds"]).await.unwrap();
+    assert!(
+        text.contains("quick") && text.contains("say:success more:success"),
+        "{text}"
+    );
+    let log = debug(&m, "admin", "admin-pw", &["log", &build.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(log, "quick output\nmore output\n");
+    let log = debug(
+        &m,
+        "admin",
+        "admin-pw",
+        &["log", &build.to_string(), "more"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(log, "more output\n");
+
+    // Mistakes are explained, and exit non-zero.
+    let err = debug(&m, "admin", "admin-pw", &["force", "nosuch"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("no builder named \"nosuch\""), "{err}");
+    let err = debug(&m, "admin", "admin-pw", &["frobnicate"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("unknown command"), "{err}");
+    let err = debug(&m, "admin", "admin-pw", &["log", "99999"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("no build 99999"), "{err}");
+    // A user without the `debug` grant.
+    let err = debug(&m, "hook", "hook-pw", &["status"]).await.unwrap_err();
+    assert!(err.contains("NOT_AUTHORIZED"), "{err}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn stop_interrupts_a_running_build_and_kills_its_processes() {
+    let (m, _w) = start().await;
+    let mut events = m.master.builds().subscribe();
+    debug(&m, "admin", "admin-pw", &["force", "slow"])
+        .await
+        .unwrap();
+    let build = next_build_started(&mut events).await;
+    // Let the step start its processes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = debug(&m, "admin", "admin-pw", &["stop", &build.to_string()])
+        .await
+        .unwrap();
+    assert!(out.contains("stopping"), "{out}");
+    assert_eq!(wait_result(&m, build).await, "interrupted");
+    let b = m.master.state().build(build).await.unwrap().unwrap();
+    assert_eq!(b.steps[0].result.as_deref(), Some("interrupted"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !m.dir.path().join("basedir/slow/survived").exists(),
+        "a process of the stopped step survived"
+    );
+    let err = debug(&m, "admin", "admin-pw", &["stop", &build.to_string()])
+        .await
+        .unwrap_err();
+    assert!(err.contains("no running build"), "{err}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn watch_sees_a_build_from_start_to_end() {
+    let (m, _w) = start().await;
+    let mut watch = Reaped(
+        Command::new(BIN)
+            .args([
+                "debug",
+                "--master",
+                &m.addr.to_string(),
+                "--user",
+                "admin",
+                "--json",
+                "watch",
+            ])
+            .env("SWITCHYARD_PASSWORD", "admin-pw")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = watch.0.stdout.take().unwrap();
+    // The master runs on this test's runtime: read the lines without blocking it.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Wait until the watch is subscribed.
+    within("the watch to subscribe", async {
+        while m.master.builds().watchers() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(json(&m, &["status"]).await["watchers"], 1);
+    let mut seen: Vec<Value> = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    debug(&m, "admin", "admin-pw", &["hangup", "w1"])
+        .await
+        .unwrap();
+    debug(&m, "admin", "admin-pw", &["force", "quick"])
+        .await
+        .unwrap();
+    while !seen.iter().any(|e| e["type"] == "build_finished") {
+        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(line)) => line,
+            _ => panic!("watch: no build_finished in time; saw {seen:?}"),
+        };
+        seen.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+    }
+    let types: Vec<&str> = seen.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let pos = |t: &str| {
+        types
+            .iter()
+            .position(|x| *x == t)
+            .unwrap_or_else(|| panic!("no {t} in {types:?}"))
+    };
+    assert!(pos("worker_lost") < pos("build_started"), "{types:?}");
+    assert!(pos("build_started") < pos("step_started"));
+    assert!(pos("step_started") < pos("step_finished"));
+    assert!(pos("step_finished") < pos("build_finished"));
+    let finished = seen.iter().find(|e| e["type"] == "build_finished").unwrap();
+    assert_eq!(finished["result"], "success");
+    assert_eq!(finished["builder"], "quick");
+    assert_eq!(types.iter().filter(|t| **t == "step_finished").count(), 2);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn the_interactive_console_takes_commands_on_stdin() {
+    let (m, _w) = start().await;
+    let addr = m.addr.to_string();
+    let out = within(
+        "an interactive console",
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(BIN)
+                .args(["debug", "--master", &addr, "--user", "admin"])
+                .env("SWITCHYARD_PASSWORD", "admin-pw")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"help\nstatus\nworkers\nbogus\nquit\n")
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("force BUILDER"), "help: {stdout}");
+    assert!(stdout.contains("1/1 workers connected"), "status: {stdout}");
+    assert!(
+        stdout.contains("w1") && stdout.contains("yes"),
+        "workers: {stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_operations_over_grpc() {
+    use switchyard::proto::debug_client::DebugClient;
+    use switchyard::proto::{BuildsRequest, ForceRequest, StatusRequest};
+    let (m, _w) = start().await;
+    let mut client = DebugClient::new(m.grpc().await);
+    let auth = |user: &str, pw: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+        .parse::<tonic::metadata::MetadataValue<_>>()
+        .unwrap()
+    };
+    let mut req = tonic::Request::new(StatusRequest {});
+    req.metadata_mut()
+        .insert("authorization", auth("hook", "hook-pw"));
+    let err = within("Status", client.status(req)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let mut events = m.master.builds().subscribe();
+    let mut req = tonic::Request::new(ForceRequest {
+        builder: "quick".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", auth("admin", "admin-pw"));
+    within("Force", client.force(req)).await.unwrap();
+    let build = next_build_started(&mut events).await;
+    assert_eq!(wait_result(&m, build).await, "success");
+    let mut req = tonic::Request::new(BuildsRequest {
+        builder: "quick".into(),
+        limit: 5,
+    });
+    req.metadata_mut()
+        .insert("authorization", auth("admin", "admin-pw"));
+    let builds = within("Builds", client.builds(req))
+        .await
+        .unwrap()
+        .into_inner()
+        .builds;
+    assert_eq!(builds[0].id, build);
+    assert_eq!(builds[0].result, "success");
+    assert_eq!(builds[0].steps.len(), 2);
+    m.stop().await;
+}
