@@ -286,3 +286,163 @@ async fn an_unknown_worker_cannot_log_in() {
     wait_connected(&m, 1).await;
     m.stop().await;
 }
+
+/// Logs in as worker `name` in-process and says hello; with `alive`, a task
+/// answers the master's heartbeats as a real worker does.
+async fn fake_worker(
+    m: &TestMaster,
+    name: &str,
+    password: &str,
+    alive: bool,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message;
+    use switchyard::proto::{
+        MasterMessage, WorkerHello, WorkerMessage, master_message, worker_message,
+    };
+    let mut s = m.login(name, password, "worker").await.unwrap();
+    let hello = WorkerMessage {
+        kind: Some(worker_message::Kind::Hello(WorkerHello {
+            hostname: "fake".into(),
+            ..Default::default()
+        })),
+    };
+    s.stream
+        .send(bytes::Bytes::from(hello.encode_to_vec()))
+        .await
+        .unwrap();
+    let id = s.session_id.clone();
+    let task = tokio::spawn(async move {
+        if !alive {
+            // Hold the connection open but never answer.
+            std::future::pending::<()>().await;
+        }
+        while let Some(Ok(frame)) = s.stream.next().await {
+            if let Ok(MasterMessage {
+                kind: Some(master_message::Kind::Heartbeat(hb)),
+            }) = MasterMessage::decode(frame.freeze())
+            {
+                let reply = WorkerMessage {
+                    kind: Some(worker_message::Kind::Heartbeat(hb)),
+                };
+                if s.stream
+                    .send(bytes::Bytes::from(reply.encode_to_vec()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    (id, task)
+}
+
+fn connected_session(m: &TestMaster, name: &str) -> Option<String> {
+    m.master
+        .builds()
+        .connected()
+        .into_iter()
+        .find(|l| l.name == name)
+        .map(|l| l.session_id.clone())
+}
+
+#[tokio::test]
+async fn a_second_login_is_refused_while_the_first_answers_and_replaces_it_when_it_does_not() {
+    let m = master_with(&[("w1", "w1-pw", 1)], TWO_STEPS).await;
+    let (first, _alive) = fake_worker(&m, "w1", "w1-pw", true).await;
+    within("w1 to register", async {
+        while connected_session(&m, "w1").is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (second, _t) = fake_worker(&m, "w1", "w1-pw", true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        connected_session(&m, "w1").as_deref(),
+        Some(first.as_str()),
+        "a live session must not be replaced"
+    );
+    assert_ne!(first, second);
+    drop(_alive);
+
+    // A first session that does not answer is replaced within a few seconds.
+    let m2 = master_with(&[("w1", "w1-pw", 1)], TWO_STEPS).await;
+    let (silent, _s) = fake_worker(&m2, "w1", "w1-pw", false).await;
+    within("w1 to register", async {
+        while connected_session(&m2, "w1").is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (newer, _n) = fake_worker(&m2, "w1", "w1-pw", true).await;
+    within("the silent session to be replaced", async {
+        while connected_session(&m2, "w1").as_deref() != Some(newer.as_str()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_ne!(silent, newer);
+    m.stop().await;
+    m2.stop().await;
+}
+
+#[tokio::test]
+async fn a_big_log_streams_byte_exact_while_other_builds_finish() {
+    // 32 MiB of output through the worker's window and the master's batches,
+    // while a second worker's quick builds keep finishing.
+    let toml = r#"
+[[builder]]
+name = "big"
+workers = ["w1"]
+[[builder.step]]
+name = "print"
+shell = "head -c 33554432 /dev/zero | tr '\\0' 'x'"
+
+[[builder]]
+name = "quick"
+workers = ["w2"]
+[[builder.step]]
+name = "say"
+shell = "echo quick"
+
+[[scheduler]]
+name = "all"
+builders = ["big", "quick"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1), ("w2", "w2-pw", 1)], toml).await;
+    let _w1 = worker(&m, "w1", "w1-pw");
+    let _w2 = worker(&m, "w2", "w2-pw");
+    wait_connected(&m, 2).await;
+    let mut events = m.master.builds().subscribe();
+    for _ in 0..3 {
+        push(&m, "main").await;
+    }
+    let ended = builds_ended(&mut events, 6).await;
+    assert!(ended.iter().all(|(_, r)| r == "success"), "{ended:?}");
+    let builds = m
+        .master
+        .state()
+        .builds(Some("big".into()), 10)
+        .await
+        .unwrap();
+    assert_eq!(builds.len(), 3);
+    for b in builds {
+        let chunks = m
+            .master
+            .state()
+            .log_page(b.steps[0].row, 0, usize::MAX)
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = chunks.iter().map(|c| c.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "chunks are numbered without gaps"
+        );
+        let total: usize = chunks.iter().map(|c| c.data.len()).sum();
+        assert_eq!(total, 32 << 20);
+        assert!(chunks.iter().all(|c| c.data.iter().all(|&b| b == b'x')));
+    }
+    m.stop().await;
+}
