@@ -1,0 +1,370 @@
+//! The build master end to end, with a real `switchyard master` process and
+//! real `switchyard worker` processes on 127.0.0.1:
+//!
+//! 1. trivial steps per second, with 1 and with 8 workers;
+//! 2. latency from `PushChange` to the first output line being stored at the
+//!    master (p50, p99), against a bare `ping` round trip in the same run;
+//! 3. log ingest: a step writing 1 GiB (`head -c 1G /dev/zero`) against a raw
+//!    TCP copy of the same bytes on loopback, with the master's peak memory;
+//! 4. the worker's resident memory, idle and while streaming that 1 GiB.
+//!
+//! Run: `cargo bench --bench builds` (add `-- quick` for a short run with a
+//! 64 MiB log). Every loop is bounded in count and time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+
+use switchyard::auth::Verifier;
+use switchyard::client::{self, Credentials};
+use switchyard::proto::debug_client::DebugClient;
+use switchyard::proto::{Change, DebugEvent, ForceRequest, WatchRequest, WorkersRequest, debug_event};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Master {
+    dir: PathBuf,
+    addr: String,
+    proc: Proc,
+    workers: Vec<Proc>,
+}
+
+const BUILDERS: &str = r#"
+[[builder]]
+name = "trivial"
+workers = ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"]
+[[builder.step]]
+name = "a"
+command = ["true"]
+[[builder.step]]
+name = "b"
+command = ["true"]
+[[builder.step]]
+name = "c"
+command = ["true"]
+[[builder.step]]
+name = "d"
+command = ["true"]
+
+[[builder]]
+name = "echo"
+workers = ["w1"]
+[[builder.step]]
+name = "first"
+shell = "echo first line"
+
+[[scheduler]]
+name = "latency"
+builders = ["echo"]
+branches = ["latency"]
+"#;
+
+fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
+    let dir = std::env::temp_dir().join(format!("switchyard-builds-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = String::from(
+        "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n\n[[user]]\nname = \"admin\"\nservices = [\"debug\", \"change-source\", \"ping\"]\n",
+    );
+    let mut secrets = String::from("[verifiers]\n");
+    let v = |pw: &str| Verifier::from_password(pw.as_bytes(), 4096).unwrap().encode();
+    secrets.push_str(&format!("admin = {:?}\n", v("admin-pw")));
+    for i in 1..=8 {
+        config.push_str(&format!("\n[[worker]]\nname = \"w{i}\"\n"));
+        secrets.push_str(&format!("w{i} = {:?}\n", v("worker-pw")));
+    }
+    config.push_str(BUILDERS);
+    config.push_str(&format!(
+        "\n[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"head -c {log_bytes} /dev/zero\"\n"
+    ));
+    std::fs::write(dir.join("master.toml"), config).unwrap();
+    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(dir.join("master.toml"))
+        .env("RUST_LOG", "warn,switchyard::master=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the master exited").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let mut procs = Vec::new();
+    for i in 1..=workers {
+        procs.push(Proc(
+            Command::new(BIN)
+                .args(["worker", "--master", &addr, "--name", &format!("w{i}"), "--basedir"])
+                .arg(dir.join(format!("basedir-w{i}")))
+                .env("SWITCHYARD_PASSWORD", "worker-pw")
+                .env("RUST_LOG", "error")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    Master { dir, addr, proc: Proc(child), workers: procs }
+}
+
+fn auth() -> MetadataValue<tonic::metadata::Ascii> {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("admin:admin-pw")).parse().unwrap()
+}
+
+fn req<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("authorization", auth());
+    r
+}
+
+async fn debug_client(addr: &str) -> DebugClient<tonic::transport::Channel> {
+    DebugClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+async fn wait_workers(client: &mut DebugClient<tonic::transport::Channel>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = client.workers(req(WorkersRequest {})).await.unwrap().into_inner();
+        if w.workers.iter().filter(|w| w.connected).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "workers did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn watch(client: &mut DebugClient<tonic::transport::Channel>) -> tonic::Streaming<DebugEvent> {
+    client.watch(req(WatchRequest {})).await.unwrap().into_inner()
+}
+
+/// Waits for `n` builds to end; returns how many succeeded.
+async fn builds_ended(events: &mut tonic::Streaming<DebugEvent>, n: usize, cap: Duration) -> usize {
+    let (mut ended, mut ok) = (0, 0);
+    let deadline = tokio::time::Instant::now() + cap;
+    while ended < n {
+        let Ok(Some(Ok(e))) = tokio::time::timeout_at(deadline, events.next()).await else { panic!("only {ended} of {n} builds ended in time") };
+        if let Some(debug_event::Kind::BuildEnded(b)) = e.kind {
+            ended += 1;
+            ok += (b.result == "success") as usize;
+        }
+    }
+    ok
+}
+
+async fn steps_per_second(workers: usize, builds: usize) -> f64 {
+    let m = start_master(&format!("steps{workers}"), workers, 1);
+    let mut client = debug_client(&m.addr).await;
+    wait_workers(&mut client, workers).await;
+    let mut events = watch(&mut client).await;
+    let start = Instant::now();
+    for _ in 0..builds {
+        client.force(req(ForceRequest { builder: "trivial".into(), ..Default::default() })).await.unwrap();
+    }
+    let ok = builds_ended(&mut events, builds, Duration::from_secs(300)).await;
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(ok, builds, "every trivial build succeeds");
+    let _ = std::fs::remove_dir_all(&m.dir);
+    (builds * 4) as f64 / secs
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn latency(samples: usize) -> ((f64, f64), (f64, f64)) {
+    let m = start_master("latency", 1, 1);
+    let mut client = debug_client(&m.addr).await;
+    wait_workers(&mut client, 1).await;
+    let mut events = watch(&mut client).await;
+    let mut push = switchyard::grpc::client::ChangeSourceConnection::connect(&m.addr, "admin", "admin-pw").await.unwrap();
+    let db = rusqlite::Connection::open_with_flags(m.dir.join("state.sqlite"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut lat = Vec::new();
+    for i in 0..samples {
+        let start = Instant::now();
+        push.push(Change { repository: "r".into(), branch: "latency".into(), revision: format!("{i}"), ..Default::default() })
+            .await
+            .unwrap();
+        let build = loop {
+            let e = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap().unwrap().unwrap();
+            if let Some(debug_event::Kind::BuildStarted(b)) = e.kind {
+                break b.build;
+            }
+        };
+        // Poll the master's database for the first stored output chunk.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: i64 = db
+                .query_row(
+                    "SELECT COUNT(*) FROM log_chunks WHERE step IN (SELECT id FROM steps WHERE build_id = ?1)",
+                    [build],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            if n > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no output stored");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        lat.push(start.elapsed().as_secs_f64() * 1000.0);
+        builds_ended(&mut events, 1, Duration::from_secs(30)).await;
+    }
+    // Baseline: a bare ping round trip on an authenticated session.
+    let mut session = client::connect(&m.addr, "ping", &Credentials::new("admin", "admin-pw")).await.unwrap();
+    let mut ping = Vec::new();
+    for _ in 0..samples * 10 {
+        let start = Instant::now();
+        session.stream.send(bytes::Bytes::from_static(b"ping")).await.unwrap();
+        session.stream.next().await.unwrap().unwrap();
+        ping.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = std::fs::remove_dir_all(&m.dir);
+    ((percentile(&mut lat, 0.5), percentile(&mut lat, 0.99)), (percentile(&mut ping, 0.5), percentile(&mut ping, 0.99)))
+}
+
+/// Copies `bytes` from `head -c` through a loopback TCP connection to a
+/// reader that discards them; returns seconds.
+fn raw_tcp_copy(bytes: u64) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+        total
+    });
+    let start = Instant::now();
+    let mut head = Command::new("head").args(["-c", &bytes.to_string(), "/dev/zero"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = head.stdout.take().unwrap();
+    let mut conn = TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = out.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        conn.write_all(&buf[..n]).unwrap();
+    }
+    drop(conn);
+    let total = sink.join().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    let _ = head.wait();
+    assert_eq!(total, bytes);
+    secs
+}
+
+struct Ingest {
+    secs: f64,
+    stored: i64,
+    master_rss_before: u64,
+    master_peak: u64,
+    worker_idle: u64,
+    worker_peak: u64,
+}
+
+async fn ingest(bytes: u64) -> Ingest {
+    let m = start_master("ingest", 1, bytes);
+    let mut client = debug_client(&m.addr).await;
+    wait_workers(&mut client, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let master_rss_before = status_kib(m.proc.pid(), "VmRSS:");
+    let worker_pid = m.workers[0].pid();
+    let worker_idle = status_kib(worker_pid, "VmRSS:");
+    let mut events = watch(&mut client).await;
+    let start = Instant::now();
+    client.force(req(ForceRequest { builder: "big".into(), ..Default::default() })).await.unwrap();
+    let mut worker_peak = worker_idle;
+    let mut done = Box::pin(builds_ended(&mut events, 1, Duration::from_secs(900)));
+    loop {
+        tokio::select! {
+            ok = &mut done => { assert_eq!(ok, 1, "the big build succeeds"); break; }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                worker_peak = worker_peak.max(status_kib(worker_pid, "VmRSS:"));
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let master_peak = status_kib(m.proc.pid(), "VmHWM:");
+    worker_peak = worker_peak.max(status_kib(worker_pid, "VmHWM:"));
+    let db = rusqlite::Connection::open_with_flags(m.dir.join("state.sqlite"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let stored: i64 = db.query_row("SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks", [], |r| r.get(0)).unwrap();
+    drop(db);
+    drop(m.workers);
+    drop(m.proc);
+    let _ = std::fs::remove_dir_all(&m.dir);
+    Ingest { secs, stored, master_rss_before, master_peak, worker_idle, worker_peak }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let (builds_1, builds_8, samples, log) = if quick { (25, 50, 20, 64u64 << 20) } else { (150, 400, 100, 1u64 << 30) };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let one = steps_per_second(1, builds_1).await;
+        let eight = steps_per_second(8, builds_8).await;
+        println!("1. trivial steps/s end to end: 1 worker {one:.0}, 8 workers {eight:.0} ({builds_1} and {builds_8} builds of 4 `true` steps)");
+        let ((p50, p99), (ping50, ping99)) = latency(samples).await;
+        println!(
+            "2. PushChange -> first output line stored: p50 {p50:.2} ms, p99 {p99:.2} ms; bare ping round trip p50 {ping50:.3} ms, p99 {ping99:.3} ms ({samples} samples)"
+        );
+        let raw = raw_tcp_copy(log);
+        let i = ingest(log).await;
+        let mib = log as f64 / (1 << 20) as f64;
+        println!(
+            "3. log ingest of {mib:.0} MiB: switchyard {:.1} s ({:.0} MiB/s, {} bytes stored), raw TCP copy {raw:.2} s ({:.0} MiB/s), ratio {:.3}; master RSS {} KiB before, peak {} KiB",
+            i.secs,
+            mib / i.secs,
+            i.stored,
+            mib / raw,
+            raw / i.secs,
+            i.master_rss_before,
+            i.master_peak
+        );
+        println!("4. worker RSS: idle {} KiB, peak while streaming {} KiB", i.worker_idle, i.worker_peak);
+    });
+}
