@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // set_var is unsafe in edition 2024: hand the path to prost-build directly.
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
+    // Output chunks are handed on and kept until acknowledged: share them
+    // instead of copying.
+    config.bytes([".switchyard.v1.StepOutput.data"]);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("switchyard_descriptor.bin"))
         .compile_with_config(

@@ -25,7 +25,9 @@ use tonic::metadata::MetadataValue;
 use switchyard::auth::Verifier;
 use switchyard::client::{self, Credentials};
 use switchyard::proto::debug_client::DebugClient;
-use switchyard::proto::{Change, DebugEvent, ForceRequest, WatchRequest, WorkersRequest, debug_event};
+use switchyard::proto::{
+    Change, DebugEvent, ForceRequest, WatchRequest, WorkersRequest, debug_event,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
@@ -92,14 +94,21 @@ branches = ["latency"]
 "#;
 
 fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
-    let dir = std::env::temp_dir().join(format!("switchyard-builds-bench-{}-{tag}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-builds-bench-{}-{tag}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut config = String::from(
         "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n\n[[user]]\nname = \"admin\"\nservices = [\"debug\", \"change-source\", \"ping\"]\n",
     );
     let mut secrets = String::from("[verifiers]\n");
-    let v = |pw: &str| Verifier::from_password(pw.as_bytes(), 4096).unwrap().encode();
+    let v = |pw: &str| {
+        Verifier::from_password(pw.as_bytes(), 4096)
+            .unwrap()
+            .encode()
+    };
     secrets.push_str(&format!("admin = {:?}\n", v("admin-pw")));
     for i in 1..=8 {
         config.push_str(&format!("\n[[worker]]\nname = \"w{i}\"\n"));
@@ -131,7 +140,14 @@ fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
     for i in 1..=workers {
         procs.push(Proc(
             Command::new(BIN)
-                .args(["worker", "--master", &addr, "--name", &format!("w{i}"), "--basedir"])
+                .args([
+                    "worker",
+                    "--master",
+                    &addr,
+                    "--name",
+                    &format!("w{i}"),
+                    "--basedir",
+                ])
                 .arg(dir.join(format!("basedir-w{i}")))
                 .env("SWITCHYARD_PASSWORD", "worker-pw")
                 .env("RUST_LOG", "error")
@@ -142,11 +158,21 @@ fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
                 .unwrap(),
         ));
     }
-    Master { dir, addr, proc: Proc(child), workers: procs }
+    Master {
+        dir,
+        addr,
+        proc: Proc(child),
+        workers: procs,
+    }
 }
 
 fn auth() -> MetadataValue<tonic::metadata::Ascii> {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("admin:admin-pw")).parse().unwrap()
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("admin:admin-pw")
+    )
+    .parse()
+    .unwrap()
 }
 
 fn req<T>(msg: T) -> Request<T> {
@@ -156,13 +182,19 @@ fn req<T>(msg: T) -> Request<T> {
 }
 
 async fn debug_client(addr: &str) -> DebugClient<tonic::transport::Channel> {
-    DebugClient::connect(format!("http://{addr}")).await.unwrap()
+    DebugClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
 
 async fn wait_workers(client: &mut DebugClient<tonic::transport::Channel>, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let w = client.workers(req(WorkersRequest {})).await.unwrap().into_inner();
+        let w = client
+            .workers(req(WorkersRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
         if w.workers.iter().filter(|w| w.connected).count() >= n {
             return;
         }
@@ -171,8 +203,14 @@ async fn wait_workers(client: &mut DebugClient<tonic::transport::Channel>, n: us
     }
 }
 
-async fn watch(client: &mut DebugClient<tonic::transport::Channel>) -> tonic::Streaming<DebugEvent> {
-    client.watch(req(WatchRequest {})).await.unwrap().into_inner()
+async fn watch(
+    client: &mut DebugClient<tonic::transport::Channel>,
+) -> tonic::Streaming<DebugEvent> {
+    client
+        .watch(req(WatchRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Waits for `n` builds to end; returns how many succeeded.
@@ -180,7 +218,9 @@ async fn builds_ended(events: &mut tonic::Streaming<DebugEvent>, n: usize, cap: 
     let (mut ended, mut ok) = (0, 0);
     let deadline = tokio::time::Instant::now() + cap;
     while ended < n {
-        let Ok(Some(Ok(e))) = tokio::time::timeout_at(deadline, events.next()).await else { panic!("only {ended} of {n} builds ended in time") };
+        let Ok(Some(Ok(e))) = tokio::time::timeout_at(deadline, events.next()).await else {
+            panic!("only {ended} of {n} builds ended in time")
+        };
         if let Some(debug_event::Kind::BuildEnded(b)) = e.kind {
             ended += 1;
             ok += (b.result == "success") as usize;
@@ -196,7 +236,13 @@ async fn steps_per_second(workers: usize, builds: usize) -> f64 {
     let mut events = watch(&mut client).await;
     let start = Instant::now();
     for _ in 0..builds {
-        client.force(req(ForceRequest { builder: "trivial".into(), ..Default::default() })).await.unwrap();
+        client
+            .force(req(ForceRequest {
+                builder: "trivial".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
     }
     let ok = builds_ended(&mut events, builds, Duration::from_secs(300)).await;
     let secs = start.elapsed().as_secs_f64();
@@ -215,16 +261,32 @@ async fn latency(samples: usize) -> ((f64, f64), (f64, f64)) {
     let mut client = debug_client(&m.addr).await;
     wait_workers(&mut client, 1).await;
     let mut events = watch(&mut client).await;
-    let mut push = switchyard::grpc::client::ChangeSourceConnection::connect(&m.addr, "admin", "admin-pw").await.unwrap();
-    let db = rusqlite::Connection::open_with_flags(m.dir.join("state.sqlite"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut push =
+        switchyard::grpc::client::ChangeSourceConnection::connect(&m.addr, "admin", "admin-pw")
+            .await
+            .unwrap();
+    let db = rusqlite::Connection::open_with_flags(
+        m.dir.join("state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
     let mut lat = Vec::new();
     for i in 0..samples {
         let start = Instant::now();
-        push.push(Change { repository: "r".into(), branch: "latency".into(), revision: format!("{i}"), ..Default::default() })
-            .await
-            .unwrap();
+        push.push(Change {
+            repository: "r".into(),
+            branch: "latency".into(),
+            revision: format!("{i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let build = loop {
-            let e = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap().unwrap().unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(30), events.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if let Some(debug_event::Kind::BuildStarted(b)) = e.kind {
                 break b.build;
             }
@@ -249,16 +311,25 @@ async fn latency(samples: usize) -> ((f64, f64), (f64, f64)) {
         builds_ended(&mut events, 1, Duration::from_secs(30)).await;
     }
     // Baseline: a bare ping round trip on an authenticated session.
-    let mut session = client::connect(&m.addr, "ping", &Credentials::new("admin", "admin-pw")).await.unwrap();
+    let mut session = client::connect(&m.addr, "ping", &Credentials::new("admin", "admin-pw"))
+        .await
+        .unwrap();
     let mut ping = Vec::new();
     for _ in 0..samples * 10 {
         let start = Instant::now();
-        session.stream.send(bytes::Bytes::from_static(b"ping")).await.unwrap();
+        session
+            .stream
+            .send(bytes::Bytes::from_static(b"ping"))
+            .await
+            .unwrap();
         session.stream.next().await.unwrap().unwrap();
         ping.push(start.elapsed().as_secs_f64() * 1000.0);
     }
     let _ = std::fs::remove_dir_all(&m.dir);
-    ((percentile(&mut lat, 0.5), percentile(&mut lat, 0.99)), (percentile(&mut ping, 0.5), percentile(&mut ping, 0.99)))
+    (
+        (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99)),
+        (percentile(&mut ping, 0.5), percentile(&mut ping, 0.99)),
+    )
 }
 
 /// Copies `bytes` from `head -c` through a loopback TCP connection to a
@@ -279,7 +350,11 @@ fn raw_tcp_copy(bytes: u64) -> f64 {
         total
     });
     let start = Instant::now();
-    let mut head = Command::new("head").args(["-c", &bytes.to_string(), "/dev/zero"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut head = Command::new("head")
+        .args(["-c", &bytes.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = head.stdout.take().unwrap();
     let mut conn = TcpStream::connect(addr).unwrap();
     let mut buf = vec![0u8; 64 * 1024];
@@ -317,7 +392,13 @@ async fn ingest(bytes: u64) -> Ingest {
     let worker_idle = status_kib(worker_pid, "VmRSS:");
     let mut events = watch(&mut client).await;
     let start = Instant::now();
-    client.force(req(ForceRequest { builder: "big".into(), ..Default::default() })).await.unwrap();
+    client
+        .force(req(ForceRequest {
+            builder: "big".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     let mut worker_peak = worker_idle;
     let mut done = Box::pin(builds_ended(&mut events, 1, Duration::from_secs(900)));
     loop {
@@ -331,19 +412,43 @@ async fn ingest(bytes: u64) -> Ingest {
     let secs = start.elapsed().as_secs_f64();
     let master_peak = status_kib(m.proc.pid(), "VmHWM:");
     worker_peak = worker_peak.max(status_kib(worker_pid, "VmHWM:"));
-    let db = rusqlite::Connection::open_with_flags(m.dir.join("state.sqlite"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let stored: i64 = db.query_row("SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks", [], |r| r.get(0)).unwrap();
+    let db = rusqlite::Connection::open_with_flags(
+        m.dir.join("state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let stored: i64 = db
+        .query_row(
+            "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     drop(db);
     drop(m.workers);
     drop(m.proc);
     let _ = std::fs::remove_dir_all(&m.dir);
-    Ingest { secs, stored, master_rss_before, master_peak, worker_idle, worker_peak }
+    Ingest {
+        secs,
+        stored,
+        master_rss_before,
+        master_peak,
+        worker_idle,
+        worker_peak,
+    }
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    let (builds_1, builds_8, samples, log) = if quick { (25, 50, 20, 64u64 << 20) } else { (150, 400, 100, 1u64 << 30) };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (builds_1, builds_8, samples, log) = if quick {
+        (25, 50, 20, 64u64 << 20)
+    } else {
+        (150, 400, 100, 1u64 << 30)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let one = steps_per_second(1, builds_1).await;
         let eight = steps_per_second(8, builds_8).await;

@@ -9,6 +9,8 @@
 //! the database's pace instead of filling the master's memory.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,10 +27,10 @@ use crate::proto::{
     Heartbeat, InterruptStep, MasterMessage, OutputAck, StepFinished, WorkerConnectedEvent,
     WorkerHello, WorkerLostEvent, WorkerMessage, debug_event, master_message, worker_message,
 };
-use crate::state::{LogChunk, now_ms};
+use crate::state::{LogChunk, StateDb, now_ms};
 
 /// Most output bytes stored in one batch.
-pub const MAX_BATCH: usize = 1024 * 1024;
+pub const MAX_BATCH: usize = 2 * 1024 * 1024;
 /// Longest a chunk waits to be stored.
 pub const BATCH_DELAY: Duration = Duration::from_millis(20);
 /// How long a live first session has to answer the ping that decides a
@@ -196,16 +198,14 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     }
     bm.wake();
 
-    let mut batch: Vec<LogChunk> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut batch_acks: HashMap<Vec<u8>, u64> = HashMap::new();
-    let mut batch_deadline = tokio::time::Instant::now();
+    let mut logs = LogBatcher::new(bm.inner.state.clone());
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
 
     let reason: String = 'session: loop {
         let flush_now;
+        let (batch_deadline, has_batch) = (logs.deadline, logs.has_batch());
         tokio::select! {
             _ = hangup.requested() => break 'session "the master hung up the session".into(),
             _ = link.hangup.cancelled() => break 'session "hung up by an operator or replaced".into(),
@@ -225,7 +225,13 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => flush_now = true,
+            landed = logs.landed() => {
+                if let Err(why) = send_acks(&mut sink, landed).await {
+                    break 'session why;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(batch_deadline), if has_batch => flush_now = true,
             frame = stream.next() => {
                 last_heard = tokio::time::Instant::now();
                 link.heard();
@@ -240,16 +246,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                 };
                 match kind {
                     worker_message::Kind::Output(o) => match link.row_of(&o.step_id) {
-                        Some(row) => {
-                            if batch.is_empty() {
-                                batch_deadline = tokio::time::Instant::now() + BATCH_DELAY;
-                            }
-                            batch_bytes += o.data.len();
-                            let seq = batch_acks.entry(o.step_id.clone()).or_insert(0);
-                            *seq = (*seq).max(o.seq);
-                            batch.push(LogChunk { step: row, seq: o.seq, stream: o.stream, data: o.data });
-                            flush_now = batch_bytes >= MAX_BATCH;
-                        }
+                        Some(row) => flush_now = logs.push(row, o),
                         None => {
                             // A step whose build has ended: let the worker forget the chunk.
                             if let Err(e) = sink.send(encode(ack(o.step_id, o.seq, false))).await {
@@ -260,7 +257,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                     },
                     worker_message::Kind::Finished(f) => {
                         // Its output first, then its end.
-                        if let Err(why) = flush(&bm, &mut sink, &mut batch, &mut batch_bytes, &mut batch_acks).await {
+                        if let Err(why) = send_acks(&mut sink, logs.drain().await).await {
                             break 'session why;
                         }
                         let pending = link.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
@@ -277,16 +274,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                 }
             }
         }
-        if flush_now
-            && let Err(why) = flush(
-                &bm,
-                &mut sink,
-                &mut batch,
-                &mut batch_bytes,
-                &mut batch_acks,
-            )
-            .await
-        {
+        if flush_now && let Err(why) = send_acks(&mut sink, logs.start().await).await {
             break 'session why;
         }
     };
@@ -313,26 +301,122 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     bm.wake();
 }
 
-async fn flush<S>(
-    bm: &BuildMaster,
-    sink: &mut S,
-    batch: &mut Vec<LogChunk>,
-    batch_bytes: &mut usize,
-    acks: &mut HashMap<Vec<u8>, u64>,
-) -> Result<(), String>
+type Acks = Vec<(Vec<u8>, u64)>;
+type Landing = Pin<Box<dyn Future<Output = Result<Acks, String>> + Send>>;
+
+/// Output on its way to the database: the batch being filled, and at most
+/// one batch being written meanwhile (so reading the worker overlaps with
+/// the write and its sync). Acknowledgements go out only for batches that
+/// have landed.
+struct LogBatcher {
+    state: Arc<StateDb>,
+    batch: Vec<LogChunk>,
+    bytes: usize,
+    acks: HashMap<Vec<u8>, u64>,
+    deadline: tokio::time::Instant,
+    in_flight: Option<Landing>,
+}
+
+impl LogBatcher {
+    fn new(state: Arc<StateDb>) -> Self {
+        LogBatcher {
+            state,
+            batch: Vec::new(),
+            bytes: 0,
+            acks: HashMap::new(),
+            deadline: tokio::time::Instant::now(),
+            in_flight: None,
+        }
+    }
+
+    fn has_batch(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
+    /// Adds a chunk; says whether the batch is full.
+    fn push(&mut self, row: i64, o: crate::proto::StepOutput) -> bool {
+        if self.batch.is_empty() {
+            self.deadline = tokio::time::Instant::now() + BATCH_DELAY;
+        }
+        self.bytes += o.data.len();
+        let seq = self.acks.entry(o.step_id).or_insert(0);
+        *seq = (*seq).max(o.seq);
+        self.batch.push(LogChunk {
+            step: row,
+            seq: o.seq,
+            stream: o.stream,
+            data: o.data,
+        });
+        self.bytes >= MAX_BATCH
+    }
+
+    /// Sends the batch to the database. First waits for the batch already in
+    /// flight, and returns its acknowledgements.
+    async fn start(&mut self) -> Result<Acks, String> {
+        let landed = match self.in_flight.take() {
+            Some(f) => f.await?,
+            None => Vec::new(),
+        };
+        if !self.batch.is_empty() {
+            let chunks = std::mem::take(&mut self.batch);
+            let acks: Acks = self.acks.drain().collect();
+            self.bytes = 0;
+            let state = self.state.clone();
+            let mut write: Landing = Box::pin(async move {
+                match state.append_logs(chunks).await {
+                    Ok(()) => Ok(acks),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot store step output");
+                        Err(format!("cannot store step output: {e}"))
+                    }
+                }
+            });
+            // Poll once now: that hands the batch to the writer thread.
+            let waker = futures_util::task::noop_waker();
+            if let std::task::Poll::Ready(r) = write
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker))
+            {
+                let mut all = landed;
+                all.extend(r?);
+                return Ok(all);
+            }
+            self.in_flight = Some(write);
+        }
+        Ok(landed)
+    }
+
+    /// Resolves when the batch in flight has landed (never, if none).
+    async fn landed(&mut self) -> Result<Acks, String> {
+        match self.in_flight.as_mut() {
+            Some(f) => {
+                let r = f.await;
+                self.in_flight = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stores everything received so far, and waits for it.
+    async fn drain(&mut self) -> Result<Acks, String> {
+        let mut acks = self.start().await?;
+        if let Some(f) = self.in_flight.take() {
+            acks.extend(f.await?);
+        }
+        Ok(acks)
+    }
+}
+
+async fn send_acks<S>(sink: &mut S, acks: Result<Acks, String>) -> Result<(), String>
 where
     S: futures_util::Sink<Bytes, Error = std::io::Error> + Unpin,
 {
-    if batch.is_empty() {
+    let acks = acks?;
+    if acks.is_empty() {
         return Ok(());
     }
-    let chunks = std::mem::take(batch);
-    *batch_bytes = 0;
-    if let Err(e) = bm.inner.state.append_logs(chunks).await {
-        tracing::error!(error = %e, "cannot store step output");
-        return Err(format!("cannot store step output: {e}"));
-    }
-    for (step_id, seq) in acks.drain() {
+    for (step_id, seq) in acks {
         sink.feed(encode(ack(step_id, seq, false)))
             .await
             .map_err(|e| format!("link failed: {e}"))?;

@@ -221,7 +221,7 @@ impl DebugApi {
                         stream: OutputStream::try_from(c.stream)
                             .unwrap_or(OutputStream::Unspecified)
                             as i32,
-                        data: c.data,
+                        data: c.data.into(),
                     };
                     if out.send(reply).await.is_err() {
                         return Ok(());

@@ -117,7 +117,7 @@ pub struct LogChunk {
     pub step: i64,
     pub seq: u64,
     pub stream: i32,
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -297,7 +297,7 @@ impl StateDb {
             let mut stmt =
                 conn.prepare_cached("INSERT OR IGNORE INTO log_chunks (step, seq, stream, data) VALUES (?1, ?2, ?3, ?4)")?;
             for c in &chunks {
-                stmt.execute(params![c.step, c.seq as i64, c.stream, c.data])?;
+                stmt.execute(params![c.step, c.seq as i64, c.stream, &c.data[..]])?;
             }
             Ok(())
         })
@@ -368,7 +368,7 @@ impl StateDb {
             while let Some(r) = rows.next()? {
                 let data: Vec<u8> = r.get(2)?;
                 bytes += data.len();
-                out.push(LogChunk { step: step_row, seq: r.get::<_, i64>(0)? as u64, stream: r.get(1)?, data });
+                out.push(LogChunk { step: step_row, seq: r.get::<_, i64>(0)? as u64, stream: r.get(1)?, data: data.into() });
                 if bytes >= max_bytes {
                     break;
                 }

@@ -51,7 +51,7 @@ pub enum StepEvent {
     Output {
         step_id: Vec<u8>,
         stream: OutputStream,
-        data: Vec<u8>,
+        data: bytes::Bytes,
     },
     Finished {
         step_id: Vec<u8>,
@@ -81,7 +81,7 @@ async fn pump(
                 let ev = StepEvent::Output {
                     step_id: step_id.clone(),
                     stream,
-                    data: buf[..n].to_vec(),
+                    data: bytes::Bytes::copy_from_slice(&buf[..n]),
                 };
                 if events.send(ev).await.is_err() {
                     break;
