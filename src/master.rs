@@ -334,6 +334,7 @@ impl Master {
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));
+        self.builds.set_config(BuildConfig::from_config(&new));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = new;
         report.hung_up = self.dispatcher.revalidate_sessions().await.hung_up;
         self.warn_about_config();

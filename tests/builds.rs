@@ -446,3 +446,41 @@ builders = ["big", "quick"]
     }
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_adds_a_worker_and_a_builder() {
+    let m = master_with(&[("w1", "w1-pw", 1)], TWO_STEPS).await;
+    // w2 is not configured yet: it cannot log in.
+    assert!(m.login("w2", "w2-pw", "worker").await.is_err());
+    let config = std::fs::read_to_string(m.config_path()).unwrap();
+    let more = r#"
+[[worker]]
+name = "w2"
+
+[[builder]]
+name = "gadgets"
+workers = ["w2"]
+[[builder.step]]
+name = "make"
+shell = "echo gadget"
+
+[[scheduler]]
+name = "gadgets"
+builders = ["gadgets"]
+branches = ["gadgets"]
+"#;
+    std::fs::write(m.config_path(), config + more).unwrap();
+    let secrets_path = m.dir.path().join("secrets.toml");
+    let secrets = std::fs::read_to_string(&secrets_path).unwrap()
+        + secrets_text(&[("w2", "w2-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(&secrets_path, secrets).unwrap();
+    m.master.reload().await.unwrap();
+    let _w2 = worker(&m, "w2", "w2-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "gadgets").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "success");
+    assert_eq!(log_text(&m, ended[0].0, 0).await, "gadget\n");
+    m.stop().await;
+}

@@ -122,6 +122,14 @@ impl BuildMaster {
         self.inner.config()
     }
 
+    /// Swaps in a new build configuration. New requests and new builds use
+    /// it at once; a build already running keeps the definition it started
+    /// with until it ends.
+    pub fn set_config(&self, config: BuildConfig) {
+        *self.inner.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        self.wake();
+    }
+
     /// How many `watch`es are subscribed now.
     pub fn watchers(&self) -> usize {
         self.inner.events.receiver_count()
