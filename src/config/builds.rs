@@ -212,17 +212,6 @@ pub(crate) fn validate(
             },
         );
     }
-    for (user, services) in users {
-        if services.contains(crate::worker::SERVICE) {
-            return c.err(
-                0..0,
-                "user.services",
-                format_args!(
-                    "user `{user}` lists the service `worker`: workers are declared with [[worker]]"
-                ),
-            );
-        }
-    }
 
     let mut seen = BTreeMap::new();
     let mut builders = BTreeMap::new();
@@ -380,4 +369,133 @@ pub(crate) fn validate(
         builders,
         schedulers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, OnLost};
+
+    const BASE: &str = "[master]\nsecrets = \"s.toml\"\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse(Path::new("m.toml"), &format!("{BASE}{extra}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_build_config_parses() {
+        let c = parse(
+            r#"
+[[worker]]
+name = "w1"
+max_builds = 3
+[[builder]]
+name = "b"
+workers = ["w1"]
+[[builder.step]]
+name = "one"
+command = ["make", "all"]
+workdir = "src/sub"
+env = { CC = "clang" }
+timeout = "20m"
+on_lost = "retry"
+[[builder.step]]
+name = "two"
+shell = "make check"
+[[scheduler]]
+name = "s"
+builders = ["b"]
+branches = ["main"]
+repository = "r"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.workers["w1"].max_builds, 3);
+        let b = &c.builders["b"];
+        assert_eq!(b.steps[0].argv, ["make", "all"]);
+        assert_eq!(b.steps[0].on_lost, OnLost::Retry);
+        assert_eq!(
+            b.steps[0].timeout,
+            Some(std::time::Duration::from_secs(1200))
+        );
+        assert_eq!(b.steps[1].argv, ["sh", "-c", "make check"]);
+        assert_eq!(b.steps[1].on_lost, OnLost::Fail);
+        assert!(c.schedulers["s"].matches("r", "main"));
+        assert!(!c.schedulers["s"].matches("r", "dev"));
+        assert!(!c.schedulers["s"].matches("other", "main"));
+    }
+
+    #[test]
+    fn mistakes_name_file_line_and_key() {
+        let cases = [
+            (
+                "[[builder]]\nname = \"b\"\nworkers = [\"ghost\"]\n[[builder.step]]\nname = \"x\"\nshell = \"true\"\n",
+                "m.toml:5:",
+                "builder.workers",
+                "not a [[worker]]",
+            ),
+            (
+                "[[worker]]\nname = \"w\"\n[[worker]]\nname = \"w\"\n",
+                "m.toml:6:",
+                "worker.name",
+                "defined twice",
+            ),
+            (
+                "[[worker]]\nname = \"w\"\n[[builder]]\nname = \"b\"\nworkers = [\"w\"]\n[[builder.step]]\nname = \"x\"\nshell = \"a\"\ncommand = [\"b\"]\n",
+                "m.toml:",
+                "builder.step",
+                "both `command` and `shell`",
+            ),
+            (
+                "[[worker]]\nname = \"w\"\n[[builder]]\nname = \"b\"\nworkers = [\"w\"]\n[[builder.step]]\nname = \"x\"\n",
+                "m.toml:",
+                "builder.step",
+                "needs `command",
+            ),
+            (
+                "[[worker]]\nname = \"w\"\n[[builder]]\nname = \"b\"\nworkers = [\"w\"]\n[[builder.step]]\nname = \"x\"\nshell = \"a\"\nworkdir = \"../up\"\n",
+                "m.toml:11:",
+                "builder.step.workdir",
+                "relative path",
+            ),
+            (
+                "[[worker]]\nname = \"w\"\n[[builder]]\nname = \"b\"\nworkers = [\"w\"]\n[[builder.step]]\nname = \"x\"\nshell = \"a\"\non_lost = \"maybe\"\n",
+                "m.toml:11:",
+                "builder.step.on_lost",
+                "not one of retry, restart, fail",
+            ),
+            (
+                "[[scheduler]]\nname = \"s\"\nbuilders = [\"nope\"]\n",
+                "m.toml:5:",
+                "scheduler.builders",
+                "not a [[builder]]",
+            ),
+            (
+                "[[builder]]\nname = \"a/b\"\n[[builder.step]]\nname = \"x\"\nshell = \"a\"\n",
+                "m.toml:4:",
+                "builder.name",
+                "no `/`",
+            ),
+            (
+                "[[worker]]\nname = \"admin\"\n[[user]]\nname = \"admin\"\n",
+                "m.toml:4:",
+                "worker.name",
+                "both a [[user]] and a [[worker]]",
+            ),
+            (
+                "[[user]]\nname = \"u\"\nservices = [\"ping\", \"worker\"]\n",
+                "m.toml:5:",
+                "user.services",
+                "declared with [[worker]]",
+            ),
+        ];
+        for (toml, at, key, words) in cases {
+            let e = parse(toml).unwrap_err();
+            assert!(
+                e.starts_with(at) && e.contains(key) && e.contains(words),
+                "{toml}\n=> {e}"
+            );
+        }
+    }
 }

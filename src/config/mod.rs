@@ -319,6 +319,9 @@ impl Config {
             first_line.insert(name.clone(), line_col(text, u.name.span().start).0);
             let mut services = BTreeSet::new();
             for s in &u.services {
+                if s.get_ref() == crate::worker::SERVICE {
+                    return c.err(s.span(), "user.services", format_args!("user `{name}` lists the service `worker`: build machines are declared with [[worker]]"));
+                }
                 if !valid_name(s.get_ref()) {
                     return c.err(
                         s.span(),
