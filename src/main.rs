@@ -67,16 +67,8 @@ enum Command {
     /// commands).
     #[command(after_help = switchyard::debug::console::HELP)]
     Debug {
-        /// The master's address.
-        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
-        master: String,
-        /// A user granted the service `debug`.
-        #[arg(long, short)]
-        user: String,
-        /// A file whose first line is the password; otherwise the
-        /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
-        #[arg(long, value_name = "FILE")]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        login: Login,
         /// Print machine-readable JSON.
         #[arg(long)]
         json: bool,
@@ -91,33 +83,39 @@ enum Command {
     /// Log in to a master's `ping` service and time a few echoes: checks
     /// that the port is up and that the credentials work.
     Ping {
-        /// The master's address.
-        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
-        master: String,
-        #[arg(long, short)]
-        user: String,
-        /// A file whose first line is the password; otherwise the
-        /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
-        #[arg(long, value_name = "FILE")]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        login: Login,
         /// How many echoes.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: u32,
     },
 }
 
+/// Where and as whom a client logs in.
 #[derive(clap::Args)]
-struct SendchangeArgs {
+struct Login {
     /// The master's address.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
     master: String,
-    /// A user granted the service `change-source`.
+    /// The user to log in as (it must be granted the command's service).
     #[arg(long, short)]
     user: String,
     /// A file whose first line is the password; otherwise the
     /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
+}
+
+impl Login {
+    fn password(&self) -> Result<String, String> {
+        read_password(self.password_file.as_ref(), &self.user)
+    }
+}
+
+#[derive(clap::Args)]
+struct SendchangeArgs {
+    #[command(flatten)]
+    login: Login,
     /// Where the change happened (a URL or a name the schedulers know).
     #[arg(long)]
     repository: String,
@@ -174,7 +172,7 @@ async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<(), Stri
             .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
         properties: a.properties.into_iter().collect(),
     };
-    let mut conn = ChangeSourceConnection::connect(&a.master, &a.user, &password)
+    let mut conn = ChangeSourceConnection::connect(&a.login.master, &a.login.user, &password)
         .await
         .map_err(|e| e.to_string())?;
     let id = conn.push(change).await.map_err(|e| e.to_string())?;
@@ -317,32 +315,31 @@ fn main() -> ExitCode {
         } => read_password(password_file.as_ref(), &name)
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(worker(master, name, basedir, pw)))),
         Command::Debug {
-            master,
-            user,
-            password_file,
+            login,
             json,
             command,
-        } => read_password(password_file.as_ref(), &user).and_then(|pw| {
-            let creds = Credentials::new(&user, pw);
+        } => login.password().and_then(|pw| {
+            let creds = Credentials::new(&login.user, pw);
             runtime().and_then(|rt| {
                 if command.is_empty() {
-                    switchyard::debug::console::interactive(&rt, &master, &creds, json)
+                    switchyard::debug::console::interactive(&rt, &login.master, &creds, json)
                 } else {
                     rt.block_on(switchyard::debug::console::once(
-                        &master, &creds, json, &command,
+                        &login.master,
+                        &creds,
+                        json,
+                        &command,
                     ))
                 }
             })
         }),
-        Command::Sendchange(args) => read_password(args.password_file.as_ref(), &args.user)
+        Command::Sendchange(args) => args
+            .login
+            .password()
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
-        Command::Ping {
-            master,
-            user,
-            password_file,
-            count,
-        } => read_password(password_file.as_ref(), &user)
-            .and_then(|pw| runtime().and_then(|rt| rt.block_on(ping(&master, &user, pw, count)))),
+        Command::Ping { login, count } => login.password().and_then(|pw| {
+            runtime().and_then(|rt| rt.block_on(ping(&login.master, &login.user, pw, count)))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

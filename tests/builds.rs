@@ -2,47 +2,16 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use switchyard::proto::{Change, debug_event};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
 const ADMIN: UserSpec = ("admin", "admin-pw", &["debug", "change-source"]);
 
-/// A worker process that is killed when the test ends.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn worker(m: &TestMaster, name: &str, password: &str) -> Worker {
-    let basedir = m.dir.path().join(format!("basedir-{name}"));
-    Worker(
-        Command::new(BIN)
-            .args([
-                "worker",
-                "--master",
-                &m.addr.to_string(),
-                "--name",
-                name,
-                "--basedir",
-            ])
-            .arg(&basedir)
-            .env("SWITCHYARD_PASSWORD", password)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+fn worker(m: &TestMaster, name: &str, password: &str) -> Reaped {
+    spawn_worker(m, name, password, &format!("basedir-{name}"))
 }
 
 /// Starts a master whose config has these workers (name, password,

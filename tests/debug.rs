@@ -4,25 +4,15 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 use switchyard::proto::debug_event;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 const ADMIN: UserSpec = ("admin", "admin-pw", &["debug", "change-source"]);
 const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
-
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const BUILDS: &str = r#"
 [[worker]]
@@ -56,24 +46,7 @@ async fn start() -> (TestMaster, Reaped) {
     std::fs::write(dir.path().join("master.toml"), config).unwrap();
     std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
     let m = TestMaster::start_in(dir).await;
-    let worker = Reaped(
-        Command::new(BIN)
-            .args([
-                "worker",
-                "--master",
-                &m.addr.to_string(),
-                "--name",
-                "w1",
-                "--basedir",
-            ])
-            .arg(m.dir.path().join("basedir"))
-            .env("SWITCHYARD_PASSWORD", "w1-pw")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let worker = spawn_worker(&m, "w1", "w1-pw", "basedir");
     within("the worker to connect", async {
         while m.master.builds().connected().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -234,3 +234,40 @@ impl Raw {
         out
     }
 }
+
+/// The `switchyard` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A child process that is killed when the test ends, pass or fail.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a real `switchyard worker` process for the master, with its
+/// basedir under the master's temp dir.
+pub fn spawn_worker(m: &TestMaster, name: &str, password: &str, basedir: &str) -> Reaped {
+    Reaped(
+        std::process::Command::new(BIN)
+            .args([
+                "worker",
+                "--master",
+                &m.addr.to_string(),
+                "--name",
+                name,
+                "--basedir",
+            ])
+            .arg(m.dir.path().join(basedir))
+            .env("SWITCHYARD_PASSWORD", password)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
