@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{MockCredentials, SecretsFileChecker};
-use crate::builds::{BuildConfig, BuildMaster, SchedulingStore};
+use crate::builds::{BuildConfig, BuildMaster, BuildsReport, ReconfigOptions, SchedulingStore};
 use crate::config::{Config, ConfigError, Secrets};
 use crate::debug::DebugApi;
 use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
@@ -55,6 +55,8 @@ pub struct ReloadReport {
     pub hung_up: Vec<(String, String, &'static str)>,
     /// Settings that changed but only take effect on restart.
     pub restart_needed: Vec<&'static str>,
+    /// Workers, builders and schedulers.
+    pub builds: BuildsReport,
 }
 
 impl std::fmt::Display for ReloadReport {
@@ -71,6 +73,7 @@ impl std::fmt::Display for ReloadReport {
             self.users_unchanged,
             self.hung_up.len()
         )?;
+        write!(f, "; {}", self.builds)?;
         if !self.restart_needed.is_empty() {
             write!(
                 f,
@@ -94,7 +97,12 @@ pub struct Master {
     _worker: Registration,
     _debug: Registration,
     builds: BuildMaster,
+    reloads: std::sync::Mutex<Option<ReloadQueue>>,
 }
+
+/// Reloads asked for from the console, each with where to send the outcome.
+type ReloadQueue =
+    tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>;
 
 /// The name under which the unknown-user secret is kept in the state.
 const MOCK_SECRET: &str = "mock-credentials";
@@ -103,6 +111,7 @@ const MOCK_SECRET: &str = "mock-credentials";
 fn grpc_routes(
     dispatcher: &Dispatcher,
     builds: &BuildMaster,
+    debug_api: DebugApi,
 ) -> Result<(tonic::service::Routes, tonic_health::server::HealthReporter), MasterError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
@@ -120,10 +129,7 @@ fn grpc_routes(
         builds: builds.clone(),
     });
     let changes = ChangeSourceService::new(store, GrpcAuth::new(dispatcher.clone())).into_server();
-    let debug = crate::debug::grpc::DebugService::new(
-        DebugApi::new(builds.clone()),
-        GrpcAuth::new(dispatcher.clone()),
-    );
+    let debug = crate::debug::grpc::DebugService::new(debug_api, GrpcAuth::new(dispatcher.clone()));
     let routes = tonic::service::Routes::new(changes)
         .add_service(debug.into_server())
         .add_service(health_service)
@@ -180,15 +186,17 @@ impl Master {
                 move |session| builds.clone().serve_worker(session),
             )?
         };
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        let debug_api = DebugApi::new(builds.clone()).with_reloader(reload_tx);
         let debug = {
-            let api = DebugApi::new(builds.clone());
+            let api = debug_api.clone();
             dispatcher.registry().register(
                 crate::debug::SERVICE,
                 ServiceOptions::default(),
                 move |session| crate::debug::service::serve(api.clone(), session),
             )?
         };
-        let (routes, health) = grpc_routes(&dispatcher, &builds)?;
+        let (routes, health) = grpc_routes(&dispatcher, &builds, debug_api)?;
         let grpc = dispatcher
             .registry()
             .register_http2(GrpcFrontDoor::new(routes))?;
@@ -204,6 +212,7 @@ impl Master {
             _worker: worker,
             _debug: debug,
             builds,
+            reloads: std::sync::Mutex::new(Some(reload_rx)),
         };
         master.warn_about_config();
         Ok(master)
@@ -281,7 +290,37 @@ impl Master {
             let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
             tokio::spawn(async move { builds.run(shutdown).await })
         };
-        self.dispatcher.serve(listener, shutdown).await;
+        // Reloads asked for from the console run here, one at a time, while
+        // the port keeps serving.
+        let reloads = self
+            .reloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let console_reloads = async {
+            let Some(mut reloads) = reloads else { return };
+            loop {
+                let reply = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = reloads.recv() => match r { Some(r) => r, None => return },
+                };
+                let outcome = match self.reload().await {
+                    Ok(report) => {
+                        tracing::info!(%report, "reload applied");
+                        Ok(report.to_string())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload rejected; the running config is unchanged");
+                        Err(e.to_string())
+                    }
+                };
+                let _ = reply.send(outcome);
+            }
+        };
+        tokio::join!(
+            self.dispatcher.serve(listener, shutdown.clone()),
+            console_reloads
+        );
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch).await;
         self.health
             .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
@@ -329,12 +368,45 @@ impl Master {
             report.restart_needed.push("state");
         }
 
+        // Workers whose password changed: their builds are interrupted
+        // before the port hangs their sessions up.
+        let mut new_passwords = std::collections::BTreeSet::new();
+        for name in new.workers.keys().filter(|w| old.workers.contains_key(*w)) {
+            let before = crate::auth::Checker::verifier(self.secrets.as_ref(), name)
+                .await
+                .ok()
+                .flatten();
+            if before.as_ref() != secrets.verifiers.get(name) {
+                new_passwords.insert(name.clone());
+            }
+        }
+        let opts = ReconfigOptions {
+            drain_removed_workers: new.drain_removed_workers,
+            new_passwords,
+        };
+        report.builds = self
+            .builds
+            .reconfigure(BuildConfig::from_config(&new), &opts);
+
+        // A draining worker keeps its session, and so its verifier, until its
+        // builds end.
+        let mut secrets = secrets;
+        for w in &report.builds.workers_draining {
+            if !secrets.verifiers.contains_key(w)
+                && let Ok(Some(v)) = crate::auth::Checker::verifier(self.secrets.as_ref(), w).await
+            {
+                secrets.verifiers.insert(w.clone(), v);
+            }
+        }
         self.secrets.install(&new.secrets_path, secrets);
-        self.dispatcher.set_policy(policy_of(&new));
+        let mut policy = policy_of(&new);
+        for w in &report.builds.workers_draining {
+            policy = policy.grant(w, [crate::worker::SERVICE]);
+        }
+        self.dispatcher.set_policy(policy);
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));
-        self.builds.set_config(BuildConfig::from_config(&new));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = new;
         report.hung_up = self.dispatcher.revalidate_sessions().await.hung_up;
         self.warn_about_config();

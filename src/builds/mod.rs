@@ -9,8 +9,11 @@
 //! arrive through the `worker` service ([`BuildMaster::serve_worker`]); each
 //! build is a task of its own ([`run`]).
 
+mod reconfig;
 mod run;
 mod workers;
+
+pub use reconfig::{BuildsReport, ReconfigOptions};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -61,7 +64,36 @@ impl BuildConfig {
 struct RunningBuild {
     builder: String,
     worker: String,
-    stop: CancellationToken,
+    stop: StopSignal,
+}
+
+/// Stops a running build, saying why.
+#[derive(Clone, Default)]
+pub(crate) struct StopSignal {
+    token: CancellationToken,
+    reason: Arc<Mutex<String>>,
+}
+
+impl StopSignal {
+    pub(crate) fn stop(&self, reason: &str) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
+        self.token.cancel();
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub(crate) async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+
+    pub(crate) fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 pub(crate) struct Inner {
@@ -71,6 +103,10 @@ pub(crate) struct Inner {
     running: Mutex<HashMap<i64, RunningBuild>>,
     events: broadcast::Sender<DebugEvent>,
     wake: Notify,
+    /// Changed builders waiting for their running builds to end.
+    pending_builders: Mutex<BTreeMap<String, BuilderConfig>>,
+    /// Removed workers finishing their current builds.
+    draining: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The build master. Cheap to clone.
@@ -110,6 +146,8 @@ impl BuildMaster {
                 running: Mutex::new(HashMap::new()),
                 events,
                 wake: Notify::new(),
+                pending_builders: Mutex::new(BTreeMap::new()),
+                draining: Mutex::new(Default::default()),
             }),
         }
     }
@@ -175,7 +213,7 @@ impl BuildMaster {
             .unwrap_or_else(|e| e.into_inner())
             .values()
         {
-            r.stop.cancel();
+            r.stop.stop("the master is shutting down");
         }
     }
 
@@ -191,15 +229,33 @@ impl BuildMaster {
             return Ok(());
         }
         let config = self.inner.config();
+        let paused: std::collections::BTreeSet<String> = self
+            .inner
+            .pending_builders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let draining = self
+            .inner
+            .draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for req in waiting {
             let Some(builder) = config.builders.get(&req.request.builder) else {
                 continue;
             };
+            if paused.contains(&builder.name) {
+                continue; // its new definition waits for its running build
+            }
             let link = {
                 let workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
                 builder
                     .workers
                     .iter()
+                    .filter(|w| !draining.contains(*w))
                     .filter_map(|w| workers.get(w))
                     .filter(|l| l.busy.load(Ordering::SeqCst) < l.max_builds)
                     .min_by_key(|l| l.busy.load(Ordering::SeqCst))
@@ -209,7 +265,7 @@ impl BuildMaster {
             link.busy.fetch_add(1, Ordering::SeqCst);
             match self.inner.state.claim_request(req.id, &link.name).await {
                 Ok(Some(build)) => {
-                    let stop = CancellationToken::new();
+                    let stop = StopSignal::default();
                     self.inner
                         .running
                         .lock()
@@ -225,6 +281,7 @@ impl BuildMaster {
                     let me = self.clone();
                     let builder = builder.clone();
                     tokio::spawn(async move {
+                        let name = builder.name.clone();
                         run::run_build(&me, build, req, builder, link.clone(), stop).await;
                         link.busy.fetch_sub(1, Ordering::SeqCst);
                         me.inner
@@ -232,6 +289,7 @@ impl BuildMaster {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .remove(&build);
+                        me.after_build(&name, &link);
                         me.wake();
                     });
                 }
@@ -314,7 +372,7 @@ impl BuildMaster {
         let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
         let r = running.get(&build).ok_or(BuildError::NotRunning(build))?;
         tracing::info!(build, builder = %r.builder, worker = %r.worker, "stopping build");
-        r.stop.cancel();
+        r.stop.stop("stopped by an operator");
         Ok(())
     }
 

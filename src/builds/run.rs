@@ -8,17 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
-
 use super::workers::{PendingStep, WorkerLink};
-use super::{BuildMaster, debug_event};
+use super::{BuildMaster, StopSignal, debug_event};
 use crate::config::BuilderConfig;
 use crate::proto::{
     BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
     StepFinished, StepStartedEvent, master_message, step_finished,
 };
 use crate::state::BuildRequest;
+use tokio::sync::oneshot;
 
 /// How long a stopped step's worker has to report the step's end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -80,7 +78,7 @@ pub(super) async fn run_build(
     request: BuildRequest,
     builder: BuilderConfig,
     link: Arc<WorkerLink>,
-    stop: CancellationToken,
+    stop: StopSignal,
 ) {
     let inner = &bm.inner;
     tracing::info!(build, builder = %builder.name, worker = %link.name, reason = %request.request.reason, "build started");
@@ -91,6 +89,10 @@ pub(super) async fn run_build(
     }));
     let mut outcome = "success";
     for (position, step) in builder.steps.iter().enumerate() {
+        if stop.is_stopped() {
+            outcome = "interrupted";
+            break;
+        }
         let mut step_id = [0u8; 16];
         rand::fill(&mut step_id[..]);
         let row = match inner
@@ -116,7 +118,14 @@ pub(super) async fn run_build(
         link.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(step_id.to_vec(), PendingStep { row, done: done_tx });
+            .insert(
+                step_id.to_vec(),
+                PendingStep {
+                    build,
+                    row,
+                    done: done_tx,
+                },
+            );
         inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {
             build,
             step: step.name.clone(),
@@ -138,18 +147,21 @@ pub(super) async fn run_build(
             })
             .await
             .is_ok();
-        let finished: Option<StepFinished> = if !sent {
+        let mut finished: Option<StepFinished> = if !sent {
             None
         } else {
             tokio::pin!(done_rx);
             tokio::select! {
                 r = &mut done_rx => r.ok(),
-                _ = stop.cancelled() => {
-                    let interrupt = InterruptStep { step_id: step_id.to_vec(), reason: "stopped by an operator".into() };
-                    let _ = link.tx.send(MasterMessage { kind: Some(master_message::Kind::Interrupt(interrupt)) }).await;
+                _ = stop.stopped() => {
+                    let interrupt = InterruptStep { step_id: step_id.to_vec(), reason: stop.reason() };
+                    // Queued before the session may be hung up: it is sent first.
+                    let _ = link.tx.try_send(MasterMessage { kind: Some(master_message::Kind::Interrupt(interrupt)) });
+                    // Interrupted, whether the worker confirms it or goes away meanwhile.
+                    let interrupted = StepFinished { interrupted: true, ..Default::default() };
                     match tokio::time::timeout(STOP_GRACE, &mut done_rx).await {
-                        Ok(r) => r.ok(),
-                        Err(_) => Some(StepFinished { interrupted: true, ..Default::default() }),
+                        Ok(Ok(f)) => Some(StepFinished { interrupted: true, ..f }),
+                        _ => Some(interrupted),
                     }
                 }
             }
@@ -158,7 +170,14 @@ pub(super) async fn run_build(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&step_id[..]);
-        let judged = match &finished {
+        // Stopped while the worker went away: the stop is what happened.
+        if finished.is_none() && stop.is_stopped() {
+            finished = Some(StepFinished {
+                interrupted: true,
+                ..Default::default()
+            });
+        }
+        let mut judged = match &finished {
             Some(f) => judge(f, step.timeout),
             None => StepResult {
                 result: "exception",
@@ -167,6 +186,9 @@ pub(super) async fn run_build(
                 detail: format!("lost worker {} while the step ran", link.name),
             },
         };
+        if judged.result == "interrupted" && stop.is_stopped() {
+            judged.detail = format!("{}; its process group was killed", stop.reason());
+        }
         if let Err(e) = inner
             .state
             .finish_step(

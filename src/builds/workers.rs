@@ -38,6 +38,7 @@ pub const BATCH_DELAY: Duration = Duration::from_millis(20);
 const PROBE: Duration = Duration::from_secs(3);
 
 pub(crate) struct PendingStep {
+    pub(crate) build: i64,
     pub(crate) row: i64,
     pub(crate) done: oneshot::Sender<StepFinished>,
 }
@@ -84,6 +85,23 @@ impl WorkerLink {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         false
+    }
+
+    /// Tells the worker to kill the steps of these builds (all its steps when
+    /// `builds` is `None`), ahead of anything else the session may do.
+    pub(crate) fn interrupt_steps(&self, builds: Option<&[i64]>, reason: &str) {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (step_id, p) in pending.iter() {
+            if builds.is_none_or(|b| b.contains(&p.build)) {
+                let msg = MasterMessage {
+                    kind: Some(master_message::Kind::Interrupt(InterruptStep {
+                        step_id: step_id.clone(),
+                        reason: reason.to_string(),
+                    })),
+                };
+                let _ = self.tx.try_send(msg);
+            }
+        }
     }
 
     fn row_of(&self, step_id: &[u8]) -> Option<i64> {
@@ -278,6 +296,17 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
             break 'session why;
         }
     };
+
+    // Say what is queued (interrupts, above all) before hanging up.
+    while let Ok(msg) = rx.try_recv() {
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(1), sink.send(encode(msg))).await,
+            Ok(Ok(()))
+        ) {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 
     // Leave the table (unless a newer session already took our place), and
     // fail the steps waiting on us: their builds end as `exception`.

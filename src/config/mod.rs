@@ -104,6 +104,7 @@ struct RawMaster {
     auth_max_failures: Option<Spanned<i64>>,
     auth_failure_window: Option<Spanned<String>>,
     auth_block: Option<Spanned<String>>,
+    drain_removed_workers: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +125,8 @@ pub struct Config {
     pub secrets_path: PathBuf,
     /// The SQLite database holding changes, builds and the master's secrets.
     pub state_path: PathBuf,
+    /// A worker removed by a reload finishes its current builds first.
+    pub drain_removed_workers: bool,
     pub limits: Limits,
     /// User name to the services it may use.
     pub users: BTreeMap<String, BTreeSet<String>>,
@@ -339,6 +342,7 @@ impl Config {
             listen,
             secrets_path,
             state_path,
+            drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
             limits,
             users,
             workers: builds.workers,

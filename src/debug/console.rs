@@ -13,6 +13,7 @@ use prost::Message;
 use serde_json::{Value, json};
 
 use crate::client::{self, ClientSession, Credentials};
+use crate::proto::ReloadRequest;
 use crate::proto::{
     BuildDetails, BuildersRequest, BuildsRequest, DebugEvent, DebugReply, DebugRequest,
     ForceRequest, HangupRequest, LogRequest, StatusRequest, StopRequest, WatchRequest,
@@ -31,6 +32,7 @@ commands:
   stop BUILD                               stop a running build
   hangup WORKER                            hang up a worker's session
   watch                                    live events until Ctrl-C
+  reload                                   re-read the config and secrets (as SIGHUP)
   help, quit";
 
 /// A console session with a master.
@@ -108,7 +110,8 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         }),
         ("hangup", _) => return usage("hangup WORKER"),
         ("watch", 0) => C::Watch(WatchRequest {}),
-        ("status" | "workers" | "builders" | "watch", _) => {
+        ("reload", 0) => C::Reload(ReloadRequest {}),
+        ("status" | "workers" | "builders" | "watch" | "reload", _) => {
             return Err(format!("{cmd} takes no arguments"));
         }
         _ => return Err(format!("unknown command {cmd:?}; try `help`")),
@@ -173,6 +176,7 @@ pub fn event_json(e: &DebugEvent) -> Value {
         Some(K::BuildEnded(b)) => {
             json!({"type": "build_finished", "build": b.build, "builder": b.builder, "result": b.result})
         }
+        Some(K::Reloaded(r)) => json!({"type": "reloaded", "summary": r.summary}),
         None => json!({"type": "unknown"}),
     };
     v["unix_ms"] = json!(e.unix_ms);
@@ -205,6 +209,7 @@ pub fn event_text(e: &DebugEvent) -> String {
             "build {} finished: {} (builder {})",
             b.build, b.result, b.builder
         ),
+        Some(K::Reloaded(r)) => format!("config reloaded: {}", r.summary),
         None => "unknown event".into(),
     }
 }
@@ -308,6 +313,7 @@ impl Console {
                     "text": String::from_utf8_lossy(&l.data),
                 }),
                 R::Force(f) => json!({"request_id": f.request_id}),
+                R::Reload(r) => json!({"summary": r.summary}),
                 R::Stop(_) | R::Hangup(_) => json!({"ok": true}),
                 R::Event(e) => event_json(&e),
                 R::Error(e) => json!({"error": e}),
@@ -412,6 +418,7 @@ impl Console {
             }
             R::Log(l) => out.write_all(&l.data)?,
             R::Force(f) => writeln!(out, "build requested (request {})", f.request_id)?,
+            R::Reload(r) => writeln!(out, "reloaded: {}", r.summary)?,
             R::Stop(_) => writeln!(out, "stopping")?,
             R::Hangup(_) => writeln!(out, "hung up")?,
             R::Event(e) => writeln!(out, "{} {}", hms(e.unix_ms), event_text(&e))?,

@@ -15,6 +15,7 @@ use crate::proto::{
     ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest, StatusReply, StatusRequest,
     StopReply, StopRequest, WatchRequest, WorkersReply, WorkersRequest,
 };
+use crate::proto::{ReloadReply, ReloadRequest};
 
 pub struct DebugService {
     api: DebugApi,
@@ -122,6 +123,15 @@ impl Debug for DebugService {
         self.auth.authorize(&req, SERVICE).await?;
         self.api
             .hangup(req.into_inner())
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
+        let user = self.auth.authorize(&req, SERVICE).await?;
+        self.api
+            .reload(&user)
+            .await
             .map(Response::new)
             .map_err(status)
     }

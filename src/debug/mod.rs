@@ -13,6 +13,7 @@ pub mod service;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::builds::{BuildError, BuildMaster};
+use crate::proto::ReloadReply;
 use crate::proto::{
     BuildDetails, BuilderDetails, BuildersReply, BuildsReply, BuildsRequest, DebugEvent,
     ForceReply, ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest, OutputStream,
@@ -52,10 +53,14 @@ impl From<StateError> for DebugError {
 /// Log bytes per reply when streaming a log.
 const LOG_PAGE: usize = 256 * 1024;
 
+/// Asks the master to reload; answered with the summary or the error.
+pub type Reloader = mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>;
+
 /// The console's operations, on one build master.
 #[derive(Clone)]
 pub struct DebugApi {
     builds: BuildMaster,
+    reloader: Option<Reloader>,
 }
 
 fn build_details(b: BuildRecord) -> BuildDetails {
@@ -92,7 +97,37 @@ fn build_details(b: BuildRecord) -> BuildDetails {
 
 impl DebugApi {
     pub fn new(builds: BuildMaster) -> Self {
-        DebugApi { builds }
+        DebugApi {
+            builds,
+            reloader: None,
+        }
+    }
+
+    /// Lets `reload` ask the master to re-read its files.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Self {
+        self.reloader = Some(reloader);
+        self
+    }
+
+    /// Re-reads the config and secrets (as SIGHUP does).
+    pub async fn reload(&self, who: &str) -> Result<ReloadReply, DebugError> {
+        let reloader = self
+            .reloader
+            .as_ref()
+            .ok_or_else(|| DebugError::Invalid("this master cannot reload".into()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tracing::info!(by = %who, "reload requested from the console");
+        reloader
+            .send(tx)
+            .await
+            .map_err(|_| DebugError::Internal("the master is shutting down".into()))?;
+        match rx.await {
+            Ok(Ok(summary)) => Ok(ReloadReply { summary }),
+            Ok(Err(e)) => Err(DebugError::Invalid(format!(
+                "reload rejected, nothing changed: {e}"
+            ))),
+            Err(_) => Err(DebugError::Internal("the master is shutting down".into())),
+        }
     }
 
     pub async fn status(&self) -> Result<StatusReply, DebugError> {

@@ -378,6 +378,35 @@ impl StateDb {
         .await
     }
 
+    /// Deletes a builder's requests, builds, steps and logs (those with ids up
+    /// to the given bounds). Returns how many builds went.
+    pub async fn delete_builder(
+        &self,
+        builder: &str,
+        max_build: i64,
+        max_request: i64,
+    ) -> Result<usize, StateError> {
+        let builder = builder.to_string();
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM log_chunks WHERE step IN
+                   (SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1 AND b.id <= ?2)",
+                params![builder, max_build],
+            )?;
+            conn.execute(
+                "DELETE FROM steps WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1 AND id <= ?2)",
+                params![builder, max_build],
+            )?;
+            let builds = conn.execute("DELETE FROM builds WHERE builder = ?1 AND id <= ?2", params![builder, max_build])?;
+            conn.execute(
+                "DELETE FROM build_requests WHERE builder = ?1 AND id <= ?2 AND (build_id IS NULL OR build_id NOT IN (SELECT id FROM builds))",
+                params![builder, max_request],
+            )?;
+            Ok(builds)
+        })
+        .await
+    }
+
     /// Requests waiting, per builder.
     pub async fn waiting_counts(
         &self,

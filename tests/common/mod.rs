@@ -271,3 +271,85 @@ pub fn spawn_worker(m: &TestMaster, name: &str, password: &str, basedir: &str) -
             .unwrap(),
     )
 }
+
+// ---- build master helpers
+
+/// Users every build test master has.
+pub const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
+pub const ADMIN: UserSpec = ("admin", "admin-pw", &["debug", "change-source"]);
+
+pub fn worker(m: &TestMaster, name: &str, password: &str) -> Reaped {
+    spawn_worker(m, name, password, &format!("basedir-{name}"))
+}
+
+/// Starts a master whose config has these workers (name, password,
+/// max_builds) and this extra TOML (builders, schedulers).
+pub async fn master_with(workers: &[(&str, &str, u32)], builds_toml: &str) -> TestMaster {
+    let users = [HOOK, ADMIN];
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_text("heartbeat_interval = \"1s\"", &users);
+    for (name, _, max) in workers {
+        config.push_str(&format!(
+            "\n[[worker]]\nname = {name:?}\nmax_builds = {max}\n"
+        ));
+    }
+    config.push_str(builds_toml);
+    let mut secrets = secrets_text(&users);
+    let worker_specs: Vec<UserSpec> = workers.iter().map(|(n, p, _)| (*n, *p, &[][..])).collect();
+    secrets.push_str(secrets_text(&worker_specs).trim_start_matches("[verifiers]\n"));
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    TestMaster::start_in(dir).await
+}
+
+pub async fn wait_connected(m: &TestMaster, n: usize) {
+    within("workers to connect", async {
+        while m.master.builds().connected().len() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+pub async fn push(m: &TestMaster, branch: &str) -> i64 {
+    let mut conn = switchyard::grpc::client::ChangeSourceConnection::connect(
+        &m.addr.to_string(),
+        "hook",
+        "hook-pw",
+    )
+    .await
+    .unwrap();
+    let change = switchyard::proto::Change {
+        repository: "widgets".into(),
+        branch: branch.into(),
+        revision: "r1".into(),
+        ..Default::default()
+    };
+    within("a push", conn.push(change)).await.unwrap()
+}
+
+/// Waits for `n` builds to end; returns their (id, result) in the order they ended.
+pub async fn builds_ended(
+    events: &mut tokio::sync::broadcast::Receiver<switchyard::proto::DebugEvent>,
+    n: usize,
+) -> Vec<(i64, String)> {
+    let mut ended = Vec::new();
+    within("builds to end", async {
+        while ended.len() < n {
+            if let Ok(e) = events.recv().await
+                && let Some(switchyard::proto::debug_event::Kind::BuildEnded(b)) = e.kind
+            {
+                ended.push((b.build, b.result));
+            }
+        }
+    })
+    .await;
+    ended
+}
+
+pub async fn log_text(m: &TestMaster, build: i64, step: usize) -> String {
+    let b = m.master.state().build(build).await.unwrap().unwrap();
+    let row = b.steps[step].row;
+    let chunks = m.master.state().log_page(row, 0, usize::MAX).await.unwrap();
+    String::from_utf8(chunks.into_iter().flat_map(|c| c.data).collect()).unwrap()
+}
