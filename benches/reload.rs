@@ -166,7 +166,11 @@ fn main() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["master", "--config"])
         .arg(dir.join("master.toml"))
-        .env("RUST_LOG", "warn,switchyard::master=info")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_MASTER_LOG")
+                .unwrap_or_else(|_| "warn,switchyard::master=info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -178,7 +182,14 @@ fn main() {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let echo = std::env::var("BENCH_MASTER_LOG").is_ok();
+    std::thread::spawn(move || {
+        for line in lines.by_ref().map_while(Result::ok) {
+            if echo && line.contains("reload") {
+                eprintln!("master: {line}");
+            }
+        }
+    });
     let _master = Proc(child);
 
     let rt = tokio::runtime::Builder::new_multi_thread()

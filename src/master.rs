@@ -86,7 +86,7 @@ impl std::fmt::Display for ReloadReport {
 }
 
 pub struct Master {
-    config: RwLock<Config>,
+    config: RwLock<Arc<Config>>,
     secrets: Arc<SecretsFileChecker>,
     dispatcher: Dispatcher,
     state: Arc<StateDb>,
@@ -141,14 +141,8 @@ fn grpc_routes(
 /// Users get the services their `[[user]]` lists; each `[[worker]]` gets
 /// the service `worker` and nothing else.
 fn policy_of(config: &Config) -> AccessPolicy {
-    let mut users = config.users.clone();
-    for name in config.workers.keys() {
-        users
-            .entry(name.clone())
-            .or_default()
-            .insert(crate::worker::SERVICE.to_string());
-    }
-    AccessPolicy::new(users)
+    AccessPolicy::new(config.users.clone())
+        .with_group(crate::worker::SERVICE, config.workers.keys().cloned())
 }
 
 impl Master {
@@ -201,7 +195,7 @@ impl Master {
             .registry()
             .register_http2(GrpcFrontDoor::new(routes))?;
         let master = Master {
-            config: RwLock::new(config),
+            config: RwLock::new(Arc::new(config)),
             secrets: checker,
             dispatcher,
             state,
@@ -237,17 +231,24 @@ impl Master {
         }
     }
 
-    async fn warn_about_missing_verifiers(&self) {
+    /// Warns about users and workers (all, or only `names`) that have no
+    /// verifier and so cannot log in.
+    async fn warn_about_missing_verifiers(&self, names: Option<&BTreeSet<String>>) {
         use crate::auth::Checker;
         let config = self.config();
-        for user in config.users.keys().chain(config.workers.keys()) {
+        for user in config
+            .users
+            .keys()
+            .chain(config.workers.keys())
+            .filter(|u| names.is_none_or(|n| n.contains(*u)))
+        {
             if matches!(self.secrets.verifier(user).await, Ok(None)) {
                 tracing::warn!(user = %user, secrets = %config.secrets_path.display(), "user has no verifier in the secrets file and cannot log in; add one made by `switchyard passwd`");
             }
         }
     }
 
-    pub fn config(&self) -> Config {
+    pub fn config(&self) -> Arc<Config> {
         self.config
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -255,7 +256,7 @@ impl Master {
     }
 
     pub fn config_path(&self) -> PathBuf {
-        self.config().path
+        self.config().path.clone()
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
@@ -282,7 +283,7 @@ impl Master {
 
     /// Serves `listener` until `shutdown` is cancelled.
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
-        self.warn_about_missing_verifiers().await;
+        self.warn_about_missing_verifiers(None).await;
         self.health
             .set_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
@@ -333,26 +334,23 @@ impl Master {
     /// whose verifier changed or who lost their service are hung up.
     pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
         let _serial = self.reload_lock.lock().await;
+        let started = std::time::Instant::now();
         let old = self.config();
         let new = Config::load(&old.path)?;
         let secrets = Secrets::load(&new.secrets_path)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "reload: files read and validated");
 
         let mut report = ReloadReport::default();
+        // Compare verifiers map to map: no lookups, no copies.
+        let before = self.secrets.snapshot();
+        let verifier_changed = |name: &str| before.get(name) != secrets.verifiers.get(name);
         for (user, services) in &new.users {
             match old.users.get(user) {
                 None => report.users_added.push(user.clone()),
-                Some(s) if s != services => report.users_changed.push(user.clone()),
-                Some(_) => {
-                    let before = crate::auth::Checker::verifier(self.secrets.as_ref(), user)
-                        .await
-                        .ok()
-                        .flatten();
-                    if before.as_ref() != secrets.verifiers.get(user) {
-                        report.users_changed.push(user.clone());
-                    } else {
-                        report.users_unchanged += 1;
-                    }
+                Some(s) if s != services || verifier_changed(user) => {
+                    report.users_changed.push(user.clone())
                 }
+                Some(_) => report.users_unchanged += 1,
             }
         }
         report.users_removed = old
@@ -370,16 +368,13 @@ impl Master {
 
         // Workers whose password changed: their builds are interrupted
         // before the port hangs their sessions up.
-        let mut new_passwords = std::collections::BTreeSet::new();
-        for name in new.workers.keys().filter(|w| old.workers.contains_key(*w)) {
-            let before = crate::auth::Checker::verifier(self.secrets.as_ref(), name)
-                .await
-                .ok()
-                .flatten();
-            if before.as_ref() != secrets.verifiers.get(name) {
-                new_passwords.insert(name.clone());
-            }
-        }
+        let new_passwords: BTreeSet<String> = new
+            .workers
+            .keys()
+            .filter(|w| old.workers.contains_key(*w) && verifier_changed(w))
+            .cloned()
+            .collect();
+        tracing::debug!(elapsed = ?started.elapsed(), "reload: users and passwords compared");
         let opts = ReconfigOptions {
             drain_removed_workers: new.drain_removed_workers,
             new_passwords,
@@ -398,6 +393,7 @@ impl Master {
                 secrets.verifiers.insert(w.clone(), v);
             }
         }
+        tracing::debug!(elapsed = ?started.elapsed(), "reload: builds reconfigured");
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {
@@ -407,10 +403,35 @@ impl Master {
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = new;
-        report.hung_up = self.dispatcher.revalidate_sessions().await.hung_up;
+        // Only sessions of users something changed for need a look: an
+        // unchanged user's sessions are left alone without even a lookup.
+        let mut affected: BTreeSet<String> = report
+            .users_removed
+            .iter()
+            .chain(&report.users_changed)
+            .cloned()
+            .collect();
+        affected.extend(
+            report
+                .builds
+                .workers_removed
+                .iter()
+                .filter(|w| !report.builds.workers_draining.contains(*w))
+                .cloned(),
+        );
+        affected.extend(opts.new_passwords.iter().cloned());
+        let added: BTreeSet<String> = report
+            .users_added
+            .iter()
+            .chain(&report.builds.workers_added)
+            .cloned()
+            .collect();
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        tracing::debug!(elapsed = ?started.elapsed(), "reload: policy set");
+        report.hung_up = self.dispatcher.revalidate_users(&affected).await.hung_up;
+        tracing::debug!(elapsed = ?started.elapsed(), "reload: sessions revalidated");
         self.warn_about_config();
-        self.warn_about_missing_verifiers().await;
+        self.warn_about_missing_verifiers(Some(&added)).await;
         Ok(report)
     }
 }

@@ -132,6 +132,11 @@ impl InMemoryChecker {
         *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
     }
 
+    /// The whole set as it is now (shared, not copied).
+    pub fn snapshot(&self) -> Arc<HashMap<String, Verifier>> {
+        self.users.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn get(&self, user: &str) -> Option<Verifier> {
         self.users
             .read()
@@ -175,6 +180,11 @@ impl SecretsFileChecker {
 
     pub fn path(&self) -> PathBuf {
         self.path.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every verifier loaded now (shared, not copied).
+    pub fn snapshot(&self) -> Arc<HashMap<String, Verifier>> {
+        self.store.snapshot()
     }
 
     /// Re-reads the file it was loaded from.

@@ -127,36 +127,53 @@ impl BuildMaster {
             .unwrap_or_else(|e| e.into_inner());
         let mut draining = inner.draining.lock().unwrap_or_else(|e| e.into_inner());
         let running = inner.running.lock().unwrap_or_else(|e| e.into_inner());
-        let mut active = new.clone();
+        let mut active = new;
 
-        // Builders: compare with what they will be once any waiting change
-        // lands, so that a reload that repeats a waiting change is a no-op.
-        let mut effective = old.builders.clone();
-        for (name, b) in pending.iter() {
-            effective.insert(name.clone(), b.clone());
-        }
-        let (added, removed, changed, unchanged) = diff(&effective, &new.builders);
-        report.builders_added = added;
-        report.builders_unchanged = unchanged;
-        for name in &changed {
-            let busy = running.values().any(|r| &r.builder == name);
-            if busy {
-                // Keep the definition its running build uses; the new one waits.
-                if let Some(current) = old.builders.get(name) {
-                    active.builders.insert(name.clone(), current.clone());
+        // Builders, compared with what they will be once a change still
+        // waiting lands (so repeating a waiting change is a no-op). Only the
+        // builders that changed are copied.
+        let effective = |name: &str| pending.get(name).or_else(|| old.builders.get(name));
+        let removed: Vec<String> = old
+            .builders
+            .keys()
+            .filter(|k| !active.builders.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut changed = Vec::new();
+        let mut still_waiting = Vec::new();
+        for (name, def) in &active.builders {
+            match effective(name) {
+                None => report.builders_added.push(name.clone()),
+                Some(e) if e == def => {
+                    report.builders_unchanged += 1;
+                    if pending.contains_key(name) {
+                        still_waiting.push(name.clone());
+                    }
                 }
-                pending.insert(name.clone(), new.builders[name].clone());
-                report.builders_waiting.push(name.clone());
-            } else {
-                pending.remove(name);
-                report.builders_changed.push(name.clone());
+                Some(_) => changed.push(name.clone()),
             }
         }
-        // A waiting change undone by this reload.
-        pending.retain(|name, def| new.builders.get(name) == Some(def));
-        for name in new.builders.keys() {
-            if !changed.contains(name) && pending.contains_key(name) {
-                pending.remove(name);
+        for name in still_waiting {
+            // The same change as before, still waiting: keep the running definition.
+            if let Some(current) = old.builders.get(&name) {
+                active.builders.insert(name.clone(), current.clone());
+            }
+            report.builders_waiting.push(name);
+        }
+        for name in changed {
+            let busy = running.values().any(|r| r.builder == name);
+            match old.builders.get(&name) {
+                Some(current) if busy => {
+                    // Keep the definition its running build uses; the new one waits.
+                    if let Some(next) = active.builders.insert(name.clone(), current.clone()) {
+                        pending.insert(name.clone(), next);
+                    }
+                    report.builders_waiting.push(name);
+                }
+                _ => {
+                    pending.remove(&name);
+                    report.builders_changed.push(name);
+                }
             }
         }
         let links = inner
@@ -180,8 +197,9 @@ impl BuildMaster {
         }
         report.builders_removed = removed;
 
-        // Workers.
-        let (added, removed, _changed, unchanged) = diff(&old.workers, &new.workers);
+        // Workers. A draining worker put back in the config is simply kept.
+        draining.retain(|w| !active.workers.contains_key(w));
+        let (added, removed, _changed, unchanged) = diff(&old.workers, &active.workers);
         report.workers_added = added;
         report.workers_unchanged = unchanged + _changed.len();
         for name in removed {
@@ -229,10 +247,7 @@ impl BuildMaster {
                     .push((*id, format!("worker {name}'s password changed")));
             }
         }
-        // A draining worker put back in the config is simply kept.
-        draining.retain(|w| !new.workers.contains_key(w) || report.workers_draining.contains(w));
-
-        let (added, removed, changed, unchanged) = diff(&old.schedulers, &new.schedulers);
+        let (added, removed, changed, unchanged) = diff(&old.schedulers, &active.schedulers);
         report.schedulers_added = added;
         report.schedulers_removed = removed;
         report.schedulers_changed = changed;

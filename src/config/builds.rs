@@ -159,26 +159,29 @@ fn safe_relative(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// Checks a name is valid and not seen before. `seen` maps names to where
+/// they were first defined (byte offsets: the line is counted only for an
+/// error, so a config with thousands of names stays linear to check).
 fn unique<'a>(
     c: &Validator<'_>,
     seen: &mut BTreeMap<String, usize>,
     name: &'a Spanned<String>,
     key: &str,
     what: &str,
-    text_line: impl Fn(usize) -> usize,
 ) -> Result<&'a str, ConfigError> {
     let n = name.get_ref();
     if !valid_name(n) {
         return c.err(name.span(), key, format_args!("`{n}` is not a valid {what} name (1 to 255 characters, no spaces or control characters)"));
     }
-    if let Some(line) = seen.get(n) {
+    if let Some(first) = seen.get(n) {
+        let line = c.line_of(*first);
         return c.err(
             name.span(),
             key,
             format_args!("{what} `{n}` is defined twice (first at line {line})"),
         );
     }
-    seen.insert(n.clone(), text_line(name.span().start));
+    seen.insert(n.clone(), name.span().start);
     Ok(n)
 }
 
@@ -189,11 +192,10 @@ pub(crate) fn validate(
     raw_schedulers: &[RawScheduler],
     users: &BTreeMap<String, BTreeSet<String>>,
 ) -> Result<Builds, ConfigError> {
-    let line = |offset: usize| c.line_of(offset);
     let mut seen = BTreeMap::new();
     let mut workers = BTreeMap::new();
     for w in raw_workers {
-        let name = unique(c, &mut seen, &w.name, "worker.name", "worker", line)?;
+        let name = unique(c, &mut seen, &w.name, "worker.name", "worker")?;
         if users.contains_key(name) {
             return c.err(
                 w.name.span(),
@@ -216,7 +218,7 @@ pub(crate) fn validate(
     let mut seen = BTreeMap::new();
     let mut builders = BTreeMap::new();
     for b in raw_builders {
-        let name = unique(c, &mut seen, &b.name, "builder.name", "builder", line)?;
+        let name = unique(c, &mut seen, &b.name, "builder.name", "builder")?;
         if name.contains('/') || name == "." || name == ".." {
             return c.err(
                 b.name.span(),
@@ -339,7 +341,7 @@ pub(crate) fn validate(
     let mut seen = BTreeMap::new();
     let mut schedulers = BTreeMap::new();
     for s in raw_schedulers {
-        let name = unique(c, &mut seen, &s.name, "scheduler.name", "scheduler", line)?;
+        let name = unique(c, &mut seen, &s.name, "scheduler.name", "scheduler")?;
         let mut list = Vec::new();
         for b in &s.builders {
             if !builders.contains_key(b.get_ref()) {

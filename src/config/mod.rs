@@ -312,14 +312,15 @@ impl Config {
             if !valid_name(name) {
                 return c.err(u.name.span(), "user.name", format_args!("`{name}` is not a valid user name (1 to 255 characters, no spaces or control characters)"));
             }
-            if let Some(line) = first_line.get(name) {
+            if let Some(first) = first_line.get(name) {
+                let line = line_col(text, *first).0;
                 return c.err(
                     u.name.span(),
                     "user.name",
                     format_args!("user `{name}` is defined twice (first at line {line})"),
                 );
             }
-            first_line.insert(name.clone(), line_col(text, u.name.span().start).0);
+            first_line.insert(name.clone(), u.name.span().start);
             let mut services = BTreeSet::new();
             for s in &u.services {
                 if s.get_ref() == crate::worker::SERVICE {

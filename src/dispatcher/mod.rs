@@ -83,11 +83,25 @@ pub const MAX_HANDSHAKE_FRAME: usize = 8 * 1024;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccessPolicy {
     users: BTreeMap<String, BTreeSet<String>>,
+    /// Services granted to a whole group of names (every worker gets
+    /// `worker`): one set per service rather than a set per user, so that
+    /// thousands of workers cost thousands of names, not of maps.
+    groups: Vec<(String, std::collections::HashSet<String>)>,
 }
 
 impl AccessPolicy {
     pub fn new(users: BTreeMap<String, BTreeSet<String>>) -> Self {
-        AccessPolicy { users }
+        AccessPolicy {
+            users,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Grants `service` to every name in `members`.
+    pub fn with_group(mut self, service: &str, members: impl IntoIterator<Item = String>) -> Self {
+        self.groups
+            .push((service.to_string(), members.into_iter().collect()));
+        self
     }
 
     /// Grants `user` the given services (adding the user if new).
@@ -104,13 +118,18 @@ impl AccessPolicy {
     }
 
     pub fn has_user(&self, user: &str) -> bool {
-        self.users.contains_key(user)
+        self.users.contains_key(user) || self.groups.iter().any(|(_, m)| m.contains(user))
     }
 
     pub fn allows(&self, user: &str, service: &str) -> bool {
         self.users.get(user).is_some_and(|s| s.contains(service))
+            || self
+                .groups
+                .iter()
+                .any(|(s, m)| s == service && m.contains(user))
     }
 
+    /// The users with their own `[[user]]` grants.
     pub fn users(&self) -> impl Iterator<Item = &str> {
         self.users.keys().map(String::as_str)
     }
@@ -248,12 +267,34 @@ impl Dispatcher {
     /// session alone. A checker that cannot answer right now keeps its
     /// sessions (it is logged): an outage must not log everybody out.
     pub async fn revalidate_sessions(&self) -> Revalidation {
+        self.revalidate(None).await
+    }
+
+    /// As [`Dispatcher::revalidate_sessions`], for the sessions of these
+    /// users only: a caller that knows which users changed spares the others
+    /// even a lookup (a master with 10,000 workers reloads in milliseconds).
+    pub async fn revalidate_users(&self, users: &BTreeSet<String>) -> Revalidation {
+        self.revalidate(Some(users)).await
+    }
+
+    async fn revalidate(&self, only: Option<&BTreeSet<String>>) -> Revalidation {
         // Cached password checks were made against the old secrets.
         self.shared.credential_cache.clear();
-        let users: BTreeSet<String> = self
-            .shared
-            .sessions
-            .with(|live| live.values().map(|s| s.user.clone()).collect());
+        let users: BTreeSet<String> = match only {
+            Some(only) => {
+                let live: BTreeSet<String> = self.shared.sessions.with(|live| {
+                    live.values()
+                        .filter(|s| only.contains(&s.user))
+                        .map(|s| s.user.clone())
+                        .collect()
+                });
+                live
+            }
+            None => self
+                .shared
+                .sessions
+                .with(|live| live.values().map(|s| s.user.clone()).collect()),
+        };
         let mut current: HashMap<String, Option<Verifier>> = HashMap::new();
         let mut unknown = BTreeSet::new();
         for u in users {
@@ -271,6 +312,10 @@ impl Dispatcher {
         let mut result = Revalidation::default();
         self.shared.sessions.with(|live| {
             for s in live.values() {
+                if only.is_some_and(|o| !o.contains(&s.user)) {
+                    result.kept += 1;
+                    continue;
+                }
                 if unknown.contains(&s.user) {
                     result.kept += 1;
                     continue;
