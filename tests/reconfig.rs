@@ -464,3 +464,38 @@ async fn twenty_reloads_while_builds_run_disturb_nothing_unchanged() {
     );
     m.stop().await;
 }
+
+#[tokio::test]
+async fn reloads_are_serialised() {
+    let m = start(&builds_toml("", true, true, false), false).await;
+    // Ten reloads at once, alternating two configs: each one sees the
+    // previous one's result, never half of it.
+    let a = builds_toml("", true, true, false);
+    let b =
+        builds_toml("", true, true, false) + "\n[[scheduler]]\nname = \"x\"\nbuilders = [\"b1\"]\n";
+    std::fs::write(
+        m.config_path(),
+        config_text("heartbeat_interval = \"1s\"", &[HOOK, ADMIN]) + &b,
+    )
+    .unwrap();
+    let reloads: Vec<_> = (0..10).map(|_| m.master.reload()).collect();
+    let reports = within("ten reloads", futures_util::future::join_all(reloads)).await;
+    let reports: Vec<_> = reports.into_iter().map(|r| r.unwrap()).collect();
+    // Exactly one of them added the scheduler; the others found it there.
+    assert_eq!(
+        reports
+            .iter()
+            .filter(|r| r.builds.schedulers_added == ["x"])
+            .count(),
+        1
+    );
+    assert!(reports.iter().all(|r| r.builds.builders_unchanged == 2));
+    std::fs::write(
+        m.config_path(),
+        config_text("heartbeat_interval = \"1s\"", &[HOOK, ADMIN]) + &a,
+    )
+    .unwrap();
+    let r = m.master.reload().await.unwrap();
+    assert_eq!(r.builds.schedulers_removed, vec!["x".to_string()]);
+    m.stop().await;
+}
