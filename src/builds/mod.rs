@@ -29,6 +29,7 @@ use crate::proto::{DebugEvent, debug_event};
 use crate::state::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
 
 pub use workers::WorkerLink;
+use workers::WorkerSlots;
 
 /// What went wrong with an operator's request.
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +45,31 @@ pub enum BuildError {
 }
 
 /// The build part of the configuration.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildConfig {
+    /// `[master] worker_reconnect_grace`: how long the steps of a worker
+    /// whose link dropped wait for it to come back (fixed at start).
+    pub reconnect_grace: Duration,
     pub workers: BTreeMap<String, WorkerConfig>,
     pub builders: BTreeMap<String, BuilderConfig>,
     pub schedulers: BTreeMap<String, SchedulerConfig>,
 }
 
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            reconnect_grace: Duration::from_secs(300),
+            workers: BTreeMap::new(),
+            builders: BTreeMap::new(),
+            schedulers: BTreeMap::new(),
+        }
+    }
+}
+
 impl BuildConfig {
     pub fn from_config(c: &Config) -> Self {
         BuildConfig {
+            reconnect_grace: c.worker_reconnect_grace,
             workers: c.workers.clone(),
             builders: c.builders.clone(),
             schedulers: c.schedulers.clone(),
@@ -107,6 +123,10 @@ pub(crate) struct Inner {
     pending_builders: Mutex<BTreeMap<String, BuilderConfig>>,
     /// Removed workers finishing their current builds.
     draining: Mutex<std::collections::BTreeSet<String>>,
+    /// Per worker name, what its builds hold across its sessions.
+    slots: Mutex<HashMap<String, Arc<WorkerSlots>>>,
+    /// How long a disconnected worker's steps wait for it to come back.
+    reconnect_grace: Duration,
 }
 
 /// The build master. Cheap to clone.
@@ -137,6 +157,7 @@ impl Inner {
 
 impl BuildMaster {
     pub fn new(state: Arc<StateDb>, config: BuildConfig) -> Self {
+        let reconnect_grace = config.reconnect_grace;
         let (events, _) = broadcast::channel(4096);
         BuildMaster {
             inner: Arc::new(Inner {
@@ -148,6 +169,8 @@ impl BuildMaster {
                 wake: Notify::new(),
                 pending_builders: Mutex::new(BTreeMap::new()),
                 draining: Mutex::new(Default::default()),
+                slots: Mutex::new(HashMap::new()),
+                reconnect_grace,
             }),
         }
     }
@@ -166,6 +189,51 @@ impl BuildMaster {
     pub fn set_config(&self, config: BuildConfig) {
         *self.inner.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         self.wake();
+    }
+
+    pub(crate) fn slots_for(&self, worker: &str) -> Arc<WorkerSlots> {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(worker.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The current session of a worker, if it is connected.
+    pub(crate) fn link_of(&self, worker: &str) -> Option<Arc<WorkerLink>> {
+        self.inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(worker)
+            .cloned()
+    }
+
+    /// After the grace, the steps a worker was sent on `session` and that no
+    /// later session re-attached are lost: their builds stop waiting.
+    pub(crate) fn lose_steps_after_grace(
+        &self,
+        worker: String,
+        session: String,
+        slots: Arc<WorkerSlots>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.inner.reconnect_grace).await;
+            if me.link_of(&worker).is_some() {
+                return; // it came back: its new session sorted its steps out
+            }
+            let mut pending = slots.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.retain(|_, p| {
+                let lost = p.sent_on.as_deref() == Some(session.as_str());
+                if lost {
+                    tracing::warn!(worker = %worker, build = p.build, grace = ?me.inner.reconnect_grace, "worker did not come back in time: step lost");
+                }
+                !lost
+            });
+        });
     }
 
     /// How many `watch`es are subscribed now.
@@ -257,12 +325,12 @@ impl BuildMaster {
                     .iter()
                     .filter(|w| !draining.contains(*w))
                     .filter_map(|w| workers.get(w))
-                    .filter(|l| l.busy.load(Ordering::SeqCst) < l.max_builds)
-                    .min_by_key(|l| l.busy.load(Ordering::SeqCst))
+                    .filter(|l| l.slots.busy.load(Ordering::SeqCst) < l.max_builds)
+                    .min_by_key(|l| l.slots.busy.load(Ordering::SeqCst))
                     .cloned()
             };
             let Some(link) = link else { continue };
-            link.busy.fetch_add(1, Ordering::SeqCst);
+            link.slots.busy.fetch_add(1, Ordering::SeqCst);
             match self.inner.state.claim_request(req.id, &link.name).await {
                 Ok(Some(build)) => {
                     let stop = StopSignal::default();
@@ -283,7 +351,7 @@ impl BuildMaster {
                     tokio::spawn(async move {
                         let name = builder.name.clone();
                         run::run_build(&me, build, req, builder, link.clone(), stop).await;
-                        link.busy.fetch_sub(1, Ordering::SeqCst);
+                        link.slots.busy.fetch_sub(1, Ordering::SeqCst);
                         me.inner
                             .running
                             .lock()
@@ -294,10 +362,10 @@ impl BuildMaster {
                     });
                 }
                 Ok(None) => {
-                    link.busy.fetch_sub(1, Ordering::SeqCst);
+                    link.slots.busy.fetch_sub(1, Ordering::SeqCst);
                 }
                 Err(e) => {
-                    link.busy.fetch_sub(1, Ordering::SeqCst);
+                    link.slots.busy.fetch_sub(1, Ordering::SeqCst);
                     return Err(e);
                 }
             }

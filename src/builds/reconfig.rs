@@ -284,7 +284,7 @@ impl BuildMaster {
             );
         }
         let mut draining = inner.draining.lock().unwrap_or_else(|e| e.into_inner());
-        if draining.contains(&link.name) && link.busy.load(Ordering::SeqCst) == 0 {
+        if draining.contains(&link.name) && link.slots.busy.load(Ordering::SeqCst) == 0 {
             draining.remove(&link.name);
             let mut config = inner.config.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**config).clone();

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::workers::{PendingStep, WorkerLink};
+use super::workers::{PendingStep, WorkerLink, WorkerSlots};
 use super::{BuildMaster, StopSignal, debug_event};
 use crate::config::BuilderConfig;
 use crate::proto::{
@@ -17,6 +17,46 @@ use crate::proto::{
 };
 use crate::state::BuildRequest;
 use tokio::sync::oneshot;
+
+/// Sends a step to the worker's current session. A worker that is away (its
+/// link dropped) is waited for, within the reconnect grace. Records which
+/// session the step went to, so a worker that comes back without it is
+/// known to have lost it.
+async fn send_start(
+    bm: &BuildMaster,
+    worker: &str,
+    slots: &WorkerSlots,
+    step_id: &[u8],
+    start: StartStep,
+    stop: &StopSignal,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + bm.inner.reconnect_grace;
+    loop {
+        if stop.is_stopped() {
+            return false;
+        }
+        if let Some(link) = bm.link_of(worker) {
+            if let Some(p) = slots
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(step_id)
+            {
+                p.sent_on = Some(link.session_id.clone());
+            }
+            let msg = MasterMessage {
+                kind: Some(master_message::Kind::Start(start.clone())),
+            };
+            if link.tx.send(msg).await.is_ok() {
+                return true;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// How long a stopped step's worker has to report the step's end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -81,6 +121,8 @@ pub(super) async fn run_build(
     stop: StopSignal,
 ) {
     let inner = &bm.inner;
+    // The worker's slots outlive its sessions: a step survives a reconnect.
+    let (worker, slots) = (link.name.clone(), link.slots.clone());
     tracing::info!(build, builder = %builder.name, worker = %link.name, reason = %request.request.reason, "build started");
     inner.emit(debug_event::Kind::BuildStarted(BuildStartedEvent {
         build,
@@ -115,7 +157,8 @@ pub(super) async fn run_build(
             }
         };
         let (done_tx, done_rx) = oneshot::channel();
-        link.pending
+        slots
+            .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
@@ -124,6 +167,7 @@ pub(super) async fn run_build(
                     build,
                     row,
                     done: done_tx,
+                    sent_on: None,
                 },
             );
         inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {
@@ -140,13 +184,7 @@ pub(super) async fn run_build(
             workdir: step.workdir.clone().unwrap_or_default(),
             timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         };
-        let sent = link
-            .tx
-            .send(MasterMessage {
-                kind: Some(master_message::Kind::Start(start)),
-            })
-            .await
-            .is_ok();
+        let sent = send_start(bm, &worker, &slots, &step_id, start, &stop).await;
         let mut finished: Option<StepFinished> = if !sent {
             None
         } else {
@@ -156,17 +194,32 @@ pub(super) async fn run_build(
                 _ = stop.stopped() => {
                     let interrupt = InterruptStep { step_id: step_id.to_vec(), reason: stop.reason() };
                     // Queued before the session may be hung up: it is sent first.
-                    let _ = link.tx.try_send(MasterMessage { kind: Some(master_message::Kind::Interrupt(interrupt)) });
+                    if let Some(l) = bm.link_of(&worker) {
+                        let _ = l.tx.try_send(MasterMessage { kind: Some(master_message::Kind::Interrupt(interrupt)) });
+                    }
                     // Interrupted, whether the worker confirms it or goes away meanwhile.
                     let interrupted = StepFinished { interrupted: true, ..Default::default() };
-                    match tokio::time::timeout(STOP_GRACE, &mut done_rx).await {
-                        Ok(Ok(f)) => Some(StepFinished { interrupted: true, ..f }),
-                        _ => Some(interrupted),
+                    // Wait for the worker to confirm, but not for a worker
+                    // that is gone (nobody would answer).
+                    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+                    loop {
+                        tokio::select! {
+                            r = &mut done_rx => break match r {
+                                Ok(f) => Some(StepFinished { interrupted: true, ..f }),
+                                Err(_) => Some(interrupted),
+                            },
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                                if bm.link_of(&worker).is_none() || tokio::time::Instant::now() >= deadline {
+                                    break Some(interrupted);
+                                }
+                            }
+                        }
                     }
                 }
             }
         };
-        link.pending
+        slots
+            .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&step_id[..]);

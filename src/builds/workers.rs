@@ -41,6 +41,18 @@ pub(crate) struct PendingStep {
     pub(crate) build: i64,
     pub(crate) row: i64,
     pub(crate) done: oneshot::Sender<StepFinished>,
+    /// The session the step was sent on (`None` until it is sent). A worker
+    /// that comes back without listing a step it was sent has lost it.
+    pub(crate) sent_on: Option<String>,
+}
+
+/// What a worker's builds hold on to across its sessions: its busy slots and
+/// the steps it runs. A new session of the same worker takes them over, so a
+/// link that blinks does not lose a build.
+#[derive(Default)]
+pub(crate) struct WorkerSlots {
+    pub(crate) busy: AtomicUsize,
+    pub(crate) pending: Mutex<HashMap<Vec<u8>, PendingStep>>,
 }
 
 /// A connected worker, as builds see it.
@@ -50,16 +62,15 @@ pub struct WorkerLink {
     pub hello: WorkerHello,
     pub connected_ms: i64,
     pub max_builds: usize,
-    pub(crate) busy: AtomicUsize,
+    pub(crate) slots: Arc<WorkerSlots>,
     pub(crate) tx: mpsc::Sender<MasterMessage>,
     pub(crate) hangup: CancellationToken,
-    pub(crate) pending: Mutex<HashMap<Vec<u8>, PendingStep>>,
     last_heard_ms: AtomicI64,
 }
 
 impl WorkerLink {
     pub fn running_builds(&self) -> usize {
-        self.busy.load(Ordering::SeqCst)
+        self.slots.busy.load(Ordering::SeqCst)
     }
 
     fn heard(&self) {
@@ -90,7 +101,7 @@ impl WorkerLink {
     /// Tells the worker to kill the steps of these builds (all its steps when
     /// `builds` is `None`), ahead of anything else the session may do.
     pub(crate) fn interrupt_steps(&self, builds: Option<&[i64]>, reason: &str) {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = self.slots.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (step_id, p) in pending.iter() {
             if builds.is_none_or(|b| b.contains(&p.build)) {
                 let msg = MasterMessage {
@@ -105,7 +116,8 @@ impl WorkerLink {
     }
 
     fn row_of(&self, step_id: &[u8]) -> Option<i64> {
-        self.pending
+        self.slots
+            .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(step_id)
@@ -175,16 +187,16 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     }
 
     let (tx, mut rx) = mpsc::channel::<MasterMessage>(1024);
+    let slots = bm.slots_for(&name);
     let link = Arc::new(WorkerLink {
         name: name.clone(),
         session_id: session_id.clone(),
         hello: hello.clone(),
         connected_ms: now_ms(),
         max_builds: wc.max_builds,
-        busy: AtomicUsize::new(0),
+        slots: slots.clone(),
         tx,
         hangup: CancellationToken::new(),
-        pending: Mutex::new(HashMap::new()),
         last_heard_ms: AtomicI64::new(now_ms()),
     });
     bm.inner
@@ -199,20 +211,43 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
             session_id: session_id.clone(),
         }));
 
-    // Steps this worker still holds from before belong to builds that have
-    // already ended: stop them and let the worker forget them.
-    for held in &hello.steps {
-        let msg = if held.finished {
-            ack(held.step_id.clone(), u64::MAX, true)
-        } else {
-            MasterMessage {
-                kind: Some(master_message::Kind::Interrupt(InterruptStep {
-                    step_id: held.step_id.clone(),
-                    reason: "the master no longer runs this step's build".into(),
-                })),
+    // The steps the worker still holds: those a build is waiting for are
+    // re-attached to this session (the worker replays what we did not
+    // acknowledge); the others belong to builds that have ended: stop them
+    // and let the worker forget them. A step we sent on an earlier session
+    // that the worker does not list is lost (the worker restarted).
+    {
+        let mut pending = slots.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for held in &hello.steps {
+            match pending.get_mut(&held.step_id) {
+                Some(p) => {
+                    tracing::info!(worker = %name, build = p.build, acked = held.acked_seq, finished = held.finished, "step re-attached after a reconnect");
+                    p.sent_on = Some(session_id.clone());
+                }
+                None => {
+                    let msg = if held.finished {
+                        ack(held.step_id.clone(), u64::MAX, true)
+                    } else {
+                        MasterMessage {
+                            kind: Some(master_message::Kind::Interrupt(InterruptStep {
+                                step_id: held.step_id.clone(),
+                                reason: "the master no longer runs this step's build".into(),
+                            })),
+                        }
+                    };
+                    let _ = link.tx.try_send(msg);
+                }
             }
-        };
-        let _ = link.tx.try_send(msg);
+        }
+        let listed: std::collections::HashSet<&[u8]> =
+            hello.steps.iter().map(|h| &h.step_id[..]).collect();
+        pending.retain(|step_id, p| {
+            let lost = p.sent_on.as_ref().is_some_and(|s| s != &session_id) && !listed.contains(&step_id[..]);
+            if lost {
+                tracing::warn!(worker = %name, build = p.build, "the worker came back without a step it was running: lost");
+            }
+            !lost
+        });
     }
     bm.wake();
 
@@ -278,7 +313,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                         if let Err(why) = send_acks(&mut sink, logs.drain().await).await {
                             break 'session why;
                         }
-                        let pending = link.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
+                        let pending = link.slots.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
                         let (step_id, last) = (f.step_id.clone(), f.last_seq);
                         if let Some(p) = pending {
                             let _ = p.done.send(f);
@@ -316,10 +351,17 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
             workers.remove(&name);
         }
     }
-    link.pending
+    // Its steps stay pending: the worker may come back and re-attach them
+    // within the grace; after it, they are lost.
+    let superseded = bm
+        .inner
+        .workers
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .clear();
+        .contains_key(&name);
+    if !superseded {
+        bm.lose_steps_after_grace(name.clone(), session_id.clone(), slots.clone());
+    }
     link.hangup.cancel();
     tracing::warn!(worker = %name, session = %session_id, reason = %reason, "worker lost");
     bm.inner

@@ -105,6 +105,7 @@ struct RawMaster {
     auth_failure_window: Option<Spanned<String>>,
     auth_block: Option<Spanned<String>>,
     drain_removed_workers: Option<bool>,
+    worker_reconnect_grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +128,8 @@ pub struct Config {
     pub state_path: PathBuf,
     /// A worker removed by a reload finishes its current builds first.
     pub drain_removed_workers: bool,
+    /// How long the steps of a worker whose link dropped wait for it.
+    pub worker_reconnect_grace: Duration,
     pub limits: Limits,
     /// User name to the services it may use.
     pub users: BTreeMap<String, BTreeSet<String>>,
@@ -344,6 +347,11 @@ impl Config {
             secrets_path,
             state_path,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
+            worker_reconnect_grace: c.duration(
+                &m.worker_reconnect_grace,
+                "master.worker_reconnect_grace",
+                Duration::from_secs(300),
+            )?,
             limits,
             users,
             workers: builds.workers,

@@ -353,3 +353,78 @@ pub async fn log_text(m: &TestMaster, build: i64, step: usize) -> String {
     let chunks = m.master.state().log_page(row, 0, usize::MAX).await.unwrap();
     String::from_utf8(chunks.into_iter().flat_map(|c| c.data).collect()).unwrap()
 }
+
+/// A TCP proxy on 127.0.0.1 between a client and a server, that can cut
+/// every link it carries (both sockets dropped), as a network blip does.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let held = links.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                held.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            links,
+            accept,
+        }
+    }
+
+    /// Cuts every link open now; new ones are carried again.
+    pub fn cut(&self) {
+        for l in self.links.lock().unwrap().drain(..) {
+            l.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// A worker process logging in through `addr` (a proxy, say).
+pub fn spawn_worker_via(
+    m: &TestMaster,
+    addr: SocketAddr,
+    name: &str,
+    password: &str,
+    basedir: &str,
+) -> Reaped {
+    Reaped(
+        std::process::Command::new(BIN)
+            .args([
+                "worker",
+                "--master",
+                &addr.to_string(),
+                "--name",
+                name,
+                "--basedir",
+            ])
+            .arg(m.dir.path().join(basedir))
+            .env("SWITCHYARD_PASSWORD", password)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}

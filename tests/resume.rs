@@ -1,0 +1,74 @@
+//! Builds survive a blinking link: the step keeps running on the worker, the
+//! worker reconnects, the master re-attaches the step, and the log is byte
+//! for byte what the command wrote. (Issue 6, first part: link drops.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const COUNT: &str = r#"
+[[builder]]
+name = "count"
+workers = ["w1"]
+[[builder.step]]
+name = "lines"
+shell = "i=1; while [ $i -le 3000 ]; do echo \"line $i\"; if [ $((i % 300)) -eq 0 ]; then sleep 0.3; fi; i=$((i+1)); done"
+[[builder.step]]
+name = "after"
+shell = "echo second step"
+"#;
+
+fn expected() -> String {
+    (1..=3000).map(|i| format!("line {i}\n")).collect()
+}
+
+#[tokio::test]
+async fn a_build_survives_link_cuts_with_a_byte_exact_log() {
+    let users = [HOOK, ADMIN];
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text(
+        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"30s\"",
+        &users,
+    ) + "\n[[worker]]\nname = \"w1\"\n"
+        + COUNT;
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let proxy = Proxy::start(m.addr).await;
+    let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    let first_session = m.master.builds().connected()[0].session_id.clone();
+    let mut events = m.master.builds().subscribe();
+    m.master
+        .builds()
+        .force("count", "", "", "", "test")
+        .await
+        .unwrap();
+
+    // Cut the link twice while the step prints.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.cut();
+    }
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "success", "the build must survive the cuts");
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.steps.len(), 2, "no step re-run: {:?}", b.steps);
+    assert!(b.steps.iter().all(|s| s.attempt == 1));
+    let log = log_text(&m, b.id, 0).await;
+    assert_eq!(log.len(), expected().len());
+    assert!(
+        log == expected(),
+        "the log must be byte-exact: no chunk lost, none doubled"
+    );
+    assert_eq!(log_text(&m, b.id, 1).await, "second step\n");
+    // The worker did reconnect (new session).
+    let now = m.master.builds().connected();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0].session_id, first_session);
+    m.stop().await;
+}
