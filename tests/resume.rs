@@ -24,20 +24,22 @@ fn expected() -> String {
     (1..=3000).map(|i| format!("line {i}\n")).collect()
 }
 
-#[tokio::test]
-async fn a_build_survives_link_cuts_with_a_byte_exact_log() {
+async fn master_with_count(heartbeat: &str) -> TestMaster {
     let users = [HOOK, ADMIN];
     let dir = tempfile::tempdir().unwrap();
-    let config = config_text(
-        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"30s\"",
-        &users,
-    ) + "\n[[worker]]\nname = \"w1\"\n"
-        + COUNT;
+    let master = format!("heartbeat_interval = \"{heartbeat}\"\nworker_reconnect_grace = \"30s\"");
+    let config = config_text(&master, &users) + "\n[[worker]]\nname = \"w1\"\n" + COUNT;
     std::fs::write(dir.path().join("master.toml"), config).unwrap();
     let secrets = secrets_text(&users)
         + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
     std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-    let m = TestMaster::start_in(dir).await;
+    TestMaster::start_in(dir).await
+}
+
+/// Runs the counting build through a proxy, disturbing the link with
+/// `disturb` twice while the step prints; checks the build and its log.
+async fn survives(disturb: fn(&Proxy), heartbeat: &str, pause: Duration) {
+    let m = master_with_count(heartbeat).await;
     let proxy = Proxy::start(m.addr).await;
     let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
     wait_connected(&m, 1).await;
@@ -49,10 +51,9 @@ async fn a_build_survives_link_cuts_with_a_byte_exact_log() {
         .await
         .unwrap();
 
-    // Cut the link twice while the step prints.
     for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        proxy.cut();
+        tokio::time::sleep(pause).await;
+        disturb(&proxy);
     }
     let ended = builds_ended(&mut events, 1).await;
     assert_eq!(ended[0].1, "success", "the build must survive the cuts");
@@ -71,4 +72,16 @@ async fn a_build_survives_link_cuts_with_a_byte_exact_log() {
     assert_eq!(now.len(), 1);
     assert_ne!(now[0].session_id, first_session);
     m.stop().await;
+}
+
+#[tokio::test]
+async fn a_build_survives_link_cuts_with_a_byte_exact_log() {
+    survives(Proxy::cut, "1s", Duration::from_millis(800)).await;
+}
+
+#[tokio::test]
+async fn a_build_survives_a_black_holed_link() {
+    // Nothing is closed: both sides must notice the silence (two heartbeat
+    // intervals) and the worker must come back on a new link.
+    survives(Proxy::black_hole, "500ms", Duration::from_millis(700)).await;
 }

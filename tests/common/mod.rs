@@ -355,27 +355,66 @@ pub async fn log_text(m: &TestMaster, build: i64, step: usize) -> String {
 }
 
 /// A TCP proxy on 127.0.0.1 between a client and a server, that can cut
-/// every link it carries (both sockets dropped), as a network blip does.
+/// every link it carries (both sockets dropped, as when a link resets) or
+/// black-hole them (sockets left open, nothing forwarded any more, as when a
+/// link silently drops packets).
 pub struct Proxy {
     pub addr: SocketAddr,
-    links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    links:
+        Arc<std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// Copies from `r` to `w` until EOF, or until `frozen`: then holds both
+/// sockets open and forwards nothing.
+async fn forward(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            // Swallow everything from now on, keeping both ends open.
+            loop {
+                if matches!(r.read(&mut buf).await, Ok(0) | Err(_)) {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
 }
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let links: Arc<
+            std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>,
+        > = Default::default();
         let held = links.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
+                let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let f = frozen.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(forward(cr, sw, f.clone()), forward(sr, cw, f));
                 });
-                held.lock().unwrap().push(task.abort_handle());
+                held.lock().unwrap().push((task.abort_handle(), frozen));
             }
         });
         Proxy {
@@ -387,8 +426,16 @@ impl Proxy {
 
     /// Cuts every link open now; new ones are carried again.
     pub fn cut(&self) {
-        for l in self.links.lock().unwrap().drain(..) {
-            l.abort();
+        for (task, _) in self.links.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Stops forwarding on every link open now, leaving the sockets open;
+    /// new links are carried again.
+    pub fn black_hole(&self) {
+        for (_, frozen) in self.links.lock().unwrap().iter() {
+            frozen.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
