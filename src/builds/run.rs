@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::workers::{PendingStep, WorkerLink, WorkerSlots};
 use super::{BuildMaster, StopSignal, debug_event};
-use crate::config::BuilderConfig;
+use crate::config::{BuilderConfig, OnLost};
 use crate::proto::{
     BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
     StepFinished, StepStartedEvent, master_message, step_finished,
@@ -57,6 +57,10 @@ async fn send_start(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Lost steps one build may recover from (by `retry` or `restart`) before it
+/// ends as `exception`: a worker that loses every step must not loop forever.
+const MAX_RECOVERIES: u32 = 5;
 
 /// How long a stopped step's worker has to report the step's end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -130,7 +134,15 @@ pub(super) async fn run_build(
         worker: link.name.clone(),
     }));
     let mut outcome = "success";
-    for (position, step) in builder.steps.iter().enumerate() {
+    // How often each step has been started (its attempt number), and how
+    // many lost steps this build has recovered from (bounded).
+    let mut runs = vec![0u32; builder.steps.len()];
+    let mut recoveries = 0u32;
+    let mut position = 0usize;
+    while position < builder.steps.len() {
+        let step = &builder.steps[position];
+        runs[position] += 1;
+        let attempt = runs[position];
         if stop.is_stopped() {
             outcome = "interrupted";
             break;
@@ -143,7 +155,7 @@ pub(super) async fn run_build(
                 build,
                 position as u32,
                 &step.name,
-                1,
+                attempt,
                 step_id,
                 step.on_lost.as_str(),
             )
@@ -173,7 +185,7 @@ pub(super) async fn run_build(
         inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {
             build,
             step: step.name.clone(),
-            attempt: 1,
+            attempt,
         }));
         let start = StartStep {
             step_id: step_id.to_vec(),
@@ -230,13 +242,28 @@ pub(super) async fn run_build(
                 ..Default::default()
             });
         }
+        // Truly lost: the worker came back without it, or not at all within
+        // the grace. The step's `on_lost` decides what happens next.
+        let lost = finished.is_none() && recoveries < MAX_RECOVERIES;
         let mut judged = match &finished {
             Some(f) => judge(f, step.timeout),
             None => StepResult {
                 result: "exception",
                 exit_code: None,
                 signal: None,
-                detail: format!("lost worker {} while the step ran", link.name),
+                detail: format!(
+                    "lost: worker {worker} restarted or did not come back within {:?}{}",
+                    inner.reconnect_grace,
+                    match (lost, step.on_lost) {
+                        (false, _) => "; too many lost steps in this build".to_string(),
+                        (true, OnLost::Retry) =>
+                            "; on_lost = retry: running the step again".to_string(),
+                        (true, OnLost::Restart) =>
+                            "; on_lost = restart: running the build again from its first step"
+                                .to_string(),
+                        (true, OnLost::Fail) => "; on_lost = fail: the build fails".to_string(),
+                    }
+                ),
             },
         };
         if judged.result == "interrupted" && stop.is_stopped() {
@@ -259,14 +286,29 @@ pub(super) async fn run_build(
         inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
             build,
             step: step.name.clone(),
-            attempt: 1,
+            attempt,
             result: judged.result.into(),
             detail: judged.detail.clone(),
         }));
+        if lost {
+            recoveries += 1;
+            match step.on_lost {
+                OnLost::Retry => continue,
+                OnLost::Restart => {
+                    position = 0;
+                    continue;
+                }
+                OnLost::Fail => {
+                    outcome = "failure";
+                    break;
+                }
+            }
+        }
         if judged.result != "success" {
             outcome = judged.result;
             break;
         }
+        position += 1;
     }
     if let Err(e) = inner.state.finish_build(build, outcome).await {
         tracing::error!(build, error = %e, "cannot record the build's end");

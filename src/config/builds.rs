@@ -219,12 +219,12 @@ pub(crate) fn validate(
     let mut builders = BTreeMap::new();
     for b in raw_builders {
         let name = unique(c, &mut seen, &b.name, "builder.name", "builder")?;
-        if name.contains('/') || name == "." || name == ".." {
+        if name.contains('/') || name.starts_with('.') {
             return c.err(
                 b.name.span(),
                 "builder.name",
                 format_args!(
-                    "`{name}` names the builder's directory on workers: no `/`, `.` or `..`"
+                    "`{name}` names the builder's directory on workers: no `/`, and not starting with `.`"
                 ),
             );
         }

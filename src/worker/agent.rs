@@ -113,9 +113,23 @@ fn frame(kind: worker_message::Kind) -> Bytes {
     Bytes::from(WorkerMessage { kind: Some(kind) }.encode_to_vec())
 }
 
+/// Where running steps' process groups are recorded.
+fn pid_dir(basedir: &Path) -> PathBuf {
+    basedir.join(".switchyard").join("steps")
+}
+
 /// Runs the agent until `shutdown`: connects, serves, reconnects. Returns
 /// when shut down; every step it was running is killed first.
 pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
+    // Nothing a previous run started outlives it: its steps are killed, and
+    // the master, not hearing of them, treats them as lost.
+    let reaped = step::reap_leftovers(&pid_dir(&opts.basedir));
+    if reaped > 0 {
+        tracing::warn!(
+            steps = reaped,
+            "killed the steps a previous run of this worker left running"
+        );
+    }
     let (events_tx, events_rx) = mpsc::channel(64);
     let creds = Credentials::new(opts.name.clone(), opts.password.clone());
     let mut agent = Agent {
@@ -319,6 +333,7 @@ impl Agent {
                     argv: s.argv,
                     env: s.env.into_iter().collect(),
                     timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms)),
+                    pid_dir: Some(pid_dir(&self.opts.basedir)),
                 };
                 tokio::spawn(step::run(spec, tx, interrupt));
                 None

@@ -35,6 +35,40 @@ pub struct StepSpec {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
+    /// Where the step's process group is recorded while it runs, so that a
+    /// worker restarted after a crash can kill what its previous run left.
+    pub pid_dir: Option<PathBuf>,
+}
+
+fn pid_file(dir: &std::path::Path, step_id: &[u8]) -> PathBuf {
+    dir.join(
+        step_id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+    )
+}
+
+/// Kills the process groups that a previous run of this worker left behind
+/// (it crashed or was killed with its steps running), and forgets them.
+/// Returns how many it found.
+pub fn reap_leftovers(pid_dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(pid_dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if let Ok(text) = std::fs::read_to_string(e.path())
+            && let Ok(pgid) = text.trim().parse::<i32>()
+            && pgid > 1
+        {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            tracing::warn!(step = %e.file_name().to_string_lossy(), pgid, "killed a step left running by this worker's previous run");
+            n += 1;
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    n
 }
 
 /// How a step ended.
@@ -140,6 +174,11 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
         }
     };
     let pgid = child.id().unwrap_or(0);
+    let recorded = spec.pid_dir.as_ref().filter(|_| pgid != 0).map(|d| {
+        let f = pid_file(d, &spec.step_id);
+        let _ = std::fs::create_dir_all(d).and_then(|_| std::fs::write(&f, pgid.to_string()));
+        f
+    });
     let out = child.stdout.take().map(|p| {
         tokio::spawn(pump(
             p,
@@ -175,6 +214,9 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
     }
     for pump in [out, err].into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+    }
+    if let Some(f) = recorded {
+        let _ = std::fs::remove_file(f);
     }
     let end = match status {
         Ok(s) => {

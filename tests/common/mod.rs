@@ -354,14 +354,17 @@ pub async fn log_text(m: &TestMaster, build: i64, step: usize) -> String {
     String::from_utf8(chunks.into_iter().flat_map(|c| c.data).collect()).unwrap()
 }
 
+/// Each link's forwarding task, and the flag that black-holes it.
+type ProxyLinks =
+    Arc<std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>>;
+
 /// A TCP proxy on 127.0.0.1 between a client and a server, that can cut
 /// every link it carries (both sockets dropped, as when a link resets) or
 /// black-hole them (sockets left open, nothing forwarded any more, as when a
 /// link silently drops packets).
 pub struct Proxy {
     pub addr: SocketAddr,
-    links:
-        Arc<std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>>,
+    links: ProxyLinks,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -398,9 +401,7 @@ impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let links: Arc<
-            std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>,
-        > = Default::default();
+        let links: ProxyLinks = Default::default();
         let held = links.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
