@@ -287,6 +287,18 @@ impl Master {
         self.health
             .set_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
+        // Builds a previous master left running continue before any worker
+        // can log in, so that their steps are re-attached, not refused.
+        match self.builds.recover().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                builds = n,
+                "resuming builds left running by the previous master"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot resume the builds left running by the previous master")
+            }
+        }
         let dispatch = {
             let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
             tokio::spawn(async move { builds.run(shutdown).await })

@@ -234,3 +234,146 @@ async fn a_lost_step_with_on_lost_fail_fails_the_build() {
     );
     m.stop().await;
 }
+
+/// A master process of its own (so it can be killed with -9) on a fixed
+/// loopback port, with its files in `dir`.
+fn master_process(dir: &std::path::Path) -> (Reaped, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(dir.join("master.toml"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut told = false;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !told && line.contains("listening on ") {
+                let _ = tx.send(
+                    line.rsplit("listening on ")
+                        .next()
+                        .unwrap()
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                );
+                told = true;
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("the master did not start");
+    (Reaped(child), addr)
+}
+
+async fn debug_json(addr: &str, args: &[&str]) -> serde_json::Value {
+    let (addr, args): (String, Vec<String>) = (
+        addr.to_string(),
+        args.iter().map(|s| s.to_string()).collect(),
+    );
+    let out = within(
+        "switchyard debug",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(["debug", "--master", &addr, "--user", "admin", "--json"])
+                .args(&args)
+                .env("SWITCHYARD_PASSWORD", "admin-pw")
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_build_survives_the_master_being_killed_with_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let users = [HOOK, ADMIN];
+    let master = "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"30s\"";
+    let config = config_text(master, &users).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        + "\n[[worker]]\nname = \"w1\"\n"
+        + COUNT;
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+
+    let (mut first, addr) = master_process(dir.path());
+    let _w = Reaped(
+        std::process::Command::new(BIN)
+            .args(["worker", "--master", &addr, "--name", "w1", "--basedir"])
+            .arg(dir.path().join("basedir"))
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    within("the worker to connect", async {
+        while debug_json(&addr, &["workers"]).await[0]["connected"] != true {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    debug_json(&addr, &["force", "count"]).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Mid-step: kill -9 the master, start another on the same state.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (_second, addr2) = master_process(dir.path());
+    assert_eq!(addr, addr2);
+    let build = within("the build to finish after the restart", async {
+        loop {
+            let builds = debug_json(&addr, &["builds"]).await;
+            if builds[0]["result"].is_string() {
+                return builds[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let id = build["id"].as_i64().unwrap().to_string();
+    let log = within("the log", {
+        let (addr, id) = (addr.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args([
+                    "debug", "--master", &addr, "--user", "admin", "log", &id, "lines",
+                ])
+                .env("SWITCHYARD_PASSWORD", "admin-pw")
+                .output()
+                .unwrap()
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&log.stdout) == expected(),
+        "the log must be byte-exact across the master's restart"
+    );
+}

@@ -135,6 +135,17 @@ pub struct BuildMaster {
     inner: Arc<Inner>,
 }
 
+fn unhex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 pub(crate) fn event(kind: debug_event::Kind) -> DebugEvent {
     DebugEvent {
         unix_ms: crate::state::now_ms(),
@@ -249,21 +260,6 @@ impl BuildMaster {
     /// Runs the dispatch loop until `shutdown`. Builds left unfinished by a
     /// previous master process are marked `exception` first.
     pub async fn run(&self, shutdown: CancellationToken) {
-        match self
-            .inner
-            .state
-            .abandon_unfinished("the master restarted while the step ran")
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                builds = n,
-                "builds left running by the previous master marked as exception"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot mark the previous master's unfinished builds")
-            }
-        }
         loop {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "cannot dispatch build requests");
@@ -274,15 +270,8 @@ impl BuildMaster {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
-        for r in self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            r.stop.stop("the master is shutting down");
-        }
+        // Running builds are left as they are: their workers keep running
+        // the steps, and the next master process resumes them.
     }
 
     fn wake(&self) {
@@ -346,20 +335,14 @@ impl BuildMaster {
                                 stop: stop.clone(),
                             },
                         );
-                    let me = self.clone();
-                    let builder = builder.clone();
-                    tokio::spawn(async move {
-                        let name = builder.name.clone();
-                        run::run_build(&me, build, req, builder, link.clone(), stop).await;
-                        link.slots.busy.fetch_sub(1, Ordering::SeqCst);
-                        me.inner
-                            .running
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&build);
-                        me.after_build(&name, &link);
-                        me.wake();
-                    });
+                    self.spawn_build(
+                        build,
+                        req,
+                        builder.clone(),
+                        link.name.clone(),
+                        stop,
+                        run::Resume::default(),
+                    );
                 }
                 Ok(None) => {
                     link.slots.busy.fetch_sub(1, Ordering::SeqCst);
@@ -371,6 +354,142 @@ impl BuildMaster {
             }
         }
         Ok(())
+    }
+
+    /// Picks up the builds a previous master process left running (it was
+    /// stopped, or killed): each continues where it was, on its worker. A step
+    /// that was running is re-attached when its worker comes back and lists
+    /// it (its output replayed from the last acknowledgement); a worker that
+    /// comes back without it, or not within the grace, has lost it, and the
+    /// step's `on_lost` applies. Call before the port serves workers.
+    pub async fn recover(&self) -> Result<usize, StateError> {
+        let unfinished = self.inner.state.unfinished_builds().await?;
+        let config = self.inner.config();
+        let mut resumed = 0;
+        for b in unfinished {
+            let Some(builder) = config.builders.get(&b.builder).cloned() else {
+                tracing::warn!(build = b.id, builder = %b.builder, "a build left running has no builder any more: marked exception");
+                for s in b.steps.iter().filter(|s| s.result.is_none()) {
+                    self.inner
+                        .state
+                        .finish_step(
+                            s.row,
+                            "exception",
+                            None,
+                            None,
+                            "the builder was removed while the master was down",
+                        )
+                        .await?;
+                }
+                self.inner.state.finish_build(b.id, "exception").await?;
+                continue;
+            };
+            let mut resume = run::Resume {
+                runs: vec![0; builder.steps.len()],
+                ..Default::default()
+            };
+            for s in &b.steps {
+                if let Some(r) = resume.runs.get_mut(s.position as usize) {
+                    *r = (*r).max(s.attempt);
+                }
+            }
+            let last = b.steps.iter().max_by_key(|s| (s.started_ms, s.row));
+            match last {
+                None => {}
+                Some(s) if s.result.is_none() => {
+                    let Some(step_id) = unhex16(&s.step_id) else {
+                        continue;
+                    };
+                    resume.position = s.position as usize;
+                    resume.in_flight = Some((step_id, s.row));
+                }
+                Some(s) if s.result.as_deref() == Some("success") => {
+                    resume.position = s.position as usize + 1
+                }
+                Some(s) => {
+                    // It had ended but its end was not recorded: record it now.
+                    let result = s.result.clone().unwrap_or_else(|| "exception".into());
+                    self.inner.state.finish_build(b.id, &result).await?;
+                    continue;
+                }
+            }
+            let request = crate::state::BuildRequest {
+                id: b.request_id,
+                request: crate::state::NewRequest {
+                    builder: b.builder.clone(),
+                    change_id: None,
+                    reason: b.reason.clone(),
+                    repository: b.repository.clone(),
+                    branch: b.branch.clone(),
+                    revision: b.revision.clone(),
+                },
+                created_ms: b.started_ms,
+            };
+            let slots = self.slots_for(&b.worker);
+            slots.busy.fetch_add(1, Ordering::SeqCst);
+            let stop = StopSignal::default();
+            self.inner
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    b.id,
+                    RunningBuild {
+                        builder: b.builder.clone(),
+                        worker: b.worker.clone(),
+                        stop: stop.clone(),
+                    },
+                );
+            if resume.in_flight.is_some() {
+                // Lost if the worker does not come back in time.
+                self.lose_steps_after_grace(
+                    b.worker.clone(),
+                    run::BEFORE_RESTART.to_string(),
+                    slots.clone(),
+                );
+            }
+            tracing::info!(build = b.id, builder = %b.builder, worker = %b.worker, position = resume.position, "resuming a build left running by the previous master");
+            self.spawn_build(b.id, request, builder, b.worker.clone(), stop, resume);
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+
+    /// Runs a build (its worker's slot already taken) in a task of its own,
+    /// and frees the slot when it ends.
+    fn spawn_build(
+        &self,
+        build: i64,
+        req: crate::state::BuildRequest,
+        builder: BuilderConfig,
+        worker: String,
+        stop: StopSignal,
+        resume: run::Resume,
+    ) {
+        let me = self.clone();
+        let slots = self.slots_for(&worker);
+        tokio::spawn(async move {
+            let name = builder.name.clone();
+            run::run_build(
+                &me,
+                build,
+                req,
+                builder,
+                worker.clone(),
+                slots.clone(),
+                stop,
+                resume,
+            )
+            .await;
+            slots.busy.fetch_sub(1, Ordering::SeqCst);
+            me.inner
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&build);
+            me.after_build(&name, &worker);
+            me.wake();
+        });
     }
 
     /// Requests builds for the changes that match a scheduler.

@@ -264,7 +264,7 @@ impl BuildMaster {
 
     /// Called when a build ends: lands a builder's waiting change once its
     /// last running build is over, and hangs up a drained worker.
-    pub(super) fn after_build(&self, builder: &str, link: &super::WorkerLink) {
+    pub(super) fn after_build(&self, builder: &str, worker: &str) {
         let inner = &self.inner;
         let running = inner.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut pending = inner
@@ -284,14 +284,16 @@ impl BuildMaster {
             );
         }
         let mut draining = inner.draining.lock().unwrap_or_else(|e| e.into_inner());
-        if draining.contains(&link.name) && link.slots.busy.load(Ordering::SeqCst) == 0 {
-            draining.remove(&link.name);
+        if draining.contains(worker) && self.slots_for(worker).busy.load(Ordering::SeqCst) == 0 {
+            draining.remove(worker);
             let mut config = inner.config.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**config).clone();
-            next.workers.remove(&link.name);
+            next.workers.remove(worker);
             *config = Arc::new(next);
-            tracing::info!(worker = %link.name, "removed worker drained: hanging up");
-            link.hangup.cancel();
+            tracing::info!(worker, "removed worker drained: hanging up");
+            if let Some(link) = self.link_of(worker) {
+                link.hangup.cancel();
+            }
         }
     }
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::workers::{PendingStep, WorkerLink, WorkerSlots};
+use super::workers::{PendingStep, WorkerSlots};
 use super::{BuildMaster, StopSignal, debug_event};
 use crate::config::{BuilderConfig, OnLost};
 use crate::proto::{
@@ -116,56 +116,90 @@ fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
     }
 }
 
+/// Where a build picks up: from its first step, or (after the master
+/// restarted) from the step it had reached, possibly still running on its
+/// worker.
+#[derive(Default)]
+pub(super) struct Resume {
+    pub(super) position: usize,
+    /// Attempts already made, per step.
+    pub(super) runs: Vec<u32>,
+    /// The step that was running: its id and row.
+    pub(super) in_flight: Option<([u8; 16], i64)>,
+}
+
+/// The `sent_on` of steps that were running when the previous master
+/// process stopped: no session of this process has that id.
+pub(super) const BEFORE_RESTART: &str = "before the master restarted";
+
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_build(
     bm: &BuildMaster,
     build: i64,
     request: BuildRequest,
     builder: BuilderConfig,
-    link: Arc<WorkerLink>,
+    worker: String,
+    slots: Arc<WorkerSlots>,
     stop: StopSignal,
+    resume: Resume,
 ) {
     let inner = &bm.inner;
-    // The worker's slots outlive its sessions: a step survives a reconnect.
-    let (worker, slots) = (link.name.clone(), link.slots.clone());
-    tracing::info!(build, builder = %builder.name, worker = %link.name, reason = %request.request.reason, "build started");
+    let resumed = resume.position > 0 || resume.in_flight.is_some();
+    let verb = if resumed {
+        "build resumed after a master restart"
+    } else {
+        "build started"
+    };
+    tracing::info!(build, builder = %builder.name, worker = %worker, reason = %request.request.reason, "{verb}");
     inner.emit(debug_event::Kind::BuildStarted(BuildStartedEvent {
         build,
         builder: builder.name.clone(),
-        worker: link.name.clone(),
+        worker: worker.clone(),
     }));
     let mut outcome = "success";
     // How often each step has been started (its attempt number), and how
     // many lost steps this build has recovered from (bounded).
-    let mut runs = vec![0u32; builder.steps.len()];
+    let mut runs = resume.runs;
+    runs.resize(builder.steps.len(), 0);
+    let mut in_flight = resume.in_flight;
     let mut recoveries = 0u32;
-    let mut position = 0usize;
+    let mut position = resume.position;
     while position < builder.steps.len() {
         let step = &builder.steps[position];
-        runs[position] += 1;
-        let attempt = runs[position];
+        let carried = in_flight.take();
+        if carried.is_none() {
+            runs[position] += 1;
+        }
+        let attempt = runs[position].max(1);
         if stop.is_stopped() {
             outcome = "interrupted";
             break;
         }
-        let mut step_id = [0u8; 16];
-        rand::fill(&mut step_id[..]);
-        let row = match inner
-            .state
-            .start_step(
-                build,
-                position as u32,
-                &step.name,
-                attempt,
-                step_id,
-                step.on_lost.as_str(),
-            )
-            .await
-        {
-            Ok(row) => row,
-            Err(e) => {
-                tracing::error!(build, error = %e, "cannot record a step; the build ends as exception");
-                outcome = "exception";
-                break;
+        let (step_id, row) = match carried {
+            Some(c) => c,
+            None => {
+                let mut step_id = [0u8; 16];
+                rand::fill(&mut step_id[..]);
+                let row = match inner
+                    .state
+                    .start_step(
+                        build,
+                        position as u32,
+                        &step.name,
+                        attempt,
+                        step_id,
+                        step.on_lost.as_str(),
+                    )
+                    .await
+                {
+                    Ok(row) => row,
+                    Err(e) => {
+                        tracing::error!(build, error = %e, "cannot record a step; the build ends as exception");
+                        outcome = "exception";
+                        break;
+                    }
+                };
+                (step_id, row)
             }
         };
         let (done_tx, done_rx) = oneshot::channel();
@@ -179,7 +213,7 @@ pub(super) async fn run_build(
                     build,
                     row,
                     done: done_tx,
-                    sent_on: None,
+                    sent_on: carried.map(|_| BEFORE_RESTART.to_string()),
                 },
             );
         inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {
@@ -196,7 +230,10 @@ pub(super) async fn run_build(
             workdir: step.workdir.clone().unwrap_or_default(),
             timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         };
-        let sent = send_start(bm, &worker, &slots, &step_id, start, &stop).await;
+        // A step carried over from before a restart is already running (or
+        // finished) on its worker: it is re-attached, not sent again.
+        let sent =
+            carried.is_some() || send_start(bm, &worker, &slots, &step_id, start, &stop).await;
         let mut finished: Option<StepFinished> = if !sent {
             None
         } else {

@@ -341,6 +341,26 @@ impl StateDb {
         .await
     }
 
+    /// Builds a previous master process left running, oldest first, with
+    /// their steps.
+    pub async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
+        self.read(|conn| {
+            let sql = format!(
+                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
+                 WHERE b.result IS NULL ORDER BY b.id"
+            );
+            let mut builds: Vec<BuildRecord> = conn
+                .prepare_cached(&sql)?
+                .query_map([], build_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            for b in &mut builds {
+                b.steps = load_steps(conn, b.id)?;
+            }
+            Ok(builds)
+        })
+        .await
+    }
+
     pub async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
         self.read(move |conn| {
             let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
