@@ -16,7 +16,6 @@
 //! (`-- quick` for 9 faults).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::BufRead;

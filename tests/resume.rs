@@ -377,3 +377,107 @@ async fn a_build_survives_the_master_being_killed_with_9() {
         "the log must be byte-exact across the master's restart"
     );
 }
+
+#[tokio::test]
+async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
+    // 24 MiB printed while the worker has no master: past the 8 MiB held in
+    // memory, the rest is spilled to disk, and the step runs to its end.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let users = [HOOK, ADMIN];
+    let master = "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"60s\"";
+    let big = "[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"echo start; sleep 1; head -c 25165824 /dev/zero | tr '\\\\0' 'y'; echo; echo done\"\n";
+    let config = config_text(master, &users).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        + "\n[[worker]]\nname = \"w1\"\n"
+        + big;
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+
+    let (mut first, addr) = master_process(dir.path());
+    let basedir = dir.path().join("basedir");
+    let _w = Reaped(
+        std::process::Command::new(BIN)
+            .args(["worker", "--master", &addr, "--name", "w1", "--basedir"])
+            .arg(&basedir)
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    within("the worker to connect", async {
+        while debug_json(&addr, &["workers"]).await[0]["connected"] != true {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    debug_json(&addr, &["force", "big"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+
+    // With no master, the step still runs to its end, its output spilled.
+    let steps_dir = basedir.join(".switchyard/steps");
+    let spill_dir = basedir.join(".switchyard/spill");
+    let mut spilled = false;
+    within("the step to finish while the master is down", async {
+        loop {
+            spilled |= std::fs::read_dir(&spill_dir).is_ok_and(|d| d.count() > 0);
+            let running = std::fs::read_dir(&steps_dir)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            if spilled && running == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let (_second, _) = master_process(dir.path());
+    let build = within("the build to finish after the master is back", async {
+        loop {
+            let builds = debug_json(&addr, &["builds"]).await;
+            if builds[0]["result"].is_string() {
+                return builds[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert_eq!(build["result"], "success", "{build}");
+    assert_eq!(build["steps"][0]["attempt"], 1);
+    let id = build["id"].as_i64().unwrap().to_string();
+    let out = within("the log", {
+        let (addr, id) = (addr.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(["debug", "--master", &addr, "--user", "admin", "log", &id])
+                .env("SWITCHYARD_PASSWORD", "admin-pw")
+                .output()
+                .unwrap()
+        })
+    })
+    .await
+    .unwrap();
+    let log = out.stdout;
+    assert_eq!(log.len(), 6 + 25_165_824 + 1 + 5);
+    assert!(log.starts_with(b"start\n") && log.ends_with(b"\ndone\n"));
+    assert!(
+        log[6..6 + 25_165_824].iter().all(|&b| b == b'y'),
+        "byte-exact"
+    );
+    within("the spill to be cleaned up", async {
+        while std::fs::read_dir(&spill_dir).is_ok_and(|d| d.count() > 0) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

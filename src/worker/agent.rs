@@ -7,8 +7,9 @@
 //! and jitter; its steps keep running meanwhile, and the new session starts by
 //! listing them and replaying what was not acknowledged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +28,10 @@ use crate::proto::{
 /// Unacknowledged output bytes the agent holds before it stops reading its
 /// steps' pipes (and so slows the steps) until the master catches up.
 pub const WINDOW: usize = 8 * 1024 * 1024;
+
+/// Unacknowledged output the agent spills to disk (beyond [`WINDOW`] in
+/// memory) before it stops reading its steps' pipes.
+pub const SPILL_LIMIT: u64 = 1 << 30;
 
 /// How a worker connects.
 #[derive(Clone, Debug)]
@@ -63,14 +68,15 @@ struct Held {
     interrupt: CancellationToken,
     next_seq: u64,
     acked: u64,
-    unacked: VecDeque<StepOutput>,
+    unacked: super::spool::Spool,
     finished: Option<StepFinished>,
 }
 
 struct Agent {
     opts: AgentOptions,
-    creds: Credentials,
+    creds: Arc<Credentials>,
     steps: HashMap<Vec<u8>, Held>,
+    /// Unacknowledged output bytes in memory.
     unacked_bytes: usize,
     events_tx: mpsc::Sender<StepEvent>,
     events_rx: mpsc::Receiver<StepEvent>,
@@ -113,6 +119,11 @@ fn frame(kind: worker_message::Kind) -> Bytes {
     Bytes::from(WorkerMessage { kind: Some(kind) }.encode_to_vec())
 }
 
+/// Where unacknowledged output beyond the memory bound is spilled.
+fn spill_dir(basedir: &Path) -> PathBuf {
+    basedir.join(".switchyard").join("spill")
+}
+
 /// Where running steps' process groups are recorded.
 fn pid_dir(basedir: &Path) -> PathBuf {
     basedir.join(".switchyard").join("steps")
@@ -131,7 +142,7 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         );
     }
     let (events_tx, events_rx) = mpsc::channel(64);
-    let creds = Credentials::new(opts.name.clone(), opts.password.clone());
+    let creds = Arc::new(Credentials::new(opts.name.clone(), opts.password.clone()));
     let mut agent = Agent {
         opts,
         creds,
@@ -145,23 +156,28 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         client_agent: format!("switchyard-worker/{}", env!("CARGO_PKG_VERSION")),
         ..Default::default()
     };
-    loop {
-        let connect = client::connect_with(
-            &agent.opts.master,
-            super::SERVICE,
-            &agent.creds,
-            &client_opts,
-        );
-        let session = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            s = connect => s,
+    'agent: loop {
+        // Steps keep printing while we connect: hold their output meanwhile.
+        let (creds, master) = (agent.creds.clone(), agent.opts.master.clone());
+        let connect = client::connect_with(&master, super::SERVICE, &creds, &client_opts);
+        tokio::pin!(connect);
+        let session = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'agent,
+                s = &mut connect => break s,
+                ev = agent.events_rx.recv(), if agent.has_room() => {
+                    if let Some(ev) = ev {
+                        let _ = agent.on_step_event(ev);
+                    }
+                }
+            }
         };
         let why = match session {
             Ok(session) => {
                 failures = 0;
                 tracing::info!(master = %agent.opts.master, worker = %agent.opts.name, session = %session.session_id, "connected to the master");
                 match agent.serve(session, &shutdown).await {
-                    End::Shutdown => break,
+                    End::Shutdown => break 'agent,
                     End::Lost(why) => why,
                 }
             }
@@ -178,9 +194,11 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         let delay = backoff(&agent.opts, failures);
         failures = failures.saturating_add(1);
         tracing::warn!(master = %agent.opts.master, reason = %why, retry_in = ?delay, "not connected to the master");
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
+        if !agent
+            .hold_output_until(tokio::time::Instant::now() + delay, &shutdown)
+            .await
+        {
+            break 'agent;
         }
     }
     agent.stop_all().await;
@@ -198,6 +216,37 @@ fn backoff(opts: &AgentOptions, failures: u32) -> Duration {
 }
 
 impl Agent {
+    /// Whether the agent may take more step output (in memory, or spilled).
+    fn has_room(&self) -> bool {
+        self.unacked_bytes < WINDOW
+            || self
+                .steps
+                .values()
+                .map(|h| h.unacked.spilled_bytes())
+                .sum::<u64>()
+                < SPILL_LIMIT
+    }
+
+    /// Keeps step output coming while there is no session to send it on:
+    /// the steps keep running, their output is held until the next session.
+    async fn hold_output_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return true,
+                ev = self.events_rx.recv(), if self.has_room() => {
+                    if let Some(ev) = ev {
+                        let _ = self.on_step_event(ev);
+                    }
+                }
+            }
+        }
+    }
+
     fn held_list(&self) -> Vec<HeldStep> {
         self.steps
             .iter()
@@ -226,12 +275,16 @@ impl Agent {
             return lost(e);
         }
         // Replay what the master has not acknowledged, oldest first.
-        for h in self.steps.values() {
-            for chunk in &h.unacked {
-                if let Err(e) = sink
-                    .feed(frame(worker_message::Kind::Output(chunk.clone())))
-                    .await
-                {
+        for h in self.steps.values_mut() {
+            let chunks = match h.unacked.replay() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read spilled step output back");
+                    Vec::new()
+                }
+            };
+            for chunk in chunks {
+                if let Err(e) = sink.feed(frame(worker_message::Kind::Output(chunk))).await {
                     return lost(e);
                 }
             }
@@ -272,7 +325,7 @@ impl Agent {
                         return lost(e);
                     }
                 }
-                ev = self.events_rx.recv(), if self.unacked_bytes < WINDOW => {
+                ev = self.events_rx.recv(), if self.has_room() => {
                     let Some(ev) = ev else { continue };
                     let Some(out) = self.on_step_event(ev) else { continue };
                     if let Err(e) = sink.send(frame(out)).await {
@@ -303,7 +356,7 @@ impl Agent {
                         interrupt: interrupt.clone(),
                         next_seq: 1,
                         acked: 0,
-                        unacked: VecDeque::new(),
+                        unacked: super::spool::Spool::new(&s.step_id),
                         finished: None,
                     },
                 );
@@ -347,11 +400,7 @@ impl Agent {
             }
             master_message::Kind::Ack(a) => {
                 let h = self.steps.get_mut(&a.step_id)?;
-                while h.unacked.front().is_some_and(|c| c.seq <= a.seq) {
-                    if let Some(c) = h.unacked.pop_front() {
-                        self.unacked_bytes -= c.data.len();
-                    }
-                }
+                self.unacked_bytes -= h.unacked.ack(a.seq);
                 h.acked = h.acked.max(a.seq);
                 if a.finished && h.finished.is_some() {
                     self.steps.remove(&a.step_id);
@@ -385,8 +434,10 @@ impl Agent {
                     data,
                 };
                 h.next_seq += 1;
-                self.unacked_bytes += chunk.data.len();
-                h.unacked.push_back(chunk.clone());
+                let memory_full = self.unacked_bytes >= WINDOW;
+                self.unacked_bytes +=
+                    h.unacked
+                        .push(chunk.clone(), &spill_dir(&self.opts.basedir), memory_full);
                 worker_message::Kind::Output(chunk)
             }
             StepEvent::Finished {

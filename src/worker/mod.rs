@@ -6,4 +6,5 @@
 pub const SERVICE: &str = "worker";
 
 pub mod agent;
+mod spool;
 pub mod step;
