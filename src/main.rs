@@ -59,6 +59,14 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
     },
+    /// (Internal) Supervises one step for a worker: not for people.
+    #[command(name = "__step", hide = true)]
+    Step {
+        #[arg(long)]
+        parent: i32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Push a change to a master (what a VCS hook runs). Prints the change's
     /// id once the master has stored it.
     Sendchange(Box<SendchangeArgs>),
@@ -201,7 +209,9 @@ async fn worker(
         tracing::info!("stopping the worker and its steps");
         stopper.cancel();
     });
-    let opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
+    let mut opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
+    // Steps run under this binary's supervisor, so they die with the worker.
+    opts.step_supervisor = std::env::current_exe().ok();
     switchyard::worker::agent::run(opts, shutdown).await;
     Ok(())
 }
@@ -295,8 +305,18 @@ async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Step { parent, argv } = &cli.command {
+        // No logging, no multi-threaded runtime: a step's supervisor is tiny.
+        let code = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(switchyard::worker::step::supervise(argv, *parent)))
+            .unwrap_or(125);
+        std::process::exit(code);
+    }
     init_logging();
     let result = match cli.command {
+        Command::Step { .. } => Ok(()),
         Command::Passwd { user, iterations } => read_new_password(&user).and_then(|pw| {
             let v =
                 Verifier::from_password(pw.as_bytes(), iterations).map_err(|e| e.to_string())?;

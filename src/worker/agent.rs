@@ -43,6 +43,9 @@ pub struct AgentOptions {
     pub basedir: PathBuf,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Runs each step under this program's `__step` supervisor (the
+    /// `switchyard` binary), so that steps die with the worker.
+    pub step_supervisor: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -59,6 +62,7 @@ impl AgentOptions {
             basedir: basedir.into(),
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            step_supervisor: None,
         }
     }
 }
@@ -387,6 +391,7 @@ impl Agent {
                     env: s.env.into_iter().collect(),
                     timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms)),
                     pid_dir: Some(pid_dir(&self.opts.basedir)),
+                    supervisor: self.opts.step_supervisor.clone(),
                 };
                 tokio::spawn(step::run(spec, tx, interrupt));
                 None

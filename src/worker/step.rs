@@ -38,6 +38,53 @@ pub struct StepSpec {
     /// Where the step's process group is recorded while it runs, so that a
     /// worker restarted after a crash can kill what its previous run left.
     pub pid_dir: Option<PathBuf>,
+    /// A program that runs `__step --parent PID -- ARGV...` as the step's
+    /// supervisor (see [`supervise`]): the `switchyard` binary itself.
+    pub supervisor: Option<PathBuf>,
+}
+
+/// The step's supervisor: run by the worker as the leader of the step's
+/// process group, it runs the step's command as its child and waits. The
+/// kernel sends it SIGTERM when the worker dies (its parent-death signal), as
+/// does the worker on a timeout or an interrupt; either way it kills the
+/// whole group. So no step process outlives its worker, even one killed with
+/// -9. Returns the exit code to exit with (a command killed by signal N
+/// exits 128 + N).
+pub async fn supervise(argv: &[String], parent: i32) -> i32 {
+    use nix::sys::prctl::set_pdeathsig;
+    use nix::unistd::{getpgrp, getppid};
+    use tokio::signal::unix::{SignalKind, signal};
+    if set_pdeathsig(Signal::SIGTERM).is_err() || getppid().as_raw() != parent {
+        // The worker is already gone (or we cannot be told): do not start.
+        return 125;
+    }
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return 125;
+    };
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("switchyard: the step has no command");
+        return 127;
+    };
+    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: cannot start {program:?}: {e}");
+            return 127;
+        }
+    };
+    tokio::select! {
+        status = child.wait() => {
+            use std::os::unix::process::ExitStatusExt;
+            match status {
+                Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+                Err(_) => 125,
+            }
+        }
+        _ = term.recv() => {
+            let _ = killpg(getpgrp(), Signal::SIGKILL);
+            137
+        }
+    }
 }
 
 fn pid_file(dir: &std::path::Path, step_id: &[u8]) -> PathBuf {
@@ -154,9 +201,24 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
             .await;
         return;
     };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .envs(&spec.env)
+    let mut cmd = match &spec.supervisor {
+        Some(sup) => {
+            let mut c = Command::new(sup);
+            c.arg("__step")
+                .arg("--parent")
+                .arg(std::process::id().to_string())
+                .arg("--")
+                .arg(program)
+                .args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+    };
+    cmd.envs(&spec.env)
         .current_dir(&spec.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -247,5 +309,27 @@ async fn kill_and_wait(
             }
             child.wait().await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reaps_the_process_groups_a_previous_run_left() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.path().join("abcd"), child.id().to_string()).unwrap();
+        assert_eq!(reap_leftovers(dir.path()), 1);
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
