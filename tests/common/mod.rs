@@ -359,7 +359,7 @@ type ProxyLinks =
     Arc<std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>>;
 
 /// A TCP proxy on 127.0.0.1 between a client and a server, that can cut
-/// every link it carries (both sockets dropped, as when a link resets) or
+/// every link it carries (both sockets reset) or
 /// black-hole them (sockets left open, nothing forwarded any more, as when a
 /// link silently drops packets).
 pub struct Proxy {
@@ -411,6 +411,12 @@ impl Proxy {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
+                    // Closing with linger 0 sends RST: a cut is a reset, not a goodbye.
+                    #[allow(deprecated)]
+                    {
+                        let _ = client.set_linger(Some(Duration::ZERO));
+                        let _ = server.set_linger(Some(Duration::ZERO));
+                    }
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     tokio::join!(forward(cr, sw, f.clone()), forward(sr, cw, f));
