@@ -6,6 +6,19 @@ use std::time::Duration;
 
 use common::*;
 
+/// Starts a master with one worker `w1` and the builds in `toml`, pushes a
+/// change to `branch`, and returns the build it ran, once it has ended.
+async fn run_one(toml: &str, branch: &str) -> (TestMaster, Reaped, switchyard::state::BuildRecord) {
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, branch).await;
+    let ended = builds_ended(&mut events, 1).await;
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    (m, w, b)
+}
+
 const TWO_STEPS: &str = r#"
 [[builder]]
 name = "widgets"
@@ -70,14 +83,8 @@ shell = "touch ran-anyway"
 name = "all"
 builders = ["widgets"]
 "#;
-    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
-    let mut events = m.master.builds().subscribe();
-    push(&m, "any").await;
-    let ended = builds_ended(&mut events, 1).await;
-    assert_eq!(ended[0].1, "failure");
-    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    let (m, _w, b) = run_one(toml, "any").await;
+    assert_eq!(b.result.as_deref(), Some("failure"));
     assert_eq!(b.steps.len(), 1, "the second step must not run");
     assert_eq!(b.steps[0].exit_code, Some(3));
     assert_eq!(log_text(&m, b.id, 0).await, "compiling\n");
@@ -102,14 +109,8 @@ timeout = "1s"
 name = "all"
 builders = ["slow"]
 "#;
-    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
-    let mut events = m.master.builds().subscribe();
-    push(&m, "main").await;
-    let ended = builds_ended(&mut events, 1).await;
-    assert_eq!(ended[0].1, "failure");
-    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    let (m, _w, b) = run_one(toml, "main").await;
+    assert_eq!(b.result.as_deref(), Some("failure"));
     assert!(b.steps[0].detail.contains("timed out"), "{:?}", b.steps[0]);
     assert_eq!(log_text(&m, b.id, 0).await, "started\n");
     tokio::time::sleep(Duration::from_secs(3)).await;

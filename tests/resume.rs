@@ -299,8 +299,13 @@ async fn debug_json(addr: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[tokio::test]
-async fn a_build_survives_the_master_being_killed_with_9() {
+/// A master process on a fixed loopback port (so that a restarted master is
+/// found at the same address), with worker `w1` as a process too. Returns
+/// the temp dir, the master, its address and the worker.
+async fn master_and_worker_processes(
+    builds_toml: &str,
+    grace: &str,
+) -> (tempfile::TempDir, Reaped, String, Reaped) {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -308,17 +313,16 @@ async fn a_build_survives_the_master_being_killed_with_9() {
         .unwrap()
         .port();
     let users = [HOOK, ADMIN];
-    let master = "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"30s\"";
-    let config = config_text(master, &users).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+    let master = format!("heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"{grace}\"");
+    let config = config_text(&master, &users).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
         + "\n[[worker]]\nname = \"w1\"\n"
-        + COUNT;
+        + builds_toml;
     std::fs::write(dir.path().join("master.toml"), config).unwrap();
     let secrets = secrets_text(&users)
         + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
     std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-
-    let (mut first, addr) = master_process(dir.path());
-    let _w = Reaped(
+    let (master, addr) = master_process(dir.path());
+    let worker = Reaped(
         std::process::Command::new(BIN)
             .args(["worker", "--master", &addr, "--name", "w1", "--basedir"])
             .arg(dir.path().join("basedir"))
@@ -335,6 +339,49 @@ async fn a_build_survives_the_master_being_killed_with_9() {
         }
     })
     .await;
+    (dir, master, addr, worker)
+}
+
+/// Waits for the newest build to end; returns it as `debug --json` shows it.
+async fn newest_build_when_ended(addr: &str) -> serde_json::Value {
+    within("the build to finish", async {
+        loop {
+            let builds = debug_json(addr, &["builds"]).await;
+            if builds[0]["result"].is_string() {
+                return builds[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+}
+
+/// The log of a build (or one step) as `switchyard debug log` prints it.
+async fn debug_log(addr: &str, build: &serde_json::Value, step: Option<&str>) -> Vec<u8> {
+    let (addr, id, step) = (
+        addr.to_string(),
+        build["id"].as_i64().unwrap().to_string(),
+        step.map(String::from),
+    );
+    within(
+        "the log",
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args(["debug", "--master", &addr, "--user", "admin", "log", &id]);
+            cmd.args(step);
+            cmd.env("SWITCHYARD_PASSWORD", "admin-pw")
+                .output()
+                .unwrap()
+                .stdout
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_build_survives_the_master_being_killed_with_9() {
+    let (dir, mut first, addr, _w) = master_and_worker_processes(COUNT, "30s").await;
     debug_json(&addr, &["force", "count"]).await;
     tokio::time::sleep(Duration::from_millis(900)).await;
     // Mid-step: kill -9 the master, start another on the same state.
@@ -342,37 +389,14 @@ async fn a_build_survives_the_master_being_killed_with_9() {
     first.0.wait().unwrap();
     let (_second, addr2) = master_process(dir.path());
     assert_eq!(addr, addr2);
-    let build = within("the build to finish after the restart", async {
-        loop {
-            let builds = debug_json(&addr, &["builds"]).await;
-            if builds[0]["result"].is_string() {
-                return builds[0].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
+    let build = newest_build_when_ended(&addr).await;
     assert_eq!(build["result"], "success", "{build}");
     let steps = build["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 2, "nothing re-run: {build}");
     assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
-    let id = build["id"].as_i64().unwrap().to_string();
-    let log = within("the log", {
-        let (addr, id) = (addr.clone(), id.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(BIN)
-                .args([
-                    "debug", "--master", &addr, "--user", "admin", "log", &id, "lines",
-                ])
-                .env("SWITCHYARD_PASSWORD", "admin-pw")
-                .output()
-                .unwrap()
-        })
-    })
-    .await
-    .unwrap();
+    let log = debug_log(&addr, &build, Some("lines")).await;
     assert!(
-        String::from_utf8_lossy(&log.stdout) == expected(),
+        log == expected().into_bytes(),
         "the log must be byte-exact across the master's restart"
     );
 }
@@ -381,42 +405,9 @@ async fn a_build_survives_the_master_being_killed_with_9() {
 async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
     // 24 MiB printed while the worker has no master: past the 8 MiB held in
     // memory, the rest is spilled to disk, and the step runs to its end.
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let users = [HOOK, ADMIN];
-    let master = "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"60s\"";
     let big = "[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"echo start; sleep 1; head -c 25165824 /dev/zero | tr '\\\\0' 'y'; echo; echo done\"\n";
-    let config = config_text(master, &users).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
-        + "\n[[worker]]\nname = \"w1\"\n"
-        + big;
-    std::fs::write(dir.path().join("master.toml"), config).unwrap();
-    let secrets = secrets_text(&users)
-        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
-    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-
-    let (mut first, addr) = master_process(dir.path());
+    let (dir, mut first, addr, _w) = master_and_worker_processes(big, "60s").await;
     let basedir = dir.path().join("basedir");
-    let _w = Reaped(
-        std::process::Command::new(BIN)
-            .args(["worker", "--master", &addr, "--name", "w1", "--basedir"])
-            .arg(&basedir)
-            .env("SWITCHYARD_PASSWORD", "w1-pw")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    within("the worker to connect", async {
-        while debug_json(&addr, &["workers"]).await[0]["connected"] != true {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
     debug_json(&addr, &["force", "big"]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.0.kill().unwrap();
@@ -441,32 +432,11 @@ async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
     .await;
 
     let (_second, _) = master_process(dir.path());
-    let build = within("the build to finish after the master is back", async {
-        loop {
-            let builds = debug_json(&addr, &["builds"]).await;
-            if builds[0]["result"].is_string() {
-                return builds[0].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
+    let build = newest_build_when_ended(&addr).await;
     assert_eq!(build["result"], "success", "{build}");
     assert_eq!(build["steps"][0]["attempt"], 1);
-    let id = build["id"].as_i64().unwrap().to_string();
-    let out = within("the log", {
-        let (addr, id) = (addr.clone(), id.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(BIN)
-                .args(["debug", "--master", &addr, "--user", "admin", "log", &id])
-                .env("SWITCHYARD_PASSWORD", "admin-pw")
-                .output()
-                .unwrap()
-        })
-    })
-    .await
-    .unwrap();
-    let log = out.stdout;
+    let log = debug_log(&addr, &build, None).await;
+
     assert_eq!(log.len(), 6 + 25_165_824 + 1 + 5);
     assert!(log.starts_with(b"start\n") && log.ends_with(b"\ndone\n"));
     assert!(
