@@ -280,14 +280,14 @@ impl Agent {
         }
         // Replay what the master has not acknowledged, oldest first.
         for h in self.steps.values_mut() {
-            let chunks = match h.unacked.replay() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read spilled step output back");
-                    Vec::new()
-                }
-            };
-            for chunk in chunks {
+            for chunk in h.unacked.replay() {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read spilled step output back");
+                        break;
+                    }
+                };
                 if let Err(e) = sink.feed(frame(worker_message::Kind::Output(chunk))).await {
                     return lost(e);
                 }

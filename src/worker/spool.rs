@@ -120,23 +120,46 @@ impl Spool {
         freed
     }
 
-    /// Every chunk held, oldest first, for a replay.
-    pub(crate) fn replay(&mut self) -> std::io::Result<Vec<StepOutput>> {
-        let mut out: Vec<StepOutput> = self.memory.iter().cloned().collect();
-        if let Some((_, file)) = self.file.as_mut() {
-            for s in &self.spilled {
-                let mut data = vec![0u8; s.len];
-                file.seek(SeekFrom::Start(s.offset))?;
-                file.read_exact(&mut data)?;
-                out.push(StepOutput {
-                    step_id: self.step_id.clone(),
-                    seq: s.seq,
-                    stream: s.stream,
-                    data: data.into(),
-                });
-            }
+    /// Every chunk held, oldest first, for a replay: read from disk one at
+    /// a time, so replaying a large spill does not fill the memory.
+    pub(crate) fn replay(&mut self) -> Replay<'_> {
+        Replay {
+            spool: self,
+            next_memory: 0,
+            next_spilled: 0,
         }
-        Ok(out)
+    }
+}
+
+/// Walks a spool's chunks, oldest first.
+pub(crate) struct Replay<'a> {
+    spool: &'a mut Spool,
+    next_memory: usize,
+    next_spilled: usize,
+}
+
+impl Iterator for Replay<'_> {
+    type Item = std::io::Result<StepOutput>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(c) = self.spool.memory.get(self.next_memory) {
+            self.next_memory += 1;
+            return Some(Ok(c.clone()));
+        }
+        let s = self.spool.spilled.get(self.next_spilled)?;
+        self.next_spilled += 1;
+        let (seq, stream, offset, len) = (s.seq, s.stream, s.offset, s.len);
+        let (_, file) = self.spool.file.as_mut()?;
+        let mut data = vec![0u8; len];
+        let read = file
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut data));
+        Some(read.map(|()| StepOutput {
+            step_id: self.spool.step_id.clone(),
+            seq,
+            stream,
+            data: data.into(),
+        }))
     }
 }
 
@@ -170,7 +193,7 @@ mod tests {
             .collect();
         assert_eq!(all, b"one two three");
         assert_eq!(s.ack(2), 4);
-        let rest: Vec<u64> = s.replay().unwrap().iter().map(|c| c.seq).collect();
+        let rest: Vec<u64> = s.replay().map(|c| c.unwrap().seq).collect();
         assert_eq!(rest, [3]);
         s.ack(3);
         assert_eq!(
