@@ -185,12 +185,7 @@ mod tests {
         // Once spilling, later chunks follow on disk even with room.
         assert_eq!(s.push(chunk(3, "three"), dir.path(), false), 0);
         assert_eq!(s.spilled_bytes(), 9);
-        let all: Vec<u8> = s
-            .replay()
-            .unwrap()
-            .iter()
-            .flat_map(|c| c.data.to_vec())
-            .collect();
+        let all: Vec<u8> = s.replay().flat_map(|c| c.unwrap().data.to_vec()).collect();
         assert_eq!(all, b"one two three");
         assert_eq!(s.ack(2), 4);
         let rest: Vec<u64> = s.replay().map(|c| c.unwrap().seq).collect();
