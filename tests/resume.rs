@@ -409,7 +409,14 @@ async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
     let (dir, mut first, addr, _w) = master_and_worker_processes(big, "60s").await;
     let basedir = dir.path().join("basedir");
     debug_json(&addr, &["force", "big"]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill the master once the step runs (it sleeps a second before printing).
+    let running = basedir.join(".switchyard/steps");
+    within("the step to start", async {
+        while std::fs::read_dir(&running).map(|d| d.count()).unwrap_or(0) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     first.0.kill().unwrap();
     first.0.wait().unwrap();
 
