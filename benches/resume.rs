@@ -18,7 +18,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,32 +47,7 @@ fn expected() -> Vec<u8> {
 }
 
 fn start_master(dir: &std::path::Path) -> Reaped {
-    let mut child = Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(dir.join("master.toml"))
-        .env("RUST_LOG", "warn,switchyard::master=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut told = false;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if !told && line.contains("listening on ") {
-                let _ = tx.send(());
-                told = true;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("the master did not start");
-    Reaped(child)
+    common::master_process(dir).0
 }
 
 fn req<T>(m: T) -> Request<T> {

@@ -234,45 +234,6 @@ async fn a_lost_step_with_on_lost_fail_fails_the_build() {
     m.stop().await;
 }
 
-/// A master process of its own (so it can be killed with -9) on a fixed
-/// loopback port, with its files in `dir`.
-fn master_process(dir: &std::path::Path) -> (Reaped, String) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(dir.join("master.toml"))
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut told = false;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if !told && line.contains("listening on ") {
-                let _ = tx.send(
-                    line.rsplit("listening on ")
-                        .next()
-                        .unwrap()
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .to_string(),
-                );
-                told = true;
-            }
-        }
-    });
-    let addr = rx.recv_timeout(WAIT).expect("the master did not start");
-    (Reaped(child), addr)
-}
-
 async fn debug_json(addr: &str, args: &[&str]) -> serde_json::Value {
     let (addr, args): (String, Vec<String>) = (
         addr.to_string(),

@@ -301,7 +301,6 @@ impl BuildMaster {
     /// have ended (bounded wait).
     fn forget_builder_later(&self, name: String) {
         let me = self.clone();
-        let (max_build, max_request) = (i64::MAX, i64::MAX);
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             while tokio::time::Instant::now() < deadline
@@ -318,12 +317,7 @@ impl BuildMaster {
             if me.inner.config().builders.contains_key(&name) {
                 return; // added back meanwhile: keep its history
             }
-            match me
-                .inner
-                .state
-                .delete_builder(&name, max_build, max_request)
-                .await
-            {
+            match me.inner.state.delete_builder(&name).await {
                 Ok(n) => {
                     tracing::info!(builder = %name, builds = n, "removed builder's queue and history deleted")
                 }

@@ -281,15 +281,12 @@ impl Dispatcher {
         // Cached password checks were made against the old secrets.
         self.shared.credential_cache.clear();
         let users: BTreeSet<String> = match only {
-            Some(only) => {
-                let live: BTreeSet<String> = self.shared.sessions.with(|live| {
-                    live.values()
-                        .filter(|s| only.contains(&s.user))
-                        .map(|s| s.user.clone())
-                        .collect()
-                });
-                live
-            }
+            Some(only) => self.shared.sessions.with(|live| {
+                live.values()
+                    .filter(|s| only.contains(&s.user))
+                    .map(|s| s.user.clone())
+                    .collect()
+            }),
             None => self
                 .shared
                 .sessions

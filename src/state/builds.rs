@@ -304,20 +304,6 @@ impl StateDb {
         .await
     }
 
-    /// Marks builds and steps left unfinished by a previous master process.
-    pub async fn abandon_unfinished(&self, detail: &str) -> Result<usize, StateError> {
-        let detail = detail.to_string();
-        self.write(move |conn| {
-            let now = now_ms();
-            conn.execute(
-                "UPDATE steps SET finished_ms = ?1, result = 'exception', detail = ?2 WHERE result IS NULL",
-                params![now, detail],
-            )?;
-            conn.execute("UPDATE builds SET finished_ms = ?1, result = 'exception' WHERE result IS NULL", [now])
-        })
-        .await
-    }
-
     /// The most recent builds, newest first, with their steps.
     pub async fn builds(
         &self,
@@ -398,30 +384,19 @@ impl StateDb {
         .await
     }
 
-    /// Deletes a builder's requests, builds, steps and logs (those with ids up
-    /// to the given bounds). Returns how many builds went.
-    pub async fn delete_builder(
-        &self,
-        builder: &str,
-        max_build: i64,
-        max_request: i64,
-    ) -> Result<usize, StateError> {
+    /// Deletes a builder's requests, builds, steps and logs. Returns how
+    /// many builds went.
+    pub async fn delete_builder(&self, builder: &str) -> Result<usize, StateError> {
         let builder = builder.to_string();
         self.write(move |conn| {
             conn.execute(
                 "DELETE FROM log_chunks WHERE step IN
-                   (SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1 AND b.id <= ?2)",
-                params![builder, max_build],
+                   (SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1)",
+                [&builder],
             )?;
-            conn.execute(
-                "DELETE FROM steps WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1 AND id <= ?2)",
-                params![builder, max_build],
-            )?;
-            let builds = conn.execute("DELETE FROM builds WHERE builder = ?1 AND id <= ?2", params![builder, max_build])?;
-            conn.execute(
-                "DELETE FROM build_requests WHERE builder = ?1 AND id <= ?2 AND (build_id IS NULL OR build_id NOT IN (SELECT id FROM builds))",
-                params![builder, max_request],
-            )?;
+            conn.execute("DELETE FROM steps WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
+            let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
+            conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
             Ok(builds)
         })
         .await

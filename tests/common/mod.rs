@@ -482,3 +482,42 @@ pub fn spawn_worker_via(
             .unwrap(),
     )
 }
+
+/// A master process of its own (so it can be killed with -9), on the files
+/// in `dir`; returns it and the address it listens on.
+pub fn master_process(dir: &std::path::Path) -> (Reaped, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(dir.join("master.toml"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut told = false;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !told && line.contains("listening on ") {
+                let _ = tx.send(
+                    line.rsplit("listening on ")
+                        .next()
+                        .unwrap()
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                );
+                told = true;
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("the master did not start");
+    (Reaped(child), addr)
+}
