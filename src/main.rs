@@ -1,4 +1,5 @@
 //! `switchyard`: the command line. Everything it does lives in the library.
+#![deny(unsafe_code)]
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -55,9 +56,16 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         basedir: PathBuf,
         /// A file whose first line is the password; otherwise the
-        /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
+        /// SWITCHYARD_PASSWORD environment variable (removed from the
+        /// worker's environment once read), otherwise a prompt.
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        /// Pass this variable of the worker's environment to every step
+        /// (repeatable). Steps otherwise get only PATH, HOME, USER, LOGNAME,
+        /// LANG, LC_*, TMPDIR and TZ from the worker, plus what the master
+        /// sends; never SWITCHYARD_PASSWORD.
+        #[arg(long = "pass-env", value_name = "NAME")]
+        pass_env: Vec<String>,
     },
     /// (Internal) Supervises one step for a worker: not for people.
     #[command(name = "__step", hide = true)]
@@ -193,8 +201,16 @@ async fn worker(
     name: String,
     basedir: PathBuf,
     password: String,
+    pass_env: Vec<String>,
 ) -> Result<(), String> {
+    use switchyard::worker::step;
     use tokio::signal::unix::{SignalKind, signal};
+    step::check_pass_env(&pass_env).map_err(|e| format!("--pass-env: {e}"))?;
+    // Steps run as this user: keep them from reading this process's memory
+    // and its initial environment (/proc/PID/environ) or tracing it.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot make the worker undumpable; steps of the same user could read its memory");
+    }
     std::fs::create_dir_all(&basedir)
         .map_err(|e| format!("cannot create the basedir {}: {e}", basedir.display()))?;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -212,6 +228,9 @@ async fn worker(
     let mut opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
     // Steps run under this binary's supervisor, so they die with the worker.
     opts.step_supervisor = std::env::current_exe().ok();
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    opts.step_env = step::base_env(vars, &pass_env);
     switchyard::worker::agent::run(opts, shutdown).await;
     Ok(())
 }
@@ -262,6 +281,7 @@ fn read_password(file: Option<&PathBuf>, user: &str) -> Result<String, String> {
         return first_line(std::io::BufReader::new(fh));
     }
     if let Ok(p) = std::env::var("SWITCHYARD_PASSWORD") {
+        forget_password_variable();
         return Ok(p);
     }
     if std::io::stdin().is_terminal() {
@@ -269,6 +289,16 @@ fn read_password(file: Option<&PathBuf>, user: &str) -> Result<String, String> {
             .map_err(|e| format!("cannot read the password: {e}"));
     }
     Err("no password: give --password-file FILE or set SWITCHYARD_PASSWORD".into())
+}
+
+/// Removes `SWITCHYARD_PASSWORD` from this process's environment once it
+/// has been read, so nothing this process starts can inherit it.
+#[allow(unsafe_code)]
+fn forget_password_variable() {
+    // SAFETY: called only from `read_password`, which every command runs
+    // before it starts the async runtime: the process has one thread, so no
+    // other thread can be reading the environment.
+    unsafe { std::env::remove_var("SWITCHYARD_PASSWORD") };
 }
 
 async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<(), String> {
@@ -332,8 +362,10 @@ fn main() -> ExitCode {
             name,
             basedir,
             password_file,
-        } => read_password(password_file.as_ref(), &name)
-            .and_then(|pw| runtime().and_then(|rt| rt.block_on(worker(master, name, basedir, pw)))),
+            pass_env,
+        } => read_password(password_file.as_ref(), &name).and_then(|pw| {
+            runtime().and_then(|rt| rt.block_on(worker(master, name, basedir, pw, pass_env)))
+        }),
         Command::Debug {
             login,
             json,

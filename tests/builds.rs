@@ -374,3 +374,112 @@ branches = ["gadgets"]
     assert_eq!(log_text(&m, ended[0].0, 0).await, "gadget\n");
     m.stop().await;
 }
+
+#[tokio::test]
+async fn steps_get_a_clean_environment_without_the_workers_password() {
+    // `[worker.env]` right after the `[[worker]]` tables belongs to `w1`.
+    let toml = r#"
+[worker.env]
+FROM_MASTER = "worker-config"
+SHADOWED = "by-worker"
+
+[[builder]]
+name = "widgets"
+workers = ["w1"]
+[[builder.step]]
+name = "env"
+shell = "env | sort; tr '\\0' '\\n' < /proc/$PPID/environ | sed 's/^/supervisor:/'"
+env = { SHADOWED = "by-step" }
+
+[[scheduler]]
+name = "main"
+builders = ["widgets"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = spawn_worker_with(
+        &m,
+        "w1",
+        "w1-pw",
+        "basedir-w1",
+        &["--pass-env", "PASSED_ON"],
+        &[
+            ("PASSED_ON", "yes"),
+            ("NOT_PASSED", "leak"),
+            ("LC_TIME", "C"),
+            ("TZ", "UTC"),
+        ],
+    );
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "success");
+    let log = log_text(&m, ended[0].0, 0).await;
+    assert!(
+        !log.contains("w1-pw"),
+        "the password reached a step:\n{log}"
+    );
+    assert!(!log.contains("SWITCHYARD_PASSWORD"), "{log}");
+    assert!(!log.contains("NOT_PASSED"), "{log}");
+    for line in [
+        "PASSED_ON=yes",
+        "LC_TIME=C",
+        "TZ=UTC",
+        "FROM_MASTER=worker-config",
+        "SHADOWED=by-step",
+        "supervisor:PASSED_ON=yes",
+    ] {
+        assert!(log.lines().any(|l| l == line), "no {line} in:\n{log}");
+    }
+    assert!(log.lines().any(|l| l.starts_with("PATH=")), "{log}");
+    // Nothing else from the worker's environment: every variable is one
+    // the README lists, or one the master or --pass-env gave.
+    let allowed = [
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "TMPDIR",
+        "TZ",
+        "PASSED_ON",
+        "FROM_MASTER",
+        "SHADOWED",
+        "PWD",
+        "SHLVL",
+        "_",
+        "OLDPWD",
+    ];
+    for l in log.lines().filter(|l| !l.starts_with("supervisor:")) {
+        let name = l.split('=').next().unwrap();
+        assert!(
+            allowed.contains(&name) || name.starts_with("LC_"),
+            "{name} reached the step"
+        );
+    }
+    m.stop().await;
+}
+
+#[test]
+fn a_worker_refuses_to_pass_its_own_password() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "worker",
+            "--master",
+            "127.0.0.1:9",
+            "--name",
+            "w",
+            "--basedir",
+        ])
+        .arg(std::env::temp_dir().join("switchyard-never-used"))
+        .args(["--pass-env", "SWITCHYARD_PASSWORD"])
+        .env("SWITCHYARD_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--pass-env") && err.contains("never passed"),
+        "{err}"
+    );
+}

@@ -116,6 +116,23 @@ fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
     }
 }
 
+/// The variables a step is sent with: its worker's `[[worker]] env`, then
+/// the step's own `env` (which wins). The worker adds these to the few
+/// variables it passes from its own environment (see the README).
+fn step_env(
+    config: &super::BuildConfig,
+    worker: &str,
+    step: &std::collections::BTreeMap<String, String>,
+) -> std::collections::HashMap<String, String> {
+    let mut env: std::collections::HashMap<String, String> = config
+        .workers
+        .get(worker)
+        .map(|w| w.env.clone().into_iter().collect())
+        .unwrap_or_default();
+    env.extend(step.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
 /// Where a build picks up: from its first step, or (after the master
 /// restarted) from the step it had reached, possibly still running on its
 /// worker.
@@ -226,7 +243,7 @@ pub(super) async fn run_build(
             builder: builder.name.clone(),
             name: step.name.clone(),
             argv: step.argv.clone(),
-            env: step.env.clone().into_iter().collect(),
+            env: step_env(&inner.config(), &worker, &step.env),
             workdir: step.workdir.clone().unwrap_or_default(),
             timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         };

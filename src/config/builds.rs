@@ -5,6 +5,7 @@
 //! [[worker]]
 //! name = "linux-1"          # logs in as this user to the service `worker`
 //! max_builds = 2            # default 1
+//! env = { CCACHE_DIR = "/var/cache/ccache" }  # every step on this worker
 //!
 //! [[builder]]
 //! name = "widgets"
@@ -38,6 +39,8 @@ use super::{ConfigError, Validator, valid_name};
 pub(crate) struct RawWorker {
     name: Spanned<String>,
     max_builds: Option<Spanned<i64>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +83,8 @@ pub struct WorkerConfig {
     pub name: String,
     /// Builds it may run at once.
     pub max_builds: usize,
+    /// Variables every step on this worker gets (a step's own `env` wins).
+    pub env: BTreeMap<String, String>,
 }
 
 /// What happens to a step that is truly lost (its worker restarted, or did
@@ -159,6 +164,11 @@ fn safe_relative(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// A name a step's environment may hold: not empty, no `=`, no NUL.
+pub(crate) fn valid_env_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['=', '\0'])
+}
+
 /// Checks a name is valid and not seen before. `seen` maps names to where
 /// they were first defined (byte offsets: the line is counted only for an
 /// error, so a config with thousands of names stays linear to check).
@@ -206,11 +216,23 @@ pub(crate) fn validate(
             );
         }
         let max_builds = c.count(&w.max_builds, "worker.max_builds", 1)?;
+        let mut env = BTreeMap::new();
+        for (k, v) in &w.env {
+            if !valid_env_name(k) {
+                return c.err(
+                    v.span(),
+                    "worker.env",
+                    format_args!("`{k}` is not a valid environment variable name"),
+                );
+            }
+            env.insert(k.clone(), v.get_ref().clone());
+        }
         workers.insert(
             name.to_string(),
             WorkerConfig {
                 name: name.to_string(),
                 max_builds,
+                env,
             },
         );
     }

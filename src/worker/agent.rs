@@ -46,6 +46,10 @@ pub struct AgentOptions {
     /// Runs each step under this program's `__step` supervisor (the
     /// `switchyard` binary), so that steps die with the worker.
     pub step_supervisor: Option<PathBuf>,
+    /// What every step starts from, before the master's variables: see
+    /// [`step::base_env`]. Empty by default (a step then sees only what the
+    /// master sends).
+    pub step_env: std::collections::BTreeMap<String, String>,
 }
 
 impl AgentOptions {
@@ -63,6 +67,7 @@ impl AgentOptions {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             step_supervisor: None,
+            step_env: Default::default(),
         }
     }
 }
@@ -388,7 +393,11 @@ impl Agent {
                     step_id: s.step_id,
                     dir,
                     argv: s.argv,
-                    env: s.env.into_iter().collect(),
+                    env: {
+                        let mut env = self.opts.step_env.clone();
+                        env.extend(s.env);
+                        env
+                    },
                     timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms)),
                     pid_dir: Some(pid_dir(&self.opts.basedir)),
                     supervisor: self.opts.step_supervisor.clone(),

@@ -26,6 +26,55 @@ pub const CHUNK: usize = 64 * 1024;
 /// How long a step has between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// The variables a step gets from the worker's own environment, whatever
+/// the worker was started with: enough to find programs and behave like a
+/// login of the worker's user, nothing that could be a credential.
+pub const PASSED_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR", "TZ"];
+
+/// Variables that never reach a step from the worker's environment, even
+/// when named with `--pass-env`: the worker's own credentials.
+pub const NEVER_PASSED: &[&str] = &["SWITCHYARD_PASSWORD"];
+
+/// Why a `--pass-env` name is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PassEnvError {
+    #[error("`{0}` is the worker's credential and is never passed to steps")]
+    Credential(String),
+    #[error("`{0}` is not an environment variable name")]
+    Invalid(String),
+}
+
+/// Checks the names given to `switchyard worker --pass-env`.
+pub fn check_pass_env(names: &[String]) -> Result<(), PassEnvError> {
+    for n in names {
+        if NEVER_PASSED.contains(&n.as_str()) {
+            return Err(PassEnvError::Credential(n.clone()));
+        }
+        if n.is_empty() || n.contains(['=', '\0']) {
+            return Err(PassEnvError::Invalid(n.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The part of a step's environment that comes from the worker: the
+/// variables of [`PASSED_ENV`], every `LC_*`, and the names in `extra`
+/// (`--pass-env`), as they are in `vars` (the worker's environment). Never a
+/// name of [`NEVER_PASSED`].
+pub fn base_env(
+    vars: impl IntoIterator<Item = (String, String)>,
+    extra: &[String],
+) -> BTreeMap<String, String> {
+    vars.into_iter()
+        .filter(|(k, _)| {
+            !NEVER_PASSED.contains(&k.as_str())
+                && (PASSED_ENV.contains(&k.as_str())
+                    || k.starts_with("LC_")
+                    || extra.iter().any(|e| e == k))
+        })
+        .collect()
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct StepSpec {
@@ -33,6 +82,8 @@ pub struct StepSpec {
     /// The directory to run in (created if missing).
     pub dir: PathBuf,
     pub argv: Vec<String>,
+    /// The step's whole environment: nothing else of the worker's reaches
+    /// it (see [`base_env`]).
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
     /// Where the step's process group is recorded while it runs, so that a
@@ -218,7 +269,8 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
             c
         }
     };
-    cmd.envs(&spec.env)
+    cmd.env_clear()
+        .envs(&spec.env)
         .current_dir(&spec.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -315,6 +367,28 @@ async fn kill_and_wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_env_passes_the_documented_names_and_never_the_password() {
+        let vars = [
+            ("PATH", "/bin"),
+            ("HOME", "/home/w"),
+            ("LC_ALL", "C.UTF-8"),
+            ("SWITCHYARD_PASSWORD", "hunter2"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("CCACHE_DIR", "/cache"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let env = base_env(
+            vars,
+            &["CCACHE_DIR".to_string(), "SWITCHYARD_PASSWORD".to_string()],
+        );
+        let names: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(names, ["CCACHE_DIR", "HOME", "LC_ALL", "PATH"]);
+        assert!(check_pass_env(&["SWITCHYARD_PASSWORD".into()]).is_err());
+        assert!(check_pass_env(&["A=B".into()]).is_err());
+        assert!(check_pass_env(&["CCACHE_DIR".into()]).is_ok());
+    }
 
     #[test]
     fn reaps_the_process_groups_a_previous_run_left() {

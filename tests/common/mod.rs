@@ -251,6 +251,18 @@ impl Drop for Reaped {
 /// Starts a real `switchyard worker` process for the master, with its
 /// basedir under the master's temp dir.
 pub fn spawn_worker(m: &TestMaster, name: &str, password: &str, basedir: &str) -> Reaped {
+    spawn_worker_with(m, name, password, basedir, &[], &[])
+}
+
+/// [`spawn_worker`] with more arguments and environment variables.
+pub fn spawn_worker_with(
+    m: &TestMaster,
+    name: &str,
+    password: &str,
+    basedir: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Reaped {
     Reaped(
         std::process::Command::new(BIN)
             .args([
@@ -262,7 +274,9 @@ pub fn spawn_worker(m: &TestMaster, name: &str, password: &str, basedir: &str) -
                 "--basedir",
             ])
             .arg(m.dir.path().join(basedir))
+            .args(args)
             .env("SWITCHYARD_PASSWORD", password)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
