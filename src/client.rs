@@ -34,6 +34,10 @@ pub struct Credentials {
     user: String,
     password: String,
     cache: Mutex<SaltCache>,
+    /// The device token the master issued on the last login: presented on
+    /// the next, so others' failed logins never throttle this client (a
+    /// worker reconnecting mid-build, say).
+    device_token: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -50,11 +54,27 @@ impl Credentials {
             user: user.into(),
             password: password.into(),
             cache: Mutex::new(HashMap::new()),
+            device_token: Mutex::new(None),
         }
     }
 
     pub fn user(&self) -> &str {
         &self.user
+    }
+
+    /// The device token from the last login, if any.
+    pub fn device_token(&self) -> Option<String> {
+        self.device_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Keeps a device token the master issued (or one saved from an earlier
+    /// run) for the next login.
+    pub fn set_device_token(&self, token: Option<String>) {
+        *self.device_token.lock().unwrap_or_else(|e| e.into_inner()) =
+            token.filter(|t| !t.is_empty());
     }
 
     fn salted(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
@@ -211,6 +231,7 @@ pub async fn login(
         mechanism: MECHANISM.to_string(),
         initial_response: scram.client_first().into_bytes(),
         client_agent: opts.client_agent.clone(),
+        device_token: creds.device_token().unwrap_or_default(),
     };
     send(&mut framed, client_handshake::Kind::Hello(hello)).await?;
     let challenge = match receive(&mut framed).await? {
@@ -230,6 +251,9 @@ pub async fn login(
         _ => return Err(ClientError::Protocol("expected Welcome or Reject".into())),
     };
     fin.verify_server(&welcome.data)?;
+    if !welcome.device_token.is_empty() {
+        creds.set_device_token(Some(welcome.device_token.clone()));
+    }
     let old = framed.into_parts();
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(opts.max_frame_length)

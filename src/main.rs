@@ -191,7 +191,12 @@ async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<(), Stri
     let mut conn = ChangeSourceConnection::connect(&a.login.master, &a.login.user, &password)
         .await
         .map_err(|e| e.to_string())?;
+    let saved = DeviceTokenFile::new(&a.login.master, &a.login.user);
+    if let Some(t) = saved.load() {
+        conn.set_device_token(&t);
+    }
     let id = conn.push(change).await.map_err(|e| e.to_string())?;
+    saved.save(conn.device_token());
     println!("{id}");
     Ok(())
 }
@@ -291,6 +296,59 @@ fn read_password(file: Option<&PathBuf>, user: &str) -> Result<String, String> {
     Err("no password: give --password-file FILE or set SWITCHYARD_PASSWORD".into())
 }
 
+/// Where a one-shot command keeps the device token the master issued it
+/// for (master, user), so that its next run is not throttled by strangers'
+/// failed logins: `~/.switchyard/tokens/<digest>`, readable by its owner
+/// only. A token is not a password: it only exempts its holder from others'
+/// failures. Nothing is kept when there is no home directory.
+struct DeviceTokenFile(Option<PathBuf>);
+
+impl DeviceTokenFile {
+    fn new(master: &str, user: &str) -> Self {
+        use sha2::Digest;
+        let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+        DeviceTokenFile(home.map(|h| {
+            let digest = sha2::Sha256::digest(format!("{master}\0{user}").as_bytes());
+            let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            PathBuf::from(h)
+                .join(".switchyard")
+                .join("tokens")
+                .join(name)
+        }))
+    }
+
+    fn load(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.0.as_ref()?).ok()?;
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+    }
+
+    /// Best effort: a token that cannot be saved costs nothing but the
+    /// exemption.
+    fn save(&self, token: Option<String>) {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let (Some(path), Some(token)) = (&self.0, token) else {
+            return;
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()));
+        if written.is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
 /// Removes `SWITCHYARD_PASSWORD` from this process's environment once it
 /// has been read, so nothing this process starts can inherit it.
 #[allow(unsafe_code)]
@@ -303,10 +361,13 @@ fn forget_password_variable() {
 
 async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<(), String> {
     let creds = Credentials::new(user, password);
+    let saved = DeviceTokenFile::new(master, user);
+    creds.set_device_token(saved.load());
     let started = Instant::now();
     let mut session = client::connect(master, switchyard::services::ping::NAME, &creds)
         .await
         .map_err(|e| e.to_string())?;
+    saved.save(creds.device_token());
     let login = started.elapsed();
     let started = Instant::now();
     for i in 0..count {
@@ -372,7 +433,9 @@ fn main() -> ExitCode {
             command,
         } => login.password().and_then(|pw| {
             let creds = Credentials::new(&login.user, pw);
-            runtime().and_then(|rt| {
+            let saved = DeviceTokenFile::new(&login.master, &login.user);
+            creds.set_device_token(saved.load());
+            let result = runtime().and_then(|rt| {
                 if command.is_empty() {
                     switchyard::debug::console::interactive(&rt, &login.master, &creds, json)
                 } else {
@@ -383,7 +446,9 @@ fn main() -> ExitCode {
                         &command,
                     ))
                 }
-            })
+            });
+            saved.save(creds.device_token());
+            result
         }),
         Command::Sendchange(args) => args
             .login

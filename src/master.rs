@@ -13,9 +13,9 @@ use std::sync::{Arc, RwLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{MockCredentials, SecretsFileChecker};
+use crate::auth::MockCredentials;
 use crate::builds::{BuildConfig, BuildMaster, BuildsReport, ReconfigOptions, SchedulingStore};
-use crate::config::{Config, ConfigError, Secrets};
+use crate::config::{Config, ConfigError, Loaded, Secrets, SecretsFileChecker};
 use crate::debug::DebugApi;
 use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
 use crate::grpc::change_source::ChangeSourceService;
@@ -148,8 +148,14 @@ fn policy_of(config: &Config) -> AccessPolicy {
 impl Master {
     /// Reads and validates the config file and the secrets file it names.
     pub fn load(path: &Path) -> Result<Self, MasterError> {
-        let config = Config::load(path)?;
-        let secrets = Secrets::load(&config.secrets_path)?;
+        let Loaded {
+            config,
+            secrets,
+            warnings,
+        } = crate::config::load_with_secrets(path)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
         Self::new(config, secrets)
     }
 
@@ -157,6 +163,7 @@ impl Master {
     pub fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
         let state = Arc::new(StateDb::open(&config.state_path)?);
         let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET)?);
+        mock.set_iterations_like(secrets.verifiers.values());
         let checker = Arc::new(SecretsFileChecker::from_secrets(
             &config.secrets_path,
             secrets,
@@ -181,7 +188,9 @@ impl Master {
             )?
         };
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-        let debug_api = DebugApi::new(builds.clone()).with_reloader(reload_tx);
+        let debug_api = DebugApi::new(builds.clone())
+            .with_reloader(reload_tx)
+            .with_port(dispatcher.clone());
         let debug = {
             let api = debug_api.clone();
             dispatcher.registry().register(
@@ -231,23 +240,6 @@ impl Master {
         }
     }
 
-    /// Warns about users and workers (all, or only `names`) that have no
-    /// verifier and so cannot log in.
-    async fn warn_about_missing_verifiers(&self, names: Option<&BTreeSet<String>>) {
-        use crate::auth::Checker;
-        let config = self.config();
-        for user in config
-            .users
-            .keys()
-            .chain(config.workers.keys())
-            .filter(|u| names.is_none_or(|n| n.contains(*u)))
-        {
-            if matches!(self.secrets.verifier(user).await, Ok(None)) {
-                tracing::warn!(user = %user, secrets = %config.secrets_path.display(), "user has no verifier in the secrets file and cannot log in; add one made by `switchyard passwd`");
-            }
-        }
-    }
-
     pub fn config(&self) -> Arc<Config> {
         self.config
             .read()
@@ -283,7 +275,6 @@ impl Master {
 
     /// Serves `listener` until `shutdown` is cancelled.
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
-        self.warn_about_missing_verifiers(None).await;
         self.health
             .set_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
@@ -330,10 +321,14 @@ impl Master {
                 let _ = reply.send(outcome);
             }
         };
-        tokio::join!(
-            self.dispatcher.serve(listener, shutdown.clone()),
-            console_reloads
-        );
+        // The accept loop is a task of its own: a reload, however long it
+        // takes, never runs inside its future.
+        let door = {
+            let (dispatcher, shutdown) = (self.dispatcher.clone(), shutdown.clone());
+            tokio::spawn(async move { dispatcher.serve(listener, shutdown).await })
+        };
+        console_reloads.await;
+        let _ = door.await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch).await;
         self.health
             .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
@@ -348,8 +343,14 @@ impl Master {
         let _serial = self.reload_lock.lock().await;
         let started = std::time::Instant::now();
         let old = self.config();
-        let new = Config::load(&old.path)?;
-        let secrets = Secrets::load(&new.secrets_path)?;
+        let Loaded {
+            config: new,
+            secrets,
+            warnings,
+        } = read_files(&old.path).await?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
         tracing::debug!(elapsed = ?started.elapsed(), "reload: files read and validated");
 
         let mut report = ReloadReport::default();
@@ -406,6 +407,8 @@ impl Master {
             }
         }
         tracing::debug!(elapsed = ?started.elapsed(), "reload: builds reconfigured");
+        self.dispatcher
+            .set_typical_verifiers(secrets.verifiers.values());
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {
@@ -432,19 +435,40 @@ impl Master {
                 .cloned(),
         );
         affected.extend(opts.new_passwords.iter().cloned());
-        let added: BTreeSet<String> = report
-            .users_added
-            .iter()
-            .chain(&report.builds.workers_added)
-            .cloned()
-            .collect();
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         tracing::debug!(elapsed = ?started.elapsed(), "reload: policy set");
         report.hung_up = self.dispatcher.revalidate_users(&affected).await.hung_up;
         tracing::debug!(elapsed = ?started.elapsed(), "reload: sessions revalidated");
         self.warn_about_config();
-        self.warn_about_missing_verifiers(Some(&added)).await;
         Ok(report)
+    }
+}
+
+/// How long a reload may take to read its two files before it is
+/// rejected (a hung network filesystem, say).
+pub const RELOAD_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and checks the config and secrets files on a blocking thread, under
+/// [`RELOAD_READ_DEADLINE`]: file I/O that hangs never stalls the runtime
+/// that serves the port, the heartbeats and the console.
+async fn read_files(path: &Path) -> Result<Loaded, ConfigError> {
+    let p = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || crate::config::load_with_secrets(&p));
+    match tokio::time::timeout(RELOAD_READ_DEADLINE, read).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!("the reader failed: {e}")),
+        }),
+        Err(_) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "reading the config and its secrets file took over {RELOAD_READ_DEADLINE:?}"
+                ),
+            ),
+        }),
     }
 }
 

@@ -527,3 +527,131 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
     assert_eq!(all[2].change.author, "Ada <ada@example.org>");
     drop(p);
 }
+
+/// A master process on `users` (and a worker `w1` when `worker` is set),
+/// with its address.
+fn master_on(dir: &std::path::Path, users: &[UserSpec<'_>], worker: bool) -> (Proc, String) {
+    let config = dir.join("master.toml");
+    let mut text = config_text("", users);
+    let mut secrets = secrets_text(users);
+    if worker {
+        text.push_str("\n[[worker]]\nname = \"w1\"\n");
+        secrets.push_str(secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n"));
+    }
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
+    let p = Proc::master(&config);
+    let addr = listening_addr(&p);
+    (p, addr)
+}
+
+async fn ping_as(addr: &str, user: &str, password: &str) {
+    let mut s = within(
+        "a login",
+        client::connect(addr, "ping", &Credentials::new(user, password)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{user} cannot log in: {e}"));
+    assert_echo(&mut s, b"still served").await;
+}
+
+#[tokio::test]
+async fn an_emptied_secrets_file_is_refused_on_sighup_and_locks_nobody_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = master_on(dir.path(), &[ALICE, BOB], true);
+    let mut a = within(
+        "login",
+        client::connect(&addr, "ping", &Credentials::new("alice", "alice-pw")),
+    )
+    .await
+    .unwrap();
+    // `: > secrets.toml; kill -HUP`
+    std::fs::write(dir.path().join("secrets.toml"), "").unwrap();
+    p.signal("HUP");
+    let line = p.wait_for_line("reload rejected");
+    assert!(
+        line.contains("master.toml:7:") && line.contains("user `alice` has no verifier"),
+        "{line}"
+    );
+    assert_echo(&mut a, b"alice kept her session").await;
+    ping_as(&addr, "alice", "alice-pw").await;
+    ping_as(&addr, "bob", "bob-pw").await;
+
+    // Only the worker's verifier missing: the error names its line too.
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE, BOB])).unwrap();
+    p.signal("HUP");
+    let line = p.wait_for_line("reload rejected");
+    assert!(
+        line.contains("master.toml:") && line.contains("worker `w1` has no verifier"),
+        "{line}"
+    );
+
+    // A verifier for a name the config does not know is a warning naming
+    // the secrets file's line; the reload applies.
+    let mut secrets = secrets_text(&[ALICE, BOB, ("w1", "w1-pw", &[])]);
+    secrets.push_str(secrets_text(&[("admn", "x", &[])]).trim_start_matches("[verifiers]\n"));
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    p.signal("HUP");
+    let line = p.wait_for_line("admn");
+    assert!(line.contains("secrets.toml:5:"), "{line}");
+    p.wait_for_line("reload applied");
+    ping_as(&addr, "bob", "bob-pw").await;
+}
+
+#[test]
+fn a_user_or_worker_without_a_verifier_stops_the_master_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(
+        &config,
+        format!("{}\n[[worker]]\nname = \"w1\"\n", config_text("", &[ALICE])),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    let out = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("master.toml:11:") && err.contains("worker `w1` has no verifier"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_that_would_block_on_a_fifo_does_not_freeze_the_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = master_on(dir.path(), &[ALICE], false);
+    let fifo = dir.path().join("secrets.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::write(
+        dir.path().join("master.toml"),
+        config_text("", &[ALICE]).replace("secrets.toml", "secrets.fifo"),
+    )
+    .unwrap();
+    p.signal("HUP");
+    let line = p.wait_for_line("reload rejected");
+    assert!(
+        line.contains("secrets.fifo") && line.contains("not a regular file"),
+        "{line}"
+    );
+    ping_as(&addr, "alice", "alice-pw").await;
+    // The port keeps serving plain HTTP too.
+    let mut raw = Raw::connect(addr.parse().unwrap()).await;
+    raw.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let reply = raw.read_to_close().await;
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+}

@@ -56,34 +56,14 @@ async fn start() -> (TestMaster, Reaped) {
     (m, worker)
 }
 
-/// Runs `switchyard debug` once (off the async runtime) and returns stdout.
+/// Runs `switchyard debug` once and returns stdout.
 async fn debug(
     m: &TestMaster,
     user: &str,
     password: &str,
     args: &[&str],
 ) -> Result<String, String> {
-    let (addr, user, password) = (m.addr.to_string(), user.to_string(), password.to_string());
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = within(
-        "switchyard debug",
-        tokio::task::spawn_blocking(move || {
-            Command::new(BIN)
-                .args(["debug", "--master", &addr, "--user", &user])
-                .args(&args)
-                .env("SWITCHYARD_PASSWORD", password)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        }),
-    )
-    .await
-    .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8(out.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
+    debug_cli(m, user, password, args).await
 }
 
 async fn json(m: &TestMaster, args: &[&str]) -> Value {

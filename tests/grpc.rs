@@ -20,6 +20,7 @@ use switchyard::proto::change_source_client::ChangeSourceClient;
 use switchyard::proto::{Change, PushChangeRequest};
 
 const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
+const PUSHER: UserSpec = ("pusher", "pusher-pw", &["change-source"]);
 const OTHER_HOOK: UserSpec = ("hook2", "hook2-pw", &["change-source", "ping"]);
 const PINGER: UserSpec = ("pinger", "pinger-pw", &["ping"]);
 
@@ -383,8 +384,18 @@ async fn native_sessions_and_grpc_pushes_share_the_port() {
 }
 
 #[tokio::test]
-async fn repeated_failures_block_grpc_logins_too() {
-    let m = TestMaster::start("auth_max_failures = 3", &[HOOK]).await;
+async fn repeated_failures_throttle_new_grpc_clients_but_not_known_ones() {
+    let m = TestMaster::start("auth_max_failures = 3", &[HOOK, PUSHER]).await;
+    // The hook pushed before: its connection holds a device token.
+    let mut known = switchyard::grpc::client::ChangeSourceConnection::connect(
+        &m.addr.to_string(),
+        "hook",
+        "hook-pw",
+    )
+    .await
+    .unwrap();
+    known.push(change(1)).await.unwrap();
+    assert!(known.device_token().is_some());
     let mut client = ChangeSourceClient::new(m.grpc().await);
     for _ in 0..3 {
         push_as(&mut client, "hook", "guess", change(0))
@@ -400,9 +411,14 @@ async fn repeated_failures_block_grpc_logins_too() {
         "{}",
         s.message()
     );
-    // The same address is blocked on the native protocol as well.
+    // The same (address, user) is throttled on the native protocol as well...
     let err = m.login("hook", "hook-pw", "ping").await.err().unwrap();
     assert!(err.to_string().contains("too many failed logins"), "{err}");
+    // ...but not the hook that pushed before, nor another user.
+    within("a known push", known.push(change(2))).await.unwrap();
+    push_as(&mut client, "pusher", "pusher-pw", change(3))
+        .await
+        .unwrap();
     m.stop().await;
 }
 

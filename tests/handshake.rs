@@ -25,6 +25,7 @@ fn hello(service: &str, mechanism: &str, initial: &str) -> ClientHandshake {
             mechanism: mechanism.into(),
             initial_response: initial.as_bytes().to_vec(),
             client_agent: "test".into(),
+            device_token: String::new(),
         })),
     }
 }
@@ -447,22 +448,115 @@ async fn too_many_handshakes_at_once_get_overloaded() {
 }
 
 #[tokio::test]
-async fn repeated_failures_block_the_address_for_a_while() {
-    let m = TestMaster::start("auth_max_failures = 3\nauth_block = \"1h\"", &[ADMIN]).await;
+async fn a_stranger_cannot_lock_out_a_user_who_has_logged_in_before() {
+    let m = TestMaster::start(
+        "auth_max_failures = 3\nauth_block = \"1h\"",
+        &[ADMIN, MONITOR],
+    )
+    .await;
+    let addr = m.addr.to_string();
+    // The operator's console logged in once before: it holds a device token.
+    let known = switchyard::client::Credentials::new("admin", "s3cret-admin");
+    within(
+        "a login",
+        switchyard::client::connect(&addr, "ping", &known),
+    )
+    .await
+    .unwrap();
+    assert!(
+        known.device_token().is_some(),
+        "Welcome carries a device token"
+    );
     let held = m.assert_serves("admin", "s3cret-admin").await;
+    // So did the operator's command line (it keeps its token in ~/.switchyard).
+    debug_cli(&m, "admin", "s3cret-admin", &["status"])
+        .await
+        .unwrap();
+    // A stranger on the same address guesses admin's password.
     for _ in 0..3 {
         assert_eq!(
             reject_code(m.login("admin", "guess", "ping").await).0,
             RejectCode::AuthFailed
         );
     }
-    // Now even the right password is refused from this address...
+    // Guessing stays slow: a new client for admin from here is refused,
+    // even with the right password...
     let (code, message) = reject_code(m.login("admin", "s3cret-admin", "ping").await);
     assert_eq!(code, RejectCode::AuthFailed);
     assert!(message.contains("too many failed logins"), "{message}");
-    // ...but the session already open goes on.
+    // ...but the client that logged in before is not, from the same address...
+    for _ in 0..3 {
+        let mut s = within(
+            "a login",
+            switchyard::client::connect(&addr, "ping", &known),
+        )
+        .await
+        .expect("a known client must never be locked out by others' failures");
+        assert_echo(&mut s, b"known device").await;
+    }
+    // ...nor is any other user at that address, nor the open session.
+    m.login("monitor", "s3cret-monitor", "debug").await.unwrap();
     let mut held = held;
     assert_echo(&mut held, b"still mine").await;
+    // A forged or foreign token buys nothing.
+    let forged = switchyard::client::Credentials::new("admin", "s3cret-admin");
+    forged.set_device_token(Some(
+        "1764000000.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+    ));
+    assert!(
+        within(
+            "a login",
+            switchyard::client::connect(&addr, "ping", &forged)
+        )
+        .await
+        .is_err()
+    );
+    let theirs = switchyard::client::Credentials::new("admin", "s3cret-admin");
+    theirs.set_device_token(m.login_token("monitor", "s3cret-monitor", "debug").await);
+    assert!(
+        within(
+            "a login",
+            switchyard::client::connect(&addr, "ping", &theirs)
+        )
+        .await
+        .is_err()
+    );
+    // The operator lifts the block from the console.
+    let out = debug_cli(&m, "admin", "s3cret-admin", &["unblock", "127.0.0.1"])
+        .await
+        .unwrap();
+    assert!(out.contains("unblocked"), "{out}");
+    m.assert_serves("admin", "s3cret-admin").await;
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_guesses_cannot_all_pass_before_the_first_failure_counts() {
+    let m = TestMaster::start("auth_max_failures = 5\nauth_block = \"1h\"", &[ADMIN]).await;
+    let guesses: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = m.addr.to_string();
+            tokio::spawn(async move {
+                let c = switchyard::client::Credentials::new("admin", format!("guess-{i}"));
+                match switchyard::client::connect(&addr, "ping", &c).await {
+                    Err(ClientError::Rejected { message, .. }) => message,
+                    Err(e) => panic!("a guess must be refused with a message: {e}"),
+                    Ok(_) => panic!("a guess logged in"),
+                }
+            })
+        })
+        .collect();
+    let mut checked = 0;
+    for g in guesses {
+        let message = within("a guess", g).await.unwrap();
+        if !message.contains("too many failed logins") {
+            checked += 1;
+        }
+    }
+    assert!(
+        checked <= 5,
+        "{checked} of 40 concurrent guesses were checked; the limit is 5"
+    );
     m.stop().await;
 }
 

@@ -222,6 +222,7 @@ async fn a_cleartext_only_checker_is_never_offered_on_a_plain_connection() {
                 mechanism: "PLAIN".into(),
                 initial_response: b"\0dave\0directory-pw".to_vec(),
                 client_agent: String::new(),
+                device_token: String::new(),
             },
         )),
     })

@@ -418,3 +418,45 @@ async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_stranger_failing_as_the_worker_cannot_lock_it_out_of_its_reconnect() {
+    let toml = r#"
+[[builder]]
+name = "slow"
+workers = ["w1"]
+[[builder.step]]
+name = "wait"
+shell = "sleep 3; echo finished"
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let proxy = Proxy::start(m.addr).await;
+    let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    m.master
+        .builds()
+        .force("slow", "", "", "", "test")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A stranger on the worker's own address guesses its password until
+    // new logins as w1 from here are refused...
+    for _ in 0..10 {
+        assert!(m.login("w1", "guess", "worker").await.is_err());
+    }
+    let refused = m.login("w1", "w1-pw", "worker").await.err().unwrap();
+    assert!(
+        refused.to_string().contains("too many failed logins"),
+        "{refused}"
+    );
+    // ...then the worker's link drops mid-build: it must get back in.
+    proxy.cut();
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(
+        ended[0].1, "success",
+        "the worker was locked out of its reconnect"
+    );
+    assert_eq!(log_text(&m, ended[0].0, 0).await, "finished\n");
+    m.stop().await;
+}

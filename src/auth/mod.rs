@@ -10,12 +10,11 @@ pub mod throttle;
 pub mod verifier;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 
-pub use throttle::{AuthThrottle, ThrottleConfig};
+pub use throttle::{Attempt, AuthThrottle, DeviceTokens, Refused, ThrottleConfig};
 pub use verifier::{Verifier, VerifierError};
 
 /// What a checker needs from the client to judge a login.
@@ -91,7 +90,7 @@ pub async fn check_password(
 }
 
 /// Verifiers held in memory: for tests, for embedding, and as the store
-/// behind [`SecretsFileChecker`].
+/// behind the secrets file's checker (`config::SecretsFileChecker`).
 #[derive(Default)]
 pub struct InMemoryChecker {
     users: RwLock<Arc<HashMap<String, Verifier>>>,
@@ -157,63 +156,6 @@ impl Checker for InMemoryChecker {
     }
 }
 
-/// Verifiers from the secrets file (see [`crate::config::Secrets`]). The file
-/// is read when the checker is made and again on [`SecretsFileChecker::reload`];
-/// a file that does not parse leaves the current verifiers in place.
-pub struct SecretsFileChecker {
-    path: RwLock<PathBuf>,
-    store: InMemoryChecker,
-}
-
-impl SecretsFileChecker {
-    pub fn load(path: &Path) -> Result<Self, crate::config::ConfigError> {
-        let secrets = crate::config::Secrets::load(path)?;
-        Ok(Self::from_secrets(path, secrets))
-    }
-
-    pub fn from_secrets(path: &Path, secrets: crate::config::Secrets) -> Self {
-        SecretsFileChecker {
-            path: RwLock::new(path.to_path_buf()),
-            store: InMemoryChecker::from_map(secrets.verifiers),
-        }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.path.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Every verifier loaded now (shared, not copied).
-    pub fn snapshot(&self) -> Arc<HashMap<String, Verifier>> {
-        self.store.snapshot()
-    }
-
-    /// Re-reads the file it was loaded from.
-    pub fn reload(&self) -> Result<(), crate::config::ConfigError> {
-        let path = self.path();
-        let secrets = crate::config::Secrets::load(&path)?;
-        self.install(&path, secrets);
-        Ok(())
-    }
-
-    /// Installs secrets already read and validated (possibly from a new path,
-    /// when a reloaded config names another file).
-    pub fn install(&self, path: &Path, secrets: crate::config::Secrets) {
-        *self.path.write().unwrap_or_else(|e| e.into_inner()) = path.to_path_buf();
-        self.store.replace(secrets.verifiers);
-    }
-}
-
-#[async_trait]
-impl Checker for SecretsFileChecker {
-    fn capability(&self) -> Capability {
-        Capability::Verifier
-    }
-
-    async fn verifier(&self, user: &str) -> Result<Option<Verifier>, CheckerError> {
-        self.store.verifier(user).await
-    }
-}
-
 /// Asks several checkers in turn; the first that knows the user decides.
 ///
 /// For SCRAM only the verifier-capable members are asked. A cleartext-only
@@ -270,6 +212,9 @@ impl Checker for ChainChecker {
 /// does; the mock keys make the proof fail exactly as a wrong password does.
 pub struct MockCredentials {
     secret: [u8; 32],
+    /// The iteration count the mock challenges announce: the one most real
+    /// verifiers use, so the count does not tell unknown users apart.
+    iterations: std::sync::atomic::AtomicU32,
 }
 
 impl Default for MockCredentials {
@@ -283,12 +228,35 @@ impl MockCredentials {
     pub fn new() -> Self {
         let mut secret = [0u8; 32];
         rand::fill(&mut secret[..]);
-        MockCredentials { secret }
+        Self::from_secret(secret)
     }
 
     /// Mock credentials from a secret kept elsewhere (the state database).
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        MockCredentials { secret }
+        MockCredentials {
+            secret,
+            iterations: std::sync::atomic::AtomicU32::new(verifier::MIN_ITERATIONS),
+        }
+    }
+
+    /// Sets the iteration count of mock verifiers to the one most of
+    /// `verifiers` use (the minimum when there are none).
+    pub fn set_iterations_like<'a>(&self, verifiers: impl IntoIterator<Item = &'a Verifier>) {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for v in verifiers {
+            *counts.entry(v.iterations()).or_default() += 1;
+        }
+        let typical = counts
+            .into_iter()
+            .max_by_key(|&(iterations, n)| (n, std::cmp::Reverse(iterations)))
+            .map_or(verifier::MIN_ITERATIONS, |(i, _)| i);
+        self.iterations
+            .store(typical, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A key for another purpose, derived from the secret (device tokens).
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        verifier::hmac(&self.secret, purpose.as_bytes())
     }
 
     pub fn verifier(&self, user: &str) -> Verifier {
@@ -301,7 +269,7 @@ impl MockCredentials {
         };
         let salt = tagged("salt")[..16].to_vec();
         Verifier::from_parts(
-            verifier::MIN_ITERATIONS,
+            self.iterations.load(std::sync::atomic::Ordering::Relaxed),
             salt,
             tagged("stored-key"),
             tagged("server-key"),

@@ -151,6 +151,8 @@ impl SchedulerConfig {
 
 pub(crate) struct Builds {
     pub(crate) workers: BTreeMap<String, WorkerConfig>,
+    /// Where each worker is named in the file (a byte offset).
+    pub(crate) worker_at: BTreeMap<String, usize>,
     pub(crate) builders: BTreeMap<String, BuilderConfig>,
     pub(crate) schedulers: BTreeMap<String, SchedulerConfig>,
 }
@@ -237,6 +239,7 @@ pub(crate) fn validate(
         );
     }
 
+    let worker_at = seen;
     let mut seen = BTreeMap::new();
     let mut builders = BTreeMap::new();
     for b in raw_builders {
@@ -390,6 +393,7 @@ pub(crate) fn validate(
     }
     Ok(Builds {
         workers,
+        worker_at,
         builders,
         schedulers,
     })

@@ -14,10 +14,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod builds;
+mod secrets;
 
 pub use builds::{BuilderConfig, OnLost, SchedulerConfig, StepConfig, WorkerConfig};
+pub use secrets::{Secrets, SecretsFileChecker};
 
-use crate::auth::{ThrottleConfig, Verifier};
+use crate::auth::ThrottleConfig;
 use crate::dispatcher::Limits;
 
 /// Why a config or secrets file was refused.
@@ -56,7 +58,7 @@ impl ConfigError {
     }
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -69,11 +71,21 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Reads a whole file, refusing anything but a regular file: a FIFO or a
+/// device would block the reader until someone writes to it.
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let err = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    std::fs::read_to_string(path).map_err(err)
 }
 
 #[derive(Deserialize)]
@@ -116,6 +128,94 @@ struct RawUser {
     services: Vec<Spanned<String>>,
 }
 
+/// A config file and the secrets file it names, read and checked against
+/// each other, with warnings (not errors) for the operator.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub secrets: Secrets,
+    /// Each a line naming its file and line, e.g. a verifier for a name the
+    /// config does not know.
+    pub warnings: Vec<String>,
+}
+
+/// Reads and validates a config file and its secrets file together: every
+/// `[[user]]` and `[[worker]]` must have a verifier (else an error naming
+/// the config file and line: an empty or truncated secrets file must not log
+/// everybody out), and a verifier for a name the config does not know is a
+/// warning naming the secrets file's line (a typo). To disable someone,
+/// remove them from the config.
+pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = read(path)?;
+    let config = Config::parse(path, &text)?;
+    let secrets = match Secrets::load(&config.secrets_path) {
+        Ok(s) => s,
+        Err(ConfigError::Read { path: file, source }) => {
+            let (line, column) = line_col(&text, config.secrets_at);
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: format!(
+                    "key `master.secrets`: cannot read the secrets file {}: {source}",
+                    file.display()
+                ),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let warnings = check_verifiers(&config, &text, &secrets)?;
+    Ok(Loaded {
+        config,
+        secrets,
+        warnings,
+    })
+}
+
+/// See [`load_with_secrets`]; `text` is the config file's text.
+fn check_verifiers(
+    config: &Config,
+    text: &str,
+    secrets: &Secrets,
+) -> Result<Vec<String>, ConfigError> {
+    for name in config.users.keys().chain(config.workers.keys()) {
+        if !secrets.verifiers.contains_key(name) {
+            let what = if config.workers.contains_key(name) {
+                "worker"
+            } else {
+                "user"
+            };
+            let at = config.defined_at.get(name).copied().unwrap_or(0);
+            return Err(ConfigError::at(
+                &config.path,
+                text,
+                at,
+                format!(
+                    "key `{what}.name`: {what} `{name}` has no verifier in the secrets file {}; add one made by `switchyard passwd {name}`, or remove the {what} from this file",
+                    config.secrets_path.display()
+                ),
+            ));
+        }
+    }
+    let mut unknown: Vec<(usize, &str)> = secrets
+        .verifiers
+        .keys()
+        .filter(|n| !config.users.contains_key(*n) && !config.workers.contains_key(*n))
+        .map(|n| (secrets.lines.get(n).copied().unwrap_or(0), n.as_str()))
+        .collect();
+    unknown.sort();
+    Ok(unknown
+        .into_iter()
+        .map(|(line, name)| {
+            format!(
+                "{}:{line}: a verifier for `{name}`, which is neither a [[user]] nor a [[worker]] of {} (a typo?); it is ignored",
+                config.secrets_path.display(),
+                config.path.display()
+            )
+        })
+        .collect())
+}
+
 /// A validated master configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -124,6 +224,11 @@ pub struct Config {
     pub path: PathBuf,
     pub listen: SocketAddr,
     pub secrets_path: PathBuf,
+    /// Where `master.secrets` is in the file (a byte offset).
+    pub secrets_at: usize,
+    /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
+    /// errors found later, against the secrets file.
+    pub defined_at: BTreeMap<String, usize>,
     /// The SQLite database holding changes, builds and the master's secrets.
     pub state_path: PathBuf,
     /// A worker removed by a reload finishes its current builds first.
@@ -345,6 +450,12 @@ impl Config {
             path: path.to_path_buf(),
             listen,
             secrets_path,
+            secrets_at: m.secrets.span().start,
+            defined_at: {
+                let mut at = first_line;
+                at.extend(builds.worker_at);
+                at
+            },
             state_path,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
             worker_reconnect_grace: c.duration(
@@ -360,60 +471,6 @@ impl Config {
         })
     }
 }
-
-/// The secrets file: `[verifiers]` mapping each user to its SCRAM verifier.
-/// It holds no passwords, but it should still be readable by the master
-/// alone: a verifier lets an attacker run an offline guessing attack.
-#[derive(Clone, Debug, Default)]
-pub struct Secrets {
-    pub verifiers: std::collections::HashMap<String, Verifier>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSecrets {
-    #[serde(default)]
-    verifiers: BTreeMap<String, Spanned<String>>,
-}
-
-impl Secrets {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = read(path)?;
-        warn_if_readable_by_others(path);
-        Self::parse(path, &text)
-    }
-
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawSecrets =
-            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
-        let mut verifiers = std::collections::HashMap::new();
-        for (user, v) in raw.verifiers {
-            let verifier = Verifier::parse(v.get_ref()).map_err(|e| {
-                ConfigError::at(
-                    path,
-                    text,
-                    v.span().start,
-                    format!("key `verifiers.{user}`: {e}"),
-                )
-            })?;
-            verifiers.insert(user, verifier);
-        }
-        Ok(Secrets { verifiers })
-    }
-}
-
-#[cfg(unix)]
-fn warn_if_readable_by_others(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o004 != 0
-    {
-        tracing::warn!(file = %path.display(), "secrets file is readable by every user on this machine; consider `chmod 600`");
-    }
-}
-
-#[cfg(not(unix))]
-fn warn_if_readable_by_others(_path: &Path) {}
 
 #[cfg(test)]
 mod tests {
@@ -460,25 +517,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains(":3:") && e.contains("lisen"), "{e}");
-    }
-
-    #[test]
-    fn secrets_errors_do_not_quote_the_file() {
-        let text = "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:c2FsdA==$AAAA:SECRETSECRET\"\n";
-        let e = Secrets::parse(Path::new("s.toml"), text)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("s.toml:2:") && e.contains("verifiers.admin"),
-            "{e}"
-        );
-        assert!(!e.contains("SECRETSECRET"), "{e}");
-        let e = Secrets::parse(
-            Path::new("s.toml"),
-            "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:SECRET\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(!e.contains("SECRET\""), "{e}");
     }
 }

@@ -31,6 +31,7 @@ commands:
                                            request a build
   stop BUILD                               stop a running build
   hangup WORKER                            hang up a worker's session
+  unblock ADDRESS                          forget an address's failed logins
   watch                                    live events until Ctrl-C
   reload                                   re-read the config and secrets (as SIGHUP)
   help, quit";
@@ -109,6 +110,10 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
             worker: words[0].clone(),
         }),
         ("hangup", _) => return usage("hangup WORKER"),
+        ("unblock", 1) => C::Unblock(crate::proto::UnblockRequest {
+            address: words[0].clone(),
+        }),
+        ("unblock", _) => return usage("unblock ADDRESS"),
         ("watch", 0) => C::Watch(WatchRequest {}),
         ("reload", 0) => C::Reload(ReloadRequest {}),
         ("status" | "workers" | "builders" | "watch" | "reload", _) => {
@@ -315,6 +320,7 @@ impl Console {
                 R::Force(f) => json!({"request_id": f.request_id}),
                 R::Reload(r) => json!({"summary": r.summary}),
                 R::Stop(_) | R::Hangup(_) => json!({"ok": true}),
+                R::Unblock(u) => json!({"forgotten": u.forgotten}),
                 R::Event(e) => event_json(&e),
                 R::Error(e) => json!({"error": e}),
             };
@@ -421,6 +427,11 @@ impl Console {
             R::Reload(r) => writeln!(out, "reloaded: {}", r.summary)?,
             R::Stop(_) => writeln!(out, "stopping")?,
             R::Hangup(_) => writeln!(out, "hung up")?,
+            R::Unblock(u) => writeln!(
+                out,
+                "unblocked ({} throttle entries forgotten)",
+                u.forgotten
+            )?,
             R::Event(e) => writeln!(out, "{} {}", hms(e.unix_ms), event_text(&e))?,
             R::Error(e) => writeln!(out, "error: {e}")?,
         }

@@ -127,6 +127,17 @@ impl Debug for DebugService {
             .map_err(status)
     }
 
+    async fn unblock(
+        &self,
+        req: Request<crate::proto::UnblockRequest>,
+    ) -> Result<Response<crate::proto::UnblockReply>, Status> {
+        let user = self.auth.authorize(&req, SERVICE).await?;
+        self.api
+            .unblock(req.into_inner(), &user)
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
         let user = self.auth.authorize(&req, SERVICE).await?;
         self.api

@@ -13,12 +13,12 @@ pub mod service;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::builds::{BuildError, BuildMaster};
-use crate::proto::ReloadReply;
 use crate::proto::{
     BuildDetails, BuilderDetails, BuildersReply, BuildsReply, BuildsRequest, DebugEvent,
     ForceReply, ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest, OutputStream,
     StatusReply, StepDetails, StopReply, StopRequest, WorkerDetails, WorkersReply,
 };
+use crate::proto::{ReloadReply, UnblockReply, UnblockRequest};
 use crate::state::{BuildRecord, StateError};
 
 /// The service name users must be granted to use the console.
@@ -61,6 +61,8 @@ pub type Reloader = mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, Str
 pub struct DebugApi {
     builds: BuildMaster,
     reloader: Option<Reloader>,
+    /// The port, for `unblock`.
+    port: Option<crate::dispatcher::Dispatcher>,
 }
 
 fn build_details(b: BuildRecord) -> BuildDetails {
@@ -100,6 +102,7 @@ impl DebugApi {
         DebugApi {
             builds,
             reloader: None,
+            port: None,
         }
     }
 
@@ -288,6 +291,30 @@ impl DebugApi {
     pub fn stop(&self, req: StopRequest) -> Result<StopReply, DebugError> {
         self.builds.stop(req.build)?;
         Ok(StopReply {})
+    }
+
+    /// Lets the console lift throttle blocks on `port`.
+    pub fn with_port(mut self, port: crate::dispatcher::Dispatcher) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    pub fn unblock(&self, req: UnblockRequest, who: &str) -> Result<UnblockReply, DebugError> {
+        let ip: std::net::IpAddr = req.address.trim().parse().map_err(|_| {
+            DebugError::Invalid(format!(
+                "{:?} is not an IP address (e.g. 192.0.2.7 or 2001:db8::7)",
+                req.address
+            ))
+        })?;
+        let port = self
+            .port
+            .as_ref()
+            .ok_or_else(|| DebugError::Invalid("this console has no port to unblock".into()))?;
+        let forgotten = port.unblock(ip);
+        tracing::info!(peer = %ip, by = %who, forgotten, "address unblocked from the console");
+        Ok(UnblockReply {
+            forgotten: forgotten as u32,
+        })
     }
 
     pub fn hangup(&self, req: HangupRequest) -> Result<HangupReply, DebugError> {

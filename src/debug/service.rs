@@ -80,6 +80,7 @@ async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: mpsc::Sender
         debug_request::Command::Force(r) => api.force(r, &user).await.map(|r| Some(R::Force(r))),
         debug_request::Command::Stop(r) => api.stop(r).map(|r| Some(R::Stop(r))),
         debug_request::Command::Hangup(r) => api.hangup(r).map(|r| Some(R::Hangup(r))),
+        debug_request::Command::Unblock(r) => api.unblock(r, &user).map(|r| Some(R::Unblock(r))),
         debug_request::Command::Reload(_) => api.reload(&user).await.map(|r| Some(R::Reload(r))),
         debug_request::Command::Log(r) => {
             let (ltx, mut lrx) = mpsc::channel(16);

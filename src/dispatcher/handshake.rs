@@ -119,6 +119,7 @@ struct Accepted {
     service: String,
     route: Route,
     client_agent: String,
+    device_token: String,
 }
 
 async fn exchange(
@@ -151,6 +152,29 @@ async fn exchange(
     let first =
         ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
     let user = first.user().to_string();
+    let device = shared.devices.check(&user, &hello.device_token);
+    let patience = shared
+        .limits
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .handshake_timeout;
+    let attempt = match shared
+        .throttle
+        .begin(Some(peer.ip()), &user, device, patience)
+        .await
+    {
+        Ok(a) => a,
+        Err(refused) => {
+            return Err(End::Reject {
+                code: RejectCode::AuthFailed,
+                message: format!(
+                    "too many failed logins for this user from this address; retry in {} s",
+                    refused.retry_secs()
+                ),
+                log: format!("login for user {user:?} refused by the throttle ({refused:?})"),
+            });
+        }
+    };
     // The mock is computed for every login, known or not, so that both
     // paths do the same work.
     let mock = shared.mock.verifier(&user);
@@ -179,8 +203,10 @@ async fn exchange(
     let auth = match server_first.verify(&response.data) {
         Ok(a) => a,
         Err(e) => {
-            if !checker_down {
-                shared.throttle.record_failure(peer.ip());
+            if !checker_down && matches!(e, ScramError::InvalidProof) {
+                // Answered late when this address fails a lot (spraying).
+                let delay = attempt.failed();
+                tokio::time::sleep(delay).await;
             }
             return Err(match e {
                 ScramError::InvalidProof => End::Reject {
@@ -192,6 +218,8 @@ async fn exchange(
             });
         }
     };
+    attempt.succeeded();
+    let device_token = shared.devices.issue(&auth.user);
     let policy = shared
         .policy
         .read()
@@ -215,6 +243,7 @@ async fn exchange(
         service,
         route,
         client_agent: hello.client_agent,
+        device_token,
     })
 }
 
@@ -254,13 +283,6 @@ pub(crate) async fn serve(
         )
         .await;
     };
-    if let Err(remaining) = shared.throttle.check(peer.ip()) {
-        let message = format!(
-            "too many failed logins from this address; retry in {} s",
-            remaining.as_secs().max(1)
-        );
-        return refuse(framed, peer, reject(RejectCode::AuthFailed, message)).await;
-    }
     let limits = shared
         .limits
         .read()
@@ -288,6 +310,7 @@ pub(crate) async fn serve(
         service,
         route,
         client_agent,
+        device_token,
     } = accepted;
     let id = session_id();
     let welcome = Welcome {
@@ -295,6 +318,7 @@ pub(crate) async fn serve(
         session_id: id.clone(),
         heartbeat_interval_ms: limits.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
         server_agent: shared.server_agent.clone(),
+        device_token,
     };
     if let Err(End::Closed(why)) | Err(End::Reject { log: why, .. }) =
         send(&mut framed, server_handshake::Kind::Welcome(welcome)).await

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::auth::{AuthThrottle, Checker, MockCredentials, ThrottleConfig, Verifier};
+use crate::auth::{AuthThrottle, Checker, DeviceTokens, MockCredentials, ThrottleConfig, Verifier};
 
 pub use password::{PasswordRefusal, parse_basic};
 pub use registry::{
@@ -139,7 +139,8 @@ pub(crate) struct Shared {
     pub(crate) limits: RwLock<Limits>,
     pub(crate) checker: Arc<dyn Checker>,
     pub(crate) mock: MockCredentials,
-    pub(crate) throttle: AuthThrottle,
+    pub(crate) throttle: Arc<AuthThrottle>,
+    pub(crate) devices: DeviceTokens,
     pub(crate) policy: RwLock<Arc<AccessPolicy>>,
     pub(crate) registry: Arc<ServiceRegistry>,
     pub(crate) sessions: Arc<session::SessionTable>,
@@ -189,7 +190,8 @@ impl Dispatcher {
                 connections: Arc::new(Semaphore::new(limits.max_connections)),
                 handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
                 overflow: Arc::new(Semaphore::new(overflow)),
-                throttle: AuthThrottle::new(limits.throttle.clone()),
+                throttle: Arc::new(AuthThrottle::new(limits.throttle.clone())),
+                devices: DeviceTokens::from_key(mock.derive_key("device-tokens")),
                 limits: RwLock::new(limits),
                 checker,
                 mock,
@@ -213,6 +215,20 @@ impl Dispatcher {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Forgets the failed logins and blocks of an address (an operator's
+    /// `switchyard debug unblock`). Returns how many entries it removed.
+    pub fn unblock(&self, ip: std::net::IpAddr) -> usize {
+        let n = self.shared.throttle.unblock(ip);
+        tracing::info!(peer = %ip, entries = n, "failed logins of this address forgotten");
+        n
+    }
+
+    /// Makes unknown users' challenges announce the iteration count most of
+    /// `verifiers` use, and cost the same work.
+    pub fn set_typical_verifiers<'a>(&self, verifiers: impl IntoIterator<Item = &'a Verifier>) {
+        self.shared.mock.set_iterations_like(verifiers);
     }
 
     /// Applies new timeouts and throttle limits. Connection limits keep the

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -30,8 +29,8 @@ pub enum PasswordRefusal {
     Malformed,
     #[error("authentication failed: wrong user name or password")]
     Failed,
-    #[error("too many failed logins from this address; retry in {} s", .0.as_secs().max(1))]
-    Throttled(Duration),
+    #[error("too many failed logins for this user from this address; retry in {} s", .0.retry_secs())]
+    Throttled(crate::auth::Refused),
     #[error("user {user:?} may not use service {service:?}")]
     NotAuthorized { user: String, service: String },
     #[error("the credential checker is unavailable; retry later")]
@@ -94,23 +93,31 @@ pub fn parse_basic(header: &str) -> Result<(String, String), PasswordRefusal> {
 
 impl Dispatcher {
     /// Checks a user name and password for `service`, as carried by a
-    /// request on a connection from `peer`. On success, records the login on
-    /// `conn` so that a reload revoking the user hangs the connection up.
+    /// request on a connection from `peer`, with the device token the client
+    /// presented (if any; see [`crate::auth::throttle`]). On success, records
+    /// the login on `conn` so that a reload revoking the user hangs the
+    /// connection up, and returns a fresh device token for the client.
     pub async fn check_password_login(
         &self,
         user: &str,
         password: &str,
         service: &str,
         peer: Option<SocketAddr>,
+        device_token: Option<&str>,
         conn: Option<&ConnectionSessions>,
-    ) -> Result<(), PasswordRefusal> {
+    ) -> Result<String, PasswordRefusal> {
         let shared = &self.shared;
-        if let Some(peer) = peer {
-            shared
-                .throttle
-                .check(peer.ip())
-                .map_err(PasswordRefusal::Throttled)?;
-        }
+        let device = device_token.and_then(|t| shared.devices.check(user, t));
+        let attempt = shared
+            .throttle
+            .begin(
+                peer.map(|p| p.ip()),
+                user,
+                device,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(PasswordRefusal::Throttled)?;
         let (verifier, known) = match shared.checker.verifier(user).await {
             Ok(Some(v)) => (v, true),
             Ok(None) => (shared.mock.verifier(user), false),
@@ -134,10 +141,9 @@ impl Dispatcher {
                 .await
                 .unwrap_or(false);
             if !(matches && known) {
-                if let Some(peer) = peer {
-                    shared.throttle.record_failure(peer.ip());
-                }
+                let delay = attempt.failed();
                 tracing::info!(peer = ?peer, user = ?user, "refused password login: authentication failed");
+                tokio::time::sleep(delay).await;
                 return Err(PasswordRefusal::Failed);
             }
             let mut entries = shared
@@ -160,7 +166,7 @@ impl Dispatcher {
         if let Some(conn) = conn {
             conn.note_login(user, service, &verifier);
         }
-        Ok(())
+        Ok(shared.devices.issue(user))
     }
 }
 

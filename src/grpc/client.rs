@@ -51,6 +51,9 @@ pub struct ChangeSourceConnection {
     client: ChangeSourceClient<Channel>,
     user: String,
     authorization: MetadataValue<tonic::metadata::Ascii>,
+    /// The device token from the last answered request, presented on the
+    /// next (see `auth::throttle`).
+    device_token: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl ChangeSourceConnection {
@@ -74,6 +77,7 @@ impl ChangeSourceConnection {
             client: ChangeSourceClient::new(channel),
             user: user.to_string(),
             authorization,
+            device_token: None,
         })
     }
 
@@ -81,7 +85,30 @@ impl ChangeSourceConnection {
         let mut req = Request::new(msg);
         req.metadata_mut()
             .insert("authorization", self.authorization.clone());
+        if let Some(t) = &self.device_token {
+            req.metadata_mut()
+                .insert(crate::grpc::DEVICE_TOKEN_HEADER, t.clone());
+        }
         req
+    }
+
+    /// The device token the master issued on the last answered request.
+    pub fn device_token(&self) -> Option<String> {
+        self.device_token
+            .as_ref()
+            .and_then(|t| t.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// Presents `token` (saved from an earlier run) on the next request.
+    pub fn set_device_token(&mut self, token: &str) {
+        self.device_token = MetadataValue::try_from(token).ok();
+    }
+
+    fn keep_token(&mut self, metadata: &tonic::metadata::MetadataMap) {
+        if let Some(t) = metadata.get(crate::grpc::DEVICE_TOKEN_HEADER) {
+            self.device_token = Some(t.clone());
+        }
     }
 
     fn explain(&self, s: Status) -> SendChangeError {
@@ -107,7 +134,10 @@ impl ChangeSourceConnection {
             change: Some(change),
         });
         match self.client.push_change(req).await {
-            Ok(r) => Ok(r.into_inner().id),
+            Ok(r) => {
+                self.keep_token(r.metadata());
+                Ok(r.into_inner().id)
+            }
             Err(s) => Err(self.explain(s)),
         }
     }
@@ -121,7 +151,10 @@ impl ChangeSourceConnection {
         );
         let req = self.request(stream);
         match self.client.push_changes(req).await {
-            Ok(r) => Ok(r.into_inner().ids),
+            Ok(r) => {
+                self.keep_token(r.metadata());
+                Ok(r.into_inner().ids)
+            }
             Err(s) => Err(self.explain(s)),
         }
     }

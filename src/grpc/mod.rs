@@ -39,6 +39,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The most header bytes one request may carry: gRPC needs a few hundred.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
+/// The request header a client presents its device token in, and the
+/// response header a successful login returns a fresh one in.
+pub const DEVICE_TOKEN_HEADER: &str = "x-switchyard-device-token";
+
 /// Set on every request that arrives through the shared port: which
 /// connection it came over.
 #[derive(Clone)]
@@ -46,6 +50,11 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub sessions: Arc<ConnectionSessions>,
 }
+
+/// Where [`GrpcAuth`] leaves the device token it issued for a request, for
+/// the connection to put in the response's headers.
+#[derive(Clone, Default)]
+struct IssuedToken(Arc<std::sync::Mutex<Option<String>>>);
 
 /// Checks a request's Basic credentials and the user's grant.
 #[derive(Clone)]
@@ -78,16 +87,25 @@ impl GrpcAuth {
         let (user, password) = parse_basic(header).map_err(refusal_status)?;
         let conn = req.extensions().get::<ConnInfo>();
         let peer = conn.map(|c| c.peer).or_else(|| req.remote_addr());
-        self.dispatcher
+        let device = req
+            .metadata()
+            .get(DEVICE_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let token = self
+            .dispatcher
             .check_password_login(
                 &user,
                 &password,
                 service,
                 peer,
+                device,
                 conn.map(|c| c.sessions.as_ref()),
             )
             .await
             .map_err(refusal_status)?;
+        if let Some(slot) = req.extensions().get::<IssuedToken>() {
+            *slot.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        }
         Ok(user)
     }
 }
@@ -131,7 +149,17 @@ async fn serve_connection(routes: Routes, conn: Http2Connection) {
     let service = tower::service_fn(move |mut req: http::Request<Incoming>| {
         seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         req.extensions_mut().insert(info.clone());
-        routes.clone().oneshot(req)
+        let issued = IssuedToken::default();
+        req.extensions_mut().insert(issued.clone());
+        let call = routes.clone().oneshot(req);
+        async move {
+            let mut response = call.await?;
+            let token = issued.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(v) = token.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
+                response.headers_mut().insert(DEVICE_TOKEN_HEADER, v);
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder

@@ -131,6 +131,19 @@ impl TestMaster {
         self.stop_keeping_files().await;
     }
 
+    /// Logs in to `service` with fresh credentials and returns the device
+    /// token the master issued.
+    pub async fn login_token(&self, user: &str, password: &str, service: &str) -> Option<String> {
+        let creds = Credentials::new(user, password);
+        within(
+            "a login",
+            client::connect(&self.addr.to_string(), service, &creds),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{user} cannot log in: {e}"));
+        creds.device_token()
+    }
+
     /// Stops the master and hands back its directory (config, secrets and
     /// state), to start another master on it.
     pub async fn stop_keeping_files(self) -> tempfile::TempDir {
@@ -534,4 +547,37 @@ pub fn master_process(dir: &std::path::Path) -> (Reaped, String) {
     });
     let addr = rx.recv_timeout(WAIT).expect("the master did not start");
     (Reaped(child), addr)
+}
+
+/// Runs `switchyard debug` once (off the async runtime, with the master's
+/// temp dir as its home) and returns its stdout, or its stderr on failure.
+pub async fn debug_cli(
+    m: &TestMaster,
+    user: &str,
+    password: &str,
+    args: &[&str],
+) -> Result<String, String> {
+    let (addr, user, password) = (m.addr.to_string(), user.to_string(), password.to_string());
+    let home = m.dir.path().to_path_buf();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = within(
+        "switchyard debug",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .args(["debug", "--master", &addr, "--user", &user])
+                .args(&args)
+                .env("SWITCHYARD_PASSWORD", password)
+                .env("HOME", home)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
 }

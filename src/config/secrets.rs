@@ -1,0 +1,170 @@
+//! The secrets file beside the config: `[verifiers]`, one SCRAM verifier per
+//! user and worker the config names, and the checker that serves them to
+//! the port.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, read};
+use crate::auth::{Capability, Checker, CheckerError, InMemoryChecker, Verifier};
+
+/// The secrets file: `[verifiers]` mapping each user to its SCRAM verifier.
+/// It holds no passwords, but it should still be readable by the master
+/// alone: a verifier lets an attacker run an offline guessing attack.
+#[derive(Clone, Debug, Default)]
+pub struct Secrets {
+    pub verifiers: std::collections::HashMap<String, Verifier>,
+    /// The line of the file each verifier is on (for warnings about names
+    /// the config does not know).
+    pub lines: std::collections::HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    #[serde(default)]
+    verifiers: BTreeMap<String, Spanned<String>>,
+}
+
+impl Secrets {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        warn_if_readable_by_others(path);
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawSecrets =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
+        let mut verifiers = std::collections::HashMap::new();
+        // Lines counted in one pass over the file, not once per entry.
+        let mut lines = std::collections::HashMap::new();
+        let mut by_offset: Vec<(usize, &String)> = raw
+            .verifiers
+            .iter()
+            .map(|(user, v)| (v.span().start, user))
+            .collect();
+        by_offset.sort();
+        let (mut line, mut pos) = (1, 0);
+        for (offset, user) in by_offset {
+            line += text.as_bytes()[pos..offset.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            pos = offset.min(text.len());
+            lines.insert(user.clone(), line);
+        }
+        for (user, v) in raw.verifiers {
+            let verifier = Verifier::parse(v.get_ref()).map_err(|e| {
+                ConfigError::at(
+                    path,
+                    text,
+                    v.span().start,
+                    format!("key `verifiers.{user}`: {e}"),
+                )
+            })?;
+            verifiers.insert(user, verifier);
+        }
+        Ok(Secrets { verifiers, lines })
+    }
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(file = %path.display(), "secrets file is readable by every user on this machine; consider `chmod 600`");
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_path: &Path) {}
+
+/// Verifiers from the secrets file (see [`Secrets`]). The file
+/// is read when the checker is made and again on [`SecretsFileChecker::reload`];
+/// a file that does not parse leaves the current verifiers in place.
+pub struct SecretsFileChecker {
+    path: RwLock<PathBuf>,
+    store: InMemoryChecker,
+}
+
+impl SecretsFileChecker {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let secrets = Secrets::load(path)?;
+        Ok(Self::from_secrets(path, secrets))
+    }
+
+    pub fn from_secrets(path: &Path, secrets: Secrets) -> Self {
+        SecretsFileChecker {
+            path: RwLock::new(path.to_path_buf()),
+            store: InMemoryChecker::from_map(secrets.verifiers),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.path.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every verifier loaded now (shared, not copied).
+    pub fn snapshot(&self) -> Arc<HashMap<String, Verifier>> {
+        self.store.snapshot()
+    }
+
+    /// Re-reads the file it was loaded from.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let path = self.path();
+        let secrets = Secrets::load(&path)?;
+        self.install(&path, secrets);
+        Ok(())
+    }
+
+    /// Installs secrets already read and validated (possibly from a new path,
+    /// when a reloaded config names another file).
+    pub fn install(&self, path: &Path, secrets: Secrets) {
+        *self.path.write().unwrap_or_else(|e| e.into_inner()) = path.to_path_buf();
+        self.store.replace(secrets.verifiers);
+    }
+}
+
+#[async_trait]
+impl Checker for SecretsFileChecker {
+    fn capability(&self) -> Capability {
+        Capability::Verifier
+    }
+
+    async fn verifier(&self, user: &str) -> Result<Option<Verifier>, CheckerError> {
+        self.store.verifier(user).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_errors_do_not_quote_the_file() {
+        let text = "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:c2FsdA==$AAAA:SECRETSECRET\"\n";
+        let e = Secrets::parse(Path::new("s.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("s.toml:2:") && e.contains("verifiers.admin"),
+            "{e}"
+        );
+        assert!(!e.contains("SECRETSECRET"), "{e}");
+        let e = Secrets::parse(
+            Path::new("s.toml"),
+            "[verifiers]\nadmin = \"SCRAM-SHA-256$4096:SECRET\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("SECRET\""), "{e}");
+    }
+}
