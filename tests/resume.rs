@@ -460,3 +460,44 @@ shell = "sleep 3; echo finished"
     assert_eq!(log_text(&m, ended[0].0, 0).await, "finished\n");
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_step_sent_to_a_dead_session_is_sent_again_not_lost() {
+    let toml = r#"
+[[builder]]
+name = "quick"
+workers = ["w1"]
+[[builder.step]]
+name = "hello"
+shell = "echo hello"
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let proxy = Proxy::start(m.addr).await;
+    let mut old = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    // The link goes silent, and the build is sent into it: the worker
+    // never receives its StartStep.
+    proxy.black_hole();
+    let mut events = m.master.builds().subscribe();
+    m.master
+        .builds()
+        .force("quick", "", "", "", "test")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker restarts (a new process on a good link) while the master
+    // still holds the old session.
+    let _ = old.0.kill();
+    let _ = old.0.wait();
+    let _new = spawn_worker(&m, "w1", "w1-pw", "basedir");
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(
+        ended[0].1, "success",
+        "a step the worker never received must be sent again, not lost"
+    );
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.steps.len(), 1);
+    assert_eq!(b.steps[0].attempt, 1, "not counted as a lost attempt");
+    assert_eq!(log_text(&m, b.id, 0).await, "hello\n");
+    m.stop().await;
+}

@@ -315,6 +315,7 @@ impl BuildMaster {
                     .filter(|w| !draining.contains(*w))
                     .filter_map(|w| workers.get(w))
                     .filter(|l| l.slots.busy.load(Ordering::SeqCst) < l.max_builds)
+                    .filter(|l| !l.probing.load(Ordering::SeqCst))
                     .min_by_key(|l| l.slots.busy.load(Ordering::SeqCst))
                     .cloned()
             };

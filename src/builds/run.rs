@@ -35,7 +35,10 @@ async fn send_start(
         if stop.is_stopped() {
             return false;
         }
-        if let Some(link) = bm.link_of(worker) {
+        if let Some(link) = bm
+            .link_of(worker)
+            .filter(|l| !l.probing.load(std::sync::atomic::Ordering::SeqCst))
+        {
             if let Some(p) = slots
                 .pending
                 .lock()
@@ -43,6 +46,8 @@ async fn send_start(
                 .get_mut(step_id)
             {
                 p.sent_on = Some(link.session_id.clone());
+                p.start = Some(start.clone());
+                p.confirmed = false;
             }
             let msg = MasterMessage {
                 kind: Some(master_message::Kind::Start(start.clone())),
@@ -231,6 +236,8 @@ pub(super) async fn run_build(
                     row,
                     done: done_tx,
                     sent_on: carried.map(|_| BEFORE_RESTART.to_string()),
+                    start: None,
+                    confirmed: carried.is_some(),
                 },
             );
         inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {

@@ -42,8 +42,14 @@ pub(crate) struct PendingStep {
     pub(crate) row: i64,
     pub(crate) done: oneshot::Sender<StepFinished>,
     /// The session the step was sent on (`None` until it is sent). A worker
-    /// that comes back without listing a step it was sent has lost it.
+    /// that comes back without listing a step it confirmed has lost it.
     pub(crate) sent_on: Option<String>,
+    /// What was sent, so that a step the worker never confirmed receiving
+    /// can be sent again on its next session (`None` for a step carried over
+    /// from before a master restart).
+    pub(crate) start: Option<crate::proto::StartStep>,
+    /// The worker confirmed receiving it (`StepAccepted`).
+    pub(crate) confirmed: bool,
 }
 
 /// What a worker's builds hold on to across its sessions: its busy slots and
@@ -66,6 +72,9 @@ pub struct WorkerLink {
     pub(crate) tx: mpsc::Sender<MasterMessage>,
     pub(crate) hangup: CancellationToken,
     last_heard_ms: AtomicI64,
+    /// Set while a second login under this name probes this session: no
+    /// step is sent to a session that may be dead.
+    pub(crate) probing: std::sync::atomic::AtomicBool,
 }
 
 impl WorkerLink {
@@ -77,8 +86,18 @@ impl WorkerLink {
         self.last_heard_ms.store(now_ms(), Ordering::SeqCst);
     }
 
-    /// Whether the worker answers a ping within [`PROBE`].
+    /// Whether the worker answers a ping within [`PROBE`]. Nothing is
+    /// dispatched to the session meanwhile.
     async fn answers_ping(&self) -> bool {
+        self.probing.store(true, Ordering::SeqCst);
+        let alive = self.ping().await;
+        if alive {
+            self.probing.store(false, Ordering::SeqCst);
+        }
+        alive
+    }
+
+    async fn ping(&self) -> bool {
         let asked = now_ms();
         let ping = MasterMessage {
             kind: Some(master_message::Kind::Heartbeat(Heartbeat {
@@ -198,6 +217,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
         tx,
         hangup: CancellationToken::new(),
         last_heard_ms: AtomicI64::new(now_ms()),
+        probing: Default::default(),
     });
     bm.inner
         .workers
@@ -242,11 +262,23 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
         let listed: std::collections::HashSet<&[u8]> =
             hello.steps.iter().map(|h| &h.step_id[..]).collect();
         pending.retain(|step_id, p| {
-            let lost = p.sent_on.as_ref().is_some_and(|s| s != &session_id) && !listed.contains(&step_id[..]);
-            if lost {
-                tracing::warn!(worker = %name, build = p.build, "the worker came back without a step it was running: lost");
+            let missing =
+                p.sent_on.as_ref().is_some_and(|s| s != &session_id) && !listed.contains(&step_id[..]);
+            if !missing {
+                return true;
             }
-            !lost
+            // Never confirmed: it went to a session that was already dead.
+            // Not lost: it starts now, on this session.
+            if let (false, Some(start)) = (p.confirmed, &p.start) {
+                tracing::info!(worker = %name, build = p.build, "a step sent to a previous session was never received; sending it again");
+                p.sent_on = Some(session_id.clone());
+                let _ = link.tx.try_send(MasterMessage {
+                    kind: Some(master_message::Kind::Start(start.clone())),
+                });
+                return true;
+            }
+            tracing::warn!(worker = %name, build = p.build, "the worker came back without a step it was running: lost");
+            false
         });
     }
     bm.wake();
@@ -320,6 +352,12 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                         }
                         if let Err(e) = sink.send(encode(ack(step_id, last, true))).await {
                             break 'session format!("link failed: {e}");
+                        }
+                        continue;
+                    }
+                    worker_message::Kind::Accepted(a) => {
+                        if let Some(p) = link.slots.pending.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&a.step_id) {
+                            p.confirmed = true;
                         }
                         continue;
                     }

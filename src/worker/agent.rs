@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::step::{self, StepEnd, StepEvent, StepSpec};
 use crate::client::{self, ClientError, ClientOptions, ClientSession, Credentials};
 use crate::proto::{
-    Heartbeat, HeldStep, MasterMessage, OutputStream, StepFinished, StepOutput, WorkerHello,
-    WorkerMessage, master_message, step_finished, worker_message,
+    Heartbeat, HeldStep, MasterMessage, OutputStream, StepAccepted, StepFinished, StepOutput,
+    WorkerHello, WorkerMessage, master_message, step_finished, worker_message,
 };
 
 /// Unacknowledged output bytes the agent holds before it stops reading its
@@ -355,8 +355,11 @@ impl Agent {
     fn on_master(&mut self, kind: master_message::Kind) -> Option<worker_message::Kind> {
         match kind {
             master_message::Kind::Start(s) => {
+                let accepted = Some(worker_message::Kind::Accepted(StepAccepted {
+                    step_id: s.step_id.clone(),
+                }));
                 if self.steps.contains_key(&s.step_id) {
-                    return None; // already running: a repeat after a reconnect
+                    return accepted; // already running: a repeat after a reconnect
                 }
                 let interrupt = CancellationToken::new();
                 self.steps.insert(
@@ -385,7 +388,7 @@ impl Agent {
                             })
                             .await;
                     });
-                    return None;
+                    return accepted;
                 }
                 let dir = self.opts.basedir.join(&s.builder).join(&s.workdir);
                 tracing::info!(builder = %s.builder, step = %s.name, dir = %dir.display(), "starting step");
@@ -403,7 +406,7 @@ impl Agent {
                     supervisor: self.opts.step_supervisor.clone(),
                 };
                 tokio::spawn(step::run(spec, tx, interrupt));
-                None
+                accepted
             }
             master_message::Kind::Interrupt(i) => {
                 if let Some(h) = self.steps.get(&i.step_id) {
