@@ -571,3 +571,67 @@ async fn idle_http2_connections_of_strangers_are_closed_but_logged_in_ones_stay(
     drop(idle_channel);
     m.stop().await;
 }
+
+#[tokio::test]
+async fn big_changes_and_batches_are_refused_by_their_documented_limits() {
+    let m = TestMaster::start("", &[HOOK]).await;
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+    let with_properties = |n: usize| Change {
+        properties: (0..n)
+            .map(|i| (format!("p{i}"), "v".repeat(64_000)))
+            .collect(),
+        ..change(0)
+    };
+    // 3.2 MB, every field within its limit: accepted, not OUT_OF_RANGE.
+    push_as(&mut client, "hook", "hook-pw", with_properties(50))
+        .await
+        .expect("a change within every limit is accepted");
+    // 5.1 MB: over the total for one change, told as such.
+    let s = push_as(&mut client, "hook", "hook-pw", with_properties(80))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::InvalidArgument,
+        "{} {:?}",
+        s.message(),
+        s.metadata()
+    );
+    assert!(s.message().contains("limit"), "{}", s.message());
+    // A batch of six 3.2 MB changes: over the batch's byte cap, nothing stored.
+    let mut conn = ChangeSourceConnection::connect(&m.addr.to_string(), "hook", "hook-pw")
+        .await
+        .unwrap();
+    let err = within(
+        "PushChanges",
+        conn.push_batch((0..6).map(|_| with_properties(50)).collect()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, SendChangeError::Invalid(m) if m.contains("bytes in one batch")),
+        "{err}"
+    );
+    assert_eq!(m.master.state().change_count().await.unwrap(), 1);
+    // Not protobuf at all (a string field that is not UTF-8): INVALID_ARGUMENT.
+    let mut raw = tonic::client::Grpc::new(m.grpc().await);
+    raw.ready().await.unwrap();
+    let change_bytes = vec![0x0a, 0x02, 0xff, 0xfe]; // Change.repository = b"\xff\xfe"
+    let req = with_basic(change_bytes, "hook", "hook-pw");
+    let s = within(
+        "a raw PushChange",
+        raw.unary::<_, switchyard::proto::PushChangeResponse, _>(
+            req,
+            "/switchyard.v1.ChangeSource/PushChange".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    // The port still takes good pushes.
+    push_as(&mut client, "hook", "hook-pw", change(2))
+        .await
+        .unwrap();
+    m.stop().await;
+}

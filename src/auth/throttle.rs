@@ -243,7 +243,13 @@ impl AuthThrottle {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = table.get_mut(key) {
             e.in_flight = e.in_flight.saturating_sub(1);
-            if failed {
+            if !failed && e.in_flight == 0 && e.failures == 0 && e.blocked_until.is_none() {
+                // Nothing to remember: keep the table small.
+                table.remove(key);
+            }
+        }
+        if let Some(e) = table.get_mut(key).filter(|_| failed) {
+            {
                 refresh(e, &cfg, now);
                 e.window_start.get_or_insert(now);
                 e.failures += 1;

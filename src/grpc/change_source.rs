@@ -31,6 +31,15 @@ pub struct ChangeLimits {
     pub max_property_value: usize,
     /// Changes in one `PushChanges` call.
     pub max_batch: usize,
+    /// Encoded bytes of one change, whatever its fields: the gRPC message
+    /// limit is set from it, so a change within every field limit and this
+    /// total is never refused by the transport.
+    pub max_change_bytes: usize,
+    /// Encoded bytes of one `PushChanges` batch.
+    pub max_batch_bytes: usize,
+    /// Bytes of batches being received by all clients at once: past it,
+    /// receiving waits (HTTP/2 flow control slows the senders).
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for ChangeLimits {
@@ -44,6 +53,9 @@ impl Default for ChangeLimits {
             max_property_name: 256,
             max_property_value: 64 * 1024,
             max_batch: 1000,
+            max_change_bytes: 4 * 1024 * 1024,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_inflight_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -58,6 +70,16 @@ fn check_len(at: &str, field: &str, value: &str, max: usize) -> Result<(), Statu
     Ok(())
 }
 
+/// tonic's own status for a message that is not valid protobuf is
+/// INTERNAL; it is the client's fault: INVALID_ARGUMENT.
+pub(crate) fn client_fault(s: Status) -> Status {
+    if s.code() == tonic::Code::Internal && s.message().contains("decode") {
+        Status::invalid_argument(format!("not a valid message: {}", s.message()))
+    } else {
+        s
+    }
+}
+
 /// Validates a pushed change; `at` names it in errors (`change`, `changes[3]`).
 pub fn validate(
     change: Option<Change>,
@@ -65,6 +87,13 @@ pub fn validate(
     limits: &ChangeLimits,
 ) -> Result<NewChange, Status> {
     let c = change.ok_or_else(|| Status::invalid_argument(format!("{at}: required")))?;
+    let size = prost::Message::encoded_len(&c);
+    if size > limits.max_change_bytes {
+        return Err(Status::invalid_argument(format!(
+            "{at}: {size} bytes is over the limit of {} for one change",
+            limits.max_change_bytes
+        )));
+    }
     if c.repository.trim().is_empty() {
         return Err(Status::invalid_argument(format!(
             "{at}.repository: required"
@@ -145,6 +174,12 @@ pub struct ChangeSourceService {
     store: Arc<dyn ChangeStore>,
     auth: GrpcAuth,
     limits: ChangeLimits,
+    /// KiB of batches being received, all clients together.
+    inflight: Arc<tokio::sync::Semaphore>,
+}
+
+fn kib(bytes: usize) -> u32 {
+    bytes.div_ceil(1024).min(u32::MAX as usize) as u32
 }
 
 impl ChangeSourceService {
@@ -152,18 +187,26 @@ impl ChangeSourceService {
         ChangeSourceService {
             store,
             auth,
+            inflight: Arc::new(tokio::sync::Semaphore::new(kib(
+                ChangeLimits::default().max_inflight_bytes
+            ) as usize)),
             limits: ChangeLimits::default(),
         }
     }
 
     pub fn with_limits(mut self, limits: ChangeLimits) -> Self {
+        self.inflight = Arc::new(tokio::sync::Semaphore::new(
+            kib(limits.max_inflight_bytes) as usize
+        ));
         self.limits = limits;
         self
     }
 
-    /// The tonic service, ready to add to routes or a server.
+    /// The tonic service, ready to add to routes or a server. Its message
+    /// limit is one change at its limit plus the request's envelope.
     pub fn into_server(self) -> ChangeSourceServer<Self> {
-        ChangeSourceServer::new(self)
+        let max = self.limits.max_change_bytes + 64;
+        ChangeSourceServer::new(self).max_decoding_message_size(max)
     }
 
     async fn store(&self, user: &str, batch: Vec<NewChange>) -> Result<Vec<i64>, Status> {
@@ -205,7 +248,32 @@ impl ChangeSource for ChangeSourceService {
         let user = self.auth.authorize(&request, SERVICE).await?;
         let mut stream = request.into_inner();
         let mut batch = Vec::new();
-        while let Some(msg) = stream.message().await? {
+        let (mut bytes, mut held) = (0usize, Vec::new());
+        while let Some(msg) = stream.message().await.map_err(client_fault)? {
+            let size = prost::Message::encoded_len(&msg);
+            bytes += size;
+            if bytes > self.limits.max_batch_bytes {
+                return Err(Status::invalid_argument(format!(
+                    "changes: more than {} bytes in one batch; split it",
+                    self.limits.max_batch_bytes
+                )));
+            }
+            // Memory for what this batch holds, shared by every client:
+            // past it, this one waits for others to be stored.
+            // Bounded, so that batches waiting on each other give up rather
+            // than wait forever.
+            let permit = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                self.inflight.clone().acquire_many_owned(kib(size).max(1)),
+            )
+            .await
+            .map_err(|_| {
+                Status::resource_exhausted(
+                    "the master is busy receiving other batches; retry shortly",
+                )
+            })?
+            .map_err(|_| Status::unavailable("the master is shutting down"))?;
+            held.push(permit);
             if batch.len() == self.limits.max_batch {
                 return Err(Status::invalid_argument(format!(
                     "changes: more than {} changes in one batch; split it",
@@ -220,6 +288,7 @@ impl ChangeSource for ChangeSourceService {
         } else {
             self.store(&user, batch).await?
         };
+        drop(held);
         Ok(Response::new(PushChangesResponse { ids }))
     }
 }

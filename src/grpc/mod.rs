@@ -129,6 +129,35 @@ impl ConnectionHandler for GrpcFrontDoor {
     }
 }
 
+/// tonic answers a request whose message is not valid protobuf with
+/// INTERNAL (in a trailers-only response); it is the client's fault, and
+/// the client is told INVALID_ARGUMENT.
+fn decode_errors_are_invalid_argument(h: &mut http::HeaderMap) {
+    // grpc-message is percent-encoded.
+    let message = |h: &http::HeaderMap, needle: &str| {
+        h.get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains(needle))
+    };
+    let internal = h.get("grpc-status").is_some_and(|v| v == "13");
+    let decode = message(h, "decode");
+    if internal && decode {
+        h.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    // A message over the service's limit: tonic says OUT_OF_RANGE; it is an
+    // argument over a documented limit.
+    let too_large = h.get("grpc-status").is_some_and(|v| v == "11") && message(h, "too large");
+    if too_large {
+        h.insert("grpc-status", http::HeaderValue::from_static("3"));
+        h.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "the message is over this call's size limit (for a change: 4 MiB, see the README)",
+            ),
+        );
+    }
+}
+
 async fn serve_connection(routes: Routes, conn: Http2Connection) {
     let Http2Connection {
         io,
@@ -154,6 +183,17 @@ async fn serve_connection(routes: Routes, conn: Http2Connection) {
         let call = routes.clone().oneshot(req);
         async move {
             let mut response = call.await?;
+            // In the headers of a trailers-only answer, or in the trailers.
+            decode_errors_are_invalid_argument(response.headers_mut());
+            let mut response = response.map(|body| {
+                use http_body_util::BodyExt;
+                tonic::body::Body::new(body.map_frame(|mut frame| {
+                    if let Some(t) = frame.trailers_mut() {
+                        decode_errors_are_invalid_argument(t);
+                    }
+                    frame
+                }))
+            });
             let token = issued.0.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(v) = token.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
                 response.headers_mut().insert(DEVICE_TOKEN_HEADER, v);
