@@ -655,3 +655,35 @@ async fn a_reload_that_would_block_on_a_fifo_does_not_freeze_the_master() {
         String::from_utf8_lossy(&reply)
     );
 }
+
+#[tokio::test]
+async fn a_refused_flood_is_logged_once_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(
+        &config,
+        config_text("max_unauthenticated_per_address = 2", &[ALICE]),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    let p = Proc::master(&config);
+    let addr: std::net::SocketAddr = listening_addr(&p).parse().unwrap();
+    let _held = (Raw::native(addr).await, Raw::native(addr).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..50 {
+        let mut r = Raw::native(addr).await;
+        r.read_to_close().await;
+    }
+    // The master is still serving, and said it once.
+    p.wait_for_line("too many connections from this address");
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut more = 0;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match p.lines.recv_timeout(left) {
+            Ok(line) if line.contains("too many connections from this address") => more += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(more, 0, "a flood of 50 refusals must make one log line");
+}

@@ -578,3 +578,63 @@ async fn shutdown_closes_sessions_and_connections_in_every_state() {
     sniffing.read_to_close().await;
     handshaking.read_to_close().await;
 }
+
+/// Logs in to `ping` from the loopback address `from` (another address than
+/// the strangers' 127.0.0.1).
+async fn login_from(
+    m: &TestMaster,
+    from: &str,
+    user: &str,
+    password: &str,
+) -> Result<switchyard::client::ClientSession, ClientError> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let stream = within("connect", socket.connect(m.addr)).await.unwrap();
+    within(
+        "a login",
+        switchyard::client::login(
+            stream,
+            "ping",
+            &switchyard::client::Credentials::new(user, password),
+            &switchyard::client::ClientOptions::default(),
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn strangers_from_one_address_cannot_fill_the_port() {
+    let m = TestMaster::start(
+        "max_unauthenticated_per_address = 5\nmax_handshakes = 8",
+        &[ADMIN],
+    )
+    .await;
+    // Five connections that send the magic and one byte, and stop.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut r = Raw::native(m.addr).await;
+        r.write(&[0]).await;
+        held.push(r);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The sixth from the same address is told why, at once.
+    let mut sixth = Raw::native(m.addr).await;
+    let (code, message) = rejected(sixth.recv().await);
+    assert_eq!(code, RejectCode::Overloaded);
+    assert!(message.contains("your address"), "{message}");
+    // Everybody else is served: a user from another address, while the
+    // strangers still hold their connections.
+    let mut s = login_from(&m, "127.0.0.2", "admin", "s3cret-admin")
+        .await
+        .expect("another address must be served");
+    assert_echo(&mut s, b"served").await;
+    // A login gives its slot back: with the strangers gone, 127.0.0.1 logs in
+    // again, more times than the cap, and stays logged in.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(m.assert_serves("admin", "s3cret-admin").await);
+    }
+    m.stop().await;
+}

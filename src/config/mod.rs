@@ -113,6 +113,7 @@ struct RawMaster {
     heartbeat_interval: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_handshakes: Option<Spanned<i64>>,
+    max_unauthenticated_per_address: Option<Spanned<i64>>,
     auth_max_failures: Option<Spanned<i64>>,
     auth_failure_window: Option<Spanned<String>>,
     auth_block: Option<Spanned<String>>,
@@ -244,6 +245,10 @@ pub struct Config {
     pub schedulers: BTreeMap<String, SchedulerConfig>,
 }
 
+/// The shortest `sniff_timeout`, `handshake_timeout` and
+/// `heartbeat_interval`: below it a busy machine would drop good clients.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// The state database's default name, beside the config file.
 pub const DEFAULT_STATE: &str = "state.sqlite";
 
@@ -292,6 +297,25 @@ impl Validator<'_> {
                     v.get_ref()
                 ),
             ),
+        }
+    }
+
+    /// [`Validator::duration`], refusing values under `min`.
+    pub(crate) fn duration_at_least(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(v, key, default)?;
+        match v {
+            Some(v) if d < min => self.err(
+                v.span(),
+                key,
+                format_args!("`{}` is too short: at least {min:?}", v.get_ref()),
+            ),
+            _ => Ok(d),
         }
     }
 
@@ -371,20 +395,28 @@ impl Config {
                 "master.max_handshakes",
                 defaults.max_handshakes,
             )?,
-            sniff_timeout: c.duration(
+            max_unauthenticated_per_address: c.count(
+                &m.max_unauthenticated_per_address,
+                "master.max_unauthenticated_per_address",
+                defaults.max_unauthenticated_per_address,
+            )?,
+            sniff_timeout: c.duration_at_least(
                 &m.sniff_timeout,
                 "master.sniff_timeout",
                 defaults.sniff_timeout,
+                MIN_TIMEOUT,
             )?,
-            handshake_timeout: c.duration(
+            handshake_timeout: c.duration_at_least(
                 &m.handshake_timeout,
                 "master.handshake_timeout",
                 defaults.handshake_timeout,
+                MIN_TIMEOUT,
             )?,
-            heartbeat_interval: c.duration(
+            heartbeat_interval: c.duration_at_least(
                 &m.heartbeat_interval,
                 "master.heartbeat_interval",
                 defaults.heartbeat_interval,
+                MIN_TIMEOUT,
             )?,
             throttle: ThrottleConfig {
                 max_failures: c

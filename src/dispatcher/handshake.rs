@@ -261,7 +261,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     rest: BytesMut,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    (permit, stranger): (OwnedSemaphorePermit, super::strangers::StrangerPermit),
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -273,7 +273,10 @@ pub(crate) async fn serve(
     let mut framed = Framed::from_parts(parts);
 
     let Ok(handshake_slot) = shared.handshakes.clone().try_acquire_owned() else {
-        return refuse(
+        if let Some(silent) = shared.strangers.should_log(peer.ip(), "handshake limit") {
+            tracing::warn!(%peer, refused_since_last_line = silent, "refused connection: too many logins in progress (logged once a minute per address)");
+        }
+        return refuse_quietly(
             framed,
             peer,
             reject(
@@ -350,6 +353,8 @@ pub(crate) async fn serve(
         },
         Some(permit),
     );
+    // Logged in: no longer one of its address's strangers.
+    drop(stranger);
     let session = Session {
         user: auth.user,
         service,
@@ -364,12 +369,22 @@ pub(crate) async fn serve(
 }
 
 async fn refuse(framed: HandshakeStream, peer: SocketAddr, end: End) {
-    match end {
+    match &end {
         End::Closed(why) => {
             tracing::info!(%peer, reason = %why, "connection closed during the handshake");
         }
-        End::Reject { code, message, log } => {
+        End::Reject { code, log, .. } => {
             tracing::info!(%peer, code = code.as_str_name(), reason = %log, "refused connection");
+        }
+    }
+    refuse_quietly(framed, peer, end).await
+}
+
+/// [`refuse`] without the log line (the caller logged, or rate-limits it).
+async fn refuse_quietly(framed: HandshakeStream, _peer: SocketAddr, end: End) {
+    match end {
+        End::Closed(_) => {}
+        End::Reject { code, message, .. } => {
             let mut io = framed.into_inner();
             let reply = reject_frame(code, &message);
             let _ = tokio::time::timeout(

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::rewind::Rewind;
 use super::sniff::{NATIVE_MAGIC, Protocol, sniff};
+use super::strangers::StrangerPermit;
 use super::{ConnectionSessions, Dispatcher, Http2Connection, Shared, handshake, http1};
 use crate::proto::RejectCode;
 
@@ -69,40 +70,67 @@ impl Dispatcher {
         shutdown: &CancellationToken,
     ) {
         let shared = self.shared.clone();
-        match shared.connections.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let t = tracker.clone();
-                tracker.spawn(connection(
-                    shared,
-                    stream,
-                    peer,
-                    permit,
-                    shutdown.clone(),
-                    t,
-                ));
-            }
-            Err(_) => {
-                let limit = shared
-                    .limits
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .max_connections;
-                match shared.overflow.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let shutdown = shutdown.clone();
-                        tracker.spawn(async move {
-                            tokio::select! {
-                                _ = refuse_overloaded(stream, peer, limit) => {}
-                                _ = shutdown.cancelled() => {}
-                            }
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, limit, "refused connection: connection limit reached (closed without a reply)");
-                    }
+        let (max_connections, per_address) = {
+            let l = shared.limits.read().unwrap_or_else(|e| e.into_inner());
+            (l.max_connections, l.max_unauthenticated_per_address)
+        };
+        let refusal = match shared.connections.clone().try_acquire_owned() {
+            Ok(permit) => match shared.strangers.admit(peer.ip(), per_address) {
+                Some(stranger) => {
+                    let t = tracker.clone();
+                    tracker.spawn(connection(
+                        shared,
+                        stream,
+                        peer,
+                        (permit, stranger),
+                        shutdown.clone(),
+                        t,
+                    ));
+                    return;
                 }
+                None => Refusal::Address(per_address),
+            },
+            Err(_) => Refusal::Port(max_connections),
+        };
+        if let Some(silent) = shared.strangers.should_log(peer.ip(), refusal.reason()) {
+            tracing::warn!(%peer, limit = refusal.limit(), refused_since_last_line = silent, "refused connection: {} (logged once a minute per address)", refusal.reason());
+        }
+        match shared.overflow.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = refuse_overloaded(stream, refusal) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    drop(slot);
+                });
             }
+            Err(_) => drop(stream), // closed without a reply
+        }
+    }
+}
+
+/// Why a connection was refused at the door.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `max_connections` reached.
+    Port(usize),
+    /// `max_unauthenticated_per_address` reached for its address.
+    Address(usize),
+}
+
+impl Refusal {
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::Port(_) => "connection limit reached",
+            Refusal::Address(_) => "too many connections from this address that have not logged in",
+        }
+    }
+
+    fn limit(self) -> usize {
+        match self {
+            Refusal::Port(n) | Refusal::Address(n) => n,
         }
     }
 }
@@ -111,7 +139,7 @@ async fn connection(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    (permit, stranger): (OwnedSemaphorePermit, StrangerPermit),
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -139,10 +167,20 @@ async fn connection(
     match protocol {
         Protocol::Native => {
             let rest = buf.split_off(NATIVE_MAGIC.len());
-            handshake::serve(shared, stream, rest, peer, permit, shutdown, tracker).await;
+            handshake::serve(
+                shared,
+                stream,
+                rest,
+                peer,
+                (permit, stranger),
+                shutdown,
+                tracker,
+            )
+            .await;
         }
         Protocol::Http1 => {
             http1::serve(stream, buf.freeze(), peer, limits.sniff_timeout, shutdown).await;
+            drop(stranger);
         }
         Protocol::Http2 => match shared.registry.http2() {
             Some(handler) => {
@@ -150,6 +188,8 @@ async fn connection(
                     shared.sessions.clone(),
                     shutdown.child_token(),
                 ));
+                // Given back at the first login over the connection.
+                sessions.hold_stranger(stranger);
                 let io = Rewind::new(buf.freeze(), stream);
                 let idle_timeout = limits.handshake_timeout;
                 handler
@@ -182,18 +222,28 @@ async fn connection(
 
 /// Tells a client over the connection limit that it was refused, in its own
 /// protocol where we can tell it in time.
-async fn refuse_overloaded(mut stream: TcpStream, peer: SocketAddr, limit: usize) {
-    tracing::warn!(%peer, limit, "refused connection: connection limit reached");
+async fn refuse_overloaded(mut stream: TcpStream, refusal: Refusal) {
     let sniffed = tokio::time::timeout(Duration::from_secs(2), sniff(&mut stream)).await;
+    let message = match refusal {
+        Refusal::Port(_) => "the master has too many connections open; retry later",
+        Refusal::Address(_) => {
+            "too many connections from your address have not logged in; retry later"
+        }
+    };
     let reply: Option<Vec<u8>> = match sniffed {
-        Ok(Ok((Protocol::Native, _))) => Some(handshake::reject_frame(
-            RejectCode::Overloaded,
-            "the master has too many connections open; retry later",
-        )),
-        Ok(Ok((Protocol::Http1, _))) => Some(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 33\r\nconnection: close\r\n\r\nswitchyard: too many connections\n"
-                .to_vec(),
-        ),
+        Ok(Ok((Protocol::Native, _))) => {
+            Some(handshake::reject_frame(RejectCode::Overloaded, message))
+        }
+        Ok(Ok((Protocol::Http1, _))) => {
+            let body = format!("switchyard: {message}\n");
+            Some(
+                format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        }
         _ => None,
     };
     if let Some(reply) = reply {

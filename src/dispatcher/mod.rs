@@ -16,6 +16,7 @@ pub mod registry;
 pub mod rewind;
 pub mod session;
 pub mod sniff;
+mod strangers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -59,6 +60,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Announced in `Welcome`; services use it for their heartbeats.
     pub heartbeat_interval: Duration,
+    /// Connections from one address that have not logged in, at once; over
+    /// it a native client gets `OVERLOADED` and an HTTP client a 503.
+    pub max_unauthenticated_per_address: usize,
     pub throttle: ThrottleConfig,
 }
 
@@ -70,6 +74,7 @@ impl Default for Limits {
             sniff_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(10),
+            max_unauthenticated_per_address: 64,
             throttle: ThrottleConfig::default(),
         }
     }
@@ -140,6 +145,7 @@ pub(crate) struct Shared {
     pub(crate) checker: Arc<dyn Checker>,
     pub(crate) mock: MockCredentials,
     pub(crate) throttle: Arc<AuthThrottle>,
+    pub(crate) strangers: Arc<strangers::Strangers>,
     pub(crate) devices: DeviceTokens,
     pub(crate) policy: RwLock<Arc<AccessPolicy>>,
     pub(crate) registry: Arc<ServiceRegistry>,
@@ -191,6 +197,7 @@ impl Dispatcher {
                 handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
                 overflow: Arc::new(Semaphore::new(overflow)),
                 throttle: Arc::new(AuthThrottle::new(limits.throttle.clone())),
+                strangers: Default::default(),
                 devices: DeviceTokens::from_key(mock.derive_key("device-tokens")),
                 limits: RwLock::new(limits),
                 checker,

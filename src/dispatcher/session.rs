@@ -144,6 +144,9 @@ pub struct ConnectionSessions {
     table: Arc<SessionTable>,
     /// Few per connection (usually one user), so a list.
     entries: Mutex<Vec<NotedLogin>>,
+    /// The connection's slot among its address's strangers, until somebody
+    /// logs in over it.
+    stranger: Mutex<Option<super::strangers::StrangerPermit>>,
 }
 
 struct NotedLogin {
@@ -160,7 +163,12 @@ impl ConnectionSessions {
             token,
             table,
             entries: Mutex::new(Vec::new()),
+            stranger: Mutex::new(None),
         }
+    }
+
+    pub(crate) fn hold_stranger(&self, permit: super::strangers::StrangerPermit) {
+        *self.stranger.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
     }
 
     /// Fires at shutdown, or when a reload revokes a user of this connection.
@@ -185,6 +193,10 @@ impl ConnectionSessions {
     /// Called on every request that authenticates, so the common case (the
     /// user is already noted with this verifier) allocates nothing.
     pub(crate) fn note_login(&self, user: &str, service: &str, verifier: &Verifier) {
+        self.stranger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = entries
             .iter()
