@@ -366,3 +366,140 @@ async fn the_same_operations_over_grpc() {
     assert_eq!(builds[0].steps.len(), 2);
     m.stop().await;
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn consoles_that_ask_for_a_big_log_and_never_read_pin_little_memory() {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message;
+    use switchyard::proto::{DebugReply, DebugRequest, LogRequest, debug_request};
+    let dir = tempfile::tempdir().unwrap();
+    let big = r#"
+[[builder]]
+name = "big"
+workers = ["w1"]
+[[builder.step]]
+name = "print"
+shell = "yes 0123456789012345678901234567890123456789012345678901234567890123456789 | head -c 67108864"
+"#;
+    std::fs::write(
+        dir.path().join("master.toml"),
+        config_text("", &[ADMIN]) + "\n[[worker]]\nname = \"w1\"\n" + big,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        secrets_text(&[ADMIN, ("w1", "w1-pw", &[])]),
+    )
+    .unwrap();
+    let (master, addr) = master_process(dir.path());
+    let _worker = Reaped(
+        Command::new(BIN)
+            .args(["worker", "--master", &addr, "--name", "w1", "--basedir"])
+            .arg(dir.path().join("basedir"))
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let creds = switchyard::client::Credentials::new("admin", "admin-pw");
+    let mut console = switchyard::debug::console::Console::connect(&addr, &creds)
+        .await
+        .unwrap();
+    // Force the build (retrying until the worker is connected) and wait for it.
+    within("the build to be forced", async {
+        while console_cmd(&mut console, &["force", "big"]).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = console_cmd(&mut console, &["builds"])
+            .await
+            .unwrap_or_default();
+        if out.contains("success") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 64 MiB build did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pid = master.0.id();
+    let before = rss_kib(pid);
+    // Four sessions, each asking for the 64 MiB log sixteen times, reading nothing.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        let mut s = switchyard::client::connect(&addr, "debug", &creds)
+            .await
+            .unwrap();
+        for id in 1..=16 {
+            let req = DebugRequest {
+                id,
+                command: Some(debug_request::Command::Log(LogRequest {
+                    build: 1,
+                    step: String::new(),
+                })),
+            };
+            s.stream
+                .send(bytes::Bytes::from(req.encode_to_vec()))
+                .await
+                .unwrap();
+        }
+        silent.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    let grown_mib = after.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "the master grew by {grown_mib} MiB for consoles that read nothing"
+    );
+    // The sessions are still good: one reads its log to the end, in full.
+    let s = &mut silent[0];
+    let mut bytes = 0usize;
+    let mut ended = 0;
+    within("a whole log", async {
+        while ended < 16 {
+            let frame = s.stream.next().await.unwrap().unwrap();
+            let reply = DebugReply::decode(frame.freeze()).unwrap();
+            if let Some(switchyard::proto::debug_reply::Result::Log(l)) = &reply.result {
+                bytes += l.data.len();
+            }
+            if reply.end {
+                ended += 1;
+            }
+        }
+    })
+    .await;
+    assert_eq!(bytes, 16 * 67_108_864);
+    // And the master still answers others.
+    console_cmd(&mut console, &["status"]).await.unwrap();
+}
+
+async fn console_cmd(
+    c: &mut switchyard::debug::console::Console,
+    words: &[&str],
+) -> Result<String, String> {
+    let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+    let command = switchyard::debug::console::parse(&words)?;
+    let mut out = Vec::new();
+    within(
+        "a console command",
+        c.run(command, &mut out, std::future::pending::<()>()),
+    )
+    .await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

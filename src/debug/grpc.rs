@@ -78,8 +78,10 @@ impl Debug for DebugService {
 
     async fn log(&self, req: Request<LogRequest>) -> Result<Response<Self::LogStream>, Status> {
         self.auth.authorize(&req, SERVICE).await?;
-        let (tx, mut rx) = mpsc::channel(16);
-        let (out_tx, out_rx) = mpsc::channel::<Result<LogReply, Status>>(16);
+        // A chunk or two ahead of the client: HTTP/2 flow control holds the
+        // rest back in the database, not in memory.
+        let (tx, mut rx) = mpsc::channel(2);
+        let (out_tx, out_rx) = mpsc::channel::<Result<LogReply, Status>>(2);
         let api = self.api.clone();
         let req = req.into_inner();
         tokio::spawn(async move {

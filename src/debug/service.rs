@@ -9,27 +9,72 @@
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{DebugApi, DebugError};
 use crate::dispatcher::Session;
 use crate::proto::{DebugReply, DebugRequest, debug_reply, debug_request};
 
-/// Replies waiting to be written, per session.
-const QUEUE: usize = 256;
+/// Encoded reply bytes waiting to be written, per session: a client that
+/// asks for a huge log and never reads holds this much of the master's
+/// memory, not the log.
+const QUEUE_BYTES: usize = 1024 * 1024;
+
+/// Requests one session may have in flight at once.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// The way replies go to the session's writer: bounded by bytes. A sender
+/// waits for room (backpressure up to the request's task, and from there to
+/// the log reader), so a slow or silent client slows only itself.
+#[derive(Clone)]
+struct Replies {
+    tx: mpsc::Sender<(DebugReply, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+}
+
+impl Replies {
+    async fn send(&self, reply: DebugReply) -> Result<(), ()> {
+        let n = reply.encoded_len().clamp(1, QUEUE_BYTES) as u32;
+        let permit = self
+            .room
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| ())?;
+        self.tx.send((reply, permit)).await.map_err(|_| ())
+    }
+
+    /// Sends without waiting; a reply with no room is dropped (the client
+    /// is not reading anyway). For the session's own loop, which also
+    /// writes, and so must never wait for room.
+    fn try_send(&self, reply: DebugReply) {
+        let n = reply.encoded_len().clamp(1, QUEUE_BYTES) as u32;
+        if let Ok(permit) = self.room.clone().try_acquire_many_owned(n) {
+            let _ = self.tx.try_send((reply, permit));
+        }
+    }
+}
 
 pub async fn serve(api: DebugApi, session: Session) {
     let user = session.user.clone();
     let hangup = session.hangup.clone();
     let Session { stream, .. } = session;
     let (mut sink, mut frames) = stream.split();
-    let (tx, mut rx) = mpsc::channel::<DebugReply>(QUEUE);
+    let (tx, mut rx) = mpsc::channel(64);
+    let replies = Replies {
+        tx,
+        room: Arc::new(Semaphore::new(QUEUE_BYTES)),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = hangup.requested() => break,
-            Some(reply) = rx.recv() => {
-                if sink.send(Bytes::from(reply.encode_to_vec())).await.is_err() {
+            Some((reply, room)) = rx.recv() => {
+                let sent = sink.send(Bytes::from(reply.encode_to_vec())).await;
+                drop(room);
+                if sent.is_err() {
                     break;
                 }
             }
@@ -38,11 +83,16 @@ pub async fn serve(api: DebugApi, session: Session) {
                 let req = match DebugRequest::decode(bytes.freeze()) {
                     Ok(r) => r,
                     Err(_) => {
-                        let _ = tx.send(error(0, "not a DebugRequest".into())).await;
+                        replies.try_send(error(0, "not a DebugRequest".into()));
                         continue;
                     }
                 };
-                tasks.spawn(handle(api.clone(), req, user.clone(), tx.clone()));
+                while tasks.try_join_next().is_some() {}
+                if tasks.len() >= MAX_IN_FLIGHT {
+                    replies.try_send(error(req.id, format!("more than {MAX_IN_FLIGHT} requests in flight on this session; wait for one to end")));
+                    continue;
+                }
+                tasks.spawn(handle(api.clone(), req, user.clone(), replies.clone()));
             }
         }
     }
@@ -65,7 +115,7 @@ fn done(id: u64, result: debug_reply::Result) -> DebugReply {
     }
 }
 
-async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: mpsc::Sender<DebugReply>) {
+async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: Replies) {
     use debug_reply::Result as R;
     let id = req.id;
     let Some(command) = req.command else {
@@ -83,7 +133,8 @@ async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: mpsc::Sender
         debug_request::Command::Unblock(r) => api.unblock(r, &user).map(|r| Some(R::Unblock(r))),
         debug_request::Command::Reload(_) => api.reload(&user).await.map(|r| Some(R::Reload(r))),
         debug_request::Command::Log(r) => {
-            let (ltx, mut lrx) = mpsc::channel(16);
+            // A chunk or two ahead of the writer, no more.
+            let (ltx, mut lrx) = mpsc::channel(2);
             let forward = {
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -35,6 +35,9 @@ use crate::dispatcher::{
 /// to finish the requests it has in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// Requests one HTTP/2 connection may have open at once.
+const MAX_STREAMS: u32 = 64;
+
 /// The most header bytes one request may carry: gRPC needs a few hundred.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
@@ -201,7 +204,8 @@ async fn serve_connection(routes: Routes, conn: Http2Connection) {
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_header_list_size(MAX_HEADER_LIST);
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_STREAMS);
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut idle_check = tokio::time::interval_at(
