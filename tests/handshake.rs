@@ -638,3 +638,48 @@ async fn strangers_from_one_address_cannot_fill_the_port() {
     }
     m.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_users_get_the_iteration_count_most_verifiers_use() {
+    let m = TestMaster::start("", &[ADMIN, MONITOR]).await;
+    // Most verifiers now use 6000 iterations; one uses 9000.
+    let mut secrets = String::from("[verifiers]\n");
+    for (user, pw, i) in [
+        ("admin", "s3cret-admin", 6000),
+        ("monitor", "s3cret-monitor", 6000),
+        ("ops", "s3cret-ops", 9000),
+    ] {
+        let v = Verifier::from_password(pw.as_bytes(), i).unwrap();
+        secrets.push_str(&format!("{user:?} = {:?}\n", v.encode()));
+    }
+    std::fs::write(m.dir.path().join("secrets.toml"), secrets).unwrap();
+    std::fs::write(
+        m.config_path(),
+        config_text("", &[ADMIN, MONITOR, ("ops", "s3cret-ops", &["ping"])]),
+    )
+    .unwrap();
+    m.master.reload().await.unwrap();
+    let count_for = |user: &'static str| {
+        let addr = m.addr;
+        async move {
+            let mut raw = Raw::native(addr).await;
+            raw.send(&hello(
+                "ping",
+                "SCRAM-SHA-256",
+                &format!("n,,n={user},r=abcdefgh"),
+            ))
+            .await;
+            let c = challenge(raw.recv().await);
+            c.split(',').nth(2).unwrap().to_string()
+        }
+    };
+    assert_eq!(count_for("admin").await, "i=6000");
+    assert_eq!(count_for("ops").await, "i=9000");
+    assert_eq!(
+        count_for("ghost").await,
+        "i=6000",
+        "an unknown user must look like most users"
+    );
+    m.assert_serves("admin", "s3cret-admin").await;
+    m.stop().await;
+}
