@@ -483,3 +483,81 @@ fn a_worker_refuses_to_pass_its_own_password() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn output_chunks_out_of_sequence_close_the_workers_session() {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message;
+    use switchyard::proto::{
+        MasterMessage, StepOutput, WorkerHello, WorkerMessage, master_message, worker_message,
+    };
+    let toml = r#"
+[[builder]]
+name = "widgets"
+workers = ["w1"]
+[[builder.step]]
+name = "hello"
+shell = "echo hello"
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    for bad_seq in [0u64, 2, u64::MAX] {
+        // A hand-made worker that sends one chunk with a bad number.
+        let creds = switchyard::client::Credentials::new("w1", "w1-pw");
+        let mut s = within(
+            "a worker login",
+            switchyard::client::connect(&m.addr.to_string(), "worker", &creds),
+        )
+        .await
+        .unwrap();
+        let hello = WorkerMessage {
+            kind: Some(worker_message::Kind::Hello(WorkerHello::default())),
+        };
+        s.stream
+            .send(bytes::Bytes::from(hello.encode_to_vec()))
+            .await
+            .unwrap();
+        wait_connected(&m, 1).await;
+        if bad_seq == 0 {
+            m.master
+                .builds()
+                .force("widgets", "", "", "", "test")
+                .await
+                .unwrap();
+        }
+        let start = within("a StartStep", async {
+            loop {
+                let f = s.stream.next().await.unwrap().unwrap();
+                if let Some(master_message::Kind::Start(st)) =
+                    MasterMessage::decode(f.freeze()).unwrap().kind
+                {
+                    break st;
+                }
+            }
+        })
+        .await;
+        let out = WorkerMessage {
+            kind: Some(worker_message::Kind::Output(StepOutput {
+                step_id: start.step_id,
+                seq: bad_seq,
+                stream: 1,
+                data: bytes::Bytes::from_static(b"never shown"),
+            })),
+        };
+        s.stream
+            .send(bytes::Bytes::from(out.encode_to_vec()))
+            .await
+            .unwrap();
+        // The master closes the session instead of storing the chunk.
+        within("the master to close the session", async {
+            while let Some(Ok(_)) = s.stream.next().await {}
+        })
+        .await;
+    }
+    // A real worker then runs the build to its end; nothing bad was stored.
+    let mut events = m.master.builds().subscribe();
+    let _w = worker(&m, "w1", "w1-pw");
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "success");
+    assert_eq!(log_text(&m, ended[0].0, 0).await, "hello\n");
+    m.stop().await;
+}

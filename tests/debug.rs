@@ -503,3 +503,24 @@ async fn console_cmd(
     .await?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
+
+#[tokio::test]
+async fn force_fields_have_the_limits_of_a_change() {
+    let (m, _w) = start().await;
+    let long = "b".repeat(2000);
+    let err = debug(
+        &m,
+        "admin",
+        "admin-pw",
+        &["force", "quick", "--branch", &long],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("--branch") && err.contains("over the limit of 1024"),
+        "{err}"
+    );
+    // The console still works, and `builds` replies stay small.
+    debug(&m, "admin", "admin-pw", &["builds"]).await.unwrap();
+    m.stop().await;
+}

@@ -283,6 +283,15 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     }
     bm.wake();
 
+    // The next output sequence number expected of each step: 1 for a step
+    // sent on this session, one past what the master acknowledged for a
+    // step re-attached. A chunk below it is a replay (stored once); above
+    // it, a gap: the worker is broken, and the session ends.
+    let mut expected: HashMap<Vec<u8>, u64> = hello
+        .steps
+        .iter()
+        .map(|h| (h.step_id.clone(), h.acked_seq.saturating_add(1)))
+        .collect();
     let mut logs = LogBatcher::new(bm.inner.state.clone());
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,7 +340,17 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                 };
                 match kind {
                     worker_message::Kind::Output(o) => match link.row_of(&o.step_id) {
-                        Some(row) => flush_now = logs.push(row, o),
+                        Some(row) => {
+                            let next = expected.entry(o.step_id.clone()).or_insert(1);
+                            if o.seq == 0 || o.seq > i64::MAX as u64 || o.seq > *next {
+                                tracing::warn!(worker = %name, %peer, seq = o.seq, expected = *next, "the worker sent an output chunk out of sequence; closing its session");
+                                break 'session format!("output chunk {} out of sequence (expected {})", o.seq, next);
+                            }
+                            if o.seq == *next {
+                                *next += 1;
+                            }
+                            flush_now = logs.push(row, o)
+                        }
                         None => {
                             // A step whose build has ended: let the worker forget the chunk.
                             if let Err(e) = sink.send(encode(ack(o.step_id, o.seq, false))).await {
@@ -346,6 +365,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                             break 'session why;
                         }
                         let pending = link.slots.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
+                        expected.remove(&f.step_id);
                         let (step_id, last) = (f.step_id.clone(), f.last_seq);
                         if let Some(p) = pending {
                             let _ = p.done.send(f);

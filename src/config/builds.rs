@@ -166,6 +166,10 @@ fn safe_relative(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// The longest step timeout (a longer one is a typo, and would overflow
+/// the milliseconds it is sent in).
+pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A name a step's environment may hold: not empty, no `=`, no NUL.
 pub(crate) fn valid_env_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['=', '\0'])
@@ -322,12 +326,33 @@ pub(crate) fn validate(
             };
             let workdir = match &s.workdir {
                 None => None,
-                Some(w) if safe_relative(w.get_ref()) => Some(w.get_ref().clone()),
+                // Normalised: `./././x/.` is `x`, and `.` is the builder's
+                // directory itself.
+                Some(w) if safe_relative(w.get_ref()) => {
+                    let parts: Vec<&str> = Path::new(w.get_ref())
+                        .components()
+                        .filter_map(|c| match c {
+                            Component::Normal(p) => p.to_str(),
+                            _ => None,
+                        })
+                        .collect();
+                    (!parts.is_empty()).then(|| parts.join("/"))
+                }
                 Some(w) => return c.err(w.span(), "builder.step.workdir", format_args!("`{}` must be a relative path inside the builder's directory (no `..`, not absolute)", w.get_ref())),
             };
             let timeout = match &s.timeout {
                 None => None,
-                Some(_) => Some(c.duration(&s.timeout, "builder.step.timeout", Duration::ZERO)?),
+                Some(t) => {
+                    let d = c.duration(&s.timeout, "builder.step.timeout", Duration::ZERO)?;
+                    if d < Duration::from_millis(1) || d > MAX_STEP_TIMEOUT {
+                        return c.err(
+                            t.span(),
+                            "builder.step.timeout",
+                            format_args!("`{}` is out of range: from 1ms to 365 days", t.get_ref()),
+                        );
+                    }
+                    Some(d)
+                }
             };
             let on_lost = match &s.on_lost {
                 None => OnLost::Fail,
@@ -452,6 +477,41 @@ repository = "r"
         assert!(c.schedulers["s"].matches("r", "main"));
         assert!(!c.schedulers["s"].matches("r", "dev"));
         assert!(!c.schedulers["s"].matches("other", "main"));
+    }
+
+    #[test]
+    fn numbers_and_paths_out_of_range_are_config_errors() {
+        let step = |extra: &str| {
+            format!(
+                "[[worker]]\nname = \"w\"\n[[builder]]\nname = \"b\"\nworkers = [\"w\"]\n[[builder.step]]\nname = \"x\"\nshell = \"a\"\n{extra}\n"
+            )
+        };
+        for (extra, key) in [
+            ("timeout = \"500us\"", "builder.step.timeout"),
+            ("timeout = \"10000years\"", "builder.step.timeout"),
+        ] {
+            let e = parse(&step(extra)).unwrap_err();
+            assert!(e.contains("m.toml:11:") && e.contains(key), "{e}");
+        }
+        for (line, key) in [
+            ("sniff_timeout = \"10ms\"", "master.sniff_timeout"),
+            ("handshake_timeout = \"1ms\"", "master.handshake_timeout"),
+            ("heartbeat_interval = \"99ms\"", "master.heartbeat_interval"),
+        ] {
+            let e = Config::parse(Path::new("m.toml"), &format!("{BASE}{line}\n")).unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains("m.toml:3:") && e.contains(key) && e.contains("at least"),
+                "{e}"
+            );
+        }
+        let e = parse("[[worker]]\nname = \"w\"\nenv = { \"A=B\" = \"x\" }\n").unwrap_err();
+        assert!(e.contains("worker.env"), "{e}");
+        // A workdir of `.`s is normalised, not failing later on the worker.
+        let c = parse(&step("workdir = \"./././x/.\"")).unwrap();
+        assert_eq!(c.builders["b"].steps[0].workdir.as_deref(), Some("x"));
+        let c = parse(&step("workdir = \"./.\"")).unwrap();
+        assert_eq!(c.builders["b"].steps[0].workdir, None);
     }
 
     #[test]

@@ -274,6 +274,21 @@ impl DebugApi {
         if req.builder.is_empty() {
             return Err(DebugError::Invalid("force needs a builder name".into()));
         }
+        // The limits of a pushed change's fields apply to a forced one.
+        let max = crate::grpc::change_source::ChangeLimits::default().max_field;
+        for (field, value) in [
+            ("builder", &req.builder),
+            ("branch", &req.branch),
+            ("revision", &req.revision),
+            ("repository", &req.repository),
+        ] {
+            if value.len() > max {
+                return Err(DebugError::Invalid(format!(
+                    "force: --{field} is {} bytes, over the limit of {max}",
+                    value.len()
+                )));
+            }
+        }
         let id = self
             .builds
             .force(
