@@ -432,6 +432,9 @@ fn main() -> ExitCode {
             json,
             command,
         } => login.password().and_then(|pw| {
+            // `--json` counts wherever it is on the line.
+            let json = json || command.iter().any(|w| w == "--json");
+            let command: Vec<String> = command.into_iter().filter(|w| w != "--json").collect();
             let creds = Credentials::new(&login.user, pw);
             let saved = DeviceTokenFile::new(&login.master, &login.user);
             creds.set_device_token(saved.load());

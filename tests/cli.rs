@@ -687,3 +687,65 @@ async fn a_refused_flood_is_logged_once_per_address() {
     }
     assert_eq!(more, 0, "a flood of 50 refusals must make one log line");
 }
+
+#[test]
+fn the_interactive_console_logs_in_again_after_a_master_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin: UserSpec = ("admin", "admin-pw", &["debug"]);
+    std::fs::write(
+        dir.path().join("master.toml"),
+        config_text("", &[admin]).replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[admin])).unwrap();
+    let (first, addr) = master_process(dir.path());
+    let mut console = Command::new(BIN)
+        .args(["debug", "--master", &addr, "--user", "admin"])
+        .env("SWITCHYARD_PASSWORD", "admin-pw")
+        .env("HOME", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = console.stdin.take().unwrap();
+    let stdout = console.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_status = |lines: &mpsc::Receiver<String>| {
+        let deadline = Instant::now() + WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Ok(l) = lines.recv_timeout(left)
+                && l.contains("workers connected")
+            {
+                return;
+            }
+        }
+        panic!("no status answer");
+    };
+    stdin.write_all(b"status\n").unwrap();
+    wait_status(&lines);
+    drop(first); // killed
+    let (_second, _) = master_process(dir.path());
+    stdin.write_all(b"status\n").unwrap();
+    wait_status(&lines);
+    stdin.write_all(b"quit\n").unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = console.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the console did not quit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+}

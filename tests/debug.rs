@@ -524,3 +524,26 @@ async fn force_fields_have_the_limits_of_a_change() {
     debug(&m, "admin", "admin-pw", &["builds"]).await.unwrap();
     m.stop().await;
 }
+
+#[tokio::test]
+async fn console_options_that_would_do_nothing_are_errors_and_json_goes_anywhere() {
+    let (m, _w) = start().await;
+    for (args, expected) in [
+        (&["watch", "--limit", "3"][..], "takes no option --limit"),
+        (&["builds", "--limit", "-1"][..], "from 1 to 1000"),
+        (&["builds", "--limit", "0"][..], "from 1 to 1000"),
+        (&["status", "--branch", "x"][..], "takes no option --branch"),
+        (&["builds", "--branch", "x"][..], "it takes --limit"),
+    ] {
+        let err = debug(&m, "admin", "admin-pw", args).await.unwrap_err();
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let out = debug(&m, "admin", "admin-pw", &["builds", "quick", "--json"])
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(out.trim()).expect("--json after the command");
+    assert!(v.is_array(), "{v}");
+    let help = debug(&m, "admin", "admin-pw", &["--help"]).await.unwrap();
+    assert!(help.contains("--json"), "{help}");
+    m.stop().await;
+}

@@ -34,7 +34,9 @@ commands:
   unblock ADDRESS                          forget an address's failed logins
   watch                                    live events until Ctrl-C
   reload                                   re-read the config and secrets (as SIGHUP)
-  help, quit";
+  help, quit
+
+--json (anywhere on the command line) prints one JSON value per line.";
 
 /// A console session with a master.
 pub struct Console {
@@ -68,13 +70,30 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         return Err("no command; try `help`".into());
     }
     let cmd = words.remove(0);
+    // Each command takes its own options and no other: an option that
+    // would do nothing is an error, not ignored.
+    let takes: &[&str] = match cmd.as_str() {
+        "builds" => &["--limit"],
+        "force" => &["--branch", "--revision", "--repository"],
+        _ => &[],
+    };
+    if let Some(flag) = words
+        .iter()
+        .find(|w| w.starts_with("--") && !takes.contains(&w.as_str()))
+    {
+        return Err(if takes.is_empty() {
+            format!("{cmd} takes no option {flag}; try `help`")
+        } else {
+            format!(
+                "{cmd} takes no option {flag} (it takes {}); try `help`",
+                takes.join(", ")
+            )
+        });
+    }
     let limit = take_flag(&mut words, "--limit")?;
     let branch = take_flag(&mut words, "--branch")?.unwrap_or_default();
     let revision = take_flag(&mut words, "--revision")?.unwrap_or_default();
     let repository = take_flag(&mut words, "--repository")?.unwrap_or_default();
-    if let Some(flag) = words.iter().find(|w| w.starts_with("--")) {
-        return Err(format!("unknown option {flag} for {cmd}; try `help`"));
-    }
     let n = words.len();
     let usage = |u: &str| Err(format!("usage: {u}"));
     let command = match (cmd.as_str(), n) {
@@ -83,11 +102,13 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         ("builders", 0) => C::Builders(BuildersRequest {}),
         ("builds", 0 | 1) => C::Builds(BuildsRequest {
             builder: words.first().cloned().unwrap_or_default(),
-            limit: limit
-                .map(|l| number(&l, "--limit"))
-                .transpose()?
-                .unwrap_or(0)
-                .clamp(0, 1000) as u32,
+            limit: match limit {
+                None => 0,
+                Some(l) => match number(&l, "--limit")? {
+                    n @ 1..=1000 => n as u32,
+                    _ => return Err(format!("--limit must be from 1 to 1000, not {l}")),
+                },
+            },
         }),
         ("builds", _) => return usage("builds [BUILDER] [--limit N]"),
         ("log", 1 | 2) => C::Log(LogRequest {
@@ -507,6 +528,9 @@ pub fn interactive(
             }
             _ => {}
         }
+        let json = json || words.iter().any(|w| w == "--json");
+        let words: Vec<String> = words.into_iter().filter(|w| w != "--json").collect();
+        console.json = json;
         let command = match parse(&words) {
             Ok(c) => c,
             Err(e) => {
@@ -516,6 +540,7 @@ pub fn interactive(
         };
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
+        let again = command.clone();
         let result = if matches!(command, debug_request::Command::Watch(_)) {
             // A watch of its own, on a session of its own, that Ctrl-C ends.
             rt.block_on(async {
@@ -531,11 +556,37 @@ pub fn interactive(
         } else {
             rt.block_on(console.run(command, &mut out, std::future::pending()))
         };
-        if let Err(e) = result {
+        let Err(e) = result else { continue };
+        if !(e.starts_with("lost the master") || e.starts_with("the master closed")) {
             eprintln!("error: {e}");
-            if e.starts_with("lost the master") || e.starts_with("the master closed") {
-                return Err(e);
+            continue;
+        }
+        // The master restarted, or the link dropped: log in again.
+        eprintln!("{e}; logging in again");
+        console = match rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                Console::connect(addr, creds),
+            )
+            .await
+        }) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("cannot log in again: {e}")),
+            Err(_) => return Err("cannot log in again within 30 s".into()),
+        };
+        console.json = json;
+        use debug_request::Command as C;
+        if matches!(
+            again,
+            C::Status(_) | C::Workers(_) | C::Builders(_) | C::Builds(_) | C::Log(_)
+        ) {
+            if let Err(e) = rt.block_on(console.run(again, &mut out, std::future::pending())) {
+                eprintln!("error: {e}");
             }
+        } else {
+            eprintln!(
+                "logged in again; the command may not have reached the master: check, and repeat it if needed"
+            );
         }
     }
     if let Some(h) = &history {
