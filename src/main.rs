@@ -31,6 +31,10 @@ enum Command {
         /// The master's TOML config file (try examples/master.toml).
         #[arg(long, short, value_name = "FILE", default_value = "master.toml")]
         config: PathBuf,
+        /// Write the master's process id to FILE once it listens (for
+        /// `kill -HUP $(cat FILE)`); removed when it stops.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
     },
     /// Turn a password into a verifier line for the secrets file. Reads the
     /// password from a prompt on a terminal, otherwise from the first line of
@@ -46,8 +50,8 @@ enum Command {
     /// sends under DIR, reconnect when the link drops. SIGINT or SIGTERM
     /// stop it (and its running steps).
     Worker {
-        /// The master's address.
-        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
+        /// The master's address (the port defaults to 9989).
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989", value_parser = master_address)]
         master: String,
         /// This worker's name: a [[worker]] in the master's config.
         #[arg(long)]
@@ -107,11 +111,38 @@ enum Command {
     },
 }
 
+/// A master's address as given on the command line: `HOST:PORT`, or a
+/// bare host (or IP address) for the default port 9989.
+fn master_address(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("give the master's address as HOST:PORT".into());
+    }
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    if let Ok(ip) = s.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 9989).to_string());
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(s.to_string()),
+                _ => Err(format!(
+                    "{port:?} is not a port number (in {s:?}; write HOST:PORT)"
+                )),
+            }
+        }
+        Some(_) => Err(format!("{s:?} is not HOST:PORT")),
+        None => Ok(format!("{s}:9989")),
+    }
+}
+
 /// Where and as whom a client logs in.
 #[derive(clap::Args)]
 struct Login {
-    /// The master's address.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989")]
+    /// The master's address (the port defaults to 9989).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989", value_parser = master_address)]
     master: String,
     /// The user to log in as (it must be granted the command's service).
     #[arg(long, short)]
@@ -414,10 +445,19 @@ fn main() -> ExitCode {
             println!("{}", v.encode());
             Ok(())
         }),
-        Command::Master { config } => runtime().and_then(|rt| {
-            rt.block_on(switchyard::master::run(&config))
-                .map_err(|e| e.to_string())
-        }),
+        Command::Master { config, pidfile } => {
+            if !config.exists() {
+                Err(format!(
+                    "{}: no such file; give the master's config with --config FILE (try `switchyard master --config examples/master.toml`)",
+                    config.display()
+                ))
+            } else {
+                runtime().and_then(|rt| {
+                    rt.block_on(switchyard::master::run(&config, pidfile.as_deref()))
+                        .map_err(|e| e.to_string())
+                })
+            }
+        }
         Command::Worker {
             master,
             name,

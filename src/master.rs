@@ -41,6 +41,11 @@ pub enum MasterError {
     State(#[from] StateError),
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(String),
+    #[error("cannot write the pid file {path}: {source}")]
+    Pidfile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a reload changed.
@@ -475,7 +480,7 @@ async fn read_files(path: &Path) -> Result<Loaded, ConfigError> {
 /// Runs a master from a config file until `SIGINT` or `SIGTERM`, reloading
 /// on `SIGHUP`. This is `switchyard master`.
 #[cfg(unix)]
-pub async fn run(config_path: &Path) -> Result<(), MasterError> {
+pub async fn run(config_path: &Path, pidfile: Option<&Path>) -> Result<(), MasterError> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let master = Arc::new(Master::load(config_path)?);
@@ -488,7 +493,14 @@ pub async fn run(config_path: &Path) -> Result<(), MasterError> {
     let mut int = signal(SignalKind::interrupt()).map_err(MasterError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(MasterError::Signals)?;
     let shutdown = CancellationToken::new();
-    tracing::info!(config = %config_path.display(), "switchyard master listening on {addr}");
+    let pid = std::process::id();
+    if let Some(f) = pidfile {
+        std::fs::write(f, format!("{pid}\n")).map_err(|source| MasterError::Pidfile {
+            path: f.to_path_buf(),
+            source,
+        })?;
+    }
+    tracing::info!(config = %config_path.display(), "switchyard master listening on {addr} (pid {pid}; `kill -HUP {pid}` reloads)");
 
     let signals = {
         let master = master.clone();
@@ -512,6 +524,9 @@ pub async fn run(config_path: &Path) -> Result<(), MasterError> {
     };
     master.serve(listener, shutdown).await;
     signals.abort();
+    if let Some(f) = pidfile {
+        let _ = std::fs::remove_file(f);
+    }
     tracing::info!("switchyard master stopped");
     Ok(())
 }

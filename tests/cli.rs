@@ -181,7 +181,97 @@ fn master_refuses_a_broken_config_at_start() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/master.toml: cannot read"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/master.toml: no such file") && err.contains("--config"),
+        "{err}"
+    );
+    // No --config at all, in a directory without master.toml: say how.
+    let out = Command::new(BIN)
+        .arg("master")
+        .current_dir(dir.path().join(".."))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--config FILE"), "{err}");
+    // A missing secrets file names the config line that points to it.
+    std::fs::write(
+        &config,
+        "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"gone.toml\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("master.toml:3:") && err.contains("gone.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_master_address_without_a_port_gets_9989() {
+    let out = Command::new(BIN)
+        .args(["ping", "--master", "localhost:http", "--user", "u"])
+        .env("SWITCHYARD_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a port number"),
+        "{err}"
+    );
+    // Nothing listens on 127.0.0.2:9989: the error names the address used.
+    let out = Command::new(BIN)
+        .args(["ping", "--master", "127.0.0.2", "--user", "u"])
+        .env("SWITCHYARD_PASSWORD", "x")
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot connect to 127.0.0.2:9989"), "{err}");
+}
+
+#[tokio::test]
+async fn the_master_says_its_pid_and_writes_a_pidfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[ALICE])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    let pidfile = dir.path().join("master.pid");
+    let mut child = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(&config)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut p = Proc { child, lines };
+    let line = p.wait_for_line("listening on ");
+    let pid = p.child.id();
+    assert!(line.contains(&format!("pid {pid}")), "{line}");
+    let written = std::fs::read_to_string(&pidfile).unwrap();
+    assert_eq!(written.trim(), pid.to_string());
+    p.signal("TERM");
+    assert!(p.wait_exit().success());
+    assert!(!pidfile.exists(), "the pid file is removed at a clean stop");
 }
 
 fn passwd(args: &[&str], stdin: &str) -> std::process::Output {

@@ -444,7 +444,11 @@ impl Console {
                 }
             }
             R::Log(l) => out.write_all(&l.data)?,
-            R::Force(f) => writeln!(out, "build requested (request {})", f.request_id)?,
+            R::Force(f) => writeln!(
+                out,
+                "build request {} queued (a request number, not a build number: `builds` shows the build once a worker starts it)",
+                f.request_id
+            )?,
             R::Reload(r) => writeln!(out, "reloaded: {}", r.summary)?,
             R::Stop(_) => writeln!(out, "stopping")?,
             R::Hangup(_) => writeln!(out, "hung up")?,
