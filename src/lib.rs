@@ -55,6 +55,7 @@ pub mod config;
 pub mod debug;
 pub mod dispatcher;
 pub mod grpc;
+pub mod limits;
 pub mod master;
 pub mod services;
 pub mod state;

@@ -20,7 +20,7 @@ pub use builds::{BuilderConfig, OnLost, SchedulerConfig, StepConfig, WorkerConfi
 pub use secrets::{Secrets, SecretsFileChecker};
 
 use crate::auth::ThrottleConfig;
-use crate::dispatcher::Limits;
+use crate::limits::Limits;
 
 /// Why a config or secrets file was refused.
 #[derive(Debug, thiserror::Error)]
