@@ -27,9 +27,15 @@ impl Drop for Proc {
 
 impl Proc {
     fn master(config: &std::path::Path) -> Proc {
+        Self::master_with(config, &[])
+    }
+
+    /// A master with more command-line arguments.
+    fn master_with(config: &std::path::Path, args: &[&std::ffi::OsStr]) -> Proc {
         let mut child = Command::new(BIN)
             .args(["master", "--config"])
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -86,6 +92,14 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Runs a command that must fail; returns what it said on stderr.
+fn failure(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it succeeded: {err}");
+    err
 }
 
 fn listening_addr(p: &Proc) -> String {
@@ -164,36 +178,20 @@ fn master_refuses_a_broken_config_at_start() {
     )
     .unwrap();
     std::fs::write(dir.path().join("secrets.toml"), "[verifiers]\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(Command::new(BIN).args(["master", "--config"]).arg(&config));
     assert!(
         err.contains("master.toml:3:") && err.contains("master.max_connections"),
         "{err}"
     );
 
-    let out = Command::new(BIN)
-        .args(["master", "--config", "/nonexistent/master.toml"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(Command::new(BIN).args(["master", "--config", "/nonexistent/master.toml"]));
     assert!(
         err.contains("/nonexistent/master.toml: no such file") && err.contains("--config"),
         "{err}"
     );
     // No --config at all, in a directory without master.toml: say how.
-    let out = Command::new(BIN)
-        .arg("master")
-        .current_dir(dir.path().join(".."))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let empty = tempfile::tempdir().unwrap();
+    let err = failure(Command::new(BIN).arg("master").current_dir(empty.path()));
     assert!(err.contains("--config FILE"), "{err}");
     // A missing secrets file names the config line that points to it.
     std::fs::write(
@@ -201,13 +199,7 @@ fn master_refuses_a_broken_config_at_start() {
         "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"gone.toml\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(Command::new(BIN).args(["master", "--config"]).arg(&config));
     assert!(
         err.contains("master.toml:3:") && err.contains("gone.toml"),
         "{err}"
@@ -245,25 +237,7 @@ async fn the_master_says_its_pid_and_writes_a_pidfile() {
     std::fs::write(&config, config_text("", &[ALICE])).unwrap();
     std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
     let pidfile = dir.path().join("master.pid");
-    let mut child = Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(&config)
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut p = Proc { child, lines };
+    let mut p = Proc::master_with(&config, &["--pidfile".as_ref(), pidfile.as_os_str()]);
     let line = p.wait_for_line("listening on ");
     let pid = p.child.id();
     assert!(line.contains(&format!("pid {pid}")), "{line}");
@@ -698,13 +672,7 @@ fn a_user_or_worker_without_a_verifier_stops_the_master_at_start() {
     )
     .unwrap();
     std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
-    let out = Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(Command::new(BIN).args(["master", "--config"]).arg(&config));
     assert!(
         err.contains("master.toml:11:") && err.contains("worker `w1` has no verifier"),
         "{err}"

@@ -421,15 +421,8 @@ async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
 
 #[tokio::test]
 async fn a_stranger_failing_as_the_worker_cannot_lock_it_out_of_its_reconnect() {
-    let toml = r#"
-[[builder]]
-name = "slow"
-workers = ["w1"]
-[[builder.step]]
-name = "wait"
-shell = "sleep 3; echo finished"
-"#;
-    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let toml = one_step_builder("slow", "wait", "sleep 3; echo finished");
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
     let proxy = Proxy::start(m.addr).await;
     let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
     wait_connected(&m, 1).await;
@@ -463,15 +456,8 @@ shell = "sleep 3; echo finished"
 
 #[tokio::test]
 async fn a_step_sent_to_a_dead_session_is_sent_again_not_lost() {
-    let toml = r#"
-[[builder]]
-name = "quick"
-workers = ["w1"]
-[[builder.step]]
-name = "hello"
-shell = "echo hello"
-"#;
-    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let toml = one_step_builder("quick", "hello", "echo hello");
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
     let proxy = Proxy::start(m.addr).await;
     let mut old = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
     wait_connected(&m, 1).await;

@@ -329,6 +329,13 @@ pub async fn master_with(workers: &[(&str, &str, u32)], builds_toml: &str) -> Te
     TestMaster::start_in(dir).await
 }
 
+/// A builder `name` run by `w1`, with one step `step` running `shell`.
+pub fn one_step_builder(name: &str, step: &str, shell: &str) -> String {
+    format!(
+        "\n[[builder]]\nname = {name:?}\nworkers = [\"w1\"]\n[[builder.step]]\nname = {step:?}\nshell = {shell:?}\n"
+    )
+}
+
 pub async fn wait_connected(m: &TestMaster, n: usize) {
     within("workers to connect", async {
         while m.master.builds().connected().len() < n {
