@@ -203,7 +203,9 @@ async fn bench_idle_memory(n: usize) -> (f64, u64, u64) {
     std::fs::write(
         dir.join("master.toml"),
         format!(
-            "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\nmax_connections = {}\n\n[[user]]\nname = \"bench\"\nservices = [\"ping\"]\n",
+            // Every bench client comes from 127.0.0.1: let 64 logins in
+            // flight (and their stragglers) through the per-address cap.
+            "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\nmax_connections = {}\nmax_unauthenticated_per_address = 1024\n\n[[user]]\nname = \"bench\"\nservices = [\"ping\"]\n",
             n + 100
         ),
     )
