@@ -97,6 +97,37 @@ impl Credentials {
     }
 }
 
+/// Reads a device token kept by [`save_device_token`] (none if the file is
+/// missing or empty).
+pub fn load_device_token(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// Keeps a device token for a client's next run, in a file readable by its
+/// owner alone (mode 600, replaced atomically). Best effort: a token that
+/// cannot be kept costs only the exemption from others' failed logins.
+pub fn save_device_token(path: &std::path::Path, token: &str) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()));
+    if written.is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
 /// How a client connects.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {

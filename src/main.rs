@@ -349,33 +349,12 @@ impl DeviceTokenFile {
     }
 
     fn load(&self) -> Option<String> {
-        let text = std::fs::read_to_string(self.0.as_ref()?).ok()?;
-        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+        client::load_device_token(self.0.as_ref()?)
     }
 
-    /// Best effort: a token that cannot be saved costs nothing but the
-    /// exemption.
     fn save(&self, token: Option<String>) {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let (Some(path), Some(token)) = (&self.0, token) else {
-            return;
-        };
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir);
-        }
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()));
-        if written.is_ok() {
-            let _ = std::fs::rename(&tmp, path);
+        if let (Some(path), Some(token)) = (&self.0, token) {
+            client::save_device_token(path, &token);
         }
     }
 }

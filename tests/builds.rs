@@ -9,7 +9,7 @@ use common::*;
 /// Starts a master with one worker `w1` and the builds in `toml`, pushes a
 /// change to `branch`, and returns the build it ran, once it has ended.
 async fn run_one(toml: &str, branch: &str) -> (TestMaster, Reaped, switchyard::state::BuildRecord) {
-    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
     let w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
     let mut events = m.master.builds().subscribe();
@@ -395,7 +395,7 @@ env = { SHADOWED = "by-step" }
 name = "main"
 builders = ["widgets"]
 "#;
-    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
     let _w = spawn_worker_with(
         &m,
         "w1",

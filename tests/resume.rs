@@ -451,6 +451,24 @@ async fn a_stranger_failing_as_the_worker_cannot_lock_it_out_of_its_reconnect() 
         "the worker was locked out of its reconnect"
     );
     assert_eq!(log_text(&m, ended[0].0, 0).await, "finished\n");
+    // The worker keeps its token on disk: restarted, it gets back in too,
+    // while a new client as w1 from here is still refused.
+    assert!(
+        m.dir
+            .path()
+            .join("basedir/.switchyard/device-token")
+            .exists()
+    );
+    drop(_w);
+    within("the old session to go", async {
+        while !m.master.builds().connected().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    assert!(m.login("w1", "w1-pw", "worker").await.is_err());
     m.stop().await;
 }
 

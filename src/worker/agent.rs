@@ -152,6 +152,10 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
     }
     let (events_tx, events_rx) = mpsc::channel(64);
     let creds = Arc::new(Credentials::new(opts.name.clone(), opts.password.clone()));
+    // The device token of the last login, kept across restarts of this
+    // worker: others' failed logins never keep it out (see `auth::throttle`).
+    let token_file = opts.basedir.join(".switchyard").join("device-token");
+    creds.set_device_token(client::load_device_token(&token_file));
     let mut agent = Agent {
         opts,
         creds,
@@ -184,6 +188,9 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         let why = match session {
             Ok(session) => {
                 failures = 0;
+                if let Some(t) = agent.creds.device_token() {
+                    client::save_device_token(&token_file, &t);
+                }
                 tracing::info!(master = %agent.opts.master, worker = %agent.opts.name, session = %session.session_id, "connected to the master");
                 match agent.serve(session, &shutdown).await {
                     End::Shutdown => break 'agent,
