@@ -10,6 +10,7 @@
 //! build is a task of its own ([`run`]).
 
 mod reconfig;
+pub mod properties;
 mod run;
 mod workers;
 

@@ -6,6 +6,7 @@
 //! name = "linux-1"          # logs in as this user to the service `worker`
 //! max_builds = 2            # default 1
 //! env = { CCACHE_DIR = "/var/cache/ccache" }  # every step on this worker
+//! properties = { arch = "x86_64" }              # every build on this worker
 //!
 //! [[builder]]
 //! name = "widgets"
@@ -41,6 +42,8 @@ pub(crate) struct RawWorker {
     max_builds: Option<Spanned<i64>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +88,8 @@ pub struct WorkerConfig {
     pub max_builds: usize,
     /// Variables every step on this worker gets (a step's own `env` wins).
     pub env: BTreeMap<String, String>,
+    /// Properties every build on this worker gets (source `worker`).
+    pub properties: BTreeMap<String, String>,
 }
 
 /// What happens to a step that is truly lost (its worker restarted, or did
@@ -115,7 +120,10 @@ impl OnLost {
 pub struct StepConfig {
     pub name: String,
     /// The program and its arguments (`shell = "..."` becomes `sh -c "..."`).
+    /// Each may hold `%(prop:...)s`, filled in when the step starts.
     pub argv: Vec<String>,
+    /// A `shell` step: values interpolated into its line are shell-quoted.
+    pub shell: bool,
     /// Relative to the builder's directory on the worker.
     pub workdir: Option<String>,
     pub env: BTreeMap<String, String>,
@@ -239,6 +247,7 @@ pub(crate) fn validate(
                 name: name.to_string(),
                 max_builds,
                 env,
+                properties: w.properties.clone(),
             },
         );
     }
@@ -369,8 +378,23 @@ pub(crate) fn validate(
                     }
                 },
             };
+            // Interpolations are checked now, so a typo is a config error
+            // with its line, not a failed build.
+            let templates = s
+                .command
+                .iter()
+                .flat_map(|c| c.get_ref().iter().map(move |a| (a.as_str(), c.span(), "builder.step.command")))
+                .chain(s.shell.iter().map(|sh| (sh.get_ref().as_str(), sh.span(), "builder.step.shell")))
+                .chain(s.workdir.iter().map(|w| (w.get_ref().as_str(), w.span(), "builder.step.workdir")))
+                .chain(s.env.values().map(|v| (v.as_str(), span.clone(), "builder.step.env")));
+            for (text, at, key) in templates {
+                if let Err(e) = super::template::check(text) {
+                    return c.err(at, key, e);
+                }
+            }
             steps.push(StepConfig {
                 name: sname.clone(),
+                shell: s.shell.is_some(),
                 argv,
                 workdir,
                 env: s.env.clone(),

@@ -15,6 +15,7 @@ use toml::Spanned;
 
 mod builds;
 mod secrets;
+pub mod template;
 
 pub use builds::{BuilderConfig, OnLost, SchedulerConfig, StepConfig, WorkerConfig};
 pub use secrets::{Secrets, SecretsFileChecker};
