@@ -450,10 +450,35 @@ builders = ["widgets"]
         "_",
         "OLDPWD",
     ];
+    // The build's own variables (pushed: repository widgets, branch main,
+    // revision r1).
+    let basedir = m.dir.path().join("basedir-w1");
+    for line in [
+        "SWITCHYARD_REPOSITORY=widgets".to_string(),
+        "SWITCHYARD_BRANCH=main".to_string(),
+        "SWITCHYARD_REVISION=r1".to_string(),
+        "SWITCHYARD_BUILDER=widgets".to_string(),
+        "SWITCHYARD_BUILD_NUMBER=1".to_string(),
+        format!("SWITCHYARD_BUILD_ID={}", ended[0].0),
+        "SWITCHYARD_WORKER=w1".to_string(),
+        format!("SWITCHYARD_BUILDDIR={}/widgets", basedir.display()),
+    ] {
+        assert!(log.lines().any(|l| l == line), "no {line} in:\n{log}");
+    }
+    let documented = [
+        "SWITCHYARD_REPOSITORY",
+        "SWITCHYARD_BRANCH",
+        "SWITCHYARD_REVISION",
+        "SWITCHYARD_BUILDER",
+        "SWITCHYARD_BUILD_NUMBER",
+        "SWITCHYARD_BUILD_ID",
+        "SWITCHYARD_WORKER",
+        "SWITCHYARD_BUILDDIR",
+    ];
     for l in log.lines().filter(|l| !l.starts_with("supervisor:")) {
         let name = l.split('=').next().unwrap();
         assert!(
-            allowed.contains(&name) || name.starts_with("LC_"),
+            allowed.contains(&name) || documented.contains(&name) || name.starts_with("LC_"),
             "{name} reached the step"
         );
     }

@@ -15,6 +15,7 @@ use crate::proto::{
     BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
     StepFinished, StepStartedEvent, master_message, step_finished,
 };
+use super::properties::{Properties, Source};
 use crate::state::BuildRequest;
 use tokio::sync::oneshot;
 
@@ -121,21 +122,181 @@ fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
     }
 }
 
-/// The variables a step is sent with: its worker's `[[worker]] env`, then
-/// the step's own `env` (which wins). The worker adds these to the few
+/// The build's properties: those stored with it (a build resumed after a
+/// restart keeps what it had), else made now from its sources, in order
+/// (change, scheduler, force, build, worker), and stored.
+async fn build_properties(
+    bm: &BuildMaster,
+    build: i64,
+    request: &BuildRequest,
+    builder: &str,
+    worker: &str,
+) -> Properties {
+    let state = &bm.inner.state;
+    let stored = state.build(build).await.ok().flatten();
+    let mut props = Properties::default();
+    if let Some(b) = &stored
+        && !b.properties.is_empty()
+    {
+        for (name, value, source) in &b.properties {
+            props.set(name, value, Source::parse(source).unwrap_or(Source::Step));
+        }
+        return props;
+    }
+    let r = &request.request;
+    if let Some(id) = r.change_id
+        && let Ok(Some(c)) = state.change(id).await
+    {
+        let c = c.change;
+        for (name, value) in &c.properties {
+            props.set(name, value, Source::Change);
+        }
+        for (name, value) in [
+            ("repository", &c.repository),
+            ("branch", &c.branch),
+            ("revision", &c.revision),
+            ("project", &c.project),
+            ("category", &c.category),
+            ("author", &c.author),
+            ("comments", &c.comments),
+        ] {
+            props.set(name, value, Source::Change);
+        }
+        if let Some((secs, _)) = c.when {
+            props.set("when", secs.to_string(), Source::Change);
+        }
+        props.set("files", c.files.join("\n"), Source::Change);
+        props.set("change_ids", id.to_string(), Source::Change);
+    }
+    if let Some(scheduler) = r.reason.split(" matched scheduler ").nth(1) {
+        props.set("scheduler", scheduler, Source::Scheduler);
+    }
+    if r.change_id.is_none() {
+        for (name, value) in [
+            ("repository", &r.repository),
+            ("branch", &r.branch),
+            ("revision", &r.revision),
+        ] {
+            props.set(name, value, Source::Force);
+        }
+    }
+    props.set("builder", builder, Source::Build);
+    props.set(
+        "build_number",
+        stored.as_ref().map_or(0, |b| b.number).to_string(),
+        Source::Build,
+    );
+    props.set("build_id", build.to_string(), Source::Build);
+    props.set("worker", worker, Source::Build);
+    let link = bm.link_of(worker);
+    if let Some(l) = &link
+        && !l.hello.basedir.is_empty()
+    {
+        props.set(
+            "builddir",
+            format!("{}/{builder}", l.hello.basedir.trim_end_matches('/')),
+            Source::Build,
+        );
+    }
+    if let Ok(host) = nix::unistd::gethostname() {
+        props.set("master", host.to_string_lossy(), Source::Build);
+    }
+    if let Some(w) = bm.inner.config().workers.get(worker) {
+        for (name, value) in &w.properties {
+            props.set(name, value, Source::Worker);
+        }
+    }
+    if let Some(l) = &link {
+        let h = &l.hello;
+        props.set("worker_os", &h.os, Source::Worker);
+        props.set("worker_arch", &h.arch, Source::Worker);
+        props.set("worker_hostname", &h.hostname, Source::Worker);
+        props.set("worker_cpus", h.cpus.to_string(), Source::Worker);
+    }
+    let rows = props
+        .iter()
+        .map(|(n, v, s)| (n.to_string(), v.to_string(), s.as_str().to_string()))
+        .collect();
+    if let Err(e) = state.set_build_properties(build, rows).await {
+        tracing::error!(build, error = %e, "cannot store the build's properties");
+    }
+    props
+}
+
+/// The environment variables every step gets from its build's properties.
+const PROPERTY_ENV: &[(&str, &str)] = &[
+    ("SWITCHYARD_REPOSITORY", "repository"),
+    ("SWITCHYARD_BRANCH", "branch"),
+    ("SWITCHYARD_REVISION", "revision"),
+    ("SWITCHYARD_BUILDER", "builder"),
+    ("SWITCHYARD_BUILD_NUMBER", "build_number"),
+    ("SWITCHYARD_BUILD_ID", "build_id"),
+    ("SWITCHYARD_WORKER", "worker"),
+    ("SWITCHYARD_BUILDDIR", "builddir"),
+    ("SWITCHYARD_GOT_REVISION", "got_revision"),
+];
+
+/// What a step is sent with, its properties filled in: argv (values
+/// shell-quoted in a `shell` step), workdir, and the environment: the
+/// `SWITCHYARD_*` variables, its worker's `[[worker]] env`, then the
+/// step's own `env` (which wins). The worker adds these to the few
 /// variables it passes from its own environment (see the README).
-fn step_env(
+type RenderedStep = (
+    Vec<String>,
+    String,
+    std::collections::HashMap<String, String>,
+);
+
+fn render_step(
+    step: &crate::config::StepConfig,
+    props: &Properties,
     config: &super::BuildConfig,
     worker: &str,
-    step: &std::collections::BTreeMap<String, String>,
-) -> std::collections::HashMap<String, String> {
-    let mut env: std::collections::HashMap<String, String> = config
-        .workers
-        .get(worker)
-        .map(|w| w.env.clone().into_iter().collect())
-        .unwrap_or_default();
-    env.extend(step.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env
+) -> Result<RenderedStep, String> {
+    let argv = step
+        .argv
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            // `sh -c LINE`: only LINE is a template, and its values are quoted.
+            let shell = step.shell && i == 2;
+            if step.shell && i < 2 {
+                Ok(a.clone())
+            } else {
+                props.render(a, shell)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let workdir = match &step.workdir {
+        None => String::new(),
+        Some(w) => {
+            let w = props.render(w, false).map_err(|e| e.to_string())?;
+            let inside = std::path::Path::new(&w).components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            });
+            if !inside {
+                return Err(format!(
+                    "workdir {w:?} is not a relative path inside the builder's directory"
+                ));
+            }
+            w
+        }
+    };
+    let mut env: std::collections::HashMap<String, String> = PROPERTY_ENV
+        .iter()
+        .filter_map(|(var, prop)| Some((var.to_string(), props.get(prop)?.to_string())))
+        .collect();
+    if let Some(w) = config.workers.get(worker) {
+        env.extend(w.env.clone());
+    }
+    for (k, v) in &step.env {
+        env.insert(k.clone(), props.render(v, false).map_err(|e| e.to_string())?);
+    }
+    Ok((argv, workdir, env))
 }
 
 /// Where a build picks up: from its first step, or (after the master
@@ -186,6 +347,7 @@ pub(super) async fn run_build(
     let mut in_flight = resume.in_flight;
     let mut recoveries = 0u32;
     let mut position = resume.position;
+    let props = build_properties(bm, build, &request, &builder.name, &worker).await;
     while position < builder.steps.len() {
         let step = &builder.steps[position];
         let carried = in_flight.take();
@@ -245,13 +407,42 @@ pub(super) async fn run_build(
             step: step.name.clone(),
             attempt,
         }));
+        let (argv, workdir, env) = match render_step(step, &props, &inner.config(), &worker) {
+            Ok(r) => r,
+            Err(why) => {
+                // The step cannot be what it says: it fails, with why.
+                slots
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&step_id[..]);
+                let detail = format!("cannot start: {why}");
+                if let Err(e) = inner
+                    .state
+                    .finish_step(row, "failure", None, None, &detail)
+                    .await
+                {
+                    tracing::error!(build, error = %e, "cannot record a step's end");
+                }
+                tracing::info!(build, step = %step.name, detail = %detail, "step failed before it started");
+                inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
+                    build,
+                    step: step.name.clone(),
+                    attempt,
+                    result: "failure".into(),
+                    detail,
+                }));
+                outcome = "failure";
+                break;
+            }
+        };
         let start = StartStep {
             step_id: step_id.to_vec(),
             builder: builder.name.clone(),
             name: step.name.clone(),
-            argv: step.argv.clone(),
-            env: step_env(&inner.config(), &worker, &step.env),
-            workdir: step.workdir.clone().unwrap_or_default(),
+            argv,
+            env,
+            workdir,
             timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         };
         // A step carried over from before a restart is already running (or

@@ -156,6 +156,8 @@ fn opt_ms(ms: i64) -> Value {
 pub fn build_json(b: &BuildDetails) -> Value {
     json!({
         "id": b.id,
+        "number": b.number,
+        "properties": b.properties.iter().map(|p| (p.name.clone(), json!({"value": p.value, "source": p.source}))).collect::<serde_json::Map<String, Value>>(),
         "builder": b.builder,
         "worker": b.worker,
         "result": opt_str(&b.result),

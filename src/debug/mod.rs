@@ -75,6 +75,16 @@ fn build_details(b: BuildRecord) -> BuildDetails {
         repository: b.repository,
         branch: b.branch,
         revision: b.revision,
+        number: b.number,
+        properties: b
+            .properties
+            .into_iter()
+            .map(|(name, value, source)| crate::proto::Property {
+                name,
+                value,
+                source,
+            })
+            .collect(),
         started_unix_ms: b.started_ms,
         finished_unix_ms: b.finished_ms.unwrap_or(0),
         steps: b

@@ -57,6 +57,22 @@ CREATE TABLE log_chunks (
 );
 ";
 
+/// Build numbers per builder (1, 2, 3 …, never reused) and build
+/// properties with their sources.
+pub(super) const MIGRATION_3: &str = "
+ALTER TABLE builds ADD COLUMN number INTEGER;
+UPDATE builds SET number = (SELECT COUNT(*) FROM builds b2 WHERE b2.builder = builds.builder AND b2.id <= builds.id);
+CREATE TABLE builder_numbers (builder TEXT PRIMARY KEY, last INTEGER NOT NULL);
+INSERT INTO builder_numbers (builder, last) SELECT builder, MAX(number) FROM builds GROUP BY builder;
+CREATE TABLE build_properties (
+    build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (build_id, name)
+);
+";
+
 /// A build request to create.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NewRequest {
@@ -108,6 +124,10 @@ pub struct BuildRecord {
     pub started_ms: i64,
     pub finished_ms: Option<i64>,
     pub result: Option<String>,
+    /// Per builder: 1, 2, 3 …, never reused.
+    pub number: i64,
+    /// (name, value, source), by name.
+    pub properties: Vec<(String, String, String)>,
     pub steps: Vec<StepRecord>,
 }
 
@@ -148,7 +168,18 @@ fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>
     .collect()
 }
 
-const BUILD_COLUMNS: &str = "b.id, b.request_id, b.builder, b.worker, r.reason, r.repository, r.branch, r.revision, b.started_ms, b.finished_ms, b.result";
+const BUILD_COLUMNS: &str = "b.id, b.request_id, b.builder, b.worker, r.reason, r.repository, r.branch, r.revision, b.started_ms, b.finished_ms, b.result, COALESCE(b.number, 0)";
+
+fn load_properties(
+    conn: &Connection,
+    build: i64,
+) -> rusqlite::Result<Vec<(String, String, String)>> {
+    conn.prepare_cached(
+        "SELECT name, value, source FROM build_properties WHERE build_id = ?1 ORDER BY name",
+    )?
+    .query_map([build], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+    .collect()
+}
 
 fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
     Ok(BuildRecord {
@@ -163,6 +194,8 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
         started_ms: r.get(8)?,
         finished_ms: r.get(9)?,
         result: r.get(10)?,
+        number: r.get(11)?,
+        properties: Vec::new(),
         steps: Vec::new(),
     })
 }
@@ -226,13 +259,37 @@ impl StateDb {
                 .query_row("SELECT builder FROM build_requests WHERE id = ?1 AND build_id IS NULL", [request], |r| r.get(0))
                 .optional()?;
             let Some(builder) = builder else { return Ok(None) };
+            let number: i64 = conn.query_row(
+                "INSERT INTO builder_numbers (builder, last) VALUES (?1, 1)
+                 ON CONFLICT (builder) DO UPDATE SET last = last + 1 RETURNING last",
+                [&builder],
+                |r| r.get(0),
+            )?;
             conn.execute(
-                "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![request, builder, worker, now_ms()],
+                "INSERT INTO builds (request_id, builder, worker, started_ms, number) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![request, builder, worker, now_ms(), number],
             )?;
             let build = conn.last_insert_rowid();
             conn.execute("UPDATE build_requests SET build_id = ?1 WHERE id = ?2", params![build, request])?;
             Ok(Some(build))
+        })
+        .await
+    }
+
+    /// Stores properties of a build (replacing any of the same name).
+    pub async fn set_build_properties(
+        &self,
+        build: i64,
+        properties: Vec<(String, String, String)>,
+    ) -> Result<(), StateError> {
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "INSERT OR REPLACE INTO build_properties (build_id, name, value, source) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (name, value, source) in &properties {
+                stmt.execute(params![build, name, value, source])?;
+            }
+            Ok(())
         })
         .await
     }
@@ -321,6 +378,7 @@ impl StateDb {
                 .collect::<rusqlite::Result<_>>()?;
             for b in &mut builds {
                 b.steps = load_steps(conn, b.id)?;
+                b.properties = load_properties(conn, b.id)?;
             }
             Ok(builds)
         })
@@ -341,6 +399,7 @@ impl StateDb {
                 .collect::<rusqlite::Result<_>>()?;
             for b in &mut builds {
                 b.steps = load_steps(conn, b.id)?;
+                b.properties = load_properties(conn, b.id)?;
             }
             Ok(builds)
         })
@@ -352,6 +411,7 @@ impl StateDb {
             let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
             let Some(mut b) = conn.prepare_cached(&sql)?.query_row([id], build_row).optional()? else { return Ok(None) };
             b.steps = load_steps(conn, b.id)?;
+            b.properties = load_properties(conn, b.id)?;
             Ok(Some(b))
         })
         .await
@@ -395,6 +455,7 @@ impl StateDb {
                 [&builder],
             )?;
             conn.execute("DELETE FROM steps WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
+            conn.execute("DELETE FROM build_properties WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
             let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
             conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
             Ok(builds)

@@ -112,6 +112,7 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (change_id, name)
      );",
     builds::MIGRATION_2,
+    builds::MIGRATION_3,
 ];
 
 /// The schema version this build writes.

@@ -121,6 +121,7 @@ fn hello_info(steps: Vec<HeldStep>) -> WorkerHello {
             .unwrap_or(1),
         version: env!("CARGO_PKG_VERSION").to_string(),
         steps,
+        basedir: String::new(),
     }
 }
 
@@ -283,9 +284,13 @@ impl Agent {
         let (mut sink, mut stream) = session.stream.split();
         let lost = |e: std::io::Error| End::Lost(format!("link failed: {e}"));
         if let Err(e) = sink
-            .send(frame(worker_message::Kind::Hello(hello_info(
-                self.held_list(),
-            ))))
+            .send(frame(worker_message::Kind::Hello(WorkerHello {
+                basedir: std::path::absolute(&self.opts.basedir)
+                    .unwrap_or_else(|_| self.opts.basedir.clone())
+                    .to_string_lossy()
+                    .into_owned(),
+                ..hello_info(self.held_list())
+            })))
             .await
         {
             return lost(e);
