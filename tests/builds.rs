@@ -579,3 +579,106 @@ async fn output_chunks_out_of_sequence_close_the_workers_session() {
     assert_eq!(log_text(&m, ended[0].0, 0).await, "hello\n");
     m.stop().await;
 }
+
+const PROPERTIES: &str = r#"
+[worker.properties]
+arch = "x86_64"
+
+[[builder]]
+name = "props"
+workers = ["w1"]
+[[builder.step]]
+name = "shell"
+shell = "echo branch=%(prop:branch)s; echo default=%(prop:nope:-dflt)s plus=%(prop:arch:+set)s date=+%Y"
+[[builder.step]]
+name = "command"
+command = ["printf", "%s|%s\n", "b=%(prop:branch)s", "%(prop:ticket)s"]
+[[builder.step]]
+name = "envvar"
+shell = "echo $FROM_PROP"
+env = { FROM_PROP = "%(prop:arch)s-%(prop:builder)s" }
+[[builder.step]]
+name = "missing"
+shell = "echo %(prop:undefined_thing)s"
+[[builder.step]]
+name = "never"
+shell = "touch never-ran"
+
+[[scheduler]]
+name = "all"
+builders = ["props"]
+"#;
+
+#[tokio::test]
+async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
+    let m = master_with(&[("w1", "w1-pw", 1)], PROPERTIES).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let evil = "x';touch pwned;'";
+    push_change(
+        &m,
+        switchyard::proto::Change {
+            repository: "widgets".into(),
+            branch: evil.into(),
+            revision: "abc".into(),
+            // Later sources win: the build names its builder, the worker its arch.
+            properties: [
+                ("ticket".to_string(), "T-1".to_string()),
+                ("builder".to_string(), "from-change".to_string()),
+                ("arch".to_string(), "from-change".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(
+        ended[0].1, "failure",
+        "the step with a missing property fails"
+    );
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    // A branch that would run a command if it were not quoted is text.
+    assert_eq!(
+        log_text(&m, b.id, 0).await,
+        format!("branch={evil}\ndefault=dflt plus=set date=+%Y\n")
+    );
+    let dir = m.dir.path().join("basedir-w1/props");
+    assert!(
+        !dir.join("pwned").exists(),
+        "an interpolated value ran as a command"
+    );
+    assert_eq!(log_text(&m, b.id, 1).await, format!("b={evil}|T-1\n"));
+    assert_eq!(log_text(&m, b.id, 2).await, "x86_64-props\n");
+    // The missing property fails its step, naming it; later steps do not run.
+    let missing = &b.steps[3];
+    assert_eq!(missing.result.as_deref(), Some("failure"));
+    assert!(
+        missing.detail.contains("undefined_thing"),
+        "{}",
+        missing.detail
+    );
+    assert_eq!(b.steps.len(), 4);
+    assert!(!dir.join("never-ran").exists());
+    // Stored with their sources; later sources win.
+    let prop = |name: &str| {
+        b.properties
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, s)| (v.as_str(), s.as_str()))
+    };
+    assert_eq!(prop("branch"), Some((evil, "change")));
+    assert_eq!(prop("ticket"), Some(("T-1", "change")));
+    assert_eq!(prop("scheduler"), Some(("all", "scheduler")));
+    assert_eq!(prop("builder"), Some(("props", "build")));
+    assert_eq!(prop("build_number"), Some(("1", "build")));
+    assert_eq!(prop("arch"), Some(("x86_64", "worker")));
+    assert_eq!(prop("worker_os"), Some((std::env::consts::OS, "worker")));
+    // Numbers go on per builder.
+    push(&m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    let b2 = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b2.number, 2);
+    m.stop().await;
+}

@@ -138,6 +138,12 @@ async fn force_status_builds_log_and_json_from_the_console() {
     assert_eq!(b["steps"].as_array().unwrap().len(), 2);
     assert_eq!(b["steps"][1]["name"], "more");
     assert_eq!(b["steps"][1]["result"], "success");
+    // Its properties, each with its source, and its number.
+    assert_eq!(b["number"], 1);
+    assert_eq!(b["properties"]["branch"]["value"], "main");
+    assert_eq!(b["properties"]["branch"]["source"], "force");
+    assert_eq!(b["properties"]["build_number"]["value"], "1");
+    assert_eq!(b["properties"]["worker"]["source"], "build");
 
     // Human output too.
     let text = debug(&m, "admin", "admin-pw", &["builds"]).await.unwrap();

@@ -9,8 +9,8 @@
 //! arrive through the `worker` service ([`BuildMaster::serve_worker`]); each
 //! build is a task of its own ([`run`]).
 
-mod reconfig;
 pub mod properties;
+mod reconfig;
 mod run;
 mod workers;
 

@@ -96,6 +96,9 @@ mod tests {
         p.set("branch", "ignored", Source::Change);
         assert_eq!(p.get("branch"), Some("release"));
         assert_eq!(p.render("b=%(prop:branch)s", false).unwrap(), "b=release");
-        assert_eq!(p.render("echo %(prop:branch)s", true).unwrap(), "echo 'release'");
+        assert_eq!(
+            p.render("echo %(prop:branch)s", true).unwrap(),
+            "echo 'release'"
+        );
     }
 }

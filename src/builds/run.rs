@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::properties::{Properties, Source};
 use super::workers::{PendingStep, WorkerSlots};
 use super::{BuildMaster, StopSignal, debug_event};
 use crate::config::{BuilderConfig, OnLost};
@@ -15,7 +16,6 @@ use crate::proto::{
     BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
     StepFinished, StepStartedEvent, master_message, step_finished,
 };
-use super::properties::{Properties, Source};
 use crate::state::BuildRequest;
 use tokio::sync::oneshot;
 
@@ -294,7 +294,10 @@ fn render_step(
         env.extend(w.env.clone());
     }
     for (k, v) in &step.env {
-        env.insert(k.clone(), props.render(v, false).map_err(|e| e.to_string())?);
+        env.insert(
+            k.clone(),
+            props.render(v, false).map_err(|e| e.to_string())?,
+        );
     }
     Ok((argv, workdir, env))
 }

@@ -383,10 +383,26 @@ pub(crate) fn validate(
             let templates = s
                 .command
                 .iter()
-                .flat_map(|c| c.get_ref().iter().map(move |a| (a.as_str(), c.span(), "builder.step.command")))
-                .chain(s.shell.iter().map(|sh| (sh.get_ref().as_str(), sh.span(), "builder.step.shell")))
-                .chain(s.workdir.iter().map(|w| (w.get_ref().as_str(), w.span(), "builder.step.workdir")))
-                .chain(s.env.values().map(|v| (v.as_str(), span.clone(), "builder.step.env")));
+                .flat_map(|c| {
+                    c.get_ref()
+                        .iter()
+                        .map(move |a| (a.as_str(), c.span(), "builder.step.command"))
+                })
+                .chain(
+                    s.shell
+                        .iter()
+                        .map(|sh| (sh.get_ref().as_str(), sh.span(), "builder.step.shell")),
+                )
+                .chain(
+                    s.workdir
+                        .iter()
+                        .map(|w| (w.get_ref().as_str(), w.span(), "builder.step.workdir")),
+                )
+                .chain(
+                    s.env
+                        .values()
+                        .map(|v| (v.as_str(), span.clone(), "builder.step.env")),
+                );
             for (text, at, key) in templates {
                 if let Err(e) = super::template::check(text) {
                     return c.err(at, key, e);
@@ -531,6 +547,12 @@ repository = "r"
         }
         let e = parse("[[worker]]\nname = \"w\"\nenv = { \"A=B\" = \"x\" }\n").unwrap_err();
         assert!(e.contains("worker.env"), "{e}");
+        // A malformed interpolation is an error at its line.
+        let e = parse("[[worker]]\nname = \"w\"\n[[builder]]\nname = \"b\"\nworkers = [\"w\"]\n[[builder.step]]\nname = \"x\"\nshell = \"echo %(prop:branch\"\n").unwrap_err();
+        assert!(
+            e.contains("m.toml:10:") && e.contains("builder.step.shell") && e.contains("malformed"),
+            "{e}"
+        );
         // A workdir of `.`s is normalised, not failing later on the worker.
         let c = parse(&step("workdir = \"./././x/.\"")).unwrap();
         assert_eq!(c.builders["b"].steps[0].workdir.as_deref(), Some("x"));

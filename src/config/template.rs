@@ -51,6 +51,12 @@ fn parse(template: &str) -> Result<Vec<Piece<'_>>, TemplateError> {
             });
         };
         let body = &rest[body_start..body_start + close];
+        if body.contains("%(") {
+            return Err(TemplateError::Malformed {
+                at,
+                why: "no closing `)s` before the next `%(`",
+            });
+        }
         let (kind, spec) = body.split_once(':').ok_or(TemplateError::Malformed {
             at,
             why: "expected `prop:` or `secret:`",
@@ -156,7 +162,10 @@ mod tests {
         assert_eq!(render("%(prop:branch:+yes)s", p, false).unwrap(), "yes");
         assert_eq!(render("%(prop:nope:+yes)s", p, false).unwrap(), "");
         assert_eq!(render("date +%Y 100%", p, false).unwrap(), "date +%Y 100%");
-        assert_eq!(render("%%(prop:branch)s", p, false).unwrap(), "%(prop:branch)s");
+        assert_eq!(
+            render("%%(prop:branch)s", p, false).unwrap(),
+            "%(prop:branch)s"
+        );
         assert_eq!(
             render("%(prop:nope)s", p, false),
             Err(TemplateError::Missing("nope".into()))
@@ -169,7 +178,13 @@ mod tests {
 
     #[test]
     fn malformed_templates_are_refused() {
-        for bad in ["%(prop:x", "%(x)s", "%(prop:)s", "%(prop:a:b)s", "%(env:HOME)s"] {
+        for bad in [
+            "%(prop:x",
+            "%(x)s",
+            "%(prop:)s",
+            "%(prop:a:b)s",
+            "%(env:HOME)s",
+        ] {
             assert!(
                 matches!(check(bad), Err(TemplateError::Malformed { .. })),
                 "{bad}"

@@ -346,6 +346,20 @@ pub async fn wait_connected(m: &TestMaster, n: usize) {
 }
 
 pub async fn push(m: &TestMaster, branch: &str) -> i64 {
+    push_change(
+        m,
+        switchyard::proto::Change {
+            repository: "widgets".into(),
+            branch: branch.into(),
+            revision: "r1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Pushes `change` as the `hook` user; returns its id.
+pub async fn push_change(m: &TestMaster, change: switchyard::proto::Change) -> i64 {
     let mut conn = switchyard::grpc::client::ChangeSourceConnection::connect(
         &m.addr.to_string(),
         "hook",
@@ -353,12 +367,6 @@ pub async fn push(m: &TestMaster, branch: &str) -> i64 {
     )
     .await
     .unwrap();
-    let change = switchyard::proto::Change {
-        repository: "widgets".into(),
-        branch: branch.into(),
-        revision: "r1".into(),
-        ..Default::default()
-    };
     within("a push", conn.push(change)).await.unwrap()
 }
 
