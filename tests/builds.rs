@@ -682,3 +682,115 @@ async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
     assert_eq!(b2.number, 2);
     m.stop().await;
 }
+
+/// Runs git in `cwd` as Ada, with the hook's settings for `m`.
+fn git(m: &TestMaster, cwd: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=Ada", "-c", "user.email=ada@example.org"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(cwd)
+        .env("SWITCHYARD_MASTER", m.addr.to_string())
+        .env("SWITCHYARD_USER", "hook")
+        .env("SWITCHYARD_PASSWORD", "hook-pw")
+        .env("SWITCHYARD_REPOSITORY", m.dir.path().join("widgets.git"))
+        .env("SWITCHYARD", BIN)
+        .env("HOME", m.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const CHECKOUT: &str = r#"
+[[builder]]
+name = "widgets"
+workers = ["w1"]
+[[builder.step]]
+name = "checkout"
+git = { repository = "%(prop:repository)s", mode = "full" }
+[[builder.step]]
+name = "check"
+shell = "git rev-parse HEAD; echo got=$SWITCHYARD_GOT_REVISION; ./check.sh"
+
+[[scheduler]]
+name = "main"
+builders = ["widgets"]
+branches = ["main"]
+"#;
+
+// Multi-threaded: git runs blocking here while its hook talks to the
+// in-process master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
+    let m = master_with(&[("w1", "w1-pw", 1)], CHECKOUT).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    // A bare repository with the example hook, and one push of two commits:
+    // the first breaks check.sh, the second fixes it.
+    let bare = m.dir.path().join("widgets.git");
+    let work = m.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(
+        &m,
+        m.dir.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"),
+        bare.join("hooks/post-receive"),
+    )
+    .unwrap();
+    git(&m, &work, &["init", "-q"]);
+    let check = work.join("check.sh");
+    let mut revisions = Vec::new();
+    for (body, msg) in [
+        ("#!/bin/sh\nexit 1\n", "break it"),
+        ("#!/bin/sh\nexit 0\n", "fix it"),
+    ] {
+        std::fs::write(&check, body).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
+        git(&m, &work, &["add", "check.sh"]);
+        git(&m, &work, &["commit", "-q", "-m", msg]);
+        revisions.push(git(&m, &work, &["rev-parse", "HEAD"]).trim().to_string());
+    }
+    git(&m, &work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    let ended = builds_ended(&mut events, 2).await;
+    let mut builds = Vec::new();
+    for (id, _) in &ended {
+        builds.push(m.master.state().build(*id).await.unwrap().unwrap());
+    }
+    builds.sort_by_key(|b| b.number);
+    for (b, (rev, expected)) in builds
+        .iter()
+        .zip(revisions.iter().zip(["failure", "success"]))
+    {
+        assert_eq!(b.revision, *rev);
+        assert_eq!(
+            b.result.as_deref(),
+            Some(expected),
+            "build {} of {rev}",
+            b.number
+        );
+        let log = log_text(&m, b.id, 1).await;
+        assert_eq!(
+            log.lines().next(),
+            Some(rev.as_str()),
+            "build {} ran another commit: {log}",
+            b.number
+        );
+        assert!(log.contains(&format!("got={rev}")), "{log}");
+        let got = b.properties.iter().find(|(n, _, _)| n == "got_revision");
+        assert_eq!(
+            got.map(|(_, v, s)| (v.as_str(), s.as_str())),
+            Some((rev.as_str(), "step"))
+        );
+    }
+    m.stop().await;
+}

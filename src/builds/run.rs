@@ -247,12 +247,107 @@ type RenderedStep = (
     std::collections::HashMap<String, String>,
 );
 
+/// The script a git step runs on the worker (values shell-quoted): make
+/// the directory a repository when it is not one, fetch every branch, check
+/// out exactly the revision (or the head of the branch), clean in `full`
+/// mode, and print `got_revision=SHA`.
+fn git_script(g: &crate::config::GitStep, props: &Properties) -> Result<Vec<String>, String> {
+    use crate::config::template::shell_quote as q;
+    let render = |t: &str| props.render(t, false).map_err(|e| e.to_string());
+    let repository = render(&g.repository)?;
+    let branch = match &g.branch {
+        Some(b) => render(b)?,
+        None => props.get("branch").unwrap_or_default().to_string(),
+    };
+    let revision = match &g.revision {
+        Some(r) => render(r)?,
+        None => props.get("revision").unwrap_or_default().to_string(),
+    };
+    if revision.is_empty() && branch.is_empty() {
+        return Err("the git step has no revision and no branch to check out".into());
+    }
+    let depth = g.depth.map(|d| format!(" --depth {d}")).unwrap_or_default();
+    let mut script = format!(
+        "set -e\nrepo={}\nrev={}\nbranch={}\n\
+         [ -d .git ] || git init -q .\n\
+         git fetch -q --force{depth} \"$repo\" '+refs/heads/*:refs/remotes/origin/*'\n\
+         if [ -n \"$rev\" ]; then\n  \
+           git cat-file -e \"$rev^{{commit}}\" 2>/dev/null || git fetch -q{depth} \"$repo\" \"$rev\"\n  \
+           target=$rev\n\
+         else\n  target=refs/remotes/origin/$branch\nfi\n\
+         git -c advice.detachedHead=false checkout -q --force --detach \"$target\"\n",
+        q(&repository),
+        q(&revision),
+        q(&branch)
+    );
+    if g.mode == crate::config::GitMode::Full {
+        script.push_str("git clean -q -xffd\n");
+    }
+    if g.submodules {
+        script.push_str("git submodule -q update --init --recursive\n");
+    }
+    script.push_str("echo \"got_revision=$(git rev-parse HEAD)\"\n");
+    Ok(vec!["sh".into(), "-c".into(), script])
+}
+
+/// Properties a step set: `NAME=VALUE` lines of its standard output (the
+/// first MiB of it); a git step sets only `got_revision`.
+async fn properties_from_output(
+    state: &crate::state::StateDb,
+    row: i64,
+    git: bool,
+) -> Vec<(String, String)> {
+    const LIMIT: usize = 1024 * 1024;
+    let mut out = Vec::new();
+    let (mut after, mut read) = (0u64, 0usize);
+    while read < LIMIT {
+        let Ok(page) = state.log_page(row, after, 256 * 1024).await else {
+            break;
+        };
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for c in page {
+            read += c.data.len();
+            if c.stream == crate::proto::OutputStream::Stdout as i32 {
+                out.extend_from_slice(&c.data);
+            }
+        }
+    }
+    let valid = |n: &str| {
+        n.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    };
+    String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(n, _)| valid(n) && (!git || *n == "got_revision"))
+        .map(|(n, v)| (n.to_string(), v.trim_end_matches('\r').to_string()))
+        .collect()
+}
+
 fn render_step(
     step: &crate::config::StepConfig,
     props: &Properties,
     config: &super::BuildConfig,
     worker: &str,
 ) -> Result<RenderedStep, String> {
+    if let Some(g) = &step.git {
+        let argv = git_script(g, props)?;
+        let (_, workdir, env) = render_step(
+            &crate::config::StepConfig {
+                git: None,
+                argv: Vec::new(),
+                ..step.clone()
+            },
+            props,
+            config,
+            worker,
+        )?;
+        return Ok((argv, workdir, env));
+    }
     let argv = step
         .argv
         .iter()
@@ -350,7 +445,7 @@ pub(super) async fn run_build(
     let mut in_flight = resume.in_flight;
     let mut recoveries = 0u32;
     let mut position = resume.position;
-    let props = build_properties(bm, build, &request, &builder.name, &worker).await;
+    let mut props = build_properties(bm, build, &request, &builder.name, &worker).await;
     while position < builder.steps.len() {
         let step = &builder.steps[position];
         let carried = in_flight.take();
@@ -562,6 +657,19 @@ pub(super) async fn run_build(
         if judged.result != "success" {
             outcome = judged.result;
             break;
+        }
+        if step.set_properties || step.git.is_some() {
+            let set = properties_from_output(&inner.state, row, step.git.is_some()).await;
+            for (name, value) in &set {
+                props.set(name, value, Source::Step);
+            }
+            let rows = set
+                .into_iter()
+                .map(|(n, v)| (n, v, Source::Step.as_str().to_string()))
+                .collect();
+            if let Err(e) = inner.state.set_build_properties(build, rows).await {
+                tracing::error!(build, error = %e, "cannot store the properties a step set");
+            }
         }
         position += 1;
     }

@@ -67,6 +67,20 @@ pub(crate) struct RawStep {
     env: BTreeMap<String, String>,
     timeout: Option<Spanned<String>>,
     on_lost: Option<Spanned<String>>,
+    git: Option<Spanned<RawGit>>,
+    set_properties: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGit {
+    repository: String,
+    mode: Option<String>,
+    branch: Option<String>,
+    revision: Option<String>,
+    #[serde(default)]
+    submodules: bool,
+    depth: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +129,29 @@ impl OnLost {
     }
 }
 
+/// How a git step leaves its directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GitMode {
+    /// Fetch and check out; untracked files stay (fast).
+    Incremental,
+    /// Also remove everything git does not track.
+    Full,
+}
+
+/// A checkout step, run by the worker with the `git` command. Every field
+/// may hold `%(prop:...)s`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitStep {
+    pub repository: String,
+    pub mode: GitMode,
+    /// Default: the build's `branch` property.
+    pub branch: Option<String>,
+    /// Default: the build's `revision` property (then the head of the branch).
+    pub revision: Option<String>,
+    pub submodules: bool,
+    pub depth: Option<u32>,
+}
+
 /// One step of a builder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepConfig {
@@ -124,6 +161,11 @@ pub struct StepConfig {
     pub argv: Vec<String>,
     /// A `shell` step: values interpolated into its line are shell-quoted.
     pub shell: bool,
+    /// A git checkout step (its argv is made when it starts).
+    pub git: Option<GitStep>,
+    /// `set_properties = "stdout"`: `NAME=VALUE` lines of its standard output
+    /// become properties of the build for the steps after it.
+    pub set_properties: bool,
     /// Relative to the builder's directory on the worker.
     pub workdir: Option<String>,
     pub env: BTreeMap<String, String>,
@@ -303,7 +345,82 @@ pub(crate) fn validate(
                     format_args!("builder `{name}` has two steps named `{sname}`"),
                 );
             }
+            let git = match &s.git {
+                None => None,
+                Some(g) => {
+                    let raw = g.get_ref();
+                    if s.command.is_some() || s.shell.is_some() {
+                        return c.err(
+                            g.span(),
+                            "builder.step.git",
+                            format_args!(
+                                "step `{sname}` has `git` and `command` or `shell`; keep one"
+                            ),
+                        );
+                    }
+                    let mode = match raw.mode.as_deref() {
+                        None | Some("incremental") => GitMode::Incremental,
+                        Some("full") => GitMode::Full,
+                        Some(other) => {
+                            return c.err(
+                                g.span(),
+                                "builder.step.git.mode",
+                                format_args!("`{other}` is not one of incremental, full"),
+                            );
+                        }
+                    };
+                    let depth = match raw.depth {
+                        None => None,
+                        Some(d) if (1..=i64::from(u32::MAX)).contains(&d) => Some(d as u32),
+                        Some(_) => {
+                            return c.err(
+                                g.span(),
+                                "builder.step.git.depth",
+                                "must be a whole number above zero",
+                            );
+                        }
+                    };
+                    if raw.repository.trim().is_empty() {
+                        return c.err(g.span(), "builder.step.git.repository", "is empty");
+                    }
+                    for text in [
+                        Some(&raw.repository),
+                        raw.branch.as_ref(),
+                        raw.revision.as_ref(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        if let Err(e) = super::template::check(text) {
+                            return c.err(g.span(), "builder.step.git", e);
+                        }
+                    }
+                    Some(GitStep {
+                        repository: raw.repository.clone(),
+                        mode,
+                        branch: raw.branch.clone(),
+                        revision: raw.revision.clone(),
+                        submodules: raw.submodules,
+                        depth,
+                    })
+                }
+            };
+            let set_properties = match &s.set_properties {
+                None => false,
+                Some(v) if v.get_ref() == "stdout" => true,
+                Some(v) => {
+                    return c.err(
+                        v.span(),
+                        "builder.step.set_properties",
+                        format_args!(
+                            "`{}` is not \"stdout\" (the only source of step properties)",
+                            v.get_ref()
+                        ),
+                    );
+                }
+            };
             let argv = match (&s.command, &s.shell) {
+                (None, None) if git.is_some() => Vec::new(),
                 (Some(cmd), None) if !cmd.get_ref().is_empty() && !cmd.get_ref()[0].is_empty() => {
                     cmd.get_ref().clone()
                 }
@@ -329,7 +446,7 @@ pub(crate) fn validate(
                     return c.err(
                         span,
                         "builder.step",
-                        format_args!("step `{sname}` needs `command = [...]` or `shell = \"...\"`"),
+                        format_args!("step `{sname}` needs `command = [...]`, `shell = \"...\"` or `git = {{ ... }}`"),
                     );
                 }
             };
@@ -364,6 +481,8 @@ pub(crate) fn validate(
                 }
             };
             let on_lost = match &s.on_lost {
+                // A checkout cannot resume halfway: run the build again.
+                None if git.is_some() => OnLost::Restart,
                 None => OnLost::Fail,
                 Some(v) => match v.get_ref().as_str() {
                     "retry" => OnLost::Retry,
@@ -411,6 +530,8 @@ pub(crate) fn validate(
             steps.push(StepConfig {
                 name: sname.clone(),
                 shell: s.shell.is_some(),
+                git,
+                set_properties,
                 argv,
                 workdir,
                 env: s.env.clone(),

@@ -17,7 +17,9 @@ mod builds;
 mod secrets;
 pub mod template;
 
-pub use builds::{BuilderConfig, OnLost, SchedulerConfig, StepConfig, WorkerConfig};
+pub use builds::{
+    BuilderConfig, GitMode, GitStep, OnLost, SchedulerConfig, StepConfig, WorkerConfig,
+};
 pub use secrets::{Secrets, SecretsFileChecker};
 
 use crate::auth::ThrottleConfig;
