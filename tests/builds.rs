@@ -598,6 +598,13 @@ name = "envvar"
 shell = "echo $FROM_PROP"
 env = { FROM_PROP = "%(prop:arch)s-%(prop:builder)s" }
 [[builder.step]]
+name = "emit"
+shell = "echo version=1.2.3; echo not a property"
+set_properties = "stdout"
+[[builder.step]]
+name = "use"
+shell = "echo v=%(prop:version)s"
+[[builder.step]]
 name = "missing"
 shell = "echo %(prop:undefined_thing)s"
 [[builder.step]]
@@ -607,6 +614,8 @@ shell = "touch never-ran"
 [[scheduler]]
 name = "all"
 builders = ["props"]
+[scheduler.properties]
+channel = "stable"
 "#;
 
 #[tokio::test]
@@ -652,14 +661,16 @@ async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
     assert_eq!(log_text(&m, b.id, 1).await, format!("b={evil}|T-1\n"));
     assert_eq!(log_text(&m, b.id, 2).await, "x86_64-props\n");
     // The missing property fails its step, naming it; later steps do not run.
-    let missing = &b.steps[3];
+    // A step set a property for the steps after it.
+    assert_eq!(log_text(&m, b.id, 4).await, "v=1.2.3\n");
+    let missing = &b.steps[5];
     assert_eq!(missing.result.as_deref(), Some("failure"));
     assert!(
         missing.detail.contains("undefined_thing"),
         "{}",
         missing.detail
     );
-    assert_eq!(b.steps.len(), 4);
+    assert_eq!(b.steps.len(), 6);
     assert!(!dir.join("never-ran").exists());
     // Stored with their sources; later sources win.
     let prop = |name: &str| {
@@ -671,6 +682,8 @@ async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
     assert_eq!(prop("branch"), Some((evil, "change")));
     assert_eq!(prop("ticket"), Some(("T-1", "change")));
     assert_eq!(prop("scheduler"), Some(("all", "scheduler")));
+    assert_eq!(prop("channel"), Some(("stable", "scheduler")));
+    assert_eq!(prop("version"), Some(("1.2.3", "step")));
     assert_eq!(prop("builder"), Some(("props", "build")));
     assert_eq!(prop("build_number"), Some(("1", "build")));
     assert_eq!(prop("arch"), Some(("x86_64", "worker")));

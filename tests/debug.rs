@@ -113,7 +113,18 @@ async fn force_status_builds_log_and_json_from_the_console() {
     let mut events = m.master.builds().subscribe();
     let forced = json(
         &m,
-        &["force", "quick", "--branch", "main", "--revision", "abc"],
+        &[
+            "force",
+            "quick",
+            "--branch",
+            "main",
+            "--revision",
+            "abc",
+            "--property",
+            "who=ada",
+            "--property",
+            "ticket=T-9",
+        ],
     )
     .await;
     assert!(forced["request_id"].as_i64().unwrap() > 0);
@@ -144,6 +155,8 @@ async fn force_status_builds_log_and_json_from_the_console() {
     assert_eq!(b["properties"]["branch"]["source"], "force");
     assert_eq!(b["properties"]["build_number"]["value"], "1");
     assert_eq!(b["properties"]["worker"]["source"], "build");
+    assert_eq!(b["properties"]["who"]["value"], "ada");
+    assert_eq!(b["properties"]["ticket"]["source"], "force");
 
     // Human output too.
     let text = debug(&m, "admin", "admin-pw", &["builds"]).await.unwrap();

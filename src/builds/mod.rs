@@ -424,6 +424,7 @@ impl BuildMaster {
                     repository: b.repository.clone(),
                     branch: b.branch.clone(),
                     revision: b.revision.clone(),
+                    properties: Vec::new(),
                 },
                 created_ms: b.started_ms,
             };
@@ -515,6 +516,10 @@ impl BuildMaster {
                         repository: c.repository.clone(),
                         branch: c.branch.clone(),
                         revision: c.revision.clone(),
+                        properties: std::iter::once(("scheduler".to_string(), s.name.clone()))
+                            .chain(s.properties.clone())
+                            .map(|(n, v)| (n, v, "scheduler".to_string()))
+                            .collect(),
                     });
                 }
             }
@@ -536,6 +541,27 @@ impl BuildMaster {
         repository: &str,
         who: &str,
     ) -> Result<i64, BuildError> {
+        self.force_with(
+            builder,
+            branch,
+            revision,
+            repository,
+            who,
+            Default::default(),
+        )
+        .await
+    }
+
+    /// [`BuildMaster::force`] with properties (source `force`).
+    pub async fn force_with(
+        &self,
+        builder: &str,
+        branch: &str,
+        revision: &str,
+        repository: &str,
+        who: &str,
+        properties: std::collections::BTreeMap<String, String>,
+    ) -> Result<i64, BuildError> {
         if !self.inner.config().builders.contains_key(builder) {
             return Err(BuildError::UnknownBuilder(builder.to_string()));
         }
@@ -549,6 +575,10 @@ impl BuildMaster {
                 repository: repository.to_string(),
                 branch: branch.to_string(),
                 revision: revision.to_string(),
+                properties: properties
+                    .into_iter()
+                    .map(|(n, v)| (n, v, "force".to_string()))
+                    .collect(),
             }])
             .await?;
         self.wake();

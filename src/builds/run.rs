@@ -168,8 +168,8 @@ async fn build_properties(
         props.set("files", c.files.join("\n"), Source::Change);
         props.set("change_ids", id.to_string(), Source::Change);
     }
-    if let Some(scheduler) = r.reason.split(" matched scheduler ").nth(1) {
-        props.set("scheduler", scheduler, Source::Scheduler);
+    for (name, value, source) in &r.properties {
+        props.set(name, value, Source::parse(source).unwrap_or(Source::Force));
     }
     if r.change_id.is_none() {
         for (name, value) in [
@@ -177,7 +177,9 @@ async fn build_properties(
             ("branch", &r.branch),
             ("revision", &r.revision),
         ] {
-            props.set(name, value, Source::Force);
+            if !value.is_empty() {
+                props.set(name, value, Source::Force);
+            }
         }
     }
     props.set("builder", builder, Source::Build);

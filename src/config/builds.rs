@@ -92,6 +92,8 @@ pub(crate) struct RawScheduler {
     #[serde(default)]
     branches: Vec<String>,
     repository: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
 }
 
 /// A build machine.
@@ -190,6 +192,8 @@ pub struct SchedulerConfig {
     pub branches: Vec<String>,
     /// If set, only changes to this repository match.
     pub repository: Option<String>,
+    /// `[scheduler.properties]`: given to every build it makes.
+    pub properties: BTreeMap<String, String>,
 }
 
 impl SchedulerConfig {
@@ -574,6 +578,7 @@ pub(crate) fn validate(
                 builders: list,
                 branches: s.branches.clone(),
                 repository: s.repository.clone(),
+                properties: s.properties.clone(),
             },
         );
     }

@@ -27,7 +27,7 @@ commands:
   builders                                 builders, their workers, steps and queue
   builds [BUILDER] [--limit N]             recent builds with their steps
   log BUILD [STEP]                         a build's output (STEP: name or position)
-  force BUILDER [--branch B] [--revision R] [--repository R]
+  force BUILDER [--branch B] [--revision R] [--repository R] [--property NAME=VALUE]...
                                            request a build
   stop BUILD                               stop a running build
   hangup WORKER                            hang up a worker's session
@@ -74,7 +74,7 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
     // would do nothing is an error, not ignored.
     let takes: &[&str] = match cmd.as_str() {
         "builds" => &["--limit"],
-        "force" => &["--branch", "--revision", "--repository"],
+        "force" => &["--branch", "--revision", "--repository", "--property"],
         _ => &[],
     };
     if let Some(flag) = words
@@ -94,6 +94,15 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
     let branch = take_flag(&mut words, "--branch")?.unwrap_or_default();
     let revision = take_flag(&mut words, "--revision")?.unwrap_or_default();
     let repository = take_flag(&mut words, "--repository")?.unwrap_or_default();
+    let mut properties = std::collections::HashMap::new();
+    while let Some(p) = take_flag(&mut words, "--property")? {
+        match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                properties.insert(k.to_string(), v.to_string());
+            }
+            _ => return Err(format!("--property {p:?} is not NAME=VALUE")),
+        }
+    }
     let n = words.len();
     let usage = |u: &str| Err(format!("usage: {u}"));
     let command = match (cmd.as_str(), n) {
@@ -121,8 +130,13 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
             branch,
             revision,
             repository,
+            properties,
         }),
-        ("force", _) => return usage("force BUILDER [--branch B] [--revision R] [--repository R]"),
+        ("force", _) => {
+            return usage(
+                "force BUILDER [--branch B] [--revision R] [--repository R] [--property NAME=VALUE]...",
+            );
+        }
         ("stop", 1) => C::Stop(StopRequest {
             build: number(&words[0], "BUILD")?,
         }),

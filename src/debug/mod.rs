@@ -299,14 +299,32 @@ impl DebugApi {
                 )));
             }
         }
+        let limits = crate::grpc::change_source::ChangeLimits::default();
+        if req.properties.len() > limits.max_properties {
+            return Err(DebugError::Invalid(format!(
+                "force: more than {} properties",
+                limits.max_properties
+            )));
+        }
+        for (k, v) in &req.properties {
+            if k.is_empty()
+                || k.len() > limits.max_property_name
+                || v.len() > limits.max_property_value
+            {
+                return Err(DebugError::Invalid(format!(
+                    "force: property {k:?} has an empty or too long name, or too long a value"
+                )));
+            }
+        }
         let id = self
             .builds
-            .force(
+            .force_with(
                 &req.builder,
                 &req.branch,
                 &req.revision,
                 &req.repository,
                 who,
+                req.properties.into_iter().collect(),
             )
             .await?;
         tracing::info!(builder = %req.builder, request = id, by = %who, "build forced");

@@ -63,6 +63,7 @@ pub(super) const MIGRATION_3: &str = "
 ALTER TABLE builds ADD COLUMN number INTEGER;
 UPDATE builds SET number = (SELECT COUNT(*) FROM builds b2 WHERE b2.builder = builds.builder AND b2.id <= builds.id);
 CREATE TABLE builder_numbers (builder TEXT PRIMARY KEY, last INTEGER NOT NULL);
+ALTER TABLE build_requests ADD COLUMN properties TEXT NOT NULL DEFAULT '[]';
 INSERT INTO builder_numbers (builder, last) SELECT builder, MAX(number) FROM builds GROUP BY builder;
 CREATE TABLE build_properties (
     build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
@@ -82,6 +83,9 @@ pub struct NewRequest {
     pub repository: String,
     pub branch: String,
     pub revision: String,
+    /// Properties the request brings: (name, value, source), from its
+    /// scheduler or a force.
+    pub properties: Vec<(String, String, String)>,
 }
 
 /// A stored build request.
@@ -206,13 +210,14 @@ impl StateDb {
         self.write(move |conn| {
             let now = now_ms();
             let mut stmt = conn.prepare_cached(
-                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             requests
                 .iter()
                 .map(|q| {
-                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now])?;
+                    let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
+                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props])?;
                     Ok(conn.last_insert_rowid())
                 })
                 .collect()
@@ -224,10 +229,11 @@ impl StateDb {
     pub async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
         self.read(|conn| {
             conn.prepare_cached(
-                "SELECT id, builder, change_id, reason, repository, branch, revision, created_ms
+                "SELECT id, builder, change_id, reason, repository, branch, revision, created_ms, properties
                  FROM build_requests WHERE build_id IS NULL ORDER BY id",
             )?
             .query_map([], |r| {
+                let props: String = r.get(8)?;
                 Ok(BuildRequest {
                     id: r.get(0)?,
                     request: NewRequest {
@@ -237,6 +243,7 @@ impl StateDb {
                         repository: r.get(4)?,
                         branch: r.get(5)?,
                         revision: r.get(6)?,
+                        properties: serde_json::from_str(&props).unwrap_or_default(),
                     },
                     created_ms: r.get(7)?,
                 })
