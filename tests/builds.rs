@@ -807,3 +807,33 @@ async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
     }
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_file_filter_lets_only_matching_changes_build() {
+    let toml = one_step_builder("widgets", "hello", "echo hello")
+        + "\n[[scheduler]]\nname = \"code\"\nbuilders = [\"widgets\"]\nfile_filter = [\"src/**\", \"!src/generated/**\"]\n";
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let change = |files: &[&str], rev: &str| switchyard::proto::Change {
+        repository: "widgets".into(),
+        branch: "main".into(),
+        revision: rev.into(),
+        files: files.iter().map(|f| f.to_string()).collect(),
+        ..Default::default()
+    };
+    push_change(&m, change(&["docs/a.md"], "docs-only")).await;
+    push_change(&m, change(&["src/generated/x.rs"], "generated-only")).await;
+    push_change(&m, change(&["docs/a.md", "src/lib.rs"], "code")).await;
+    let ended = builds_ended(&mut events, 1).await;
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.revision, "code");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        m.master.state().builds(None, 10).await.unwrap().len(),
+        1,
+        "only the change touching src/ (outside generated/) builds"
+    );
+    m.stop().await;
+}

@@ -505,7 +505,7 @@ impl BuildMaster {
         let mut requests = Vec::new();
         for (id, c) in ids.iter().zip(changes) {
             for s in config.schedulers.values() {
-                if !s.matches(&c.repository, &c.branch) {
+                if !s.matches_change(&c.repository, &c.branch, &c.files) {
                     continue;
                 }
                 for b in &s.builders {

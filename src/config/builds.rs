@@ -94,6 +94,8 @@ pub(crate) struct RawScheduler {
     repository: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+    #[serde(default)]
+    file_filter: Vec<Spanned<String>>,
 }
 
 /// A build machine.
@@ -194,12 +196,73 @@ pub struct SchedulerConfig {
     pub repository: Option<String>,
     /// `[scheduler.properties]`: given to every build it makes.
     pub properties: BTreeMap<String, String>,
+    /// `file_filter`: only changes touching a matching file trigger.
+    pub file_filter: FileFilter,
+}
+
+/// Globs over a change's files, `!` for exclusion, the last match winning:
+/// a change triggers if one of its files is included (or it lists none).
+#[derive(Clone, Debug, Default)]
+pub struct FileFilter {
+    /// (pattern as written, whether it includes), in order.
+    patterns: Vec<(String, bool)>,
+    matchers: Vec<globset::GlobMatcher>,
+}
+
+impl PartialEq for FileFilter {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+impl Eq for FileFilter {}
+
+impl FileFilter {
+    /// Compiles the patterns; `Err` names the one that is not a glob.
+    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut f = FileFilter::default();
+        for p in patterns {
+            let (glob, include) = match p.strip_prefix('!') {
+                Some(rest) => (rest, false),
+                None => (p, true),
+            };
+            let m = globset::GlobBuilder::new(glob)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| format!("`{p}` is not a glob: {e}"))?
+                .compile_matcher();
+            f.patterns.push((p.to_string(), include));
+            f.matchers.push(m);
+        }
+        Ok(f)
+    }
+
+    /// Whether a change with these files passes the filter.
+    pub fn passes(&self, files: &[String]) -> bool {
+        if self.matchers.is_empty() || files.is_empty() {
+            return true;
+        }
+        files.iter().any(|f| {
+            self.matchers
+                .iter()
+                .zip(&self.patterns)
+                .rev()
+                .find(|(m, _)| m.is_match(f))
+                .is_some_and(|(_, (_, include))| *include)
+        })
+    }
 }
 
 impl SchedulerConfig {
     pub fn matches(&self, repository: &str, branch: &str) -> bool {
         (self.branches.is_empty() || self.branches.iter().any(|b| b == branch))
             && self.repository.as_deref().is_none_or(|r| r == repository)
+    }
+
+    /// Whether a change triggers this scheduler: its repository, branch
+    /// and files.
+    pub fn matches_change(&self, repository: &str, branch: &str, files: &[String]) -> bool {
+        self.matches(repository, branch) && self.file_filter.passes(files)
     }
 }
 
@@ -579,6 +642,15 @@ pub(crate) fn validate(
                 branches: s.branches.clone(),
                 repository: s.repository.clone(),
                 properties: s.properties.clone(),
+                file_filter: {
+                    for p in &s.file_filter {
+                        if let Err(e) = FileFilter::new([p.get_ref().as_str()]) {
+                            return c.err(p.span(), "scheduler.file_filter", e);
+                        }
+                    }
+                    FileFilter::new(s.file_filter.iter().map(|p| p.get_ref().as_str()))
+                        .unwrap_or_default()
+                },
             },
         );
     }
@@ -643,6 +715,25 @@ repository = "r"
         assert!(c.schedulers["s"].matches("r", "main"));
         assert!(!c.schedulers["s"].matches("r", "dev"));
         assert!(!c.schedulers["s"].matches("other", "main"));
+    }
+
+    #[test]
+    fn file_filters_take_the_last_match() {
+        let f =
+            super::FileFilter::new(["src/**", "!src/generated/**", "*.md", "!docs/**"]).unwrap();
+        let files = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(f.passes(&files(&["src/a.rs"])));
+        assert!(!f.passes(&files(&["src/generated/x.rs"])));
+        assert!(f.passes(&files(&["src/generated/x.rs", "src/b.rs"])));
+        assert!(!f.passes(&files(&["docs/guide.md"])));
+        assert!(f.passes(&files(&["README.md"])));
+        assert!(!f.passes(&files(&["Cargo.lock"])));
+        assert!(f.passes(&[]), "a change with no file list matches");
+        let e = parse("[[scheduler]]\nname = \"s\"\nfile_filter = [\"src/[\"]\n").unwrap_err();
+        assert!(
+            e.contains("m.toml:5:") && e.contains("scheduler.file_filter"),
+            "{e}"
+        );
     }
 
     #[test]
