@@ -837,3 +837,58 @@ async fn a_file_filter_lets_only_matching_changes_build() {
     );
     m.stop().await;
 }
+
+#[tokio::test]
+async fn collapsed_requests_make_one_build_of_the_newest_change() {
+    let toml = one_step_builder("widgets", "hello", "echo %(prop:revision)s").replacen(
+        "workers = [\"w1\"]\n",
+        "workers = [\"w1\"]\ncollapse_requests = true\n",
+        1,
+    ) + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n";
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let mut ids = Vec::new();
+    for (rev, branch) in [
+        ("a", "main"),
+        ("b", "main"),
+        ("other", "dev"),
+        ("c", "main"),
+    ] {
+        ids.push(
+            push_change(
+                &m,
+                switchyard::proto::Change {
+                    repository: "widgets".into(),
+                    branch: branch.into(),
+                    revision: rev.into(),
+                    ..Default::default()
+                },
+            )
+            .await,
+        );
+    }
+    // The worker arrives after all four requests wait.
+    let mut events = m.master.builds().subscribe();
+    let _w = worker(&m, "w1", "w1-pw");
+    let ended = builds_ended(&mut events, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let builds = m.master.state().builds(None, 10).await.unwrap();
+    assert_eq!(
+        builds.len(),
+        2,
+        "main's three requests collapse into one build"
+    );
+    let main = builds.iter().find(|b| b.branch == "main").unwrap();
+    assert_eq!(main.revision, "c");
+    assert_eq!(log_text(&m, main.id, 0).await, "c\n");
+    let change_ids = main
+        .properties
+        .iter()
+        .find(|(n, _, _)| n == "change_ids")
+        .map(|(_, v, _)| v.clone());
+    assert_eq!(
+        change_ids,
+        Some(format!("{},{},{}", ids[0], ids[1], ids[3]))
+    );
+    assert!(ended.iter().all(|(_, r)| r == "success"));
+    m.stop().await;
+}

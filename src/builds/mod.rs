@@ -301,7 +301,11 @@ impl BuildMaster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        for req in waiting {
+        let mut taken = std::collections::HashSet::new();
+        for req in &waiting {
+            if taken.contains(&req.id) {
+                continue; // merged into a build already made this round
+            }
             let Some(builder) = config.builders.get(&req.request.builder) else {
                 continue;
             };
@@ -321,8 +325,39 @@ impl BuildMaster {
                     .cloned()
             };
             let Some(link) = link else { continue };
+            // Collapsing: every waiting request of this builder and branch
+            // goes into one build of the newest.
+            let (req, merged) = if builder.collapse_requests {
+                let same: Vec<&crate::state::BuildRequest> = waiting
+                    .iter()
+                    .filter(|r| {
+                        r.request.builder == req.request.builder
+                            && r.request.branch == req.request.branch
+                            && !taken.contains(&r.id)
+                    })
+                    .collect();
+                let newest = same.iter().max_by_key(|r| r.id).copied().unwrap_or(req);
+                let merged: Vec<i64> = same
+                    .iter()
+                    .map(|r| r.id)
+                    .filter(|id| *id != newest.id)
+                    .collect();
+                (newest, merged)
+            } else {
+                (req, Vec::new())
+            };
+            taken.insert(req.id);
+            taken.extend(merged.iter().copied());
             link.slots.busy.fetch_add(1, Ordering::SeqCst);
-            match self.inner.state.claim_request(req.id, &link.name).await {
+            let claimed = if merged.is_empty() {
+                self.inner.state.claim_request(req.id, &link.name).await
+            } else {
+                self.inner
+                    .state
+                    .claim_requests(req.id, merged, &link.name)
+                    .await
+            };
+            match claimed {
                 Ok(Some(build)) => {
                     let stop = StopSignal::default();
                     self.inner
@@ -339,7 +374,7 @@ impl BuildMaster {
                         );
                     self.spawn_build(
                         build,
-                        req,
+                        req.clone(),
                         builder.clone(),
                         link.name.clone(),
                         stop,

@@ -166,7 +166,13 @@ async fn build_properties(
             props.set("when", secs.to_string(), Source::Change);
         }
         props.set("files", c.files.join("\n"), Source::Change);
-        props.set("change_ids", id.to_string(), Source::Change);
+        // A build of collapsed requests records every change it covers.
+        let ids = match state.build_change_ids(build).await {
+            Ok(ids) if !ids.is_empty() => ids,
+            _ => vec![id],
+        };
+        let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+        props.set("change_ids", ids.join(","), Source::Change);
     }
     for (name, value, source) in &r.properties {
         props.set(name, value, Source::parse(source).unwrap_or(Source::Force));

@@ -54,6 +54,8 @@ pub(crate) struct RawBuilder {
     workers: Vec<Spanned<String>>,
     #[serde(default)]
     step: Vec<Spanned<RawStep>>,
+    #[serde(default)]
+    collapse_requests: bool,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +185,8 @@ pub struct BuilderConfig {
     pub name: String,
     pub workers: Vec<String>,
     pub steps: Vec<StepConfig>,
+    /// Waiting requests of one branch merge into one build of the newest.
+    pub collapse_requests: bool,
 }
 
 /// Turns matching changes into build requests.
@@ -612,6 +616,7 @@ pub(crate) fn validate(
                 name: name.to_string(),
                 workers: names,
                 steps,
+                collapse_requests: b.collapse_requests,
             },
         );
     }

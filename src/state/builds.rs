@@ -301,6 +301,43 @@ impl StateDb {
         .await
     }
 
+    /// Claims several waiting requests for one build (collapsed requests):
+    /// the build is made for `request` (the newest), and `merged` ones are
+    /// marked as built by it. Requests already claimed are left alone.
+    pub async fn claim_requests(
+        &self,
+        request: i64,
+        merged: Vec<i64>,
+        worker: &str,
+    ) -> Result<Option<i64>, StateError> {
+        let Some(build) = self.claim_request(request, worker).await? else {
+            return Ok(None);
+        };
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE build_requests SET build_id = ?1 WHERE id = ?2 AND build_id IS NULL",
+            )?;
+            for id in &merged {
+                stmt.execute(params![build, id])?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Some(build))
+    }
+
+    /// The changes of every request a build was made for, oldest first.
+    pub async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT change_id FROM build_requests WHERE build_id = ?1 AND change_id IS NOT NULL ORDER BY change_id",
+            )?
+            .query_map([build], |r| r.get(0))?
+            .collect()
+        })
+        .await
+    }
+
     /// Records a step attempt starting; returns its row id.
     pub async fn start_step(
         &self,
