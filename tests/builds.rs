@@ -892,3 +892,44 @@ async fn collapsed_requests_make_one_build_of_the_newest_change() {
     assert!(ended.iter().all(|(_, r)| r == "success"));
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_tree_stable_timer_makes_one_build_of_the_newest_once_pushes_stop() {
+    let toml = one_step_builder("widgets", "hello", "echo %(prop:revision)s")
+        + "\n[[scheduler]]\nname = \"stable\"\nbuilders = [\"widgets\"]\ntree_stable_timer = \"1s\"\n";
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let mut ids = Vec::new();
+    for rev in ["first", "second"] {
+        ids.push(
+            push_change(
+                &m,
+                switchyard::proto::Change {
+                    repository: "widgets".into(),
+                    branch: "main".into(),
+                    revision: rev.into(),
+                    ..Default::default()
+                },
+            )
+            .await,
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Still within a second of the last push: nothing has started.
+    assert!(m.master.state().builds(None, 10).await.unwrap().is_empty());
+    let ended = builds_ended(&mut events, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let builds = m.master.state().builds(None, 10).await.unwrap();
+    assert_eq!(builds.len(), 1, "one build for the batch");
+    assert_eq!(builds[0].id, ended[0].0);
+    assert_eq!(builds[0].revision, "second");
+    let change_ids = builds[0]
+        .properties
+        .iter()
+        .find(|(n, _, _)| n == "change_ids")
+        .map(|(_, v, _)| v.clone());
+    assert_eq!(change_ids, Some(format!("{},{}", ids[0], ids[1])));
+    m.stop().await;
+}

@@ -265,10 +265,20 @@ impl BuildMaster {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "cannot dispatch build requests");
             }
+            // Wake for the next tree-stable group that comes due, too.
+            let next_due = self
+                .inner
+                .state
+                .next_due_ms()
+                .await
+                .ok()
+                .flatten()
+                .map(|at| Duration::from_millis((at - crate::state::now_ms()).max(0) as u64 + 5));
+            let nap = next_due.map_or(Duration::from_secs(5), |d| d.min(Duration::from_secs(5)));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.inner.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(nap) => {}
             }
         }
         // Running builds are left as they are: their workers keep running
@@ -302,9 +312,13 @@ impl BuildMaster {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut taken = std::collections::HashSet::new();
+        let now = crate::state::now_ms();
         for req in &waiting {
             if taken.contains(&req.id) {
                 continue; // merged into a build already made this round
+            }
+            if req.request.not_before_ms > now {
+                continue; // its tree is not stable yet
             }
             let Some(builder) = config.builders.get(&req.request.builder) else {
                 continue;
@@ -327,12 +341,16 @@ impl BuildMaster {
             let Some(link) = link else { continue };
             // Collapsing: every waiting request of this builder and branch
             // goes into one build of the newest.
-            let (req, merged) = if builder.collapse_requests {
+            let (req, merged) = if builder.collapse_requests || !req.request.collapse_key.is_empty()
+            {
                 let same: Vec<&crate::state::BuildRequest> = waiting
                     .iter()
                     .filter(|r| {
                         r.request.builder == req.request.builder
                             && r.request.branch == req.request.branch
+                            && (builder.collapse_requests
+                                || r.request.collapse_key == req.request.collapse_key)
+                            && r.request.not_before_ms <= now
                             && !taken.contains(&r.id)
                     })
                     .collect();
@@ -459,7 +477,7 @@ impl BuildMaster {
                     repository: b.repository.clone(),
                     branch: b.branch.clone(),
                     revision: b.revision.clone(),
-                    properties: Vec::new(),
+                    ..Default::default()
                 },
                 created_ms: b.started_ms,
             };
@@ -555,6 +573,14 @@ impl BuildMaster {
                             .chain(s.properties.clone())
                             .map(|(n, v)| (n, v, "scheduler".to_string()))
                             .collect(),
+                        not_before_ms: s
+                            .tree_stable_timer
+                            .map_or(0, |t| crate::state::now_ms() + t.as_millis() as i64),
+                        collapse_key: if s.tree_stable_timer.is_some() {
+                            format!("scheduler:{}", s.name)
+                        } else {
+                            String::new()
+                        },
                     });
                 }
             }
@@ -614,6 +640,7 @@ impl BuildMaster {
                     .into_iter()
                     .map(|(n, v)| (n, v, "force".to_string()))
                     .collect(),
+                ..Default::default()
             }])
             .await?;
         self.wake();

@@ -98,6 +98,7 @@ pub(crate) struct RawScheduler {
     properties: BTreeMap<String, String>,
     #[serde(default)]
     file_filter: Vec<Spanned<String>>,
+    tree_stable_timer: Option<Spanned<String>>,
 }
 
 /// A build machine.
@@ -202,6 +203,9 @@ pub struct SchedulerConfig {
     pub properties: BTreeMap<String, String>,
     /// `file_filter`: only changes touching a matching file trigger.
     pub file_filter: FileFilter,
+    /// `tree_stable_timer`: build once no matching change has come for
+    /// this long, one build of the newest with every change recorded.
+    pub tree_stable_timer: Option<Duration>,
 }
 
 /// Globs over a change's files, `!` for exclusion, the last match winning:
@@ -655,6 +659,14 @@ pub(crate) fn validate(
                     }
                     FileFilter::new(s.file_filter.iter().map(|p| p.get_ref().as_str()))
                         .unwrap_or_default()
+                },
+                tree_stable_timer: match &s.tree_stable_timer {
+                    None => None,
+                    Some(_) => Some(c.duration(
+                        &s.tree_stable_timer,
+                        "scheduler.tree_stable_timer",
+                        Duration::ZERO,
+                    )?),
                 },
             },
         );

@@ -64,6 +64,8 @@ ALTER TABLE builds ADD COLUMN number INTEGER;
 UPDATE builds SET number = (SELECT COUNT(*) FROM builds b2 WHERE b2.builder = builds.builder AND b2.id <= builds.id);
 CREATE TABLE builder_numbers (builder TEXT PRIMARY KEY, last INTEGER NOT NULL);
 ALTER TABLE build_requests ADD COLUMN properties TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE build_requests ADD COLUMN not_before_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE build_requests ADD COLUMN collapse_key TEXT NOT NULL DEFAULT '';
 INSERT INTO builder_numbers (builder, last) SELECT builder, MAX(number) FROM builds GROUP BY builder;
 CREATE TABLE build_properties (
     build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
@@ -86,6 +88,12 @@ pub struct NewRequest {
     /// Properties the request brings: (name, value, source), from its
     /// scheduler or a force.
     pub properties: Vec<(String, String, String)>,
+    /// Not to be built before this time (ms since the epoch; 0: at once).
+    pub not_before_ms: i64,
+    /// Non-empty: a tree-stable group. A new request of the group (same
+    /// builder, branch and key) moves every waiting one's `not_before_ms`
+    /// to its own, and they are built together, as one build of the newest.
+    pub collapse_key: String,
 }
 
 /// A stored build request.
@@ -210,14 +218,22 @@ impl StateDb {
         self.write(move |conn| {
             let now = now_ms();
             let mut stmt = conn.prepare_cached(
-                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let mut stable = conn.prepare_cached(
+                "UPDATE build_requests SET not_before_ms = ?1
+                 WHERE build_id IS NULL AND builder = ?2 AND branch = ?3 AND collapse_key = ?4",
             )?;
             requests
                 .iter()
                 .map(|q| {
                     let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
-                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props])?;
+                    if !q.collapse_key.is_empty() {
+                        // The tree is not stable yet: the group waits longer.
+                        stable.execute(params![q.not_before_ms, q.builder, q.branch, q.collapse_key])?;
+                    }
+                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props, q.not_before_ms, q.collapse_key])?;
                     Ok(conn.last_insert_rowid())
                 })
                 .collect()
@@ -229,7 +245,7 @@ impl StateDb {
     pub async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
         self.read(|conn| {
             conn.prepare_cached(
-                "SELECT id, builder, change_id, reason, repository, branch, revision, created_ms, properties
+                "SELECT id, builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key
                  FROM build_requests WHERE build_id IS NULL ORDER BY id",
             )?
             .query_map([], |r| {
@@ -244,6 +260,8 @@ impl StateDb {
                         branch: r.get(5)?,
                         revision: r.get(6)?,
                         properties: serde_json::from_str(&props).unwrap_or_default(),
+                        not_before_ms: r.get(9)?,
+                        collapse_key: r.get(10)?,
                     },
                     created_ms: r.get(7)?,
                 })
@@ -297,6 +315,18 @@ impl StateDb {
                 stmt.execute(params![build, name, value, source])?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// When the earliest waiting request that is not due yet comes due.
+    pub async fn next_due_ms(&self) -> Result<Option<i64>, StateError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT MIN(not_before_ms) FROM build_requests WHERE build_id IS NULL AND not_before_ms > ?1",
+                [now_ms()],
+                |r| r.get(0),
+            )
         })
         .await
     }
