@@ -933,3 +933,35 @@ async fn a_tree_stable_timer_makes_one_build_of_the_newest_once_pushes_stop() {
     assert_eq!(change_ids, Some(format!("{},{}", ids[0], ids[1])));
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_nightly_scheduler_builds_on_its_clock_only_when_the_branch_changed() {
+    // A "nightly" that fires every second.
+    let toml = one_step_builder("widgets", "hello", "echo %(prop:revision)s")
+        + "\n[[scheduler]]\nname = \"nightly\"\nkind = \"nightly\"\ncron = \"* * * * * *\"\nbranch = \"main\"\nonly_if_changed = true\nbuilders = [\"widgets\"]\n";
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let change = |rev: &str| switchyard::proto::Change {
+        repository: "widgets".into(),
+        branch: "main".into(),
+        revision: rev.into(),
+        ..Default::default()
+    };
+    push_change(&m, change("one")).await;
+    // The push itself builds nothing; the next firing builds the newest.
+    let ended = builds_ended(&mut events, 1).await;
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.revision, "one");
+    assert_eq!(b.reason, "nightly scheduler nightly");
+    // Firings with nothing new build nothing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(m.master.state().builds(None, 10).await.unwrap().len(), 1);
+    push_change(&m, change("two")).await;
+    let ended = builds_ended(&mut events, 1).await;
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.revision, "two");
+    assert_eq!(log_text(&m, b.id, 0).await, "two\n");
+    m.stop().await;
+}

@@ -265,6 +265,7 @@ impl BuildMaster {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "cannot dispatch build requests");
             }
+            let nightly = self.fire_nightlies().await;
             // Wake for the next tree-stable group that comes due, too.
             let next_due = self
                 .inner
@@ -274,7 +275,10 @@ impl BuildMaster {
                 .ok()
                 .flatten()
                 .map(|at| Duration::from_millis((at - crate::state::now_ms()).max(0) as u64 + 5));
-            let nap = next_due.map_or(Duration::from_secs(5), |d| d.min(Duration::from_secs(5)));
+            let nap = [next_due, nightly]
+                .into_iter()
+                .flatten()
+                .fold(Duration::from_secs(5), Duration::min);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.inner.wake.notified() => {}
@@ -283,6 +287,105 @@ impl BuildMaster {
         }
         // Running builds are left as they are: their workers keep running
         // the steps, and the next master process resumes them.
+    }
+
+    /// Fires the nightly schedulers that are due: once per firing, however
+    /// many were missed while the master was down, the requests and the
+    /// record of the firing stored together (so a restart never fires one
+    /// twice). Returns how long until the next firing.
+    async fn fire_nightlies(&self) -> Option<Duration> {
+        let config = self.inner.config();
+        let state = &self.inner.state;
+        let now_ms = crate::state::now_ms();
+        let now = chrono::DateTime::from_timestamp_millis(now_ms)?;
+        let mut next_in: Option<Duration> = None;
+        for s in config.schedulers.values() {
+            let Some(n) = &s.nightly else { continue };
+            let fired_key = format!("nightly:{}:fired", s.name);
+            let last = match state.mark(&fired_key).await {
+                Ok(Some(ms)) => ms,
+                Ok(None) => {
+                    // First sight: the schedule starts now, not in the past.
+                    let _ = state
+                        .add_requests_marking(Vec::new(), vec![(fired_key.clone(), now_ms)])
+                        .await;
+                    now_ms
+                }
+                Err(e) => {
+                    tracing::error!(scheduler = %s.name, error = %e, "cannot read the nightly scheduler's last firing");
+                    continue;
+                }
+            };
+            let after = chrono::DateTime::from_timestamp_millis(last).unwrap_or(now);
+            let Some(due) = n.schedule.after(&after).next() else {
+                continue;
+            };
+            if due > now {
+                let d = (due - now).to_std().unwrap_or_default();
+                next_in = Some(next_in.map_or(d, |x| x.min(d)));
+                continue;
+            }
+            let change_key = format!("nightly:{}:change", s.name);
+            let seen = state.mark(&change_key).await.ok().flatten().unwrap_or(0);
+            let latest = state
+                .latest_change(&n.branch, s.repository.as_deref())
+                .await
+                .ok()
+                .flatten();
+            let mut marks = vec![(fired_key, now_ms)];
+            let changed = latest.as_ref().is_some_and(|(id, _, _)| *id > seen);
+            let requests: Vec<NewRequest> = if n.only_if_changed && !changed {
+                tracing::info!(scheduler = %s.name, branch = %n.branch, "nightly scheduler fired; no new change on the branch, no build");
+                Vec::new()
+            } else {
+                if let Some((id, _, _)) = &latest {
+                    marks.push((change_key, *id));
+                }
+                s.builders
+                    .iter()
+                    .map(|b| NewRequest {
+                        builder: b.clone(),
+                        change_id: latest.as_ref().map(|(id, _, _)| *id),
+                        reason: format!("nightly scheduler {}", s.name),
+                        repository: latest
+                            .as_ref()
+                            .map(|(_, r, _)| r.clone())
+                            .or_else(|| s.repository.clone())
+                            .unwrap_or_default(),
+                        branch: n.branch.clone(),
+                        revision: latest
+                            .as_ref()
+                            .map(|(_, _, rev)| rev.clone())
+                            .unwrap_or_default(),
+                        properties: std::iter::once(("scheduler".to_string(), s.name.clone()))
+                            .chain(s.properties.clone())
+                            .map(|(n, v)| (n, v, "scheduler".to_string()))
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect()
+            };
+            let made = requests.len();
+            match state.add_requests_marking(requests, marks).await {
+                Ok(_) if made > 0 => {
+                    tracing::info!(scheduler = %s.name, branch = %n.branch, requests = made, "nightly scheduler fired");
+                    self.wake();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(scheduler = %s.name, error = %e, "cannot record a nightly firing");
+                }
+            }
+            if let Some(d) = n
+                .schedule
+                .after(&now)
+                .next()
+                .and_then(|due| (due - now).to_std().ok())
+            {
+                next_in = Some(next_in.map_or(d, |x| x.min(d)));
+            }
+        }
+        next_in
     }
 
     fn wake(&self) {

@@ -99,6 +99,11 @@ pub(crate) struct RawScheduler {
     #[serde(default)]
     file_filter: Vec<Spanned<String>>,
     tree_stable_timer: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
+    cron: Option<Spanned<String>>,
+    branch: Option<String>,
+    #[serde(default)]
+    only_if_changed: bool,
 }
 
 /// A build machine.
@@ -206,6 +211,46 @@ pub struct SchedulerConfig {
     /// `tree_stable_timer`: build once no matching change has come for
     /// this long, one build of the newest with every change recorded.
     pub tree_stable_timer: Option<Duration>,
+    /// `kind = "nightly"`: builds on a schedule instead of on changes.
+    pub nightly: Option<Nightly>,
+}
+
+/// A schedule: `cron` (five fields, or six with seconds first), the branch
+/// to build, and whether to build only when it has new changes.
+#[derive(Clone, Debug)]
+pub struct Nightly {
+    /// As written in the config.
+    pub cron: String,
+    pub schedule: cron::Schedule,
+    pub branch: String,
+    pub only_if_changed: bool,
+}
+
+impl PartialEq for Nightly {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.cron, &self.branch, self.only_if_changed)
+            == (&other.cron, &other.branch, other.only_if_changed)
+    }
+}
+
+impl Eq for Nightly {}
+
+impl Nightly {
+    /// Parses a cron line: five fields (minute first) or six (second first).
+    pub fn parse_cron(line: &str) -> Result<cron::Schedule, String> {
+        use std::str::FromStr;
+        let fields = line.split_whitespace().count();
+        let full = match fields {
+            5 => format!("0 {line}"),
+            6 => line.to_string(),
+            _ => {
+                return Err(format!(
+                    "`{line}` has {fields} fields; write five (minute hour day month weekday) or six (second first)"
+                ));
+            }
+        };
+        cron::Schedule::from_str(&full).map_err(|e| format!("`{line}` is not a cron schedule: {e}"))
+    }
 }
 
 /// Globs over a change's files, `!` for exclusion, the last match winning:
@@ -268,9 +313,9 @@ impl SchedulerConfig {
     }
 
     /// Whether a change triggers this scheduler: its repository, branch
-    /// and files.
+    /// and files (a nightly scheduler is triggered by its clock only).
     pub fn matches_change(&self, repository: &str, branch: &str, files: &[String]) -> bool {
-        self.matches(repository, branch) && self.file_filter.passes(files)
+        self.nightly.is_none() && self.matches(repository, branch) && self.file_filter.passes(files)
     }
 }
 
@@ -660,6 +705,56 @@ pub(crate) fn validate(
                     FileFilter::new(s.file_filter.iter().map(|p| p.get_ref().as_str()))
                         .unwrap_or_default()
                 },
+                nightly: match s.kind.as_ref().map(|k| k.get_ref().as_str()) {
+                    None | Some("change") => {
+                        if let Some(cr) = &s.cron {
+                            return c.err(
+                                cr.span(),
+                                "scheduler.cron",
+                                "only a `kind = \"nightly\"` scheduler has a `cron`",
+                            );
+                        }
+                        None
+                    }
+                    Some("nightly") => {
+                        let kind_span = s.kind.as_ref().map(|k| k.span()).unwrap_or(0..0);
+                        let Some(cr) = &s.cron else {
+                            return c.err(
+                                kind_span,
+                                "scheduler.cron",
+                                format_args!(
+                                    "nightly scheduler `{name}` needs `cron = \"0 3 * * *\"`"
+                                ),
+                            );
+                        };
+                        let schedule = match Nightly::parse_cron(cr.get_ref()) {
+                            Ok(sch) => sch,
+                            Err(e) => return c.err(cr.span(), "scheduler.cron", e),
+                        };
+                        let Some(branch) = s.branch.clone().filter(|b| !b.is_empty()) else {
+                            return c.err(
+                                kind_span,
+                                "scheduler.branch",
+                                format_args!(
+                                    "nightly scheduler `{name}` needs the `branch` it builds"
+                                ),
+                            );
+                        };
+                        Some(Nightly {
+                            cron: cr.get_ref().clone(),
+                            schedule,
+                            branch,
+                            only_if_changed: s.only_if_changed,
+                        })
+                    }
+                    Some(other) => {
+                        return c.err(
+                            s.kind.as_ref().map(|k| k.span()).unwrap_or(0..0),
+                            "scheduler.kind",
+                            format_args!("`{other}` is not one of change, nightly"),
+                        );
+                    }
+                },
                 tree_stable_timer: match &s.tree_stable_timer {
                     None => None,
                     Some(_) => Some(c.duration(
@@ -751,6 +846,28 @@ repository = "r"
             e.contains("m.toml:5:") && e.contains("scheduler.file_filter"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nightly_schedulers_need_a_valid_cron_and_a_branch() {
+        let c = parse("[[scheduler]]\nname = \"n\"\nkind = \"nightly\"\ncron = \"0 3 * * *\"\nbranch = \"main\"\n").unwrap();
+        let n = c.schedulers["n"].nightly.as_ref().unwrap();
+        assert_eq!(n.branch, "main");
+        assert!(!c.schedulers["n"].matches_change("r", "main", &[]));
+        for (extra, key) in [
+            ("cron = \"61 3 * * *\"\nbranch = \"main\"", "scheduler.cron"),
+            ("cron = \"3 * *\"\nbranch = \"main\"", "scheduler.cron"),
+            ("cron = \"0 3 * * *\"", "scheduler.branch"),
+            ("branch = \"main\"", "scheduler.cron"),
+        ] {
+            let e = parse(&format!(
+                "[[scheduler]]\nname = \"n\"\nkind = \"nightly\"\n{extra}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("m.toml:") && e.contains(key), "{extra}: {e}");
+        }
+        let e = parse("[[scheduler]]\nname = \"n\"\nkind = \"weekly\"\n").unwrap_err();
+        assert!(e.contains("scheduler.kind"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod secrets;
 pub mod template;
 
 pub use builds::{
-    BuilderConfig, GitMode, GitStep, OnLost, SchedulerConfig, StepConfig, WorkerConfig,
+    BuilderConfig, GitMode, GitStep, Nightly, OnLost, SchedulerConfig, StepConfig, WorkerConfig,
 };
 pub use secrets::{Secrets, SecretsFileChecker};
 

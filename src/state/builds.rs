@@ -215,30 +215,7 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
 impl StateDb {
     /// Stores build requests; returns their ids in order.
     pub async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
-        self.write(move |conn| {
-            let now = now_ms();
-            let mut stmt = conn.prepare_cached(
-                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
-            let mut stable = conn.prepare_cached(
-                "UPDATE build_requests SET not_before_ms = ?1
-                 WHERE build_id IS NULL AND builder = ?2 AND branch = ?3 AND collapse_key = ?4",
-            )?;
-            requests
-                .iter()
-                .map(|q| {
-                    let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
-                    if !q.collapse_key.is_empty() {
-                        // The tree is not stable yet: the group waits longer.
-                        stable.execute(params![q.not_before_ms, q.builder, q.branch, q.collapse_key])?;
-                    }
-                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props, q.not_before_ms, q.collapse_key])?;
-                    Ok(conn.last_insert_rowid())
-                })
-                .collect()
-        })
-        .await
+        self.add_requests_marking(requests, Vec::new()).await
     }
 
     /// Requests no build has taken yet, oldest first.
@@ -315,6 +292,81 @@ impl StateDb {
                 stmt.execute(params![build, name, value, source])?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// A number kept under `key` (the nightly schedulers' marks).
+    pub async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
+        let key = format!("mark:{key}");
+        self.read(move |conn| {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()
+            .map(|v| {
+                v.and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(i64::from_be_bytes)
+            })
+        })
+        .await
+    }
+
+    /// Stores requests and sets marks in one transaction: a firing that
+    /// made its requests is recorded as fired, or neither happened.
+    pub async fn add_requests_marking(
+        &self,
+        requests: Vec<NewRequest>,
+        marks: Vec<(String, i64)>,
+    ) -> Result<Vec<i64>, StateError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let mut stable = conn.prepare_cached(
+                "UPDATE build_requests SET not_before_ms = ?1
+                 WHERE build_id IS NULL AND builder = ?2 AND branch = ?3 AND collapse_key = ?4",
+            )?;
+            let ids = requests
+                .iter()
+                .map(|q| {
+                    let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
+                    if !q.collapse_key.is_empty() {
+                        // The tree is not stable yet: the group waits longer.
+                        stable.execute(params![q.not_before_ms, q.builder, q.branch, q.collapse_key])?;
+                    }
+                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props, q.not_before_ms, q.collapse_key])?;
+                    Ok(conn.last_insert_rowid())
+                })
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            for (key, value) in &marks {
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                    params![format!("mark:{key}"), &value.to_be_bytes()[..]],
+                )?;
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// The newest change on `branch` (of `repository`, if given).
+    pub async fn latest_change(
+        &self,
+        branch: &str,
+        repository: Option<&str>,
+    ) -> Result<Option<(i64, String, String)>, StateError> {
+        let (branch, repository) = (branch.to_string(), repository.map(str::to_string));
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id, repository, revision FROM changes
+                 WHERE branch = ?1 AND (?2 IS NULL OR repository = ?2) ORDER BY id DESC LIMIT 1",
+                params![branch, repository],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
         })
         .await
     }
