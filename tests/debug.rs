@@ -168,6 +168,24 @@ async fn force_status_builds_log_and_json_from_the_console() {
         .await
         .unwrap();
     assert_eq!(log, "quick output\nmore output\n");
+    // BUILDER#NUMBER names a build wherever a build is named.
+    let by_number = debug(&m, "admin", "admin-pw", &["log", "quick#1"])
+        .await
+        .unwrap();
+    assert_eq!(by_number, log);
+    let detail = debug(&m, "admin", "admin-pw", &["build", "quick#1"])
+        .await
+        .unwrap();
+    assert!(
+        detail.contains(&format!("build {build} (quick#1)"))
+            && detail.contains("who = ada (force)")
+            && detail.contains("say (attempt 1): success"),
+        "{detail}"
+    );
+    let err = debug(&m, "admin", "admin-pw", &["build", "quick#99"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("no build quick#99"), "{err}");
     let log = debug(
         &m,
         "admin",
@@ -372,6 +390,7 @@ async fn the_same_operations_over_grpc() {
     let mut req = tonic::Request::new(BuildsRequest {
         builder: "quick".into(),
         limit: 5,
+        ..Default::default()
     });
     req.metadata_mut()
         .insert("authorization", auth("admin", "admin-pw"));

@@ -26,6 +26,7 @@ commands:
   workers                                  configured workers, connected or not
   builders                                 builders, their workers, steps and queue
   builds [BUILDER] [--limit N]             recent builds with their steps
+  build BUILD                              one build: properties with sources, steps
   log BUILD [STEP]                         a build's output (STEP: name or position)
   force BUILDER [--branch B] [--revision R] [--repository R] [--property NAME=VALUE]...
                                            request a build
@@ -36,6 +37,7 @@ commands:
   reload                                   re-read the config and secrets (as SIGHUP)
   help, quit
 
+BUILD is a build's id, or BUILDER#NUMBER (e.g. widgets#12).
 --json (anywhere on the command line) prints one JSON value per line.";
 
 /// A console session with a master.
@@ -43,6 +45,8 @@ pub struct Console {
     session: ClientSession,
     next_id: u64,
     pub json: bool,
+    /// Print builds in detail (the `build` command).
+    detail: bool,
 }
 
 fn take_flag(words: &mut Vec<String>, flag: &str) -> Result<Option<String>, String> {
@@ -55,6 +59,20 @@ fn take_flag(words: &mut Vec<String>, flag: &str) -> Result<Option<String>, Stri
         }
         Some(_) => Err(format!("{flag} needs a value")),
     }
+}
+
+/// The words with a `BUILDER#NUMBER` in the BUILD position stood in for by
+/// an id, so the line can be checked before the reference is resolved.
+fn checkable(words: &[String]) -> Vec<String> {
+    let mut w = words.to_vec();
+    if matches!(
+        w.first().map(String::as_str),
+        Some("log" | "stop" | "build")
+    ) && w.get(1).is_some_and(|b| b.contains('#'))
+    {
+        w[1] = "0".into();
+    }
+    w
 }
 
 fn number(word: &str, what: &str) -> Result<i64, String> {
@@ -118,8 +136,15 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
                     _ => return Err(format!("--limit must be from 1 to 1000, not {l}")),
                 },
             },
+            ..Default::default()
         }),
         ("builds", _) => return usage("builds [BUILDER] [--limit N]"),
+        ("build", 1) => C::Builds(BuildsRequest {
+            build: number(&words[0], "BUILD")?,
+            limit: 1,
+            ..Default::default()
+        }),
+        ("build", _) => return usage("build BUILD"),
         ("log", 1 | 2) => C::Log(LogRequest {
             build: number(&words[0], "BUILD")?,
             step: words.get(1).cloned().unwrap_or_default(),
@@ -267,7 +292,40 @@ impl Console {
             session,
             next_id: 1,
             json: false,
+            detail: false,
         })
+    }
+
+    /// Turns a `BUILDER#NUMBER` in a command's BUILD position into the
+    /// build's id (one query to the master); other words are kept.
+    pub async fn resolve(&mut self, words: &[String]) -> Result<Vec<String>, String> {
+        let mut words = words.to_vec();
+        let takes_build = matches!(
+            words.first().map(String::as_str),
+            Some("log" | "stop" | "build")
+        );
+        if let Some(w) = words.get(1).filter(|_| takes_build)
+            && let Some((builder, n)) = w.split_once('#')
+        {
+            let n: i64 = n
+                .parse()
+                .map_err(|_| format!("{w:?} is not BUILDER#NUMBER"))?;
+            let id = self
+                .send(debug_request::Command::Builds(BuildsRequest {
+                    builder: builder.to_string(),
+                    number: n,
+                    ..Default::default()
+                }))
+                .await?;
+            let reply = self.reply(id).await?;
+            match reply.result {
+                Some(debug_reply::Result::Builds(b)) if !b.builds.is_empty() => {
+                    words[1] = b.builds[0].id.to_string();
+                }
+                _ => return Err(format!("no build {w}")),
+            }
+        }
+        Ok(words)
     }
 
     async fn send(&mut self, command: debug_request::Command) -> Result<u64, String> {
@@ -416,11 +474,60 @@ impl Console {
                     )?;
                 }
             }
+            R::Builds(b) if self.detail => {
+                for b in b.builds {
+                    writeln!(
+                        out,
+                        "build {} ({}#{}) on {}: {}",
+                        b.id,
+                        b.builder,
+                        b.number,
+                        or_dash(&b.worker),
+                        if b.result.is_empty() {
+                            "running"
+                        } else {
+                            &b.result
+                        }
+                    )?;
+                    writeln!(out, "  reason: {}", b.reason)?;
+                    writeln!(out, "  properties:")?;
+                    for p in &b.properties {
+                        writeln!(out, "    {} = {} ({})", p.name, p.value, p.source)?;
+                    }
+                    writeln!(out, "  steps:")?;
+                    for st in &b.steps {
+                        let took = if st.finished_unix_ms > 0 {
+                            format!(
+                                "{:.1}s",
+                                (st.finished_unix_ms - st.started_unix_ms) as f64 / 1000.0
+                            )
+                        } else {
+                            "-".into()
+                        };
+                        writeln!(
+                            out,
+                            "    {} (attempt {}): {} in {took}{}",
+                            st.name,
+                            st.attempt,
+                            if st.result.is_empty() {
+                                "running"
+                            } else {
+                                &st.result
+                            },
+                            if st.detail.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", st.detail)
+                            }
+                        )?;
+                    }
+                }
+            }
             R::Builds(b) => {
                 writeln!(
                     out,
-                    "{:>6} {:<20} {:<12} {:<12} STEPS",
-                    "BUILD", "BUILDER", "WORKER", "RESULT"
+                    "{:>6} {:<24} {:<16} {:<10} {:<12} {:<12} STEPS",
+                    "BUILD", "BUILDER#NUMBER", "BRANCH", "REVISION", "WORKER", "RESULT"
                 )?;
                 for b in b.builds {
                     let steps: Vec<String> = b
@@ -448,11 +555,14 @@ impl Console {
                     } else {
                         &b.result
                     };
+                    let short: String = b.revision.chars().take(10).collect();
                     writeln!(
                         out,
-                        "{:>6} {:<20} {:<12} {:<12} {}",
+                        "{:>6} {:<24} {:<16} {:<10} {:<12} {:<12} {}",
                         b.id,
-                        b.builder,
+                        format!("{}#{}", b.builder, b.number),
+                        or_dash(&b.branch),
+                        or_dash(&short),
                         b.worker,
                         result,
                         steps.join(" ")
@@ -492,11 +602,14 @@ pub async fn once(
     json: bool,
     words: &[String],
 ) -> Result<(), String> {
-    let command = parse(words)?;
+    parse(&checkable(words))?; // errors in the line before connecting
     let mut console = Console::connect(addr, creds)
         .await
         .map_err(|e| e.to_string())?;
     console.json = json;
+    let words = console.resolve(words).await?;
+    console.detail = words.first().is_some_and(|w| w == "build");
+    let command = parse(&words)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let ctrl_c = async {
@@ -551,6 +664,17 @@ pub fn interactive(
         let json = json || words.iter().any(|w| w == "--json");
         let words: Vec<String> = words.into_iter().filter(|w| w != "--json").collect();
         console.json = json;
+        let words = match parse(&checkable(&words)) {
+            Ok(_) => match rt.block_on(console.resolve(&words)) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    continue;
+                }
+            },
+            Err(_) => words,
+        };
+        console.detail = words.first().is_some_and(|w| w == "build");
         let command = match parse(&words) {
             Ok(c) => c,
             Err(e) => {

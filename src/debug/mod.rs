@@ -210,6 +210,29 @@ impl DebugApi {
     }
 
     pub async fn builds(&self, req: BuildsRequest) -> Result<BuildsReply, DebugError> {
+        // One build, by id or by builder#number.
+        let one = match (req.build, req.number) {
+            (0, 0) => None,
+            (0, n) => Some(
+                self.builds
+                    .state()
+                    .build_by_number(&req.builder, n)
+                    .await?
+                    .ok_or_else(|| DebugError::NotFound(format!("no build {}#{n}", req.builder)))?,
+            ),
+            (id, _) => Some(id),
+        };
+        if let Some(id) = one {
+            let b = self
+                .builds
+                .state()
+                .build(id)
+                .await?
+                .ok_or_else(|| DebugError::NotFound(format!("no build {id}")))?;
+            return Ok(BuildsReply {
+                builds: vec![build_details(b)],
+            });
+        }
         let builder = (!req.builder.is_empty()).then_some(req.builder);
         if let Some(b) = &builder
             && !self.builds.config().builders.contains_key(b)

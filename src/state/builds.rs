@@ -511,6 +511,24 @@ impl StateDb {
         .await
     }
 
+    /// The id of a builder's build of this number.
+    pub async fn build_by_number(
+        &self,
+        builder: &str,
+        number: i64,
+    ) -> Result<Option<i64>, StateError> {
+        let builder = builder.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id FROM builds WHERE builder = ?1 AND number = ?2",
+                params![builder, number],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
     /// Builds a previous master process left running, oldest first, with
     /// their steps.
     pub async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
