@@ -107,6 +107,7 @@ async fn check_last_build(addr: &str) -> bool {
             .builds(req(BuildsRequest {
                 builder: "count".into(),
                 limit: 1,
+                ..Default::default()
             }))
             .await
             && let Some(b) = r.into_inner().builds.into_iter().next()
