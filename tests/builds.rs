@@ -736,21 +736,15 @@ builders = ["widgets"]
 branches = ["main"]
 "#;
 
-// Multi-threaded: git runs blocking here while its hook talks to the
-// in-process master.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
-    let m = master_with(&[("w1", "w1-pw", 1)], CHECKOUT).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
-    let mut events = m.master.builds().subscribe();
-    // A bare repository with the example hook, and one push of two commits:
-    // the first breaks check.sh, the second fixes it.
+/// A bare repository `widgets.git` with the example hook, and one push of
+/// two commits: the first breaks `check.sh`, the second fixes it. Returns
+/// their revisions.
+fn push_two_commits(m: &TestMaster) -> Vec<String> {
     let bare = m.dir.path().join("widgets.git");
     let work = m.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     git(
-        &m,
+        m,
         m.dir.path(),
         &["init", "--bare", "-q", bare.to_str().unwrap()],
     );
@@ -759,7 +753,7 @@ async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
         bare.join("hooks/post-receive"),
     )
     .unwrap();
-    git(&m, &work, &["init", "-q"]);
+    git(m, &work, &["init", "-q"]);
     let check = work.join("check.sh");
     let mut revisions = Vec::new();
     for (body, msg) in [
@@ -769,11 +763,23 @@ async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
         std::fs::write(&check, body).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
-        git(&m, &work, &["add", "check.sh"]);
-        git(&m, &work, &["commit", "-q", "-m", msg]);
-        revisions.push(git(&m, &work, &["rev-parse", "HEAD"]).trim().to_string());
+        git(m, &work, &["add", "check.sh"]);
+        git(m, &work, &["commit", "-q", "-m", msg]);
+        revisions.push(git(m, &work, &["rev-parse", "HEAD"]).trim().to_string());
     }
-    git(&m, &work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    git(m, &work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    revisions
+}
+
+// Multi-threaded: git runs blocking here while its hook talks to the
+// in-process master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
+    let m = master_with(&[("w1", "w1-pw", 1)], CHECKOUT).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let revisions = push_two_commits(&m);
     let ended = builds_ended(&mut events, 2).await;
     let mut builds = Vec::new();
     for (id, _) in &ended {
@@ -963,5 +969,33 @@ async fn a_nightly_scheduler_builds_on_its_clock_only_when_the_branch_changed() 
     let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
     assert_eq!(b.revision, "two");
     assert_eq!(log_text(&m, b.id, 0).await, "two\n");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_push_under_a_tree_stable_timer_makes_one_build_of_the_newest() {
+    let toml = CHECKOUT.replace(
+        "branches = [\"main\"]",
+        "branches = [\"main\"]\ntree_stable_timer = \"1s\"",
+    );
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let revisions = push_two_commits(&m);
+    let ended = builds_ended(&mut events, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(m.master.state().builds(None, 10).await.unwrap().len(), 1);
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.revision, revisions[1]);
+    let log = log_text(&m, b.id, 1).await;
+    assert_eq!(log.lines().next(), Some(revisions[1].as_str()), "{log}");
+    let ids = b
+        .properties
+        .iter()
+        .find(|(n, _, _)| n == "change_ids")
+        .map(|(_, v, _)| v.split(',').count());
+    assert_eq!(ids, Some(2), "both changes recorded on the one build");
     m.stop().await;
 }

@@ -714,6 +714,9 @@ pub(crate) fn validate(
                                 "only a `kind = \"nightly\"` scheduler has a `cron`",
                             );
                         }
+                        if s.branch.is_some() {
+                            return c.err(s.name.span(), "scheduler.branch", format_args!("scheduler `{name}` reacts to changes: give `branches = [...]`; `branch` is for a nightly scheduler"));
+                        }
                         None
                     }
                     Some("nightly") => {
@@ -868,6 +871,11 @@ repository = "r"
         }
         let e = parse("[[scheduler]]\nname = \"n\"\nkind = \"weekly\"\n").unwrap_err();
         assert!(e.contains("scheduler.kind"), "{e}");
+        let e = parse("[[scheduler]]\nname = \"n\"\nbranch = \"main\"\n").unwrap_err();
+        assert!(
+            e.contains("scheduler.branch") && e.contains("branches"),
+            "{e}"
+        );
     }
 
     #[test]
