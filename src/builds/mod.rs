@@ -357,10 +357,7 @@ impl BuildMaster {
                             .as_ref()
                             .map(|(_, _, rev)| rev.clone())
                             .unwrap_or_default(),
-                        properties: std::iter::once(("scheduler".to_string(), s.name.clone()))
-                            .chain(s.properties.clone())
-                            .map(|(n, v)| (n, v, "scheduler".to_string()))
-                            .collect(),
+                        properties: scheduler_properties(s),
                         ..Default::default()
                     })
                     .collect()
@@ -672,10 +669,7 @@ impl BuildMaster {
                         repository: c.repository.clone(),
                         branch: c.branch.clone(),
                         revision: c.revision.clone(),
-                        properties: std::iter::once(("scheduler".to_string(), s.name.clone()))
-                            .chain(s.properties.clone())
-                            .map(|(n, v)| (n, v, "scheduler".to_string()))
-                            .collect(),
+                        properties: scheduler_properties(s),
                         not_before_ms: s
                             .tree_stable_timer
                             .map_or(0, |t| crate::state::now_ms() + t.as_millis() as i64),
@@ -811,4 +805,13 @@ impl ChangeStore for SchedulingStore {
         }
         Ok(ids)
     }
+}
+
+/// What a scheduler gives the builds it makes: its name and its
+/// `[scheduler.properties]`, with source `scheduler`.
+fn scheduler_properties(s: &SchedulerConfig) -> Vec<(String, String, String)> {
+    std::iter::once(("scheduler".to_string(), s.name.clone()))
+        .chain(s.properties.clone())
+        .map(|(n, v)| (n, v, "scheduler".to_string()))
+        .collect()
 }
