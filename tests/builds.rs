@@ -698,25 +698,13 @@ async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
 
 /// Runs git in `cwd` as Ada, with the hook's settings for `m`.
 fn git(m: &TestMaster, cwd: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(["-c", "user.name=Ada", "-c", "user.email=ada@example.org"])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(cwd)
-        .env("SWITCHYARD_MASTER", m.addr.to_string())
-        .env("SWITCHYARD_USER", "hook")
-        .env("SWITCHYARD_PASSWORD", "hook-pw")
-        .env("SWITCHYARD_REPOSITORY", m.dir.path().join("widgets.git"))
-        .env("SWITCHYARD", BIN)
-        .env("HOME", m.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    git_as_hook(
+        &m.addr.to_string(),
+        &m.dir.path().join("widgets.git"),
+        m.dir.path(),
+        cwd,
+        args,
+    )
 }
 
 const CHECKOUT: &str = r#"

@@ -509,30 +509,13 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
     let addr = listening_addr(&p);
 
     let git = |cwd: &std::path::Path, args: &[&str]| {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.name=Ada",
-                "-c",
-                "user.email=ada@example.org",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(cwd)
-            .env("SWITCHYARD_MASTER", &addr)
-            .env("SWITCHYARD_USER", "hook")
-            .env("SWITCHYARD_PASSWORD", "hook-pw")
-            .env("SWITCHYARD_REPOSITORY", "widgets")
-            .env("SWITCHYARD", BIN)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+        git_as_hook(
+            &addr,
+            std::path::Path::new("widgets"),
+            dir.path(),
+            cwd,
+            args,
+        )
     };
     let bare = dir.path().join("widgets.git");
     let work = dir.path().join("work");
@@ -749,11 +732,7 @@ async fn a_refused_flood_is_logged_once_per_address() {
 #[test]
 fn the_interactive_console_logs_in_again_after_a_master_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let admin: UserSpec = ("admin", "admin-pw", &["debug"]);
     std::fs::write(
         dir.path().join("master.toml"),

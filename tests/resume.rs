@@ -268,11 +268,7 @@ async fn master_and_worker_processes(
     grace: &str,
 ) -> (tempfile::TempDir, Reaped, String, Reaped) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let users = [HOOK, ADMIN];
     let master = format!("heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"{grace}\"");
     let config = config_text(&master, &users).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))

@@ -596,3 +596,45 @@ pub async fn debug_cli(
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
+
+/// A port on 127.0.0.1 that was free a moment ago (for a master that must
+/// come back on the same address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs git in `cwd` as Ada, with `examples/post-receive`'s settings: the
+/// master at `master`, user `hook`, `repository` as the change's
+/// repository, `home` as HOME. Returns stdout and stderr; fails the test if
+/// git fails.
+pub fn git_as_hook(
+    master: &str,
+    repository: &std::path::Path,
+    home: &std::path::Path,
+    cwd: &std::path::Path,
+    args: &[&str],
+) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=Ada", "-c", "user.email=ada@example.org"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(cwd)
+        .env("SWITCHYARD_MASTER", master)
+        .env("SWITCHYARD_USER", "hook")
+        .env("SWITCHYARD_PASSWORD", "hook-pw")
+        .env("SWITCHYARD_REPOSITORY", repository)
+        .env("SWITCHYARD", BIN)
+        .env("HOME", home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
