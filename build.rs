@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Output chunks are handed on and kept until acknowledged: share them
     // instead of copying.
     config.bytes([".switchyard.v1.StepOutput.data"]);
+    // A step secret's value never reaches a log through `{:?}`: its Debug
+    // is written by hand (in lib.rs) and shows the name only.
+    config.skip_debug([".switchyard.v1.StepSecret"]);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("switchyard_descriptor.bin"))
         .compile_with_config(

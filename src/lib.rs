@@ -69,4 +69,10 @@ pub mod proto {
     /// server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));
+
+    impl std::fmt::Debug for StepSecret {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "<secret:{}>", self.name)
+        }
+    }
 }

@@ -169,6 +169,7 @@ impl Master {
         let state = Arc::new(StateDb::open(&config.state_path)?);
         let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET)?);
         mock.set_iterations_like(secrets.verifiers.values());
+        let build_config = BuildConfig::from_config(&config, secrets.step_secrets.clone());
         let checker = Arc::new(SecretsFileChecker::from_secrets(
             &config.secrets_path,
             secrets,
@@ -183,7 +184,7 @@ impl Master {
             dispatcher
                 .registry()
                 .register(ping::NAME, ServiceOptions::default(), ping::serve)?;
-        let builds = BuildMaster::new(state.clone(), BuildConfig::from_config(&config));
+        let builds = BuildMaster::new(state.clone(), build_config);
         let worker = {
             let builds = builds.clone();
             dispatcher.registry().register(
@@ -399,9 +400,10 @@ impl Master {
             drain_removed_workers: new.drain_removed_workers,
             new_passwords,
         };
-        report.builds = self
-            .builds
-            .reconfigure(BuildConfig::from_config(&new), &opts);
+        report.builds = self.builds.reconfigure(
+            BuildConfig::from_config(&new, secrets.step_secrets.clone()),
+            &opts,
+        );
 
         // A draining worker keeps its session, and so its verifier, until its
         // builds end.

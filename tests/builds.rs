@@ -696,6 +696,107 @@ async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
     m.stop().await;
 }
 
+const SECRET: &str = "s3cr3t-Tok3n-42";
+
+const SECRETS: &str = r#"
+[[builder]]
+name = "deploy"
+workers = ["w1"]
+[[builder.step]]
+name = "whole"
+shell = "echo token=%(secret:token)s; echo on stderr %(secret:token)s >&2"
+[[builder.step]]
+name = "split"
+env = { T = "%(secret:token)s" }
+shell = "printf '%s' \"$T\" | head -c 6; sleep 0.5; printf '%s\\n' \"$T\" | tail -c +7; printf 's3cr3t-'"
+[[builder.step]]
+name = "clone"
+git = { repository = "/nowhere/%(secret:token)s.git", mode = "full" }
+
+[[scheduler]]
+name = "all"
+builders = ["deploy"]
+"#;
+
+#[tokio::test]
+async fn a_step_secret_is_masked_in_logs_and_never_stored() {
+    let m = master_with_secrets(
+        &[("w1", "w1-pw", 1)],
+        SECRETS,
+        &format!("\n[step_secrets]\ntoken = {SECRET:?}\n"),
+    )
+    .await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "failure", "the git step's repository is absent");
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    // Printed whole, on both streams.
+    let whole = log_text(&m, b.id, 0).await;
+    assert!(whole.contains("token=<secret:token>\n"), "{whole}");
+    assert!(whole.contains("on stderr <secret:token>\n"), "{whole}");
+    // Printed in two writes half a second apart (two output chunks), then a
+    // prefix of it at the very end, which is no secret and is kept.
+    assert_eq!(log_text(&m, b.id, 1).await, "<secret:token>\ns3cr3t-");
+    // git's own message, with the secret in the URL masked.
+    let clone = log_text(&m, b.id, 2).await;
+    assert!(clone.contains("/nowhere/<secret:token>.git"), "{clone}");
+    assert!(!clone.contains(SECRET), "{clone}");
+    assert_eq!(b.steps[2].result.as_deref(), Some("failure"));
+    // Nowhere in what the master stored, nor in what the console shows.
+    let shown = debug_cli(
+        &m,
+        ADMIN.0,
+        ADMIN.1,
+        &["build", &b.id.to_string(), "--json"],
+    )
+    .await
+    .unwrap();
+    assert!(
+        shown.contains("deploy") && !shown.contains(SECRET),
+        "{shown}"
+    );
+    for entry in std::fs::read_dir(m.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains("state.sqlite") {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_mask_gets_no_secret() {
+    let m = master_with_secrets(
+        &[("w1", "w1-pw", 1)],
+        &(one_step_builder("deploy", "whole", "echo %(secret:token)s")
+            + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"deploy\"]\n"),
+        &format!("\n[step_secrets]\ntoken = {SECRET:?}\n"),
+    )
+    .await;
+    // An old worker: its hello does not say it masks secrets.
+    let (_id, _task) = fake_worker(&m, "w1", "w1-pw", true).await;
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "failure");
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert!(
+        b.steps[0].detail.contains("cannot mask step secrets"),
+        "{}",
+        b.steps[0].detail
+    );
+    m.stop().await;
+}
+
 /// Runs git in `cwd` as Ada, with the hook's settings for `m`.
 fn git(m: &TestMaster, cwd: &std::path::Path, args: &[&str]) -> String {
     git_as_hook(

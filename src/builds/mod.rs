@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BuilderConfig, Config, SchedulerConfig, WorkerConfig};
+use crate::config::{BuilderConfig, Config, SchedulerConfig, StepSecrets, WorkerConfig};
 use crate::proto::{DebugEvent, debug_event};
 use crate::state::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
 
@@ -54,6 +54,8 @@ pub struct BuildConfig {
     pub workers: BTreeMap<String, WorkerConfig>,
     pub builders: BTreeMap<String, BuilderConfig>,
     pub schedulers: BTreeMap<String, SchedulerConfig>,
+    /// `[step_secrets]` of the secrets file.
+    pub step_secrets: StepSecrets,
 }
 
 impl Default for BuildConfig {
@@ -63,17 +65,19 @@ impl Default for BuildConfig {
             workers: BTreeMap::new(),
             builders: BTreeMap::new(),
             schedulers: BTreeMap::new(),
+            step_secrets: StepSecrets::default(),
         }
     }
 }
 
 impl BuildConfig {
-    pub fn from_config(c: &Config) -> Self {
+    pub fn from_config(c: &Config, step_secrets: StepSecrets) -> Self {
         BuildConfig {
             reconnect_grace: c.worker_reconnect_grace,
             workers: c.workers.clone(),
             builders: c.builders.clone(),
             schedulers: c.schedulers.clone(),
+            step_secrets,
         }
     }
 }

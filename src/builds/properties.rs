@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::StepSecrets;
 use crate::config::template::{self, TemplateError};
 
 /// Where a property came from, in the order sources apply.
@@ -77,10 +78,15 @@ impl Properties {
         self.0.is_empty()
     }
 
-    /// Fills a step field from these properties; with `shell`, every value
-    /// goes in shell-quoted.
-    pub fn render(&self, template: &str, shell: bool) -> Result<String, TemplateError> {
-        template::render(template, |n| self.get(n), shell)
+    /// Fills a step field from these properties and `secrets`; with
+    /// `shell`, every value goes in shell-quoted.
+    pub fn render(
+        &self,
+        template: &str,
+        secrets: &StepSecrets,
+        shell: bool,
+    ) -> Result<String, TemplateError> {
+        template::render(template, |n| self.get(n), |n| secrets.get(n), shell)
     }
 }
 
@@ -95,9 +101,14 @@ mod tests {
         p.set("branch", "release", Source::Force);
         p.set("branch", "ignored", Source::Change);
         assert_eq!(p.get("branch"), Some("release"));
-        assert_eq!(p.render("b=%(prop:branch)s", false).unwrap(), "b=release");
         assert_eq!(
-            p.render("echo %(prop:branch)s", true).unwrap(),
+            p.render("b=%(prop:branch)s", &StepSecrets::default(), false)
+                .unwrap(),
+            "b=release"
+        );
+        assert_eq!(
+            p.render("echo %(prop:branch)s", &StepSecrets::default(), true)
+                .unwrap(),
             "echo 'release'"
         );
     }

@@ -248,43 +248,77 @@ const PROPERTY_ENV: &[(&str, &str)] = &[
 /// shell-quoted in a `shell` step), workdir, and the environment: the
 /// `SWITCHYARD_*` variables, its worker's `[[worker]] env`, then the
 /// step's own `env` (which wins). The worker adds these to the few
-/// variables it passes from its own environment (see the README).
-type RenderedStep = (
-    Vec<String>,
-    String,
-    std::collections::HashMap<String, String>,
-);
+/// variables it passes from its own environment (see the README). With
+/// them, the values of the secrets the step names, for the worker to mask.
+struct RenderedStep {
+    argv: Vec<String>,
+    workdir: String,
+    env: std::collections::HashMap<String, String>,
+    secrets: Vec<crate::proto::StepSecret>,
+}
+
+/// Fills templates from a build's properties and the step secrets, and
+/// remembers which secrets it filled in.
+struct Fill<'a> {
+    props: &'a Properties,
+    secrets: &'a crate::config::StepSecrets,
+    used: std::collections::BTreeSet<String>,
+}
+
+impl Fill<'_> {
+    fn text(&mut self, template: &str, shell: bool) -> Result<String, String> {
+        for name in crate::config::template::secrets_in(template) {
+            self.used.insert(name.to_string());
+        }
+        self.props
+            .render(template, self.secrets, shell)
+            .map_err(|e| e.to_string())
+    }
+
+    fn secrets(&self) -> Vec<crate::proto::StepSecret> {
+        self.used
+            .iter()
+            .filter_map(|n| {
+                Some(crate::proto::StepSecret {
+                    name: n.clone(),
+                    value: self.secrets.get(n)?.as_bytes().to_vec(),
+                })
+            })
+            .collect()
+    }
+}
 
 /// The script a git step runs on the worker (values shell-quoted): make
 /// the directory a repository when it is not one, fetch every branch, check
 /// out exactly the revision (or the head of the branch), clean in `full`
-/// mode, and print `got_revision=SHA`.
-fn git_script(g: &crate::config::GitStep, props: &Properties) -> Result<Vec<String>, String> {
+/// mode, and print `got_revision=SHA`. The repository's URL (which may hold
+/// a secret) is handed to git in its environment, as the URL of a remote
+/// named `switchyard` (`GIT_CONFIG_COUNT`, git 2.31 or later), never on a
+/// command line, which every user of the worker's machine can read.
+fn git_script(g: &crate::config::GitStep, fill: &mut Fill<'_>) -> Result<GitScript, String> {
     use crate::config::template::shell_quote as q;
-    let render = |t: &str| props.render(t, false).map_err(|e| e.to_string());
-    let repository = render(&g.repository)?;
+    let repository = fill.text(&g.repository, false)?;
     let branch = match &g.branch {
-        Some(b) => render(b)?,
-        None => props.get("branch").unwrap_or_default().to_string(),
+        Some(b) => fill.text(b, false)?,
+        None => fill.props.get("branch").unwrap_or_default().to_string(),
     };
     let revision = match &g.revision {
-        Some(r) => render(r)?,
-        None => props.get("revision").unwrap_or_default().to_string(),
+        Some(r) => fill.text(r, false)?,
+        None => fill.props.get("revision").unwrap_or_default().to_string(),
     };
     if revision.is_empty() && branch.is_empty() {
         return Err("the git step has no revision and no branch to check out".into());
     }
     let depth = g.depth.map(|d| format!(" --depth {d}")).unwrap_or_default();
     let mut script = format!(
-        "set -e\nrepo={}\nrev={}\nbranch={}\n\
+        "set -e\nrev={}\nbranch={}\n\
          [ -d .git ] || git init -q .\n\
-         git fetch -q --force{depth} \"$repo\" '+refs/heads/*:refs/remotes/origin/*'\n\
+         git fetch -q --force{depth} switchyard '+refs/heads/*:refs/remotes/origin/*'\n\
          if [ -n \"$rev\" ]; then\n  \
-           git cat-file -e \"$rev^{{commit}}\" 2>/dev/null || git fetch -q{depth} \"$repo\" \"$rev\"\n  \
+           git cat-file -e \"$rev^{{commit}}\" 2>/dev/null || git fetch -q{depth} switchyard \"$rev\"\n  \
            target=$rev\n\
          else\n  target=refs/remotes/origin/$branch\nfi\n\
          git -c advice.detachedHead=false checkout -q --force --detach \"$target\"\n",
-        q(&repository),
         q(&revision),
         q(&branch)
     );
@@ -295,8 +329,20 @@ fn git_script(g: &crate::config::GitStep, props: &Properties) -> Result<Vec<Stri
         script.push_str("git submodule -q update --init --recursive\n");
     }
     script.push_str("echo \"got_revision=$(git rev-parse HEAD)\"\n");
-    Ok(vec!["sh".into(), "-c".into(), script])
+    Ok((
+        vec!["sh".into(), "-c".into(), script],
+        [
+            ("GIT_CONFIG_COUNT", "1".to_string()),
+            ("GIT_CONFIG_KEY_0", "remote.switchyard.url".to_string()),
+            ("GIT_CONFIG_VALUE_0", repository),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .to_vec(),
+    ))
 }
+
+/// A git step's argv, and the variables it adds to the step's environment.
+type GitScript = (Vec<String>, Vec<(String, String)>);
 
 /// Properties a step set: `NAME=VALUE` lines of its standard output (the
 /// first MiB of it); a git step sets only `got_revision`.
@@ -321,17 +367,10 @@ async fn properties_from_output(
             }
         }
     }
-    let valid = |n: &str| {
-        n.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    };
     String::from_utf8_lossy(&out)
         .lines()
         .filter_map(|l| l.split_once('='))
-        .filter(|(n, _)| valid(n) && (!git || *n == "got_revision"))
+        .filter(|(n, _)| crate::config::valid_property_name(n) && (!git || *n == "got_revision"))
         .map(|(n, v)| (n.to_string(), v.trim_end_matches('\r').to_string()))
         .collect()
 }
@@ -342,39 +381,35 @@ fn render_step(
     config: &super::BuildConfig,
     worker: &str,
 ) -> Result<RenderedStep, String> {
-    if let Some(g) = &step.git {
-        let argv = git_script(g, props)?;
-        let (_, workdir, env) = render_step(
-            &crate::config::StepConfig {
-                git: None,
-                argv: Vec::new(),
-                ..step.clone()
-            },
-            props,
-            config,
-            worker,
-        )?;
-        return Ok((argv, workdir, env));
-    }
-    let argv = step
-        .argv
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            // `sh -c LINE`: only LINE is a template, and its values are quoted.
-            let shell = step.shell && i == 2;
-            if step.shell && i < 2 {
-                Ok(a.clone())
-            } else {
-                props.render(a, shell)
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let mut fill = Fill {
+        props,
+        secrets: &config.step_secrets,
+        used: Default::default(),
+    };
+    let (argv, git_env) = match &step.git {
+        Some(g) => git_script(g, &mut fill)?,
+        None => (
+            step.argv
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    // `sh -c LINE`: only LINE is a template, and its values are quoted.
+                    let shell = step.shell && i == 2;
+                    if step.shell && i < 2 {
+                        Ok(a.clone())
+                    } else {
+                        fill.text(a, shell)
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Vec::new(),
+        ),
+    };
     let workdir = match &step.workdir {
         None => String::new(),
         Some(w) => {
-            let w = props.render(w, false).map_err(|e| e.to_string())?;
+            // No secret here: the config refuses them in paths.
+            let w = fill.text(w, false)?;
             let inside = std::path::Path::new(&w).components().all(|c| {
                 matches!(
                     c,
@@ -397,12 +432,15 @@ fn render_step(
         env.extend(w.env.clone());
     }
     for (k, v) in &step.env {
-        env.insert(
-            k.clone(),
-            props.render(v, false).map_err(|e| e.to_string())?,
-        );
+        env.insert(k.clone(), fill.text(v, false)?);
     }
-    Ok((argv, workdir, env))
+    env.extend(git_env);
+    Ok(RenderedStep {
+        argv,
+        workdir,
+        env,
+        secrets: fill.secrets(),
+    })
 }
 
 /// Where a build picks up: from its first step, or (after the master
@@ -513,7 +551,22 @@ pub(super) async fn run_build(
             step: step.name.clone(),
             attempt,
         }));
-        let (argv, workdir, env) = match render_step(step, &props, &inner.config(), &worker) {
+        let rendered = render_step(step, &props, &inner.config(), &worker).and_then(|r| {
+            // A worker that cannot mask secrets never gets one.
+            match bm.link_of(&worker) {
+                Some(l) if !r.secrets.is_empty() && !l.hello.masks_secrets => Err(format!(
+                    "worker {worker} (version {}) cannot mask step secrets in its output; upgrade it",
+                    l.hello.version
+                )),
+                _ => Ok(r),
+            }
+        });
+        let RenderedStep {
+            argv,
+            workdir,
+            env,
+            secrets,
+        } = match rendered {
             Ok(r) => r,
             Err(why) => {
                 // The step cannot be what it says: it fails, with why.
@@ -550,6 +603,7 @@ pub(super) async fn run_build(
             env,
             workdir,
             timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+            secrets,
         };
         // A step carried over from before a restart is already running (or
         // finished) on its worker: it is re-attached, not sent again.

@@ -325,6 +325,9 @@ pub(crate) struct Builds {
     pub(crate) worker_at: BTreeMap<String, usize>,
     pub(crate) builders: BTreeMap<String, BuilderConfig>,
     pub(crate) schedulers: BTreeMap<String, SchedulerConfig>,
+    /// Each `%(secret:NAME)s` a step uses and where (a byte offset), to be
+    /// checked against the secrets file.
+    pub(crate) secret_at: BTreeMap<String, usize>,
 }
 
 /// A relative path that stays inside the builder's directory.
@@ -341,6 +344,16 @@ fn safe_relative(p: &str) -> bool {
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A name a step's environment may hold: not empty, no `=`, no NUL.
+/// A property's (or step secret's) name: a letter or `_`, then letters,
+/// digits, `_`, `.` or `-`.
+pub fn valid_property_name(n: &str) -> bool {
+    n.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 pub(crate) fn valid_env_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['=', '\0'])
 }
@@ -378,6 +391,7 @@ pub(crate) fn validate(
     raw_schedulers: &[RawScheduler],
     users: &BTreeMap<String, BTreeSet<String>>,
 ) -> Result<Builds, ConfigError> {
+    let mut secret_at = BTreeMap::new();
     let mut seen = BTreeMap::new();
     let mut workers = BTreeMap::new();
     for w in raw_workers {
@@ -514,6 +528,9 @@ pub(crate) fn validate(
                         if let Err(e) = super::template::check(text) {
                             return c.err(g.span(), "builder.step.git", e);
                         }
+                        for name in super::template::secrets_in(text) {
+                            secret_at.entry(name.to_string()).or_insert(g.span().start);
+                        }
                     }
                     Some(GitStep {
                         repository: raw.repository.clone(),
@@ -646,6 +663,17 @@ pub(crate) fn validate(
                 if let Err(e) = super::template::check(text) {
                     return c.err(at, key, e);
                 }
+                for name in super::template::secrets_in(text) {
+                    if key == "builder.step.workdir" {
+                        // A directory name is on disk and in the worker's log.
+                        return c.err(
+                            at,
+                            key,
+                            format_args!("`%(secret:{name})s`: a secret cannot be part of a path"),
+                        );
+                    }
+                    secret_at.entry(name.to_string()).or_insert(at.start);
+                }
             }
             steps.push(StepConfig {
                 name: sname.clone(),
@@ -774,6 +802,7 @@ pub(crate) fn validate(
         worker_at,
         builders,
         schedulers,
+        secret_at,
     })
 }
 

@@ -19,8 +19,9 @@ pub mod template;
 
 pub use builds::{
     BuilderConfig, GitMode, GitStep, Nightly, OnLost, SchedulerConfig, StepConfig, WorkerConfig,
+    valid_property_name,
 };
-pub use secrets::{Secrets, SecretsFileChecker};
+pub use secrets::{MIN_STEP_SECRET, Secrets, SecretsFileChecker, StepSecrets};
 
 use crate::auth::ThrottleConfig;
 use crate::limits::Limits;
@@ -148,7 +149,8 @@ pub struct Loaded {
 /// the config file and line: an empty or truncated secrets file must not log
 /// everybody out), and a verifier for a name the config does not know is a
 /// warning naming the secrets file's line (a typo). To disable someone,
-/// remove them from the config.
+/// remove them from the config. Every `%(secret:NAME)s` a step uses must be
+/// in `[step_secrets]` (else an error naming the config line).
 pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigError> {
     let text = read(path)?;
     let config = Config::parse(path, &text)?;
@@ -201,6 +203,19 @@ fn check_verifiers(
             ));
         }
     }
+    for (name, &at) in &config.secret_at {
+        if !secrets.step_secrets.contains(name) {
+            return Err(ConfigError::at(
+                &config.path,
+                text,
+                at,
+                format!(
+                    "`%(secret:{name})s`: the secrets file {} has no `{name}` in [step_secrets]",
+                    config.secrets_path.display()
+                ),
+            ));
+        }
+    }
     let mut unknown: Vec<(usize, &str)> = secrets
         .verifiers
         .keys()
@@ -233,6 +248,9 @@ pub struct Config {
     /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
     /// errors found later, against the secrets file.
     pub defined_at: BTreeMap<String, usize>,
+    /// Each `%(secret:NAME)s` the steps use, and where (a byte offset): every
+    /// one must be in the secrets file's `[step_secrets]`.
+    pub secret_at: BTreeMap<String, usize>,
     /// The SQLite database holding changes, builds and the master's secrets.
     pub state_path: PathBuf,
     /// A worker removed by a reload finishes its current builds first.
@@ -491,6 +509,7 @@ impl Config {
                 at.extend(builds.worker_at);
                 at
             },
+            secret_at: builds.secret_at,
             state_path,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
             worker_reconnect_grace: c.duration(
@@ -513,6 +532,66 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/sy/master.toml"), text)
+    }
+
+    /// Writes a config with one worker and one builder whose step is
+    /// `step`, and a secrets file with `step_secrets`, then loads both.
+    fn load_step(step: &str, step_secrets: &str) -> Result<Loaded, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let v = crate::auth::Verifier::from_password(b"pw", 4096)
+            .unwrap()
+            .encode();
+        std::fs::write(
+            dir.path().join("master.toml"),
+            format!(
+                "[master]\nsecrets = \"secrets.toml\"\n\n[[worker]]\nname = \"w1\"\n\n\
+                 [[builder]]\nname = \"b\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"s\"\n{step}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("secrets.toml"),
+            format!("[verifiers]\nw1 = {v:?}\n\n[step_secrets]\n{step_secrets}"),
+        )
+        .unwrap();
+        load_with_secrets(&dir.path().join("master.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn step_secrets_are_checked_against_the_secrets_file() {
+        let ok = load_step(
+            "shell = \"deploy --token %(secret:token)s\"",
+            "token = \"abcd-1234\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.secrets.step_secrets.get("token"), Some("abcd-1234"));
+        // Debug shows names, never values.
+        assert!(!format!("{:?}", ok.secrets).contains("abcd-1234"));
+        let e = load_step(
+            "shell = \"deploy %(secret:tokn)s\"",
+            "token = \"abcd-1234\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("master.toml:12:") && e.contains("no `tokn` in [step_secrets]"),
+            "{e}"
+        );
+        let e = load_step(
+            "shell = \"true\"\nworkdir = \"out/%(secret:token)s\"",
+            "token = \"abcd-1234\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("builder.step.workdir") && e.contains("cannot be part of a path"),
+            "{e}"
+        );
+        let e = load_step("shell = \"true\"", "token = \"abc\"\n").unwrap_err();
+        assert!(
+            e.contains("secrets.toml:5:") && e.contains("shorter than 4 bytes"),
+            "{e}"
+        );
+        let e = load_step("shell = \"echo %(secret:token:-x)s\"", "").unwrap_err();
+        assert!(e.contains("a secret cannot have"), "{e}");
     }
 
     #[test]

@@ -13,15 +13,50 @@ use toml::Spanned;
 use super::{ConfigError, read};
 use crate::auth::{Capability, Checker, CheckerError, InMemoryChecker, Verifier};
 
-/// The secrets file: `[verifiers]` mapping each user to its SCRAM verifier.
-/// It holds no passwords, but it should still be readable by the master
-/// alone: a verifier lets an attacker run an offline guessing attack.
+/// The secrets file: `[verifiers]` mapping each user to its SCRAM verifier,
+/// and `[step_secrets]`, the values steps use through `%(secret:NAME)s`.
+/// Verifiers are no passwords, but the file should still be readable by the
+/// master alone: a verifier lets an attacker run an offline guessing
+/// attack, and step secrets are plain values.
 #[derive(Clone, Debug, Default)]
 pub struct Secrets {
     pub verifiers: std::collections::HashMap<String, Verifier>,
     /// The line of the file each verifier is on (for warnings about names
     /// the config does not know).
     pub lines: std::collections::HashMap<String, usize>,
+    pub step_secrets: StepSecrets,
+}
+
+/// `[step_secrets]`: name to value. A value goes to a worker only inside a
+/// step that names it, is never stored, and is masked in that step's
+/// output. `Debug` shows the names, never the values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StepSecrets(BTreeMap<String, String>);
+
+impl StepSecrets {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    #[cfg(test)]
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        StepSecrets(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+}
+
+impl std::fmt::Debug for StepSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -29,6 +64,8 @@ pub struct Secrets {
 struct RawSecrets {
     #[serde(default)]
     verifiers: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    step_secrets: BTreeMap<String, Spanned<String>>,
 }
 
 impl Secrets {
@@ -70,9 +107,40 @@ impl Secrets {
             })?;
             verifiers.insert(user, verifier);
         }
-        Ok(Secrets { verifiers, lines })
+        let mut step_secrets = BTreeMap::new();
+        for (name, v) in raw.step_secrets {
+            let at = v.span().start;
+            let fail = |why: &str| {
+                Err(ConfigError::at(
+                    path,
+                    text,
+                    at,
+                    format!("key `step_secrets.{name}`: {why}"),
+                ))
+            };
+            if !super::builds::valid_property_name(&name) {
+                return fail("not a valid name (letters, digits, `_`, `.`, `-`)");
+            }
+            let value = v.into_inner();
+            // A short value would be masked wherever its letters appear in
+            // a log, and is no secret anyway.
+            if value.len() < MIN_STEP_SECRET {
+                return fail(&format!(
+                    "is shorter than {MIN_STEP_SECRET} bytes: too short to be a secret or to mask in logs"
+                ));
+            }
+            step_secrets.insert(name, value);
+        }
+        Ok(Secrets {
+            verifiers,
+            lines,
+            step_secrets: StepSecrets(step_secrets),
+        })
     }
 }
+
+/// The shortest `[step_secrets]` value.
+pub const MIN_STEP_SECRET: usize = 4;
 
 #[cfg(unix)]
 fn warn_if_readable_by_others(path: &Path) {

@@ -1,6 +1,7 @@
 //! Buildbot's interpolation syntax in step fields: `%(prop:NAME)s`,
 //! `%(prop:NAME:-default)s` (the default when unset), `%(prop:NAME:+text)s`
-//! (the text when set, else nothing). A `%` not followed by `(` is itself,
+//! (the text when set, else nothing), and `%(secret:NAME)s` (a value of the
+//! secrets file's `[step_secrets]`). A `%` not followed by `(` is itself,
 //! and `%%(` is a literal `%(`, so `date +%Y` needs no escaping. Values are
 //! data, never code: in a `shell` line each interpolated value goes in
 //! single-quoted. The syntax is checked when the config is read; values are
@@ -13,8 +14,10 @@ pub enum TemplateError {
     Malformed { at: usize, why: &'static str },
     #[error("the build has no property `{0}` (give a default: %(prop:{0}:-default)s)")]
     Missing(String),
-    #[error("%(secret:{0})s: step secrets are not supported by this version")]
-    Secret(String),
+    #[error("no step secret `{0}` (add it to `[step_secrets]` in the secrets file)")]
+    MissingSecret(String),
+    #[error("a secret cannot have `:-` or `:+` (write %(secret:NAME)s)")]
+    SecretAlternative,
 }
 
 /// One piece of a template.
@@ -26,6 +29,7 @@ enum Piece<'a> {
         /// `:-default` or `:+if_set`.
         alt: Option<(char, &'a str)>,
     },
+    Secret(&'a str),
 }
 
 fn parse(template: &str) -> Result<Vec<Piece<'_>>, TemplateError> {
@@ -85,7 +89,8 @@ fn parse(template: &str) -> Result<Vec<Piece<'_>>, TemplateError> {
         }
         match kind {
             "prop" => pieces.push(Piece::Prop { name, alt }),
-            "secret" => return Err(TemplateError::Secret(name.to_string())),
+            "secret" if alt.is_some() => return Err(TemplateError::SecretAlternative),
+            "secret" => pieces.push(Piece::Secret(name)),
             _ => {
                 return Err(TemplateError::Malformed {
                     at,
@@ -106,16 +111,33 @@ pub fn check(template: &str) -> Result<(), TemplateError> {
     parse(template).map(|_| ())
 }
 
+/// The secrets a (well-formed) template names, in order.
+pub fn secrets_in(template: &str) -> Vec<&str> {
+    parse(template)
+        .map(|pieces| {
+            pieces
+                .into_iter()
+                .filter_map(|p| match p {
+                    Piece::Secret(name) => Some(name),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Quotes a value for `sh`: one single-quoted word, whatever it holds.
 pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// Fills a template from `props`. With `shell`, every interpolated value is
-/// shell-quoted (it is data, never code).
-pub fn render<'a>(
+/// Fills a template: properties from `lookup`, secrets from `secret`. With
+/// `shell`, every interpolated value is shell-quoted (it is data, never
+/// code).
+pub fn render<'a, 'b>(
     template: &str,
     lookup: impl Fn(&str) -> Option<&'a str>,
+    secret: impl Fn(&str) -> Option<&'b str>,
     shell: bool,
 ) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(template.len());
@@ -132,6 +154,9 @@ pub fn render<'a>(
                 (None, Some(_)) => String::new(),
                 (None, None) => return Err(TemplateError::Missing(name.to_string())),
             },
+            Piece::Secret(name) => secret(name)
+                .ok_or_else(|| TemplateError::MissingSecret(name.to_string()))?
+                .to_string(),
         };
         if shell {
             out.push_str(&shell_quote(&value));
@@ -145,6 +170,14 @@ pub fn render<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(
+        template: &str,
+        props: impl Fn(&str) -> Option<&'static str>,
+        shell: bool,
+    ) -> Result<String, TemplateError> {
+        super::render(template, props, |_| None, shell)
+    }
 
     fn props() -> impl Fn(&str) -> Option<&'static str> + Copy {
         |name| match name {
@@ -190,10 +223,25 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(matches!(
-            check("%(secret:token)s"),
-            Err(TemplateError::Secret(_))
-        ));
+        assert_eq!(
+            check("%(secret:token:-x)s"),
+            Err(TemplateError::SecretAlternative)
+        );
         assert!(check("plain text, 100% fine").is_ok());
+    }
+
+    #[test]
+    fn secrets_are_named_and_filled_in() {
+        let t = "git clone https://ci:%(secret:token)s@h/r %(prop:branch)s";
+        assert_eq!(secrets_in(t), vec!["token"]);
+        let secret = |n: &str| (n == "token").then_some("s3cr3t");
+        assert_eq!(
+            super::render(t, props(), secret, true).unwrap(),
+            "git clone https://ci:'s3cr3t'@h/r 'release'"
+        );
+        assert_eq!(
+            super::render("%(secret:other)s", props(), secret, false),
+            Err(TemplateError::MissingSecret("other".into()))
+        );
     }
 }

@@ -122,6 +122,7 @@ fn hello_info(steps: Vec<HeldStep>) -> WorkerHello {
         version: env!("CARGO_PKG_VERSION").to_string(),
         steps,
         basedir: String::new(),
+        masks_secrets: true,
     }
 }
 
@@ -416,6 +417,7 @@ impl Agent {
                     timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms)),
                     pid_dir: Some(pid_dir(&self.opts.basedir)),
                     supervisor: self.opts.step_supervisor.clone(),
+                    secrets: s.secrets.into_iter().map(|x| (x.name, x.value)).collect(),
                 };
                 tokio::spawn(step::run(spec, tx, interrupt));
                 accepted

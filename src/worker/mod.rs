@@ -6,5 +6,6 @@
 pub const SERVICE: &str = "worker";
 
 pub mod agent;
+mod mask;
 mod spool;
 pub mod step;

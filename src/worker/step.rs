@@ -18,6 +18,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::mask::Masker;
 use crate::proto::OutputStream;
 
 /// Bytes read from a pipe at once (and so the largest output chunk).
@@ -92,6 +93,15 @@ pub struct StepSpec {
     /// A program that runs `__step --parent PID -- ARGV...` as the step's
     /// supervisor (see [`supervise`]): the `switchyard` binary itself.
     pub supervisor: Option<PathBuf>,
+    /// Step secrets (name, value) its argv or env hold: replaced by
+    /// `<secret:NAME>` in its output and start error (see [`Masker`]).
+    pub secrets: Vec<(String, Vec<u8>)>,
+}
+
+impl StepSpec {
+    fn masker(&self) -> Option<Masker> {
+        Masker::new(self.secrets.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+    }
 }
 
 /// The step's supervisor: run by the worker as the leader of the step's
@@ -204,22 +214,41 @@ async fn pump(
     stream: OutputStream,
     step_id: Vec<u8>,
     events: mpsc::Sender<StepEvent>,
+    mut masker: Option<Masker>,
 ) {
     let mut buf = vec![0u8; CHUNK];
+    let send = |data: bytes::Bytes| {
+        let ev = StepEvent::Output {
+            step_id: step_id.clone(),
+            stream,
+            data,
+        };
+        events.send(ev)
+    };
     loop {
-        match pipe.read(&mut buf).await {
+        let data = match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let ev = StepEvent::Output {
-                    step_id: step_id.clone(),
-                    stream,
-                    data: bytes::Bytes::copy_from_slice(&buf[..n]),
-                };
-                if events.send(ev).await.is_err() {
-                    break;
-                }
+            Ok(n) => match masker.as_mut() {
+                None => bytes::Bytes::copy_from_slice(&buf[..n]),
+                Some(m) => m.feed(&buf[..n]).into(),
+            },
+        };
+        // Masked output can outgrow a chunk (a short secret replaced
+        // many times): it goes in chunks of at most CHUNK bytes.
+        let mut data = data;
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(CHUNK));
+            if send(piece).await.is_err() {
+                return;
             }
         }
+    }
+    if let Some(rest) = masker
+        .as_mut()
+        .map(Masker::finish)
+        .filter(|r| !r.is_empty())
+    {
+        let _ = send(rest.into()).await;
     }
 }
 
@@ -228,7 +257,10 @@ async fn pump(
 pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: CancellationToken) {
     let finish = |end: StepEnd, timed_out: bool, interrupted: bool| StepEvent::Finished {
         step_id: spec.step_id.clone(),
-        end,
+        end: match (end, spec.masker()) {
+            (StepEnd::StartFailed(e), Some(mut m)) => StepEnd::StartFailed(m.mask_text(&e)),
+            (end, _) => end,
+        },
         timed_out,
         interrupted,
     };
@@ -299,6 +331,7 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
             OutputStream::Stdout,
             spec.step_id.clone(),
             events.clone(),
+            spec.masker(),
         ))
     });
     let err = child.stderr.take().map(|p| {
@@ -307,6 +340,7 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
             OutputStream::Stderr,
             spec.step_id.clone(),
             events.clone(),
+            spec.masker(),
         ))
     });
 

@@ -312,6 +312,16 @@ pub fn worker(m: &TestMaster, name: &str, password: &str) -> Reaped {
 /// Starts a master whose config has these workers (name, password,
 /// max_builds) and this extra TOML (builders, schedulers).
 pub async fn master_with(workers: &[(&str, &str, u32)], builds_toml: &str) -> TestMaster {
+    master_with_secrets(workers, builds_toml, "").await
+}
+
+/// [`master_with`], and `extra_secrets` appended to the secrets file (e.g.
+/// a `[step_secrets]` table).
+pub async fn master_with_secrets(
+    workers: &[(&str, &str, u32)],
+    builds_toml: &str,
+    extra_secrets: &str,
+) -> TestMaster {
     let users = [HOOK, ADMIN];
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_text("heartbeat_interval = \"1s\"", &users);
@@ -324,6 +334,7 @@ pub async fn master_with(workers: &[(&str, &str, u32)], builds_toml: &str) -> Te
     let mut secrets = secrets_text(&users);
     let worker_specs: Vec<UserSpec> = workers.iter().map(|(n, p, _)| (*n, *p, &[][..])).collect();
     secrets.push_str(secrets_text(&worker_specs).trim_start_matches("[verifiers]\n"));
+    secrets.push_str(extra_secrets);
     std::fs::write(dir.path().join("master.toml"), config).unwrap();
     std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
     TestMaster::start_in(dir).await
