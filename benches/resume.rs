@@ -135,6 +135,7 @@ async fn check_last_build(addr: &str) -> bool {
         .log(req(LogRequest {
             build: b.id,
             step: "lines".into(),
+            ..Default::default()
         }))
         .await
         .unwrap()

@@ -35,6 +35,21 @@ workers = ["w1"]
 [[builder.step]]
 name = "wait"
 shell = "(sleep 5; touch survived) & echo waiting; sleep 60"
+
+[[builder]]
+name = "drip"
+workers = ["w1"]
+[[builder.step]]
+name = "first"
+shell = "echo one; sleep 1; printf 'two, then ' >&2; sleep 0.2; echo three"
+[[builder.step]]
+name = "second"
+shell = "sleep 1; echo four"
+
+[[scheduler]]
+name = "features"
+builders = ["quick"]
+branches = ["feature"]
 "#;
 
 async fn start() -> (TestMaster, Reaped) {
@@ -129,16 +144,19 @@ async fn force_status_builds_log_and_json_from_the_console() {
     .await;
     assert!(forced["request_id"].as_i64().unwrap() > 0);
     let build = next_build_started(&mut events).await;
+    // force waited for a worker to start it, and says which build it is.
+    assert_eq!(forced["build"]["id"], build, "{forced}");
+    assert_eq!(forced["build"]["number"], 1);
     assert_eq!(wait_result(&m, build).await, "success");
 
     let status = json(&m, &["status"]).await;
     assert_eq!(status["workers_connected"], 1);
-    assert_eq!(status["builders"], 2);
+    assert_eq!(status["builders"], 3);
     let workers = json(&m, &["workers"]).await;
     assert_eq!(workers[0]["name"], "w1");
     assert_eq!(workers[0]["connected"], true);
     let builders = json(&m, &["builders"]).await;
-    assert_eq!(builders.as_array().unwrap().len(), 2);
+    assert_eq!(builders.as_array().unwrap().len(), 3);
     let builds = json(&m, &["builds", "quick"]).await;
     let b = &builds[0];
     assert_eq!(b["id"], build);
@@ -164,10 +182,23 @@ async fn force_status_builds_log_and_json_from_the_console() {
         text.contains("quick") && text.contains("say:success more:success"),
         "{text}"
     );
+    // A header per step, stderr marked; `--raw` is the bytes alone.
     let log = debug(&m, "admin", "admin-pw", &["log", &build.to_string()])
         .await
         .unwrap();
-    assert_eq!(log, "quick output\nmore output\n");
+    assert_eq!(
+        log,
+        "=== step say ===\nquick output\n=== step more ===\n[stderr] more output\n"
+    );
+    let raw = debug(
+        &m,
+        "admin",
+        "admin-pw",
+        &["log", &build.to_string(), "--raw"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(raw, "quick output\nmore output\n");
     // BUILDER#NUMBER names a build wherever a build is named.
     let by_number = debug(&m, "admin", "admin-pw", &["log", "quick#1"])
         .await
@@ -194,7 +225,7 @@ async fn force_status_builds_log_and_json_from_the_console() {
     )
     .await
     .unwrap();
-    assert_eq!(log, "more output\n");
+    assert_eq!(log, "=== step more ===\n[stderr] more output\n");
 
     // Mistakes are explained, and exit non-zero.
     let err = debug(&m, "admin", "admin-pw", &["force", "nosuch"])
@@ -212,6 +243,118 @@ async fn force_status_builds_log_and_json_from_the_console() {
     // A user without the `debug` grant.
     let err = debug(&m, "hook", "hook-pw", &["status"]).await.unwrap_err();
     assert!(err.contains("NOT_AUTHORIZED"), "{err}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn log_follow_streams_a_running_build_until_it_ends() {
+    let (m, _w) = start().await;
+    // force prints the build once a worker has started it.
+    let forced = debug(&m, "admin", "admin-pw", &["force", "drip"])
+        .await
+        .unwrap();
+    assert!(
+        forced.starts_with("build drip#1 (id ") && forced.contains("started on w1"),
+        "{forced}"
+    );
+    let started = std::time::Instant::now();
+    let log = debug(&m, "admin", "admin-pw", &["log", "drip#1", "-f"])
+        .await
+        .unwrap();
+    // It ran until the build ended (the steps take over two seconds), and
+    // printed everything, stderr marked on a line of its own.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(
+        log,
+        "=== step first ===\none\n[stderr] two, then \nthree\n=== step second ===\nfour\n=== build ended: success ===\n"
+    );
+    let id = m.master.state().build_by_number("drip", 1).await.unwrap();
+    let b = m.master.state().build(id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(b.result.as_deref(), Some("success"));
+    // Following a finished build prints it and its end at once.
+    let again = debug(&m, "admin", "admin-pw", &["log", "drip#1", "--follow"])
+        .await
+        .unwrap();
+    assert_eq!(again, log);
+    // JSON: one object per chunk, then the result.
+    let lines = debug(&m, "admin", "admin-pw", &["--json", "log", "drip#1", "-f"])
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["build_result"], "success");
+    // Without waiting, force says it queued a request.
+    let queued = debug(&m, "admin", "admin-pw", &["force", "drip", "--wait", "0"])
+        .await
+        .unwrap();
+    assert!(
+        queued.starts_with("build request ") && queued.contains("queued"),
+        "{queued}"
+    );
+    let err = debug(
+        &m,
+        "admin",
+        "admin-pw",
+        &["force", "drip", "--wait", "soon"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("--wait must be seconds"), "{err}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_build_shows_its_changes_and_builds_list_in_fitted_columns() {
+    let (m, _w) = start().await;
+    let mut events = m.master.builds().subscribe();
+    push_change(
+        &m,
+        switchyard::proto::Change {
+            repository: "widgets".into(),
+            branch: "feature".into(),
+            revision: "0123456789abcdef0123".into(),
+            author: "Ada <ada@example.org>".into(),
+            comments: "Fix the frobnicator\n\nIt frobbed twice.".into(),
+            files: vec!["src/frob.rs".into(), "README.md".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let build = next_build_started(&mut events).await;
+    assert_eq!(wait_result(&m, build).await, "success");
+    let detail = debug(&m, "admin", "admin-pw", &["build", "quick#1"])
+        .await
+        .unwrap();
+    for want in [
+        "changes:",
+        "0123456789ab on feature by Ada <ada@example.org>",
+        "      Fix the frobnicator",
+        "      It frobbed twice.",
+        "      | src/frob.rs",
+        "      | README.md",
+    ] {
+        assert!(detail.contains(want), "{want:?} missing in:\n{detail}");
+    }
+    let b = json(&m, &["build", "quick#1"]).await;
+    assert_eq!(b[0]["changes"][0]["author"], "Ada <ada@example.org>");
+    assert_eq!(b[0]["changes"][0]["files"][1], "README.md");
+    // Columns as wide as their contents: each header starts where its
+    // values start.
+    let table = debug(&m, "admin", "admin-pw", &["builds"]).await.unwrap();
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let row = lines.next().unwrap();
+    for (column, value) in [
+        ("BRANCH", "feature"),
+        ("REVISION", "0123456789"),
+        ("RESULT", "success"),
+    ] {
+        assert_eq!(header.find(column), row.find(value), "{column}:\n{table}");
+    }
+    assert!(
+        header.contains("STARTED") && header.contains("TOOK"),
+        "{table}"
+    );
+    assert!(row.contains("quick#1  "), "{table}");
     m.stop().await;
 }
 
@@ -488,7 +631,7 @@ shell = "yes 0123456789012345678901234567890123456789012345678901234567890123456
                 id,
                 command: Some(debug_request::Command::Log(LogRequest {
                     build: 1,
-                    step: String::new(),
+                    ..Default::default()
                 })),
             };
             s.stream

@@ -324,7 +324,9 @@ async fn debug_log(addr: &str, build: &serde_json::Value, step: Option<&str>) ->
         "the log",
         tokio::task::spawn_blocking(move || {
             let mut cmd = std::process::Command::new(BIN);
-            cmd.args(["debug", "--master", &addr, "--user", "admin", "log", &id]);
+            cmd.args([
+                "debug", "--master", &addr, "--user", "admin", "log", &id, "--raw",
+            ]);
             cmd.args(step);
             cmd.env("SWITCHYARD_PASSWORD", "admin-pw")
                 .output()

@@ -26,10 +26,14 @@ commands:
   workers                                  configured workers, connected or not
   builders                                 builders, their workers, steps and queue
   builds [BUILDER] [--limit N]             recent builds with their steps
-  build BUILD                              one build: properties with sources, steps
-  log BUILD [STEP]                         a build's output (STEP: name or position)
+  build BUILD                              one build: changes, properties with sources, steps
+  log BUILD [STEP] [-f] [--raw]            a build's output (STEP: name or position), a header
+                                           per step and stderr lines marked `[stderr] `;
+                                           -f (--follow) until a running build ends;
+                                           --raw: the bytes only, as the step wrote them
   force BUILDER [--branch B] [--revision R] [--repository R] [--property NAME=VALUE]...
-                                           request a build
+        [--wait SECONDS]                   request a build, and print it once a worker starts
+                                           it (waits 10 s by default; 0: do not wait)
   stop BUILD                               stop a running build
   hangup WORKER                            hang up a worker's session
   unblock ADDRESS                          forget an address's failed logins
@@ -47,6 +51,23 @@ pub struct Console {
     pub json: bool,
     /// Print builds in detail (the `build` command).
     detail: bool,
+    /// `log --raw`: the log's bytes only.
+    raw: bool,
+    /// Where a log being printed is: the step attempt last printed, and
+    /// whether the output is at the start of a line.
+    log_step: Option<(String, u32)>,
+    log_at_line_start: bool,
+    log_last_stderr: bool,
+}
+
+/// How long `force` waits for its build to start, unless told.
+const DEFAULT_FORCE_WAIT_MS: u32 = 10_000;
+
+/// Removes a flag without a value; says whether it was there.
+fn take_switch(words: &mut Vec<String>, flag: &str) -> bool {
+    let before = words.len();
+    words.retain(|w| w != flag);
+    words.len() != before
 }
 
 fn take_flag(words: &mut Vec<String>, flag: &str) -> Result<Option<String>, String> {
@@ -92,9 +113,21 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
     // would do nothing is an error, not ignored.
     let takes: &[&str] = match cmd.as_str() {
         "builds" => &["--limit"],
-        "force" => &["--branch", "--revision", "--repository", "--property"],
+        "force" => &[
+            "--branch",
+            "--revision",
+            "--repository",
+            "--property",
+            "--wait",
+        ],
+        "log" => &["--follow", "--raw"],
         _ => &[],
     };
+    for w in words.iter_mut() {
+        if w == "-f" {
+            *w = "--follow".into();
+        }
+    }
     if let Some(flag) = words
         .iter()
         .find(|w| w.starts_with("--") && !takes.contains(&w.as_str()))
@@ -109,6 +142,15 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         });
     }
     let limit = take_flag(&mut words, "--limit")?;
+    let follow = take_switch(&mut words, "--follow");
+    take_switch(&mut words, "--raw"); // how the console prints, not what it asks
+    let wait_ms = match take_flag(&mut words, "--wait")? {
+        None => DEFAULT_FORCE_WAIT_MS,
+        Some(w) => match w.parse::<f64>() {
+            Ok(secs) if (0.0..=60.0).contains(&secs) => (secs * 1000.0) as u32,
+            _ => return Err(format!("--wait must be seconds from 0 to 60, not {w:?}")),
+        },
+    };
     let branch = take_flag(&mut words, "--branch")?.unwrap_or_default();
     let revision = take_flag(&mut words, "--revision")?.unwrap_or_default();
     let repository = take_flag(&mut words, "--repository")?.unwrap_or_default();
@@ -148,18 +190,20 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         ("log", 1 | 2) => C::Log(LogRequest {
             build: number(&words[0], "BUILD")?,
             step: words.get(1).cloned().unwrap_or_default(),
+            follow,
         }),
-        ("log", _) => return usage("log BUILD [STEP]"),
+        ("log", _) => return usage("log BUILD [STEP] [-f] [--raw]"),
         ("force", 1) => C::Force(ForceRequest {
             builder: words[0].clone(),
             branch,
             revision,
             repository,
             properties,
+            wait_ms,
         }),
         ("force", _) => {
             return usage(
-                "force BUILDER [--branch B] [--revision R] [--repository R] [--property NAME=VALUE]...",
+                "force BUILDER [--branch B] [--revision R] [--repository R] [--property NAME=VALUE]... [--wait SECONDS]",
             );
         }
         ("stop", 1) => C::Stop(StopRequest {
@@ -206,6 +250,16 @@ pub fn build_json(b: &BuildDetails) -> Value {
         "revision": b.revision,
         "started_unix_ms": b.started_unix_ms,
         "finished_unix_ms": opt_ms(b.finished_unix_ms),
+        "changes": b.changes.iter().map(|c| json!({
+            "id": c.id,
+            "repository": c.repository,
+            "branch": c.branch,
+            "revision": c.revision,
+            "author": c.author,
+            "comments": c.comments,
+            "files": c.files,
+            "when_unix_ms": c.when_unix_ms,
+        })).collect::<Vec<_>>(),
         "steps": b.steps.iter().map(|s| json!({
             "name": s.name,
             "position": s.position,
@@ -293,7 +347,70 @@ impl Console {
             next_id: 1,
             json: false,
             detail: false,
+            raw: false,
+            log_step: None,
+            log_at_line_start: true,
+            log_last_stderr: false,
         })
+    }
+
+    /// Sets how the command in `words` prints (`build` in detail, `log
+    /// --raw` as bytes).
+    fn print_for(&mut self, words: &[String]) {
+        self.detail = words.first().is_some_and(|w| w == "build");
+        self.raw = words.iter().any(|w| w == "--raw");
+        self.log_step = None;
+        self.log_at_line_start = true;
+    }
+
+    /// A piece of a log for a person: a header when a step attempt begins,
+    /// and `[stderr] ` before each line written to standard error (on a
+    /// line of its own). `--raw` prints the bytes alone.
+    fn print_log(&mut self, l: crate::proto::LogReply, out: &mut dyn Write) -> std::io::Result<()> {
+        if !l.build_result.is_empty() {
+            if !self.log_at_line_start {
+                writeln!(out)?;
+            }
+            return writeln!(out, "=== build ended: {} ===", l.build_result);
+        }
+        let step = Some((l.step.clone(), l.attempt));
+        if self.log_step != step {
+            if !self.log_at_line_start {
+                writeln!(out)?;
+            }
+            let attempt = if l.attempt > 1 {
+                format!(" (attempt {})", l.attempt)
+            } else {
+                String::new()
+            };
+            writeln!(out, "=== step {}{attempt} ===", l.step)?;
+            self.log_step = step;
+            self.log_at_line_start = true;
+        }
+        if l.data.is_empty() {
+            return Ok(());
+        }
+        let stderr = l.stream == crate::proto::OutputStream::Stderr as i32;
+        // A line one stream left unfinished ends where the other stream
+        // cuts in, so stdout is never shown as stderr or the reverse.
+        if !self.log_at_line_start && self.log_last_stderr != stderr {
+            writeln!(out)?;
+            self.log_at_line_start = true;
+        }
+        self.log_last_stderr = stderr;
+        if !stderr {
+            out.write_all(&l.data)?;
+            self.log_at_line_start = l.data.ends_with(b"\n");
+            return Ok(());
+        }
+        for line in l.data.split_inclusive(|&b| b == b'\n') {
+            if self.log_at_line_start {
+                out.write_all(b"[stderr] ")?;
+            }
+            out.write_all(line)?;
+            self.log_at_line_start = line.ends_with(b"\n");
+        }
+        Ok(())
     }
 
     /// Turns a `BUILDER#NUMBER` in a command's BUILD position into the
@@ -389,7 +506,7 @@ impl Console {
         }
     }
 
-    fn print(&self, r: debug_reply::Result, out: &mut dyn Write) -> std::io::Result<()> {
+    fn print(&mut self, r: debug_reply::Result, out: &mut dyn Write) -> std::io::Result<()> {
         use debug_reply::Result as R;
         if self.json {
             let v = match r {
@@ -408,11 +525,15 @@ impl Console {
                     "name": b.name, "workers": b.workers, "steps": b.steps, "waiting": b.waiting,
                 })).collect::<Vec<_>>()),
                 R::Builds(b) => json!(b.builds.iter().map(build_json).collect::<Vec<_>>()),
+                R::Log(l) if !l.build_result.is_empty() => json!({"build_result": l.build_result}),
                 R::Log(l) => json!({
                     "step": l.step, "attempt": l.attempt, "stream": crate::worker::agent::stream_name(l.stream),
                     "text": String::from_utf8_lossy(&l.data),
                 }),
-                R::Force(f) => json!({"request_id": f.request_id}),
+                R::Force(f) => json!({
+                    "request_id": f.request_id,
+                    "build": f.build.as_ref().map(build_json),
+                }),
                 R::Reload(r) => json!({"summary": r.summary}),
                 R::Stop(_) | R::Hangup(_) => json!({"ok": true}),
                 R::Unblock(u) => json!({"forgotten": u.forgotten}),
@@ -490,6 +611,33 @@ impl Console {
                         }
                     )?;
                     writeln!(out, "  reason: {}", b.reason)?;
+                    writeln!(
+                        out,
+                        "  started {}, {}",
+                        local_time(b.started_unix_ms),
+                        took(b.started_unix_ms, b.finished_unix_ms)
+                    )?;
+                    if !b.changes.is_empty() {
+                        writeln!(out, "  changes:")?;
+                    }
+                    for c in &b.changes {
+                        let short: String = c.revision.chars().take(12).collect();
+                        writeln!(
+                            out,
+                            "    {} {} on {} by {} at {}",
+                            c.id,
+                            or_dash(&short),
+                            or_dash(&c.branch),
+                            or_dash(&c.author),
+                            local_time(c.when_unix_ms)
+                        )?;
+                        for line in c.comments.lines() {
+                            writeln!(out, "      {line}")?;
+                        }
+                        for f in &c.files {
+                            writeln!(out, "      | {f}")?;
+                        }
+                    }
                     writeln!(out, "  properties:")?;
                     for p in &b.properties {
                         writeln!(out, "    {} = {} ({})", p.name, p.value, p.source)?;
@@ -524,11 +672,21 @@ impl Console {
                 }
             }
             R::Builds(b) => {
-                writeln!(
-                    out,
-                    "{:>6} {:<24} {:<16} {:<10} {:<12} {:<12} STEPS",
-                    "BUILD", "BUILDER#NUMBER", "BRANCH", "REVISION", "WORKER", "RESULT"
-                )?;
+                let mut rows = vec![
+                    [
+                        "BUILD",
+                        "BUILDER#NUMBER",
+                        "BRANCH",
+                        "REVISION",
+                        "STARTED",
+                        "TOOK",
+                        "WORKER",
+                        "RESULT",
+                        "STEPS",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
                 for b in b.builds {
                     let steps: Vec<String> = b
                         .steps
@@ -550,31 +708,39 @@ impl Console {
                             )
                         })
                         .collect();
-                    let result = if b.result.is_empty() {
-                        "running"
-                    } else {
-                        &b.result
-                    };
                     let short: String = b.revision.chars().take(10).collect();
-                    writeln!(
-                        out,
-                        "{:>6} {:<24} {:<16} {:<10} {:<12} {:<12} {}",
-                        b.id,
+                    rows.push(vec![
+                        b.id.to_string(),
                         format!("{}#{}", b.builder, b.number),
-                        or_dash(&b.branch),
-                        or_dash(&short),
-                        b.worker,
-                        result,
-                        steps.join(" ")
-                    )?;
+                        or_dash(&b.branch).to_string(),
+                        or_dash(&short).to_string(),
+                        local_time(b.started_unix_ms),
+                        took(b.started_unix_ms, b.finished_unix_ms),
+                        or_dash(&b.worker).to_string(),
+                        if b.result.is_empty() {
+                            "running".into()
+                        } else {
+                            b.result.clone()
+                        },
+                        steps.join(" "),
+                    ]);
                 }
+                write_table(out, &rows)?;
             }
-            R::Log(l) => out.write_all(&l.data)?,
-            R::Force(f) => writeln!(
-                out,
-                "build request {} queued (a request number, not a build number: `builds` shows the build once a worker starts it)",
-                f.request_id
-            )?,
+            R::Log(l) if self.raw => out.write_all(&l.data)?,
+            R::Log(l) => self.print_log(l, out)?,
+            R::Force(f) => match f.build {
+                Some(b) => writeln!(
+                    out,
+                    "build {}#{} (id {}) started on {} for request {}; follow it with `log {}#{} -f`",
+                    b.builder, b.number, b.id, b.worker, f.request_id, b.builder, b.number
+                )?,
+                None => writeln!(
+                    out,
+                    "build request {} queued; no worker has started it yet (a request number, not a build number: `builds` shows the build once a worker starts it)",
+                    f.request_id
+                )?,
+            },
             R::Reload(r) => writeln!(out, "reloaded: {}", r.summary)?,
             R::Stop(_) => writeln!(out, "stopping")?,
             R::Hangup(_) => writeln!(out, "hung up")?,
@@ -587,6 +753,71 @@ impl Console {
             R::Error(e) => writeln!(out, "error: {e}")?,
         }
         out.flush()
+    }
+}
+
+/// Rows as columns as wide as their widest cell, two spaces apart (the
+/// last column unpadded).
+fn write_table(out: &mut dyn Write, rows: &[Vec<String>]) -> std::io::Result<()> {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(
+                    ' ',
+                    widths[c] - cell.chars().count() + 2,
+                ));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// A moment as the operator's local date and time.
+fn local_time(unix_ms: i64) -> String {
+    use chrono::TimeZone;
+    match chrono::Local.timestamp_millis_opt(unix_ms) {
+        chrono::LocalResult::Single(t) if unix_ms > 0 => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+        _ => "-".into(),
+    }
+}
+
+/// How long something took, or has been running.
+fn took(started_ms: i64, finished_ms: i64) -> String {
+    if started_ms <= 0 {
+        return "-".into();
+    }
+    let end = if finished_ms > 0 {
+        finished_ms
+    } else {
+        chrono::Utc::now().timestamp_millis()
+    };
+    let secs = ((end - started_ms).max(0) as f64) / 1000.0;
+    let text = if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else if secs < 3600.0 {
+        format!("{}m{:02}s", secs as u64 / 60, secs as u64 % 60)
+    } else {
+        format!("{}h{:02}m", secs as u64 / 3600, secs as u64 / 60 % 60)
+    };
+    if finished_ms > 0 {
+        text
+    } else {
+        format!("{text}+")
     }
 }
 
@@ -608,7 +839,7 @@ pub async fn once(
         .map_err(|e| e.to_string())?;
     console.json = json;
     let words = console.resolve(words).await?;
-    console.detail = words.first().is_some_and(|w| w == "build");
+    console.print_for(&words);
     let command = parse(&words)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -674,7 +905,7 @@ pub fn interactive(
             },
             Err(_) => words,
         };
-        console.detail = words.first().is_some_and(|w| w == "build");
+        console.print_for(&words);
         let command = match parse(&words) {
             Ok(c) => c,
             Err(e) => {
@@ -685,13 +916,20 @@ pub fn interactive(
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let again = command.clone();
-        let result = if matches!(command, debug_request::Command::Watch(_)) {
-            // A watch of its own, on a session of its own, that Ctrl-C ends.
+        let endless = match &command {
+            debug_request::Command::Watch(_) => true,
+            debug_request::Command::Log(l) => l.follow,
+            _ => false,
+        };
+        let result = if endless {
+            // A watch (or followed log) on a session of its own, that
+            // Ctrl-C ends.
             rt.block_on(async {
                 let mut watcher = Console::connect(addr, creds)
                     .await
                     .map_err(|e| e.to_string())?;
                 watcher.json = json;
+                watcher.print_for(&words);
                 let ctrl_c = async {
                     let _ = tokio::signal::ctrl_c().await;
                 };

@@ -10,13 +10,15 @@ pub mod console;
 pub mod grpc;
 pub mod service;
 
+use std::time::Duration;
+
 use tokio::sync::{broadcast, mpsc};
 
 use crate::builds::{BuildError, BuildMaster};
 use crate::proto::{
-    BuildDetails, BuilderDetails, BuildersReply, BuildsReply, BuildsRequest, DebugEvent,
-    ForceReply, ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest, OutputStream,
-    StatusReply, StepDetails, StopReply, StopRequest, WorkerDetails, WorkersReply,
+    BuildChange, BuildDetails, BuilderDetails, BuildersReply, BuildsReply, BuildsRequest,
+    DebugEvent, ForceReply, ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest,
+    OutputStream, StatusReply, StepDetails, StopReply, StopRequest, WorkerDetails, WorkersReply,
 };
 use crate::proto::{ReloadReply, UnblockReply, UnblockRequest};
 use crate::state::{BuildRecord, StateError};
@@ -52,6 +54,12 @@ impl From<StateError> for DebugError {
 
 /// Log bytes per reply when streaming a log.
 const LOG_PAGE: usize = 256 * 1024;
+
+/// The longest a `force` waits for its build to start.
+const MAX_FORCE_WAIT: Duration = Duration::from_secs(60);
+
+/// How often a followed log looks for new output of a running build.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// Asks the master to reload; answered with the summary or the error.
 pub type Reloader = mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>;
@@ -104,6 +112,7 @@ fn build_details(b: BuildRecord) -> BuildDetails {
                 on_lost: s.on_lost,
             })
             .collect(),
+        changes: Vec::new(),
     }
 }
 
@@ -209,6 +218,35 @@ impl DebugApi {
         })
     }
 
+    /// One build in detail: with the changes it covers.
+    async fn one_build(&self, id: i64) -> Result<BuildDetails, DebugError> {
+        let state = self.builds.state();
+        let b = state
+            .build(id)
+            .await?
+            .ok_or_else(|| DebugError::NotFound(format!("no build {id}")))?;
+        let mut details = build_details(b);
+        for change in state.build_change_ids(id).await? {
+            if let Some(c) = state.change(change).await? {
+                details.changes.push(BuildChange {
+                    id: c.id,
+                    when_unix_ms: c
+                        .change
+                        .when
+                        .map(|(s, n)| s * 1000 + i64::from(n) / 1_000_000)
+                        .unwrap_or(c.received_ms),
+                    repository: c.change.repository,
+                    branch: c.change.branch,
+                    revision: c.change.revision,
+                    author: c.change.author,
+                    comments: c.change.comments,
+                    files: c.change.files,
+                });
+            }
+        }
+        Ok(details)
+    }
+
     pub async fn builds(&self, req: BuildsRequest) -> Result<BuildsReply, DebugError> {
         // One build, by id or by builder#number.
         let one = match (req.build, req.number) {
@@ -223,14 +261,8 @@ impl DebugApi {
             (id, _) => Some(id),
         };
         if let Some(id) = one {
-            let b = self
-                .builds
-                .state()
-                .build(id)
-                .await?
-                .ok_or_else(|| DebugError::NotFound(format!("no build {id}")))?;
             return Ok(BuildsReply {
-                builds: vec![build_details(b)],
+                builds: vec![self.one_build(id).await?],
             });
         }
         let builder = (!req.builder.is_empty()).then_some(req.builder);
@@ -251,56 +283,82 @@ impl DebugApi {
     }
 
     /// Sends the log of a build (or of one step: its name or position) to
-    /// `out`, page by page, oldest first.
+    /// `out`, page by page, oldest first. With `follow`, a running build's
+    /// output keeps coming until it ends, and the last reply carries its
+    /// result.
     pub async fn log(
         &self,
         req: LogRequest,
         out: mpsc::Sender<LogReply>,
     ) -> Result<(), DebugError> {
-        let build = self
-            .builds
-            .state()
-            .build(req.build)
-            .await?
-            .ok_or_else(|| DebugError::NotFound(format!("no build {}", req.build)))?;
-        let steps: Vec<_> = if req.step.is_empty() {
-            build.steps
-        } else {
-            let chosen: Vec<_> = build
-                .steps
-                .into_iter()
-                .filter(|s| s.name == req.step || s.position.to_string() == req.step)
-                .collect();
-            if chosen.is_empty() {
-                return Err(DebugError::NotFound(format!(
-                    "build {} has no step {:?}",
-                    req.build, req.step
-                )));
-            }
-            chosen
-        };
-        for s in steps {
-            let mut after = 0;
-            loop {
-                let page = self.builds.state().log_page(s.row, after, LOG_PAGE).await?;
-                let Some(last) = page.last() else { break };
-                after = last.seq;
-                for c in page {
-                    let reply = LogReply {
-                        step: s.name.clone(),
-                        attempt: s.attempt,
-                        stream: OutputStream::try_from(c.stream)
-                            .unwrap_or(OutputStream::Unspecified)
-                            as i32,
-                        data: c.data.into(),
-                    };
-                    if out.send(reply).await.is_err() {
-                        return Ok(());
+        let state = self.builds.state();
+        // Where each step attempt's log has been sent up to, by its row.
+        let mut sent: std::collections::HashMap<i64, u64> = Default::default();
+        let mut events = self.builds.subscribe();
+        loop {
+            let build = state
+                .build(req.build)
+                .await?
+                .ok_or_else(|| DebugError::NotFound(format!("no build {}", req.build)))?;
+            let finished = build.result.clone();
+            let steps: Vec<_> = if req.step.is_empty() {
+                build.steps
+            } else {
+                let chosen: Vec<_> = build
+                    .steps
+                    .into_iter()
+                    .filter(|s| s.name == req.step || s.position.to_string() == req.step)
+                    .collect();
+                if chosen.is_empty() && !(req.follow && finished.is_none()) {
+                    return Err(DebugError::NotFound(format!(
+                        "build {} has no step {:?}",
+                        req.build, req.step
+                    )));
+                }
+                chosen
+            };
+            for s in steps {
+                let after = sent.entry(s.row).or_insert(0);
+                loop {
+                    let page = state.log_page(s.row, *after, LOG_PAGE).await?;
+                    let Some(last) = page.last() else { break };
+                    *after = last.seq;
+                    for c in page {
+                        let reply = LogReply {
+                            step: s.name.clone(),
+                            attempt: s.attempt,
+                            stream: OutputStream::try_from(c.stream)
+                                .unwrap_or(OutputStream::Unspecified)
+                                as i32,
+                            data: c.data.into(),
+                            build_result: String::new(),
+                        };
+                        if out.send(reply).await.is_err() {
+                            return Ok(());
+                        }
                     }
                 }
             }
+            if !req.follow {
+                return Ok(());
+            }
+            // The build's end is recorded after its last output is stored:
+            // read once more after seeing it, then stop.
+            if let Some(result) = finished {
+                let _ = out
+                    .send(LogReply {
+                        build_result: result,
+                        ..Default::default()
+                    })
+                    .await;
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                _ = events.recv() => {}
+                _ = out.closed() => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     pub async fn force(&self, req: ForceRequest, who: &str) -> Result<ForceReply, DebugError> {
@@ -351,7 +409,25 @@ impl DebugApi {
             )
             .await?;
         tracing::info!(builder = %req.builder, request = id, by = %who, "build forced");
-        Ok(ForceReply { request_id: id })
+        let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_FORCE_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let build = loop {
+            if wait.is_zero() {
+                break None; // asked not to wait: a request, whatever happens next
+            }
+            if let Some(build) = self.builds.state().request_build(id).await? {
+                break self.one_build(build).await.ok();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break None;
+            }
+            // A build starts within a scheduling pass; no need for an event.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Ok(ForceReply {
+            request_id: id,
+            build,
+        })
     }
 
     pub fn stop(&self, req: StopRequest) -> Result<StopReply, DebugError> {

@@ -420,6 +420,19 @@ impl StateDb {
         .await
     }
 
+    /// The build a request was claimed by, if a worker has started it.
+    pub async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
+        self.read(move |conn| {
+            use rusqlite::OptionalExtension;
+            Ok(conn
+                .prepare_cached("SELECT build_id FROM build_requests WHERE id = ?1")?
+                .query_row([request], |r| r.get::<_, Option<i64>>(0))
+                .optional()?
+                .flatten())
+        })
+        .await
+    }
+
     /// Records a step attempt starting; returns its row id.
     pub async fn start_step(
         &self,

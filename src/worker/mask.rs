@@ -30,7 +30,7 @@ impl Masker {
         if secrets.is_empty() {
             return None;
         }
-        secrets.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Some(Masker {
             secrets,
             held: Vec::new(),
