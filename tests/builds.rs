@@ -1061,6 +1061,49 @@ async fn a_nightly_scheduler_builds_on_its_clock_only_when_the_branch_changed() 
     m.stop().await;
 }
 
+#[tokio::test]
+async fn a_nightly_firing_missed_while_the_master_was_down_fires_once_across_restarts() {
+    // Fires once a minute, at a second a few seconds from now. No worker
+    // connects: the requests wait, and are counted.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let second = (now.as_secs() + 3) % 60;
+    let toml = one_step_builder("widgets", "hello", "true")
+        + &format!("\n[[scheduler]]\nname = \"nightly\"\nkind = \"nightly\"\ncron = \"{second} * * * * *\"\nbranch = \"main\"\nbuilders = [\"widgets\"]\n");
+    let waiting = |m: &TestMaster| {
+        let state = m.master.state().clone();
+        async move { state.waiting_requests().await.unwrap().len() }
+    };
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(waiting(&m).await, 0, "not due yet");
+    // Down across the firing...
+    let dir = m.stop_keeping_files().await;
+    let fired_at = std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs() + 4);
+    while std::time::SystemTime::now() < fired_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...the next master fires it once, at start.
+    let m = TestMaster::start_in(dir).await;
+    within("the missed firing", async {
+        while waiting(&m).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(waiting(&m).await, 1, "one request for one missed firing");
+    // Restarted again within the same minute: that firing is done.
+    let dir = m.stop_keeping_files().await;
+    let m = TestMaster::start_in(dir).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let requests = m.master.state().waiting_requests().await.unwrap();
+    assert_eq!(requests.len(), 1, "a firing is never made twice");
+    assert_eq!(requests[0].request.reason, "nightly scheduler nightly");
+    m.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_push_under_a_tree_stable_timer_makes_one_build_of_the_newest() {
     let toml = CHECKOUT.replace(
