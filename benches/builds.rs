@@ -3,13 +3,19 @@
 //!
 //! 1. trivial steps per second, with 1 and with 8 workers;
 //! 2. latency from `PushChange` to the first output line being stored at the
-//!    master (p50, p99), against a bare `ping` round trip in the same run;
+//!    master (p50, p99), against a bare `ping` round trip in the same run,
+//!    and the same for a step whose command and environment interpolate
+//!    properties, pushes of both kinds alternating in one run;
 //! 3. log ingest: a step writing 1 GiB (`head -c 1G /dev/zero`) against a raw
 //!    TCP copy of the same bytes on loopback, with the master's peak memory;
-//! 4. the worker's resident memory, idle and while streaming that 1 GiB.
+//! 4. the worker's resident memory, idle and while streaming that 1 GiB;
+//! 5. an incremental git-step build of a 1,000-commit repository after one
+//!    new commit, push to build end, against `git fetch && git checkout` run
+//!    by hand in a clone of the same repository, alternating, in one run.
 //!
 //! Run: `cargo bench --bench builds` (add `-- quick` for a short run with a
-//! 64 MiB log). Every loop is bounded in count and time.
+//! 64 MiB log, `-- only 2,5` for some parts). Every loop is bounded in count
+//! and time.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -87,10 +93,37 @@ workers = ["w1"]
 name = "first"
 shell = "echo first line"
 
+[[builder]]
+name = "echo-props"
+workers = ["w1"]
+[[builder.step]]
+name = "first"
+shell = "echo %(prop:branch)s %(prop:revision)s %(prop:worker_os)s %(prop:channel)s %(prop:missing:-none)s"
+env = { BUILD_TAG = "%(prop:builder)s-%(prop:build_number)s", CHANNEL = "%(prop:channel)s" }
+
+[[builder]]
+name = "checkout"
+workers = ["w1"]
+[[builder.step]]
+name = "git"
+git = { repository = "%(prop:repository)s", mode = "incremental" }
+
 [[scheduler]]
 name = "latency"
 builders = ["echo"]
 branches = ["latency"]
+
+[[scheduler]]
+name = "latency-props"
+builders = ["echo-props"]
+branches = ["latency-props"]
+[scheduler.properties]
+channel = "stable"
+
+[[scheduler]]
+name = "checkout"
+builders = ["checkout"]
+branches = ["main"]
 "#;
 
 fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
@@ -256,26 +289,53 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn latency(samples: usize) -> ((f64, f64), (f64, f64)) {
-    let m = start_master("latency", 1, 1);
+/// Once `m`'s worker is connected: a console client, its event stream,
+/// and a change-source connection to push with.
+async fn pushing(
+    m: &Master,
+) -> (
+    DebugClient<tonic::transport::Channel>,
+    tonic::Streaming<DebugEvent>,
+    switchyard::grpc::client::ChangeSourceConnection,
+) {
     let mut client = debug_client(&m.addr).await;
     wait_workers(&mut client, 1).await;
-    let mut events = watch(&mut client).await;
-    let mut push =
+    let events = watch(&mut client).await;
+    let push =
         switchyard::grpc::client::ChangeSourceConnection::connect(&m.addr, "admin", "admin-pw")
             .await
             .unwrap();
+    (client, events, push)
+}
+
+/// Push-to-first-output latencies in ms, plain then with properties.
+struct Latency {
+    plain: Vec<f64>,
+    props: Vec<f64>,
+    ping: Vec<f64>,
+}
+
+async fn latency(samples: usize) -> Latency {
+    let m = start_master("latency", 1, 1);
+    let (_client, mut events, mut push) = pushing(&m).await;
     let db = rusqlite::Connection::open_with_flags(
         m.dir.join("state.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    let mut lat = Vec::new();
-    for i in 0..samples {
+    let (mut plain, mut props) = (Vec::new(), Vec::new());
+    // Alternating, so both kinds see the same machine.
+    for i in 0..samples * 2 {
+        let with_props = i % 2 == 1;
         let start = Instant::now();
         push.push(Change {
             repository: "r".into(),
-            branch: "latency".into(),
+            branch: if with_props {
+                "latency-props"
+            } else {
+                "latency"
+            }
+            .into(),
             revision: format!("{i}"),
             ..Default::default()
         })
@@ -307,8 +367,13 @@ async fn latency(samples: usize) -> ((f64, f64), (f64, f64)) {
             assert!(Instant::now() < deadline, "no output stored");
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
-        lat.push(start.elapsed().as_secs_f64() * 1000.0);
-        builds_ended(&mut events, 1, Duration::from_secs(30)).await;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        if with_props { &mut props } else { &mut plain }.push(ms);
+        assert_eq!(
+            builds_ended(&mut events, 1, Duration::from_secs(30)).await,
+            1,
+            "the build succeeds"
+        );
     }
     // Baseline: a bare ping round trip on an authenticated session.
     let mut session = client::connect(&m.addr, "ping", &Credentials::new("admin", "admin-pw"))
@@ -326,10 +391,203 @@ async fn latency(samples: usize) -> ((f64, f64), (f64, f64)) {
         ping.push(start.elapsed().as_secs_f64() * 1000.0);
     }
     let _ = std::fs::remove_dir_all(&m.dir);
-    (
-        (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99)),
-        (percentile(&mut ping, 0.5), percentile(&mut ping, 0.99)),
+    Latency { plain, props, ping }
+}
+
+/// Runs git with `args` in `dir`; panics on failure.
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Bench")
+        .env("GIT_AUTHOR_EMAIL", "bench@example.org")
+        .env("GIT_COMMITTER_NAME", "Bench")
+        .env("GIT_COMMITTER_EMAIL", "bench@example.org")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A bare repository of `commits` commits on `main` over `files` files
+/// (each commit changes three), made with `git fast-import`.
+fn make_repository(bare: &std::path::Path, commits: usize, files: usize) {
+    git(
+        bare.parent().unwrap(),
+        &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+    );
+    let mut stream = String::new();
+    for c in 1..=commits {
+        let msg = format!("commit {c}");
+        stream.push_str(&format!(
+            "commit refs/heads/main\ncommitter Bench <bench@example.org> {} +0000\ndata {}\n{msg}\n",
+            1_700_000_000 + c,
+            msg.len()
+        ));
+        let touched: Vec<usize> = if c == 1 {
+            (0..files).collect()
+        } else {
+            (0..3).map(|k| (c * 7 + k * 131) % files).collect()
+        };
+        for f in touched {
+            let body = format!("file {f}, version {c}\n").repeat(64);
+            stream.push_str(&format!(
+                "M 100644 inline src/dir{}/file{f}.txt\ndata {}\n{body}\n",
+                f % 20,
+                body.len()
+            ));
+        }
+    }
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(bare)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stream.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+/// Incremental git-step builds vs `git fetch && git checkout` by hand, in
+/// ms (medians), over `rounds` new commits.
+async fn checkout(rounds: usize) -> Checkout {
+    let m = start_master("checkout", 1, 1);
+    let bare = m.dir.join("widgets.git");
+    make_repository(&bare, 1000, 2000);
+    let dev = m.dir.join("dev");
+    let hand = m.dir.join("hand");
+    git(
+        &m.dir,
+        &["clone", "-q", bare.to_str().unwrap(), dev.to_str().unwrap()],
+    );
+    git(
+        &m.dir,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            hand.to_str().unwrap(),
+        ],
+    );
+    let (_client, mut events, mut push) = pushing(&m).await;
+    let mut build = async |rev: &str| {
+        let start = Instant::now();
+        let pushed_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        push.push(Change {
+            repository: bare.to_str().unwrap().into(),
+            branch: "main".into(),
+            revision: rev.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            builds_ended(&mut events, 1, Duration::from_secs(120)).await,
+            1,
+            "the checkout build succeeds"
+        );
+        (start.elapsed().as_secs_f64() * 1000.0, pushed_ms)
+    };
+    // The first build clones: not what is measured.
+    let head = git(&dev, &["rev-parse", "HEAD"]);
+    build(head.trim()).await;
+    let (mut ours, mut by_hand, mut pushed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ours_push = |(ms, at): (f64, i64)| {
+        ours.push(ms);
+        pushed.push(at);
+    };
+    for r in 0..rounds {
+        let file = dev.join(format!("src/dir{}/file{}.txt", r % 20, r * 20 + r % 20));
+        std::fs::write(&file, format!("round {r}\n")).unwrap();
+        git(&dev, &["commit", "-q", "-am", &format!("round {r}")]);
+        git(&dev, &["push", "-q", "origin", "main"]);
+        let rev = git(&dev, &["rev-parse", "HEAD"]).trim().to_string();
+        let hand_run = |rev: &str| {
+            let start = Instant::now();
+            git(&hand, &["fetch", "-q", "origin"]);
+            git(&hand, &["checkout", "-q", rev]);
+            start.elapsed().as_secs_f64() * 1000.0
+        };
+        // Alternate which goes first.
+        if r % 2 == 0 {
+            by_hand.push(hand_run(&rev));
+            ours_push(build(&rev).await);
+        } else {
+            ours_push(build(&rev).await);
+            by_hand.push(hand_run(&rev));
+        }
+        let checked_out = std::fs::read_to_string(
+            m.dir
+                .join("basedir-w1/checkout")
+                .join(file.strip_prefix(&dev).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(
+            checked_out,
+            format!("round {r}\n"),
+            "the build checked out the new commit"
+        );
+    }
+    // Where a build's time goes, from the master's own records (ms):
+    // push to build start, build start to step start, the step, step end
+    // to build end. The first (cloning) build is left out.
+    let db = rusqlite::Connection::open_with_flags(
+        m.dir.join("state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
+    .unwrap();
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    let mut q = db
+        .prepare(
+            "SELECT b.started_ms, s.started_ms, s.finished_ms, b.finished_ms FROM builds b JOIN steps s ON s.build_id = b.id WHERE b.builder = 'checkout' ORDER BY b.id",
+        )
+        .unwrap();
+    let rows: Vec<[i64; 4]> = q
+        .query_map([], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (row, at) in rows.iter().skip(1).zip(&pushed) {
+        let marks = [*at, row[0], row[1], row[2], row[3]];
+        for (i, part) in parts.iter_mut().enumerate() {
+            part.push((marks[i + 1] - marks[i]) as f64);
+        }
+    }
+    let ratios: Vec<f64> = ours.iter().zip(&by_hand).map(|(o, h)| o / h).collect();
+    let out = Checkout {
+        build: median(&mut ours),
+        hand: median(&mut by_hand),
+        ratio_of_rounds: median(&mut ratios.clone()),
+        parts: parts.map(|mut p| median(&mut p)),
+    };
+    let _ = std::fs::remove_dir_all(&m.dir);
+    out
+}
+
+/// Medians of the git-step measurement, in ms.
+struct Checkout {
+    build: f64,
+    hand: f64,
+    ratio_of_rounds: f64,
+    /// Push to build start, build start to step start, the step itself,
+    /// step end to build end.
+    parts: [f64; 4],
 }
 
 /// Copies `bytes` from `head -c` through a loopback TCP connection to a
@@ -440,36 +698,69 @@ async fn ingest(bytes: u64) -> Ingest {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    let (builds_1, builds_8, samples, log) = if quick {
-        (25, 50, 20, 64u64 << 20)
+    let (builds_1, builds_8, samples, log, rounds) = if quick {
+        (25, 50, 20, 64u64 << 20, 10)
     } else {
-        (150, 400, 100, 1u64 << 30)
+        (150, 400, 100, 1u64 << 30, 40)
     };
+    // Only some parts: `-- only 2,5`.
+    let args: Vec<String> = std::env::args().collect();
+    let only: Option<Vec<u32>> = args
+        .iter()
+        .position(|a| a == "only")
+        .and_then(|i| args.get(i + 1))
+        .map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect());
+    let part = |n: u32| only.as_ref().is_none_or(|o| o.contains(&n));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let one = steps_per_second(1, builds_1).await;
-        let eight = steps_per_second(8, builds_8).await;
-        println!("1. trivial steps/s end to end: 1 worker {one:.0}, 8 workers {eight:.0} ({builds_1} and {builds_8} builds of 4 `true` steps)");
-        let ((p50, p99), (ping50, ping99)) = latency(samples).await;
-        println!(
-            "2. PushChange -> first output line stored: p50 {p50:.2} ms, p99 {p99:.2} ms; bare ping round trip p50 {ping50:.3} ms, p99 {ping99:.3} ms ({samples} samples)"
-        );
-        let raw = raw_tcp_copy(log);
-        let i = ingest(log).await;
-        let mib = log as f64 / (1 << 20) as f64;
-        println!(
-            "3. log ingest of {mib:.0} MiB: switchyard {:.1} s ({:.0} MiB/s, {} bytes stored), raw TCP copy {raw:.2} s ({:.0} MiB/s), ratio {:.3}; master RSS {} KiB before, peak {} KiB",
-            i.secs,
-            mib / i.secs,
-            i.stored,
-            mib / raw,
-            raw / i.secs,
-            i.master_rss_before,
-            i.master_peak
-        );
-        println!("4. worker RSS: idle {} KiB, peak while streaming {} KiB", i.worker_idle, i.worker_peak);
+        if part(1) {
+            let one = steps_per_second(1, builds_1).await;
+            let eight = steps_per_second(8, builds_8).await;
+            println!("1. trivial steps/s end to end: 1 worker {one:.0}, 8 workers {eight:.0} ({builds_1} and {builds_8} builds of 4 `true` steps)");
+        }
+        if part(2) {
+            let mut l = latency(samples).await;
+            let (p50, p99) = (percentile(&mut l.plain, 0.5), percentile(&mut l.plain, 0.99));
+            let (q50, q99) = (percentile(&mut l.props, 0.5), percentile(&mut l.props, 0.99));
+            let (ping50, ping99) = (percentile(&mut l.ping, 0.5), percentile(&mut l.ping, 0.99));
+            println!(
+                "2. PushChange -> first output line stored: p50 {p50:.2} ms, p99 {p99:.2} ms; with properties and interpolation p50 {q50:.2} ms, p99 {q99:.2} ms (p99 ratio {:.2}, p50 ratio {:.2}); bare ping round trip p50 {ping50:.3} ms, p99 {ping99:.3} ms ({samples} samples of each, alternating)",
+                q99 / p99,
+                q50 / p50
+            );
+        }
+        if part(3) || part(4) {
+            let raw = raw_tcp_copy(log);
+            let i = ingest(log).await;
+            let mib = log as f64 / (1 << 20) as f64;
+            println!(
+                "3. log ingest of {mib:.0} MiB: switchyard {:.1} s ({:.0} MiB/s, {} bytes stored), raw TCP copy {raw:.2} s ({:.0} MiB/s), ratio {:.3}; master RSS {} KiB before, peak {} KiB",
+                i.secs,
+                mib / i.secs,
+                i.stored,
+                mib / raw,
+                raw / i.secs,
+                i.master_rss_before,
+                i.master_peak
+            );
+            println!("4. worker RSS: idle {} KiB, peak while streaming {} KiB", i.worker_idle, i.worker_peak);
+        }
+        if part(5) {
+            let c = checkout(rounds).await;
+            println!(
+                "5. incremental git-step build of a 1,000-commit repository (2,000 files), push to build end: median {:.1} ms; `git fetch && git checkout` by hand: median {:.1} ms; ratio {:.2} (median of per-round ratios {:.2}, {rounds} rounds, alternating); the build's parts (medians, ms, from the master's records): push to build start {}, to step start {}, the git step {}, step end to build end {}",
+                c.build,
+                c.hand,
+                c.build / c.hand,
+                c.ratio_of_rounds,
+                c.parts[0],
+                c.parts[1],
+                c.parts[2],
+                c.parts[3]
+            );
+        }
     });
 }

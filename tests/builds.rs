@@ -903,6 +903,41 @@ async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
     m.stop().await;
 }
 
+// Multi-threaded: git runs blocking here while its hook talks to the
+// in-process master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_revision_or_branch_fails_the_git_step_with_a_clear_message() {
+    let m = master_with(&[("w1", "w1-pw", 1)], CHECKOUT).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push_two_commits(&m);
+    builds_ended(&mut events, 2).await;
+    let bare = m.dir.path().join("widgets.git");
+    for (branch, revision, says) in [
+        ("main", "0123456789abcdef0123456789abcdef01234567", "not our ref"),
+        ("nobranch", "", "the repository has no branch nobranch"),
+    ] {
+        m.master
+            .builds()
+            .force_with(
+                "widgets",
+                branch,
+                revision,
+                bare.to_str().unwrap(),
+                "test",
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let ended = builds_ended(&mut events, 1).await;
+        assert_eq!(ended[0].1, "failure");
+        let log = log_text(&m, ended[0].0, 0).await;
+        assert!(log.contains(says), "{log}");
+    }
+    m.stop().await;
+}
+
 #[tokio::test]
 async fn a_file_filter_lets_only_matching_changes_build() {
     let toml = one_step_builder("widgets", "hello", "echo hello")
@@ -1070,7 +1105,9 @@ async fn a_nightly_firing_missed_while_the_master_was_down_fires_once_across_res
         .unwrap();
     let second = (now.as_secs() + 3) % 60;
     let toml = one_step_builder("widgets", "hello", "true")
-        + &format!("\n[[scheduler]]\nname = \"nightly\"\nkind = \"nightly\"\ncron = \"{second} * * * * *\"\nbranch = \"main\"\nbuilders = [\"widgets\"]\n");
+        + &format!(
+            "\n[[scheduler]]\nname = \"nightly\"\nkind = \"nightly\"\ncron = \"{second} * * * * *\"\nbranch = \"main\"\nbuilders = [\"widgets\"]\n"
+        );
     let waiting = |m: &TestMaster| {
         let state = m.master.state().clone();
         async move { state.waiting_requests().await.unwrap().len() }

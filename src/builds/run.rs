@@ -310,15 +310,21 @@ fn git_script(g: &crate::config::GitStep, fill: &mut Fill<'_>) -> Result<GitScri
         return Err("the git step has no revision and no branch to check out".into());
     }
     let depth = g.depth.map(|d| format!(" --depth {d}")).unwrap_or_default();
+    // No process more than needed (each costs milliseconds): the checkout
+    // is tried first, and the revision fetched by id only if no branch had
+    // it; `got_revision` is read from the detached HEAD.
     let mut script = format!(
         "set -e\nrev={}\nbranch={}\n\
          [ -d .git ] || git init -q .\n\
          git fetch -q --force{depth} switchyard '+refs/heads/*:refs/remotes/origin/*'\n\
-         if [ -n \"$rev\" ]; then\n  \
-           git cat-file -e \"$rev^{{commit}}\" 2>/dev/null || git fetch -q{depth} switchyard \"$rev\"\n  \
-           target=$rev\n\
-         else\n  target=refs/remotes/origin/$branch\nfi\n\
-         git -c advice.detachedHead=false checkout -q --force --detach \"$target\"\n",
+         if [ -n \"$rev\" ]; then target=$rev; else target=refs/remotes/origin/$branch; fi\n\
+         if ! git -c advice.detachedHead=false checkout -q --force --detach \"$target\" 2>/dev/null; then\n  \
+           if [ -n \"$rev\" ]; then git fetch -q{depth} switchyard \"$rev\"\n  \
+           elif ! git rev-parse -q --verify \"$target^{{commit}}\" >/dev/null; then\n    \
+             echo \"the repository has no branch $branch\" >&2; exit 1\n  \
+           fi\n  \
+           git -c advice.detachedHead=false checkout -q --force --detach \"$target\"\n\
+         fi\n",
         q(&revision),
         q(&branch)
     );
@@ -328,7 +334,10 @@ fn git_script(g: &crate::config::GitStep, fill: &mut Fill<'_>) -> Result<GitScri
     if g.submodules {
         script.push_str("git submodule -q update --init --recursive\n");
     }
-    script.push_str("echo \"got_revision=$(git rev-parse HEAD)\"\n");
+    script.push_str(
+        "if [ -f .git/HEAD ]; then read -r got < .git/HEAD; else got=$(git rev-parse HEAD); fi\n\
+         echo \"got_revision=$got\"\n",
+    );
     Ok((
         vec!["sh".into(), "-c".into(), script],
         [
