@@ -915,7 +915,11 @@ async fn an_unknown_revision_or_branch_fails_the_git_step_with_a_clear_message()
     builds_ended(&mut events, 2).await;
     let bare = m.dir.path().join("widgets.git");
     for (branch, revision, says) in [
-        ("main", "0123456789abcdef0123456789abcdef01234567", "not our ref"),
+        (
+            "main",
+            "0123456789abcdef0123456789abcdef01234567",
+            "not our ref",
+        ),
         ("nobranch", "", "the repository has no branch nobranch"),
     ] {
         m.master

@@ -531,13 +531,12 @@ impl BuildMaster {
                 for s in b.steps.iter().filter(|s| s.result.is_none()) {
                     self.inner
                         .state
-                        .finish_step(
-                            s.row,
-                            "exception",
-                            None,
-                            None,
-                            "the builder was removed while the master was down",
-                        )
+                        .finish_step(crate::state::StepEndRecord {
+                            row: s.row,
+                            result: "exception".into(),
+                            detail: "the builder was removed while the master was down".into(),
+                            ..Default::default()
+                        })
                         .await?;
                 }
                 self.inner.state.finish_build(b.id, "exception").await?;

@@ -16,7 +16,7 @@ use crate::proto::{
     BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
     StepFinished, StepStartedEvent, master_message, step_finished,
 };
-use crate::state::BuildRequest;
+use crate::state::{BuildRequest, PropertyRow, StepEndRecord};
 use tokio::sync::oneshot;
 
 /// Sends a step to the worker's current session. A worker that is away (its
@@ -124,14 +124,15 @@ fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
 
 /// The build's properties: those stored with it (a build resumed after a
 /// restart keeps what it had), else made now from its sources, in order
-/// (change, scheduler, force, build, worker), and stored.
+/// (change, scheduler, force, build, worker). New ones come back as rows
+/// to store too (with the first step, in one write).
 async fn build_properties(
     bm: &BuildMaster,
     build: i64,
     request: &BuildRequest,
     builder: &str,
     worker: &str,
-) -> Properties {
+) -> (Properties, Option<Vec<PropertyRow>>) {
     let state = &bm.inner.state;
     let stored = state.build(build).await.ok().flatten();
     let mut props = Properties::default();
@@ -141,7 +142,7 @@ async fn build_properties(
         for (name, value, source) in &b.properties {
             props.set(name, value, Source::parse(source).unwrap_or(Source::Step));
         }
-        return props;
+        return (props, None);
     }
     let r = &request.request;
     if let Some(id) = r.change_id
@@ -225,10 +226,7 @@ async fn build_properties(
         .iter()
         .map(|(n, v, s)| (n.to_string(), v.to_string(), s.as_str().to_string()))
         .collect();
-    if let Err(e) = state.set_build_properties(build, rows).await {
-        tracing::error!(build, error = %e, "cannot store the build's properties");
-    }
-    props
+    (props, Some(rows))
 }
 
 /// The environment variables every step gets from its build's properties.
@@ -500,7 +498,10 @@ pub(super) async fn run_build(
     let mut in_flight = resume.in_flight;
     let mut recoveries = 0u32;
     let mut position = resume.position;
-    let mut props = build_properties(bm, build, &request, &builder.name, &worker).await;
+    let (mut props, mut unstored) =
+        build_properties(bm, build, &request, &builder.name, &worker).await;
+    // Whether the build's end is recorded (with its last step's end).
+    let mut ended = false;
     while position < builder.steps.len() {
         let step = &builder.steps[position];
         let carried = in_flight.take();
@@ -526,6 +527,7 @@ pub(super) async fn run_build(
                         attempt,
                         step_id,
                         step.on_lost.as_str(),
+                        unstored.take().unwrap_or_default(),
                     )
                     .await
                 {
@@ -585,12 +587,16 @@ pub(super) async fn run_build(
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&step_id[..]);
                 let detail = format!("cannot start: {why}");
-                if let Err(e) = inner
-                    .state
-                    .finish_step(row, "failure", None, None, &detail)
-                    .await
-                {
-                    tracing::error!(build, error = %e, "cannot record a step's end");
+                let end = StepEndRecord {
+                    row,
+                    result: "failure".into(),
+                    detail: detail.clone(),
+                    then: Some((build, Vec::new(), Some("failure".into()))),
+                    ..Default::default()
+                };
+                match inner.state.finish_step(end).await {
+                    Ok(()) => ended = true,
+                    Err(e) => tracing::error!(build, error = %e, "cannot record a step's end"),
                 }
                 tracing::info!(build, step = %step.name, detail = %detail, "step failed before it started");
                 inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
@@ -690,18 +696,41 @@ pub(super) async fn run_build(
         if judged.result == "interrupted" && stop.is_stopped() {
             judged.detail = format!("{}; its process group was killed", stop.reason());
         }
-        if let Err(e) = inner
-            .state
-            .finish_step(
-                row,
-                judged.result,
-                judged.exit_code,
-                judged.signal,
-                &judged.detail,
-            )
-            .await
-        {
-            tracing::error!(build, error = %e, "cannot record a step's end");
+        // What the step set, and what the build comes to if this step ends
+        // it: recorded with the step's end, in one write.
+        let set =
+            if !lost && judged.result == "success" && (step.set_properties || step.git.is_some()) {
+                properties_from_output(&inner.state, row, step.git.is_some()).await
+            } else {
+                Vec::new()
+            };
+        let build_ends: Option<&'static str> = match (lost, step.on_lost) {
+            (true, OnLost::Fail) => Some("failure"),
+            (true, _) => None,
+            (false, _) if judged.result != "success" => Some(judged.result),
+            (false, _) if position + 1 == builder.steps.len() => Some("success"),
+            (false, _) => None,
+        };
+        let end = StepEndRecord {
+            row,
+            result: judged.result.into(),
+            exit_code: judged.exit_code,
+            signal: judged.signal,
+            detail: judged.detail.clone(),
+            then: Some((
+                build,
+                set.iter()
+                    .map(|(n, v)| (n.clone(), v.clone(), Source::Step.as_str().to_string()))
+                    .collect(),
+                build_ends.map(String::from),
+            )),
+        };
+        match inner.state.finish_step(end).await {
+            Ok(()) => ended = build_ends.is_some(),
+            Err(e) => tracing::error!(build, error = %e, "cannot record a step's end"),
+        }
+        for (name, value) in &set {
+            props.set(name, value, Source::Step);
         }
         tracing::info!(build, step = %step.name, result = judged.result, detail = %judged.detail, "step finished");
         inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
@@ -729,22 +758,15 @@ pub(super) async fn run_build(
             outcome = judged.result;
             break;
         }
-        if step.set_properties || step.git.is_some() {
-            let set = properties_from_output(&inner.state, row, step.git.is_some()).await;
-            for (name, value) in &set {
-                props.set(name, value, Source::Step);
-            }
-            let rows = set
-                .into_iter()
-                .map(|(n, v)| (n, v, Source::Step.as_str().to_string()))
-                .collect();
-            if let Err(e) = inner.state.set_build_properties(build, rows).await {
-                tracing::error!(build, error = %e, "cannot store the properties a step set");
-            }
-        }
         position += 1;
     }
-    if let Err(e) = inner.state.finish_build(build, outcome).await {
+    // Properties not stored yet (no step was started) go with the end.
+    if let Some(rows) = unstored.take()
+        && let Err(e) = inner.state.set_build_properties(build, rows).await
+    {
+        tracing::error!(build, error = %e, "cannot store the build's properties");
+    }
+    if !ended && let Err(e) = inner.state.finish_build(build, outcome).await {
         tracing::error!(build, error = %e, "cannot record the build's end");
     }
     tracing::info!(build, builder = %builder.name, result = outcome, "build finished");

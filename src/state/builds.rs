@@ -282,18 +282,10 @@ impl StateDb {
     pub async fn set_build_properties(
         &self,
         build: i64,
-        properties: Vec<(String, String, String)>,
+        properties: Vec<PropertyRow>,
     ) -> Result<(), StateError> {
-        self.write(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "INSERT OR REPLACE INTO build_properties (build_id, name, value, source) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (name, value, source) in &properties {
-                stmt.execute(params![build, name, value, source])?;
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |conn| store_properties(conn, build, &properties))
+            .await
     }
 
     /// A number kept under `key` (the nightly schedulers' marks).
@@ -433,7 +425,11 @@ impl StateDb {
         .await
     }
 
-    /// Records a step attempt starting; returns its row id.
+    /// Records a step attempt starting, and `properties` of its build in
+    /// the same transaction (a build's first step carries the properties it
+    /// was made with: one durable write instead of two before the step can
+    /// go out); returns the step's row id.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start_step(
         &self,
         build: i64,
@@ -442,9 +438,11 @@ impl StateDb {
         attempt: u32,
         step_id: [u8; 16],
         on_lost: &str,
+        properties: Vec<PropertyRow>,
     ) -> Result<i64, StateError> {
         let (name, on_lost) = (name.to_string(), on_lost.to_string());
         self.write(move |conn| {
+            store_properties(conn, build, &properties)?;
             conn.execute(
                 "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -455,20 +453,21 @@ impl StateDb {
         .await
     }
 
-    pub async fn finish_step(
-        &self,
-        row: i64,
-        result: &str,
-        exit_code: Option<i32>,
-        signal: Option<i32>,
-        detail: &str,
-    ) -> Result<(), StateError> {
-        let (result, detail) = (result.to_string(), detail.to_string());
+    /// Records a step attempt's end, with what follows from it in the same
+    /// transaction: properties the step set, and the build's end when this
+    /// step ends it.
+    pub async fn finish_step(&self, end: StepEndRecord) -> Result<(), StateError> {
         self.write(move |conn| {
             conn.execute(
                 "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6 WHERE id = ?1",
-                params![row, now_ms(), result, exit_code, signal, detail],
+                params![end.row, now_ms(), end.result, end.exit_code, end.signal, end.detail],
             )?;
+            if let Some((build, properties, build_result)) = &end.then {
+                store_properties(conn, *build, properties)?;
+                if let Some(result) = build_result {
+                    end_build(conn, *build, result)?;
+                }
+            }
             Ok(())
         })
         .await
@@ -476,14 +475,8 @@ impl StateDb {
 
     pub async fn finish_build(&self, build: i64, result: &str) -> Result<(), StateError> {
         let result = result.to_string();
-        self.write(move |conn| {
-            conn.execute(
-                "UPDATE builds SET finished_ms = ?2, result = ?3 WHERE id = ?1",
-                params![build, now_ms(), result],
-            )?;
-            Ok(())
-        })
-        .await
+        self.write(move |conn| end_build(conn, build, &result))
+            .await
     }
 
     /// Stores log chunks; a chunk already stored (same step and seq) is
@@ -631,4 +624,42 @@ impl StateDb {
         })
         .await
     }
+}
+
+/// A build property as stored: name, value, source.
+pub type PropertyRow = (String, String, String);
+
+/// A step attempt's end (see [`StateDb::finish_step`]).
+#[derive(Clone, Debug, Default)]
+pub struct StepEndRecord {
+    pub row: i64,
+    pub result: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub detail: String,
+    /// The build, the properties the step set, and the build's result if
+    /// the step ends it.
+    pub then: Option<(i64, Vec<PropertyRow>, Option<String>)>,
+}
+
+fn store_properties(
+    conn: &rusqlite::Connection,
+    build: i64,
+    properties: &[PropertyRow],
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO build_properties (build_id, name, value, source) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (name, value, source) in properties {
+        stmt.execute(params![build, name, value, source])?;
+    }
+    Ok(())
+}
+
+fn end_build(conn: &rusqlite::Connection, build: i64, result: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE builds SET finished_ms = ?2, result = ?3 WHERE id = ?1",
+        params![build, now_ms(), result],
+    )?;
+    Ok(())
 }

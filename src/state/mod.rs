@@ -21,7 +21,9 @@ use tokio::sync::oneshot;
 
 mod builds;
 
-pub use builds::{BuildRecord, BuildRequest, LogChunk, NewRequest, StepRecord};
+pub use builds::{
+    BuildRecord, BuildRequest, LogChunk, NewRequest, PropertyRow, StepEndRecord, StepRecord,
+};
 
 /// Why the state database could not be used.
 #[derive(Debug, thiserror::Error)]
