@@ -651,45 +651,20 @@ impl BuildMaster {
         });
     }
 
-    /// Requests builds for the changes that match a scheduler.
-    pub async fn changes_added(
-        &self,
-        ids: &[i64],
-        changes: &[NewChange],
-    ) -> Result<Vec<i64>, StateError> {
+    /// Stores pushed changes with the build requests of the schedulers they
+    /// match, in one transaction, and wakes the dispatcher.
+    pub async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
         let config = self.inner.config();
-        let mut requests = Vec::new();
-        for (id, c) in ids.iter().zip(changes) {
-            for s in config.schedulers.values() {
-                if !s.matches_change(&c.repository, &c.branch, &c.files) {
-                    continue;
-                }
-                for b in &s.builders {
-                    requests.push(NewRequest {
-                        builder: b.clone(),
-                        change_id: Some(*id),
-                        reason: format!("change {id} matched scheduler {}", s.name),
-                        repository: c.repository.clone(),
-                        branch: c.branch.clone(),
-                        revision: c.revision.clone(),
-                        properties: scheduler_properties(s),
-                        not_before_ms: s
-                            .tree_stable_timer
-                            .map_or(0, |t| crate::state::now_ms() + t.as_millis() as i64),
-                        collapse_key: if s.tree_stable_timer.is_some() {
-                            format!("scheduler:{}", s.name)
-                        } else {
-                            String::new()
-                        },
-                    });
-                }
-            }
+        let (ids, requests) = self
+            .inner
+            .state
+            .add_changes_requesting(batch, move |ids, changes| {
+                requests_for(&config, ids, changes)
+            })
+            .await?;
+        if !requests.is_empty() {
+            self.wake();
         }
-        if requests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids = self.inner.state.add_requests(requests).await?;
-        self.wake();
         Ok(ids)
     }
 
@@ -801,13 +776,41 @@ pub struct SchedulingStore {
 #[async_trait]
 impl ChangeStore for SchedulingStore {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
-        let ids = self.builds.inner.state.add_changes(batch.clone()).await?;
-        if let Err(e) = self.builds.changes_added(&ids, &batch).await {
-            // The changes are stored; only their builds are missing.
-            tracing::error!(error = %e, "changes stored, but their build requests could not be");
-        }
-        Ok(ids)
+        self.builds.add_changes(batch).await
     }
+}
+
+/// The build requests for changes (by id) that match the schedulers of
+/// `config`: one per builder of each matching change scheduler.
+fn requests_for(config: &BuildConfig, ids: &[i64], changes: &[NewChange]) -> Vec<NewRequest> {
+    let mut requests = Vec::new();
+    for (id, c) in ids.iter().zip(changes) {
+        for s in config.schedulers.values() {
+            if !s.matches_change(&c.repository, &c.branch, &c.files) {
+                continue;
+            }
+            for b in &s.builders {
+                requests.push(NewRequest {
+                    builder: b.clone(),
+                    change_id: Some(*id),
+                    reason: format!("change {id} matched scheduler {}", s.name),
+                    repository: c.repository.clone(),
+                    branch: c.branch.clone(),
+                    revision: c.revision.clone(),
+                    properties: scheduler_properties(s),
+                    not_before_ms: s
+                        .tree_stable_timer
+                        .map_or(0, |t| crate::state::now_ms() + t.as_millis() as i64),
+                    collapse_key: if s.tree_stable_timer.is_some() {
+                        format!("scheduler:{}", s.name)
+                    } else {
+                        String::new()
+                    },
+                });
+            }
+        }
+    }
+    requests
 }
 
 /// What a scheduler gives the builds it makes: its name and its

@@ -133,8 +133,12 @@ async fn build_properties(
     builder: &str,
     worker: &str,
 ) -> (Properties, Option<Vec<PropertyRow>>) {
-    let state = &bm.inner.state;
-    let stored = state.build(build).await.ok().flatten();
+    let r = &request.request;
+    let sources = bm.inner.state.build_sources(build, r.change_id).await.ok();
+    let (stored, change, change_ids) = match sources {
+        Some(s) => (s.build, s.change, s.change_ids),
+        None => (None, None, Vec::new()),
+    };
     let mut props = Properties::default();
     if let Some(b) = &stored
         && !b.properties.is_empty()
@@ -144,10 +148,7 @@ async fn build_properties(
         }
         return (props, None);
     }
-    let r = &request.request;
-    if let Some(id) = r.change_id
-        && let Ok(Some(c)) = state.change(id).await
-    {
+    if let (Some(id), Some(c)) = (r.change_id, change) {
         let c = c.change;
         for (name, value) in &c.properties {
             props.set(name, value, Source::Change);
@@ -168,9 +169,10 @@ async fn build_properties(
         }
         props.set("files", c.files.join("\n"), Source::Change);
         // A build of collapsed requests records every change it covers.
-        let ids = match state.build_change_ids(build).await {
-            Ok(ids) if !ids.is_empty() => ids,
-            _ => vec![id],
+        let ids = if change_ids.is_empty() {
+            vec![id]
+        } else {
+            change_ids
         };
         let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
         props.set("change_ids", ids.join(","), Source::Change);

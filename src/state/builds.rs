@@ -311,35 +311,26 @@ impl StateDb {
         requests: Vec<NewRequest>,
         marks: Vec<(String, i64)>,
     ) -> Result<Vec<i64>, StateError> {
+        self.write(move |conn| insert_requests(conn, &requests, &marks))
+            .await
+    }
+
+    /// Stores changes and the build requests `requests_for` makes of their
+    /// ids in one transaction: a change is never on disk without the builds
+    /// it asked for, and the push costs one durable write. Returns the
+    /// changes' ids and the requests'.
+    pub async fn add_changes_requesting(
+        &self,
+        batch: Vec<crate::state::NewChange>,
+        requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>
+        + Send
+        + 'static,
+    ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
         self.write(move |conn| {
-            let now = now_ms();
-            let mut stmt = conn.prepare_cached(
-                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
-            let mut stable = conn.prepare_cached(
-                "UPDATE build_requests SET not_before_ms = ?1
-                 WHERE build_id IS NULL AND builder = ?2 AND branch = ?3 AND collapse_key = ?4",
-            )?;
-            let ids = requests
-                .iter()
-                .map(|q| {
-                    let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
-                    if !q.collapse_key.is_empty() {
-                        // The tree is not stable yet: the group waits longer.
-                        stable.execute(params![q.not_before_ms, q.builder, q.branch, q.collapse_key])?;
-                    }
-                    stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props, q.not_before_ms, q.collapse_key])?;
-                    Ok(conn.last_insert_rowid())
-                })
-                .collect::<rusqlite::Result<Vec<i64>>>()?;
-            for (key, value) in &marks {
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                    params![format!("mark:{key}"), &value.to_be_bytes()[..]],
-                )?;
-            }
-            Ok(ids)
+            let ids = super::insert_changes(conn, &batch)?;
+            let requests = requests_for(&ids, &batch);
+            let made = insert_requests(conn, &requests, &[])?;
+            Ok((ids, made))
         })
         .await
     }
@@ -402,12 +393,36 @@ impl StateDb {
 
     /// The changes of every request a build was made for, oldest first.
     pub async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
+        self.read(move |conn| change_ids_of(conn, build)).await
+    }
+
+    /// What a new build's properties are made from, in one read: the build
+    /// (with any properties already stored), its request's change, and the
+    /// ids of every change it covers.
+    pub async fn build_sources(
+        &self,
+        build: i64,
+        change: Option<i64>,
+    ) -> Result<BuildSources, StateError> {
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT change_id FROM build_requests WHERE build_id = ?1 AND change_id IS NOT NULL ORDER BY change_id",
-            )?
-            .query_map([build], |r| r.get(0))?
-            .collect()
+            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
+            let record = conn.prepare_cached(&sql)?.query_row([build], build_row).optional()?;
+            let record = match record {
+                Some(mut b) => {
+                    b.properties = load_properties(conn, b.id)?;
+                    Some(b)
+                }
+                None => None,
+            };
+            let change = match change {
+                Some(id) => super::load_change(conn, id)?,
+                None => None,
+            };
+            Ok(BuildSources {
+                build: record,
+                change,
+                change_ids: change_ids_of(conn, build)?,
+            })
         })
         .await
     }
@@ -415,7 +430,6 @@ impl StateDb {
     /// The build a request was claimed by, if a worker has started it.
     pub async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
         self.read(move |conn| {
-            use rusqlite::OptionalExtension;
             Ok(conn
                 .prepare_cached("SELECT build_id FROM build_requests WHERE id = ?1")?
                 .query_row([request], |r| r.get::<_, Option<i64>>(0))
@@ -662,4 +676,57 @@ fn end_build(conn: &rusqlite::Connection, build: i64, result: &str) -> rusqlite:
         params![build, now_ms(), result],
     )?;
     Ok(())
+}
+
+/// Inserts build requests (a request with a collapse key pushes back the
+/// waiting ones of its group) and sets `marks`; returns the requests' ids.
+fn insert_requests(
+    conn: &rusqlite::Connection,
+    requests: &[NewRequest],
+    marks: &[(String, i64)],
+) -> rusqlite::Result<Vec<i64>> {
+    let now = now_ms();
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    let mut stable = conn.prepare_cached(
+        "UPDATE build_requests SET not_before_ms = ?1
+         WHERE build_id IS NULL AND builder = ?2 AND branch = ?3 AND collapse_key = ?4",
+    )?;
+    let ids = requests
+        .iter()
+        .map(|q| {
+            let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
+            if !q.collapse_key.is_empty() {
+                // The tree is not stable yet: the group waits longer.
+                stable.execute(params![q.not_before_ms, q.builder, q.branch, q.collapse_key])?;
+            }
+            stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props, q.not_before_ms, q.collapse_key])?;
+            Ok(conn.last_insert_rowid())
+        })
+        .collect::<rusqlite::Result<Vec<i64>>>()?;
+    for (key, value) in marks {
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            params![format!("mark:{key}"), &value.to_be_bytes()[..]],
+        )?;
+    }
+    Ok(ids)
+}
+
+/// See [`StateDb::build_sources`]. The build's steps are not loaded.
+#[derive(Debug)]
+pub struct BuildSources {
+    pub build: Option<BuildRecord>,
+    pub change: Option<crate::state::StoredChange>,
+    pub change_ids: Vec<i64>,
+}
+
+fn change_ids_of(conn: &rusqlite::Connection, build: i64) -> rusqlite::Result<Vec<i64>> {
+    conn.prepare_cached(
+        "SELECT change_id FROM build_requests WHERE build_id = ?1 AND change_id IS NOT NULL ORDER BY change_id",
+    )?
+    .query_map([build], |r| r.get(0))?
+    .collect()
 }

@@ -197,6 +197,15 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Inserts a batch of changes, received now; returns their ids.
+fn insert_changes(conn: &Connection, batch: &[NewChange]) -> rusqlite::Result<Vec<i64>> {
+    let received = now_ms();
+    batch
+        .iter()
+        .map(|c| insert_change(conn, c, received))
+        .collect()
+}
+
 fn insert_change(conn: &Connection, c: &NewChange, received_ms: i64) -> rusqlite::Result<i64> {
     conn.prepare_cached(
         "INSERT INTO changes (repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms)
@@ -433,14 +442,7 @@ fn load_change(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredChan
 #[async_trait]
 impl ChangeStore for StateDb {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
-        self.write(move |conn| {
-            let received = now_ms();
-            batch
-                .iter()
-                .map(|c| insert_change(conn, c, received))
-                .collect()
-        })
-        .await
+        self.write(move |conn| insert_changes(conn, &batch)).await
     }
 }
 
