@@ -405,15 +405,22 @@ async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<
 }
 
 fn main() -> ExitCode {
+    // A step's supervisor starts once per step: `__step --parent PID --
+    // ARGV...` is read without building the whole command line parser, and
+    // runs with no logging and no async runtime.
+    let args: Vec<String> = std::env::args().skip(1).take(4).collect();
+    if let [step, flag, parent, dashes] = &args[..]
+        && step == "__step"
+        && flag == "--parent"
+        && dashes == "--"
+        && let Ok(parent) = parent.parse()
+    {
+        let argv: Vec<String> = std::env::args().skip(5).collect();
+        std::process::exit(switchyard::worker::step::supervise(&argv, parent));
+    }
     let cli = Cli::parse();
     if let Command::Step { parent, argv } = &cli.command {
-        // No logging, no multi-threaded runtime: a step's supervisor is tiny.
-        let code = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map(|rt| rt.block_on(switchyard::worker::step::supervise(argv, *parent)))
-            .unwrap_or(125);
-        std::process::exit(code);
+        std::process::exit(switchyard::worker::step::supervise(argv, *parent));
     }
     init_logging();
     let result = match cli.command {

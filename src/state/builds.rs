@@ -700,9 +700,25 @@ fn insert_requests(
             let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
             if !q.collapse_key.is_empty() {
                 // The tree is not stable yet: the group waits longer.
-                stable.execute(params![q.not_before_ms, q.builder, q.branch, q.collapse_key])?;
+                stable.execute(params![
+                    q.not_before_ms,
+                    q.builder,
+                    q.branch,
+                    q.collapse_key
+                ])?;
             }
-            stmt.execute(params![q.builder, q.change_id, q.reason, q.repository, q.branch, q.revision, now, props, q.not_before_ms, q.collapse_key])?;
+            stmt.execute(params![
+                q.builder,
+                q.change_id,
+                q.reason,
+                q.repository,
+                q.branch,
+                q.revision,
+                now,
+                props,
+                q.not_before_ms,
+                q.collapse_key
+            ])?;
             Ok(conn.last_insert_rowid())
         })
         .collect::<rusqlite::Result<Vec<i64>>>()?;

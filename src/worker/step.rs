@@ -111,39 +111,56 @@ impl StepSpec {
 /// whole group. So no step process outlives its worker, even one killed with
 /// -9. Returns the exit code to exit with (a command killed by signal N
 /// exits 128 + N).
-pub async fn supervise(argv: &[String], parent: i32) -> i32 {
+///
+/// It is small on purpose (every step pays for it): no async runtime, no
+/// logging; a thread waits for the command while the main thread waits for
+/// SIGTERM.
+pub fn supervise(argv: &[String], parent: i32) -> i32 {
     use nix::sys::prctl::set_pdeathsig;
+    use nix::sys::signal::SigSet;
     use nix::unistd::{getpgrp, getppid};
-    use tokio::signal::unix::{SignalKind, signal};
+    // SIGTERM is taken with sigwait: blocked before anything can send it,
+    // so it is never missed. The command starts with no signal blocked
+    // (the standard library resets the mask of the processes it starts).
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    if term.thread_block().is_err() {
+        return 125;
+    }
     if set_pdeathsig(Signal::SIGTERM).is_err() || getppid().as_raw() != parent {
         // The worker is already gone (or we cannot be told): do not start.
         return 125;
     }
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return 125;
-    };
     let Some((program, args)) = argv.split_first() else {
         eprintln!("switchyard: the step has no command");
         return 127;
     };
-    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+    let mut child = match std::process::Command::new(program).args(args).spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchyard: cannot start {program:?}: {e}");
             return 127;
         }
     };
-    tokio::select! {
-        status = child.wait() => {
-            use std::os::unix::process::ExitStatusExt;
-            match status {
-                Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
-                Err(_) => 125,
-            }
-        }
-        _ = term.recv() => {
+    // The command's end ends the supervisor, with the command's status.
+    let waiter = std::thread::Builder::new().spawn(move || {
+        use std::os::unix::process::ExitStatusExt;
+        let code = match child.wait() {
+            Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+            Err(_) => 125,
+        };
+        std::process::exit(code);
+    });
+    if waiter.is_err() {
+        let _ = killpg(getpgrp(), Signal::SIGKILL);
+        return 125;
+    }
+    // A SIGTERM (an interrupt, a timeout, or the worker's death) kills the
+    // whole group, this process included.
+    loop {
+        if let Ok(Signal::SIGTERM) = term.wait() {
             let _ = killpg(getpgrp(), Signal::SIGKILL);
-            137
+            return 137;
         }
     }
 }
