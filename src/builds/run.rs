@@ -359,6 +359,7 @@ async fn properties_from_output(
     state: &crate::state::StateDb,
     row: i64,
     git: bool,
+    tail: &[crate::state::LogChunk],
 ) -> Vec<(String, String)> {
     const LIMIT: usize = 1024 * 1024;
     let mut out = Vec::new();
@@ -374,6 +375,16 @@ async fn properties_from_output(
             if c.stream == crate::proto::OutputStream::Stdout as i32 {
                 out.extend_from_slice(&c.data);
             }
+        }
+    }
+    // Then what is not stored yet (the step's last output), in order.
+    for c in tail.iter().filter(|c| c.seq > after) {
+        if read >= LIMIT {
+            break;
+        }
+        read += c.data.len();
+        if c.stream == crate::proto::OutputStream::Stdout as i32 {
+            out.extend_from_slice(&c.data);
         }
     }
     String::from_utf8_lossy(&out)
@@ -626,12 +637,17 @@ pub(super) async fn run_build(
         // finished) on its worker: it is re-attached, not sent again.
         let sent =
             carried.is_some() || send_start(bm, &worker, &slots, &step_id, start, &stop).await;
+        // The step's last output, stored with its end.
+        let mut tail = Vec::new();
         let mut finished: Option<StepFinished> = if !sent {
             None
         } else {
             tokio::pin!(done_rx);
             tokio::select! {
-                r = &mut done_rx => r.ok(),
+                r = &mut done_rx => r.ok().map(|d| {
+                    tail = d.tail;
+                    d.finished
+                }),
                 _ = stop.stopped() => {
                     let interrupt = InterruptStep { step_id: step_id.to_vec(), reason: stop.reason() };
                     // Queued before the session may be hung up: it is sent first.
@@ -646,7 +662,10 @@ pub(super) async fn run_build(
                     loop {
                         tokio::select! {
                             r = &mut done_rx => break match r {
-                                Ok(f) => Some(StepFinished { interrupted: true, ..f }),
+                                Ok(d) => {
+                                    tail = d.tail;
+                                    Some(StepFinished { interrupted: true, ..d.finished })
+                                }
                                 Err(_) => Some(interrupted),
                             },
                             _ = tokio::time::sleep(Duration::from_millis(100)) => {
@@ -702,7 +721,7 @@ pub(super) async fn run_build(
         // it: recorded with the step's end, in one write.
         let set =
             if !lost && judged.result == "success" && (step.set_properties || step.git.is_some()) {
-                properties_from_output(&inner.state, row, step.git.is_some()).await
+                properties_from_output(&inner.state, row, step.git.is_some(), &tail).await
             } else {
                 Vec::new()
             };
@@ -713,8 +732,10 @@ pub(super) async fn run_build(
             (false, _) if position + 1 == builder.steps.len() => Some("success"),
             (false, _) => None,
         };
+        let last_seq = finished.as_ref().map(|f| f.last_seq);
         let end = StepEndRecord {
             row,
+            logs: std::mem::take(&mut tail),
             result: judged.result.into(),
             exit_code: judged.exit_code,
             signal: judged.signal,
@@ -728,7 +749,15 @@ pub(super) async fn run_build(
             )),
         };
         match inner.state.finish_step(end).await {
-            Ok(()) => ended = build_ends.is_some(),
+            Ok(()) => {
+                ended = build_ends.is_some();
+                // Its output and end are durable: the worker may forget it.
+                // (A worker away now is told when it comes back.)
+                if let (Some(last), Some(link)) = (last_seq, bm.link_of(&worker)) {
+                    let ack = super::workers::finished_ack(step_id.to_vec(), last);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), link.tx.send(ack)).await;
+                }
+            }
             Err(e) => tracing::error!(build, error = %e, "cannot record a step's end"),
         }
         for (name, value) in &set {

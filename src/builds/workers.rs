@@ -37,10 +37,19 @@ pub const BATCH_DELAY: Duration = Duration::from_millis(20);
 /// second login under its name.
 const PROBE: Duration = Duration::from_secs(3);
 
+/// A step's end as its session hands it to the build: the worker's report,
+/// and the step's last output, not stored yet. The build stores that output
+/// with the step's end (one durable write), then tells the worker it may
+/// forget the step ([`finished_ack`]).
+pub(crate) struct StepDone {
+    pub(crate) finished: StepFinished,
+    pub(crate) tail: Vec<LogChunk>,
+}
+
 pub(crate) struct PendingStep {
     pub(crate) build: i64,
     pub(crate) row: i64,
-    pub(crate) done: oneshot::Sender<StepFinished>,
+    pub(crate) done: oneshot::Sender<StepDone>,
     /// The session the step was sent on (`None` until it is sent). A worker
     /// that comes back without listing a step it confirmed has lost it.
     pub(crate) sent_on: Option<String>,
@@ -146,6 +155,12 @@ impl WorkerLink {
 
 fn encode(msg: MasterMessage) -> Bytes {
     Bytes::from(msg.encode_to_vec())
+}
+
+/// Tells the worker a finished step is stored, output and end: it may
+/// forget it.
+pub(crate) fn finished_ack(step_id: Vec<u8>, last_seq: u64) -> MasterMessage {
+    ack(step_id, last_seq, true)
 }
 
 fn ack(step_id: Vec<u8>, seq: u64, finished: bool) -> MasterMessage {
@@ -360,19 +375,25 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                         }
                     },
                     worker_message::Kind::Finished(f) => {
-                        // Its output first, then its end.
-                        if let Err(why) = send_acks(&mut sink, logs.drain().await).await {
+                        expected.remove(&f.step_id);
+                        let pending = link.slots.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
+                        let Some(p) = pending else {
+                            // A step no build waits for: store its output, let it go.
+                            if let Err(why) = send_acks(&mut sink, logs.drain().await).await {
+                                break 'session why;
+                            }
+                            if let Err(e) = sink.send(encode(ack(f.step_id, f.last_seq, true))).await {
+                                break 'session format!("link failed: {e}");
+                            }
+                            continue;
+                        };
+                        // Its output not yet stored goes with its end, in the
+                        // build's write; what is already on its way lands first.
+                        let tail = logs.take_step(p.row, &f.step_id);
+                        if let Err(why) = send_acks(&mut sink, logs.settle().await).await {
                             break 'session why;
                         }
-                        let pending = link.slots.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.step_id);
-                        expected.remove(&f.step_id);
-                        let (step_id, last) = (f.step_id.clone(), f.last_seq);
-                        if let Some(p) = pending {
-                            let _ = p.done.send(f);
-                        }
-                        if let Err(e) = sink.send(encode(ack(step_id, last, true))).await {
-                            break 'session format!("link failed: {e}");
-                        }
+                        let _ = p.done.send(StepDone { finished: f, tail });
                         continue;
                     }
                     worker_message::Kind::Accepted(a) => {
@@ -524,6 +545,27 @@ impl LogBatcher {
                 r
             }
             None => std::future::pending().await,
+        }
+    }
+
+    /// Takes the chunks of one step (its row) out of the batch being
+    /// filled, with their acknowledgement: whoever stores them acknowledges
+    /// them.
+    fn take_step(&mut self, row: i64, step_id: &[u8]) -> Vec<LogChunk> {
+        let (mine, rest): (Vec<LogChunk>, Vec<LogChunk>) = std::mem::take(&mut self.batch)
+            .into_iter()
+            .partition(|c| c.step == row);
+        self.batch = rest;
+        self.bytes = self.batch.iter().map(|c| c.data.len()).sum();
+        self.acks.remove(step_id);
+        mine
+    }
+
+    /// Waits for the batch in flight, if any; returns its acknowledgements.
+    async fn settle(&mut self) -> Result<Acks, String> {
+        match self.in_flight.take() {
+            Some(f) => f.await,
+            None => Ok(Vec::new()),
         }
     }
 

@@ -472,6 +472,7 @@ impl StateDb {
     /// step ends it.
     pub async fn finish_step(&self, end: StepEndRecord) -> Result<(), StateError> {
         self.write(move |conn| {
+            insert_logs(conn, &end.logs)?;
             conn.execute(
                 "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6 WHERE id = ?1",
                 params![end.row, now_ms(), end.result, end.exit_code, end.signal, end.detail],
@@ -496,15 +497,7 @@ impl StateDb {
     /// Stores log chunks; a chunk already stored (same step and seq) is
     /// ignored, so replays never double a log.
     pub async fn append_logs(&self, chunks: Vec<LogChunk>) -> Result<(), StateError> {
-        self.write(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("INSERT OR IGNORE INTO log_chunks (step, seq, stream, data) VALUES (?1, ?2, ?3, ?4)")?;
-            for c in &chunks {
-                stmt.execute(params![c.step, c.seq as i64, c.stream, &c.data[..]])?;
-            }
-            Ok(())
-        })
-        .await
+        self.write(move |conn| insert_logs(conn, &chunks)).await
     }
 
     /// The most recent builds, newest first, with their steps.
@@ -647,6 +640,9 @@ pub type PropertyRow = (String, String, String);
 #[derive(Clone, Debug, Default)]
 pub struct StepEndRecord {
     pub row: i64,
+    /// Its last output, not stored yet (stored first; a chunk already
+    /// stored is ignored).
+    pub logs: Vec<LogChunk>,
     pub result: String,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -745,4 +741,14 @@ fn change_ids_of(conn: &rusqlite::Connection, build: i64) -> rusqlite::Result<Ve
     )?
     .query_map([build], |r| r.get(0))?
     .collect()
+}
+
+fn insert_logs(conn: &rusqlite::Connection, chunks: &[LogChunk]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO log_chunks (step, seq, stream, data) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for c in chunks {
+        stmt.execute(params![c.step, c.seq as i64, c.stream, &c.data[..]])?;
+    }
+    Ok(())
 }
