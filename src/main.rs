@@ -278,6 +278,10 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log nobody reads any more (stderr piped to a reader that went
+        // away) is dropped: the master or worker keeps serving. Reporting
+        // the failed write would itself write to stderr, and panic.
+        .log_internal_errors(false)
         .init();
 }
 

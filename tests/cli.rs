@@ -786,3 +786,48 @@ fn the_interactive_console_logs_in_again_after_a_master_restart() {
     };
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn a_master_whose_log_reader_went_away_keeps_serving() {
+    // `switchyard master ... 2>&1 | head -1`: the pipe closes after a line.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[ALICE])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = {
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let line = lines
+            .find_map(|l| l.ok().filter(|l| l.contains("listening on ")))
+            .expect("the master's start line");
+        line.rsplit("listening on ")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+        // The reader is dropped here: the pipe is closed.
+    };
+    let mut p = Proc {
+        child,
+        lines: mpsc::channel().1,
+    };
+    // Each of these logs a line into the closed pipe.
+    for _ in 0..3 {
+        p.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ping_as(&addr, "alice", "alice-pw").await;
+    }
+    assert!(p.child.try_wait().unwrap().is_none(), "the master exited");
+    p.signal("TERM");
+    assert!(p.wait_exit().success());
+}
