@@ -413,14 +413,22 @@ fn main() -> ExitCode {
     // ARGV...` is read without building the whole command line parser, and
     // runs with no logging and no async runtime.
     let args: Vec<String> = std::env::args().skip(1).take(4).collect();
-    if let [step, flag, parent, dashes] = &args[..]
+    if let [step, flag, parent, how, ..] = &args[..]
         && step == "__step"
         && flag == "--parent"
-        && dashes == "--"
         && let Ok(parent) = parent.parse()
     {
-        let argv: Vec<String> = std::env::args().skip(5).collect();
-        std::process::exit(switchyard::worker::step::supervise(&argv, parent));
+        use switchyard::worker::step;
+        match how.as_str() {
+            "--stdin" if args.len() == 4 && std::env::args().len() == 5 => {
+                std::process::exit(step::supervise_from_stdin(parent))
+            }
+            "--" => {
+                let argv: Vec<String> = std::env::args().skip(5).collect();
+                std::process::exit(step::supervise(&argv, parent));
+            }
+            _ => {}
+        }
     }
     let cli = Cli::parse();
     if let Command::Step { parent, argv } = &cli.command {

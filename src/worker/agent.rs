@@ -89,6 +89,8 @@ struct Agent {
     unacked_bytes: usize,
     events_tx: mpsc::Sender<StepEvent>,
     events_rx: mpsc::Receiver<StepEvent>,
+    /// Step supervisors, one started ahead (when `step_supervisor` is set).
+    supervisors: Option<step::Supervisors>,
 }
 
 /// Why a session ended.
@@ -158,8 +160,10 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
     // worker: others' failed logins never keep it out (see `auth::throttle`).
     let token_file = opts.basedir.join(".switchyard").join("device-token");
     creds.set_device_token(client::load_device_token(&token_file));
+    let supervisors = opts.step_supervisor.clone().map(step::Supervisors::new);
     let mut agent = Agent {
         opts,
+        supervisors,
         creds,
         steps: HashMap::new(),
         unacked_bytes: 0,
@@ -416,7 +420,7 @@ impl Agent {
                     },
                     timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms)),
                     pid_dir: Some(pid_dir(&self.opts.basedir)),
-                    supervisor: self.opts.step_supervisor.clone(),
+                    supervisor: self.supervisors.clone(),
                     secrets: s.secrets.into_iter().map(|x| (x.name, x.value)).collect(),
                 };
                 tokio::spawn(step::run(spec, tx, interrupt));

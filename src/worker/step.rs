@@ -90,9 +90,9 @@ pub struct StepSpec {
     /// Where the step's process group is recorded while it runs, so that a
     /// worker restarted after a crash can kill what its previous run left.
     pub pid_dir: Option<PathBuf>,
-    /// A program that runs `__step --parent PID -- ARGV...` as the step's
-    /// supervisor (see [`supervise`]): the `switchyard` binary itself.
-    pub supervisor: Option<PathBuf>,
+    /// Where the step's supervisor comes from (see [`supervise`]); `None`:
+    /// the command runs without one.
+    pub supervisor: Option<Supervisors>,
     /// Step secrets (name, value) its argv or env hold: replaced by
     /// `<secret:NAME>` in its output and start error (see [`Masker`]).
     pub secrets: Vec<(String, Vec<u8>)>,
@@ -116,26 +116,91 @@ impl StepSpec {
 /// logging; a thread waits for the command while the main thread waits for
 /// SIGTERM.
 pub fn supervise(argv: &[String], parent: i32) -> i32 {
-    use nix::sys::prctl::set_pdeathsig;
-    use nix::sys::signal::SigSet;
-    use nix::unistd::{getpgrp, getppid};
-    // SIGTERM is taken with sigwait: blocked before anything can send it,
-    // so it is never missed. The command starts with no signal blocked
-    // (the standard library resets the mask of the processes it starts).
-    let mut term = SigSet::empty();
-    term.add(Signal::SIGTERM);
-    if term.thread_block().is_err() {
+    let Some(term) = watch_parent(parent) else {
         return 125;
-    }
-    if set_pdeathsig(Signal::SIGTERM).is_err() || getppid().as_raw() != parent {
-        // The worker is already gone (or we cannot be told): do not start.
-        return 125;
-    }
+    };
     let Some((program, args)) = argv.split_first() else {
         eprintln!("switchyard: the step has no command");
         return 127;
     };
-    let mut child = match std::process::Command::new(program).args(args).spawn() {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    run_supervised(cmd, program, term)
+}
+
+/// What a supervisor started ahead of its step ([`Supervisors`]) is told
+/// on its standard input, as JSON, once the step starts.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Order {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    dir: PathBuf,
+}
+
+/// The most a supervisor reads from its standard input.
+const MAX_ORDER: u64 = 64 * 1024 * 1024;
+
+/// [`supervise`] for a supervisor started ahead of its step: it waits for
+/// the step's command, directory and environment on its standard input
+/// (JSON, then end of file). Its input closed with nothing on it means the
+/// worker did not need it: it exits quietly.
+pub fn supervise_from_stdin(parent: i32) -> i32 {
+    use std::io::Read;
+    let Some(term) = watch_parent(parent) else {
+        return 125;
+    };
+    let mut text = Vec::new();
+    if std::io::stdin()
+        .take(MAX_ORDER)
+        .read_to_end(&mut text)
+        .is_err()
+        || text.is_empty()
+    {
+        return 0;
+    }
+    let Ok(order) = serde_json::from_slice::<Order>(&text) else {
+        eprintln!("switchyard: the worker sent the step supervisor an order it cannot read");
+        return 125;
+    };
+    let Some((program, args)) = order.argv.split_first() else {
+        eprintln!("switchyard: the step has no command");
+        return 127;
+    };
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(&order.env)
+        .current_dir(&order.dir)
+        .stdin(Stdio::null());
+    run_supervised(cmd, program, term)
+}
+
+/// Blocks SIGTERM (taken later with sigwait, so it is never missed) and
+/// asks the kernel for it when the worker dies. `None` if the worker is
+/// already gone or cannot be watched: then nothing may start.
+fn watch_parent(parent: i32) -> Option<nix::sys::signal::SigSet> {
+    use nix::sys::prctl::set_pdeathsig;
+    use nix::sys::signal::SigSet;
+    use nix::unistd::getppid;
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    term.thread_block().ok()?;
+    if set_pdeathsig(Signal::SIGTERM).is_err() || getppid().as_raw() != parent {
+        return None;
+    }
+    Some(term)
+}
+
+/// Starts the command (with no signal blocked: the standard library resets
+/// the mask of the processes it starts), then exits with its status, or
+/// kills the whole group on SIGTERM.
+fn run_supervised(
+    mut cmd: std::process::Command,
+    program: &str,
+    term: nix::sys::signal::SigSet,
+) -> i32 {
+    use nix::unistd::getpgrp;
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchyard: cannot start {program:?}: {e}");
@@ -161,6 +226,72 @@ pub fn supervise(argv: &[String], parent: i32) -> i32 {
         if let Ok(Signal::SIGTERM) = term.wait() {
             let _ = killpg(getpgrp(), Signal::SIGKILL);
             return 137;
+        }
+    }
+}
+
+impl std::fmt::Debug for Supervisors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisors")
+            .field("program", &self.program)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Step supervisors started ahead of their steps: starting one (a process
+/// loading the `switchyard` binary) takes over a millisecond, which a step
+/// would otherwise wait for. One waits ready, its own process group leader,
+/// its output already piped to the worker; a step takes it, tells it what
+/// to run, and the next one starts meanwhile. A ready supervisor dies with
+/// the worker like any other.
+#[derive(Clone)]
+pub struct Supervisors {
+    program: PathBuf,
+    ready: std::sync::Arc<std::sync::Mutex<Option<tokio::process::Child>>>,
+}
+
+impl Supervisors {
+    /// Supervisors run as `PROGRAM __step --parent PID --stdin`.
+    pub fn new(program: PathBuf) -> Self {
+        Supervisors {
+            program,
+            ready: Default::default(),
+        }
+    }
+
+    fn start(&self) -> std::io::Result<tokio::process::Child> {
+        Command::new(&self.program)
+            .arg("__step")
+            .arg("--parent")
+            .arg(std::process::id().to_string())
+            .arg("--stdin")
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+    }
+
+    /// A supervisor for a step: the ready one if it is still alive, else a
+    /// new one.
+    fn take(&self) -> std::io::Result<tokio::process::Child> {
+        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match ready {
+            Some(mut c) => match c.try_wait() {
+                Ok(None) => Ok(c),
+                _ => self.start(),
+            },
+            None => self.start(),
+        }
+    }
+
+    /// Starts the next ready supervisor, unless one is waiting already.
+    fn refill(&self) {
+        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        if ready.is_none() {
+            *ready = self.start().ok();
         }
     }
 }
@@ -269,6 +400,30 @@ async fn pump(
     }
 }
 
+/// Hands the step to a supervisor (a ready one when there is one), and
+/// starts the next.
+async fn start_supervised(
+    pool: &Supervisors,
+    spec: &StepSpec,
+) -> std::io::Result<tokio::process::Child> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = pool.take()?;
+    let order = Order {
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        dir: spec.dir.clone(),
+    };
+    let text = serde_json::to_vec(&order).map_err(std::io::Error::other)?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("the supervisor has no input"))?;
+    stdin.write_all(&text).await?;
+    drop(stdin);
+    pool.refill();
+    Ok(child)
+}
+
 /// Runs a step to its end. `interrupt` stops it (the whole group is
 /// killed). Always ends with exactly one `Finished` event.
 pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: CancellationToken) {
@@ -301,32 +456,21 @@ pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: Can
             .await;
         return;
     };
-    let mut cmd = match &spec.supervisor {
-        Some(sup) => {
-            let mut c = Command::new(sup);
-            c.arg("__step")
-                .arg("--parent")
-                .arg(std::process::id().to_string())
-                .arg("--")
-                .arg(program)
-                .args(args);
-            c
-        }
-        None => {
-            let mut c = Command::new(program);
-            c.args(args);
-            c
-        }
+    let started = match &spec.supervisor {
+        Some(pool) => start_supervised(pool, &spec).await,
+        None => Command::new(program)
+            .args(args)
+            .env_clear()
+            .envs(&spec.env)
+            .current_dir(&spec.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn(),
     };
-    cmd.env_clear()
-        .envs(&spec.env)
-        .current_dir(&spec.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let mut child = match started {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("cannot start {program:?}: {e}");
