@@ -471,16 +471,38 @@ impl BuildMaster {
             taken.insert(req.id);
             taken.extend(merged.iter().copied());
             link.slots.busy.fetch_add(1, Ordering::SeqCst);
-            let claimed = if merged.is_empty() {
-                self.inner.state.claim_request(req.id, &link.name).await
-            } else {
-                self.inner
-                    .state
-                    .claim_requests(req.id, merged, &link.name)
-                    .await
+            // The claim, the build's properties and its first step's row
+            // are one durable write: the step can go out right after it.
+            let sources = run::PropertySources {
+                request: req.clone(),
+                builder: builder.name.clone(),
+                worker: link.name.clone(),
+                hello: Some(link.hello.clone()),
+                worker_properties: config
+                    .workers
+                    .get(&link.name)
+                    .map(|w| w.properties.clone())
+                    .unwrap_or_default(),
             };
+            let first_step = builder.steps.first().map(|s| {
+                let mut step_id = [0u8; 16];
+                rand::fill(&mut step_id[..]);
+                (s.name.clone(), s.on_lost.as_str().to_string(), step_id)
+            });
+            let first_id = first_step.as_ref().map(|(_, _, id)| *id);
+            let claimed = self
+                .inner
+                .state
+                .claim(req.id, merged, &link.name, first_step, move |b| {
+                    let props = sources.make(b.build, b.number, b.change, b.change_ids);
+                    let rows = run::property_rows(&props);
+                    (props, rows)
+                })
+                .await;
             match claimed {
-                Ok(Some(build)) => {
+                Ok(Some(claim)) => {
+                    let build = claim.build;
+                    let first = first_id.zip(claim.first_row);
                     let stop = StopSignal::default();
                     self.inner
                         .running
@@ -500,7 +522,10 @@ impl BuildMaster {
                         builder.clone(),
                         link.name.clone(),
                         stop,
-                        run::Resume::default(),
+                        run::Resume {
+                            fresh: Some((claim.kept, first)),
+                            ..Default::default()
+                        },
                     );
                 }
                 Ok(None) => {

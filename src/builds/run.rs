@@ -122,113 +122,120 @@ fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
     }
 }
 
-/// The build's properties: those stored with it (a build resumed after a
-/// restart keeps what it had), else made now from its sources, in order
-/// (change, scheduler, force, build, worker). New ones come back as rows
-/// to store too (with the first step, in one write).
-async fn build_properties(
-    bm: &BuildMaster,
-    build: i64,
-    request: &BuildRequest,
-    builder: &str,
-    worker: &str,
-) -> (Properties, Option<Vec<PropertyRow>>) {
-    let r = &request.request;
-    let sources = bm.inner.state.build_sources(build, r.change_id).await.ok();
-    let (stored, change, change_ids) = match sources {
-        Some(s) => (s.build, s.change, s.change_ids),
-        None => (None, None, Vec::new()),
-    };
+/// What a new build's properties are made of, besides what the database
+/// holds (its change): gathered when the build is claimed.
+pub(super) struct PropertySources {
+    pub(super) request: BuildRequest,
+    pub(super) builder: String,
+    pub(super) worker: String,
+    /// What the worker said of itself when it logged in.
+    pub(super) hello: Option<crate::proto::WorkerHello>,
+    /// `[[worker]] properties`.
+    pub(super) worker_properties: std::collections::BTreeMap<String, String>,
+}
+
+impl PropertySources {
+    /// The properties of a build just claimed, from its sources in order
+    /// (change, scheduler, force, build, worker).
+    pub(super) fn make(
+        &self,
+        build: i64,
+        number: i64,
+        change: Option<&crate::state::StoredChange>,
+        change_ids: &[i64],
+    ) -> Properties {
+        let r = &self.request.request;
+        let mut props = Properties::default();
+        if let (Some(id), Some(c)) = (r.change_id, change) {
+            let c = &c.change;
+            for (name, value) in &c.properties {
+                props.set(name, value, Source::Change);
+            }
+            for (name, value) in [
+                ("repository", &c.repository),
+                ("branch", &c.branch),
+                ("revision", &c.revision),
+                ("project", &c.project),
+                ("category", &c.category),
+                ("author", &c.author),
+                ("comments", &c.comments),
+            ] {
+                props.set(name, value, Source::Change);
+            }
+            if let Some((secs, _)) = c.when {
+                props.set("when", secs.to_string(), Source::Change);
+            }
+            props.set("files", c.files.join("\n"), Source::Change);
+            // A build of collapsed requests records every change it covers.
+            let ids: Vec<String> = if change_ids.is_empty() {
+                vec![id.to_string()]
+            } else {
+                change_ids.iter().map(i64::to_string).collect()
+            };
+            props.set("change_ids", ids.join(","), Source::Change);
+        }
+        for (name, value, source) in &r.properties {
+            props.set(name, value, Source::parse(source).unwrap_or(Source::Force));
+        }
+        if r.change_id.is_none() {
+            for (name, value) in [
+                ("repository", &r.repository),
+                ("branch", &r.branch),
+                ("revision", &r.revision),
+            ] {
+                if !value.is_empty() {
+                    props.set(name, value, Source::Force);
+                }
+            }
+        }
+        let builder = &self.builder;
+        props.set("builder", builder, Source::Build);
+        props.set("build_number", number.to_string(), Source::Build);
+        props.set("build_id", build.to_string(), Source::Build);
+        props.set("worker", &self.worker, Source::Build);
+        if let Some(h) = &self.hello
+            && !h.basedir.is_empty()
+        {
+            props.set(
+                "builddir",
+                format!("{}/{builder}", h.basedir.trim_end_matches('/')),
+                Source::Build,
+            );
+        }
+        if let Ok(host) = nix::unistd::gethostname() {
+            props.set("master", host.to_string_lossy(), Source::Build);
+        }
+        for (name, value) in &self.worker_properties {
+            props.set(name, value, Source::Worker);
+        }
+        if let Some(h) = &self.hello {
+            props.set("worker_os", &h.os, Source::Worker);
+            props.set("worker_arch", &h.arch, Source::Worker);
+            props.set("worker_hostname", &h.hostname, Source::Worker);
+            props.set("worker_cpus", h.cpus.to_string(), Source::Worker);
+        }
+        props
+    }
+}
+
+/// Properties as stored rows.
+pub(super) fn property_rows(props: &Properties) -> Vec<PropertyRow> {
+    props
+        .iter()
+        .map(|(n, v, s)| (n.to_string(), v.to_string(), s.as_str().to_string()))
+        .collect()
+}
+
+/// The properties stored with a build (one resumed after a restart keeps
+/// what it had).
+async fn stored_properties(bm: &BuildMaster, build: i64) -> Properties {
     let mut props = Properties::default();
-    if let Some(b) = &stored
-        && !b.properties.is_empty()
-    {
+    if let Ok(Some(b)) = bm.inner.state.build(build).await {
         for (name, value, source) in &b.properties {
             props.set(name, value, Source::parse(source).unwrap_or(Source::Step));
         }
-        return (props, None);
     }
-    if let (Some(id), Some(c)) = (r.change_id, change) {
-        let c = c.change;
-        for (name, value) in &c.properties {
-            props.set(name, value, Source::Change);
-        }
-        for (name, value) in [
-            ("repository", &c.repository),
-            ("branch", &c.branch),
-            ("revision", &c.revision),
-            ("project", &c.project),
-            ("category", &c.category),
-            ("author", &c.author),
-            ("comments", &c.comments),
-        ] {
-            props.set(name, value, Source::Change);
-        }
-        if let Some((secs, _)) = c.when {
-            props.set("when", secs.to_string(), Source::Change);
-        }
-        props.set("files", c.files.join("\n"), Source::Change);
-        // A build of collapsed requests records every change it covers.
-        let ids = if change_ids.is_empty() {
-            vec![id]
-        } else {
-            change_ids
-        };
-        let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
-        props.set("change_ids", ids.join(","), Source::Change);
-    }
-    for (name, value, source) in &r.properties {
-        props.set(name, value, Source::parse(source).unwrap_or(Source::Force));
-    }
-    if r.change_id.is_none() {
-        for (name, value) in [
-            ("repository", &r.repository),
-            ("branch", &r.branch),
-            ("revision", &r.revision),
-        ] {
-            if !value.is_empty() {
-                props.set(name, value, Source::Force);
-            }
-        }
-    }
-    props.set("builder", builder, Source::Build);
-    props.set(
-        "build_number",
-        stored.as_ref().map_or(0, |b| b.number).to_string(),
-        Source::Build,
-    );
-    props.set("build_id", build.to_string(), Source::Build);
-    props.set("worker", worker, Source::Build);
-    let link = bm.link_of(worker);
-    if let Some(l) = &link
-        && !l.hello.basedir.is_empty()
-    {
-        props.set(
-            "builddir",
-            format!("{}/{builder}", l.hello.basedir.trim_end_matches('/')),
-            Source::Build,
-        );
-    }
-    if let Ok(host) = nix::unistd::gethostname() {
-        props.set("master", host.to_string_lossy(), Source::Build);
-    }
-    if let Some(w) = bm.inner.config().workers.get(worker) {
-        for (name, value) in &w.properties {
-            props.set(name, value, Source::Worker);
-        }
-    }
-    if let Some(l) = &link {
-        let h = &l.hello;
-        props.set("worker_os", &h.os, Source::Worker);
-        props.set("worker_arch", &h.arch, Source::Worker);
-        props.set("worker_hostname", &h.hostname, Source::Worker);
-        props.set("worker_cpus", h.cpus.to_string(), Source::Worker);
-    }
-    let rows = props
-        .iter()
-        .map(|(n, v, s)| (n.to_string(), v.to_string(), s.as_str().to_string()))
-        .collect();
-    (props, Some(rows))
+    props
 }
 
 /// The environment variables every step gets from its build's properties.
@@ -472,8 +479,14 @@ pub(super) struct Resume {
     /// Attempts already made, per step.
     pub(super) runs: Vec<u32>,
     /// The step that was running: its id and row.
-    pub(super) in_flight: Option<([u8; 16], i64)>,
+    pub(super) in_flight: Option<StepRow>,
+    /// A build just claimed: its properties, and its first step's id and
+    /// row, recorded with the claim (not sent yet).
+    pub(super) fresh: Option<(Properties, Option<StepRow>)>,
 }
+
+/// A step attempt's id and its row in the database.
+pub(super) type StepRow = ([u8; 16], i64);
 
 /// The `sent_on` of steps that were running when the previous master
 /// process stopped: no session of this process has that id.
@@ -511,8 +524,10 @@ pub(super) async fn run_build(
     let mut in_flight = resume.in_flight;
     let mut recoveries = 0u32;
     let mut position = resume.position;
-    let (mut props, mut unstored) =
-        build_properties(bm, build, &request, &builder.name, &worker).await;
+    let (mut props, mut first) = match resume.fresh {
+        Some((props, first)) => (props, first),
+        None => (stored_properties(bm, build).await, None),
+    };
     // Whether the build's end is recorded (with its last step's end).
     let mut ended = false;
     while position < builder.steps.len() {
@@ -526,7 +541,7 @@ pub(super) async fn run_build(
             outcome = "interrupted";
             break;
         }
-        let (step_id, row) = match carried {
+        let (step_id, row) = match carried.or_else(|| first.take()) {
             Some(c) => c,
             None => {
                 let mut step_id = [0u8; 16];
@@ -540,7 +555,7 @@ pub(super) async fn run_build(
                         attempt,
                         step_id,
                         step.on_lost.as_str(),
-                        unstored.take().unwrap_or_default(),
+                        Vec::new(),
                     )
                     .await
                 {
@@ -791,11 +806,18 @@ pub(super) async fn run_build(
         }
         position += 1;
     }
-    // Properties not stored yet (no step was started) go with the end.
-    if let Some(rows) = unstored.take()
-        && let Err(e) = inner.state.set_build_properties(build, rows).await
-    {
-        tracing::error!(build, error = %e, "cannot store the build's properties");
+    // A first step recorded with the claim but never started (the build
+    // was stopped first) ends with the build.
+    if let Some((_, row)) = first.take() {
+        let end = StepEndRecord {
+            row,
+            result: "interrupted".into(),
+            detail: "stopped before it started".into(),
+            ..Default::default()
+        };
+        if let Err(e) = inner.state.finish_step(end).await {
+            tracing::error!(build, error = %e, "cannot record a step's end");
+        }
     }
     if !ended && let Err(e) = inner.state.finish_build(build, outcome).await {
         tracing::error!(build, error = %e, "cannot record the build's end");

@@ -248,19 +248,32 @@ impl StateDb {
         .await
     }
 
-    /// Creates a build for a waiting request on `worker`; `None` if the
-    /// request was taken meanwhile.
-    pub async fn claim_request(
+    /// Claims a waiting request (and `merged` ones, collapsed into it) for
+    /// a build on `worker`, in one transaction with what the build starts
+    /// with: `make` gets the new build and its change and returns what to
+    /// keep plus the build's properties, stored here, and `first_step` (its
+    /// name, `on_lost` and step id) gets its row. `None` if the request was
+    /// claimed already.
+    pub async fn claim<T: Send + 'static>(
         &self,
         request: i64,
+        merged: Vec<i64>,
         worker: &str,
-    ) -> Result<Option<i64>, StateError> {
+        first_step: Option<(String, String, [u8; 16])>,
+        make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>) + Send + 'static,
+    ) -> Result<Option<Claim<T>>, StateError> {
         let worker = worker.to_string();
         self.write(move |conn| {
-            let builder: Option<String> = conn
-                .query_row("SELECT builder FROM build_requests WHERE id = ?1 AND build_id IS NULL", [request], |r| r.get(0))
+            let claimed: Option<(String, Option<i64>)> = conn
+                .query_row(
+                    "SELECT builder, change_id FROM build_requests WHERE id = ?1 AND build_id IS NULL",
+                    [request],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?;
-            let Some(builder) = builder else { return Ok(None) };
+            let Some((builder, change_id)) = claimed else {
+                return Ok(None);
+            };
             let number: i64 = conn.query_row(
                 "INSERT INTO builder_numbers (builder, last) VALUES (?1, 1)
                  ON CONFLICT (builder) DO UPDATE SET last = last + 1 RETURNING last",
@@ -272,8 +285,35 @@ impl StateDb {
                 params![request, builder, worker, now_ms(), number],
             )?;
             let build = conn.last_insert_rowid();
-            conn.execute("UPDATE build_requests SET build_id = ?1 WHERE id = ?2", params![build, request])?;
-            Ok(Some(build))
+            let mut stmt = conn.prepare_cached(
+                "UPDATE build_requests SET build_id = ?1 WHERE id = ?2 AND build_id IS NULL",
+            )?;
+            for id in std::iter::once(&request).chain(&merged) {
+                stmt.execute(params![build, id])?;
+            }
+            let change = match change_id {
+                Some(id) => super::load_change(conn, id)?,
+                None => None,
+            };
+            let change_ids = change_ids_of(conn, build)?;
+            let (kept, properties) = make(ClaimedBuild {
+                build,
+                number,
+                change: change.as_ref(),
+                change_ids: &change_ids,
+            });
+            store_properties(conn, build, &properties)?;
+            let first_row = match &first_step {
+                Some((name, on_lost, step_id)) => Some(insert_step(
+                    conn, build, 0, name, 1, step_id, on_lost,
+                )?),
+                None => None,
+            };
+            Ok(Some(Claim {
+                build,
+                first_row,
+                kept,
+            }))
         })
         .await
     }
@@ -366,65 +406,9 @@ impl StateDb {
         .await
     }
 
-    /// Claims several waiting requests for one build (collapsed requests):
-    /// the build is made for `request` (the newest), and `merged` ones are
-    /// marked as built by it. Requests already claimed are left alone.
-    pub async fn claim_requests(
-        &self,
-        request: i64,
-        merged: Vec<i64>,
-        worker: &str,
-    ) -> Result<Option<i64>, StateError> {
-        let Some(build) = self.claim_request(request, worker).await? else {
-            return Ok(None);
-        };
-        self.write(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "UPDATE build_requests SET build_id = ?1 WHERE id = ?2 AND build_id IS NULL",
-            )?;
-            for id in &merged {
-                stmt.execute(params![build, id])?;
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(Some(build))
-    }
-
     /// The changes of every request a build was made for, oldest first.
     pub async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
         self.read(move |conn| change_ids_of(conn, build)).await
-    }
-
-    /// What a new build's properties are made from, in one read: the build
-    /// (with any properties already stored), its request's change, and the
-    /// ids of every change it covers.
-    pub async fn build_sources(
-        &self,
-        build: i64,
-        change: Option<i64>,
-    ) -> Result<BuildSources, StateError> {
-        self.read(move |conn| {
-            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
-            let record = conn.prepare_cached(&sql)?.query_row([build], build_row).optional()?;
-            let record = match record {
-                Some(mut b) => {
-                    b.properties = load_properties(conn, b.id)?;
-                    Some(b)
-                }
-                None => None,
-            };
-            let change = match change {
-                Some(id) => super::load_change(conn, id)?,
-                None => None,
-            };
-            Ok(BuildSources {
-                build: record,
-                change,
-                change_ids: change_ids_of(conn, build)?,
-            })
-        })
-        .await
     }
 
     /// The build a request was claimed by, if a worker has started it.
@@ -457,12 +441,7 @@ impl StateDb {
         let (name, on_lost) = (name.to_string(), on_lost.to_string());
         self.write(move |conn| {
             store_properties(conn, build, &properties)?;
-            conn.execute(
-                "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![build, position, name, attempt, &step_id[..], on_lost, now_ms()],
-            )?;
-            Ok(conn.last_insert_rowid())
+            insert_step(conn, build, position, &name, attempt, &step_id, &on_lost)
         })
         .await
     }
@@ -727,14 +706,6 @@ fn insert_requests(
     Ok(ids)
 }
 
-/// See [`StateDb::build_sources`]. The build's steps are not loaded.
-#[derive(Debug)]
-pub struct BuildSources {
-    pub build: Option<BuildRecord>,
-    pub change: Option<crate::state::StoredChange>,
-    pub change_ids: Vec<i64>,
-}
-
 fn change_ids_of(conn: &rusqlite::Connection, build: i64) -> rusqlite::Result<Vec<i64>> {
     conn.prepare_cached(
         "SELECT change_id FROM build_requests WHERE build_id = ?1 AND change_id IS NOT NULL ORDER BY change_id",
@@ -751,4 +722,46 @@ fn insert_logs(conn: &rusqlite::Connection, chunks: &[LogChunk]) -> rusqlite::Re
         stmt.execute(params![c.step, c.seq as i64, c.stream, &c.data[..]])?;
     }
     Ok(())
+}
+
+/// A build just claimed, as [`StateDb::claim`] hands it to `make`.
+pub struct ClaimedBuild<'a> {
+    pub build: i64,
+    pub number: i64,
+    pub change: Option<&'a crate::state::StoredChange>,
+    pub change_ids: &'a [i64],
+}
+
+/// What [`StateDb::claim`] made.
+#[derive(Debug)]
+pub struct Claim<T> {
+    pub build: i64,
+    /// The first step's row, if one was asked for.
+    pub first_row: Option<i64>,
+    pub kept: T,
+}
+
+fn insert_step(
+    conn: &rusqlite::Connection,
+    build: i64,
+    position: u32,
+    name: &str,
+    attempt: u32,
+    step_id: &[u8; 16],
+    on_lost: &str,
+) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        build,
+        position,
+        name,
+        attempt,
+        &step_id[..],
+        on_lost,
+        now_ms()
+    ])?;
+    Ok(conn.last_insert_rowid())
 }
