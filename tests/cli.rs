@@ -114,6 +114,16 @@ fn listening_addr(p: &Proc) -> String {
 }
 
 const ALICE: UserSpec = ("alice", "alice-pw", &["ping"]);
+
+/// A directory with a config and secrets file for ALICE alone, and the
+/// config's path.
+fn alice_only() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, config_text("", &[ALICE])).unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    (dir, config)
+}
 const BOB: UserSpec = ("bob", "bob-pw", &["ping"]);
 
 #[tokio::test]
@@ -232,10 +242,7 @@ fn a_master_address_without_a_port_gets_9989() {
 
 #[tokio::test]
 async fn the_master_says_its_pid_and_writes_a_pidfile() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("master.toml");
-    std::fs::write(&config, config_text("", &[ALICE])).unwrap();
-    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    let (dir, config) = alice_only();
     let pidfile = dir.path().join("master.pid");
     let mut p = Proc::master_with(&config, &["--pidfile".as_ref(), pidfile.as_os_str()]);
     let line = p.wait_for_line("listening on ");
@@ -790,10 +797,7 @@ fn the_interactive_console_logs_in_again_after_a_master_restart() {
 #[tokio::test]
 async fn a_master_whose_log_reader_went_away_keeps_serving() {
     // `switchyard master ... 2>&1 | head -1`: the pipe closes after a line.
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("master.toml");
-    std::fs::write(&config, config_text("", &[ALICE])).unwrap();
-    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[ALICE])).unwrap();
+    let (_dir, config) = alice_only();
     let mut child = Command::new(BIN)
         .args(["master", "--config"])
         .arg(&config)
