@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use switchyard::proto::debug_event;
 
 const ADMIN: UserSpec = ("admin", "admin-pw", &["debug", "change-source"]);
 const HOOK: UserSpec = ("hook", "hook-pw", &["change-source"]);
@@ -108,14 +107,14 @@ async fn wait_result(m: &TestMaster, build: i64) -> String {
 }
 
 async fn next_build_started(
-    events: &mut tokio::sync::broadcast::Receiver<switchyard::proto::DebugEvent>,
+    events: &mut tokio::sync::broadcast::Receiver<switchyard::builds::Stamped>,
 ) -> i64 {
     within("a build to start", async {
         loop {
             if let Ok(e) = events.recv().await
-                && let Some(debug_event::Kind::BuildStarted(b)) = e.kind
+                && let switchyard::builds::Event::BuildStarted { build, .. } = e.event
             {
-                return b.build;
+                return build;
             }
         }
     })

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use switchyard::proto::debug_event;
+use switchyard::builds::Event;
 
 /// Two workers, two builders (one each), each step long enough to reload
 /// under, printing a marker at its start and its end.
@@ -67,16 +67,16 @@ async fn force(m: &TestMaster, builder: &str) {
 }
 
 async fn started(
-    events: &mut tokio::sync::broadcast::Receiver<switchyard::proto::DebugEvent>,
+    events: &mut tokio::sync::broadcast::Receiver<switchyard::builds::Stamped>,
     n: usize,
 ) -> Vec<(i64, String)> {
     let mut out = Vec::new();
     within("builds to start", async {
         while out.len() < n {
             if let Ok(e) = events.recv().await
-                && let Some(debug_event::Kind::BuildStarted(b)) = e.kind
+                && let Event::BuildStarted { build, builder, .. } = e.event
             {
-                out.push((b.build, b.builder));
+                out.push((build, builder));
             }
         }
     })
@@ -375,12 +375,10 @@ async fn schedulers_apply_to_changes_pushed_after_the_reload() {
     assert_eq!(report.builds.schedulers_added, vec!["rel".to_string()]);
     // `watch` hears about the reload, with the same summary.
     let e = within("the reload event", events.recv()).await.unwrap();
-    match e.kind {
-        Some(debug_event::Kind::Reloaded(r)) => assert!(
-            r.summary.contains("schedulers: added [rel]"),
-            "{}",
-            r.summary
-        ),
+    match e.event {
+        Event::Reloaded { summary } => {
+            assert!(summary.contains("schedulers: added [rel]"), "{summary}")
+        }
         other => panic!("expected a reload event, got {other:?}"),
     }
     push(&m, "release").await;

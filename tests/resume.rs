@@ -122,8 +122,8 @@ async fn kill_worker_during(
     within("the victim step to start", async {
         loop {
             if let Ok(e) = events.recv().await
-                && let Some(switchyard::proto::debug_event::Kind::StepStarted(s)) = e.kind
-                && s.step == victim
+                && let switchyard::builds::Event::StepStarted { step, .. } = e.event
+                && step == victim
             {
                 return;
             }

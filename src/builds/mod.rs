@@ -1,19 +1,21 @@
 //! The build master: schedulers turn changes into build requests, connected
 //! workers take the oldest request of their builders, and each build runs its
 //! steps in order on one worker, stopping at the first failure. Everything
-//! lands in the state database; everything that happens is broadcast as a
-//! [`DebugEvent`] for `watch`.
+//! lands in the state database; everything that happens is broadcast as an
+//! [`Event`] (see [`events`]).
 //!
 //! Lifecycle: [`BuildMaster::start`] runs the dispatch loop, which wakes when
 //! a request is added, a worker connects or a build ends. Worker sessions
 //! arrive through the `worker` service ([`BuildMaster::serve_worker`]); each
 //! build is a task of its own ([`run`]).
 
+pub mod events;
 pub mod properties;
 mod reconfig;
 mod run;
 mod workers;
 
+pub use events::{Event, Outcome, Stamped};
 pub use reconfig::{BuildsReport, ReconfigOptions};
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,7 +28,6 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BuilderConfig, Config, SchedulerConfig, StepSecrets, WorkerConfig};
-use crate::proto::{DebugEvent, debug_event};
 use crate::state::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
 
 pub use workers::WorkerLink;
@@ -122,7 +123,7 @@ pub(crate) struct Inner {
     config: RwLock<Arc<BuildConfig>>,
     workers: Mutex<HashMap<String, Arc<WorkerLink>>>,
     running: Mutex<HashMap<i64, RunningBuild>>,
-    events: broadcast::Sender<DebugEvent>,
+    events: broadcast::Sender<Stamped>,
     wake: Notify,
     /// Changed builders waiting for their running builds to end.
     pending_builders: Mutex<BTreeMap<String, BuilderConfig>>,
@@ -151,16 +152,12 @@ fn unhex16(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-pub(crate) fn event(kind: debug_event::Kind) -> DebugEvent {
-    DebugEvent {
-        unix_ms: crate::state::now_ms(),
-        kind: Some(kind),
-    }
-}
-
 impl Inner {
-    fn emit(&self, kind: debug_event::Kind) {
-        let _ = self.events.send(event(kind));
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(Stamped {
+            unix_ms: crate::state::now_ms(),
+            event,
+        });
     }
 
     fn config(&self) -> Arc<BuildConfig> {
@@ -257,8 +254,8 @@ impl BuildMaster {
         self.inner.events.receiver_count()
     }
 
-    /// Live events, for `watch`.
-    pub fn subscribe(&self) -> broadcast::Receiver<DebugEvent> {
+    /// Live events, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
         self.inner.events.subscribe()
     }
 

@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{BuildConfig, BuildMaster};
-use crate::proto::{ReloadedEvent, debug_event};
 
 /// How to apply a reload.
 #[derive(Clone, Debug, Default)]
@@ -255,9 +254,9 @@ impl BuildMaster {
 
         *inner.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(active);
         drop((running, draining, pending));
-        inner.emit(debug_event::Kind::Reloaded(ReloadedEvent {
+        inner.emit(super::Event::Reloaded {
             summary: report.to_string(),
-        }));
+        });
         self.wake();
         report
     }

@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use super::properties::{Properties, Source};
 use super::workers::{PendingStep, WorkerSlots};
-use super::{BuildMaster, StopSignal, debug_event};
+use super::{BuildMaster, Event, Outcome, StopSignal};
 use crate::config::{BuilderConfig, OnLost};
 use crate::proto::{
-    BuildEndedEvent, BuildStartedEvent, InterruptStep, MasterMessage, StartStep, StepEndedEvent,
-    StepFinished, StepStartedEvent, master_message, step_finished,
+    InterruptStep, MasterMessage, StartStep, StepFinished, master_message, step_finished,
 };
 use crate::state::{BuildRequest, PropertyRow, StepEndRecord};
 use tokio::sync::oneshot;
@@ -511,11 +510,11 @@ pub(super) async fn run_build(
         "build started"
     };
     tracing::info!(build, builder = %builder.name, worker = %worker, reason = %request.request.reason, "{verb}");
-    inner.emit(debug_event::Kind::BuildStarted(BuildStartedEvent {
+    inner.emit(Event::BuildStarted {
         build,
         builder: builder.name.clone(),
         worker: worker.clone(),
-    }));
+    });
     let mut outcome = "success";
     // How often each step has been started (its attempt number), and how
     // many lost steps this build has recovered from (bounded).
@@ -585,11 +584,11 @@ pub(super) async fn run_build(
                     confirmed: carried.is_some(),
                 },
             );
-        inner.emit(debug_event::Kind::StepStarted(StepStartedEvent {
+        inner.emit(Event::StepStarted {
             build,
             step: step.name.clone(),
             attempt,
-        }));
+        });
         let rendered = render_step(step, &props, &inner.config(), &worker).and_then(|r| {
             // A worker that cannot mask secrets never gets one.
             match bm.link_of(&worker) {
@@ -627,13 +626,13 @@ pub(super) async fn run_build(
                     Err(e) => tracing::error!(build, error = %e, "cannot record a step's end"),
                 }
                 tracing::info!(build, step = %step.name, detail = %detail, "step failed before it started");
-                inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
+                inner.emit(Event::StepEnded {
                     build,
                     step: step.name.clone(),
                     attempt,
-                    result: "failure".into(),
+                    outcome: Outcome::Failure,
                     detail,
-                }));
+                });
                 outcome = "failure";
                 break;
             }
@@ -779,13 +778,13 @@ pub(super) async fn run_build(
             props.set(name, value, Source::Step);
         }
         tracing::info!(build, step = %step.name, result = judged.result, detail = %judged.detail, "step finished");
-        inner.emit(debug_event::Kind::StepEnded(StepEndedEvent {
+        inner.emit(Event::StepEnded {
             build,
             step: step.name.clone(),
             attempt,
-            result: judged.result.into(),
+            outcome: Outcome::parse(judged.result),
             detail: judged.detail.clone(),
-        }));
+        });
         if lost {
             recoveries += 1;
             match step.on_lost {
@@ -823,9 +822,9 @@ pub(super) async fn run_build(
         tracing::error!(build, error = %e, "cannot record the build's end");
     }
     tracing::info!(build, builder = %builder.name, result = outcome, "build finished");
-    inner.emit(debug_event::Kind::BuildEnded(BuildEndedEvent {
+    inner.emit(Event::BuildEnded {
         build,
         builder: builder.name.clone(),
-        result: outcome.into(),
-    }));
+        outcome: Outcome::parse(outcome),
+    });
 }

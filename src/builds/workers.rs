@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::BuildMaster;
 use crate::dispatcher::Session;
 use crate::proto::{
-    Heartbeat, InterruptStep, MasterMessage, OutputAck, StepFinished, WorkerConnectedEvent,
-    WorkerHello, WorkerLostEvent, WorkerMessage, debug_event, master_message, worker_message,
+    Heartbeat, InterruptStep, MasterMessage, OutputAck, StepFinished, WorkerHello, WorkerMessage,
+    master_message, worker_message,
 };
 use crate::state::{LogChunk, StateDb, now_ms};
 
@@ -240,11 +240,10 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.clone(), link.clone());
     tracing::info!(worker = %name, %peer, session = %session_id, host = %hello.hostname, os = %hello.os, arch = %hello.arch, cpus = hello.cpus, version = %hello.version, "worker connected");
-    bm.inner
-        .emit(debug_event::Kind::WorkerConnected(WorkerConnectedEvent {
-            worker: name.clone(),
-            session_id: session_id.clone(),
-        }));
+    bm.inner.emit(super::Event::WorkerConnected {
+        worker: name.clone(),
+        session_id: session_id.clone(),
+    });
 
     // The steps the worker still holds: those a build is waiting for are
     // re-attached to this session (the worker replays what we did not
@@ -443,11 +442,10 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     }
     link.hangup.cancel();
     tracing::warn!(worker = %name, session = %session_id, reason = %reason, "worker lost");
-    bm.inner
-        .emit(debug_event::Kind::WorkerLost(WorkerLostEvent {
-            worker: name,
-            reason,
-        }));
+    bm.inner.emit(super::Event::WorkerLost {
+        worker: name,
+        reason,
+    });
     bm.wake();
 }
 

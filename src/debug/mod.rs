@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
 
-use crate::builds::{BuildError, BuildMaster};
+use crate::builds::{BuildError, BuildMaster, Event, Stamped};
 use crate::proto::{
     BuildChange, BuildDetails, BuilderDetails, BuildersReply, BuildsReply, BuildsRequest,
     DebugEvent, ForceReply, ForceRequest, HangupReply, HangupRequest, LogReply, LogRequest,
@@ -465,7 +465,70 @@ impl DebugApi {
         Ok(HangupReply {})
     }
 
-    pub fn watch(&self) -> broadcast::Receiver<DebugEvent> {
+    /// The build master's events, from now on (each turned into the wire
+    /// type with [`wire_event`]).
+    pub fn watch(&self) -> broadcast::Receiver<Stamped> {
         self.builds.subscribe()
+    }
+}
+
+/// The console's wire form of a domain event.
+pub fn wire_event(e: &Stamped) -> DebugEvent {
+    use crate::proto::{
+        BuildEndedEvent, BuildStartedEvent, ReloadedEvent, StepEndedEvent, StepStartedEvent,
+        WorkerConnectedEvent, WorkerLostEvent, debug_event::Kind,
+    };
+    let kind = match e.event.clone() {
+        Event::WorkerConnected { worker, session_id } => {
+            Kind::WorkerConnected(WorkerConnectedEvent { worker, session_id })
+        }
+        Event::WorkerLost { worker, reason } => {
+            Kind::WorkerLost(WorkerLostEvent { worker, reason })
+        }
+        Event::BuildStarted {
+            build,
+            builder,
+            worker,
+        } => Kind::BuildStarted(BuildStartedEvent {
+            build,
+            builder,
+            worker,
+        }),
+        Event::StepStarted {
+            build,
+            step,
+            attempt,
+        } => Kind::StepStarted(StepStartedEvent {
+            build,
+            step,
+            attempt,
+        }),
+        Event::StepEnded {
+            build,
+            step,
+            attempt,
+            outcome,
+            detail,
+        } => Kind::StepEnded(StepEndedEvent {
+            build,
+            step,
+            attempt,
+            result: outcome.as_str().into(),
+            detail,
+        }),
+        Event::BuildEnded {
+            build,
+            builder,
+            outcome,
+        } => Kind::BuildEnded(BuildEndedEvent {
+            build,
+            builder,
+            result: outcome.as_str().into(),
+        }),
+        Event::Reloaded { summary } => Kind::Reloaded(ReloadedEvent { summary }),
+    };
+    DebugEvent {
+        unix_ms: e.unix_ms,
+        kind: Some(kind),
     }
 }

@@ -166,7 +166,7 @@ async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: Replies) {
                             .send(DebugReply {
                                 id,
                                 end: false,
-                                result: Some(R::Event(e)),
+                                result: Some(R::Event(super::wire_event(&e))),
                             })
                             .await
                             .is_err()

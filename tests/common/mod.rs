@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard::builds::Event;
 
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -383,16 +384,16 @@ pub async fn push_change(m: &TestMaster, change: switchyard::proto::Change) -> i
 
 /// Waits for `n` builds to end; returns their (id, result) in the order they ended.
 pub async fn builds_ended(
-    events: &mut tokio::sync::broadcast::Receiver<switchyard::proto::DebugEvent>,
+    events: &mut tokio::sync::broadcast::Receiver<switchyard::builds::Stamped>,
     n: usize,
 ) -> Vec<(i64, String)> {
     let mut ended = Vec::new();
     within("builds to end", async {
         while ended.len() < n {
             if let Ok(e) = events.recv().await
-                && let Some(switchyard::proto::debug_event::Kind::BuildEnded(b)) = e.kind
+                && let Event::BuildEnded { build, outcome, .. } = e.event
             {
-                ended.push((b.build, b.result));
+                ended.push((build, outcome.to_string()));
             }
         }
     })
