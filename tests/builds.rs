@@ -67,6 +67,45 @@ async fn a_pushed_change_runs_a_two_step_build_to_success() {
 }
 
 #[tokio::test]
+async fn stored_output_is_announced_as_it_lands() {
+    // Two bursts a while apart, on both streams: each lands as its own
+    // batch, and every stored byte is announced once.
+    let toml = one_step_builder(
+        "widgets",
+        "talk",
+        "echo first; sleep 0.3; echo second >&2; sleep 0.3; echo third",
+    ) + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n";
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let (mut announced, mut times, mut build) = (0u64, 0, None);
+    within("the build to end", async {
+        loop {
+            let e = events.recv().await.unwrap();
+            match e.event {
+                switchyard::builds::Event::OutputStored {
+                    build: b, bytes, ..
+                } => {
+                    build = Some(b);
+                    announced += bytes;
+                    times += 1;
+                }
+                switchyard::builds::Event::BuildEnded { .. } => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let log = log_text(&m, build.unwrap(), 0).await;
+    assert_eq!(log, "first\nsecond\nthird\n");
+    assert_eq!(announced, log.len() as u64);
+    assert!(times >= 2, "announced {times} times");
+    m.stop().await;
+}
+
+#[tokio::test]
 async fn a_failing_step_fails_the_build_and_later_steps_do_not_run() {
     let toml = r#"
 [[builder]]

@@ -84,6 +84,13 @@ pub enum Event {
         builder: String,
         outcome: Outcome,
     },
+    /// Output of a step is stored (durable): `bytes` more of the step
+    /// attempt whose row is `step`.
+    OutputStored {
+        build: i64,
+        step: i64,
+        bytes: u64,
+    },
     /// A reload applied; what it changed.
     Reloaded {
         summary: String,

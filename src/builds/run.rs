@@ -747,6 +747,7 @@ pub(super) async fn run_build(
             (false, _) => None,
         };
         let last_seq = finished.as_ref().map(|f| f.last_seq);
+        let tail_bytes: u64 = tail.iter().map(|c| c.data.len() as u64).sum();
         let end = StepEndRecord {
             row,
             logs: std::mem::take(&mut tail),
@@ -765,6 +766,13 @@ pub(super) async fn run_build(
         match inner.state.finish_step(end).await {
             Ok(()) => {
                 ended = build_ends.is_some();
+                if tail_bytes > 0 {
+                    inner.emit(Event::OutputStored {
+                        build,
+                        step: row,
+                        bytes: tail_bytes,
+                    });
+                }
                 // Its output and end are durable: the worker may forget it.
                 // (A worker away now is told when it comes back.)
                 if let (Some(last), Some(link)) = (last_seq, bm.link_of(&worker)) {

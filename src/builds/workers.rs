@@ -143,13 +143,14 @@ impl WorkerLink {
         }
     }
 
-    fn row_of(&self, step_id: &[u8]) -> Option<i64> {
+    /// The build and row of a step this session's worker runs.
+    fn row_of(&self, step_id: &[u8]) -> Option<(i64, i64)> {
         self.slots
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(step_id)
-            .map(|p| p.row)
+            .map(|p| (p.build, p.row))
     }
 }
 
@@ -306,7 +307,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
         .iter()
         .map(|h| (h.step_id.clone(), h.acked_seq.saturating_add(1)))
         .collect();
-    let mut logs = LogBatcher::new(bm.inner.state.clone());
+    let mut logs = LogBatcher::new(bm.inner.state.clone(), bm.inner.events.clone());
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
@@ -354,7 +355,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                 };
                 match kind {
                     worker_message::Kind::Output(o) => match link.row_of(&o.step_id) {
-                        Some(row) => {
+                        Some((build, row)) => {
                             let next = expected.entry(o.step_id.clone()).or_insert(1);
                             if o.seq == 0 || o.seq > i64::MAX as u64 || o.seq > *next {
                                 tracing::warn!(worker = %name, %peer, seq = o.seq, expected = *next, "the worker sent an output chunk out of sequence; closing its session");
@@ -363,7 +364,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                             if o.seq == *next {
                                 *next += 1;
                             }
-                            flush_now = logs.push(row, o)
+                            flush_now = logs.push(build, row, o)
                         }
                         None => {
                             // A step whose build has ended: let the worker forget the chunk.
@@ -458,7 +459,11 @@ type Landing = Pin<Box<dyn Future<Output = Result<Acks, String>> + Send>>;
 /// have landed.
 struct LogBatcher {
     state: Arc<StateDb>,
+    /// Told of each batch that lands, per step: [`super::Event::OutputStored`].
+    events: tokio::sync::broadcast::Sender<super::Stamped>,
     batch: Vec<LogChunk>,
+    /// Bytes in the batch per (build, step row).
+    per_step: HashMap<(i64, i64), u64>,
     bytes: usize,
     acks: HashMap<Vec<u8>, u64>,
     deadline: tokio::time::Instant,
@@ -466,9 +471,11 @@ struct LogBatcher {
 }
 
 impl LogBatcher {
-    fn new(state: Arc<StateDb>) -> Self {
+    fn new(state: Arc<StateDb>, events: tokio::sync::broadcast::Sender<super::Stamped>) -> Self {
         LogBatcher {
             state,
+            events,
+            per_step: HashMap::new(),
             batch: Vec::new(),
             bytes: 0,
             acks: HashMap::new(),
@@ -482,11 +489,12 @@ impl LogBatcher {
     }
 
     /// Adds a chunk; says whether the batch is full.
-    fn push(&mut self, row: i64, o: crate::proto::StepOutput) -> bool {
+    fn push(&mut self, build: i64, row: i64, o: crate::proto::StepOutput) -> bool {
         if self.batch.is_empty() {
             self.deadline = tokio::time::Instant::now() + BATCH_DELAY;
         }
         self.bytes += o.data.len();
+        *self.per_step.entry((build, row)).or_insert(0) += o.data.len() as u64;
         let seq = self.acks.entry(o.step_id).or_insert(0);
         *seq = (*seq).max(o.seq);
         self.batch.push(LogChunk {
@@ -508,11 +516,21 @@ impl LogBatcher {
         if !self.batch.is_empty() {
             let chunks = std::mem::take(&mut self.batch);
             let acks: Acks = self.acks.drain().collect();
+            let stored: Vec<((i64, i64), u64)> = self.per_step.drain().collect();
             self.bytes = 0;
             let state = self.state.clone();
+            let events = self.events.clone();
             let mut write: Landing = Box::pin(async move {
                 match state.append_logs(chunks).await {
-                    Ok(()) => Ok(acks),
+                    Ok(()) => {
+                        for ((build, step), bytes) in stored {
+                            let _ = events.send(super::Stamped {
+                                unix_ms: now_ms(),
+                                event: super::Event::OutputStored { build, step, bytes },
+                            });
+                        }
+                        Ok(acks)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot store step output");
                         Err(format!("cannot store step output: {e}"))
@@ -554,6 +572,7 @@ impl LogBatcher {
             .into_iter()
             .partition(|c| c.step == row);
         self.batch = rest;
+        self.per_step.retain(|(_, r), _| *r != row);
         self.bytes = self.batch.iter().map(|c| c.data.len()).sum();
         self.acks.remove(step_id);
         mine

@@ -162,7 +162,10 @@ impl Debug for DebugService {
             loop {
                 match events.recv().await {
                     Ok(e) => {
-                        if tx.send(Ok(super::wire_event(&e))).await.is_err() {
+                        let Some(e) = super::wire_event(&e) else {
+                            continue;
+                        };
+                        if tx.send(Ok(e)).await.is_err() {
                             break;
                         }
                     }

@@ -58,8 +58,9 @@ const LOG_PAGE: usize = 256 * 1024;
 /// The longest a `force` waits for its build to start.
 const MAX_FORCE_WAIT: Duration = Duration::from_secs(60);
 
-/// How often a followed log looks for new output of a running build.
-const FOLLOW_POLL: Duration = Duration::from_millis(100);
+/// How often a followed log looks for new output of a running build when
+/// no event says there is some (events can be missed by a slow reader).
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
 
 /// Asks the master to reload; answered with the summary or the error.
 pub type Reloader = mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>;
@@ -353,9 +354,33 @@ impl DebugApi {
                     .await;
                 return Ok(());
             }
+            // Until this build's output is stored, a step of it starts or
+            // ends, or it ends.
+            let this_build = async {
+                loop {
+                    match events.recv().await {
+                        Ok(e) => {
+                            let ours = match e.event {
+                                Event::OutputStored { build, .. }
+                                | Event::StepStarted { build, .. }
+                                | Event::StepEnded { build, .. }
+                                | Event::BuildEnded { build, .. } => build == req.build,
+                                _ => false,
+                            };
+                            if ours {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_POLL) => {}
-                _ = events.recv() => {}
+                _ = this_build => {}
                 _ = out.closed() => return Ok(()),
             }
         }
@@ -472,8 +497,9 @@ impl DebugApi {
     }
 }
 
-/// The console's wire form of a domain event.
-pub fn wire_event(e: &Stamped) -> DebugEvent {
+/// The console's wire form of a domain event (`None`: the console's
+/// `watch` does not show it).
+pub fn wire_event(e: &Stamped) -> Option<DebugEvent> {
     use crate::proto::{
         BuildEndedEvent, BuildStartedEvent, ReloadedEvent, StepEndedEvent, StepStartedEvent,
         WorkerConnectedEvent, WorkerLostEvent, debug_event::Kind,
@@ -526,9 +552,11 @@ pub fn wire_event(e: &Stamped) -> DebugEvent {
             result: outcome.as_str().into(),
         }),
         Event::Reloaded { summary } => Kind::Reloaded(ReloadedEvent { summary }),
+        // Not on the console's wire: `log -f` reads the output itself.
+        Event::OutputStored { .. } => return None,
     };
-    DebugEvent {
+    Some(DebugEvent {
         unix_ms: e.unix_ms,
         kind: Some(kind),
-    }
+    })
 }

@@ -162,11 +162,14 @@ async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: Replies) {
             loop {
                 match events.recv().await {
                     Ok(e) => {
+                        let Some(e) = super::wire_event(&e) else {
+                            continue;
+                        };
                         if tx
                             .send(DebugReply {
                                 id,
                                 end: false,
-                                result: Some(R::Event(super::wire_event(&e))),
+                                result: Some(R::Event(e)),
                             })
                             .await
                             .is_err()
