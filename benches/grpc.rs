@@ -25,7 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use switchyard::auth::{InMemoryChecker, Verifier};
 use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
 use switchyard::grpc::change_source::ChangeSourceService;
-use switchyard::grpc::{GrpcAuth, GrpcFrontDoor};
+use switchyard::grpc::{GrpcAuth, HttpFrontDoor};
 use switchyard::proto::change_source_client::ChangeSourceClient;
 use switchyard::proto::{Change, PushChangeRequest};
 use switchyard::state::{ChangeStore, NewChange, StateDb, StateError};
@@ -57,7 +57,7 @@ async fn shared_port(store: Arc<dyn ChangeStore>) -> String {
     let service = ChangeSourceService::new(store, GrpcAuth::new(d.clone())).into_server();
     let reg = d
         .registry()
-        .register_http2(GrpcFrontDoor::new(tonic::service::Routes::new(service)))
+        .register_http(HttpFrontDoor::grpc(tonic::service::Routes::new(service)))
         .unwrap();
     std::mem::forget(reg); // served for the whole bench
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -48,6 +48,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod builds;
 pub mod client;

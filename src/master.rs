@@ -19,7 +19,7 @@ use crate::config::{Config, ConfigError, Loaded, Secrets, SecretsFileChecker};
 use crate::debug::DebugApi;
 use crate::dispatcher::{AccessPolicy, Dispatcher, Registration, RegistryError, ServiceOptions};
 use crate::grpc::change_source::ChangeSourceService;
-use crate::grpc::{GrpcAuth, GrpcFrontDoor};
+use crate::grpc::{GrpcAuth, HttpFrontDoor};
 use crate::proto::change_source_server::ChangeSourceServer;
 use crate::services::ping;
 use crate::state::{StateDb, StateError};
@@ -208,7 +208,7 @@ impl Master {
         let (routes, health) = grpc_routes(&dispatcher, &builds, debug_api)?;
         let grpc = dispatcher
             .registry()
-            .register_http2(GrpcFrontDoor::new(routes))?;
+            .register_http(HttpFrontDoor::grpc(routes))?;
         let master = Master {
             config: RwLock::new(Arc::new(config)),
             secrets: checker,

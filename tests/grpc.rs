@@ -643,3 +643,32 @@ async fn big_changes_and_batches_are_refused_by_their_documented_limits() {
         .unwrap();
     m.stop().await;
 }
+
+/// One router serves HTTP/1.1 and HTTP/2: `/healthz` answers over HTTP/2
+/// as well (plain, not gRPC), and an unknown path gets the note.
+#[tokio::test]
+async fn http2_gets_the_same_router_as_http1() {
+    use http_body_util::{BodyExt, Empty};
+    let m = TestMaster::start("", &[ADMIN]).await;
+    let stream = TcpStream::connect(m.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (path, status, body) in [("/healthz", 200, "ok\n"), ("/no/such/page", 404, "SWYD/1")] {
+        let req = http::Request::get(format!("http://{}{path}", m.addr))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = within("an HTTP/2 answer", send.send_request(req))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains(body), "{path}: {text}");
+    }
+    m.stop().await;
+}

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::rewind::Rewind;
 
 /// What this port speaks, for the 404 body.
-pub(crate) const PROTOCOLS_NOTE: &str = "switchyard: this port speaks the Switchyard native session protocol (starts with \"SWYD/1\\r\\n\") and HTTP/1 (GET /healthz).\n";
+pub const PROTOCOLS_NOTE: &str = "switchyard: this port speaks the Switchyard native session protocol (starts with \"SWYD/1\\r\\n\") and HTTP/1 (GET /healthz).\n";
 
 fn respond<B>(req: &Request<B>) -> Response<Full<Bytes>> {
     let (status, body): (StatusCode, &'static str) = match (req.method(), req.uri().path()) {

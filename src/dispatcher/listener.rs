@@ -22,7 +22,9 @@ use tokio_util::task::TaskTracker;
 use super::rewind::Rewind;
 use super::sniff::{NATIVE_MAGIC, Protocol, sniff};
 use super::strangers::StrangerPermit;
-use super::{ConnectionSessions, Dispatcher, Http2Connection, Shared, handshake, http1};
+use super::{
+    ConnectionSessions, Dispatcher, HttpConnection, HttpVersion, Shared, handshake, http1,
+};
 use crate::proto::RejectCode;
 
 /// How long shutdown waits for connections to close before giving up on them.
@@ -178,34 +180,47 @@ async fn connection(
             )
             .await;
         }
-        Protocol::Http1 => {
-            http1::serve(stream, buf.freeze(), peer, limits.sniff_timeout, shutdown).await;
-            drop(stranger);
+        Protocol::Http1 | Protocol::Http2 => {
+            let version = if protocol == Protocol::Http1 {
+                HttpVersion::Http1
+            } else {
+                HttpVersion::Http2
+            };
+            match (shared.registry.http(), version) {
+                (Some(handler), _) => {
+                    let sessions = Arc::new(ConnectionSessions::new(
+                        shared.sessions.clone(),
+                        shutdown.child_token(),
+                    ));
+                    // Given back at the first login over the connection.
+                    sessions.hold_stranger(stranger);
+                    let io = Rewind::new(buf.freeze(), stream);
+                    // HTTP/1 gets what it had to send its first bytes in;
+                    // HTTP/2, the time to log in.
+                    let idle_timeout = match version {
+                        HttpVersion::Http1 => limits.sniff_timeout,
+                        HttpVersion::Http2 => limits.handshake_timeout,
+                    };
+                    handler
+                        .serve(HttpConnection {
+                            io,
+                            peer,
+                            version,
+                            sessions,
+                            idle_timeout,
+                        })
+                        .await;
+                    drop(permit);
+                }
+                (None, HttpVersion::Http1) => {
+                    http1::serve(stream, buf.freeze(), peer, limits.sniff_timeout, shutdown).await;
+                    drop(stranger);
+                }
+                (None, HttpVersion::Http2) => {
+                    tracing::info!(%peer, "refused connection: gRPC (HTTP/2) is not served on this port")
+                }
+            }
         }
-        Protocol::Http2 => match shared.registry.http2() {
-            Some(handler) => {
-                let sessions = Arc::new(ConnectionSessions::new(
-                    shared.sessions.clone(),
-                    shutdown.child_token(),
-                ));
-                // Given back at the first login over the connection.
-                sessions.hold_stranger(stranger);
-                let io = Rewind::new(buf.freeze(), stream);
-                let idle_timeout = limits.handshake_timeout;
-                handler
-                    .serve(Http2Connection {
-                        io,
-                        peer,
-                        sessions,
-                        idle_timeout,
-                    })
-                    .await;
-                drop(permit);
-            }
-            None => {
-                tracing::info!(%peer, "refused connection: gRPC (HTTP/2) is not served on this port")
-            }
-        },
         Protocol::Tls => {
             tracing::info!(%peer, "refused connection: TLS is not configured on this port");
         }

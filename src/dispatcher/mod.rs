@@ -26,17 +26,26 @@ use tokio::sync::Semaphore;
 use crate::auth::{AuthThrottle, Checker, DeviceTokens, MockCredentials, Verifier};
 
 pub use crate::limits::Limits;
+pub use http1::PROTOCOLS_NOTE;
 pub use password::{PasswordRefusal, parse_basic};
 pub use registry::{
     ConnectionHandler, Registration, RegistryError, ServiceOptions, ServiceRegistry, SessionHandler,
 };
 pub use session::{ConnectionSessions, Hangup, Session, SessionStream};
 
-/// An HTTP/2 connection, handed whole to the registered
+/// Which HTTP an [`HttpConnection`] speaks (the sniffer tells them apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// An HTTP connection (HTTP/1.1 or HTTP/2), handed whole to the registered
 /// [`ConnectionHandler`] with the bytes the sniffer read replayed first.
-pub struct Http2Connection {
+pub struct HttpConnection {
     pub io: rewind::Rewind<tokio::net::TcpStream>,
     pub peer: std::net::SocketAddr,
+    pub version: HttpVersion,
     /// Who has logged in over it; its hang-up fires at shutdown or when a
     /// reload revokes one of them.
     pub sessions: Arc<ConnectionSessions>,

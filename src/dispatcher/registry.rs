@@ -54,7 +54,7 @@ where
 
 /// The registration name of the HTTP/2 handler. It contains a space, so no
 /// native service can take it.
-const HTTP2: &str = "HTTP/2 (gRPC)";
+const HTTP: &str = "HTTP (HTTP/1.1 and HTTP/2)";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -66,13 +66,13 @@ pub enum RegistryError {
     InvalidName(String),
 }
 
-/// Serves whole connections of a protocol the port recognises but does not
-/// speak itself (HTTP/2, for gRPC). The handler owns the connection until it
+/// Serves whole HTTP connections (HTTP/1.1 and HTTP/2: gRPC, and whatever
+/// else is mounted on its router). The handler owns the connection until it
 /// returns; it must close it when [`ConnectionSessions::hangup`] fires.
 ///
 /// [`ConnectionSessions::hangup`]: super::session::ConnectionSessions::hangup
 pub trait ConnectionHandler: Send + Sync + 'static {
-    fn serve(&self, conn: super::Http2Connection) -> BoxFuture;
+    fn serve(&self, conn: super::HttpConnection) -> BoxFuture;
 }
 
 #[derive(Clone)]
@@ -86,7 +86,7 @@ pub(crate) struct Route {
 #[derive(Default)]
 pub struct ServiceRegistry {
     routes: RwLock<HashMap<String, Route>>,
-    http2: RwLock<Option<(u64, Arc<dyn ConnectionHandler>)>>,
+    http: RwLock<Option<(u64, Arc<dyn ConnectionHandler>)>>,
     next_id: AtomicU64,
 }
 
@@ -129,27 +129,29 @@ impl ServiceRegistry {
         })
     }
 
-    /// Puts `handler` in charge of HTTP/2 connections (gRPC) until the
-    /// returned registration is dropped.
-    pub fn register_http2(
+    /// Puts `handler` in charge of HTTP connections (HTTP/1.1 and HTTP/2)
+    /// until the returned registration is dropped. Without one, HTTP/1
+    /// gets `/healthz` and a note saying what the port speaks, and HTTP/2
+    /// is refused.
+    pub fn register_http(
         self: &Arc<Self>,
         handler: impl ConnectionHandler,
     ) -> Result<Registration, RegistryError> {
-        let mut slot = self.http2.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.http.write().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
-            return Err(RegistryError::AlreadyRegistered(HTTP2.to_string()));
+            return Err(RegistryError::AlreadyRegistered(HTTP.to_string()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         *slot = Some((id, Arc::new(handler)));
         Ok(Registration {
             registry: Arc::downgrade(self),
-            name: HTTP2.to_string(),
+            name: HTTP.to_string(),
             id,
         })
     }
 
-    pub(crate) fn http2(&self) -> Option<Arc<dyn ConnectionHandler>> {
-        self.http2
+    pub(crate) fn http(&self) -> Option<Arc<dyn ConnectionHandler>> {
+        self.http
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -203,8 +205,8 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(reg) = self.registry.upgrade() {
-            if self.name == HTTP2 {
-                let mut slot = reg.http2.write().unwrap_or_else(|e| e.into_inner());
+            if self.name == HTTP {
+                let mut slot = reg.http.write().unwrap_or_else(|e| e.into_inner());
                 if slot.as_ref().is_some_and(|(id, _)| *id == self.id) {
                     *slot = None;
                 }

@@ -1,11 +1,12 @@
 //! gRPC on the shared port: change hooks (`switchyard.v1.ChangeSource`),
 //! health (`grpc.health.v1.Health`) and server reflection.
 //!
-//! The services are built once as tonic [`Routes`]. The Dispatcher hands
-//! every connection that starts with the HTTP/2 preface to [`GrpcFrontDoor`],
-//! which serves it with hyper on the very socket the listener accepted, so
-//! the master keeps a handle on each connection: it closes them at shutdown,
-//! and closes one at once when a reload revokes a user who logged in over it.
+//! The services are built once as tonic [`Routes`], mounted on the port's
+//! one HTTP router ([`crate::api::router`]). The Dispatcher hands every HTTP
+//! connection (HTTP/1.1 or HTTP/2) to [`HttpFrontDoor`], which serves it with
+//! hyper on the very socket the listener accepted, so the master keeps a
+//! handle on each connection: it closes them at shutdown, and closes one at
+//! once when a reload revokes a user who logged in over it.
 //!
 //! Credentials are per request: `authorization: Basic base64(user:password)`,
 //! checked by the port's checkers against the port's grants ([`GrpcAuth`]).
@@ -27,8 +28,8 @@ use tower::ServiceExt;
 
 use crate::dispatcher::registry::BoxFuture;
 use crate::dispatcher::{
-    ConnectionHandler, ConnectionSessions, Dispatcher, Http2Connection, PasswordRefusal,
-    parse_basic,
+    ConnectionHandler, ConnectionSessions, Dispatcher, HttpConnection, HttpVersion,
+    PasswordRefusal, parse_basic,
 };
 
 /// How long a connection being closed (shutdown, or a revoked user) may take
@@ -112,22 +113,26 @@ impl GrpcAuth {
     }
 }
 
-/// Serves HTTP/2 connections from the shared port with a set of routes.
-pub struct GrpcFrontDoor {
-    routes: Routes,
+/// Serves the port's HTTP connections (HTTP/1.1 and HTTP/2) with one
+/// router: gRPC services and whatever else is mounted on it.
+pub struct HttpFrontDoor {
+    router: axum::Router,
 }
 
-impl GrpcFrontDoor {
-    pub fn new(routes: Routes) -> Self {
-        GrpcFrontDoor {
-            routes: routes.prepare(),
-        }
+impl HttpFrontDoor {
+    pub fn new(router: axum::Router) -> Self {
+        HttpFrontDoor { router }
+    }
+
+    /// The port's router with these gRPC routes and nothing else.
+    pub fn grpc(routes: Routes) -> Self {
+        Self::new(crate::api::router(routes))
     }
 }
 
-impl ConnectionHandler for GrpcFrontDoor {
-    fn serve(&self, conn: Http2Connection) -> BoxFuture {
-        Box::pin(serve_connection(self.routes.clone(), conn))
+impl ConnectionHandler for HttpFrontDoor {
+    fn serve(&self, conn: HttpConnection) -> BoxFuture {
+        Box::pin(serve_connection(self.router.clone(), conn))
     }
 }
 
@@ -160,10 +165,11 @@ fn decode_errors_are_invalid_argument(h: &mut http::HeaderMap) {
     }
 }
 
-async fn serve_connection(routes: Routes, conn: Http2Connection) {
-    let Http2Connection {
+async fn serve_connection(routes: axum::Router, conn: HttpConnection) {
+    let HttpConnection {
         io,
         peer,
+        version,
         sessions,
         idle_timeout,
     } = conn;
@@ -199,6 +205,9 @@ async fn serve_connection(routes: Routes, conn: Http2Connection) {
             Ok::<_, std::convert::Infallible>(response)
         }
     });
+    if version == HttpVersion::Http1 {
+        return serve_http1(io, peer, service, idle_timeout, &sessions).await;
+    }
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -238,5 +247,42 @@ async fn serve_connection(routes: Routes, conn: Http2Connection) {
         .is_err()
     {
         tracing::info!(%peer, connection = %id, "HTTP/2 connection did not finish within {CLOSE_GRACE:?}; dropped");
+    }
+}
+
+/// HTTP/1 on the shared port: one request per connection (no keep-alive),
+/// its head within `deadline` and in 16 KiB, the whole exchange within
+/// twice that; closed at once on shutdown.
+async fn serve_http1<S>(
+    io: crate::dispatcher::rewind::Rewind<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    service: S,
+    deadline: Duration,
+    sessions: &ConnectionSessions,
+) where
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadline)
+        .max_buf_size(16 * 1024)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let hangup = sessions.hangup();
+    tokio::select! {
+        r = tokio::time::timeout(deadline * 2, conn.as_mut()) => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::info!(%peer, error = %e, "refused connection: bad HTTP/1 request"),
+            Err(_) => tracing::info!(%peer, "closed HTTP/1 connection: too slow"),
+        },
+        _ = hangup.requested() => {}
     }
 }
