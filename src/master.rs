@@ -103,6 +103,13 @@ pub struct Master {
     _debug: Registration,
     builds: BuildMaster,
     reloads: std::sync::Mutex<Option<ReloadQueue>>,
+    metrics: Arc<crate::api::metrics::Metrics>,
+    /// The build events the metrics follow once the master serves (taken
+    /// now, so none is missed).
+    metrics_events:
+        std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<crate::builds::Stamped>>>,
+    /// `[web] public_metrics`, as of the last (re)load.
+    public_metrics: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -206,9 +213,20 @@ impl Master {
             )?
         };
         let (routes, health) = grpc_routes(&dispatcher, &builds, debug_api)?;
+        let metrics = Arc::new(crate::api::metrics::Metrics::new());
+        let metrics_events = builds.subscribe();
+        let public_metrics = Arc::new(std::sync::atomic::AtomicBool::new(config.public_metrics));
+        let router = crate::api::router(routes).merge(crate::api::metrics::routes(
+            crate::api::metrics::MetricsEndpoint {
+                metrics: metrics.clone(),
+                builds: builds.clone(),
+                dispatcher: dispatcher.clone(),
+                public: public_metrics.clone(),
+            },
+        ));
         let grpc = dispatcher
             .registry()
-            .register_http(HttpFrontDoor::grpc(routes))?;
+            .register_http(HttpFrontDoor::new(router))?;
         let master = Master {
             config: RwLock::new(Arc::new(config)),
             secrets: checker,
@@ -222,6 +240,9 @@ impl Master {
             _debug: debug,
             builds,
             reloads: std::sync::Mutex::new(Some(reload_rx)),
+            metrics,
+            metrics_events: std::sync::Mutex::new(Some(metrics_events)),
+            public_metrics,
         };
         master.warn_about_config();
         Ok(master)
@@ -236,7 +257,9 @@ impl Master {
                 services
                     .iter()
                     .filter(|s| {
-                        !registry.contains(s) && s.as_str() != crate::grpc::change_source::SERVICE
+                        !registry.contains(s)
+                            && s.as_str() != crate::grpc::change_source::SERVICE
+                            && s.as_str() != crate::api::metrics::SERVICE
                     })
                     .cloned(),
             );
@@ -284,6 +307,14 @@ impl Master {
     /// a reload, however long it takes, never runs inside the accept loop's
     /// future.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let events = self
+            .metrics_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(events) = events {
+            self.metrics.follow(events);
+        }
         self.health
             .set_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
@@ -424,6 +455,8 @@ impl Master {
             policy = policy.grant(w, [crate::worker::SERVICE]);
         }
         self.dispatcher.set_policy(policy);
+        self.public_metrics
+            .store(new.public_metrics, std::sync::atomic::Ordering::Relaxed);
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));

@@ -672,3 +672,85 @@ async fn http2_gets_the_same_router_as_http1() {
     }
     m.stop().await;
 }
+
+/// `GET /metrics` with `authorization` (if any) over HTTP/1.1; the status
+/// line and the body.
+async fn get_metrics(m: &TestMaster, authorization: Option<&str>) -> (String, String) {
+    let mut raw = Raw::connect(m.addr).await;
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    raw.write(format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .await;
+    let reply = String::from_utf8(raw.read_to_close().await).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+#[tokio::test]
+async fn metrics_need_the_metrics_grant_and_count_builds() {
+    const PROM: UserSpec = ("prom", "prom-pw", &["metrics"]);
+    let users = [HOOK, ADMIN, PROM];
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        config_text("heartbeat_interval = \"1s\"", &users)
+            + "\n[[worker]]\nname = \"w1\"\n"
+            + &one_step_builder("widgets", "hello", "echo hello")
+            + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
+            + extra
+    };
+    std::fs::write(dir.path().join("master.toml"), config("")).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+
+    let (head, _) = get_metrics(&m, None).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: basic"),
+        "{head}"
+    );
+    let (head, _) = get_metrics(&m, Some(&basic("prom", "wrong"))).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let (head, body) = get_metrics(&m, Some(&basic(ADMIN.0, ADMIN.1))).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(body.contains("may not use service \"metrics\""), "{body}");
+
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    assert_eq!(builds_ended(&mut events, 1).await[0].1, "success");
+    let (head, body) = get_metrics(&m, Some(&basic("prom", "prom-pw"))).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for line in [
+        "switchyard_builds_total{builder=\"widgets\",result=\"success\"} 1",
+        "switchyard_build_duration_seconds_count{builder=\"widgets\"} 1",
+        "switchyard_step_duration_seconds_count{builder=\"widgets\",step=\"hello\",result=\"success\"} 1",
+        "switchyard_workers_connected 1",
+        "switchyard_queue_length{builder=\"widgets\"} 0",
+        "switchyard_log_bytes_stored_total 6",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line} in:\n{body}");
+    }
+
+    // `[web] public_metrics = true`: no credentials needed.
+    std::fs::write(m.config_path(), config("\n[web]\npublic_metrics = true\n")).unwrap();
+    within("a reload", m.master.reload()).await.unwrap();
+    let (head, body) = get_metrics(&m, None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        body.contains("switchyard_reloads_applied_total 1"),
+        "{body}"
+    );
+    m.stop().await;
+}

@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tonic::service::Routes;
 
+pub mod metrics;
+
 /// A plain-text answer.
 fn text(status: StatusCode, body: &'static str) -> Response {
     let mut r = (status, body).into_response();

@@ -249,11 +249,6 @@ impl BuildMaster {
         });
     }
 
-    /// How many `watch`es are subscribed now.
-    pub fn watchers(&self) -> usize {
-        self.inner.events.receiver_count()
-    }
-
     /// Live events, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
         self.inner.events.subscribe()

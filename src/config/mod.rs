@@ -104,6 +104,15 @@ struct RawConfig {
     builder: Vec<builds::RawBuilder>,
     #[serde(default)]
     scheduler: Vec<builds::RawScheduler>,
+    web: Option<RawWeb>,
+}
+
+/// `[web]`: what the port's HTTP side shows to whom.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeb {
+    /// `/metrics` readable without credentials.
+    public_metrics: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +264,9 @@ pub struct Config {
     pub state_path: PathBuf,
     /// A worker removed by a reload finishes its current builds first.
     pub drain_removed_workers: bool,
+    /// `[web] public_metrics`: `/metrics` needs no credentials (else a user
+    /// granted `metrics`).
+    pub public_metrics: bool,
     /// How long the steps of a worker whose link dropped wait for it.
     pub worker_reconnect_grace: Duration,
     pub limits: Limits,
@@ -512,6 +524,11 @@ impl Config {
             secret_at: builds.secret_at,
             state_path,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
+            public_metrics: raw
+                .web
+                .as_ref()
+                .and_then(|w| w.public_metrics)
+                .unwrap_or(false),
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",

@@ -156,11 +156,11 @@ impl Debug for DebugService {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.auth.authorize(&req, SERVICE).await?;
-        let mut events = self.api.watch();
+        let mut watch = self.api.watch();
         let (tx, rx) = mpsc::channel::<Result<DebugEvent, Status>>(64);
         tokio::spawn(async move {
             loop {
-                match events.recv().await {
+                match watch.events.recv().await {
                     Ok(e) => {
                         let Some(e) = super::wire_event(&e) else {
                             continue;

@@ -10,6 +10,7 @@ pub mod console;
 pub mod grpc;
 pub mod service;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -72,6 +73,23 @@ pub struct DebugApi {
     reloader: Option<Reloader>,
     /// The port, for `unblock`.
     port: Option<crate::dispatcher::Dispatcher>,
+    /// `watch`es running now (what `status` reports; other listeners of the
+    /// build master's events, such as the metrics, are not watches).
+    watching: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A running `watch`: the build master's events from now on, counted by
+/// `status` until it is dropped.
+pub struct Watch {
+    pub events: broadcast::Receiver<Stamped>,
+    watching: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.watching
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn build_details(b: BuildRecord) -> BuildDetails {
@@ -123,6 +141,7 @@ impl DebugApi {
             builds,
             reloader: None,
             port: None,
+            watching: Arc::default(),
         }
     }
 
@@ -163,7 +182,7 @@ impl DebugApi {
             builders: config.builders.len() as u32,
             builds_running: self.builds.running_builds() as u32,
             requests_waiting: waiting,
-            watchers: self.builds.watchers() as u32,
+            watchers: self.watching.load(std::sync::atomic::Ordering::SeqCst) as u32,
         })
     }
 
@@ -492,8 +511,13 @@ impl DebugApi {
 
     /// The build master's events, from now on (each turned into the wire
     /// type with [`wire_event`]).
-    pub fn watch(&self) -> broadcast::Receiver<Stamped> {
-        self.builds.subscribe()
+    pub fn watch(&self) -> Watch {
+        self.watching
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Watch {
+            events: self.builds.subscribe(),
+            watching: self.watching.clone(),
+        }
     }
 }
 

@@ -158,9 +158,9 @@ async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: Replies) {
             r.map(|()| None)
         }
         debug_request::Command::Watch(_) => {
-            let mut events = api.watch();
+            let mut watch = api.watch();
             loop {
-                match events.recv().await {
+                match watch.events.recv().await {
                     Ok(e) => {
                         let Some(e) = super::wire_event(&e) else {
                             continue;

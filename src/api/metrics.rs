@@ -1,0 +1,321 @@
+//! `/metrics` in Prometheus text format.
+//!
+//! The build metrics follow the build master's domain events (a task reads
+//! them as they come, so a scrape never walks the database for them); the
+//! queue length per builder is read when scraped. Reading needs a user
+//! granted `metrics` (HTTP Basic, the port's checkers and login throttle),
+//! unless `[web] public_metrics = true`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::builds::{BuildMaster, Event, Stamped};
+use crate::dispatcher::{Dispatcher, PasswordRefusal, parse_basic};
+
+/// The grant a user needs to read `/metrics`.
+pub const SERVICE: &str = "metrics";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    builder: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuilderLabel {
+    builder: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    builder: String,
+    step: String,
+    result: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 0.1 s to about 3.6 hours.
+    Histogram::new(exponential_buckets(0.1, 2.0, 18))
+}
+
+/// The metrics a master exposes, and what is needed to keep them.
+pub struct Metrics {
+    registry: Registry,
+    builds: Family<BuildLabels, Counter>,
+    build_seconds: Family<BuilderLabel, Histogram>,
+    step_seconds: Family<StepLabels, Histogram>,
+    log_bytes: Counter,
+    workers_connected: Gauge,
+    reloads: Counter,
+    queue: Family<BuilderLabel, Gauge>,
+    /// Running builds (builder, started) and steps (started), to time them.
+    running: Mutex<Running>,
+}
+
+#[derive(Default)]
+struct Running {
+    builds: HashMap<i64, (String, i64)>,
+    steps: HashMap<(i64, String, u32), i64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let builds = Family::<BuildLabels, Counter>::default();
+        registry.register(
+            "builds",
+            "Builds ended, by builder and result",
+            builds.clone(),
+        );
+        let build_seconds = Family::<BuilderLabel, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> _,
+        );
+        registry.register(
+            "build_duration_seconds",
+            "How long builds took, by builder",
+            build_seconds.clone(),
+        );
+        let step_seconds =
+            Family::<StepLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> _);
+        registry.register(
+            "step_duration_seconds",
+            "How long step attempts took, by builder, step and result",
+            step_seconds.clone(),
+        );
+        let log_bytes = Counter::default();
+        registry.register(
+            "log_bytes_stored",
+            "Bytes of step output stored",
+            log_bytes.clone(),
+        );
+        let workers_connected = Gauge::default();
+        registry.register(
+            "workers_connected",
+            "Workers with a session now",
+            workers_connected.clone(),
+        );
+        let reloads = Counter::default();
+        registry.register("reloads_applied", "Reloads applied", reloads.clone());
+        let queue = Family::<BuilderLabel, Gauge>::default();
+        registry.register(
+            "queue_length",
+            "Build requests waiting, by builder",
+            queue.clone(),
+        );
+        Metrics {
+            registry,
+            builds,
+            build_seconds,
+            step_seconds,
+            log_bytes,
+            workers_connected,
+            reloads,
+            queue,
+            running: Mutex::default(),
+        }
+    }
+
+    /// Takes one domain event into account.
+    pub fn observe(&self, e: &Stamped) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match &e.event {
+            Event::WorkerConnected { .. } => {
+                self.workers_connected.inc();
+            }
+            Event::WorkerLost { .. } => {
+                self.workers_connected.dec();
+            }
+            Event::BuildStarted { build, builder, .. } => {
+                running.builds.insert(*build, (builder.clone(), e.unix_ms));
+            }
+            Event::StepStarted {
+                build,
+                step,
+                attempt,
+            } => {
+                running
+                    .steps
+                    .insert((*build, step.clone(), *attempt), e.unix_ms);
+            }
+            Event::StepEnded {
+                build,
+                step,
+                attempt,
+                outcome,
+                ..
+            } => {
+                let started = running.steps.remove(&(*build, step.clone(), *attempt));
+                let builder = running.builds.get(build).map(|(b, _)| b.clone());
+                if let (Some(started), Some(builder)) = (started, builder) {
+                    self.step_seconds
+                        .get_or_create(&StepLabels {
+                            builder,
+                            step: step.clone(),
+                            result: outcome.to_string(),
+                        })
+                        .observe(seconds(started, e.unix_ms));
+                }
+            }
+            Event::BuildEnded {
+                build,
+                builder,
+                outcome,
+            } => {
+                self.builds
+                    .get_or_create(&BuildLabels {
+                        builder: builder.clone(),
+                        result: outcome.to_string(),
+                    })
+                    .inc();
+                if let Some((_, started)) = running.builds.remove(build) {
+                    self.build_seconds
+                        .get_or_create(&BuilderLabel {
+                            builder: builder.clone(),
+                        })
+                        .observe(seconds(started, e.unix_ms));
+                }
+                running.steps.retain(|(b, _, _), _| b != build);
+            }
+            Event::OutputStored { bytes, .. } => {
+                self.log_bytes.inc_by(*bytes);
+            }
+            Event::Reloaded { .. } => {
+                self.reloads.inc();
+            }
+        }
+    }
+
+    /// Follows the build master's events (`events`, from
+    /// [`BuildMaster::subscribe`]) until their channel closes.
+    pub fn follow(self: &Arc<Self>, mut events: tokio::sync::broadcast::Receiver<Stamped>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match events.recv().await {
+                    Ok(e) => me.observe(&e),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "metrics fell behind the build events");
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    /// The text a scrape gets, with the queue lengths read now.
+    pub async fn render(&self, builds: &BuildMaster) -> String {
+        if let Ok(waiting) = builds.state().waiting_counts().await {
+            self.queue.clear();
+            for name in builds.config().builders.keys() {
+                self.queue
+                    .get_or_create(&BuilderLabel {
+                        builder: name.clone(),
+                    })
+                    .set(waiting.get(name).copied().unwrap_or(0) as i64);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn seconds(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms - from_ms).max(0) as f64 / 1000.0
+}
+
+/// What the `/metrics` route needs.
+#[derive(Clone)]
+pub struct MetricsEndpoint {
+    pub metrics: Arc<Metrics>,
+    pub builds: BuildMaster,
+    pub dispatcher: Dispatcher,
+    /// `[web] public_metrics`: readable without credentials.
+    pub public: Arc<AtomicBool>,
+}
+
+fn refused(status: StatusCode, why: String) -> Response {
+    let mut r = (status, format!("{why}\n")).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"switchyard\", charset=\"UTF-8\""),
+        );
+    }
+    r
+}
+
+/// The `/metrics` route.
+pub fn routes(end: MetricsEndpoint) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(serve))
+        .with_state(end)
+}
+
+/// `GET /metrics`.
+pub async fn serve(State(end): State<MetricsEndpoint>, req: Request) -> Response {
+    if !end.public.load(Ordering::Relaxed) {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let Some(header) = header else {
+            return refused(
+                StatusCode::UNAUTHORIZED,
+                PasswordRefusal::Missing.to_string(),
+            );
+        };
+        let (user, password) = match parse_basic(header) {
+            Ok(c) => c,
+            Err(e) => return refused(StatusCode::UNAUTHORIZED, e.to_string()),
+        };
+        let conn = req.extensions().get::<crate::grpc::ConnInfo>();
+        let checked = end
+            .dispatcher
+            .check_password_login(
+                &user,
+                &password,
+                SERVICE,
+                conn.map(|c| c.peer),
+                None,
+                conn.map(|c| c.sessions.as_ref()),
+            )
+            .await;
+        if let Err(e) = checked {
+            let status = match e {
+                PasswordRefusal::NotAuthorized { .. } => StatusCode::FORBIDDEN,
+                PasswordRefusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+                PasswordRefusal::CheckerDown => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return refused(status, e.to_string());
+        }
+    }
+    let body = end.metrics.render(&end.builds).await;
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
