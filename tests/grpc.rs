@@ -739,9 +739,21 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
         "switchyard_workers_connected 1",
         "switchyard_queue_length{builder=\"widgets\"} 0",
         "switchyard_log_bytes_stored_total 6",
+        // The one wrong password above; nobody throttled; the worker's
+        // native session.
+        "switchyard_logins_total{outcome=\"failed\"} 1",
+        "switchyard_logins_total{outcome=\"throttled\"} 0",
+        "switchyard_sessions_opened_total{service=\"worker\"} 1",
     ] {
         assert!(body.lines().any(|l| l == line), "no {line} in:\n{body}");
     }
+    // Four HTTP/1 connections so far (this scrape included).
+    let http1: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_connections_total{protocol=\"http1\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(http1, 4, "{body}");
 
     // `[web] public_metrics = true`: no credentials needed.
     std::fs::write(m.config_path(), config("\n[web]\npublic_metrics = true\n")).unwrap();

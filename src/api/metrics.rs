@@ -38,6 +38,21 @@ struct BuilderLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabels {
     builder: String,
     step: String,
@@ -59,6 +74,12 @@ pub struct Metrics {
     workers_connected: Gauge,
     reloads: Counter,
     queue: Family<BuilderLabel, Gauge>,
+    connections: Family<ProtocolLabel, Counter>,
+    logins: Family<OutcomeLabel, Counter>,
+    sessions: Family<ServiceLabel, Counter>,
+    /// The port's counts as of the last scrape (the counters above take
+    /// the difference).
+    port_seen: Mutex<crate::dispatcher::counters::PortCounts>,
     /// Running builds (builder, started) and steps (started), to time them.
     running: Mutex<Running>,
 }
@@ -119,8 +140,30 @@ impl Metrics {
             "Build requests waiting, by builder",
             queue.clone(),
         );
+        let connections = Family::<ProtocolLabel, Counter>::default();
+        registry.register(
+            "connections",
+            "Connections accepted, by the protocol they spoke (native, http1, http2, tls, unknown, closed)",
+            connections.clone(),
+        );
+        let logins = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "logins",
+            "Logins (native and HTTP Basic), by outcome: ok, failed, throttled",
+            logins.clone(),
+        );
+        let sessions = Family::<ServiceLabel, Counter>::default();
+        registry.register(
+            "sessions_opened",
+            "Native sessions opened, by service",
+            sessions.clone(),
+        );
         Metrics {
             registry,
+            connections,
+            logins,
+            sessions,
+            port_seen: Mutex::default(),
             builds,
             build_seconds,
             step_seconds,
@@ -220,8 +263,40 @@ impl Metrics {
         });
     }
 
-    /// The text a scrape gets, with the queue lengths read now.
-    pub async fn render(&self, builds: &BuildMaster) -> String {
+    /// Brings the port's counters up to `now`.
+    fn port(&self, now: crate::dispatcher::counters::PortCounts) {
+        let mut seen = self.port_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (protocol, n) in &now.connections {
+            let before = seen.connections.get(protocol).copied().unwrap_or(0);
+            self.connections
+                .get_or_create(&ProtocolLabel {
+                    protocol: protocol.to_string(),
+                })
+                .inc_by(n.saturating_sub(before));
+        }
+        for (outcome, n) in &now.logins {
+            let before = seen.logins.get(outcome).copied().unwrap_or(0);
+            self.logins
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.to_string(),
+                })
+                .inc_by(n.saturating_sub(before));
+        }
+        for (service, n) in &now.sessions {
+            let before = seen.sessions.get(service).copied().unwrap_or(0);
+            self.sessions
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .inc_by(n.saturating_sub(before));
+        }
+        *seen = now;
+    }
+
+    /// The text a scrape gets, with the queue lengths and the port's counts
+    /// read now.
+    pub async fn render(&self, builds: &BuildMaster, port: &Dispatcher) -> String {
+        self.port(port.counts());
         if let Ok(waiting) = builds.state().waiting_counts().await {
             self.queue.clear();
             for name in builds.config().builders.keys() {
@@ -311,7 +386,7 @@ pub async fn serve(State(end): State<MetricsEndpoint>, req: Request) -> Response
             return refused(status, e.to_string());
         }
     }
-    let body = end.metrics.render(&end.builds).await;
+    let body = end.metrics.render(&end.builds, &end.dispatcher).await;
     let mut r = (StatusCode::OK, body).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -7,6 +7,7 @@
 //! an unknown name alike (same message, same work), and `NOT_AUTHORIZED`
 //! only after a proof that checked out. Every reject closes the connection.
 
+use super::counters::LoginOutcome;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,6 +166,7 @@ async fn exchange(
     {
         Ok(a) => a,
         Err(refused) => {
+            shared.counters.login(LoginOutcome::Throttled);
             return Err(End::Reject {
                 code: RejectCode::AuthFailed,
                 message: format!(
@@ -203,6 +205,9 @@ async fn exchange(
     let auth = match server_first.verify(&response.data) {
         Ok(a) => a,
         Err(e) => {
+            if matches!(e, ScramError::InvalidProof) {
+                shared.counters.login(LoginOutcome::Failed);
+            }
             if !checker_down && matches!(e, ScramError::InvalidProof) {
                 // Answered late when this address fails a lot (spraying).
                 let delay = attempt.failed();
@@ -219,6 +224,7 @@ async fn exchange(
         }
     };
     attempt.succeeded();
+    shared.counters.login(LoginOutcome::Ok);
     let device_token = shared.devices.issue(&auth.user);
     let policy = shared
         .policy
@@ -331,6 +337,7 @@ pub(crate) async fn serve(
     }
     let client: String = client_agent.chars().take(128).collect();
     tracing::info!(%peer, user = %auth.user, %service, session = %id, client = ?client, "session opened");
+    shared.counters.session(&service);
 
     // Hand the session over with empty buffers: they grow with the service's
     // traffic, so an idle session costs a few hundred bytes, not 16 KiB.

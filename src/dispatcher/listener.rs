@@ -166,6 +166,7 @@ async fn connection(
         }
         Ok(Ok(found)) => found,
     };
+    shared.counters.connection(protocol);
     match protocol {
         Protocol::Native => {
             let rest = buf.split_off(NATIVE_MAGIC.len());

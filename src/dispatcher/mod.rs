@@ -8,6 +8,7 @@
 //! A [`Dispatcher`] is cheap to clone: every clone shares the same state, so
 //! the master can keep one to reload policy while another serves the port.
 
+pub mod counters;
 pub mod handshake;
 mod http1;
 pub mod listener;
@@ -131,6 +132,7 @@ pub(crate) struct Shared {
     pub(crate) overflow: Arc<Semaphore>,
     pub(crate) server_agent: String,
     pub(crate) credential_cache: password::CredentialCache,
+    pub(crate) counters: counters::PortCounters,
 }
 
 /// The port's shared state: checker, policy, registry, live sessions.
@@ -146,6 +148,13 @@ pub struct Revalidation {
     pub hung_up: Vec<(String, String, &'static str)>,
     /// Sessions left alone.
     pub kept: usize,
+}
+
+impl Dispatcher {
+    /// What the port has counted since it started.
+    pub fn counts(&self) -> counters::PortCounts {
+        self.shared.counters.snapshot()
+    }
 }
 
 impl Dispatcher {
@@ -181,6 +190,7 @@ impl Dispatcher {
                 sessions: Default::default(),
                 server_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
                 credential_cache: password::CredentialCache::new(),
+                counters: Default::default(),
             }),
         }
     }

@@ -8,6 +8,7 @@
 //! dropped on every reload. An unknown user costs the same PBKDF2 as a known
 //! one, so timing does not tell which users exist.
 
+use super::counters::LoginOutcome;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -117,7 +118,10 @@ impl Dispatcher {
                 std::time::Duration::from_secs(10),
             )
             .await
-            .map_err(PasswordRefusal::Throttled)?;
+            .map_err(|r| {
+                shared.counters.login(LoginOutcome::Throttled);
+                PasswordRefusal::Throttled(r)
+            })?;
         let (verifier, known) = match shared.checker.verifier(user).await {
             Ok(Some(v)) => (v, true),
             Ok(None) => (shared.mock.verifier(user), false),
@@ -141,6 +145,7 @@ impl Dispatcher {
                 .await
                 .unwrap_or(false);
             if !(matches && known) {
+                shared.counters.login(LoginOutcome::Failed);
                 let delay = attempt.failed();
                 tracing::info!(peer = ?peer, user = ?user, "refused password login: authentication failed");
                 tokio::time::sleep(delay).await;
@@ -156,6 +161,7 @@ impl Dispatcher {
             }
             entries.insert(slot, verifier.clone());
         }
+        shared.counters.login(LoginOutcome::Ok);
         if !self.policy().allows(user, service) {
             tracing::info!(peer = ?peer, user = ?user, service, "refused password login: service not granted");
             return Err(PasswordRefusal::NotAuthorized {
