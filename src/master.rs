@@ -224,9 +224,13 @@ impl Master {
                 public: public_metrics.clone(),
             },
         ));
+        let observer = {
+            let metrics = metrics.clone();
+            Arc::new(move |o: &crate::grpc::RequestOutcome| metrics.request(o))
+        };
         let grpc = dispatcher
             .registry()
-            .register_http(HttpFrontDoor::new(router))?;
+            .register_http(HttpFrontDoor::new(router).observed(observer))?;
         let master = Master {
             config: RwLock::new(Arc::new(config)),
             secrets: checker,

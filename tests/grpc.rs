@@ -747,6 +747,15 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
     ] {
         assert!(body.lines().any(|l| l == line), "no {line} in:\n{body}");
     }
+    // Requests by route and status, gRPC calls by method and code; paths
+    // not served are `other`.
+    for line in [
+        "switchyard_http_requests_total{route=\"/metrics\",status=\"401\"} 2",
+        "switchyard_http_requests_total{route=\"/metrics\",status=\"403\"} 1",
+        "switchyard_grpc_requests_total{method=\"/switchyard.v1.ChangeSource/PushChange\",code=\"OK\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line} in:\n{body}");
+    }
     // Four HTTP/1 connections so far (this scrape included).
     let http1: u64 = body
         .lines()
@@ -758,11 +767,21 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
     // `[web] public_metrics = true`: no credentials needed.
     std::fs::write(m.config_path(), config("\n[web]\npublic_metrics = true\n")).unwrap();
     within("a reload", m.master.reload()).await.unwrap();
+    let mut raw = Raw::connect(m.addr).await;
+    raw.write(b"GET /made/up/path HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    raw.read_to_close().await;
     let (head, body) = get_metrics(&m, None).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         body.contains("switchyard_reloads_applied_total 1"),
         "{body}"
     );
+    assert!(
+        body.lines()
+            .any(|l| l == "switchyard_http_requests_total{route=\"other\",status=\"404\"} 1"),
+        "{body}"
+    );
+    assert!(!body.contains("made/up"), "{body}");
     m.stop().await;
 }

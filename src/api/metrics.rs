@@ -53,6 +53,46 @@ struct ServiceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    method: String,
+    code: String,
+}
+
+/// A gRPC status code's name, as gRPC writes it.
+fn grpc_code_name(code: i32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabels {
     builder: String,
     step: String,
@@ -75,6 +115,8 @@ pub struct Metrics {
     reloads: Counter,
     queue: Family<BuilderLabel, Gauge>,
     connections: Family<ProtocolLabel, Counter>,
+    http_requests: Family<RouteLabels, Counter>,
+    grpc_requests: Family<GrpcLabels, Counter>,
     logins: Family<OutcomeLabel, Counter>,
     sessions: Family<ServiceLabel, Counter>,
     /// The port's counts as of the last scrape (the counters above take
@@ -158,9 +200,23 @@ impl Metrics {
             "Native sessions opened, by service",
             sessions.clone(),
         );
+        let http_requests = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests other than gRPC, by route (`other` for paths not served) and status",
+            http_requests.clone(),
+        );
+        let grpc_requests = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC calls, by method (`other` for methods not served) and status code",
+            grpc_requests.clone(),
+        );
         Metrics {
             registry,
             connections,
+            http_requests,
+            grpc_requests,
             logins,
             sessions,
             port_seen: Mutex::default(),
@@ -261,6 +317,36 @@ impl Metrics {
                 }
             }
         });
+    }
+
+    /// Counts one request through the port's HTTP router. Only paths that
+    /// were served become labels: a stranger's made-up paths are `other`.
+    pub fn request(&self, o: &crate::grpc::RequestOutcome) {
+        match o.grpc_status {
+            Some(code) => {
+                // UNIMPLEMENTED: no such method here.
+                let method = if code == 12 { "other" } else { o.path.as_str() };
+                self.grpc_requests
+                    .get_or_create(&GrpcLabels {
+                        method: method.to_string(),
+                        code: grpc_code_name(code).to_string(),
+                    })
+                    .inc();
+            }
+            None => {
+                let route = if o.status == 404 {
+                    "other"
+                } else {
+                    o.path.as_str()
+                };
+                self.http_requests
+                    .get_or_create(&RouteLabels {
+                        route: route.to_string(),
+                        status: o.status.to_string(),
+                    })
+                    .inc();
+            }
+        }
     }
 
     /// Brings the port's counters up to `now`.

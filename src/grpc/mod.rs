@@ -117,11 +117,36 @@ impl GrpcAuth {
 /// router: gRPC services and whatever else is mounted on it.
 pub struct HttpFrontDoor {
     router: axum::Router,
+    observer: Option<RequestObserver>,
 }
+
+/// How one HTTP request through the front door ended, for metrics. Paths
+/// are the request's own: label them only when they were served (a
+/// stranger may send any path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestOutcome {
+    pub path: String,
+    pub status: u16,
+    /// A gRPC call's status code (from the trailers, or the headers of a
+    /// trailers-only answer).
+    pub grpc_status: Option<i32>,
+}
+
+/// Told of every request's outcome.
+pub type RequestObserver = Arc<dyn Fn(&RequestOutcome) + Send + Sync>;
 
 impl HttpFrontDoor {
     pub fn new(router: axum::Router) -> Self {
-        HttpFrontDoor { router }
+        HttpFrontDoor {
+            router,
+            observer: None,
+        }
+    }
+
+    /// Tells `observer` how each request ended.
+    pub fn observed(mut self, observer: RequestObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The port's router with these gRPC routes and nothing else.
@@ -132,7 +157,11 @@ impl HttpFrontDoor {
 
 impl ConnectionHandler for HttpFrontDoor {
     fn serve(&self, conn: HttpConnection) -> BoxFuture {
-        Box::pin(serve_connection(self.router.clone(), conn))
+        Box::pin(serve_connection(
+            self.router.clone(),
+            self.observer.clone(),
+            conn,
+        ))
     }
 }
 
@@ -165,7 +194,11 @@ fn decode_errors_are_invalid_argument(h: &mut http::HeaderMap) {
     }
 }
 
-async fn serve_connection(routes: axum::Router, conn: HttpConnection) {
+async fn serve_connection(
+    routes: axum::Router,
+    observer: Option<RequestObserver>,
+    conn: HttpConnection,
+) {
     let HttpConnection {
         io,
         peer,
@@ -184,16 +217,46 @@ async fn serve_connection(routes: axum::Router, conn: HttpConnection) {
         req.extensions_mut().insert(info.clone());
         let issued = IssuedToken::default();
         req.extensions_mut().insert(issued.clone());
+        let path = req.uri().path().to_string();
         let call = routes.clone().oneshot(req);
+        let observer = observer.clone();
         async move {
             let mut response = call.await?;
             // In the headers of a trailers-only answer, or in the trailers.
             decode_errors_are_invalid_argument(response.headers_mut());
+            let grpc_status = |h: &http::HeaderMap| {
+                h.get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+            };
+            let mut outcome = RequestOutcome {
+                path,
+                status: response.status().as_u16(),
+                grpc_status: grpc_status(response.headers()),
+            };
+            let is_grpc = response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            // A gRPC call's status comes in its trailers; anything else is
+            // told now.
+            let mut pending = match (&observer, is_grpc && outcome.grpc_status.is_none()) {
+                (Some(o), false) => {
+                    o(&outcome);
+                    None
+                }
+                (Some(o), true) => Some(o.clone()),
+                (None, _) => None,
+            };
             let mut response = response.map(|body| {
                 use http_body_util::BodyExt;
-                tonic::body::Body::new(body.map_frame(|mut frame| {
+                tonic::body::Body::new(body.map_frame(move |mut frame| {
                     if let Some(t) = frame.trailers_mut() {
                         decode_errors_are_invalid_argument(t);
+                        if let Some(o) = pending.take() {
+                            outcome.grpc_status = grpc_status(t);
+                            o(&outcome);
+                        }
                     }
                     frame
                 }))
