@@ -385,6 +385,16 @@ impl Master {
     pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
         let _serial = self.reload_lock.lock().await;
         let started = std::time::Instant::now();
+        let outcome = self.reload_serialised(started).await;
+        self.metrics.reloaded(outcome.is_ok(), started.elapsed());
+        outcome
+    }
+
+    /// [`Master::reload`], once it holds the reload lock.
+    async fn reload_serialised(
+        &self,
+        started: std::time::Instant,
+    ) -> Result<ReloadReport, ConfigError> {
         let old = self.config();
         let Loaded {
             config: new,

@@ -764,6 +764,10 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
         .unwrap_or(0);
     assert_eq!(http1, 4, "{body}");
 
+    // A broken config is rejected (and counted).
+    std::fs::write(m.config_path(), config("\n[web]\npublik = true\n")).unwrap();
+    let err = within("a reload", m.master.reload()).await.unwrap_err();
+    assert!(err.to_string().contains("publik"), "{err}");
     // `[web] public_metrics = true`: no credentials needed.
     std::fs::write(m.config_path(), config("\n[web]\npublic_metrics = true\n")).unwrap();
     within("a reload", m.master.reload()).await.unwrap();
@@ -774,7 +778,9 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
     let (head, body) = get_metrics(&m, None).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
-        body.contains("switchyard_reloads_applied_total 1"),
+        body.contains("switchyard_reloads_total{outcome=\"applied\"} 1")
+            && body.contains("switchyard_reloads_total{outcome=\"rejected\"} 1")
+            && body.contains("switchyard_reload_duration_seconds_count 2"),
         "{body}"
     );
     assert!(

@@ -112,7 +112,8 @@ pub struct Metrics {
     step_seconds: Family<StepLabels, Histogram>,
     log_bytes: Counter,
     workers_connected: Gauge,
-    reloads: Counter,
+    reloads: Family<OutcomeLabel, Counter>,
+    reload_seconds: Histogram,
     queue: Family<BuilderLabel, Gauge>,
     connections: Family<ProtocolLabel, Counter>,
     http_requests: Family<RouteLabels, Counter>,
@@ -174,8 +175,18 @@ impl Metrics {
             "Workers with a session now",
             workers_connected.clone(),
         );
-        let reloads = Counter::default();
-        registry.register("reloads_applied", "Reloads applied", reloads.clone());
+        let reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "reloads",
+            "Reloads (SIGHUP, `debug reload`), by outcome: applied or rejected",
+            reloads.clone(),
+        );
+        let reload_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "reload_duration_seconds",
+            "How long reloads took, reading the files included",
+            reload_seconds.clone(),
+        );
         let queue = Family::<BuilderLabel, Gauge>::default();
         registry.register(
             "queue_length",
@@ -226,6 +237,7 @@ impl Metrics {
             log_bytes,
             workers_connected,
             reloads,
+            reload_seconds,
             queue,
             running: Mutex::default(),
         }
@@ -295,9 +307,8 @@ impl Metrics {
             Event::OutputStored { bytes, .. } => {
                 self.log_bytes.inc_by(*bytes);
             }
-            Event::Reloaded { .. } => {
-                self.reloads.inc();
-            }
+            // Counted by the master as it reloads, rejected ones too.
+            Event::Reloaded { .. } => {}
         }
     }
 
@@ -317,6 +328,17 @@ impl Metrics {
                 }
             }
         });
+    }
+
+    /// Counts a reload, applied or rejected, and how long it took.
+    pub fn reloaded(&self, applied: bool, took: std::time::Duration) {
+        let outcome = if applied { "applied" } else { "rejected" };
+        self.reloads
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.reload_seconds.observe(took.as_secs_f64());
     }
 
     /// Counts one request through the port's HTTP router. Only paths that
