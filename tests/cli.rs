@@ -103,14 +103,7 @@ fn failure(cmd: &mut Command) -> String {
 }
 
 fn listening_addr(p: &Proc) -> String {
-    let line = p.wait_for_line("listening on ");
-    line.rsplit("listening on ")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    address_in(&p.wait_for_line("listening on ")).unwrap()
 }
 
 const ALICE: UserSpec = ("alice", "alice-pw", &["ping"]);
@@ -809,16 +802,9 @@ async fn a_master_whose_log_reader_went_away_keeps_serving() {
         .unwrap();
     let addr = {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let line = lines
-            .find_map(|l| l.ok().filter(|l| l.contains("listening on ")))
-            .expect("the master's start line");
-        line.rsplit("listening on ")
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
+        lines
+            .find_map(|l| l.ok().as_deref().and_then(address_in))
+            .expect("the master's start line")
         // The reader is dropped here: the pipe is closed.
     };
     let mut p = Proc {

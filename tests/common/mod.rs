@@ -558,16 +558,8 @@ pub fn master_process(dir: &std::path::Path) -> (Reaped, String) {
             .lines()
             .map_while(Result::ok)
         {
-            if !told && line.contains("listening on ") {
-                let _ = tx.send(
-                    line.rsplit("listening on ")
-                        .next()
-                        .unwrap()
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .to_string(),
-                );
+            if !told && let Some(addr) = address_in(&line) {
+                let _ = tx.send(addr);
                 told = true;
             }
         }
@@ -649,4 +641,10 @@ pub fn git_as_hook(
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The address in a master's start line (`... listening on ADDR (pid ...`).
+pub fn address_in(line: &str) -> Option<String> {
+    let (_, rest) = line.split_once("listening on ")?;
+    rest.split_whitespace().next().map(str::to_string)
 }
