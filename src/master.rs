@@ -110,6 +110,8 @@ pub struct Master {
         std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<crate::builds::Stamped>>>,
     /// `[web] public_metrics`, as of the last (re)load.
     public_metrics: Arc<std::sync::atomic::AtomicBool>,
+    /// `[web] public`, as of the last (re)load.
+    public_web: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -212,18 +214,27 @@ impl Master {
                 move |session| crate::debug::service::serve(api.clone(), session),
             )?
         };
+        let public_web = Arc::new(std::sync::atomic::AtomicBool::new(config.public_web));
+        let api_routes = crate::api::v1::routes(crate::api::v1::ApiState {
+            api: debug_api.clone(),
+            dispatcher: dispatcher.clone(),
+            public: public_web.clone(),
+        });
         let (routes, health) = grpc_routes(&dispatcher, &builds, debug_api)?;
         let metrics = Arc::new(crate::api::metrics::Metrics::new());
         let metrics_events = builds.subscribe();
         let public_metrics = Arc::new(std::sync::atomic::AtomicBool::new(config.public_metrics));
-        let router = crate::api::router(routes).merge(crate::api::metrics::routes(
-            crate::api::metrics::MetricsEndpoint {
-                metrics: metrics.clone(),
-                builds: builds.clone(),
-                dispatcher: dispatcher.clone(),
-                public: public_metrics.clone(),
-            },
-        ));
+        let router =
+            crate::api::router(routes)
+                .merge(api_routes)
+                .merge(crate::api::metrics::routes(
+                    crate::api::metrics::MetricsEndpoint {
+                        metrics: metrics.clone(),
+                        builds: builds.clone(),
+                        dispatcher: dispatcher.clone(),
+                        public: public_metrics.clone(),
+                    },
+                ));
         let observer = {
             let metrics = metrics.clone();
             Arc::new(move |o: &crate::grpc::RequestOutcome| metrics.request(o))
@@ -247,6 +258,7 @@ impl Master {
             metrics,
             metrics_events: std::sync::Mutex::new(Some(metrics_events)),
             public_metrics,
+            public_web,
         };
         master.warn_about_config();
         Ok(master)
@@ -264,6 +276,7 @@ impl Master {
                         !registry.contains(s)
                             && s.as_str() != crate::grpc::change_source::SERVICE
                             && s.as_str() != crate::api::metrics::SERVICE
+                            && s.as_str() != crate::api::v1::SERVICE
                     })
                     .cloned(),
             );
@@ -471,6 +484,8 @@ impl Master {
         self.dispatcher.set_policy(policy);
         self.public_metrics
             .store(new.public_metrics, std::sync::atomic::Ordering::Relaxed);
+        self.public_web
+            .store(new.public_web, std::sync::atomic::Ordering::Relaxed);
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));

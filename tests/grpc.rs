@@ -676,11 +676,17 @@ async fn http2_gets_the_same_router_as_http1() {
 /// `GET /metrics` with `authorization` (if any) over HTTP/1.1; the status
 /// line and the body.
 async fn get_metrics(m: &TestMaster, authorization: Option<&str>) -> (String, String) {
+    http_get(m, "/metrics", authorization).await
+}
+
+/// `GET path` with `authorization` (if any) over HTTP/1.1; the head and
+/// the body.
+async fn http_get(m: &TestMaster, path: &str, authorization: Option<&str>) -> (String, String) {
     let mut raw = Raw::connect(m.addr).await;
     let auth = authorization
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    raw.write(format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+    raw.write(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
         .await;
     let reply = String::from_utf8(raw.read_to_close().await).unwrap();
     let (head, body) = reply.split_once("\r\n\r\n").unwrap();
@@ -789,5 +795,108 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
         "{body}"
     );
     assert!(!body.contains("made/up"), "{body}");
+    m.stop().await;
+}
+
+/// `GET path` of the JSON API as `authorization`: the status and the JSON.
+async fn api_get(m: &TestMaster, path: String, authorization: String) -> (u16, serde_json::Value) {
+    let (head, body) = http_get(m, &path, Some(&authorization)).await;
+    let status: u16 = head[9..12].parse().unwrap();
+    let json =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+    (status, json)
+}
+
+#[tokio::test]
+async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
+    const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
+    let users = [HOOK, ADMIN, VIEWER];
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        config_text("heartbeat_interval = \"1s\"", &users)
+            + "\n[[worker]]\nname = \"w1\"\n"
+            + &one_step_builder("widgets", "check", "test \"$SWITCHYARD_BRANCH\" != bad")
+            + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
+            + extra
+    };
+    std::fs::write(dir.path().join("master.toml"), config("")).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    for branch in ["main", "bad", "main"] {
+        push(&m, branch).await;
+        builds_ended(&mut events, 1).await;
+    }
+    let viewer = basic("viewer", "viewer-pw");
+    let get = |path: String| api_get(&m, path, viewer.clone());
+    // Who may read.
+    let (head, _) = http_get(&m, "/api/v1/builds", None).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let (head, _) = http_get(&m, "/api/v1/builds", Some(&basic(ADMIN.0, ADMIN.1))).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+
+    // Newest first; filters; pages.
+    let (status, all) = get("/api/v1/builds".into()).await;
+    assert_eq!(status, 200, "{all}");
+    let builds = all["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 3);
+    assert!(builds[0]["id"].as_i64() > builds[1]["id"].as_i64());
+    assert_eq!(builds[1]["branch"], "bad");
+    assert!(all["next_before"].is_null());
+    let (_, failed) = get("/api/v1/builds?result=failure".into()).await;
+    assert_eq!(failed["builds"].as_array().unwrap().len(), 1);
+    assert_eq!(failed["builds"][0]["branch"], "bad");
+    let (_, main) = get("/api/v1/builds?branch=main&builder=widgets".into()).await;
+    assert_eq!(main["builds"].as_array().unwrap().len(), 2);
+    let (_, page) = get("/api/v1/builds?limit=2".into()).await;
+    assert_eq!(page["builds"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next_before"], builds[1]["id"]);
+    let next = format!(
+        "/api/v1/builds?limit=2&before={}",
+        page["next_before"].as_i64().unwrap()
+    );
+    let (_, rest) = get(next).await;
+    assert_eq!(rest["builds"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["builds"][0]["id"], builds[2]["id"]);
+
+    // One build, with its change; builders; workers.
+    let one = format!("/api/v1/builds/{}", builds[1]["id"]);
+    let (status, b) = get(one).await;
+    assert_eq!(status, 200);
+    assert_eq!(b["result"], "failure");
+    assert_eq!(b["changes"][0]["branch"], "bad");
+    assert_eq!(b["properties"]["branch"]["source"], "change");
+    let (_, builders) = get("/api/v1/builders".into()).await;
+    assert_eq!(builders["builders"][0]["name"], "widgets");
+    let (_, workers) = get("/api/v1/workers".into()).await;
+    assert_eq!(workers["workers"][0]["name"], "w1");
+    assert_eq!(workers["workers"][0]["connected"], true);
+
+    // Mistakes are 400 or 404, with what went wrong.
+    for (path, status, says) in [
+        ("/api/v1/builds?limit=0", 400, "limit"),
+        ("/api/v1/builds?result=weird", 400, "result"),
+        ("/api/v1/builds?colour=red", 400, "colour"),
+        ("/api/v1/builds?builder=nosuch", 404, "nosuch"),
+        ("/api/v1/builds/abc", 400, "number"),
+        ("/api/v1/builds/99999", 404, "99999"),
+    ] {
+        let (got, body) = get(path.to_string()).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{path}: {body}"
+        );
+    }
+
+    // `[web] public = true`: anyone may read.
+    std::fs::write(m.config_path(), config("\n[web]\npublic = true\n")).unwrap();
+    within("a reload", m.master.reload()).await.unwrap();
+    let (head, _) = http_get(&m, "/api/v1/builders", None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     m.stop().await;
 }

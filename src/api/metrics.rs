@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::builds::{BuildMaster, Event, Stamped};
-use crate::dispatcher::{Dispatcher, PasswordRefusal, parse_basic};
+use crate::dispatcher::Dispatcher;
 
 /// The grant a user needs to read `/metrics`.
 pub const SERVICE: &str = "metrics";
@@ -437,17 +437,6 @@ pub struct MetricsEndpoint {
     pub public: Arc<AtomicBool>,
 }
 
-fn refused(status: StatusCode, why: String) -> Response {
-    let mut r = (status, format!("{why}\n")).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"switchyard\", charset=\"UTF-8\""),
-        );
-    }
-    r
-}
-
 /// The `/metrics` route.
 pub fn routes(end: MetricsEndpoint) -> axum::Router {
     axum::Router::new()
@@ -456,43 +445,16 @@ pub fn routes(end: MetricsEndpoint) -> axum::Router {
 }
 
 /// `GET /metrics`.
-pub async fn serve(State(end): State<MetricsEndpoint>, req: Request) -> Response {
-    if !end.public.load(Ordering::Relaxed) {
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let Some(header) = header else {
-            return refused(
-                StatusCode::UNAUTHORIZED,
-                PasswordRefusal::Missing.to_string(),
-            );
-        };
-        let (user, password) = match parse_basic(header) {
-            Ok(c) => c,
-            Err(e) => return refused(StatusCode::UNAUTHORIZED, e.to_string()),
-        };
-        let conn = req.extensions().get::<crate::grpc::ConnInfo>();
-        let checked = end
-            .dispatcher
-            .check_password_login(
-                &user,
-                &password,
-                SERVICE,
-                conn.map(|c| c.peer),
-                None,
-                conn.map(|c| c.sessions.as_ref()),
-            )
-            .await;
-        if let Err(e) = checked {
-            let status = match e {
-                PasswordRefusal::NotAuthorized { .. } => StatusCode::FORBIDDEN,
-                PasswordRefusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
-                PasswordRefusal::CheckerDown => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::UNAUTHORIZED,
-            };
-            return refused(status, e.to_string());
-        }
+pub async fn serve(
+    State(end): State<MetricsEndpoint>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !end.public.load(Ordering::Relaxed)
+        && let Err(refused) =
+            super::check_basic(&end.dispatcher, &headers, conn.as_deref(), SERVICE).await
+    {
+        return refused;
     }
     let body = end.metrics.render(&end.builds, &end.dispatcher).await;
     let mut r = (StatusCode::OK, body).into_response();

@@ -111,6 +111,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWeb {
+    /// The JSON API (and, later, the web UI) readable without credentials.
+    public: Option<bool>,
     /// `/metrics` readable without credentials.
     public_metrics: Option<bool>,
 }
@@ -267,6 +269,9 @@ pub struct Config {
     /// `[web] public_metrics`: `/metrics` needs no credentials (else a user
     /// granted `metrics`).
     pub public_metrics: bool,
+    /// `[web] public`: the JSON API needs no credentials to read (else a
+    /// user granted `web`); actions always do.
+    pub public_web: bool,
     /// How long the steps of a worker whose link dropped wait for it.
     pub worker_reconnect_grace: Duration,
     pub limits: Limits,
@@ -529,6 +534,7 @@ impl Config {
                 .as_ref()
                 .and_then(|w| w.public_metrics)
                 .unwrap_or(false),
+            public_web: raw.web.as_ref().and_then(|w| w.public).unwrap_or(false),
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",

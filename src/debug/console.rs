@@ -236,6 +236,29 @@ fn opt_ms(ms: i64) -> Value {
     if ms == 0 { Value::Null } else { json!(ms) }
 }
 
+/// Workers as `debug --json workers` and the JSON API show them.
+pub fn workers_json(w: &crate::proto::WorkersReply) -> Value {
+    json!(w.workers.iter().map(|w| json!({
+        "name": w.name, "connected": w.connected, "hostname": opt_str(&w.hostname), "os": opt_str(&w.os),
+        "arch": opt_str(&w.arch), "cpus": w.cpus, "version": opt_str(&w.version), "max_builds": w.max_builds,
+        "running_builds": w.running_builds, "session_id": opt_str(&w.session_id),
+        "connected_unix_ms": opt_ms(w.connected_unix_ms),
+    })).collect::<Vec<_>>())
+}
+
+/// Builders as `debug --json builders` and the JSON API show them.
+pub fn builders_json(b: &crate::proto::BuildersReply) -> Value {
+    json!(
+        b.builders
+            .iter()
+            .map(|b| json!({
+                "name": b.name, "workers": b.workers, "steps": b.steps, "waiting": b.waiting,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// A build as `debug --json` and the JSON API show it.
 pub fn build_json(b: &BuildDetails) -> Value {
     json!({
         "id": b.id,
@@ -515,15 +538,8 @@ impl Console {
                     "builders": s.builders, "builds_running": s.builds_running, "requests_waiting": s.requests_waiting,
                     "watchers": s.watchers,
                 }),
-                R::Workers(w) => json!(w.workers.iter().map(|w| json!({
-                    "name": w.name, "connected": w.connected, "hostname": opt_str(&w.hostname), "os": opt_str(&w.os),
-                    "arch": opt_str(&w.arch), "cpus": w.cpus, "version": opt_str(&w.version), "max_builds": w.max_builds,
-                    "running_builds": w.running_builds, "session_id": opt_str(&w.session_id),
-                    "connected_unix_ms": opt_ms(w.connected_unix_ms),
-                })).collect::<Vec<_>>()),
-                R::Builders(b) => json!(b.builders.iter().map(|b| json!({
-                    "name": b.name, "workers": b.workers, "steps": b.steps, "waiting": b.waiting,
-                })).collect::<Vec<_>>()),
+                R::Workers(w) => workers_json(&w),
+                R::Builders(b) => builders_json(&b),
                 R::Builds(b) => json!(b.builds.iter().map(build_json).collect::<Vec<_>>()),
                 R::Log(l) if !l.build_result.is_empty() => json!({"build_result": l.build_result}),
                 R::Log(l) => json!({

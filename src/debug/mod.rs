@@ -238,8 +238,23 @@ impl DebugApi {
         })
     }
 
+    /// Builds matching `filter`, newest first (an unknown builder is an
+    /// error, not an empty list).
+    pub async fn find_builds(
+        &self,
+        filter: crate::state::BuildFilter,
+    ) -> Result<Vec<BuildDetails>, DebugError> {
+        if let Some(b) = &filter.builder
+            && !self.builds.config().builders.contains_key(b)
+        {
+            return Err(DebugError::NotFound(format!("no builder named {b:?}")));
+        }
+        let builds = self.builds.state().find_builds(filter).await?;
+        Ok(builds.into_iter().map(build_details).collect())
+    }
+
     /// One build in detail: with the changes it covers.
-    async fn one_build(&self, id: i64) -> Result<BuildDetails, DebugError> {
+    pub async fn one_build(&self, id: i64) -> Result<BuildDetails, DebugError> {
         let state = self.builds.state();
         let b = state
             .build(id)

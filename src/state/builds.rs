@@ -485,14 +485,35 @@ impl StateDb {
         builder: Option<String>,
         limit: usize,
     ) -> Result<Vec<BuildRecord>, StateError> {
+        self.find_builds(BuildFilter {
+            builder,
+            limit,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Builds matching `filter`, newest first.
+    pub async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError> {
         self.read(move |conn| {
             let sql = format!(
                 "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
-                 WHERE (?1 IS NULL OR b.builder = ?1) ORDER BY b.id DESC LIMIT ?2"
+                 WHERE (?1 IS NULL OR b.builder = ?1) AND (?2 IS NULL OR r.branch = ?2)
+                   AND (?3 IS NULL OR b.result = ?3) AND (?4 IS NULL OR b.id < ?4)
+                 ORDER BY b.id DESC LIMIT ?5"
             );
             let mut builds: Vec<BuildRecord> = conn
                 .prepare_cached(&sql)?
-                .query_map(params![builder, limit as i64], build_row)?
+                .query_map(
+                    params![
+                        filter.builder,
+                        filter.branch,
+                        filter.result,
+                        filter.before,
+                        filter.limit as i64
+                    ],
+                    build_row,
+                )?
                 .collect::<rusqlite::Result<_>>()?;
             for b in &mut builds {
                 b.steps = load_steps(conn, b.id)?;
@@ -764,4 +785,17 @@ fn insert_step(
         now_ms()
     ])?;
     Ok(conn.last_insert_rowid())
+}
+
+/// Which builds [`StateDb::find_builds`] returns (every set field must
+/// match).
+#[derive(Clone, Debug, Default)]
+pub struct BuildFilter {
+    pub builder: Option<String>,
+    pub branch: Option<String>,
+    /// `success`, `failure`, `exception`, `interrupted`.
+    pub result: Option<String>,
+    /// Only builds with a smaller id (the next page).
+    pub before: Option<i64>,
+    pub limit: usize,
 }

@@ -22,7 +22,8 @@ use tokio::sync::oneshot;
 mod builds;
 
 pub use builds::{
-    BuildRecord, BuildRequest, LogChunk, NewRequest, PropertyRow, StepEndRecord, StepRecord,
+    BuildFilter, BuildRecord, BuildRequest, LogChunk, NewRequest, PropertyRow, StepEndRecord,
+    StepRecord,
 };
 
 /// Why the state database could not be used.

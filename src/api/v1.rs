@@ -1,0 +1,189 @@
+//! The JSON API, `/api/v1/` (read-only so far): builders, builds (filtered
+//! and paged), one build with its steps, properties and changes, workers.
+//! Its JSON is the console's (`switchyard debug --json`). Reading needs a
+//! user granted `web` (HTTP Basic), unless `[web] public = true`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::debug::console::{build_json, builders_json, workers_json};
+use crate::debug::{DebugApi, DebugError};
+use crate::dispatcher::Dispatcher;
+use crate::state::BuildFilter;
+
+/// The grant a user needs to read the UI and the API.
+pub const SERVICE: &str = "web";
+
+/// Most builds one page holds.
+pub const MAX_LIMIT: usize = 1000;
+
+/// What the API's routes need.
+#[derive(Clone)]
+pub struct ApiState {
+    pub api: DebugApi,
+    pub dispatcher: Dispatcher,
+    /// `[web] public`: readable without credentials.
+    pub public: Arc<AtomicBool>,
+}
+
+/// The `/api/v1/` routes.
+pub fn routes(state: ApiState) -> axum::Router {
+    axum::Router::new()
+        .route("/api/v1/builders", get(builders))
+        .route("/api/v1/builds", get(builds))
+        .route("/api/v1/builds/{id}", get(build))
+        .route("/api/v1/workers", get(workers))
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, v: Value) -> Response {
+    let mut r = (status, v.to_string()).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, why: impl std::fmt::Display) -> Response {
+    json_response(status, json!({ "error": why.to_string() }))
+}
+
+fn debug_error(e: DebugError) -> Response {
+    match e {
+        DebugError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        DebugError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        DebugError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+/// Lets the request through if the API is public or it carries the
+/// credentials of a user granted `web`.
+async fn allowed(s: &ApiState, who: &Who) -> Result<(), Response> {
+    if s.public.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    super::check_basic(&s.dispatcher, &who.1, who.0.as_deref(), SERVICE).await
+}
+
+/// The connection a request came over and its headers (its credentials).
+type Who = (
+    Option<axum::Extension<crate::grpc::ConnInfo>>,
+    axum::http::HeaderMap,
+);
+
+async fn builders(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    match s.api.builders().await {
+        Ok(b) => json_response(StatusCode::OK, json!({ "builders": builders_json(&b) })),
+        Err(e) => debug_error(e),
+    }
+}
+
+async fn workers(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    json_response(
+        StatusCode::OK,
+        json!({ "workers": workers_json(&s.api.workers()) }),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildsQuery {
+    builder: Option<String>,
+    branch: Option<String>,
+    result: Option<String>,
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+async fn builds(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    query: Result<Query<BuildsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be from 1 to {MAX_LIMIT}"),
+        );
+    }
+    if let Some(r) = &q.result
+        && !["success", "failure", "exception", "interrupted"].contains(&r.as_str())
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "result must be one of success, failure, exception, interrupted",
+        );
+    }
+    let filter = BuildFilter {
+        builder: q.builder,
+        branch: q.branch,
+        result: q.result,
+        before: q.before,
+        limit,
+    };
+    match s.api.find_builds(filter).await {
+        Ok(builds) => {
+            // A full page may have more after it.
+            let next = (builds.len() == limit)
+                .then(|| builds.last().map(|b| b.id))
+                .flatten();
+            json_response(
+                StatusCode::OK,
+                json!({
+                    "builds": builds.iter().map(build_json).collect::<Vec<_>>(),
+                    "next_before": next,
+                }),
+            )
+        }
+        Err(e) => debug_error(e),
+    }
+}
+
+async fn build(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    let Ok(Path(id)) = id else {
+        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    };
+    match s.api.one_build(id).await {
+        Ok(b) => json_response(StatusCode::OK, build_json(&b)),
+        Err(e) => debug_error(e),
+    }
+}
