@@ -893,10 +893,91 @@ async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
         );
     }
 
-    // `[web] public = true`: anyone may read.
+    // Actions need the `debug` grant.
+    let (status, _) = http_post(&m, "/api/v1/builders/widgets/force", None, "").await;
+    assert_eq!(status, 401);
+    let (status, _) = http_post(&m, "/api/v1/builders/widgets/force", Some(&viewer), "").await;
+    assert_eq!(status, 403);
+    let admin = basic(ADMIN.0, ADMIN.1);
+    let (status, body) = http_post(
+        &m,
+        "/api/v1/builders/widgets/force",
+        Some(&admin),
+        r#"{"branch": "feature", "properties": {"ticket": "T-7"}}"#,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body["request_id"].as_i64().unwrap() > 0);
+    let forced = builds_ended(&mut events, 1).await;
+    let forced = m.master.state().build(forced[0].0).await.unwrap().unwrap();
+    assert_eq!(forced.branch, "feature");
+    for (path, body, status, says) in [
+        ("/api/v1/builders/widgets/force", "{not json", 400, "body"),
+        (
+            "/api/v1/builders/widgets/force",
+            r#"{"colour": 1}"#,
+            400,
+            "colour",
+        ),
+        ("/api/v1/builders/nosuch/force", "", 404, "nosuch"),
+        ("/api/v1/builds/1/stop", "", 404, "1"),
+    ] {
+        let (got, reply) = http_post(&m, path, Some(&admin), body).await;
+        assert_eq!(got, status, "{path}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains(says),
+            "{path}: {reply}"
+        );
+    }
+    // A rebuild of the failed build builds the same branch again.
+    let path = format!("/api/v1/builds/{}/rebuild", builds[1]["id"]);
+    let (status, reply) = http_post(&m, &path, Some(&admin), "").await;
+    assert_eq!(status, 202, "{reply}");
+    let again = builds_ended(&mut events, 1).await;
+    assert_eq!(again[0].1, "failure");
+    let again = m.master.state().build(again[0].0).await.unwrap().unwrap();
+    assert_eq!(again.branch, "bad");
+    let of = again.properties.iter().find(|(n, _, _)| n == "rebuild_of");
+    assert_eq!(
+        of.map(|(_, v, _)| v.as_str()),
+        builds[1]["id"].to_string().as_str().into()
+    );
+
+    // `[web] public = true`: anyone may read, nobody may act unnamed.
     std::fs::write(m.config_path(), config("\n[web]\npublic = true\n")).unwrap();
     within("a reload", m.master.reload()).await.unwrap();
     let (head, _) = http_get(&m, "/api/v1/builders", None).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (status, _) = http_post(&m, "/api/v1/builders/widgets/force", None, "").await;
+    assert_eq!(status, 401);
     m.stop().await;
+}
+
+/// `POST path` with a JSON `body` as `authorization` (if any): the status
+/// and the JSON answer (`null` if none).
+async fn http_post(
+    m: &TestMaster,
+    path: &str,
+    authorization: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut raw = Raw::connect(m.addr).await;
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    raw.write(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let reply = String::from_utf8(raw.read_to_close().await).unwrap();
+    let (head, text) = reply.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (
+        status,
+        serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
+    )
 }

@@ -15,14 +15,14 @@ pub mod v1;
 use crate::dispatcher::{Dispatcher, PasswordRefusal, parse_basic};
 
 /// Checks a request's HTTP Basic credentials (the port's checkers and
-/// login throttle) and that the user is granted `service`; the refusal
-/// otherwise: 401 (with `WWW-Authenticate`), 403, 429 or 503.
+/// login throttle) and that the user is granted `service`: the user, or
+/// the refusal: 401 (with `WWW-Authenticate`), 403, 429 or 503.
 pub async fn check_basic(
     dispatcher: &Dispatcher,
     headers: &axum::http::HeaderMap,
     conn: Option<&crate::grpc::ConnInfo>,
     service: &str,
-) -> Result<(), Response> {
+) -> Result<String, Response> {
     let refused = |status: StatusCode, why: String| {
         let mut r = (status, format!("{why}\n")).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -54,7 +54,7 @@ pub async fn check_basic(
             conn.map(|c| c.sessions.as_ref()),
         )
         .await
-        .map(|_| ())
+        .map(|_| user)
         .map_err(|e| {
             let status = match e {
                 PasswordRefusal::NotAuthorized { .. } => StatusCode::FORBIDDEN,

@@ -40,6 +40,9 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builds", get(builds))
         .route("/api/v1/builds/{id}", get(build))
         .route("/api/v1/workers", get(workers))
+        .route("/api/v1/builders/{name}/force", axum::routing::post(force))
+        .route("/api/v1/builds/{id}/stop", axum::routing::post(stop))
+        .route("/api/v1/builds/{id}/rebuild", axum::routing::post(rebuild))
         .with_state(state)
 }
 
@@ -70,7 +73,21 @@ async fn allowed(s: &ApiState, who: &Who) -> Result<(), Response> {
     if s.public.load(Ordering::Relaxed) {
         return Ok(());
     }
-    super::check_basic(&s.dispatcher, &who.1, who.0.as_deref(), SERVICE).await
+    super::check_basic(&s.dispatcher, &who.1, who.0.as_deref(), SERVICE)
+        .await
+        .map(|_| ())
+}
+
+/// The user acting, who must be granted `debug` (actions always need a
+/// login, public or not).
+async fn actor(s: &ApiState, who: &Who) -> Result<String, Response> {
+    super::check_basic(
+        &s.dispatcher,
+        &who.1,
+        who.0.as_deref(),
+        crate::debug::SERVICE,
+    )
+    .await
 }
 
 /// The connection a request came over and its headers (its credentials).
@@ -184,6 +201,112 @@ async fn build(
     };
     match s.api.one_build(id).await {
         Ok(b) => json_response(StatusCode::OK, build_json(&b)),
+        Err(e) => debug_error(e),
+    }
+}
+
+/// `POST /api/v1/builders/{name}/force`'s body (all optional).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceBody {
+    #[serde(default)]
+    branch: String,
+    #[serde(default)]
+    revision: String,
+    #[serde(default)]
+    repository: String,
+    #[serde(default)]
+    properties: std::collections::HashMap<String, String>,
+}
+
+async fn force(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let user = match actor(&s, &(conn, headers)).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let b: ForceBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ForceBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body: {e}")),
+        }
+    };
+    let req = crate::proto::ForceRequest {
+        builder: name,
+        branch: b.branch,
+        revision: b.revision,
+        repository: b.repository,
+        properties: b.properties,
+        wait_ms: 0,
+    };
+    match s.api.force(req, &user).await {
+        Ok(r) => json_response(StatusCode::ACCEPTED, json!({ "request_id": r.request_id })),
+        Err(e) => debug_error(e),
+    }
+}
+
+async fn stop(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    if let Err(r) = actor(&s, &(conn, headers)).await {
+        return r;
+    }
+    let Ok(Path(id)) = id else {
+        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    };
+    match s.api.stop(crate::proto::StopRequest { build: id }) {
+        Ok(_) => json_response(StatusCode::ACCEPTED, json!({ "stopping": id })),
+        Err(e) => debug_error(e),
+    }
+}
+
+/// Asks for a new build of what build `id` built: its builder, repository,
+/// branch and revision, and the properties it was forced with, plus
+/// `rebuild_of`.
+async fn rebuild(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let user = match actor(&s, &(conn, headers)).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let Ok(Path(id)) = id else {
+        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    };
+    let b = match s.api.one_build(id).await {
+        Ok(b) => b,
+        Err(e) => return debug_error(e),
+    };
+    let mut properties: std::collections::HashMap<String, String> = b
+        .properties
+        .iter()
+        .filter(|p| p.source == "force")
+        .map(|p| (p.name.clone(), p.value.clone()))
+        .collect();
+    properties.insert("rebuild_of".into(), id.to_string());
+    let req = crate::proto::ForceRequest {
+        builder: b.builder,
+        branch: b.branch,
+        revision: b.revision,
+        repository: b.repository,
+        properties,
+        wait_ms: 0,
+    };
+    match s.api.force(req, &user).await {
+        Ok(r) => json_response(StatusCode::ACCEPTED, json!({ "request_id": r.request_id })),
         Err(e) => debug_error(e),
     }
 }
