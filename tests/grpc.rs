@@ -875,6 +875,20 @@ async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
     let (_, workers) = get("/api/v1/workers".into()).await;
     assert_eq!(workers["workers"][0]["name"], "w1");
     assert_eq!(workers["workers"][0]["connected"], true);
+    // Changes, newest first, with the builds they made; nothing waits.
+    let (_, changes) = get("/api/v1/changes?limit=2".into()).await;
+    let list = changes["changes"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[1]["branch"], "bad");
+    assert_eq!(list[1]["builds"][0], builds[1]["id"]);
+    let next = format!(
+        "/api/v1/changes?before={}",
+        changes["next_before"].as_i64().unwrap()
+    );
+    let (_, older) = get(next).await;
+    assert_eq!(older["changes"].as_array().unwrap().len(), 1);
+    let (_, requests) = get("/api/v1/requests".into()).await;
+    assert_eq!(requests["requests"], serde_json::json!([]));
 
     // Mistakes are 400 or 404, with what went wrong.
     for (path, status, says) in [

@@ -40,6 +40,8 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builds", get(builds))
         .route("/api/v1/builds/{id}", get(build))
         .route("/api/v1/workers", get(workers))
+        .route("/api/v1/changes", get(changes))
+        .route("/api/v1/requests", get(requests))
         .route("/api/v1/builders/{name}/force", axum::routing::post(force))
         .route("/api/v1/builds/{id}/stop", axum::routing::post(stop))
         .route("/api/v1/builds/{id}/rebuild", axum::routing::post(rebuild))
@@ -308,5 +310,97 @@ async fn rebuild(
     match s.api.force(req, &user).await {
         Ok(r) => json_response(StatusCode::ACCEPTED, json!({ "request_id": r.request_id })),
         Err(e) => debug_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+/// `GET /api/v1/changes`: the newest changes, and the builds each made.
+async fn changes(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be from 1 to {MAX_LIMIT}"),
+        );
+    }
+    match s.api.state().recent_changes(q.before, limit).await {
+        Ok(found) => {
+            let next = (found.len() == limit)
+                .then(|| found.last().map(|(c, _)| c.id))
+                .flatten();
+            let changes: Vec<Value> = found
+                .iter()
+                .map(|(c, builds)| {
+                    json!({
+                        "id": c.id,
+                        "repository": c.change.repository,
+                        "branch": c.change.branch,
+                        "revision": c.change.revision,
+                        "author": c.change.author,
+                        "comments": c.change.comments,
+                        "files": c.change.files,
+                        "received_unix_ms": c.received_ms,
+                        "builds": builds,
+                    })
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                json!({ "changes": changes, "next_before": next }),
+            )
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `GET /api/v1/requests`: build requests no worker has taken yet, oldest
+/// first.
+async fn requests(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    match s.api.state().waiting_requests().await {
+        Ok(waiting) => {
+            let requests: Vec<Value> = waiting
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "builder": r.request.builder,
+                        "reason": r.request.reason,
+                        "repository": r.request.repository,
+                        "branch": r.request.branch,
+                        "revision": r.request.revision,
+                        "change_id": r.request.change_id,
+                        "created_unix_ms": r.created_ms,
+                        "not_before_unix_ms": (r.request.not_before_ms > 0).then_some(r.request.not_before_ms),
+                    })
+                })
+                .collect();
+            json_response(StatusCode::OK, json!({ "requests": requests }))
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

@@ -238,6 +238,11 @@ impl DebugApi {
         })
     }
 
+    /// The state database (for reads the console has no command for).
+    pub fn state(&self) -> &crate::state::StateDb {
+        self.builds.state()
+    }
+
     /// Builds matching `filter`, newest first (an unknown builder is an
     /// error, not an empty list).
     pub async fn find_builds(

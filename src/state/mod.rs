@@ -389,6 +389,37 @@ impl StateDb {
         .await
     }
 
+    /// The newest changes (below id `before`, if given), newest first,
+    /// each with the ids of the builds made for it.
+    pub async fn recent_changes(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(StoredChange, Vec<i64>)>, StateError> {
+        self.read(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT id FROM changes WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+                )?
+                .query_map(params![before, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(c) = load_change(conn, id)? {
+                    let builds = conn
+                        .prepare_cached(
+                            "SELECT build_id FROM build_requests WHERE change_id = ?1 AND build_id IS NOT NULL ORDER BY build_id",
+                        )?
+                        .query_map([id], |r| r.get(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()?;
+                    out.push((c, builds));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// How many changes are stored.
     pub async fn change_count(&self) -> Result<i64, StateError> {
         self.read(|conn| conn.query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0)))
