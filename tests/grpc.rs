@@ -995,3 +995,69 @@ async fn http_post(
         serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
     )
 }
+
+#[tokio::test]
+async fn a_builds_log_downloads_raw_whole_or_by_range() {
+    const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
+    let users = [HOOK, ADMIN, VIEWER];
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text("heartbeat_interval = \"1s\"", &users)
+        + "\n[[worker]]\nname = \"w1\"\n"
+        + &one_step_builder("widgets", "count", "seq 1 200000; echo done >&2")
+        + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n";
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let id = builds_ended(&mut events, 1).await[0].0;
+    let expected: String = (1..=200000).map(|n| format!("{n}\n")).collect::<String>() + "done\n";
+    let viewer = basic("viewer", "viewer-pw");
+    // HTTP/1.0: the body ends with the connection (no chunked encoding).
+    let get = |path: String| {
+        let viewer = viewer.clone();
+        let addr = m.addr;
+        async move {
+            let mut raw = Raw::connect(addr).await;
+            raw.write(format!("GET {path} HTTP/1.0\r\nAuthorization: {viewer}\r\n\r\n").as_bytes())
+                .await;
+            let reply = raw.read_to_close().await;
+            let at = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = String::from_utf8_lossy(&reply[..at]).to_string();
+            (head, reply[at + 4..].to_vec())
+        }
+    };
+    let (head, body) = get(format!("/api/v1/builds/{id}/log")).await;
+    assert!(
+        head.contains(" 200 ") && head.contains("text/plain"),
+        "{head}"
+    );
+    assert!(
+        body == expected.as_bytes(),
+        "the log differs ({} bytes)",
+        body.len()
+    );
+    let (_, one) = get(format!("/api/v1/builds/{id}/log?step=count")).await;
+    assert!(one == expected.as_bytes());
+    let (_, range) = get(format!("/api/v1/builds/{id}/log?start=100000&end=100020")).await;
+    assert_eq!(range, &expected.as_bytes()[100000..100020]);
+    let (_, tail) = get(format!(
+        "/api/v1/builds/{id}/log?start={}",
+        expected.len() - 12
+    ))
+    .await;
+    assert_eq!(tail, b"0\n200000\ndone\n"[2..]);
+    for (path, status) in [
+        (format!("/api/v1/builds/{id}/log?step=nosuch"), " 404 "),
+        (format!("/api/v1/builds/{id}/log?start=9&end=3"), " 400 "),
+        ("/api/v1/builds/99999/log".to_string(), " 404 "),
+    ] {
+        let (head, _) = get(path.clone()).await;
+        assert!(head.contains(status), "{path}: {head}");
+    }
+    m.stop().await;
+}

@@ -39,6 +39,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builders", get(builders))
         .route("/api/v1/builds", get(builds))
         .route("/api/v1/builds/{id}", get(build))
+        .route("/api/v1/builds/{id}/log", get(log))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/requests", get(requests))
@@ -403,4 +404,91 @@ async fn requests(
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    /// A step's name or position; absent: every step in order.
+    step: Option<String>,
+    /// A byte range of the output: from `start` (default 0) to before
+    /// `end` (default: its end).
+    start: Option<u64>,
+    end: Option<u64>,
+}
+
+/// `GET /api/v1/builds/{id}/log`: a build's output (every step in order,
+/// or `step`), as stored, raw (`text/plain`), streamed page by page: the
+/// master never holds it whole, however big.
+async fn log(
+    State(s): State<ApiState>,
+    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
+    headers: axum::http::HeaderMap,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = allowed(&s, &(conn, headers)).await {
+        return r;
+    }
+    let Ok(Path(id)) = id else {
+        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    };
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (start, end) = (q.start.unwrap_or(0), q.end.unwrap_or(u64::MAX));
+    if start > end {
+        return error(StatusCode::BAD_REQUEST, "start is past end");
+    }
+    // Unknown builds and steps are 404 before anything is streamed.
+    let build = match s.api.one_build(id).await {
+        Ok(b) => b,
+        Err(e) => return debug_error(e),
+    };
+    if let Some(step) = &q.step
+        && !build
+            .steps
+            .iter()
+            .any(|st| &st.name == step || st.position.to_string() == *step)
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("build {id} has no step {step:?}"),
+        );
+    }
+    // A page or two ahead of the client, no more.
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let api = s.api.clone();
+    let request = crate::proto::LogRequest {
+        build: id,
+        step: q.step.unwrap_or_default(),
+        follow: false,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = api.log(request, tx).await {
+            tracing::warn!(build = id, error = %e, "a log download ended early");
+        }
+    });
+    // Where the stream is in the output, and the range wanted of it.
+    let body = futures_util::stream::unfold((rx, 0u64), move |(mut rx, pos)| async move {
+        if pos >= end {
+            return None; // dropping `rx` ends the reading
+        }
+        let data = bytes::Bytes::from(rx.recv().await?.data);
+        let (from, to) = (pos, pos + data.len() as u64);
+        // Before the range: nothing of this chunk (an empty piece).
+        let piece = if to <= start {
+            bytes::Bytes::new()
+        } else {
+            data.slice(start.saturating_sub(from) as usize..(end.min(to) - from) as usize)
+        };
+        Some((Ok::<_, std::convert::Infallible>(piece), (rx, to)))
+    });
+    let mut r = (StatusCode::OK, axum::body::Body::from_stream(body)).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
