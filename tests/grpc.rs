@@ -1051,7 +1051,15 @@ async fn a_builds_log_downloads_raw_whole_or_by_range() {
     ))
     .await;
     assert_eq!(tail, b"0\n200000\ndone\n"[2..]);
+    // The last lines, read backwards (what a huge log opens at).
+    let (head, last) = get(format!("/api/v1/builds/{id}/log?tail=3")).await;
+    assert!(head.contains(" 200 "), "{head}");
+    assert_eq!(String::from_utf8_lossy(&last), "199999\n200000\ndone\n");
+    let (_, last) = get(format!("/api/v1/builds/{id}/log?tail=1&step=0")).await;
+    assert_eq!(String::from_utf8_lossy(&last), "done\n");
     for (path, status) in [
+        (format!("/api/v1/builds/{id}/log?tail=0"), " 400 "),
+        (format!("/api/v1/builds/{id}/log?tail=2&start=5"), " 400 "),
         (format!("/api/v1/builds/{id}/log?step=nosuch"), " 404 "),
         (format!("/api/v1/builds/{id}/log?start=9&end=3"), " 400 "),
         ("/api/v1/builds/99999/log".to_string(), " 404 "),

@@ -415,6 +415,63 @@ struct LogQuery {
     /// `end` (default: its end).
     start: Option<u64>,
     end: Option<u64>,
+    /// Only the last this many lines.
+    tail: Option<usize>,
+}
+
+/// The most lines `tail` asks for, and the most bytes it answers with.
+const MAX_TAIL_LINES: usize = 100_000;
+const MAX_TAIL_BYTES: usize = 16 * 1024 * 1024;
+
+/// The last `lines` lines of the output of `steps` (rows, in order), read
+/// backwards from the database: what a huge log opens at. At most
+/// [`MAX_TAIL_BYTES`], cut at a line's start.
+async fn tail_of(
+    state: &crate::state::StateDb,
+    steps: &[i64],
+    lines: usize,
+) -> Result<bytes::Bytes, crate::state::StateError> {
+    let mut pieces: Vec<bytes::Bytes> = Vec::new();
+    let (mut newlines, mut bytes) = (0usize, 0usize);
+    'steps: for &row in steps.iter().rev() {
+        let mut before = None;
+        loop {
+            let page = state.log_page_back(row, before, 256 * 1024).await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.seq);
+            for c in page {
+                newlines += c.data.iter().filter(|&&b| b == b'\n').count();
+                bytes += c.data.len();
+                pieces.push(c.data);
+                // One line more than asked for: its end is where the tail starts.
+                if newlines > lines || bytes >= MAX_TAIL_BYTES {
+                    break 'steps;
+                }
+            }
+        }
+    }
+    let mut all = Vec::with_capacity(bytes);
+    for p in pieces.iter().rev() {
+        all.extend_from_slice(p);
+    }
+    // Past the last line's own end, count `lines` line ends back.
+    let body = all.strip_suffix(b"\n").unwrap_or(&all);
+    let mut start = 0;
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == lines {
+                start = i + 1;
+                break;
+            }
+        }
+    }
+    if start == 0 && bytes >= MAX_TAIL_BYTES {
+        // Cut short by size: start at a line's start.
+        start = all.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+    }
+    Ok(bytes::Bytes::from(all).slice(start..))
 }
 
 /// `GET /api/v1/builds/{id}/log`: a build's output (every step in order,
@@ -441,6 +498,15 @@ async fn log(
     if start > end {
         return error(StatusCode::BAD_REQUEST, "start is past end");
     }
+    if q.tail.is_some() && (q.start.is_some() || q.end.is_some()) {
+        return error(StatusCode::BAD_REQUEST, "tail or a byte range, not both");
+    }
+    if q.tail.is_some_and(|n| !(1..=MAX_TAIL_LINES).contains(&n)) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("tail must be from 1 to {MAX_TAIL_LINES} lines"),
+        );
+    }
     // Unknown builds and steps are 404 before anything is streamed.
     let build = match s.api.one_build(id).await {
         Ok(b) => b,
@@ -456,6 +522,34 @@ async fn log(
             StatusCode::NOT_FOUND,
             format!("build {id} has no step {step:?}"),
         );
+    }
+    if let Some(lines) = q.tail {
+        let record = match s.api.state().build(id).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no build {id}")),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+        let rows: Vec<i64> = record
+            .steps
+            .iter()
+            .filter(|st| {
+                q.step
+                    .as_ref()
+                    .is_none_or(|want| &st.name == want || st.position.to_string() == *want)
+            })
+            .map(|st| st.row)
+            .collect();
+        return match tail_of(s.api.state(), &rows, lines).await {
+            Ok(text) => {
+                let mut r = (StatusCode::OK, text).into_response();
+                r.headers_mut().insert(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                r
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
     }
     // A page or two ahead of the client, no more.
     let (tx, rx) = tokio::sync::mpsc::channel(2);

@@ -601,6 +601,33 @@ impl StateDb {
         .await
     }
 
+    /// A step's log read backwards: the chunks before `before_seq` (all,
+    /// if `None`), newest first, up to about `max_bytes`.
+    pub async fn log_page_back(
+        &self,
+        step_row: i64,
+        before_seq: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>, StateError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT 4096",
+            )?;
+            let mut rows = stmt.query(params![step_row, before_seq.map(|s| s as i64)])?;
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            while let Some(r) = rows.next()? {
+                let data: Vec<u8> = r.get(2)?;
+                bytes += data.len();
+                out.push(LogChunk { step: step_row, seq: r.get::<_, i64>(0)? as u64, stream: r.get(1)?, data: data.into() });
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Deletes a builder's requests, builds, steps and logs. Returns how
     /// many builds went.
     pub async fn delete_builder(&self, builder: &str) -> Result<usize, StateError> {
