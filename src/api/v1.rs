@@ -70,57 +70,98 @@ fn debug_error(e: DebugError) -> Response {
     }
 }
 
-/// Lets the request through if the API is public or it carries the
-/// credentials of a user granted `web`.
-async fn allowed(s: &ApiState, who: &Who) -> Result<(), Response> {
-    if s.public.load(Ordering::Relaxed) {
-        return Ok(());
+/// A request allowed to read: the API is public, or it carries the
+/// credentials of a user granted `web`. As an extractor it refuses the
+/// request otherwise (401, 403, 429).
+struct Reader;
+
+impl axum::extract::FromRequestParts<ApiState> for Reader {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &ApiState,
+    ) -> Result<Self, Response> {
+        if s.public.load(Ordering::Relaxed) {
+            return Ok(Reader);
+        }
+        let conn = parts.extensions.get::<crate::grpc::ConnInfo>();
+        super::check_basic(&s.dispatcher, &parts.headers, conn, SERVICE)
+            .await
+            .map(|_| Reader)
     }
-    super::check_basic(&s.dispatcher, &who.1, who.0.as_deref(), SERVICE)
-        .await
-        .map(|_| ())
 }
 
-/// The user acting, who must be granted `debug` (actions always need a
-/// login, public or not).
-async fn actor(s: &ApiState, who: &Who) -> Result<String, Response> {
-    super::check_basic(
-        &s.dispatcher,
-        &who.1,
-        who.0.as_deref(),
-        crate::debug::SERVICE,
-    )
-    .await
+/// The user acting, who must be granted `debug`: actions always need a
+/// login, public or not.
+struct Actor(String);
+
+impl axum::extract::FromRequestParts<ApiState> for Actor {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &ApiState,
+    ) -> Result<Self, Response> {
+        let conn = parts.extensions.get::<crate::grpc::ConnInfo>();
+        super::check_basic(&s.dispatcher, &parts.headers, conn, crate::debug::SERVICE)
+            .await
+            .map(Actor)
+    }
 }
 
-/// The connection a request came over and its headers (its credentials).
-type Who = (
-    Option<axum::Extension<crate::grpc::ConnInfo>>,
-    axum::http::HeaderMap,
-);
+/// A query string, or the 400 saying what is wrong with it.
+fn query<T>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, BadRequest> {
+    q.map(|Query(q)| q).map_err(|e| BadRequest(e.body_text()))
+}
 
-async fn builders(
-    State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
+/// A 400 with what was wrong with the request.
+struct BadRequest(String);
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, self.0)
     }
+}
+
+/// A page size: 20 unless given, at most [`MAX_LIMIT`].
+fn page_limit(limit: Option<usize>) -> Result<usize, BadRequest> {
+    let limit = limit.unwrap_or(20);
+    if (1..=MAX_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(BadRequest(format!("limit must be from 1 to {MAX_LIMIT}")))
+    }
+}
+
+/// A build's id from the path, or a 400.
+fn build_id(
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Result<i64, BadRequest> {
+    id.map(|Path(id)| id)
+        .map_err(|_| BadRequest("a build's id is a number".into()))
+}
+
+/// Text as the steps wrote it.
+fn plain(body: impl Into<axum::body::Body>) -> Response {
+    let mut r = (StatusCode::OK, body.into()).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn builders(_: Reader, State(s): State<ApiState>) -> Response {
     match s.api.builders().await {
         Ok(b) => json_response(StatusCode::OK, json!({ "builders": builders_json(&b) })),
         Err(e) => debug_error(e),
     }
 }
 
-async fn workers(
-    State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
-    }
+async fn workers(_: Reader, State(s): State<ApiState>) -> Response {
     json_response(
         StatusCode::OK,
         json!({ "workers": workers_json(&s.api.workers()) }),
@@ -138,25 +179,18 @@ struct BuildsQuery {
 }
 
 async fn builds(
+    _: Reader,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
-    query: Result<Query<BuildsQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<BuildsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
-    }
-    let Query(q) = match query {
+    let q = match query(q) {
         Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return r.into_response(),
     };
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be from 1 to {MAX_LIMIT}"),
-        );
-    }
+    let limit = match page_limit(q.limit) {
+        Ok(l) => l,
+        Err(r) => return r.into_response(),
+    };
     if let Some(r) = &q.result
         && !["success", "failure", "exception", "interrupted"].contains(&r.as_str())
     {
@@ -191,16 +225,13 @@ async fn builds(
 }
 
 async fn build(
+    _: Reader,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
-    }
-    let Ok(Path(id)) = id else {
-        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    let id = match build_id(id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
     match s.api.one_build(id).await {
         Ok(b) => json_response(StatusCode::OK, build_json(&b)),
@@ -223,16 +254,11 @@ struct ForceBody {
 }
 
 async fn force(
+    Actor(user): Actor,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let user = match actor(&s, &(conn, headers)).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
     let b: ForceBody = if body.iter().all(u8::is_ascii_whitespace) {
         ForceBody::default()
     } else {
@@ -256,16 +282,13 @@ async fn force(
 }
 
 async fn stop(
+    _: Actor,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    if let Err(r) = actor(&s, &(conn, headers)).await {
-        return r;
-    }
-    let Ok(Path(id)) = id else {
-        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    let id = match build_id(id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
     match s.api.stop(crate::proto::StopRequest { build: id }) {
         Ok(_) => json_response(StatusCode::ACCEPTED, json!({ "stopping": id })),
@@ -277,17 +300,13 @@ async fn stop(
 /// branch and revision, and the properties it was forced with, plus
 /// `rebuild_of`.
 async fn rebuild(
+    Actor(user): Actor,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let user = match actor(&s, &(conn, headers)).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let Ok(Path(id)) = id else {
-        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    let id = match build_id(id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
     let b = match s.api.one_build(id).await {
         Ok(b) => b,
@@ -323,25 +342,18 @@ struct PageQuery {
 
 /// `GET /api/v1/changes`: the newest changes, and the builds each made.
 async fn changes(
+    _: Reader,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
-    }
-    let Query(q) = match query {
+    let q = match query(q) {
         Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return r.into_response(),
     };
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be from 1 to {MAX_LIMIT}"),
-        );
-    }
+    let limit = match page_limit(q.limit) {
+        Ok(l) => l,
+        Err(r) => return r.into_response(),
+    };
     match s.api.state().recent_changes(q.before, limit).await {
         Ok(found) => {
             let next = (found.len() == limit)
@@ -374,14 +386,7 @@ async fn changes(
 
 /// `GET /api/v1/requests`: build requests no worker has taken yet, oldest
 /// first.
-async fn requests(
-    State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
-    }
+async fn requests(_: Reader, State(s): State<ApiState>) -> Response {
     match s.api.state().waiting_requests().await {
         Ok(waiting) => {
             let requests: Vec<Value> = waiting
@@ -478,21 +483,18 @@ async fn tail_of(
 /// or `step`), as stored, raw (`text/plain`), streamed page by page: the
 /// master never holds it whole, however big.
 async fn log(
+    _: Reader,
     State(s): State<ApiState>,
-    conn: Option<axum::Extension<crate::grpc::ConnInfo>>,
-    headers: axum::http::HeaderMap,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = allowed(&s, &(conn, headers)).await {
-        return r;
-    }
-    let Ok(Path(id)) = id else {
-        return error(StatusCode::BAD_REQUEST, "a build's id is a number");
+    let id = match build_id(id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
-    let Query(q) = match query {
+    let q = match query(q) {
         Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return r.into_response(),
     };
     let (start, end) = (q.start.unwrap_or(0), q.end.unwrap_or(u64::MAX));
     if start > end {
@@ -540,14 +542,7 @@ async fn log(
             .map(|st| st.row)
             .collect();
         return match tail_of(s.api.state(), &rows, lines).await {
-            Ok(text) => {
-                let mut r = (StatusCode::OK, text).into_response();
-                r.headers_mut().insert(
-                    axum::http::header::CONTENT_TYPE,
-                    axum::http::HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
-                r
-            }
+            Ok(text) => plain(text),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
     }
@@ -579,10 +574,5 @@ async fn log(
         };
         Some((Ok::<_, std::convert::Infallible>(piece), (rx, to)))
     });
-    let mut r = (StatusCode::OK, axum::body::Body::from_stream(body)).into_response();
-    r.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+    plain(axum::body::Body::from_stream(body))
 }

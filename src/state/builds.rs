@@ -586,17 +586,8 @@ impl StateDb {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND seq > ?2 ORDER BY seq LIMIT 4096",
             )?;
-            let mut rows = stmt.query(params![step_row, after_seq as i64])?;
-            let (mut out, mut bytes) = (Vec::new(), 0usize);
-            while let Some(r) = rows.next()? {
-                let data: Vec<u8> = r.get(2)?;
-                bytes += data.len();
-                out.push(LogChunk { step: step_row, seq: r.get::<_, i64>(0)? as u64, stream: r.get(1)?, data: data.into() });
-                if bytes >= max_bytes {
-                    break;
-                }
-            }
-            Ok(out)
+            let rows = stmt.query(params![step_row, after_seq as i64])?;
+            chunks_upto(rows, step_row, max_bytes)
         })
         .await
     }
@@ -613,17 +604,8 @@ impl StateDb {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT 4096",
             )?;
-            let mut rows = stmt.query(params![step_row, before_seq.map(|s| s as i64)])?;
-            let (mut out, mut bytes) = (Vec::new(), 0usize);
-            while let Some(r) = rows.next()? {
-                let data: Vec<u8> = r.get(2)?;
-                bytes += data.len();
-                out.push(LogChunk { step: step_row, seq: r.get::<_, i64>(0)? as u64, stream: r.get(1)?, data: data.into() });
-                if bytes >= max_bytes {
-                    break;
-                }
-            }
-            Ok(out)
+            let rows = stmt.query(params![step_row, before_seq.map(|s| s as i64)])?;
+            chunks_upto(rows, step_row, max_bytes)
         })
         .await
     }
@@ -825,4 +807,28 @@ pub struct BuildFilter {
     /// Only builds with a smaller id (the next page).
     pub before: Option<i64>,
     pub limit: usize,
+}
+
+/// Log chunk rows (seq, stream, data) of `step_row`, until about
+/// `max_bytes` have been read.
+fn chunks_upto(
+    mut rows: rusqlite::Rows<'_>,
+    step_row: i64,
+    max_bytes: usize,
+) -> rusqlite::Result<Vec<LogChunk>> {
+    let (mut out, mut bytes) = (Vec::new(), 0usize);
+    while let Some(r) = rows.next()? {
+        let data: Vec<u8> = r.get(2)?;
+        bytes += data.len();
+        out.push(LogChunk {
+            step: step_row,
+            seq: r.get::<_, i64>(0)? as u64,
+            stream: r.get(1)?,
+            data: data.into(),
+        });
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(out)
 }
