@@ -673,6 +673,31 @@ async fn http2_gets_the_same_router_as_http1() {
     m.stop().await;
 }
 
+/// The config of a master with `users`, a worker `w1` and one builder
+/// `widgets` of one step running `shell`, built on every change; `extra`
+/// appended.
+fn widgets_config(users: &[UserSpec<'_>], shell: &str, extra: &str) -> String {
+    config_text("heartbeat_interval = \"1s\"", users)
+        + "\n[[worker]]\nname = \"w1\"\n"
+        + &one_step_builder("widgets", "step", shell)
+        + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
+        + extra
+}
+
+/// A master on [`widgets_config`] (no extra).
+async fn widgets_master(users: &[UserSpec<'_>], shell: &str) -> TestMaster {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config(users, shell, ""),
+    )
+    .unwrap();
+    let secrets = secrets_text(users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    TestMaster::start_in(dir).await
+}
+
 /// `GET /metrics` with `authorization` (if any) over HTTP/1.1; the status
 /// line and the body.
 async fn get_metrics(m: &TestMaster, authorization: Option<&str>) -> (String, String) {
@@ -704,19 +729,8 @@ fn basic(user: &str, password: &str) -> String {
 async fn metrics_need_the_metrics_grant_and_count_builds() {
     const PROM: UserSpec = ("prom", "prom-pw", &["metrics"]);
     let users = [HOOK, ADMIN, PROM];
-    let dir = tempfile::tempdir().unwrap();
-    let config = |extra: &str| {
-        config_text("heartbeat_interval = \"1s\"", &users)
-            + "\n[[worker]]\nname = \"w1\"\n"
-            + &one_step_builder("widgets", "hello", "echo hello")
-            + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
-            + extra
-    };
-    std::fs::write(dir.path().join("master.toml"), config("")).unwrap();
-    let secrets = secrets_text(&users)
-        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
-    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-    let m = TestMaster::start_in(dir).await;
+    let config = |extra: &str| widgets_config(&users, "echo hello", extra);
+    let m = widgets_master(&users, "echo hello").await;
 
     let (head, _) = get_metrics(&m, None).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
@@ -741,7 +755,7 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
     for line in [
         "switchyard_builds_total{builder=\"widgets\",result=\"success\"} 1",
         "switchyard_build_duration_seconds_count{builder=\"widgets\"} 1",
-        "switchyard_step_duration_seconds_count{builder=\"widgets\",step=\"hello\",result=\"success\"} 1",
+        "switchyard_step_duration_seconds_count{builder=\"widgets\",step=\"step\",result=\"success\"} 1",
         "switchyard_workers_connected 1",
         "switchyard_queue_length{builder=\"widgets\"} 0",
         "switchyard_log_bytes_stored_total 6",
@@ -811,19 +825,9 @@ async fn api_get(m: &TestMaster, path: String, authorization: String) -> (u16, s
 async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
     const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
     let users = [HOOK, ADMIN, VIEWER];
-    let dir = tempfile::tempdir().unwrap();
-    let config = |extra: &str| {
-        config_text("heartbeat_interval = \"1s\"", &users)
-            + "\n[[worker]]\nname = \"w1\"\n"
-            + &one_step_builder("widgets", "check", "test \"$SWITCHYARD_BRANCH\" != bad")
-            + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
-            + extra
-    };
-    std::fs::write(dir.path().join("master.toml"), config("")).unwrap();
-    let secrets = secrets_text(&users)
-        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
-    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-    let m = TestMaster::start_in(dir).await;
+    let check = "test \"$SWITCHYARD_BRANCH\" != bad";
+    let config = |extra: &str| widgets_config(&users, check, extra);
+    let m = widgets_master(&users, check).await;
     let _w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
     let mut events = m.master.builds().subscribe();
@@ -1000,16 +1004,7 @@ async fn http_post(
 async fn a_builds_log_downloads_raw_whole_or_by_range() {
     const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
     let users = [HOOK, ADMIN, VIEWER];
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_text("heartbeat_interval = \"1s\"", &users)
-        + "\n[[worker]]\nname = \"w1\"\n"
-        + &one_step_builder("widgets", "count", "seq 1 200000; echo done")
-        + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n";
-    std::fs::write(dir.path().join("master.toml"), config).unwrap();
-    let secrets = secrets_text(&users)
-        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
-    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-    let m = TestMaster::start_in(dir).await;
+    let m = widgets_master(&users, "seq 1 200000; echo done").await;
     let _w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
     let mut events = m.master.builds().subscribe();
@@ -1043,7 +1038,7 @@ async fn a_builds_log_downloads_raw_whole_or_by_range() {
         "the log differs ({} bytes)",
         body.len()
     );
-    let (_, one) = get(format!("/api/v1/builds/{id}/log?step=count")).await;
+    let (_, one) = get(format!("/api/v1/builds/{id}/log?step=step")).await;
     assert!(one == expected.as_bytes());
     let (_, range) = get(format!("/api/v1/builds/{id}/log?start=100000&end=100020")).await;
     assert_eq!(range, &expected.as_bytes()[100000..100020]);
