@@ -1,7 +1,10 @@
-//! The JSON API, `/api/v1/` (read-only so far): builders, builds (filtered
-//! and paged), one build with its steps, properties and changes, workers.
-//! Its JSON is the console's (`switchyard debug --json`). Reading needs a
-//! user granted `web` (HTTP Basic), unless `[web] public = true`.
+//! The JSON API, `/api/v1/`: builders, builds (filtered and paged), one
+//! build with its steps, properties and changes, its log (whole, a byte
+//! range or the last lines, streamed), workers, changes, waiting requests;
+//! and the actions force, stop and rebuild. Its JSON is the console's
+//! (`switchyard debug --json`). Reading needs a user granted `web` (HTTP
+//! Basic) unless `[web] public = true`; acting always needs `debug`. Every
+//! refusal is a status with `{"error": ...}` saying why.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,17 +61,39 @@ fn json_response(status: StatusCode, v: Value) -> Response {
     r
 }
 
-fn error(status: StatusCode, why: impl std::fmt::Display) -> Response {
-    json_response(status, json!({ "error": why.to_string() }))
-}
+/// Why a request failed: its status, and `{"error": ...}` saying why.
+struct ApiError(StatusCode, String);
 
-fn debug_error(e: DebugError) -> Response {
-    match e {
-        DebugError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
-        DebugError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
-        DebugError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+impl ApiError {
+    fn bad(why: impl std::fmt::Display) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, why.to_string())
     }
 }
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.0, json!({ "error": self.1 }))
+    }
+}
+
+impl From<DebugError> for ApiError {
+    fn from(e: DebugError) -> Self {
+        match e {
+            DebugError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
+            DebugError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            DebugError::Internal(m) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, m),
+        }
+    }
+}
+
+impl From<crate::state::StateError> for ApiError {
+    fn from(e: crate::state::StateError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+/// What a handler answers.
+type ApiResult = Result<Response, ApiError>;
 
 /// A request allowed to read: the API is public, or it carries the
 /// credentials of a user granted `web`. As an extractor it refuses the
@@ -111,37 +136,34 @@ impl axum::extract::FromRequestParts<ApiState> for Actor {
 }
 
 /// A query string, or the 400 saying what is wrong with it.
-fn query<T>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, BadRequest> {
-    q.map(|Query(q)| q).map_err(|e| BadRequest(e.body_text()))
-}
-
-/// A 400 with what was wrong with the request.
-struct BadRequest(String);
-
-impl IntoResponse for BadRequest {
-    fn into_response(self) -> Response {
-        error(StatusCode::BAD_REQUEST, self.0)
-    }
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad(e.body_text()))
 }
 
 /// A page size: 20 unless given, at most [`MAX_LIMIT`].
-fn page_limit(limit: Option<usize>) -> Result<usize, BadRequest> {
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     let limit = limit.unwrap_or(20);
     if (1..=MAX_LIMIT).contains(&limit) {
         Ok(limit)
     } else {
-        Err(BadRequest(format!("limit must be from 1 to {MAX_LIMIT}")))
+        Err(ApiError::bad(format!(
+            "limit must be from 1 to {MAX_LIMIT}"
+        )))
     }
+}
+
+/// Where the next page starts: a full page may have more after it.
+fn next_before(found: usize, limit: usize, last_id: Option<i64>) -> Option<i64> {
+    (found == limit).then_some(last_id).flatten()
 }
 
 /// A build's id from the path, or a 400.
 fn build_id(
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<i64, BadRequest> {
+) -> Result<i64, ApiError> {
     id.map(|Path(id)| id)
-        .map_err(|_| BadRequest("a build's id is a number".into()))
+        .map_err(|_| ApiError::bad("a build's id is a number"))
 }
 
 /// Text as the steps wrote it.
@@ -154,18 +176,19 @@ fn plain(body: impl Into<axum::body::Body>) -> Response {
     r
 }
 
-async fn builders(_: Reader, State(s): State<ApiState>) -> Response {
-    match s.api.builders().await {
-        Ok(b) => json_response(StatusCode::OK, json!({ "builders": builders_json(&b) })),
-        Err(e) => debug_error(e),
-    }
+async fn builders(_: Reader, State(s): State<ApiState>) -> ApiResult {
+    let b = s.api.builders().await?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "builders": builders_json(&b) }),
+    ))
 }
 
-async fn workers(_: Reader, State(s): State<ApiState>) -> Response {
-    json_response(
+async fn workers(_: Reader, State(s): State<ApiState>) -> ApiResult {
+    Ok(json_response(
         StatusCode::OK,
         json!({ "workers": workers_json(&s.api.workers()) }),
-    )
+    ))
 }
 
 #[derive(Deserialize)]
@@ -182,22 +205,15 @@ async fn builds(
     _: Reader,
     State(s): State<ApiState>,
     q: Result<Query<BuildsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let q = match query(q) {
-        Ok(q) => q,
-        Err(r) => return r.into_response(),
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
-        Err(r) => return r.into_response(),
-    };
+) -> ApiResult {
+    let q = query(q)?;
+    let limit = page_limit(q.limit)?;
     if let Some(r) = &q.result
         && !["success", "failure", "exception", "interrupted"].contains(&r.as_str())
     {
-        return error(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::bad(
             "result must be one of success, failure, exception, interrupted",
-        );
+        ));
     }
     let filter = BuildFilter {
         builder: q.builder,
@@ -206,37 +222,23 @@ async fn builds(
         before: q.before,
         limit,
     };
-    match s.api.find_builds(filter).await {
-        Ok(builds) => {
-            // A full page may have more after it.
-            let next = (builds.len() == limit)
-                .then(|| builds.last().map(|b| b.id))
-                .flatten();
-            json_response(
-                StatusCode::OK,
-                json!({
-                    "builds": builds.iter().map(build_json).collect::<Vec<_>>(),
-                    "next_before": next,
-                }),
-            )
-        }
-        Err(e) => debug_error(e),
-    }
+    let builds = s.api.find_builds(filter).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "builds": builds.iter().map(build_json).collect::<Vec<_>>(),
+            "next_before": next_before(builds.len(), limit, builds.last().map(|b| b.id)),
+        }),
+    ))
 }
 
 async fn build(
     _: Reader,
     State(s): State<ApiState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Response {
-    let id = match build_id(id) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    match s.api.one_build(id).await {
-        Ok(b) => json_response(StatusCode::OK, build_json(&b)),
-        Err(e) => debug_error(e),
-    }
+) -> ApiResult {
+    let b = s.api.one_build(build_id(id)?).await?;
+    Ok(json_response(StatusCode::OK, build_json(&b)))
 }
 
 /// `POST /api/v1/builders/{name}/force`'s body (all optional).
@@ -253,19 +255,25 @@ struct ForceBody {
     properties: std::collections::HashMap<String, String>,
 }
 
+/// Queues a request as `user`: 202 with its id.
+async fn queue(s: &ApiState, req: crate::proto::ForceRequest, user: &str) -> ApiResult {
+    let r = s.api.force(req, user).await?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        json!({ "request_id": r.request_id }),
+    ))
+}
+
 async fn force(
     Actor(user): Actor,
     State(s): State<ApiState>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
+) -> ApiResult {
     let b: ForceBody = if body.iter().all(u8::is_ascii_whitespace) {
         ForceBody::default()
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body: {e}")),
-        }
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the body: {e}")))?
     };
     let req = crate::proto::ForceRequest {
         builder: name,
@@ -275,25 +283,20 @@ async fn force(
         properties: b.properties,
         wait_ms: 0,
     };
-    match s.api.force(req, &user).await {
-        Ok(r) => json_response(StatusCode::ACCEPTED, json!({ "request_id": r.request_id })),
-        Err(e) => debug_error(e),
-    }
+    queue(&s, req, &user).await
 }
 
 async fn stop(
     _: Actor,
     State(s): State<ApiState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Response {
-    let id = match build_id(id) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    match s.api.stop(crate::proto::StopRequest { build: id }) {
-        Ok(_) => json_response(StatusCode::ACCEPTED, json!({ "stopping": id })),
-        Err(e) => debug_error(e),
-    }
+) -> ApiResult {
+    let id = build_id(id)?;
+    s.api.stop(crate::proto::StopRequest { build: id })?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        json!({ "stopping": id }),
+    ))
 }
 
 /// Asks for a new build of what build `id` built: its builder, repository,
@@ -303,15 +306,9 @@ async fn rebuild(
     Actor(user): Actor,
     State(s): State<ApiState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Response {
-    let id = match build_id(id) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    let b = match s.api.one_build(id).await {
-        Ok(b) => b,
-        Err(e) => return debug_error(e),
-    };
+) -> ApiResult {
+    let id = build_id(id)?;
+    let b = s.api.one_build(id).await?;
     let mut properties: std::collections::HashMap<String, String> = b
         .properties
         .iter()
@@ -327,10 +324,7 @@ async fn rebuild(
         properties,
         wait_ms: 0,
     };
-    match s.api.force(req, &user).await {
-        Ok(r) => json_response(StatusCode::ACCEPTED, json!({ "request_id": r.request_id })),
-        Err(e) => debug_error(e),
-    }
+    queue(&s, req, &user).await
 }
 
 #[derive(Deserialize)]
@@ -345,70 +339,59 @@ async fn changes(
     _: Reader,
     State(s): State<ApiState>,
     q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let q = match query(q) {
-        Ok(q) => q,
-        Err(r) => return r.into_response(),
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
-        Err(r) => return r.into_response(),
-    };
-    match s.api.state().recent_changes(q.before, limit).await {
-        Ok(found) => {
-            let next = (found.len() == limit)
-                .then(|| found.last().map(|(c, _)| c.id))
-                .flatten();
-            let changes: Vec<Value> = found
-                .iter()
-                .map(|(c, builds)| {
-                    json!({
-                        "id": c.id,
-                        "repository": c.change.repository,
-                        "branch": c.change.branch,
-                        "revision": c.change.revision,
-                        "author": c.change.author,
-                        "comments": c.change.comments,
-                        "files": c.change.files,
-                        "received_unix_ms": c.received_ms,
-                        "builds": builds,
-                    })
-                })
-                .collect();
-            json_response(
-                StatusCode::OK,
-                json!({ "changes": changes, "next_before": next }),
-            )
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
+) -> ApiResult {
+    let q = query(q)?;
+    let limit = page_limit(q.limit)?;
+    let found = s.api.state().recent_changes(q.before, limit).await?;
+    let changes: Vec<Value> = found
+        .iter()
+        .map(|(c, builds)| {
+            json!({
+                "id": c.id,
+                "repository": c.change.repository,
+                "branch": c.change.branch,
+                "revision": c.change.revision,
+                "author": c.change.author,
+                "comments": c.change.comments,
+                "files": c.change.files,
+                "received_unix_ms": c.received_ms,
+                "builds": builds,
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "changes": changes,
+            "next_before": next_before(found.len(), limit, found.last().map(|(c, _)| c.id)),
+        }),
+    ))
 }
 
 /// `GET /api/v1/requests`: build requests no worker has taken yet, oldest
 /// first.
-async fn requests(_: Reader, State(s): State<ApiState>) -> Response {
-    match s.api.state().waiting_requests().await {
-        Ok(waiting) => {
-            let requests: Vec<Value> = waiting
-                .iter()
-                .map(|r| {
-                    json!({
-                        "id": r.id,
-                        "builder": r.request.builder,
-                        "reason": r.request.reason,
-                        "repository": r.request.repository,
-                        "branch": r.request.branch,
-                        "revision": r.request.revision,
-                        "change_id": r.request.change_id,
-                        "created_unix_ms": r.created_ms,
-                        "not_before_unix_ms": (r.request.not_before_ms > 0).then_some(r.request.not_before_ms),
-                    })
-                })
-                .collect();
-            json_response(StatusCode::OK, json!({ "requests": requests }))
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
+async fn requests(_: Reader, State(s): State<ApiState>) -> ApiResult {
+    let waiting = s.api.state().waiting_requests().await?;
+    let requests: Vec<Value> = waiting
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "builder": r.request.builder,
+                "reason": r.request.reason,
+                "repository": r.request.repository,
+                "branch": r.request.branch,
+                "revision": r.request.revision,
+                "change_id": r.request.change_id,
+                "created_unix_ms": r.created_ms,
+                "not_before_unix_ms": (r.request.not_before_ms > 0).then_some(r.request.not_before_ms),
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "requests": requests }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -487,64 +470,48 @@ async fn log(
     State(s): State<ApiState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let id = match build_id(id) {
-        Ok(id) => id,
-        Err(r) => return r.into_response(),
-    };
-    let q = match query(q) {
-        Ok(q) => q,
-        Err(r) => return r.into_response(),
-    };
+) -> ApiResult {
+    let id = build_id(id)?;
+    let q = query(q)?;
     let (start, end) = (q.start.unwrap_or(0), q.end.unwrap_or(u64::MAX));
     if start > end {
-        return error(StatusCode::BAD_REQUEST, "start is past end");
+        return Err(ApiError::bad("start is past end"));
     }
     if q.tail.is_some() && (q.start.is_some() || q.end.is_some()) {
-        return error(StatusCode::BAD_REQUEST, "tail or a byte range, not both");
+        return Err(ApiError::bad("tail or a byte range, not both"));
     }
     if q.tail.is_some_and(|n| !(1..=MAX_TAIL_LINES).contains(&n)) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("tail must be from 1 to {MAX_TAIL_LINES} lines"),
-        );
+        return Err(ApiError::bad(format!(
+            "tail must be from 1 to {MAX_TAIL_LINES} lines"
+        )));
     }
     // Unknown builds and steps are 404 before anything is streamed.
-    let build = match s.api.one_build(id).await {
-        Ok(b) => b,
-        Err(e) => return debug_error(e),
-    };
+    let record = s
+        .api
+        .state()
+        .build(id)
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
+    let chosen: Vec<i64> = record
+        .steps
+        .iter()
+        .filter(|st| {
+            q.step
+                .as_ref()
+                .is_none_or(|want| &st.name == want || st.position.to_string() == *want)
+        })
+        .map(|st| st.row)
+        .collect();
     if let Some(step) = &q.step
-        && !build
-            .steps
-            .iter()
-            .any(|st| &st.name == step || st.position.to_string() == *step)
+        && chosen.is_empty()
     {
-        return error(
+        return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("build {id} has no step {step:?}"),
-        );
+        ));
     }
     if let Some(lines) = q.tail {
-        let record = match s.api.state().build(id).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no build {id}")),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        };
-        let rows: Vec<i64> = record
-            .steps
-            .iter()
-            .filter(|st| {
-                q.step
-                    .as_ref()
-                    .is_none_or(|want| &st.name == want || st.position.to_string() == *want)
-            })
-            .map(|st| st.row)
-            .collect();
-        return match tail_of(s.api.state(), &rows, lines).await {
-            Ok(text) => plain(text),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        };
+        return Ok(plain(tail_of(s.api.state(), &chosen, lines).await?));
     }
     // A page or two ahead of the client, no more.
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -574,5 +541,5 @@ async fn log(
         };
         Some((Ok::<_, std::convert::Infallible>(piece), (rx, to)))
     });
-    plain(axum::body::Body::from_stream(body))
+    Ok(plain(axum::body::Body::from_stream(body)))
 }
