@@ -215,11 +215,14 @@ impl Master {
             )?
         };
         let public_web = Arc::new(std::sync::atomic::AtomicBool::new(config.public_web));
-        let api_routes = crate::api::v1::routes(crate::api::v1::ApiState {
+        let api_state = crate::api::ApiState {
             api: debug_api.clone(),
             dispatcher: dispatcher.clone(),
             public: public_web.clone(),
-        });
+            sessions: Arc::new(crate::api::session::WebSessions::new()),
+        };
+        let api_routes =
+            crate::api::v1::routes(api_state.clone()).merge(crate::api::web::routes(api_state));
         let (routes, health) = grpc_routes(&dispatcher, &builds, debug_api)?;
         let metrics = Arc::new(crate::api::metrics::Metrics::new());
         let metrics_events = builds.subscribe();

@@ -452,9 +452,9 @@ pub async fn serve(
 ) -> Response {
     if !end.public.load(Ordering::Relaxed)
         && let Err(refused) =
-            super::check_basic(&end.dispatcher, &headers, conn.as_deref(), SERVICE).await
+            super::access::check_basic(&end.dispatcher, &headers, conn.as_deref(), &[SERVICE]).await
     {
-        return refused;
+        return refused.text();
     }
     let body = end.metrics.render(&end.builds, &end.dispatcher).await;
     let mut r = (StatusCode::OK, body).into_response();

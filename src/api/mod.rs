@@ -9,61 +9,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tonic::service::Routes;
 
+pub mod access;
 pub mod metrics;
+pub mod session;
 pub mod v1;
+pub mod web;
 
-use crate::dispatcher::{Dispatcher, PasswordRefusal, parse_basic};
+pub use access::ApiState;
 
-/// Checks a request's HTTP Basic credentials (the port's checkers and
-/// login throttle) and that the user is granted `service`: the user, or
-/// the refusal: 401 (with `WWW-Authenticate`), 403, 429 or 503.
-pub async fn check_basic(
-    dispatcher: &Dispatcher,
-    headers: &axum::http::HeaderMap,
-    conn: Option<&crate::grpc::ConnInfo>,
-    service: &str,
-) -> Result<String, Response> {
-    let refused = |status: StatusCode, why: String| {
-        let mut r = (status, format!("{why}\n")).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"switchyard\", charset=\"UTF-8\""),
-            );
-        }
-        r
-    };
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return Err(refused(
-            StatusCode::UNAUTHORIZED,
-            PasswordRefusal::Missing.to_string(),
-        ));
-    };
-    let (user, password) =
-        parse_basic(value).map_err(|e| refused(StatusCode::UNAUTHORIZED, e.to_string()))?;
-    dispatcher
-        .check_password_login(
-            &user,
-            &password,
-            service,
-            conn.map(|c| c.peer),
-            None,
-            conn.map(|c| c.sessions.as_ref()),
-        )
-        .await
-        .map(|_| user)
-        .map_err(|e| {
-            let status = match e {
-                PasswordRefusal::NotAuthorized { .. } => StatusCode::FORBIDDEN,
-                PasswordRefusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
-                PasswordRefusal::CheckerDown => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::UNAUTHORIZED,
-            };
-            refused(status, e.to_string())
-        })
+/// A JSON answer.
+pub fn json(status: StatusCode, v: serde_json::Value) -> Response {
+    let mut r = (status, v.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// A plain-text answer.

@@ -6,9 +6,6 @@
 //! Basic) unless `[web] public = true`; acting always needs `debug`. Every
 //! refusal is a status with `{"error": ...}` saying why.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,25 +13,17 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::ApiState;
+use super::access::{Actor, Reader};
+use crate::debug::DebugError;
 use crate::debug::console::{build_json, builders_json, workers_json};
-use crate::debug::{DebugApi, DebugError};
-use crate::dispatcher::Dispatcher;
 use crate::state::BuildFilter;
 
 /// The grant a user needs to read the UI and the API.
-pub const SERVICE: &str = "web";
+pub const SERVICE: &str = super::access::READ;
 
 /// Most builds one page holds.
 pub const MAX_LIMIT: usize = 1000;
-
-/// What the API's routes need.
-#[derive(Clone)]
-pub struct ApiState {
-    pub api: DebugApi,
-    pub dispatcher: Dispatcher,
-    /// `[web] public`: readable without credentials.
-    pub public: Arc<AtomicBool>,
-}
 
 /// The `/api/v1/` routes.
 pub fn routes(state: ApiState) -> axum::Router {
@@ -43,6 +32,8 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builds", get(builds))
         .route("/api/v1/builds/{id}", get(build))
         .route("/api/v1/builds/{id}/log", get(log))
+        .route("/api/v1/builds/{id}/log/stream", get(log_stream))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/requests", get(requests))
@@ -53,12 +44,7 @@ pub fn routes(state: ApiState) -> axum::Router {
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response {
-    let mut r = (status, v.to_string()).into_response();
-    r.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/json"),
-    );
-    r
+    super::json(status, v)
 }
 
 /// Why a request failed: its status, and `{"error": ...}` saying why.
@@ -94,46 +80,6 @@ impl From<crate::state::StateError> for ApiError {
 
 /// What a handler answers.
 type ApiResult = Result<Response, ApiError>;
-
-/// A request allowed to read: the API is public, or it carries the
-/// credentials of a user granted `web`. As an extractor it refuses the
-/// request otherwise (401, 403, 429).
-struct Reader;
-
-impl axum::extract::FromRequestParts<ApiState> for Reader {
-    type Rejection = Response;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        s: &ApiState,
-    ) -> Result<Self, Response> {
-        if s.public.load(Ordering::Relaxed) {
-            return Ok(Reader);
-        }
-        let conn = parts.extensions.get::<crate::grpc::ConnInfo>();
-        super::check_basic(&s.dispatcher, &parts.headers, conn, SERVICE)
-            .await
-            .map(|_| Reader)
-    }
-}
-
-/// The user acting, who must be granted `debug`: actions always need a
-/// login, public or not.
-struct Actor(String);
-
-impl axum::extract::FromRequestParts<ApiState> for Actor {
-    type Rejection = Response;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        s: &ApiState,
-    ) -> Result<Self, Response> {
-        let conn = parts.extensions.get::<crate::grpc::ConnInfo>();
-        super::check_basic(&s.dispatcher, &parts.headers, conn, crate::debug::SERVICE)
-            .await
-            .map(Actor)
-    }
-}
 
 /// A query string, or the 400 saying what is wrong with it.
 fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
@@ -299,32 +245,35 @@ async fn stop(
     ))
 }
 
-/// Asks for a new build of what build `id` built: its builder, repository,
+/// A request for a new build of what `b` built: its builder, repository,
 /// branch and revision, and the properties it was forced with, plus
 /// `rebuild_of`.
-async fn rebuild(
-    Actor(user): Actor,
-    State(s): State<ApiState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> ApiResult {
-    let id = build_id(id)?;
-    let b = s.api.one_build(id).await?;
+pub fn rebuild_request(b: &crate::proto::BuildDetails) -> crate::proto::ForceRequest {
     let mut properties: std::collections::HashMap<String, String> = b
         .properties
         .iter()
         .filter(|p| p.source == "force")
         .map(|p| (p.name.clone(), p.value.clone()))
         .collect();
-    properties.insert("rebuild_of".into(), id.to_string());
-    let req = crate::proto::ForceRequest {
-        builder: b.builder,
-        branch: b.branch,
-        revision: b.revision,
-        repository: b.repository,
+    properties.insert("rebuild_of".into(), b.id.to_string());
+    crate::proto::ForceRequest {
+        builder: b.builder.clone(),
+        branch: b.branch.clone(),
+        revision: b.revision.clone(),
+        repository: b.repository.clone(),
         properties,
         wait_ms: 0,
-    };
-    queue(&s, req, &user).await
+    }
+}
+
+/// `POST /api/v1/builds/{id}/rebuild`: see [`rebuild_request`].
+async fn rebuild(
+    Actor(user): Actor,
+    State(s): State<ApiState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> ApiResult {
+    let b = s.api.one_build(build_id(id)?).await?;
+    queue(&s, rebuild_request(&b), &user).await
 }
 
 #[derive(Deserialize)]
@@ -542,4 +491,235 @@ async fn log(
         Some((Ok::<_, std::convert::Infallible>(piece), (rx, to)))
     });
     Ok(plain(axum::body::Body::from_stream(body)))
+}
+
+/// How often a quiet event stream sends a comment, so that proxies and
+/// the port's stall check ([`crate::grpc::HTTP1_WRITE_STALL`]) see it alive.
+pub const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A domain event as the API shows it: its SSE event name and its JSON.
+pub fn event_json(e: &crate::builds::events::Stamped) -> (&'static str, Value) {
+    use crate::builds::events::Event;
+    let (name, mut v) = match &e.event {
+        Event::WorkerConnected { worker, session_id } => (
+            "worker_connected",
+            json!({ "worker": worker, "session_id": session_id }),
+        ),
+        Event::WorkerLost { worker, reason } => {
+            ("worker_lost", json!({ "worker": worker, "reason": reason }))
+        }
+        Event::BuildStarted {
+            build,
+            builder,
+            worker,
+        } => (
+            "build_started",
+            json!({ "build": build, "builder": builder, "worker": worker }),
+        ),
+        Event::StepStarted {
+            build,
+            step,
+            attempt,
+        } => (
+            "step_started",
+            json!({ "build": build, "step": step, "attempt": attempt }),
+        ),
+        Event::StepEnded {
+            build,
+            step,
+            attempt,
+            outcome,
+            detail,
+        } => (
+            "step_ended",
+            json!({ "build": build, "step": step, "attempt": attempt, "result": outcome.as_str(), "detail": detail }),
+        ),
+        Event::BuildEnded {
+            build,
+            builder,
+            outcome,
+        } => (
+            "build_ended",
+            json!({ "build": build, "builder": builder, "result": outcome.as_str() }),
+        ),
+        Event::OutputStored { build, step, bytes } => (
+            "output_stored",
+            json!({ "build": build, "step_row": step, "bytes": bytes }),
+        ),
+        Event::Reloaded { summary } => ("reloaded", json!({ "summary": summary })),
+    };
+    v["unix_ms"] = json!(e.unix_ms);
+    (name, v)
+}
+
+fn event_build(e: &crate::builds::events::Event) -> Option<i64> {
+    use crate::builds::events::Event;
+    match e {
+        Event::BuildStarted { build, .. }
+        | Event::StepStarted { build, .. }
+        | Event::StepEnded { build, .. }
+        | Event::BuildEnded { build, .. }
+        | Event::OutputStored { build, .. } => Some(*build),
+        _ => None,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only this build's events.
+    build: Option<i64>,
+}
+
+/// `GET /api/v1/events`: the build master's events as Server-Sent Events
+/// (`event: build_started`, `data: {...}`), from now on. A client too slow
+/// to keep up is told `event: lagged` with how many it missed (then it
+/// should re-read what it shows).
+async fn events(
+    _: Reader,
+    State(s): State<ApiState>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let q = query(q)?;
+    let watch = s.api.watch();
+    let stream = futures_util::stream::unfold(watch, move |mut watch| async move {
+        loop {
+            match watch.events.recv().await {
+                Ok(e) => {
+                    if q.build.is_some() && event_build(&e.event) != q.build {
+                        continue;
+                    }
+                    let (name, v) = event_json(&e);
+                    let ev = SseEvent::default().event(name).data(v.to_string());
+                    return Some((Ok::<_, std::convert::Infallible>(ev), watch));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let ev = SseEvent::default()
+                        .event("lagged")
+                        .data(json!({ "missed": n }).to_string());
+                    return Some((Ok(ev), watch));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogStreamQuery {
+    /// A step's name or position; absent: every step in order.
+    step: Option<String>,
+    /// Skip this many bytes of the output first (where the page's copy
+    /// ends). A reconnecting `EventSource`'s `Last-Event-ID` wins over it.
+    start: Option<u64>,
+    /// `text` (default) or `html` (escaped, ANSI colours as spans).
+    format: Option<String>,
+}
+
+/// `GET /api/v1/builds/{id}/log/stream`: a build's output as Server-Sent
+/// Events, live until the build ends: `event: output` with
+/// `{"step", "text"|"html", "offset"}` (the event's id is the offset after
+/// it, so a reconnecting client goes on where it was), then `event: end`
+/// with `{"result"}`.
+async fn log_stream(
+    _: Reader,
+    State(s): State<ApiState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    q: Result<Query<LogStreamQuery>, axum::extract::rejection::QueryRejection>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let id = build_id(id)?;
+    let q = query(q)?;
+    let html = match q.format.as_deref() {
+        None | Some("text") => false,
+        Some("html") => true,
+        Some(_) => return Err(ApiError::bad("format is text or html")),
+    };
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let start = resume.or(q.start).unwrap_or(0);
+    // Unknown builds are 404 before anything is streamed.
+    s.api.one_build(id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let api = s.api.clone();
+    let request = crate::proto::LogRequest {
+        build: id,
+        step: q.step.unwrap_or_default(),
+        follow: true,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = api.log(request, tx).await {
+            tracing::debug!(build = id, error = %e, "a live log ended early");
+        }
+    });
+    struct Reading {
+        rx: tokio::sync::mpsc::Receiver<crate::proto::LogReply>,
+        pos: u64,
+        start: u64,
+        html: bool,
+        render: super::web::ansi::AnsiHtml,
+        text_carry: Vec<u8>,
+        done: bool,
+    }
+    let reading = Reading {
+        rx,
+        pos: 0,
+        start,
+        html,
+        render: Default::default(),
+        text_carry: Vec::new(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(reading, |mut r| async move {
+        loop {
+            if r.done {
+                return None;
+            }
+            let reply = r.rx.recv().await?;
+            if !reply.build_result.is_empty() {
+                r.done = true;
+                let ev = SseEvent::default()
+                    .event("end")
+                    .data(json!({ "result": reply.build_result }).to_string());
+                return Some((Ok::<_, std::convert::Infallible>(ev), r));
+            }
+            let data = reply.data;
+            let (from, to) = (r.pos, r.pos + data.len() as u64);
+            r.pos = to;
+            if to <= r.start {
+                continue;
+            }
+            let piece = &data[r.start.saturating_sub(from) as usize..];
+            let body = if r.html {
+                json!({ "step": reply.step, "attempt": reply.attempt, "html": r.render.push(piece), "offset": to })
+            } else {
+                r.text_carry.extend_from_slice(piece);
+                let whole = match std::str::from_utf8(&r.text_carry) {
+                    Ok(_) => r.text_carry.len(),
+                    Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                    Err(_) => r.text_carry.len(),
+                };
+                let rest = r.text_carry.split_off(whole);
+                let text = String::from_utf8_lossy(&r.text_carry).into_owned();
+                r.text_carry = rest;
+                json!({ "step": reply.step, "attempt": reply.attempt, "text": text, "offset": to })
+            };
+            let ev = SseEvent::default()
+                .event("output")
+                .id(to.to_string())
+                .data(body.to_string());
+            return Some((Ok(ev), r));
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+        .into_response())
 }

@@ -91,6 +91,11 @@ impl WorkerLink {
         self.slots.busy.load(Ordering::SeqCst)
     }
 
+    /// When the worker was last heard from (any message), Unix ms.
+    pub fn last_heard_ms(&self) -> i64 {
+        self.last_heard_ms.load(Ordering::SeqCst)
+    }
+
     fn heard(&self) {
         self.last_heard_ms.store(now_ms(), Ordering::SeqCst);
     }

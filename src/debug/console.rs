@@ -243,6 +243,7 @@ pub fn workers_json(w: &crate::proto::WorkersReply) -> Value {
         "arch": opt_str(&w.arch), "cpus": w.cpus, "version": opt_str(&w.version), "max_builds": w.max_builds,
         "running_builds": w.running_builds, "session_id": opt_str(&w.session_id),
         "connected_unix_ms": opt_ms(w.connected_unix_ms),
+        "last_heard_unix_ms": opt_ms(w.last_heard_unix_ms),
     })).collect::<Vec<_>>())
 }
 

@@ -210,6 +210,7 @@ impl DebugApi {
                     running_builds: l.running_builds() as u32,
                     connected_unix_ms: l.connected_ms,
                     session_id: l.session_id.clone(),
+                    last_heard_unix_ms: l.last_heard_ms(),
                 },
                 None => WorkerDetails {
                     name: w.name.clone(),

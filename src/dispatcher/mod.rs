@@ -28,7 +28,7 @@ use crate::auth::{AuthThrottle, Checker, DeviceTokens, MockCredentials, Verifier
 
 pub use crate::limits::Limits;
 pub use http1::PROTOCOLS_NOTE;
-pub use password::{PasswordRefusal, parse_basic};
+pub use password::{PasswordRefusal, PendingScram, ScramLogin, parse_basic};
 pub use registry::{
     ConnectionHandler, Registration, RegistryError, ServiceOptions, ServiceRegistry, SessionHandler,
 };

@@ -36,6 +36,8 @@ pub enum PasswordRefusal {
     NotAuthorized { user: String, service: String },
     #[error("the credential checker is unavailable; retry later")]
     CheckerDown,
+    #[error("malformed SCRAM message: {0}")]
+    BadScram(String),
 }
 
 /// Most cached logins; past it the cache starts over.
@@ -173,6 +175,147 @@ impl Dispatcher {
             conn.note_login(user, service, &verifier);
         }
         Ok(shared.devices.issue(user))
+    }
+}
+
+/// A SCRAM-SHA-256 login over HTTP (the web UI's: the browser computes the
+/// proof, the password never leaves it) between its two requests: the
+/// challenge is sent, the proof is awaited. It holds its place in the login
+/// throttle until it ends; dropped unfinished, it is forgotten.
+pub struct PendingScram {
+    attempt: crate::auth::Attempt,
+    server_first: crate::auth::scram::ServerFirst,
+    user: String,
+    peer: Option<SocketAddr>,
+}
+
+impl PendingScram {
+    /// The server-first-message, for the client.
+    pub fn challenge(&self) -> &str {
+        self.server_first.message()
+    }
+}
+
+/// A SCRAM login over HTTP that succeeded.
+pub struct ScramLogin {
+    pub user: String,
+    /// What the proof was checked against: a session made from this login
+    /// ends when the user's verifier changes.
+    pub verifier: Verifier,
+    /// The server-final-message (`v=...`): the client checks it to know it
+    /// talked to a server that holds its verifier.
+    pub server_final: String,
+    /// A device token for the client (see [`crate::auth::throttle`]).
+    pub device_token: String,
+}
+
+impl Dispatcher {
+    /// Starts a SCRAM login carried by HTTP: parses the client-first-message
+    /// (`n,,n=USER,r=NONCE`), takes a place in the throttle (with the
+    /// client's device token, if any), and answers with the challenge. An
+    /// unknown user is challenged like a known one.
+    pub async fn begin_scram_login(
+        &self,
+        client_first: &str,
+        peer: Option<SocketAddr>,
+        device_token: Option<&str>,
+    ) -> Result<PendingScram, PasswordRefusal> {
+        let shared = &self.shared;
+        let first = crate::auth::scram::ClientFirst::parse(client_first.as_bytes())
+            .map_err(|e| PasswordRefusal::BadScram(e.to_string()))?;
+        let user = first.user().to_string();
+        let device = device_token.and_then(|t| shared.devices.check(&user, t));
+        let attempt = shared
+            .throttle
+            .begin(
+                peer.map(|p| p.ip()),
+                &user,
+                device,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(|r| {
+                shared.counters.login(LoginOutcome::Throttled);
+                PasswordRefusal::Throttled(r)
+            })?;
+        let mock = shared.mock.verifier(&user);
+        let (verifier, known) = match shared.checker.verifier(&user).await {
+            Ok(Some(v)) => (v, true),
+            Ok(None) => (mock, false),
+            Err(e) => {
+                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
+                return Err(PasswordRefusal::CheckerDown);
+            }
+        };
+        Ok(PendingScram {
+            attempt,
+            server_first: first.challenge(verifier, known),
+            user,
+            peer,
+        })
+    }
+
+    /// Checks the client-final-message of a login begun by
+    /// [`Dispatcher::begin_scram_login`]: a wrong proof counts as a failed
+    /// login (and is answered late when the address fails a lot); a user
+    /// granted none of `services` is refused after a good proof.
+    pub async fn finish_scram_login(
+        &self,
+        pending: PendingScram,
+        client_final: &str,
+        services: &[&str],
+    ) -> Result<ScramLogin, PasswordRefusal> {
+        let shared = &self.shared;
+        let PendingScram {
+            attempt,
+            server_first,
+            user,
+            peer,
+        } = pending;
+        let auth = match server_first.verify(client_final.as_bytes()) {
+            Ok(a) => a,
+            Err(crate::auth::scram::ScramError::InvalidProof) => {
+                shared.counters.login(LoginOutcome::Failed);
+                let delay = attempt.failed();
+                tracing::info!(peer = ?peer, user = ?user, "refused web login: authentication failed");
+                tokio::time::sleep(delay).await;
+                return Err(PasswordRefusal::Failed);
+            }
+            Err(e) => return Err(PasswordRefusal::BadScram(e.to_string())),
+        };
+        attempt.succeeded();
+        shared.counters.login(LoginOutcome::Ok);
+        let policy = self.policy();
+        if !services.iter().any(|s| policy.allows(&auth.user, s)) {
+            tracing::info!(peer = ?peer, user = ?auth.user, "refused web login: no grant for the web");
+            return Err(PasswordRefusal::NotAuthorized {
+                user: auth.user,
+                service: services.join(" or "),
+            });
+        }
+        tracing::info!(peer = ?peer, user = ?auth.user, "web login");
+        Ok(ScramLogin {
+            device_token: shared.devices.issue(&auth.user),
+            user: auth.user,
+            verifier: auth.verifier,
+            server_final: auth.server_final,
+        })
+    }
+
+    /// Whether a login made against `verifier` still holds for `service`:
+    /// the user is still configured, with the same verifier, and granted
+    /// `service`. A checker that cannot answer now keeps it (an outage must
+    /// not log everybody out).
+    pub async fn login_still_valid(&self, user: &str, verifier: &Verifier, service: &str) -> bool {
+        let policy = self.policy();
+        if !policy.has_user(user) || !policy.allows(user, service) {
+            return false;
+        }
+        match self.shared.checker.verifier(user).await {
+            Ok(Some(v)) => v == *verifier,
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 }
 

@@ -313,9 +313,67 @@ async fn serve_connection(
     }
 }
 
+/// A response that writes nothing for this long is closed: its client
+/// stopped reading. Streams that may be quiet (Server-Sent Events) send a
+/// comment more often than this.
+pub const HTTP1_WRITE_STALL: Duration = Duration::from_secs(60);
+
+/// A stream that notes when a write last made progress.
+struct WriteClock<T> {
+    inner: T,
+    started: tokio::time::Instant,
+    /// Milliseconds after `started` of the last write that took bytes.
+    last_write_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteClock<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteClock<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r
+            && *n > 0
+        {
+            self.last_write_ms.store(
+                self.started.elapsed().as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// HTTP/1 on the shared port: one request per connection (no keep-alive),
-/// its head within `deadline` and in 16 KiB, the whole exchange within
-/// twice that; closed at once on shutdown.
+/// its head within `deadline` and in 16 KiB, and the response begun within
+/// twice that. A response then lives as long as it streams (a big log, an
+/// event stream): it is closed once its client stops reading for
+/// [`HTTP1_WRITE_STALL`], and at once on shutdown.
 async fn serve_http1<S>(
     io: crate::dispatcher::rewind::Rewind<tokio::net::TcpStream>,
     peer: SocketAddr,
@@ -332,6 +390,24 @@ async fn serve_http1<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let started = tokio::time::Instant::now();
+    let last_write_ms = Arc::new(AtomicU64::new(0));
+    let io = WriteClock {
+        inner: io,
+        started,
+        last_write_ms: last_write_ms.clone(),
+    };
+    let responded = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (responded, last_write_ms) = (responded.clone(), last_write_ms.clone());
+        tower::ServiceExt::map_response(service, move |r| {
+            // The response's stall clock starts now.
+            last_write_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            responded.store(true, Ordering::Relaxed);
+            r
+        })
+    };
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(deadline)
@@ -340,12 +416,34 @@ async fn serve_http1<S>(
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
     let hangup = sessions.hangup();
-    tokio::select! {
-        r = tokio::time::timeout(deadline * 2, conn.as_mut()) => match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::info!(%peer, error = %e, "refused connection: bad HTTP/1 request"),
-            Err(_) => tracing::info!(%peer, "closed HTTP/1 connection: too slow"),
-        },
-        _ = hangup.requested() => {}
+    let mut check = tokio::time::interval(
+        (deadline / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+    );
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::info!(%peer, error = %e, "refused connection: bad HTTP/1 request");
+                }
+                return;
+            }
+            _ = hangup.requested() => return,
+            _ = check.tick() => {
+                if !responded.load(Ordering::Relaxed) {
+                    if started.elapsed() >= deadline * 2 {
+                        tracing::info!(%peer, "closed HTTP/1 connection: too slow");
+                        return;
+                    }
+                } else {
+                    let idle = started.elapsed().saturating_sub(Duration::from_millis(
+                        last_write_ms.load(Ordering::Relaxed),
+                    ));
+                    if idle >= HTTP1_WRITE_STALL {
+                        tracing::info!(%peer, "closed HTTP/1 connection: its client stopped reading");
+                        return;
+                    }
+                }
+            }
+        }
     }
 }

@@ -104,6 +104,37 @@ pub struct BuildRequest {
     pub created_ms: i64,
 }
 
+/// The end of a step attempt's output (see [`StateDb::log_tails`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogTail {
+    /// The step attempt's row.
+    pub row: i64,
+    pub data: bytes::Bytes,
+    /// Where `data` starts and ends in the step's output.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A build in a list: no steps, no properties.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildBrief {
+    pub id: i64,
+    pub number: i64,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub result: Option<String>,
+}
+
+/// A builder at a glance (see [`StateDb::builder_overview`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuilderOverview {
+    pub name: String,
+    /// Newest first.
+    pub builds: Vec<BuildBrief>,
+    /// How long its last successful build took.
+    pub last_success_ms: Option<i64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepRecord {
     /// The row id (what log chunks hang off).
@@ -625,6 +656,148 @@ impl StateDb {
             let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
             conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
             Ok(builds)
+        })
+        .await
+    }
+
+    /// For each of `builders`: its last `per` builds (newest first, without
+    /// steps or properties) and how long its last successful build took.
+    /// One read, one indexed lookup per builder: what the home page needs
+    /// however many builds are stored.
+    pub async fn builder_overview(
+        &self,
+        builders: Vec<String>,
+        per: usize,
+    ) -> Result<Vec<BuilderOverview>, StateError> {
+        self.read(move |conn| {
+            let mut recent = conn.prepare_cached(
+                "SELECT id, number, started_ms, finished_ms, result FROM builds
+                 WHERE builder = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let mut success = conn.prepare_cached(
+                "SELECT finished_ms - started_ms FROM builds
+                 WHERE builder = ?1 AND result = 'success' ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut out = Vec::with_capacity(builders.len());
+            for name in builders {
+                let builds = recent
+                    .query_map(params![name, per as i64], |r| {
+                        Ok(BuildBrief {
+                            id: r.get(0)?,
+                            number: r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+                            started_ms: r.get(2)?,
+                            finished_ms: r.get(3)?,
+                            result: r.get(4)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let last_success_ms = success
+                    .query_row([&name], |r| r.get::<_, Option<i64>>(0))
+                    .optional()?
+                    .flatten();
+                out.push(BuilderOverview {
+                    name,
+                    builds,
+                    last_success_ms,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many bytes of output each step attempt of a build has stored, by
+    /// the step's row.
+    pub async fn log_sizes(
+        &self,
+        build: i64,
+    ) -> Result<std::collections::HashMap<i64, u64>, StateError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT c.step, SUM(length(c.data)) FROM log_chunks c
+                 WHERE c.step IN (SELECT id FROM steps WHERE build_id = ?1) GROUP BY c.step",
+            )?
+            .query_map([build], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect()
+        })
+        .await
+    }
+
+    /// The last `lines` lines (at most about `max_bytes`, cut at a line's
+    /// start) of every step attempt of a build, with where they start and
+    /// end in the step's output, all read in one snapshot: a live view that
+    /// goes on from `end` misses and doubles nothing.
+    pub async fn log_tails(
+        &self,
+        build: i64,
+        lines: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogTail>, StateError> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let rows: Vec<i64> = tx
+                .prepare_cached(
+                    "SELECT id FROM steps WHERE build_id = ?1 ORDER BY position, attempt",
+                )?
+                .query_map([build], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let end: i64 = tx
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks WHERE step = ?1",
+                    )?
+                    .query_row([row], |r| r.get(0))?;
+                let mut stmt = tx.prepare_cached(
+                    "SELECT data FROM log_chunks WHERE step = ?1 ORDER BY seq DESC",
+                )?;
+                let mut chunks = stmt.query([row])?;
+                let (mut pieces, mut newlines, mut bytes) = (Vec::new(), 0usize, 0usize);
+                while let Some(r) = chunks.next()? {
+                    let data: Vec<u8> = r.get(0)?;
+                    // The last line's own end does not count.
+                    let skip_last = usize::from(bytes == 0 && data.last() == Some(&b'\n'));
+                    newlines += data.iter().filter(|&&b| b == b'\n').count() - skip_last;
+                    bytes += data.len();
+                    pieces.push(data);
+                    if newlines >= lines || bytes >= max_bytes {
+                        break;
+                    }
+                }
+                let mut all = Vec::with_capacity(bytes);
+                for p in pieces.iter().rev() {
+                    all.extend_from_slice(p);
+                }
+                let body = all.strip_suffix(b"\n").unwrap_or(&all);
+                let mut cut = 0;
+                let mut seen = 0;
+                for (i, b) in body.iter().enumerate().rev() {
+                    if *b == b'\n' {
+                        seen += 1;
+                        if seen == lines {
+                            cut = i + 1;
+                            break;
+                        }
+                    }
+                }
+                if cut == 0 && all.len() > max_bytes {
+                    let from = all.len() - max_bytes;
+                    cut = all[from..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(from, |i| from + i + 1);
+                }
+                let data = bytes::Bytes::from(all).slice(cut..);
+                let end = end as u64;
+                out.push(LogTail {
+                    row,
+                    start: end - data.len() as u64,
+                    end,
+                    data,
+                });
+            }
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }

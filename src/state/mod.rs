@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 mod builds;
 
 pub use builds::{
-    BuildFilter, BuildRecord, BuildRequest, LogChunk, NewRequest, PropertyRow, StepEndRecord,
-    StepRecord,
+    BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk, LogTail,
+    NewRequest, PropertyRow, StepEndRecord, StepRecord,
 };
 
 /// Why the state database could not be used.

@@ -1,0 +1,241 @@
+//! Web sessions: what a browser holds after logging in through the page.
+//!
+//! The page runs SCRAM-SHA-256 itself against two JSON endpoints
+//! (`/api/v1/login/start`, `/api/v1/login/finish`); between them the
+//! master keeps the login's state here, for [`LOGIN_TIMEOUT`] at most. A
+//! login that succeeds makes a session: a cookie of 256 random bits
+//! (`HttpOnly`, `SameSite=Strict`), of which the master keeps only the
+//! SHA-256, with the user, the verifier the proof was checked against, and
+//! a CSRF token that forms and scripts must send back with every action.
+//!
+//! A session ends when it is idle for [`IDLE_TIMEOUT`], when its user logs
+//! out, and when a reload removes the user, changes their verifier or takes
+//! their grant away: every request checks the session against the port's
+//! current users and grants ([`crate::dispatcher::Dispatcher::login_still_valid`])
+//! and forgets it if it no longer holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+
+use crate::auth::Verifier;
+use crate::dispatcher::PendingScram;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "switchyard_session";
+/// The cookie holding the browser's device token (see
+/// [`crate::auth::throttle`]): a browser that logged in before is not
+/// throttled with an attacker at the same address.
+pub const DEVICE_COOKIE: &str = "switchyard_device";
+/// The header scripts send the CSRF token in.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// A session unused this long is over.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 3600);
+/// A login's proof must come this soon after its challenge.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most logins waiting for their proof at once (a stranger cannot fill
+/// memory with challenges; the throttle bounds them per address too).
+const MAX_PENDING: usize = 1024;
+/// Most sessions kept; past it the least recently used is dropped.
+const MAX_SESSIONS: usize = 10_000;
+/// Form submissions remembered per session (what makes a double click one
+/// build).
+const MAX_SUBMISSIONS: usize = 64;
+
+/// One logged-in browser.
+struct WebSession {
+    user: String,
+    verifier: Verifier,
+    csrf: String,
+    last_used: Instant,
+    /// Form submissions already acted on, and what each answered.
+    submissions: VecDeque<(String, String)>,
+}
+
+/// What a request learns from a valid session cookie.
+#[derive(Clone, Debug)]
+pub struct SessionUser {
+    pub user: String,
+    /// The session's CSRF token, for the page's forms.
+    pub csrf: String,
+    pub(crate) key: [u8; 32],
+    pub(crate) verifier: Verifier,
+}
+
+impl SessionUser {
+    /// Whether `token` is this session's CSRF token (constant time).
+    pub fn csrf_matches(&self, token: &str) -> bool {
+        self.csrf.len() == token.len() && bool::from(self.csrf.as_bytes().ct_eq(token.as_bytes()))
+    }
+}
+
+/// Every web session and every login in progress.
+#[derive(Default)]
+pub struct WebSessions {
+    sessions: Mutex<HashMap<[u8; 32], WebSession>>,
+    pending: Mutex<HashMap<String, (Instant, PendingScram)>>,
+}
+
+/// Why a login could not be kept waiting.
+#[derive(Debug, thiserror::Error)]
+#[error("too many logins in progress; retry in a few seconds")]
+pub struct TooManyLogins;
+
+fn random_token(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::fill(&mut b[..]);
+    B64.encode(b)
+}
+
+fn key_of(cookie: &str) -> [u8; 32] {
+    Sha256::digest(cookie.as_bytes()).into()
+}
+
+impl WebSessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps a login waiting for its proof; returns its id.
+    pub fn wait_for_proof(&self, login: PendingScram) -> Result<String, TooManyLogins> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= MAX_PENDING {
+            pending.retain(|_, (at, _)| at.elapsed() < LOGIN_TIMEOUT);
+            if pending.len() >= MAX_PENDING {
+                return Err(TooManyLogins);
+            }
+        }
+        let id = random_token(16);
+        pending.insert(id.clone(), (Instant::now(), login));
+        Ok(id)
+    }
+
+    /// The login waiting under `id`, if it has not timed out; it waits no
+    /// more (a proof is checked once).
+    pub fn take_login(&self, id: &str) -> Option<PendingScram> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, login) = pending.remove(id)?;
+        (at.elapsed() < LOGIN_TIMEOUT).then_some(login)
+    }
+
+    /// Makes a session for a user who logged in: returns the cookie's
+    /// value and the session's CSRF token.
+    pub fn create(&self, user: &str, verifier: Verifier) -> (String, String) {
+        let cookie = random_token(32);
+        let csrf = random_token(16);
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.retain(|_, s| s.last_used.elapsed() < IDLE_TIMEOUT);
+            if sessions.len() >= MAX_SESSIONS
+                && let Some(oldest) = sessions
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_used)
+                    .map(|(k, _)| *k)
+            {
+                sessions.remove(&oldest);
+            }
+        }
+        sessions.insert(
+            key_of(&cookie),
+            WebSession {
+                user: user.to_string(),
+                verifier,
+                csrf: csrf.clone(),
+                last_used: Instant::now(),
+                submissions: VecDeque::new(),
+            },
+        );
+        (cookie, csrf)
+    }
+
+    /// The session a cookie names, if it exists and is not idle too long;
+    /// using it keeps it alive.
+    pub fn lookup(&self, cookie: &str) -> Option<SessionUser> {
+        let key = key_of(cookie);
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let s = sessions.get_mut(&key)?;
+        if s.last_used.elapsed() >= IDLE_TIMEOUT {
+            sessions.remove(&key);
+            return None;
+        }
+        s.last_used = Instant::now();
+        Some(SessionUser {
+            user: s.user.clone(),
+            csrf: s.csrf.clone(),
+            key,
+            verifier: s.verifier.clone(),
+        })
+    }
+
+    /// Ends a session (a logout, or a reload that invalidated it).
+    pub fn end(&self, who: &SessionUser) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&who.key);
+    }
+
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What a form submission already answered, if this session sent it
+    /// before (a double click, a resent form).
+    pub fn submitted(&self, who: &SessionUser, submission: &str) -> Option<String> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .get(&who.key)?
+            .submissions
+            .iter()
+            .find(|(id, _)| id == submission)
+            .map(|(_, answer)| answer.clone())
+    }
+
+    /// Remembers what a form submission answered.
+    pub fn remember_submission(&self, who: &SessionUser, submission: &str, answer: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = sessions.get_mut(&who.key) {
+            if s.submissions.len() >= MAX_SUBMISSIONS {
+                s.submissions.pop_front();
+            }
+            s.submissions
+                .push_back((submission.to_string(), answer.to_string()));
+        }
+    }
+}
+
+/// A cookie's value from a request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A `Set-Cookie` value for a cookie only the master reads: `HttpOnly`,
+/// `SameSite=Strict`, for the whole site.
+pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> String {
+    let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    if let Some(age) = max_age {
+        c.push_str(&format!("; Max-Age={}", age.as_secs()));
+    }
+    c
+}
