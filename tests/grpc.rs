@@ -673,58 +673,6 @@ async fn http2_gets_the_same_router_as_http1() {
     m.stop().await;
 }
 
-/// The config of a master with `users`, a worker `w1` and one builder
-/// `widgets` of one step running `shell`, built on every change; `extra`
-/// appended.
-fn widgets_config(users: &[UserSpec<'_>], shell: &str, extra: &str) -> String {
-    config_text("heartbeat_interval = \"1s\"", users)
-        + "\n[[worker]]\nname = \"w1\"\n"
-        + &one_step_builder("widgets", "step", shell)
-        + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
-        + extra
-}
-
-/// A master on [`widgets_config`] (no extra).
-async fn widgets_master(users: &[UserSpec<'_>], shell: &str) -> TestMaster {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("master.toml"),
-        widgets_config(users, shell, ""),
-    )
-    .unwrap();
-    let secrets = secrets_text(users)
-        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
-    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
-    TestMaster::start_in(dir).await
-}
-
-/// `GET /metrics` with `authorization` (if any) over HTTP/1.1; the status
-/// line and the body.
-async fn get_metrics(m: &TestMaster, authorization: Option<&str>) -> (String, String) {
-    http_get(m, "/metrics", authorization).await
-}
-
-/// `GET path` with `authorization` (if any) over HTTP/1.1; the head and
-/// the body.
-async fn http_get(m: &TestMaster, path: &str, authorization: Option<&str>) -> (String, String) {
-    let mut raw = Raw::connect(m.addr).await;
-    let auth = authorization
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    raw.write(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
-        .await;
-    let reply = String::from_utf8(raw.read_to_close().await).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
-}
-
-fn basic(user: &str, password: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
-}
-
 #[tokio::test]
 async fn metrics_need_the_metrics_grant_and_count_builds() {
     const PROM: UserSpec = ("prom", "prom-pw", &["metrics"]);
@@ -812,15 +760,6 @@ async fn metrics_need_the_metrics_grant_and_count_builds() {
     m.stop().await;
 }
 
-/// `GET path` of the JSON API as `authorization`: the status and the JSON.
-async fn api_get(m: &TestMaster, path: String, authorization: String) -> (u16, serde_json::Value) {
-    let (head, body) = http_get(m, &path, Some(&authorization)).await;
-    let status: u16 = head[9..12].parse().unwrap();
-    let json =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
-    (status, json)
-}
-
 #[tokio::test]
 async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
     const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
@@ -840,7 +779,10 @@ async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
     // Who may read.
     let (head, _) = http_get(&m, "/api/v1/builds", None).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // `debug` may read too; a hook may not.
     let (head, _) = http_get(&m, "/api/v1/builds", Some(&basic(ADMIN.0, ADMIN.1))).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _) = http_get(&m, "/api/v1/builds", Some(&basic(HOOK.0, HOOK.1))).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
     // Newest first; filters; pages.
@@ -969,35 +911,6 @@ async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
     let (status, _) = http_post(&m, "/api/v1/builders/widgets/force", None, "").await;
     assert_eq!(status, 401);
     m.stop().await;
-}
-
-/// `POST path` with a JSON `body` as `authorization` (if any): the status
-/// and the JSON answer (`null` if none).
-async fn http_post(
-    m: &TestMaster,
-    path: &str,
-    authorization: Option<&str>,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    let mut raw = Raw::connect(m.addr).await;
-    let auth = authorization
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    raw.write(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await;
-    let reply = String::from_utf8(raw.read_to_close().await).unwrap();
-    let (head, text) = reply.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    (
-        status,
-        serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
-    )
 }
 
 #[tokio::test]

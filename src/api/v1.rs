@@ -34,6 +34,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builds/{id}/log", get(log))
         .route("/api/v1/builds/{id}/log/stream", get(log_stream))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/requests", get(requests))
@@ -45,6 +46,19 @@ pub fn routes(state: ApiState) -> axum::Router {
 
 fn json_response(status: StatusCode, v: Value) -> Response {
     super::json(status, v)
+}
+
+/// The OpenAPI 3 document of this API (`tests/web.rs` checks that every
+/// operation in it answers as it says).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    let mut r = (StatusCode::OK, OPENAPI).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Why a request failed: its status, and `{"error": ...}` saying why.

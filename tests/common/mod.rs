@@ -19,6 +19,10 @@ use switchyard::client::{self, ClientSession, Credentials};
 use switchyard::master::Master;
 use switchyard::proto::{ClientHandshake, ServerHandshake};
 
+pub mod requests;
+#[allow(unused_imports)]
+pub use requests::*;
+
 /// The bound on any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
