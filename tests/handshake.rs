@@ -356,7 +356,7 @@ async fn http1_healthz_and_a_note_for_anything_else() {
     assert!(reply.ends_with("\r\n\r\nok\n"), "{reply}");
 
     let mut raw = Raw::connect(m.addr).await;
-    raw.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    raw.write(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let reply = String::from_utf8(raw.read_to_close().await).unwrap();
     assert!(reply.starts_with("HTTP/1.1 404 Not Found\r\n"), "{reply}");
     assert!(

@@ -719,3 +719,63 @@ async fn every_operation_in_the_openapi_document_answers_as_documented() {
     assert!(checked >= 15, "only {checked} operations");
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_1_gib_log_is_read_by_range_without_reading_what_is_before() {
+    let users = [HOOK, VIEWER];
+    let m = widgets_master(&users, "true").await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let (build, _) = builds_ended(&mut events, 1).await[0];
+    let row = m.master.state().build(build).await.unwrap().unwrap().steps[0].row;
+    // 1 GiB of output in 1 MiB chunks, chunk i filled with letter i % 26.
+    const MIB: usize = 1 << 20;
+    for batch in 0..16u64 {
+        let chunks = (0..64u64)
+            .map(|j| {
+                let i = batch * 64 + j;
+                switchyard::state::LogChunk {
+                    step: row,
+                    seq: i + 1,
+                    stream: 1,
+                    data: bytes::Bytes::from(vec![b'a' + (i % 26) as u8; MIB]),
+                }
+            })
+            .collect();
+        m.master.state().append_logs(chunks).await.unwrap();
+    }
+    let auth = basic(VIEWER.0, VIEWER.1);
+    // Across a chunk boundary deep in the log, and the very end.
+    let at = 700 * MIB as u64;
+    for (start, end) in [(at - 10, at + 10), ((1u64 << 30) - 5, 1u64 << 30)] {
+        let a = within(
+            "a range of a 1 GiB log",
+            http(
+                &m,
+                "GET",
+                &format!("/api/v1/builds/{build}/log?start={start}&end={end}"),
+                &[("Authorization", &auth)],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.head);
+        let want: Vec<u8> = (start..end)
+            .map(|o| b'a' + ((o / MIB as u64) % 26) as u8)
+            .collect();
+        assert_eq!(a.body.as_bytes(), &want[..], "{start}..{end}");
+    }
+    // Past the end: nothing.
+    let a = http(
+        &m,
+        "GET",
+        &format!("/api/v1/builds/{build}/log?start={}", 1u64 << 31),
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!((a.status, a.body.len()), (200, 0));
+    m.stop().await;
+}

@@ -425,6 +425,58 @@ async fn tail_of(
     Ok(bytes::Bytes::from(all).slice(start..))
 }
 
+/// Sends bytes `start..end` of the output of `steps` (rows, in order) to
+/// `out`, page by page; stops when `out` is dropped.
+async fn send_range(
+    state: &crate::state::StateDb,
+    steps: &[i64],
+    sizes: &std::collections::HashMap<i64, u64>,
+    start: u64,
+    end: u64,
+    out: tokio::sync::mpsc::Sender<bytes::Bytes>,
+) -> Result<(), crate::state::StateError> {
+    // Where the current step's output starts in the whole.
+    let mut base = 0u64;
+    for &row in steps {
+        let size = sizes.get(&row).copied().unwrap_or(0);
+        if base + size <= start && size > 0 {
+            base += size;
+            continue;
+        }
+        let (mut after, mut at) = if start > base {
+            state.log_seek(row, start - base).await?
+        } else {
+            (0, 0)
+        };
+        loop {
+            let page = state.log_page(row, after, 256 * 1024).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for c in page {
+                let (from, to) = (base + at, base + at + c.data.len() as u64);
+                at += c.data.len() as u64;
+                if to <= start {
+                    continue;
+                }
+                if from >= end {
+                    return Ok(());
+                }
+                let piece = c
+                    .data
+                    .slice(start.saturating_sub(from) as usize..(end.min(to) - from) as usize);
+                if out.send(piece).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        base += at;
+        if base >= end {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// `GET /api/v1/builds/{id}/log`: a build's output (every step in order,
 /// or `step`), as stored, raw (`text/plain`), streamed page by page: the
 /// master never holds it whole, however big.
@@ -476,33 +528,19 @@ async fn log(
     if let Some(lines) = q.tail {
         return Ok(plain(tail_of(s.api.state(), &chosen, lines).await?));
     }
-    // A page or two ahead of the client, no more.
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    // A page or two ahead of the client, no more; a range starts at its
+    // chunk (found by the chunks' lengths), not by reading what is before.
+    let sizes = s.api.state().log_sizes(id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
     let api = s.api.clone();
-    let request = crate::proto::LogRequest {
-        build: id,
-        step: q.step.unwrap_or_default(),
-        follow: false,
-    };
     tokio::spawn(async move {
-        if let Err(e) = api.log(request, tx).await {
+        if let Err(e) = send_range(api.state(), &chosen, &sizes, start, end, tx).await {
             tracing::warn!(build = id, error = %e, "a log download ended early");
         }
     });
-    // Where the stream is in the output, and the range wanted of it.
-    let body = futures_util::stream::unfold((rx, 0u64), move |(mut rx, pos)| async move {
-        if pos >= end {
-            return None; // dropping `rx` ends the reading
-        }
-        let data = bytes::Bytes::from(rx.recv().await?.data);
-        let (from, to) = (pos, pos + data.len() as u64);
-        // Before the range: nothing of this chunk (an empty piece).
-        let piece = if to <= start {
-            bytes::Bytes::new()
-        } else {
-            data.slice(start.saturating_sub(from) as usize..(end.min(to) - from) as usize)
-        };
-        Some((Ok::<_, std::convert::Infallible>(piece), (rx, to)))
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        let piece = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(piece), rx))
     });
     Ok(plain(axum::body::Body::from_stream(body)))
 }

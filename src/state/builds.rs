@@ -802,6 +802,29 @@ impl StateDb {
         .await
     }
 
+    /// Where byte `offset` of a step attempt's output is: the chunk seq to
+    /// read after (0: from the first) and the offset that chunk starts at.
+    /// Reads chunk lengths only, not their bytes.
+    pub async fn log_seek(&self, step_row: i64, offset: u64) -> Result<(u64, u64), StateError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, length(data) FROM log_chunks WHERE step = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query([step_row])?;
+            let (mut pos, mut after) = (0u64, 0u64);
+            while let Some(r) = rows.next()? {
+                let (seq, len): (i64, i64) = (r.get(0)?, r.get(1)?);
+                if pos + len as u64 > offset {
+                    break;
+                }
+                pos += len as u64;
+                after = seq as u64;
+            }
+            Ok((after, pos))
+        })
+        .await
+    }
+
     /// Requests waiting, per builder.
     pub async fn waiting_counts(
         &self,

@@ -142,14 +142,42 @@ pub async fn http(
     req.push_str("\r\n");
     req.push_str(body);
     raw.write(req.as_bytes()).await;
-    let reply = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
-    let (head, body) = reply
-        .split_once("\r\n\r\n")
+    let reply = raw.read_to_close().await;
+    let split = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer: {reply:?}"));
+    let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+    let mut body = reply[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
     Answer {
         status: head[9..12].parse().unwrap(),
-        head: head.to_string(),
-        body: body.to_string(),
+        head,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A chunked HTTP/1.1 body's bytes.
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap().trim(), 16)
+            .expect("a hex chunk size");
+        b = &b[line + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
     }
 }
 
