@@ -17,10 +17,10 @@
 //! 64 MiB log, `-- only 2,5` for some parts). Every loop is bounded in count
 //! and time.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -28,39 +28,14 @@ use futures_util::{SinkExt, StreamExt};
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 
-use switchyard::auth::Verifier;
 use switchyard::client::{self, Credentials};
 use switchyard::proto::debug_client::DebugClient;
 use switchyard::proto::{
     Change, DebugEvent, ForceRequest, WatchRequest, WorkersRequest, debug_event,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
+mod support;
+use support::{Proc, percentile, spawn_master, spawn_worker, status_kib};
 
 struct Master {
     dir: PathBuf,
@@ -137,15 +112,10 @@ fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
         "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n\n[[user]]\nname = \"admin\"\nservices = [\"debug\", \"change-source\", \"ping\"]\n",
     );
     let mut secrets = String::from("[verifiers]\n");
-    let v = |pw: &str| {
-        Verifier::from_password(pw.as_bytes(), 4096)
-            .unwrap()
-            .encode()
-    };
-    secrets.push_str(&format!("admin = {:?}\n", v("admin-pw")));
+    secrets.push_str(&format!("admin = {:?}\n", support::verifier("admin-pw")));
     for i in 1..=8 {
         config.push_str(&format!("\n[[worker]]\nname = \"w{i}\"\n"));
-        secrets.push_str(&format!("w{i} = {:?}\n", v("worker-pw")));
+        secrets.push_str(&format!("w{i} = {:?}\n", support::verifier("worker-pw")));
     }
     config.push_str(BUILDERS);
     config.push_str(&format!(
@@ -153,48 +123,14 @@ fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
     ));
     std::fs::write(dir.join("master.toml"), config).unwrap();
     std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["master", "--config"])
-        .arg(dir.join("master.toml"))
-        .env("RUST_LOG", "warn,switchyard::master=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the master exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let mut procs = Vec::new();
-    for i in 1..=workers {
-        procs.push(Proc(
-            Command::new(BIN)
-                .args([
-                    "worker",
-                    "--master",
-                    &addr,
-                    "--name",
-                    &format!("w{i}"),
-                    "--basedir",
-                ])
-                .arg(dir.join(format!("basedir-w{i}")))
-                .env("SWITCHYARD_PASSWORD", "worker-pw")
-                .env("RUST_LOG", "error")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        ));
-    }
+    let (proc, addr) = spawn_master(&dir);
+    let procs = (1..=workers)
+        .map(|i| spawn_worker(&addr, &format!("w{i}"), &dir.join(format!("basedir-w{i}"))))
+        .collect();
     Master {
         dir,
         addr,
-        proc: Proc(child),
+        proc,
         workers: procs,
     }
 }
@@ -282,11 +218,6 @@ async fn steps_per_second(workers: usize, builds: usize) -> f64 {
     assert_eq!(ok, builds, "every trivial build succeeds");
     let _ = std::fs::remove_dir_all(&m.dir);
     (builds * 4) as f64 / secs
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Once `m`'s worker is connected: a console client, its event stream,

@@ -273,6 +273,15 @@ async fn pages_escape_hostile_text_and_live_streams_deliver_events_and_output() 
         page.body
     );
 
+    // The home page shows it running (and, below, ended: its view of a
+    // builder is read again when one of its builds ends).
+    let home = http(&m, "GET", "/", &[("Authorization", &auth)], "").await;
+    assert!(home.body.contains("title=\"#1: running\""), "{}", home.body);
+    assert!(
+        home.body.contains("step <strong>step</strong>"),
+        "{}",
+        home.body
+    );
     std::fs::write(&gate, "").unwrap();
     let rest = read_sse(&mut log, |t| t.contains("event: end")).await;
     assert!(rest.contains("after-gate"), "{rest}");

@@ -449,7 +449,7 @@ async fn send_range(
             (0, 0)
         };
         loop {
-            let page = state.log_page(row, after, 256 * 1024).await?;
+            let page = state.log_page(row, after, 1024 * 1024).await?;
             let Some(last) = page.last() else { break };
             after = last.seq;
             for c in page {

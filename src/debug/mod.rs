@@ -530,6 +530,12 @@ impl DebugApi {
         Ok(HangupReply {})
     }
 
+    /// The build master's events, from now on, for a front end that keeps
+    /// its own view up to date (not counted as a watcher).
+    pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
+        self.builds.subscribe()
+    }
+
     /// The build master's events, from now on (each turned into the wire
     /// type with [`wire_event`]).
     pub fn watch(&self) -> Watch {

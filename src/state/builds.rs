@@ -59,6 +59,15 @@ CREATE TABLE log_chunks (
 
 /// Build numbers per builder (1, 2, 3 …, never reused) and build
 /// properties with their sources.
+/// Indexes for what the web UI reads on every page: running builds, the
+/// requests (and so the changes) of a build, and each builder's last builds
+/// (covering: the home page reads them without touching the table).
+pub(super) const MIGRATION_4: &str = "
+CREATE INDEX builds_unfinished ON builds(id) WHERE result IS NULL;
+CREATE INDEX builds_by_builder_brief ON builds(builder, id, number, started_ms, finished_ms, result);
+CREATE INDEX build_requests_by_build ON build_requests(build_id) WHERE build_id IS NOT NULL;
+";
+
 pub(super) const MIGRATION_3: &str = "
 ALTER TABLE builds ADD COLUMN number INTEGER;
 UPDATE builds SET number = (SELECT COUNT(*) FROM builds b2 WHERE b2.builder = builds.builder AND b2.id <= builds.id);
@@ -691,10 +700,17 @@ impl StateDb {
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                let last_success_ms = success
-                    .query_row([&name], |r| r.get::<_, Option<i64>>(0))
-                    .optional()?
-                    .flatten();
+                // Most builders' last success is among their last builds.
+                let last_success_ms = match builds
+                    .iter()
+                    .find(|b| b.result.as_deref() == Some("success"))
+                {
+                    Some(b) => b.finished_ms.map(|f| f - b.started_ms),
+                    None => success
+                        .query_row([&name], |r| r.get::<_, Option<i64>>(0))
+                        .optional()?
+                        .flatten(),
+                };
                 out.push(BuilderOverview {
                     name,
                     builds,

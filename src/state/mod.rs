@@ -116,6 +116,7 @@ const MIGRATIONS: &[&str] = &[
      );",
     builds::MIGRATION_2,
     builds::MIGRATION_3,
+    builds::MIGRATION_4,
 ];
 
 /// The schema version this build writes.

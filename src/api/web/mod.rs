@@ -40,8 +40,101 @@ const TAIL_LINES: usize = 500;
 /// Most bytes of each step's log a build page opens at.
 const TAIL_BYTES: usize = 256 * 1024;
 
+/// Each builder's last builds, as the home page shows them, kept between
+/// requests: a builder's entry is read again only when one of its builds
+/// starts or ends (the build master's events say which), or after
+/// [`OVERVIEW_TTL`] in any case. With 100 builders the home page then costs
+/// no database reads at all while nothing changes.
+pub struct Overview {
+    entries:
+        std::sync::Mutex<HashMap<String, (tokio::time::Instant, crate::state::BuilderOverview)>>,
+    events: std::sync::Mutex<tokio::sync::broadcast::Receiver<crate::builds::events::Stamped>>,
+}
+
+/// How long an overview entry is trusted without an event.
+const OVERVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Overview {
+    fn new(events: tokio::sync::broadcast::Receiver<crate::builds::events::Stamped>) -> Self {
+        Overview {
+            entries: Default::default(),
+            events: std::sync::Mutex::new(events),
+        }
+    }
+
+    /// Forgets what the events since the last call made stale.
+    fn apply_events(&self) {
+        use crate::builds::events::Event;
+        use tokio::sync::broadcast::error::TryRecvError;
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match events.try_recv() {
+                Ok(e) => match e.event {
+                    Event::BuildStarted { builder, .. } | Event::BuildEnded { builder, .. } => {
+                        entries.remove(&builder);
+                    }
+                    _ => {}
+                },
+                Err(TryRecvError::Lagged(_)) => entries.clear(),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// The overview of `names`, in that order.
+    async fn of(
+        &self,
+        state: &crate::state::StateDb,
+        names: &[String],
+    ) -> Result<Vec<crate::state::BuilderOverview>, crate::state::StateError> {
+        self.apply_events();
+        let missing: Vec<String> = {
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            names
+                .iter()
+                .filter(|n| {
+                    entries
+                        .get(*n)
+                        .is_none_or(|(at, _)| at.elapsed() >= OVERVIEW_TTL)
+                })
+                .cloned()
+                .collect()
+        };
+        let read_at = tokio::time::Instant::now();
+        let fresh = if missing.is_empty() {
+            Vec::new()
+        } else {
+            state.builder_overview(missing, HOME_BUILDS).await?
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(names.len());
+        let mut fresh: HashMap<String, crate::state::BuilderOverview> =
+            fresh.into_iter().map(|o| (o.name.clone(), o)).collect();
+        for n in names {
+            let o = match fresh.remove(n) {
+                Some(o) => {
+                    entries.insert(n.clone(), (read_at, o.clone()));
+                    o
+                }
+                None => match entries.get(n) {
+                    Some((_, o)) => o.clone(),
+                    None => continue,
+                },
+            };
+            out.push(o);
+        }
+        // Builders removed by a reload leave.
+        if entries.len() > names.len() * 2 {
+            entries.retain(|k, _| names.contains(k));
+        }
+        Ok(out)
+    }
+}
+
 /// The pages' routes, the login endpoints and the static files.
 pub fn routes(state: ApiState) -> axum::Router {
+    let overview = std::sync::Arc::new(Overview::new(state.api.subscribe()));
     axum::Router::new()
         .route("/", get(home))
         .route("/builders/{name}", get(builder))
@@ -58,6 +151,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/login/finish", post(login::finish))
         .route("/api/v1/logout", post(login::logout))
         .route("/static/{file}", get(assets::serve))
+        .layer(axum::Extension(overview))
         .with_state(state)
 }
 
@@ -243,17 +337,25 @@ fn action_button(viewer: &Viewer, action: &str, label: &str, danger: bool) -> Ma
     }
 }
 
-async fn home(PageViewer(viewer): PageViewer, State(s): State<ApiState>) -> Response {
-    match home_markup(&viewer, &s).await {
+async fn home(
+    PageViewer(viewer): PageViewer,
+    State(s): State<ApiState>,
+    axum::Extension(overview): axum::Extension<std::sync::Arc<Overview>>,
+) -> Response {
+    match home_markup(&viewer, &s, &overview).await {
         Ok(m) => page(StatusCode::OK, layout("Builders", &viewer, m)),
         Err(e) => error_page(&viewer, StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
-async fn home_markup(viewer: &Viewer, s: &ApiState) -> Result<Markup, crate::debug::DebugError> {
+async fn home_markup(
+    viewer: &Viewer,
+    s: &ApiState,
+    overview: &Overview,
+) -> Result<Markup, crate::debug::DebugError> {
     let builders = s.api.builders().await?;
     let names: Vec<String> = builders.builders.iter().map(|b| b.name.clone()).collect();
-    let overview = s.api.state().builder_overview(names, HOME_BUILDS).await?;
+    let overview = overview.of(s.api.state(), &names).await?;
     let running = s.api.state().unfinished_builds().await?;
     let now = now_ms();
     let _ = viewer;

@@ -1,0 +1,89 @@
+//! What the benches share: real `switchyard` processes, killed when
+//! dropped, their memory, and percentiles.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use switchyard::auth::Verifier;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A child process, killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// An encoded verifier for `password` (4096 iterations: benches log in
+/// often).
+pub fn verifier(password: &str) -> String {
+    Verifier::from_password(password.as_bytes(), 4096)
+        .unwrap()
+        .encode()
+}
+
+/// Starts `switchyard master` on `dir/master.toml`; returns it and the
+/// address it listens on.
+pub fn spawn_master(dir: &Path) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["master", "--config"])
+        .arg(dir.join("master.toml"))
+        .env("RUST_LOG", "warn,switchyard::master=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the master exited").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (Proc(child), addr)
+}
+
+/// Starts `switchyard worker NAME` (password `worker-pw`) against `addr`.
+pub fn spawn_worker(addr: &str, name: &str, basedir: &Path) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["worker", "--master", addr, "--name", name, "--basedir"])
+            .arg(basedir)
+            .env("SWITCHYARD_PASSWORD", "worker-pw")
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
