@@ -113,6 +113,16 @@ async fn the_web_login_makes_a_session_that_acts_with_csrf_and_a_reload_ends() {
     assert_eq!(first.headers("location"), second.headers("location"));
     assert!(first.headers("location")[0].starts_with("/builders/widgets?queued="));
     assert_eq!(requests_made(&m).await, 1);
+    // Two requests at once with one submission id (a double click whose
+    // second request arrives while the first acts): one more request.
+    let body = format!("branch=main&csrf={csrf}&submission=s3");
+    let (a, b) = tokio::join!(
+        http(&m, "POST", "/builders/widgets/force", &form, &body),
+        http(&m, "POST", "/builders/widgets/force", &form, &body)
+    );
+    assert_eq!((a.status, b.status), (303, 303), "{} {}", a.body, b.body);
+    assert_eq!(a.headers("location"), b.headers("location"));
+    assert_eq!(requests_made(&m).await, 2);
     // The JSON API with a session: the token goes in X-CSRF-Token.
     let a = http(
         &m,
@@ -132,7 +142,7 @@ async fn the_web_login_makes_a_session_that_acts_with_csrf_and_a_reload_ends() {
     )
     .await;
     assert_eq!(a.status, 202, "{}", a.body);
-    assert_eq!(requests_made(&m).await, 2);
+    assert_eq!(requests_made(&m).await, 3);
 
     // A reload that removes the viewer ends the viewer's session; the
     // admin's goes on.

@@ -54,8 +54,9 @@ struct WebSession {
     verifier: Verifier,
     csrf: String,
     last_used: Instant,
-    /// Form submissions already acted on, and what each answered.
-    submissions: VecDeque<(String, String)>,
+    /// Form submissions taken, and what each answered (`None` while it
+    /// acts).
+    submissions: VecDeque<(String, Option<String>)>,
 }
 
 /// What a request learns from a valid session cookie.
@@ -193,29 +194,53 @@ impl WebSessions {
         self.len() == 0
     }
 
-    /// What a form submission already answered, if this session sent it
-    /// before (a double click, a resent form).
-    pub fn submitted(&self, who: &SessionUser, submission: &str) -> Option<String> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions
-            .get(&who.key)?
-            .submissions
-            .iter()
-            .find(|(id, _)| id == submission)
-            .map(|(_, answer)| answer.clone())
+    /// Reserves a form submission for this session, atomically: a double
+    /// click's second request, arriving while the first still acts, finds
+    /// it taken.
+    pub fn begin_submission(&self, who: &SessionUser, submission: &str) -> Submission {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = sessions.get_mut(&who.key) else {
+            return Submission::New;
+        };
+        if let Some((_, answer)) = s.submissions.iter().find(|(id, _)| id == submission) {
+            return match answer {
+                Some(a) => Submission::Answered(a.clone()),
+                None => Submission::InProgress,
+            };
+        }
+        if s.submissions.len() >= MAX_SUBMISSIONS {
+            s.submissions.pop_front();
+        }
+        s.submissions.push_back((submission.to_string(), None));
+        Submission::New
     }
 
-    /// Remembers what a form submission answered.
-    pub fn remember_submission(&self, who: &SessionUser, submission: &str, answer: &str) {
+    /// Records what a submission answered (`None`: it failed, and may be
+    /// sent again).
+    pub fn end_submission(&self, who: &SessionUser, submission: &str, answer: Option<&str>) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = sessions.get_mut(&who.key) {
-            if s.submissions.len() >= MAX_SUBMISSIONS {
-                s.submissions.pop_front();
+            match answer {
+                Some(a) => {
+                    if let Some(slot) = s.submissions.iter_mut().find(|(id, _)| id == submission) {
+                        slot.1 = Some(a.to_string());
+                    }
+                }
+                None => s.submissions.retain(|(id, _)| id != submission),
             }
-            s.submissions
-                .push_back((submission.to_string(), answer.to_string()));
         }
     }
+}
+
+/// What [`WebSessions::begin_submission`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Submission {
+    /// Not seen before: act on it.
+    New,
+    /// Being acted on by another request.
+    InProgress,
+    /// Acted on: this is where it sent the user.
+    Answered(String),
 }
 
 /// A cookie's value from a request's `Cookie` headers.

@@ -95,6 +95,45 @@ pub fn parse_basic(header: &str) -> Result<(String, String), PasswordRefusal> {
 }
 
 impl Dispatcher {
+    /// Takes a place in the login throttle for `user` from `peer` (by the
+    /// device token, if the client presented a valid one).
+    async fn begin_attempt(
+        &self,
+        user: &str,
+        peer: Option<SocketAddr>,
+        device_token: Option<&str>,
+    ) -> Result<crate::auth::Attempt, PasswordRefusal> {
+        let shared = &self.shared;
+        let device = device_token.and_then(|t| shared.devices.check(user, t));
+        shared
+            .throttle
+            .begin(
+                peer.map(|p| p.ip()),
+                user,
+                device,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(|r| {
+                shared.counters.login(LoginOutcome::Throttled);
+                PasswordRefusal::Throttled(r)
+            })
+    }
+
+    /// The verifier to check `user` against and whether the user is known
+    /// (an unknown user gets the mock, so both cost the same).
+    async fn verifier_for(&self, user: &str) -> Result<(Verifier, bool), PasswordRefusal> {
+        let shared = &self.shared;
+        match shared.checker.verifier(user).await {
+            Ok(Some(v)) => Ok((v, true)),
+            Ok(None) => Ok((shared.mock.verifier(user), false)),
+            Err(e) => {
+                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
+                Err(PasswordRefusal::CheckerDown)
+            }
+        }
+    }
+
     /// Checks a user name and password for `service`, as carried by a
     /// request on a connection from `peer`, with the device token the client
     /// presented (if any; see [`crate::auth::throttle`]). On success, records
@@ -110,28 +149,8 @@ impl Dispatcher {
         conn: Option<&ConnectionSessions>,
     ) -> Result<String, PasswordRefusal> {
         let shared = &self.shared;
-        let device = device_token.and_then(|t| shared.devices.check(user, t));
-        let attempt = shared
-            .throttle
-            .begin(
-                peer.map(|p| p.ip()),
-                user,
-                device,
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .map_err(|r| {
-                shared.counters.login(LoginOutcome::Throttled);
-                PasswordRefusal::Throttled(r)
-            })?;
-        let (verifier, known) = match shared.checker.verifier(user).await {
-            Ok(Some(v)) => (v, true),
-            Ok(None) => (shared.mock.verifier(user), false),
-            Err(e) => {
-                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
-                return Err(PasswordRefusal::CheckerDown);
-            }
-        };
+        let attempt = self.begin_attempt(user, peer, device_token).await?;
+        let (verifier, known) = self.verifier_for(user).await?;
         let slot = shared.credential_cache.slot(user, password);
         let cached = known
             && shared
@@ -220,33 +239,11 @@ impl Dispatcher {
         peer: Option<SocketAddr>,
         device_token: Option<&str>,
     ) -> Result<PendingScram, PasswordRefusal> {
-        let shared = &self.shared;
         let first = crate::auth::scram::ClientFirst::parse(client_first.as_bytes())
             .map_err(|e| PasswordRefusal::BadScram(e.to_string()))?;
         let user = first.user().to_string();
-        let device = device_token.and_then(|t| shared.devices.check(&user, t));
-        let attempt = shared
-            .throttle
-            .begin(
-                peer.map(|p| p.ip()),
-                &user,
-                device,
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .map_err(|r| {
-                shared.counters.login(LoginOutcome::Throttled);
-                PasswordRefusal::Throttled(r)
-            })?;
-        let mock = shared.mock.verifier(&user);
-        let (verifier, known) = match shared.checker.verifier(&user).await {
-            Ok(Some(v)) => (v, true),
-            Ok(None) => (mock, false),
-            Err(e) => {
-                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
-                return Err(PasswordRefusal::CheckerDown);
-            }
-        };
+        let attempt = self.begin_attempt(&user, peer, device_token).await?;
+        let (verifier, known) = self.verifier_for(&user).await?;
         Ok(PendingScram {
             attempt,
             server_first: first.challenge(verifier, known),

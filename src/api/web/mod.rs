@@ -744,14 +744,16 @@ struct Guard {
     submission: String,
 }
 
-/// Checks an action form's CSRF token and whether this submission was
-/// already acted on: `Err` is the answer to give at once (403, or the
-/// redirect the first submission got).
-fn guarded(
+/// Checks an action form's CSRF token and takes its submission id: `Err`
+/// is the answer to give at once (403; or, for a submission already acted
+/// on, or being acted on by a double click's first request, the redirect
+/// it got).
+async fn guarded(
     s: &ApiState,
     who: &crate::api::session::SessionUser,
     g: &Guard,
 ) -> Result<(), Box<Response>> {
+    use crate::api::session::Submission;
     if !who.csrf_matches(&g.csrf) {
         return Err(Box::new(error_page(
             &Viewer::default(),
@@ -759,19 +761,31 @@ fn guarded(
             "this form's CSRF token is missing or wrong: reload the page and try again",
         )));
     }
-    if !g.submission.is_empty()
-        && let Some(to) = s.sessions.submitted(who, &g.submission)
-    {
-        return Err(Box::new(Redirect::to(&to).into_response()));
+    if g.submission.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    // A twin request waits (bounded) for the first to answer.
+    for _ in 0..100 {
+        match s.sessions.begin_submission(who, &g.submission) {
+            Submission::New => return Ok(()),
+            Submission::Answered(to) => return Err(Box::new(Redirect::to(&to).into_response())),
+            Submission::InProgress => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+        }
+    }
+    Err(Box::new(error_page(
+        &Viewer::default(),
+        StatusCode::CONFLICT,
+        "this form is still being acted on; reload the page",
+    )))
 }
 
 /// Answers an action with a redirect to `to`, remembered for the
 /// submission.
 fn done(s: &ApiState, who: &crate::api::session::SessionUser, g: &Guard, to: String) -> Response {
     if !g.submission.is_empty() {
-        s.sessions.remember_submission(who, &g.submission, &to);
+        s.sessions.end_submission(who, &g.submission, Some(&to));
     }
     Redirect::to(&to).into_response()
 }
@@ -794,48 +808,56 @@ async fn force(
     Path(name): Path<String>,
     Form(f): Form<ForceForm>,
 ) -> Response {
-    if let Err(answer) = guarded(&s, &who, &f.guard) {
+    act(&s, &who, &f.guard, async {
+        let mut properties = HashMap::new();
+        for line in f
+            .properties
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
+            let (k, v) = line.split_once('=').ok_or_else(|| {
+                crate::debug::DebugError::Invalid(format!("a property is NAME=VALUE, not {line:?}"))
+            })?;
+            properties.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let req = crate::proto::ForceRequest {
+            builder: name.clone(),
+            branch: f.branch.trim().to_string(),
+            revision: f.revision.trim().to_string(),
+            properties,
+            ..Default::default()
+        };
+        let r = s.api.force(req, &who.user).await?;
+        Ok(format!("/builders/{name}?queued={}", r.request_id))
+    })
+    .await
+}
+
+/// Runs an action posted by a form, once its CSRF token and submission id
+/// are checked: redirects to where `action` says, or shows why it failed.
+async fn act(
+    s: &ApiState,
+    who: &crate::api::session::SessionUser,
+    g: &Guard,
+    action: impl std::future::Future<Output = Result<String, crate::debug::DebugError>>,
+) -> Response {
+    if let Err(answer) = guarded(s, who, g).await {
         return *answer;
     }
-    let viewer = Viewer {
-        user: Some(who.user.clone()),
-        ..Default::default()
-    };
-    let mut properties = HashMap::new();
-    for line in f
-        .properties
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-    {
-        let Some((k, v)) = line.split_once('=') else {
-            return error_page(
-                &viewer,
-                StatusCode::BAD_REQUEST,
-                format!("a property is NAME=VALUE, not {line:?}"),
-            );
-        };
-        properties.insert(k.trim().to_string(), v.trim().to_string());
+    let result = action.await;
+    if result.is_err() && !g.submission.is_empty() {
+        s.sessions.end_submission(who, &g.submission, None);
     }
-    let req = crate::proto::ForceRequest {
-        builder: name.clone(),
-        branch: f.branch.trim().to_string(),
-        revision: f.revision.trim().to_string(),
-        properties,
-        ..Default::default()
-    };
-    match s.api.force(req, &who.user).await {
-        Ok(r) => done(
-            &s,
-            &who,
-            &f.guard,
-            format!("/builders/{name}?queued={}", r.request_id),
-        ),
-        Err(crate::debug::DebugError::NotFound(m)) => error_page(&viewer, StatusCode::NOT_FOUND, m),
-        Err(crate::debug::DebugError::Invalid(m)) => {
-            error_page(&viewer, StatusCode::BAD_REQUEST, m)
+    match result {
+        Ok(to) => done(s, who, g, to),
+        Err(crate::debug::DebugError::NotFound(m)) => {
+            error_page(&Viewer::default(), StatusCode::NOT_FOUND, m)
         }
-        Err(e) => error_page(&viewer, StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(crate::debug::DebugError::Invalid(m)) => {
+            error_page(&Viewer::default(), StatusCode::BAD_REQUEST, m)
+        }
+        Err(e) => error_page(&Viewer::default(), StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -845,13 +867,11 @@ async fn stop(
     Path(id): Path<i64>,
     Form(g): Form<Guard>,
 ) -> Response {
-    if let Err(answer) = guarded(&s, &who, &g) {
-        return *answer;
-    }
-    match s.api.stop(crate::proto::StopRequest { build: id }) {
-        Ok(_) => done(&s, &who, &g, format!("/builds/{id}")),
-        Err(e) => error_page(&Viewer::default(), StatusCode::NOT_FOUND, e),
-    }
+    act(&s, &who, &g, async {
+        s.api.stop(crate::proto::StopRequest { build: id })?;
+        Ok(format!("/builds/{id}"))
+    })
+    .await
 }
 
 async fn rebuild(
@@ -860,23 +880,15 @@ async fn rebuild(
     Path(id): Path<i64>,
     Form(g): Form<Guard>,
 ) -> Response {
-    if let Err(answer) = guarded(&s, &who, &g) {
-        return *answer;
-    }
-    let b = match s.api.one_build(id).await {
-        Ok(b) => b,
-        Err(e) => return error_page(&Viewer::default(), StatusCode::NOT_FOUND, e),
-    };
-    let req = super::v1::rebuild_request(&b);
-    match s.api.force(req, &who.user).await {
-        Ok(r) => done(
-            &s,
-            &who,
-            &g,
-            format!("/builders/{}?queued={}", b.builder, r.request_id),
-        ),
-        Err(e) => error_page(&Viewer::default(), StatusCode::BAD_REQUEST, e),
-    }
+    act(&s, &who, &g, async {
+        let b = s.api.one_build(id).await?;
+        let r = s
+            .api
+            .force(super::v1::rebuild_request(&b), &who.user)
+            .await?;
+        Ok(format!("/builders/{}?queued={}", b.builder, r.request_id))
+    })
+    .await
 }
 
 async fn hangup(
@@ -885,11 +897,9 @@ async fn hangup(
     Path(name): Path<String>,
     Form(g): Form<Guard>,
 ) -> Response {
-    if let Err(answer) = guarded(&s, &who, &g) {
-        return *answer;
-    }
-    match s.api.hangup(crate::proto::HangupRequest { worker: name }) {
-        Ok(_) => done(&s, &who, &g, "/workers".into()),
-        Err(e) => error_page(&Viewer::default(), StatusCode::NOT_FOUND, e),
-    }
+    act(&s, &who, &g, async {
+        s.api.hangup(crate::proto::HangupRequest { worker: name })?;
+        Ok("/workers".to_string())
+    })
+    .await
 }
