@@ -299,6 +299,31 @@ async fn pages_escape_hostile_text_and_live_streams_deliver_events_and_output() 
     let ended = read_sse(&mut events, |t| t.contains("event: build_ended")).await;
     assert!(ended.contains("\"result\":\"success\""), "{ended}");
 
+    // A builder whose name is hostile HTML and URL syntax at once.
+    const HOSTILE: &str = "\"><img+src=x+onerror=alert(3)>?#&'";
+    std::fs::write(
+        m.config_path(),
+        widgets_config(&users, &shell, &one_step_builder(HOSTILE, "s", "true")),
+    )
+    .unwrap();
+    within("a reload", m.master.reload()).await.unwrap();
+    let escaped = "&quot;&gt;&lt;img+src=x+onerror=alert(3)&gt;?#&amp;";
+    let home = http(&m, "GET", "/", &[("Authorization", &auth)], "").await;
+    assert!(home.body.contains(escaped), "{}", home.body);
+    let encoded = "/builders/%22%3E%3Cimg%2Bsrc%3Dx%2Bonerror%3Dalert%283%29%3E%3F%23%26%27";
+    assert!(
+        home.body.contains(&format!("href=\"{encoded}\"")),
+        "{}",
+        home.body
+    );
+    let page = http(&m, "GET", encoded, &[("Authorization", &auth)], "").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains(&format!("<h1>{escaped}")),
+        "{}",
+        page.body
+    );
+
     // Every page answers, escaped; the changes page shows the build.
     for path in [
         "/",
@@ -310,7 +335,7 @@ async fn pages_escape_hostile_text_and_live_streams_deliver_events_and_output() 
     ] {
         let a = http(&m, "GET", path, &[("Authorization", &auth)], "").await;
         assert_eq!(a.status, 200, "{path}: {}", a.body);
-        for hostile in ["<img", "<script>alert", "<b>.rs"] {
+        for hostile in ["<img", "<script>alert", "<b>.rs", "alert(3)>"] {
             assert!(!a.body.contains(hostile), "{path}: {hostile} unescaped");
         }
     }
@@ -511,35 +536,76 @@ async fn a_real_browser_logs_in_forces_and_watches_the_log_grow() {
     let base = format!("http://{}", m.addr);
     let step = Duration::from_secs(20);
 
-    // Log in through the page: SCRAM runs in the browser.
+    // Log in through the page: SCRAM runs in the browser. Without
+    // WebCrypto (as over plain HTTP from another host), so the vendored
+    // noble-hashes does the hashing.
     within("the login page", c.goto(&format!("{base}/login")))
         .await
         .unwrap();
-    c.find(Locator::Css("input[name=user]"))
-        .await
-        .unwrap()
-        .send_keys(ADMIN.0)
-        .await
-        .unwrap();
-    c.find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys(ADMIN.1)
+    let hidden = c
+        .execute(
+            "Object.defineProperty(window.crypto, 'subtle', { value: undefined }); return window.crypto.subtle === undefined;",
+            vec![],
+        )
         .await
         .unwrap();
-    c.find(Locator::Css("#login button"))
+    assert_eq!(
+        hidden,
+        serde_json::json!(true),
+        "WebCrypto hidden from the page"
+    );
+    let log_in = || async {
+        c.find(Locator::Css("input[name=user]"))
+            .await
+            .unwrap()
+            .send_keys(ADMIN.0)
+            .await
+            .unwrap();
+        c.find(Locator::Css("input[name=password]"))
+            .await
+            .unwrap()
+            .send_keys(ADMIN.1)
+            .await
+            .unwrap();
+        c.find(Locator::Css("#login button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the login to land on the home page", step, || async {
+            c.source()
+                .await
+                .unwrap_or_default()
+                .contains("Logged in as <strong>admin</strong>")
+        })
+        .await;
+    };
+    log_in().await;
+    // Log out, and in again with WebCrypto (what a browser on localhost or
+    // over HTTPS uses).
+    c.find(Locator::Css("#logout"))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
-    eventually("the login to land on the home page", step, || async {
+    eventually("the logout", step, || async {
         c.source()
             .await
             .unwrap_or_default()
-            .contains("Logged in as <strong>admin</strong>")
+            .contains("href=\"/login\"")
     })
     .await;
+    within("the login page", c.goto(&format!("{base}/login")))
+        .await
+        .unwrap();
+    let webcrypto = c
+        .execute("return typeof window.crypto.subtle.deriveBits;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(webcrypto, serde_json::json!("function"));
+    log_in().await;
 
     // Force a build with a double click: one build.
     within(
@@ -796,5 +862,28 @@ async fn a_1_gib_log_is_read_by_range_without_reading_what_is_before() {
     )
     .await;
     assert_eq!((a.status, a.body.len()), (200, 0));
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn failed_web_logins_count_in_the_login_throttle() {
+    let m = TestMaster::start("auth_max_failures = 3", &[VIEWER]).await;
+    for _ in 0..3 {
+        let a = web_login(&m, "viewer", "wrong").await.unwrap_err();
+        assert_eq!(a.status, 401, "{}", a.body);
+    }
+    // The address is blocked now, for the web login as for every other.
+    let a = web_login(&m, "viewer", "viewer-pw").await.unwrap_err();
+    assert_eq!(a.status, 429, "{}", a.body);
+    assert!(a.body.contains("retry in"), "{}", a.body);
+    let a = http(
+        &m,
+        "GET",
+        "/api/v1/builders",
+        &[("Authorization", &basic("viewer", "viewer-pw"))],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 429, "{}", a.body);
     m.stop().await;
 }

@@ -34,6 +34,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builds/{id}/log", get(log))
         .route("/api/v1/builds/{id}/log/stream", get(log_stream))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/reload", axum::routing::post(reload))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/changes", get(changes))
@@ -244,6 +245,17 @@ async fn force(
         wait_ms: 0,
     };
     queue(&s, req, &user).await
+}
+
+/// `POST /api/v1/reload`: re-reads the config and secrets, as `SIGHUP`
+/// does; `200 {"summary"}`, or `400 {"error"}` saying why the new config
+/// was rejected (the running one stays).
+async fn reload(Actor(user): Actor, State(s): State<ApiState>) -> ApiResult {
+    let r = s.api.reload(&user).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "summary": r.summary }),
+    ))
 }
 
 async fn stop(

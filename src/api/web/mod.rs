@@ -306,6 +306,20 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A name as one URL path segment: every byte but letters, digits and
+/// `-._~` percent-encoded (a builder may be named `a/b?c#d`).
+fn seg(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn short_rev(rev: &str) -> &str {
     rev.get(..12).unwrap_or(rev)
 }
@@ -365,7 +379,7 @@ async fn home_markup(
             tbody {
                 @for (b, o) in builders.builders.iter().zip(&overview) {
                     tr {
-                        td { a href={ "/builders/" (b.name) } { (b.name) } }
+                        td { a href={ "/builders/" (seg(&b.name)) } { (b.name) } }
                         td.cells {
                             @for x in &o.builds {
                                 (result_cell(x.id, x.number, x.result.as_deref()))
@@ -444,7 +458,7 @@ async fn builder(
         @if viewer.may_act {
             details.force {
                 summary { "Force a build" }
-                form method="post" action={ "/builders/" (name) "/force" } {
+                form method="post" action={ "/builders/" (seg(&name)) "/force" } {
                     (form_guard(&viewer))
                     label { "Branch " input name="branch" placeholder="(the default)"; }
                     label { "Revision " input name="revision" placeholder="(the branch's head)"; }
@@ -479,8 +493,8 @@ async fn builder(
         }
         @if builds.is_empty() { p.muted { "No builds." } }
         nav.pages {
-            @if q.before.is_some() { a href={ "/builders/" (name) } { "Newest" } }
-            @if let Some(n) = next { a href={ "/builders/" (name) "?before=" (n) } { "Older →" } }
+            @if q.before.is_some() { a href={ "/builders/" (seg(&name)) } { "Newest" } }
+            @if let Some(n) = next { a href={ "/builders/" (seg(&name)) "?before=" (n) } { "Older →" } }
         }
         }
     };
@@ -527,7 +541,7 @@ fn build_markup(viewer: &Viewer, b: &BuildDetails, tails: &[crate::state::LogTai
         section #summary data-live="summary" {
             p {
                 (result_badge(Some(b.result.as_str())))
-                " · builder " a href={ "/builders/" (b.builder) } { (b.builder) }
+                " · builder " a href={ "/builders/" (seg(&b.builder)) } { (b.builder) }
                 " · worker " (b.worker)
                 " · " (b.reason)
             }
@@ -681,7 +695,7 @@ async fn workers(PageViewer(viewer): PageViewer, State(s): State<ApiState>) -> R
                 } }
                 td { @if w.connected { (time(w.last_heard_unix_ms)) } }
                 td { @if w.connected && viewer.may_act {
-                    (action_button(&viewer, &format!("/workers/{}/hangup", w.name), "Hang up", true))
+                    (action_button(&viewer, &format!("/workers/{}/hangup", seg(&w.name)), "Hang up", true))
                 } }
             } } }
         }
@@ -829,7 +843,7 @@ async fn force(
             ..Default::default()
         };
         let r = s.api.force(req, &who.user).await?;
-        Ok(format!("/builders/{name}?queued={}", r.request_id))
+        Ok(format!("/builders/{}?queued={}", seg(&name), r.request_id))
     })
     .await
 }
@@ -886,7 +900,11 @@ async fn rebuild(
             .api
             .force(super::v1::rebuild_request(&b), &who.user)
             .await?;
-        Ok(format!("/builders/{}?queued={}", b.builder, r.request_id))
+        Ok(format!(
+            "/builders/{}?queued={}",
+            seg(&b.builder),
+            r.request_id
+        ))
     })
     .await
 }
