@@ -303,7 +303,7 @@ async fn pages(rounds: usize) -> Pages {
         let json: Vec<_> = reply
             .builds
             .iter()
-            .map(switchyard::debug::console::build_json)
+            .map(switchyard::api::json::build_json)
             .collect();
         let text = serde_json::to_string_pretty(&json).unwrap();
         let console = start.elapsed();

@@ -10,6 +10,7 @@ use axum::routing::get;
 use tonic::service::Routes;
 
 pub mod access;
+pub mod json;
 pub mod metrics;
 pub mod session;
 pub mod v1;

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use super::access::{Actor, Reader};
+use super::json::{build_json, builders_json, workers_json};
 use crate::debug::DebugError;
-use crate::debug::console::{build_json, builders_json, workers_json};
 use crate::state::BuildFilter;
 
 /// The grant a user needs to read the UI and the API.
