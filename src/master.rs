@@ -112,6 +112,8 @@ pub struct Master {
     public_metrics: Arc<std::sync::atomic::AtomicBool>,
     /// `[web] public`, as of the last (re)load.
     public_web: Arc<std::sync::atomic::AtomicBool>,
+    /// The web UI's sessions (their idle timeout follows reloads).
+    web_sessions: Arc<crate::api::session::WebSessions>,
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -215,11 +217,14 @@ impl Master {
             )?
         };
         let public_web = Arc::new(std::sync::atomic::AtomicBool::new(config.public_web));
+        let web_sessions = Arc::new(crate::api::session::WebSessions::new(
+            config.web_session_idle,
+        ));
         let api_state = crate::api::ApiState {
             api: debug_api.clone(),
             dispatcher: dispatcher.clone(),
             public: public_web.clone(),
-            sessions: Arc::new(crate::api::session::WebSessions::new()),
+            sessions: web_sessions.clone(),
         };
         let api_routes =
             crate::api::v1::routes(api_state.clone()).merge(crate::api::web::routes(api_state));
@@ -262,6 +267,7 @@ impl Master {
             metrics_events: std::sync::Mutex::new(Some(metrics_events)),
             public_metrics,
             public_web,
+            web_sessions,
         };
         master.warn_about_config();
         Ok(master)
@@ -489,6 +495,7 @@ impl Master {
             .store(new.public_metrics, std::sync::atomic::Ordering::Relaxed);
         self.public_web
             .store(new.public_web, std::sync::atomic::Ordering::Relaxed);
+        self.web_sessions.set_idle_timeout(new.web_session_idle);
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));

@@ -887,3 +887,35 @@ async fn failed_web_logins_count_in_the_login_throttle() {
     assert_eq!(a.status, 429, "{}", a.body);
     m.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_web_session_ends() {
+    let users = [HOOK, VIEWER];
+    let m = widgets_master(&users, "true").await;
+    let config = |idle: &str| {
+        widgets_config(
+            &users,
+            "true",
+            &format!("\n[web]\nsession_idle_timeout = {idle:?}\n"),
+        )
+    };
+    std::fs::write(m.config_path(), config("0s")).unwrap();
+    let err = within("a reload", m.master.reload()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("web.session_idle_timeout"),
+        "{err}"
+    );
+    std::fs::write(m.config_path(), config("1s")).unwrap();
+    within("a reload", m.master.reload()).await.unwrap();
+    let (viewer, _) = web_login(&m, VIEWER.0, VIEWER.1).await.unwrap();
+    // Used within the timeout, it lives on.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let a = http(&m, "GET", "/", &[("Cookie", &viewer)], "").await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let a = http(&m, "GET", "/", &[("Cookie", &viewer)], "").await;
+    assert_eq!(a.status, 401, "{}", a.body);
+    m.stop().await;
+}

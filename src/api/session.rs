@@ -8,7 +8,8 @@
 //! SHA-256, with the user, the verifier the proof was checked against, and
 //! a CSRF token that forms and scripts must send back with every action.
 //!
-//! A session ends when it is idle for [`IDLE_TIMEOUT`], when its user logs
+//! A session ends when it is idle for `[web] session_idle_timeout` (8 h
+//! unless configured), when its user logs
 //! out, and when a reload removes the user, changes their verifier or takes
 //! their grant away: every request checks the session against the port's
 //! current users and grants ([`crate::dispatcher::Dispatcher::login_still_valid`])
@@ -35,8 +36,6 @@ pub const COOKIE: &str = "switchyard_session";
 pub const DEVICE_COOKIE: &str = "switchyard_device";
 /// The header scripts send the CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
-/// A session unused this long is over.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 3600);
 /// A login's proof must come this soon after its challenge.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most logins waiting for their proof at once (a stranger cannot fill
@@ -77,10 +76,11 @@ impl SessionUser {
 }
 
 /// Every web session and every login in progress.
-#[derive(Default)]
 pub struct WebSessions {
     sessions: Mutex<HashMap<[u8; 32], WebSession>>,
     pending: Mutex<HashMap<String, (Instant, PendingScram)>>,
+    /// How long a session may go unused, in ms (a reload changes it).
+    idle_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Why a login could not be kept waiting.
@@ -99,8 +99,25 @@ fn key_of(cookie: &str) -> [u8; 32] {
 }
 
 impl WebSessions {
-    pub fn new() -> Self {
-        Self::default()
+    /// Sessions that end after `idle` unused.
+    pub fn new(idle: Duration) -> Self {
+        WebSessions {
+            sessions: Default::default(),
+            pending: Default::default(),
+            idle_ms: std::sync::atomic::AtomicU64::new(idle.as_millis() as u64),
+        }
+    }
+
+    /// Applies a new idle timeout (a reload) to every session.
+    pub fn set_idle_timeout(&self, idle: Duration) {
+        self.idle_ms.store(
+            idle.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_millis(self.idle_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Keeps a login waiting for its proof; returns its id.
@@ -132,7 +149,8 @@ impl WebSessions {
         let csrf = random_token(16);
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if sessions.len() >= MAX_SESSIONS {
-            sessions.retain(|_, s| s.last_used.elapsed() < IDLE_TIMEOUT);
+            let idle = self.idle();
+            sessions.retain(|_, s| s.last_used.elapsed() < idle);
             if sessions.len() >= MAX_SESSIONS
                 && let Some(oldest) = sessions
                     .iter()
@@ -161,7 +179,7 @@ impl WebSessions {
         let key = key_of(cookie);
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let s = sessions.get_mut(&key)?;
-        if s.last_used.elapsed() >= IDLE_TIMEOUT {
+        if s.last_used.elapsed() >= self.idle() {
             sessions.remove(&key);
             return None;
         }

@@ -115,6 +115,8 @@ struct RawWeb {
     public: Option<bool>,
     /// `/metrics` readable without credentials.
     public_metrics: Option<bool>,
+    /// A web session unused this long is over.
+    session_idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +274,9 @@ pub struct Config {
     /// `[web] public`: the JSON API needs no credentials to read (else a
     /// user granted `web`); actions always do.
     pub public_web: bool,
+    /// `[web] session_idle_timeout`: a web session unused this long is
+    /// over (default 8 h).
+    pub web_session_idle: Duration,
     /// How long the steps of a worker whose link dropped wait for it.
     pub worker_reconnect_grace: Duration,
     pub limits: Limits,
@@ -286,6 +291,9 @@ pub struct Config {
 /// The shortest `sniff_timeout`, `handshake_timeout` and
 /// `heartbeat_interval`: below it a busy machine would drop good clients.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long a web session may go unused by default.
+pub const DEFAULT_WEB_SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
 
 /// The state database's default name, beside the config file.
 pub const DEFAULT_STATE: &str = "state.sqlite";
@@ -535,6 +543,14 @@ impl Config {
                 .and_then(|w| w.public_metrics)
                 .unwrap_or(false),
             public_web: raw.web.as_ref().and_then(|w| w.public).unwrap_or(false),
+            web_session_idle: c.duration_at_least(
+                &raw.web
+                    .as_ref()
+                    .and_then(|w| w.session_idle_timeout.clone()),
+                "web.session_idle_timeout",
+                DEFAULT_WEB_SESSION_IDLE,
+                Duration::from_secs(1),
+            )?,
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",
