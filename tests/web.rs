@@ -905,16 +905,16 @@ async fn an_idle_web_session_ends() {
         err.to_string().contains("web.session_idle_timeout"),
         "{err}"
     );
-    std::fs::write(m.config_path(), config("1s")).unwrap();
+    std::fs::write(m.config_path(), config("2s")).unwrap();
     within("a reload", m.master.reload()).await.unwrap();
     let (viewer, _) = web_login(&m, VIEWER.0, VIEWER.1).await.unwrap();
-    // Used within the timeout, it lives on.
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Used well within the timeout, it lives on.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let a = http(&m, "GET", "/", &[("Cookie", &viewer)], "").await;
         assert_eq!(a.status, 200, "{}", a.body);
     }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let a = http(&m, "GET", "/", &[("Cookie", &viewer)], "").await;
     assert_eq!(a.status, 401, "{}", a.body);
     m.stop().await;
