@@ -15,13 +15,11 @@ use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
 use crate::auth::scram::{MECHANISM, ScramClient, ScramError};
 use crate::auth::verifier::salted_password;
-use crate::dispatcher::MAX_HANDSHAKE_FRAME;
-use crate::dispatcher::registry::DEFAULT_MAX_FRAME_LENGTH;
-use crate::dispatcher::sniff::NATIVE_MAGIC;
 use crate::proto::{
     ClientHandshake, Hello, RejectCode, Response, ServerHandshake, client_handshake,
     server_handshake,
 };
+use crate::wire::{DEFAULT_MAX_FRAME_LENGTH, MAX_HANDSHAKE_FRAME, NATIVE_MAGIC, Transport};
 
 /// A user name and password, with a cache of SaltedPassword per salt, so a
 /// client that logs in again and again (a worker reconnecting, a monitor)
@@ -137,6 +135,8 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// The largest session frame this client accepts.
     pub max_frame_length: usize,
+    /// Connect with TLS (`None`: plain TCP).
+    pub tls: Option<crate::wire::tls::ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -145,16 +145,27 @@ impl Default for ClientOptions {
             client_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
             timeout: Duration::from_secs(30),
             max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+            tls: None,
         }
     }
 }
 
 /// A logged-in session.
 pub struct ClientSession {
-    pub stream: Framed<TcpStream, LengthDelimitedCodec>,
+    pub stream: Framed<Transport, LengthDelimitedCodec>,
     pub session_id: String,
     pub heartbeat_interval: Duration,
     pub server_agent: String,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("session_id", &self.session_id)
+            .field("server_agent", &self.server_agent)
+            .field("tls", &self.stream.get_ref().is_tls())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a login did not succeed.
@@ -175,6 +186,19 @@ pub enum ClientError {
     Scram(#[from] ScramError),
     #[error("no answer from the master within {0:?}")]
     Timeout(Duration),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// A failed TLS handshake, in one line.
+fn tls_failure(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            format!("the master's certificate is not trusted: {c:?}")
+        }
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
 }
 
 impl ClientError {
@@ -210,14 +234,26 @@ pub async fn connect_with(
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        login(stream, service, creds, opts).await
+        let transport = match &opts.tls {
+            None => Transport::Plain(stream),
+            Some(tls) => {
+                let name = tls.name_for(addr).map_err(ClientError::Tls)?;
+                let s = tls
+                    .connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| ClientError::Tls(tls_failure(&e)))?;
+                Transport::TlsClient(Box::new(s))
+            }
+        };
+        login(transport, service, creds, opts).await
     };
     tokio::time::timeout(opts.timeout, work)
         .await
         .map_err(|_| ClientError::Timeout(opts.timeout))?
 }
 
-type HandshakeStream = Framed<TcpStream, LengthDelimitedCodec>;
+type HandshakeStream = Framed<Transport, LengthDelimitedCodec>;
 
 async fn send(
     framed: &mut HandshakeStream,
@@ -246,11 +282,12 @@ async fn receive(framed: &mut HandshakeStream) -> Result<server_handshake::Kind,
 
 /// Logs in over an already connected stream (sends the magic first).
 pub async fn login(
-    mut stream: TcpStream,
+    stream: impl Into<Transport>,
     service: &str,
     creds: &Credentials,
     opts: &ClientOptions,
 ) -> Result<ClientSession, ClientError> {
+    let mut stream = stream.into();
     stream.write_all(NATIVE_MAGIC).await?;
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_HANDSHAKE_FRAME)

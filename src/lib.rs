@@ -60,6 +60,7 @@ pub mod limits;
 pub mod master;
 pub mod services;
 pub mod state;
+pub mod wire;
 pub mod worker;
 
 /// Messages and gRPC services generated from `proto/switchyard/v1/*.proto`.

@@ -70,7 +70,12 @@ enum Command {
         /// sends; never SWITCHYARD_PASSWORD.
         #[arg(long = "pass-env", value_name = "NAME")]
         pass_env: Vec<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+    /// TLS for the master's port.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// (Internal) Supervises one step for a worker: not for people.
     #[command(name = "__step", hide = true)]
     Step {
@@ -111,6 +116,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write DIR/cert.pem and DIR/key.pem: a self-signed certificate for
+    /// NAME, for trying TLS out (`[master.tls] cert = "DIR/cert.pem"`, `key
+    /// = "DIR/key.pem"`), and print its SHA-256 pin (clients:
+    /// `--tls --pin-sha256 PIN`). Use a certificate from your CA for real.
+    SelfSigned {
+        /// The host name (or IP address) clients connect to; repeatable.
+        #[arg(long, required = true)]
+        name: Vec<String>,
+        /// Where to write cert.pem and key.pem (created if missing; existing
+        /// files are not overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
 /// A master's address as given on the command line: `HOST:PORT`, or a
 /// bare host (or IP address) for the default port 9989.
 fn master_address(s: &str) -> Result<String, String> {
@@ -138,6 +160,49 @@ fn master_address(s: &str) -> Result<String, String> {
     }
 }
 
+/// How a client reaches a master over TLS.
+#[derive(clap::Args, Clone, Debug)]
+struct TlsArgs {
+    /// Connect with TLS, verifying the master's certificate (against the
+    /// system's roots unless --ca-file or --pin-sha256 says otherwise).
+    #[arg(long)]
+    tls: bool,
+    /// Trust the CA certificates in FILE (PEM) instead of the system's.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls",
+        conflicts_with = "pin_sha256"
+    )]
+    ca_file: Option<PathBuf>,
+    /// The name the master's certificate must carry, if not the host in
+    /// --master.
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
+    /// Trust exactly the certificate with this SHA-256 (64 hex digits, as
+    /// `switchyard tls self-signed` prints it): for a self-signed master.
+    #[arg(long, value_name = "HEX", requires = "tls")]
+    pin_sha256: Option<String>,
+}
+
+impl TlsArgs {
+    /// The client options these ask for.
+    fn client_options(&self) -> Result<switchyard::client::ClientOptions, String> {
+        use switchyard::wire::tls::{ClientTls, Trust};
+        let mut opts = switchyard::client::ClientOptions::default();
+        if self.tls {
+            let trust = match (&self.ca_file, &self.pin_sha256) {
+                (Some(f), _) => Trust::CaFile(f.clone()),
+                (None, Some(p)) => Trust::Pin(p.clone()),
+                (None, None) => Trust::System,
+            };
+            opts.tls =
+                Some(ClientTls::new(&trust, self.server_name.clone()).map_err(|e| e.to_string())?);
+        }
+        Ok(opts)
+    }
+}
+
 /// Where and as whom a client logs in.
 #[derive(clap::Args)]
 struct Login {
@@ -151,6 +216,8 @@ struct Login {
     /// SWITCHYARD_PASSWORD environment variable, otherwise a prompt.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl Login {
@@ -219,9 +286,15 @@ async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<(), Stri
             .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
         properties: a.properties.into_iter().collect(),
     };
-    let mut conn = ChangeSourceConnection::connect(&a.login.master, &a.login.user, &password)
-        .await
-        .map_err(|e| e.to_string())?;
+    let opts = a.login.tls.client_options()?;
+    let mut conn = ChangeSourceConnection::connect_with(
+        &a.login.master,
+        &a.login.user,
+        &password,
+        opts.tls.as_ref(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let saved = DeviceTokenFile::new(&a.login.master, &a.login.user);
     if let Some(t) = saved.load() {
         conn.set_device_token(&t);
@@ -238,6 +311,7 @@ async fn worker(
     basedir: PathBuf,
     password: String,
     pass_env: Vec<String>,
+    tls: Option<switchyard::wire::tls::ClientTls>,
 ) -> Result<(), String> {
     use switchyard::worker::step;
     use tokio::signal::unix::{SignalKind, signal};
@@ -267,6 +341,7 @@ async fn worker(
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
     opts.step_env = step::base_env(vars, &pass_env);
+    opts.tls = tls;
     switchyard::worker::agent::run(opts, shutdown).await;
     Ok(())
 }
@@ -373,12 +448,18 @@ fn forget_password_variable() {
     unsafe { std::env::remove_var("SWITCHYARD_PASSWORD") };
 }
 
-async fn ping(master: &str, user: &str, password: String, count: u32) -> Result<(), String> {
+async fn ping(
+    master: &str,
+    user: &str,
+    password: String,
+    count: u32,
+    opts: &switchyard::client::ClientOptions,
+) -> Result<(), String> {
     let creds = Credentials::new(user, password);
     let saved = DeviceTokenFile::new(master, user);
     creds.set_device_token(saved.load());
     let started = Instant::now();
-    let mut session = client::connect(master, switchyard::services::ping::NAME, &creds)
+    let mut session = client::connect_with(master, switchyard::services::ping::NAME, &creds, opts)
         .await
         .map_err(|e| e.to_string())?;
     saved.save(creds.device_token());
@@ -462,9 +543,24 @@ fn main() -> ExitCode {
             basedir,
             password_file,
             pass_env,
-        } => read_password(password_file.as_ref(), &name).and_then(|pw| {
-            runtime().and_then(|rt| rt.block_on(worker(master, name, basedir, pw, pass_env)))
+            tls,
+        } => tls.client_options().and_then(|opts| {
+            read_password(password_file.as_ref(), &name).and_then(|pw| {
+                runtime().and_then(|rt| {
+                    rt.block_on(worker(master, name, basedir, pw, pass_env, opts.tls))
+                })
+            })
         }),
+        Command::Tls(TlsCommand::SelfSigned { name, out }) => {
+            switchyard::dispatcher::tls::write_self_signed(&name, &out).map(|pin| {
+                println!(
+                    "wrote {} and {}",
+                    out.join("cert.pem").display(),
+                    out.join("key.pem").display()
+                );
+                println!("sha256 pin: {pin}");
+            })
+        }
         Command::Debug {
             login,
             json,
@@ -476,17 +572,26 @@ fn main() -> ExitCode {
             let creds = Credentials::new(&login.user, pw);
             let saved = DeviceTokenFile::new(&login.master, &login.user);
             creds.set_device_token(saved.load());
-            let result = runtime().and_then(|rt| {
-                if command.is_empty() {
-                    switchyard::debug::console::interactive(&rt, &login.master, &creds, json)
-                } else {
-                    rt.block_on(switchyard::debug::console::once(
-                        &login.master,
-                        &creds,
-                        json,
-                        &command,
-                    ))
-                }
+            let result = login.tls.client_options().and_then(|opts| {
+                runtime().and_then(|rt| {
+                    if command.is_empty() {
+                        switchyard::debug::console::interactive(
+                            &rt,
+                            &login.master,
+                            &creds,
+                            &opts,
+                            json,
+                        )
+                    } else {
+                        rt.block_on(switchyard::debug::console::once(
+                            &login.master,
+                            &creds,
+                            &opts,
+                            json,
+                            &command,
+                        ))
+                    }
+                })
             });
             saved.save(creds.device_token());
             result
@@ -496,7 +601,8 @@ fn main() -> ExitCode {
             .password()
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
         Command::Ping { login, count } => login.password().and_then(|pw| {
-            runtime().and_then(|rt| rt.block_on(ping(&login.master, &login.user, pw, count)))
+            let opts = login.tls.client_options()?;
+            runtime().and_then(|rt| rt.block_on(ping(&login.master, &login.user, pw, count, &opts)))
         }),
     };
     match result {

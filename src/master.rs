@@ -39,6 +39,8 @@ pub enum MasterError {
     Signals(std::io::Error),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{0}")]
+    Tls(#[from] crate::dispatcher::tls::TlsError),
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(String),
     #[error("cannot write the pid file {path}: {source}")]
@@ -62,6 +64,9 @@ pub struct ReloadReport {
     pub restart_needed: Vec<&'static str>,
     /// Workers, builders and schedulers.
     pub builds: BuildsReport,
+    /// TLS as reloaded (the new certificate's pin, or `off`), if the config
+    /// has or had `[master.tls]`.
+    pub tls: Option<String>,
 }
 
 impl std::fmt::Display for ReloadReport {
@@ -79,6 +84,9 @@ impl std::fmt::Display for ReloadReport {
             self.hung_up.len()
         )?;
         write!(f, "; {}", self.builds)?;
+        if let Some(tls) = &self.tls {
+            write!(f, "; TLS: {tls}")?;
+        }
         if !self.restart_needed.is_empty() {
             write!(
                 f,
@@ -168,11 +176,14 @@ impl Master {
             config,
             secrets,
             warnings,
+            tls,
         } = crate::config::load_with_secrets(path)?;
         for w in warnings {
             tracing::warn!("{w}");
         }
-        Self::new(config, secrets)
+        let master = Self::new(config, secrets)?;
+        master.dispatcher.set_tls(tls);
+        Ok(master)
     }
 
     /// Opens the state database the config names and sets up the port.
@@ -422,6 +433,7 @@ impl Master {
             config: new,
             secrets,
             warnings,
+            tls,
         } = read_files(&old.path).await?;
         for w in warnings {
             tracing::warn!("{w}");
@@ -496,6 +508,14 @@ impl Master {
         self.public_web
             .store(new.public_web, std::sync::atomic::Ordering::Relaxed);
         self.web_sessions.set_idle_timeout(new.web_session_idle);
+        // New connections get the new certificate; live ones keep theirs.
+        if tls.is_some() || old.tls.is_some() {
+            report.tls = Some(match &tls {
+                Some(t) => format!("certificate sha256 {}", t.pin_sha256),
+                None => "off".into(),
+            });
+        }
+        self.dispatcher.set_tls(tls);
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));

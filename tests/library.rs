@@ -300,8 +300,7 @@ async fn a_client_refuses_an_impostor_master() {
         client::connect(&addr, "whoami", &Credentials::new("alice", "alice-pw")),
     )
     .await
-    .err()
-    .expect("an impostor must not get a session");
+    .expect_err("an impostor must not get a session");
     assert!(
         matches!(
             err,

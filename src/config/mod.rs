@@ -136,6 +136,29 @@ struct RawMaster {
     auth_block: Option<Spanned<String>>,
     drain_removed_workers: Option<bool>,
     worker_reconnect_grace: Option<Spanned<String>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+/// `[master.tls]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    require: Option<bool>,
+}
+
+/// `[master.tls]`: the certificate chain and key files (PEM), resolved
+/// against the config's directory; they are read with the config, so a
+/// reload with a file that does not parse is rejected whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Cleartext connections are refused (but HTTP/1 `GET /healthz`).
+    pub require: bool,
+    /// Where `[master.tls]` is in the config (a byte offset), for errors.
+    pub(crate) at: usize,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +178,8 @@ pub struct Loaded {
     /// Each a line naming its file and line, e.g. a verifier for a name the
     /// config does not know.
     pub warnings: Vec<String>,
+    /// `[master.tls]`'s certificate and key, loaded.
+    pub tls: Option<crate::dispatcher::tls::TlsSettings>,
 }
 
 /// Reads and validates a config file and its secrets file together: every
@@ -184,10 +209,26 @@ pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigError> {
         Err(e) => return Err(e),
     };
     let warnings = check_verifiers(&config, &text, &secrets)?;
+    let tls = match &config.tls {
+        None => None,
+        Some(t) => match crate::dispatcher::tls::TlsSettings::load(&t.cert, &t.key, t.require) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let (line, column) = line_col(&text, t.at);
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    message: format!("`[master.tls]`: {e}"),
+                });
+            }
+        },
+    };
     Ok(Loaded {
         config,
         secrets,
         warnings,
+        tls,
     })
 }
 
@@ -256,6 +297,8 @@ pub struct Config {
     pub path: PathBuf,
     pub listen: SocketAddr,
     pub secrets_path: PathBuf,
+    /// `[master.tls]`, if any.
+    pub tls: Option<TlsFiles>,
     /// Where `master.secrets` is in the file (a byte offset).
     pub secrets_at: usize,
     /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
@@ -551,6 +594,24 @@ impl Config {
                 DEFAULT_WEB_SESSION_IDLE,
                 Duration::from_secs(1),
             )?,
+            tls: match &m.tls {
+                None => None,
+                Some(t) => {
+                    let t_at = t.span().start;
+                    let t = t.get_ref();
+                    for (v, key) in [(&t.cert, "master.tls.cert"), (&t.key, "master.tls.key")] {
+                        if v.get_ref().trim().is_empty() {
+                            return c.err(v.span(), key, "names no file");
+                        }
+                    }
+                    Some(TlsFiles {
+                        cert: base.join(t.cert.get_ref()),
+                        key: base.join(t.key.get_ref()),
+                        require: t.require.unwrap_or(false),
+                        at: t_at,
+                    })
+                }
+            },
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",

@@ -294,7 +294,16 @@ fn or_dash(s: &str) -> &str {
 
 impl Console {
     pub async fn connect(addr: &str, creds: &Credentials) -> Result<Self, client::ClientError> {
-        let session = client::connect(addr, super::SERVICE, creds).await?;
+        Self::connect_with(addr, creds, &client::ClientOptions::default()).await
+    }
+
+    /// [`Console::connect`] with client options (TLS, say).
+    pub async fn connect_with(
+        addr: &str,
+        creds: &Credentials,
+        opts: &client::ClientOptions,
+    ) -> Result<Self, client::ClientError> {
+        let session = client::connect_with(addr, super::SERVICE, creds, opts).await?;
         Ok(Console {
             session,
             next_id: 1,
@@ -776,11 +785,12 @@ fn hms(unix_ms: i64) -> String {
 pub async fn once(
     addr: &str,
     creds: &Credentials,
+    opts: &client::ClientOptions,
     json: bool,
     words: &[String],
 ) -> Result<(), String> {
     parse(&checkable(words))?; // errors in the line before connecting
-    let mut console = Console::connect(addr, creds)
+    let mut console = Console::connect_with(addr, creds, opts)
         .await
         .map_err(|e| e.to_string())?;
     console.json = json;
@@ -800,11 +810,12 @@ pub fn interactive(
     rt: &tokio::runtime::Runtime,
     addr: &str,
     creds: &Credentials,
+    opts: &client::ClientOptions,
     json: bool,
 ) -> Result<(), String> {
     use rustyline::error::ReadlineError;
     let mut console = rt
-        .block_on(Console::connect(addr, creds))
+        .block_on(Console::connect_with(addr, creds, opts))
         .map_err(|e| e.to_string())?;
     console.json = json;
     let mut editor =
@@ -871,7 +882,7 @@ pub fn interactive(
             // A watch (or followed log) on a session of its own, that
             // Ctrl-C ends.
             rt.block_on(async {
-                let mut watcher = Console::connect(addr, creds)
+                let mut watcher = Console::connect_with(addr, creds, opts)
                     .await
                     .map_err(|e| e.to_string())?;
                 watcher.json = json;
@@ -894,7 +905,7 @@ pub fn interactive(
         console = match rt.block_on(async {
             tokio::time::timeout(
                 std::time::Duration::from_secs(30),
-                Console::connect(addr, creds),
+                Console::connect_with(addr, creds, opts),
             )
             .await
         }) {

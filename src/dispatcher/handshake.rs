@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::wire::Transport;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use crate::proto::{
     server_handshake,
 };
 
-type HandshakeStream = Framed<TcpStream, LengthDelimitedCodec>;
+type HandshakeStream = Framed<Transport, LengthDelimitedCodec>;
 
 /// The same words for a wrong password and an unknown user.
 pub const AUTH_FAILED_MESSAGE: &str = "authentication failed: wrong user name or password";
@@ -264,7 +264,7 @@ pub(crate) fn session_id() -> String {
 /// session to its service in a task of its own.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: Transport,
     rest: BytesMut,
     peer: SocketAddr,
     (permit, stranger): (OwnedSemaphorePermit, super::strangers::StrangerPermit),

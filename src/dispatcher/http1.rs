@@ -10,10 +10,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::rewind::Rewind;
+use crate::wire::Rewind;
 
 /// What this port speaks, for the 404 body.
 pub const PROTOCOLS_NOTE: &str = "switchyard: this port speaks the Switchyard native session protocol (starts with \"SWYD/1\\r\\n\") and HTTP/1 (GET /healthz).\n";
@@ -33,7 +32,7 @@ fn respond<B>(req: &Request<B>) -> Response<Full<Bytes>> {
 }
 
 pub(crate) async fn serve(
-    stream: TcpStream,
+    stream: crate::wire::Transport,
     sniffed: Bytes,
     peer: SocketAddr,
     deadline: Duration,

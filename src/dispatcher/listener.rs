@@ -19,13 +19,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::rewind::Rewind;
+use bytes::BytesMut;
+
 use super::sniff::{NATIVE_MAGIC, Protocol, sniff};
 use super::strangers::StrangerPermit;
 use super::{
     ConnectionSessions, Dispatcher, HttpConnection, HttpVersion, Shared, handshake, http1,
 };
 use crate::proto::RejectCode;
+use crate::wire::{Rewind, Transport};
 
 /// How long shutdown waits for connections to close before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -141,7 +143,7 @@ async fn connection(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    (permit, stranger): (OwnedSemaphorePermit, StrangerPermit),
+    permits: (OwnedSemaphorePermit, StrangerPermit),
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -151,11 +153,14 @@ async fn connection(
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    // Sniffing, a TLS handshake and sniffing again inside it all fit in
+    // the sniff deadline.
+    let deadline = tokio::time::Instant::now() + limits.sniff_timeout;
     let sniffed = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(limits.sniff_timeout, sniff(&mut stream)) => r,
+        r = tokio::time::timeout_at(deadline, sniff(&mut stream)) => r,
     };
-    let (protocol, mut buf) = match sniffed {
+    let (protocol, buf) = match sniffed {
         Err(_) => {
             tracing::info!(%peer, timeout = ?limits.sniff_timeout, "refused connection: sent no recognisable protocol bytes before the deadline");
             return;
@@ -167,6 +172,87 @@ async fn connection(
         Ok(Ok(found)) => found,
     };
     shared.counters.connection(protocol);
+    let tls = shared.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if protocol != Protocol::Tls {
+        if let Some(tls) = &tls
+            && tls.require
+            && protocol != Protocol::Closed
+        {
+            refuse_cleartext(
+                stream, protocol, buf, peer, deadline, &shared, permits, shutdown, tracker, &limits,
+            )
+            .await;
+            return;
+        }
+        dispatch(
+            shared,
+            Transport::Plain(stream),
+            protocol,
+            buf,
+            peer,
+            permits,
+            shutdown,
+            tracker,
+            &limits,
+        )
+        .await;
+        return;
+    }
+    let Some(tls) = tls else {
+        tracing::info!(%peer, "refused connection: TLS is not configured on this port");
+        return;
+    };
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, tls.acceptor.accept(Rewind::new(buf.freeze(), stream))) => r,
+    };
+    let mut transport = match accepted {
+        Ok(Ok(s)) => Transport::TlsServer(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "refused connection: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, timeout = ?limits.sniff_timeout, "refused connection: TLS handshake not finished before the deadline");
+            return;
+        }
+    };
+    let sniffed = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, sniff(&mut transport)) => r,
+    };
+    let (inner, buf) = match sniffed {
+        Ok(Ok((Protocol::Tls, buf))) => (Protocol::Unknown, buf),
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS connection failed while sniffing");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, timeout = ?limits.sniff_timeout, "refused TLS connection: sent no recognisable protocol bytes before the deadline");
+            return;
+        }
+    };
+    dispatch(
+        shared, transport, inner, buf, peer, permits, shutdown, tracker, &limits,
+    )
+    .await;
+}
+
+/// Serves a connection whose protocol is known, over its transport, with
+/// the bytes the sniffer read.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    shared: Arc<Shared>,
+    stream: Transport,
+    protocol: Protocol,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    (permit, stranger): (OwnedSemaphorePermit, StrangerPermit),
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    limits: &crate::limits::Limits,
+) {
     match protocol {
         Protocol::Native => {
             let rest = buf.split_off(NATIVE_MAGIC.len());
@@ -227,13 +313,76 @@ async fn connection(
         }
         Protocol::Unknown => {
             let shown = &buf[..buf.len().min(16)];
-            tracing::info!(%peer, first_bytes = ?String::from_utf8_lossy(shown), "refused connection: not a protocol this port speaks (native SWYD/1, HTTP/1)");
+            tracing::info!(%peer, first_bytes = ?String::from_utf8_lossy(shown), "refused connection: not a protocol this port speaks (native SWYD/1, HTTP/1, HTTP/2, TLS)");
             close_gracefully(stream).await;
         }
         Protocol::Closed => {
             tracing::debug!(%peer, "connection closed before sending anything");
         }
     }
+}
+
+/// With `[master.tls] require = true`: a cleartext connection is told to
+/// use TLS in its own protocol (native: `Reject` `PROTOCOL_ERROR`; HTTP/1:
+/// 426), except HTTP/1 `GET /healthz`, which load balancers send in clear.
+#[allow(clippy::too_many_arguments)]
+async fn refuse_cleartext(
+    mut stream: TcpStream,
+    protocol: Protocol,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    shared: &Arc<Shared>,
+    permits: (OwnedSemaphorePermit, StrangerPermit),
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    limits: &crate::limits::Limits,
+) {
+    const MESSAGE: &str = "this master requires TLS: connect with TLS (switchyard clients: --tls)";
+    let reply = match protocol {
+        Protocol::Native => handshake::reject_frame(RejectCode::ProtocolError, MESSAGE),
+        Protocol::Http1 => {
+            // The request line decides: `GET /healthz` may come in clear.
+            let line = tokio::time::timeout_at(deadline, async {
+                while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 1024 {
+                    if stream.read_buf(&mut buf).await.ok()? == 0 {
+                        return None;
+                    }
+                }
+                Some(())
+            })
+            .await;
+            if matches!(line, Ok(Some(())))
+                && (buf.starts_with(b"GET /healthz ") || buf.starts_with(b"HEAD /healthz "))
+            {
+                dispatch(
+                    shared.clone(),
+                    Transport::Plain(stream),
+                    protocol,
+                    buf,
+                    peer,
+                    permits,
+                    shutdown,
+                    tracker,
+                    limits,
+                )
+                .await;
+                return;
+            }
+            let body = format!("switchyard: {MESSAGE}\n");
+            format!(
+                "HTTP/1.1 426 Upgrade Required\r\nupgrade: TLS/1.3, HTTP/1.1\r\nconnection: Upgrade, close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        }
+        _ => Vec::new(),
+    };
+    tracing::info!(%peer, protocol = protocol.name(), "refused cleartext connection: this master requires TLS");
+    if !reply.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&reply)).await;
+    }
+    close_gracefully(stream).await;
 }
 
 /// Tells a client over the connection limit that it was refused, in its own

@@ -14,10 +14,10 @@ mod http1;
 pub mod listener;
 pub mod password;
 pub mod registry;
-pub mod rewind;
 pub mod session;
 pub mod sniff;
 mod strangers;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -44,7 +44,7 @@ pub enum HttpVersion {
 /// An HTTP connection (HTTP/1.1 or HTTP/2), handed whole to the registered
 /// [`ConnectionHandler`] with the bytes the sniffer read replayed first.
 pub struct HttpConnection {
-    pub io: rewind::Rewind<tokio::net::TcpStream>,
+    pub io: crate::wire::Rewind<crate::wire::Transport>,
     pub peer: std::net::SocketAddr,
     pub version: HttpVersion,
     /// Who has logged in over it; its hang-up fires at shutdown or when a
@@ -55,9 +55,7 @@ pub struct HttpConnection {
     pub idle_timeout: std::time::Duration,
 }
 
-/// The largest handshake frame we read: a SCRAM message is a few hundred
-/// bytes, so 8 KiB is generous and bounds what a stranger can make us hold.
-pub const MAX_HANDSHAKE_FRAME: usize = 8 * 1024;
+pub use crate::wire::MAX_HANDSHAKE_FRAME;
 
 /// Which services each user may use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -133,6 +131,8 @@ pub(crate) struct Shared {
     pub(crate) server_agent: String,
     pub(crate) credential_cache: password::CredentialCache,
     pub(crate) counters: counters::PortCounters,
+    /// TLS on the port, if configured.
+    pub(crate) tls: RwLock<Option<Arc<tls::TlsSettings>>>,
 }
 
 /// The port's shared state: checker, policy, registry, live sessions.
@@ -191,6 +191,7 @@ impl Dispatcher {
                 server_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
                 credential_cache: password::CredentialCache::new(),
                 counters: Default::default(),
+                tls: RwLock::new(None),
             }),
         }
     }
@@ -203,6 +204,21 @@ impl Dispatcher {
     pub fn limits(&self) -> Limits {
         self.shared
             .limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Serves TLS on the port with these settings from now on (`None`:
+    /// no TLS). Connections already open keep what they have.
+    pub fn set_tls(&self, settings: Option<tls::TlsSettings>) {
+        *self.shared.tls.write().unwrap_or_else(|e| e.into_inner()) = settings.map(Arc::new);
+    }
+
+    /// The port's TLS settings now.
+    pub fn tls(&self) -> Option<Arc<tls::TlsSettings>> {
+        self.shared
+            .tls
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -21,9 +21,7 @@ pub struct ServiceOptions {
     pub max_frame_length: usize,
 }
 
-/// 16 MiB: large enough for a log chunk or a config, small enough that one
-/// peer cannot make the master allocate without bound.
-pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
+pub use crate::wire::DEFAULT_MAX_FRAME_LENGTH;
 
 impl Default for ServiceOptions {
     fn default() -> Self {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,7 @@ use crate::auth::Verifier;
 
 /// The framed stream a service talks over: 4-byte big-endian length, then
 /// the message.
-pub type SessionStream = Framed<TcpStream, LengthDelimitedCodec>;
+pub type SessionStream = Framed<crate::wire::Transport, LengthDelimitedCodec>;
 
 /// Tells a handler that it must end the session.
 #[derive(Clone, Debug)]

@@ -8,10 +8,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// The native session protocol's magic.
-pub const NATIVE_MAGIC: &[u8; 8] = b"SWYD/1\r\n";
-/// The HTTP/2 connection preface, as gRPC clients send it.
-pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub use crate::wire::{HTTP2_PREFACE, NATIVE_MAGIC};
 const HTTP1_METHODS: &[&[u8]] = &[
     b"GET ",
     b"HEAD ",

@@ -59,17 +59,50 @@ pub struct ChangeSourceConnection {
 impl ChangeSourceConnection {
     /// Connects to `addr` (HOST:PORT), within 10 seconds.
     pub async fn connect(addr: &str, user: &str, password: &str) -> Result<Self, SendChangeError> {
+        Self::connect_with(addr, user, password, None).await
+    }
+
+    /// [`ChangeSourceConnection::connect`], over TLS when `tls` is given.
+    pub async fn connect_with(
+        addr: &str,
+        user: &str,
+        password: &str,
+        tls: Option<&crate::wire::tls::ClientTls>,
+    ) -> Result<Self, SendChangeError> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|_| SendChangeError::Address(addr.to_string()))?
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| SendChangeError::Connect {
-                addr: addr.to_string(),
-                reason: error_chain(&e),
-            })?;
+        let failed = |reason: String| SendChangeError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let channel = match tls {
+            None => endpoint
+                .connect()
+                .await
+                .map_err(|e| failed(error_chain(&e)))?,
+            Some(tls) => {
+                let name = tls.name_for(addr).map_err(failed)?;
+                let (connector, target) = (tls.connector.clone(), addr.to_string());
+                let connect = tower::service_fn(move |_uri: http::Uri| {
+                    let (connector, name, target) =
+                        (connector.clone(), name.clone(), target.clone());
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(&target).await?;
+                        let _ = tcp.set_nodelay(true);
+                        let s = connector.connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            crate::wire::Transport::TlsClient(Box::new(s)),
+                        ))
+                    }
+                });
+                endpoint
+                    .connect_with_connector(connect)
+                    .await
+                    .map_err(|e| failed(error_chain(&e)))?
+            }
+        };
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         let authorization = MetadataValue::try_from(format!("Basic {token}"))
             .map_err(|_| SendChangeError::Address(addr.to_string()))?;

@@ -375,7 +375,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteClock<T> {
 /// event stream): it is closed once its client stops reading for
 /// [`HTTP1_WRITE_STALL`], and at once on shutdown.
 async fn serve_http1<S>(
-    io: crate::dispatcher::rewind::Rewind<tokio::net::TcpStream>,
+    io: crate::wire::Rewind<crate::wire::Transport>,
     peer: SocketAddr,
     service: S,
     deadline: Duration,

@@ -50,6 +50,8 @@ pub struct AgentOptions {
     /// [`step::base_env`]. Empty by default (a step then sees only what the
     /// master sends).
     pub step_env: std::collections::BTreeMap<String, String>,
+    /// Connect with TLS (`None`: plain TCP).
+    pub tls: Option<crate::wire::tls::ClientTls>,
 }
 
 impl AgentOptions {
@@ -68,6 +70,7 @@ impl AgentOptions {
             max_backoff: Duration::from_secs(60),
             step_supervisor: None,
             step_env: Default::default(),
+            tls: None,
         }
     }
 }
@@ -173,6 +176,7 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
     let mut failures: u32 = 0;
     let client_opts = ClientOptions {
         client_agent: format!("switchyard-worker/{}", env!("CARGO_PKG_VERSION")),
+        tls: agent.opts.tls.clone(),
         ..Default::default()
     };
     'agent: loop {

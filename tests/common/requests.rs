@@ -8,8 +8,20 @@ use super::*;
 /// `widgets` of one step running `shell`, built on every change; `extra`
 /// appended.
 pub fn widgets_config(users: &[UserSpec<'_>], shell: &str, extra: &str) -> String {
-    config_text("heartbeat_interval = \"1s\"", users)
-        + "\n[[worker]]\nname = \"w1\"\n"
+    widgets_config_with("", users, shell, extra)
+}
+
+/// [`widgets_config`] with more `[master]` settings (or tables under it).
+pub fn widgets_config_with(
+    extra_master: &str,
+    users: &[UserSpec<'_>],
+    shell: &str,
+    extra: &str,
+) -> String {
+    config_text(
+        &format!("heartbeat_interval = \"1s\"\n{extra_master}"),
+        users,
+    ) + "\n[[worker]]\nname = \"w1\"\n"
         + &one_step_builder("widgets", "step", shell)
         + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n"
         + extra

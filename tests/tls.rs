@@ -1,0 +1,335 @@
+//! TLS on the shared port, against a real master with certificates made
+//! at test time (rcgen): a worker process building over TLS, the console,
+//! HTTP/1 and the API inside TLS; wrong CA, wrong name, stalled and
+//! garbage handshakes; `require`; rotation by reload.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use switchyard::client::{self, ClientOptions, Credentials};
+use switchyard::wire::tls::{ClientTls, Trust};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Writes a self-signed certificate for `localhost` into `dir` as
+/// cert.pem/key.pem (replacing any); returns its pin.
+fn certificate(dir: &std::path::Path) -> String {
+    let (cert, key, pin) = switchyard::dispatcher::tls::self_signed(&["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    pin
+}
+
+fn tls_section(require: bool) -> String {
+    format!("[master.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\nrequire = {require}\n")
+}
+
+/// A widgets master with TLS; its pin.
+async fn tls_master(users: &[UserSpec<'_>], shell: &str, require: bool) -> (TestMaster, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = certificate(dir.path());
+    std::fs::write(
+        dir.path().join("master.toml"),
+        // A short sniff deadline: a stalled handshake is cut at it.
+        widgets_config_with(
+            &format!("sniff_timeout = \"2s\"\n{}", tls_section(require)),
+            users,
+            shell,
+            "",
+        ),
+    )
+    .unwrap();
+    let secrets = secrets_text(users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    (TestMaster::start_in(dir).await, pin)
+}
+
+fn tls_opts(trust: Trust, name: Option<&str>) -> ClientOptions {
+    ClientOptions {
+        tls: Some(ClientTls::new(&trust, name.map(String::from)).unwrap()),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+/// An HTTP/1 request inside TLS, trusting `cert_pem`; the whole answer.
+async fn https(m: &TestMaster, cert_pem: &std::path::Path, request: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(cert_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(switchyard::dispatcher::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    let mut s = within(
+        "a TLS handshake",
+        connector.connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = within("the answer", s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_worker_builds_and_the_console_and_http_work_over_tls() {
+    let users = [HOOK, ADMIN];
+    let (m, pin) = tls_master(&users, "echo over-tls", false).await;
+    let cert = m.dir.path().join("cert.pem");
+    let _w = spawn_worker_with(
+        &m,
+        "w1",
+        "w1-pw",
+        "basedir-w1",
+        &[
+            "--tls",
+            "--ca-file",
+            cert.to_str().unwrap(),
+            "--server-name",
+            "localhost",
+        ],
+        &[],
+    );
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    // The change arrives by gRPC inside TLS (`sendchange --tls`).
+    let tls = ClientTls::new(&Trust::Pin(pin.clone()), Some("localhost".into())).unwrap();
+    let mut hook = within(
+        "a gRPC connection over TLS",
+        switchyard::grpc::client::ChangeSourceConnection::connect_with(
+            &m.addr.to_string(),
+            HOOK.0,
+            HOOK.1,
+            Some(&tls),
+        ),
+    )
+    .await
+    .unwrap();
+    within(
+        "a push over TLS",
+        hook.push(switchyard::proto::Change {
+            repository: "widgets".into(),
+            branch: "main".into(),
+            revision: "r1".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let (build, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "success");
+    assert_eq!(log_text(&m, build, 0).await, "over-tls\n");
+
+    // The console, pinned to the self-signed certificate.
+    let creds = Credentials::new(ADMIN.0, ADMIN.1);
+    let opts = tls_opts(Trust::Pin(pin.clone()), Some("localhost"));
+    let mut console = within(
+        "a console over TLS",
+        switchyard::debug::console::Console::connect_with(&m.addr.to_string(), &creds, &opts),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    console
+        .run(
+            switchyard::debug::console::parse(&["builds".to_string()]).unwrap(),
+            &mut out,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("widgets") && out.contains("success"), "{out}");
+
+    // HTTP/1 inside TLS: health, the API with Basic.
+    let reply = https(
+        &m,
+        &cert,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.ends_with("ok\n"),
+        "{reply}"
+    );
+    let reply = https(
+        &m,
+        &cert,
+        &format!(
+            "GET /api/v1/builds/{build} HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\r\n",
+            basic(ADMIN.0, ADMIN.1)
+        ),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"result\":\"success\""), "{reply}");
+    // Plain TCP still works when TLS is not required.
+    let (head, _) = http_get(&m, "/healthz", None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn untrusted_or_misnamed_certificates_and_bad_handshakes_are_refused() {
+    let users = [ADMIN];
+    let (m, pin) = tls_master(&users, "true", false).await;
+    let addr = m.addr.to_string();
+    let creds = Credentials::new(ADMIN.0, ADMIN.1);
+    // Another CA.
+    let other = tempfile::tempdir().unwrap();
+    certificate(other.path());
+    let e = client::connect_with(
+        &addr,
+        "debug",
+        &creds,
+        &tls_opts(
+            Trust::CaFile(other.path().join("cert.pem")),
+            Some("localhost"),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("not trusted"), "{e}");
+    // The right CA, the wrong name.
+    let e = client::connect_with(
+        &addr,
+        "debug",
+        &creds,
+        &tls_opts(
+            Trust::CaFile(m.dir.path().join("cert.pem")),
+            Some("example.org"),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("not trusted"), "{e}");
+    assert!(e.to_string().contains("NotValidForName"), "{e}");
+    // A wrong pin.
+    let e = client::connect_with(
+        &addr,
+        "debug",
+        &creds,
+        &tls_opts(Trust::Pin("00".repeat(32)), Some("localhost")),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("pinned"), "{e}");
+    // The start of a ClientHello, then silence: cut at the sniff deadline.
+    let mut stalled = Raw::connect(m.addr).await;
+    stalled.write(b"\x16\x03\x01\x02\x00\x01").await;
+    // Garbage that claims to be TLS: refused at once.
+    let mut garbage = Raw::connect(m.addr).await;
+    garbage.write(b"\x16\x03\x01\x00\x05hello-not-tls").await;
+    let got = garbage.read_to_close().await;
+    assert!(got.len() < 64, "a short alert at most: {got:?}");
+    // Everyone else is served meanwhile.
+    client::connect_with(
+        &addr,
+        "debug",
+        &creds,
+        &tls_opts(Trust::Pin(pin), Some("localhost")),
+    )
+    .await
+    .unwrap();
+    assert!(stalled.read_to_close().await.len() < 64);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn require_refuses_cleartext_except_healthz() {
+    let users = [ADMIN];
+    let (m, pin) = tls_master(&users, "true", true).await;
+    // Native in clear: a Reject saying TLS is required.
+    let e = m.login(ADMIN.0, ADMIN.1, "debug").await.unwrap_err();
+    assert_eq!(
+        e.reject_code(),
+        Some(switchyard::proto::RejectCode::ProtocolError),
+        "{e}"
+    );
+    assert!(e.to_string().contains("requires TLS"), "{e}");
+    // HTTP/1 in clear: 426, but health checks pass.
+    let (head, body) = http_get(&m, "/api/v1/builders", Some(&basic(ADMIN.0, ADMIN.1))).await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    assert!(body.contains("requires TLS"), "{body}");
+    let (head, _) = http_get(&m, "/healthz", None).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Over TLS, all is well.
+    let creds = Credentials::new(ADMIN.0, ADMIN.1);
+    client::connect_with(
+        &m.addr.to_string(),
+        "debug",
+        &creds,
+        &tls_opts(Trust::Pin(pin), Some("localhost")),
+    )
+    .await
+    .unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_rotates_the_certificate_and_live_sessions_stay() {
+    let users = [ADMIN, ("pinger", "pinger-pw", &["ping"])];
+    let (m, old_pin) = tls_master(&users, "true", false).await;
+    let addr = m.addr.to_string();
+    let creds = Credentials::new("pinger", "pinger-pw");
+    let mut live = client::connect_with(
+        &addr,
+        "ping",
+        &creds,
+        &tls_opts(Trust::Pin(old_pin.clone()), Some("localhost")),
+    )
+    .await
+    .unwrap();
+    assert_echo(&mut live, b"before").await;
+
+    // A key that does not match the certificate: the reload is rejected
+    // whole, naming [master.tls].
+    let dir = m.dir.path().to_path_buf();
+    let good_key = std::fs::read(dir.join("key.pem")).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    certificate(other.path());
+    std::fs::copy(other.path().join("key.pem"), dir.join("key.pem")).unwrap();
+    let e = within("a reload", m.master.reload()).await.unwrap_err();
+    assert!(e.to_string().contains("master.tls"), "{e}");
+    assert!(e.to_string().contains("does not belong"), "{e}");
+    std::fs::write(dir.join("key.pem"), &good_key).unwrap();
+    std::fs::write(dir.join("cert.pem"), "not PEM").unwrap();
+    let e = within("a reload", m.master.reload()).await.unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+
+    // A new certificate: new connections get it, the live session stays.
+    let new_pin = certificate(&dir);
+    let report = within("a reload", m.master.reload()).await.unwrap();
+    assert!(report.to_string().contains(&new_pin), "{report}");
+    assert_echo(&mut live, b"after").await;
+    let e = client::connect_with(
+        &addr,
+        "ping",
+        &creds,
+        &tls_opts(Trust::Pin(old_pin), Some("localhost")),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("pinned"), "{e}");
+    let mut fresh = client::connect_with(
+        &addr,
+        "ping",
+        &creds,
+        &tls_opts(Trust::Pin(new_pin), Some("localhost")),
+    )
+    .await
+    .unwrap();
+    assert_echo(&mut fresh, b"new").await;
+    m.stop().await;
+}
