@@ -174,6 +174,56 @@ async fn a_worker_builds_and_the_console_and_http_work_over_tls() {
     .await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"result\":\"success\""), "{reply}");
+    // The web login inside TLS: SCRAM as the page runs it, and a session
+    // cookie marked Secure.
+    let scram = switchyard::auth::scram::ScramClient::new(ADMIN.0, ADMIN.1.as_bytes());
+    let post = |path: &str, body: String| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let reply = https(
+        &m,
+        &cert,
+        &post(
+            "/api/v1/login/start",
+            serde_json::json!({ "client_first": scram.client_first() }).to_string(),
+        ),
+    )
+    .await;
+    let start: serde_json::Value =
+        serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let fin = scram
+        .answer_uncached(start["server_first"].as_str().unwrap().as_bytes())
+        .unwrap();
+    let reply = https(
+        &m,
+        &cert,
+        &post(
+            "/api/v1/login/finish",
+            serde_json::json!({ "login": start["login"], "client_final": fin.message() })
+                .to_string(),
+        ),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let cookie = reply
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: switchyard_session=")
+        })
+        .unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(
+        web_login(&m, ADMIN.0, ADMIN.1)
+            .await
+            .unwrap()
+            .0
+            .starts_with("switchyard_session=")
+    );
+
     // Plain TCP still works when TLS is not required.
     let (head, _) = http_get(&m, "/healthz", None).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

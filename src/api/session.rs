@@ -274,9 +274,13 @@ pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// A `Set-Cookie` value for a cookie only the master reads: `HttpOnly`,
-/// `SameSite=Strict`, for the whole site.
-pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> String {
+/// `SameSite=Strict`, for the whole site; `Secure` when the page came over
+/// TLS (the browser then never sends it in clear).
+pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>, secure: bool) -> String {
     let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    if secure {
+        c.push_str("; Secure");
+    }
     if let Some(age) = max_age {
         c.push_str(&format!("; Max-Age={}", age.as_secs()));
     }

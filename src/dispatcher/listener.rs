@@ -281,6 +281,7 @@ async fn dispatch(
                     ));
                     // Given back at the first login over the connection.
                     sessions.hold_stranger(stranger);
+                    let tls = stream.is_tls();
                     let io = Rewind::new(buf.freeze(), stream);
                     // HTTP/1 gets what it had to send its first bytes in;
                     // HTTP/2, the time to log in.
@@ -295,6 +296,7 @@ async fn dispatch(
                             version,
                             sessions,
                             idle_timeout,
+                            tls,
                         })
                         .await;
                     drop(permit);

@@ -53,6 +53,8 @@ pub struct HttpConnection {
     /// A connection on which nobody has logged in may stay idle (no request)
     /// this long before it is closed: a stranger cannot hold a slot for free.
     pub idle_timeout: std::time::Duration,
+    /// It came inside TLS.
+    pub tls: bool,
 }
 
 pub use crate::wire::MAX_HANDSHAKE_FRAME;

@@ -52,6 +52,8 @@ pub const DEVICE_TOKEN_HEADER: &str = "x-switchyard-device-token";
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub sessions: Arc<ConnectionSessions>,
+    /// The connection is TLS.
+    pub tls: bool,
 }
 
 /// Where [`GrpcAuth`] leaves the device token it issued for a request, for
@@ -205,6 +207,7 @@ async fn serve_connection(
         version,
         sessions,
         idle_timeout,
+        tls,
     } = conn;
     let hangup = sessions.hangup();
     let id = sessions.id().to_string();
@@ -212,6 +215,7 @@ async fn serve_connection(
     let info = ConnInfo {
         peer,
         sessions: sessions.clone(),
+        tls,
     };
     let service = tower::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(info.clone());

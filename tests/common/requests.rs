@@ -240,6 +240,8 @@ pub async fn web_login(
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    // In clear, the cookie cannot be Secure (the browser would not send it).
+    assert!(!cookie.contains("Secure"), "{cookie}");
     let pair = cookie.split(';').next().unwrap().to_string();
     Ok((pair, f["csrf"].as_str().unwrap().to_string()))
 }

@@ -101,8 +101,17 @@ pub struct Finish {
     client_final: String,
 }
 
+/// Whether a request came inside TLS.
+fn over_tls(parts: &Parts) -> bool {
+    parts
+        .extensions
+        .get::<crate::grpc::ConnInfo>()
+        .is_some_and(|c| c.tls)
+}
+
 /// `POST /api/v1/login/finish`.
-pub async fn finish(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
+pub async fn finish(State(s): State<ApiState>, parts: Parts, body: axum::body::Bytes) -> Response {
+    let secure = over_tls(&parts);
     let finish: Finish = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return bad(format!("the body: {e}")),
@@ -129,11 +138,12 @@ pub async fn finish(State(s): State<ApiState>, body: axum::body::Bytes) -> Respo
     );
     let h = r.headers_mut();
     for c in [
-        set_cookie(COOKIE, &session, None),
+        set_cookie(COOKIE, &session, None, secure),
         set_cookie(
             DEVICE_COOKIE,
             &login.device_token,
             Some(std::time::Duration::from_secs(180 * 24 * 3600)),
+            secure,
         ),
     ] {
         if let Ok(v) = HeaderValue::from_str(&c) {
@@ -150,7 +160,10 @@ pub async fn logout(State(s): State<ApiState>, parts: Parts) -> Response {
         tracing::info!(user = %who.user, "web logout");
     }
     let mut r = StatusCode::NO_CONTENT.into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("{}; Max-Age=0", set_cookie(COOKIE, "", None))) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{}; Max-Age=0",
+        set_cookie(COOKIE, "", None, over_tls(&parts))
+    )) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
