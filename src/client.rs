@@ -137,6 +137,23 @@ pub struct ClientOptions {
     pub max_frame_length: usize,
     /// Connect with TLS (`None`: plain TCP).
     pub tls: Option<crate::wire::tls::ClientTls>,
+    /// How a login inside TLS binds the channel.
+    pub channel_binding: ChannelBinding,
+}
+
+/// How a login inside TLS binds the channel (RFC 5802 §6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// `p=tls-exporter` (RFC 9266), SCRAM-SHA-256-PLUS: what this client
+    /// does.
+    #[default]
+    TlsExporter,
+    /// `p=tls-server-end-point` (RFC 5929), SCRAM-SHA-256-PLUS: what many
+    /// other SCRAM clients do.
+    TlsServerEndPoint,
+    /// No binding, and say so with `y` (SCRAM-SHA-256): the master takes it
+    /// for a downgrade and refuses.
+    ClaimUnsupported,
 }
 
 impl Default for ClientOptions {
@@ -146,6 +163,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(30),
             max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
             tls: None,
+            channel_binding: ChannelBinding::default(),
         }
     }
 }
@@ -292,11 +310,30 @@ pub async fn login(
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_HANDSHAKE_FRAME)
         .new_codec();
+    // Inside TLS, bind the channel into the proof (SCRAM-SHA-256-PLUS with
+    // tls-exporter): a relay that terminates TLS cannot pass the login on.
+    let binding = stream.channel_bindings();
     let mut framed = Framed::new(stream, codec);
-    let scram = ScramClient::new(&creds.user, creds.password.as_bytes());
+    let mut scram = ScramClient::new(&creds.user, creds.password.as_bytes());
+    use crate::auth::scram::{MECHANISM_PLUS, TLS_EXPORTER, TLS_SERVER_END_POINT};
+    let mechanism = match (binding, opts.channel_binding) {
+        (None, _) => MECHANISM,
+        (Some(b), ChannelBinding::TlsExporter) => {
+            scram = scram.bind(TLS_EXPORTER, b.tls_exporter);
+            MECHANISM_PLUS
+        }
+        (Some(b), ChannelBinding::TlsServerEndPoint) => {
+            scram = scram.bind(TLS_SERVER_END_POINT, b.tls_server_end_point);
+            MECHANISM_PLUS
+        }
+        (Some(_), ChannelBinding::ClaimUnsupported) => {
+            scram = scram.could_bind();
+            MECHANISM
+        }
+    };
     let hello = Hello {
         service: service.to_string(),
-        mechanism: MECHANISM.to_string(),
+        mechanism: mechanism.to_string(),
         initial_response: scram.client_first().into_bytes(),
         client_agent: opts.client_agent.clone(),
         device_token: creds.device_token().unwrap_or_default(),

@@ -383,3 +383,139 @@ async fn a_reload_rotates_the_certificate_and_live_sessions_stay() {
     assert_echo(&mut fresh, b"new").await;
     m.stop().await;
 }
+
+/// A relay that terminates TLS with its own certificate (which the client
+/// was made to trust) and opens its own TLS connection to the master: what
+/// a man in the middle does. Returns its address and its pin.
+async fn tls_relay(master: std::net::SocketAddr, master_pin: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = certificate(dir.path());
+    let settings = switchyard::dispatcher::tls::TlsSettings::load(
+        &dir.path().join("cert.pem"),
+        &dir.path().join("key.pem"),
+        false,
+    )
+    .unwrap();
+    let acceptor = settings.acceptor();
+    let upstream = ClientTls::new(
+        &Trust::Pin(master_pin.to_string()),
+        Some("localhost".into()),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let _keep = dir;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(mut down) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = upstream.connect(&master.to_string()).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    (addr, pin)
+}
+
+#[tokio::test]
+async fn channel_binding_is_checked_and_a_tls_relay_cannot_pass_a_login_on() {
+    let users = [ADMIN];
+    let (m, pin) = tls_master(&users, "true", false).await;
+    let addr = m.addr.to_string();
+    let creds = Credentials::new(ADMIN.0, ADMIN.1);
+    let opts = |binding| ClientOptions {
+        channel_binding: binding,
+        ..tls_opts(Trust::Pin(pin.clone()), Some("localhost"))
+    };
+    // SCRAM-SHA-256-PLUS with either binding type.
+    for binding in [
+        client::ChannelBinding::TlsExporter,
+        client::ChannelBinding::TlsServerEndPoint,
+    ] {
+        client::connect_with(&addr, "debug", &creds, &opts(binding))
+            .await
+            .unwrap_or_else(|e| panic!("{binding:?}: {e}"));
+    }
+    // A client told (by someone in between) that the master cannot bind:
+    // its `y` flag gives the downgrade away.
+    let e = client::connect_with(
+        &addr,
+        "debug",
+        &creds,
+        &opts(client::ChannelBinding::ClaimUnsupported),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.reject_code(),
+        Some(switchyard::proto::RejectCode::AuthFailed),
+        "{e}"
+    );
+    assert!(e.to_string().contains("downgrade"), "{e}");
+    // PLUS in clear is not offered.
+    let mut raw = Raw::native(m.addr).await;
+    raw.send(&switchyard::proto::ClientHandshake {
+        kind: Some(switchyard::proto::client_handshake::Kind::Hello(
+            switchyard::proto::Hello {
+                service: "debug".into(),
+                mechanism: "SCRAM-SHA-256-PLUS".into(),
+                initial_response: b"p=tls-exporter,,n=admin,r=abc".to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await;
+    match raw.recv().await.and_then(|m| m.kind) {
+        Some(switchyard::proto::server_handshake::Kind::Reject(r)) => {
+            assert_eq!(
+                r.code,
+                switchyard::proto::RejectCode::UnsupportedMechanism as i32
+            );
+            assert!(r.message.contains("use SCRAM-SHA-256"), "{}", r.message);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    // Through a relay that terminates TLS: the client's channel is not the
+    // master's, so its proof does not hold there.
+    let (relay, relay_pin) = tls_relay(m.addr, &pin).await;
+    for binding in [
+        client::ChannelBinding::TlsExporter,
+        client::ChannelBinding::TlsServerEndPoint,
+    ] {
+        let e = client::connect_with(
+            &relay,
+            "debug",
+            &creds,
+            &ClientOptions {
+                channel_binding: binding,
+                ..tls_opts(Trust::Pin(relay_pin.clone()), Some("localhost"))
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.reject_code(),
+            Some(switchyard::proto::RejectCode::AuthFailed),
+            "{binding:?}: {e}"
+        );
+        assert!(
+            e.to_string().contains("channel binding"),
+            "{binding:?}: {e}"
+        );
+    }
+    // The master serves everyone else meanwhile.
+    client::connect_with(
+        &addr,
+        "debug",
+        &creds,
+        &opts(client::ChannelBinding::TlsExporter),
+    )
+    .await
+    .unwrap();
+    m.stop().await;
+}

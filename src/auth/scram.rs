@@ -3,8 +3,11 @@
 //! Each step of the exchange is its own type, consumed by the next step, so a
 //! message out of order cannot even be expressed: the server can only check a
 //! proof on a [`ServerFirst`] it issued, and the client can only verify the
-//! server's signature on the [`ClientFinal`] it sent. Channel binding is not
-//! supported (we have no TLS yet), so the client must send the `n` or `y` flag.
+//! server's signature on the [`ClientFinal`] it sent. Over TLS the client
+//! binds the channel into its proof (SCRAM-SHA-256-PLUS, RFC 5802 §6):
+//! `p=tls-exporter` (RFC 9266) or `p=tls-server-end-point` (RFC 5929); a
+//! client sending `y` (it could bind, but believes the server cannot) to a
+//! server that can is a downgrade, and is refused.
 //! User names are compared as given (no SASLprep): the config's names are the
 //! reference.
 
@@ -16,8 +19,42 @@ use super::verifier::{
     MAX_ITERATIONS, MIN_ITERATIONS, Verifier, derive_keys, hmac, salted_password, sha256,
 };
 
-/// The one mechanism name this module speaks.
+/// The mechanism without channel binding.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// The mechanism with channel binding (TLS only).
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// The channel binding types this module knows.
+pub const TLS_EXPORTER: &str = "tls-exporter";
+pub const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
+
+/// What the client said of channel binding (its gs2 flag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gs2Flag {
+    /// `n`: the client does not bind.
+    No,
+    /// `y`: the client could bind but believes the server cannot.
+    ClientOnly,
+    /// `p=TYPE`: the client binds with this type.
+    Bound(String),
+}
+
+/// The channel as the server sees it: the binding data of each type.
+#[derive(Clone, Debug)]
+pub struct ChannelBindings {
+    pub tls_exporter: Vec<u8>,
+    pub tls_server_end_point: Vec<u8>,
+}
+
+impl ChannelBindings {
+    fn get(&self, kind: &str) -> Option<&[u8]> {
+        match kind {
+            TLS_EXPORTER => Some(&self.tls_exporter),
+            TLS_SERVER_END_POINT => Some(&self.tls_server_end_point),
+            _ => None,
+        }
+    }
+}
 
 /// What went wrong in a SCRAM exchange. `InvalidProof` is the only error a
 /// correct client with a wrong password (or an unknown name) can cause.
@@ -29,6 +66,8 @@ pub enum ScramError {
     Malformed(&'static str),
     #[error("channel binding is not supported on this connection")]
     ChannelBindingUnsupported,
+    #[error("the channel binding does not match this connection (a relay in between?)")]
+    ChannelBindingMismatch,
     #[error("authorization identity must be empty or equal the user name")]
     AuthzidMismatch,
     #[error("nonce does not continue the client's nonce")]
@@ -95,6 +134,7 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 #[derive(Debug)]
 pub struct ClientFirst {
     user: String,
+    flag: Gs2Flag,
     gs2_header: String,
     bare: String,
     client_nonce: String,
@@ -108,11 +148,15 @@ impl ClientFirst {
         let cbind = parts.next().unwrap_or("");
         let authzid = parts.next().ok_or(ScramError::Malformed("no gs2 header"))?;
         let bare = parts.next().ok_or(ScramError::Malformed("no gs2 header"))?;
-        match cbind {
-            "n" | "y" => {}
-            c if c.starts_with("p=") => return Err(ScramError::ChannelBindingUnsupported),
+        let flag = match cbind {
+            "n" => Gs2Flag::No,
+            "y" => Gs2Flag::ClientOnly,
+            c if c.starts_with("p=") => match &c[2..] {
+                t @ (TLS_EXPORTER | TLS_SERVER_END_POINT) => Gs2Flag::Bound(t.to_string()),
+                _ => return Err(ScramError::ChannelBindingUnsupported),
+            },
             _ => return Err(ScramError::Malformed("bad channel binding flag")),
-        }
+        };
         let gs2_header = format!("{cbind},{authzid},");
         let mut attrs = bare.split(',');
         let user = match attrs.next() {
@@ -145,6 +189,7 @@ impl ClientFirst {
         Ok(ClientFirst {
             client_nonce: nonce.to_string(),
             user,
+            flag,
             gs2_header,
             bare: bare.to_string(),
         })
@@ -153,6 +198,11 @@ impl ClientFirst {
     /// The user name the client claims.
     pub fn user(&self) -> &str {
         &self.user
+    }
+
+    /// What the client said of channel binding.
+    pub fn flag(&self) -> &Gs2Flag {
+        &self.flag
     }
 
     /// Answers with a server-first-message built on `verifier`. For a name
@@ -203,6 +253,17 @@ impl ServerFirst {
     /// Checks the client-final-message. On success returns the
     /// authenticated identity and the server-final-message to send.
     pub fn verify(self, client_final: &[u8]) -> Result<Authenticated, ScramError> {
+        self.verify_bound(client_final, None)
+    }
+
+    /// [`ServerFirst::verify`] on a channel with these bindings: a client
+    /// that sent `p=TYPE` must have bound exactly this channel's data of
+    /// that type into its proof.
+    pub fn verify_bound(
+        self,
+        client_final: &[u8],
+        bindings: Option<&ChannelBindings>,
+    ) -> Result<Authenticated, ScramError> {
         let msg = utf8(client_final)?;
         let (without_proof, proof) = msg
             .rsplit_once(",p=")
@@ -219,10 +280,15 @@ impl ServerFirst {
         let cbind = B64
             .decode(cbind)
             .map_err(|_| ScramError::Malformed("channel binding is not base64"))?;
-        if cbind != self.first.gs2_header.as_bytes() {
-            return Err(ScramError::Malformed(
-                "channel binding does not match gs2 header",
-            ));
+        let mut expected = self.first.gs2_header.as_bytes().to_vec();
+        if let Gs2Flag::Bound(kind) = &self.first.flag {
+            let data = bindings
+                .and_then(|b| b.get(kind))
+                .ok_or(ScramError::ChannelBindingUnsupported)?;
+            expected.extend_from_slice(data);
+        }
+        if !bool::from(cbind.ct_eq(&expected)) {
+            return Err(ScramError::ChannelBindingMismatch);
         }
         if nonce != self.nonce {
             return Err(ScramError::NonceMismatch);
@@ -266,6 +332,9 @@ pub struct ScramClient<'a> {
     user: &'a str,
     password: &'a [u8],
     nonce: String,
+    /// The gs2 header, and the channel binding data bound into the proof.
+    gs2_header: String,
+    binding: Vec<u8>,
 }
 
 impl<'a> ScramClient<'a> {
@@ -280,7 +349,24 @@ impl<'a> ScramClient<'a> {
             user,
             password,
             nonce: nonce.to_string(),
+            gs2_header: "n,,".into(),
+            binding: Vec::new(),
         }
+    }
+
+    /// Binds the channel: `kind` (`tls-exporter` or `tls-server-end-point`)
+    /// with the data this client sees for it (SCRAM-SHA-256-PLUS).
+    pub fn bind(mut self, kind: &str, data: Vec<u8>) -> Self {
+        self.gs2_header = format!("p={kind},,");
+        self.binding = data;
+        self
+    }
+
+    /// Says the client could bind but believes the server cannot (`y`).
+    pub fn could_bind(mut self) -> Self {
+        self.gs2_header = "y,,".into();
+        self.binding.clear();
+        self
     }
 
     fn bare(&self) -> String {
@@ -289,7 +375,7 @@ impl<'a> ScramClient<'a> {
 
     /// The client-first-message, for `Hello.initial_response`.
     pub fn client_first(&self) -> String {
-        format!("n,,{}", self.bare())
+        format!("{}{}", self.gs2_header, self.bare())
     }
 
     /// Answers the server's challenge. `salted` computes (or fetches from a
@@ -332,7 +418,9 @@ impl<'a> ScramClient<'a> {
         }
         let salted = salted(self.password, &salt, iterations as u32);
         let (client_key, stored_key, server_key) = derive_keys(&salted);
-        let without_proof = format!("c={},r={nonce}", B64.encode("n,,"));
+        let mut cbind = self.gs2_header.as_bytes().to_vec();
+        cbind.extend_from_slice(&self.binding);
+        let without_proof = format!("c={},r={nonce}", B64.encode(cbind));
         let auth_message = format!("{},{server_first},{without_proof}", self.bare());
         let client_signature = hmac(&stored_key, auth_message.as_bytes());
         let proof = xor(&client_key, &client_signature);

@@ -24,7 +24,9 @@ use tokio_util::task::TaskTracker;
 use super::registry::Route;
 use super::session::{LiveSession, Session, hangup_for};
 use super::{MAX_HANDSHAKE_FRAME, Shared};
-use crate::auth::scram::{Authenticated, ClientFirst, MECHANISM, ScramError};
+use crate::auth::scram::{
+    Authenticated, ChannelBindings, ClientFirst, Gs2Flag, MECHANISM, MECHANISM_PLUS, ScramError,
+};
 use crate::proto::{
     Challenge, ClientHandshake, Reject, RejectCode, ServerHandshake, Welcome, client_handshake,
     server_handshake,
@@ -127,6 +129,7 @@ async fn exchange(
     shared: &Shared,
     framed: &mut HandshakeStream,
     peer: SocketAddr,
+    bindings: Option<&ChannelBindings>,
 ) -> Result<Accepted, End> {
     let hello = match receive(framed, "Hello").await? {
         client_handshake::Kind::Hello(h) => h,
@@ -141,17 +144,53 @@ async fn exchange(
             format!("no service named {service:?} on this port"),
         ));
     }
-    if hello.mechanism != MECHANISM {
-        return Err(reject(
-            RejectCode::UnsupportedMechanism,
-            format!(
-                "mechanism {:?} is not offered on this connection; use {MECHANISM}",
-                hello.mechanism
-            ),
-        ));
-    }
+    // SCRAM-SHA-256 anywhere; SCRAM-SHA-256-PLUS (channel binding) inside
+    // TLS.
+    let plus = match (hello.mechanism.as_str(), bindings.is_some()) {
+        (MECHANISM, _) => false,
+        (MECHANISM_PLUS, true) => true,
+        (m, tls) => {
+            let offered = if tls {
+                format!("{MECHANISM_PLUS} or {MECHANISM}")
+            } else {
+                MECHANISM.to_string()
+            };
+            return Err(reject(
+                RejectCode::UnsupportedMechanism,
+                format!("mechanism {m:?} is not offered on this connection; use {offered}"),
+            ));
+        }
+    };
     let first =
         ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
+    // RFC 5802 §6: the flag must fit the mechanism, and a client that could
+    // have bound (`y`) on a channel where the master can is being
+    // downgraded by someone in between.
+    match (first.flag(), plus) {
+        (Gs2Flag::Bound(_), false) => {
+            return Err(protocol_error(format!(
+                "channel binding (p=) needs mechanism {MECHANISM_PLUS}"
+            )));
+        }
+        (Gs2Flag::No | Gs2Flag::ClientOnly, true) => {
+            return Err(protocol_error(format!(
+                "{MECHANISM_PLUS} needs channel binding (p=tls-exporter or p=tls-server-end-point)"
+            )));
+        }
+        (Gs2Flag::ClientOnly, false) if bindings.is_some() => {
+            shared.counters.login(LoginOutcome::Failed);
+            return Err(End::Reject {
+                code: RejectCode::AuthFailed,
+                message: format!(
+                    "channel binding downgrade: this connection offers {MECHANISM_PLUS}, but the client was told it does not"
+                ),
+                log:
+                    "refused a login: SCRAM channel binding downgrade (y flag on a TLS connection)"
+                        .into(),
+            });
+        }
+        _ => {}
+    }
     let user = first.user().to_string();
     let device = shared.devices.check(&user, &hello.device_token);
     let patience = shared
@@ -202,13 +241,17 @@ async fn exchange(
             return Err(protocol_error("expected Response, got a second Hello"));
         }
     };
-    let auth = match server_first.verify(&response.data) {
+    let auth = match server_first.verify_bound(&response.data, bindings) {
         Ok(a) => a,
         Err(e) => {
-            if matches!(e, ScramError::InvalidProof) {
+            let failed = matches!(
+                e,
+                ScramError::InvalidProof | ScramError::ChannelBindingMismatch
+            );
+            if failed {
                 shared.counters.login(LoginOutcome::Failed);
             }
-            if !checker_down && matches!(e, ScramError::InvalidProof) {
+            if !checker_down && failed {
                 // Answered late when this address fails a lot (spraying).
                 let delay = attempt.failed();
                 tokio::time::sleep(delay).await;
@@ -218,6 +261,13 @@ async fn exchange(
                     code: RejectCode::AuthFailed,
                     message: AUTH_FAILED_MESSAGE.to_string(),
                     log: format!("authentication failed for user {user:?}"),
+                },
+                ScramError::ChannelBindingMismatch => End::Reject {
+                    code: RejectCode::AuthFailed,
+                    message: ScramError::ChannelBindingMismatch.to_string(),
+                    log: format!(
+                        "refused a login for user {user:?}: its channel binding is not this connection's (a relay in between?)"
+                    ),
                 },
                 other => protocol_error(other.to_string()),
             });
@@ -271,6 +321,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let bindings = stream.channel_bindings();
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_HANDSHAKE_FRAME)
         .new_codec();
@@ -299,7 +350,7 @@ pub(crate) async fn serve(
         .clone();
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(limits.handshake_timeout, exchange(&shared, &mut framed, peer)) => r,
+        r = tokio::time::timeout(limits.handshake_timeout, exchange(&shared, &mut framed, peer, bindings.as_ref())) => r,
     };
     drop(handshake_slot);
     let accepted = match outcome {

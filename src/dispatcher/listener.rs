@@ -207,7 +207,10 @@ async fn connection(
         r = tokio::time::timeout_at(deadline, tls.acceptor.accept(Rewind::new(buf.freeze(), stream))) => r,
     };
     let mut transport = match accepted {
-        Ok(Ok(s)) => Transport::TlsServer(Box::new(s)),
+        Ok(Ok(s)) => Transport::TlsServer(Box::new(crate::wire::transport::ServerTls {
+            stream: s,
+            certificate: tls.certificate.clone(),
+        })),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "refused connection: TLS handshake failed");
             return;

@@ -18,6 +18,9 @@ pub struct TlsSettings {
     /// The SHA-256 of the certificate (the first of the chain), hex: what
     /// clients pin a self-signed master by.
     pub pin_sha256: String,
+    /// The certificate presented (DER, the first of the chain), for
+    /// `tls-server-end-point` channel binding.
+    pub(crate) certificate: Arc<Vec<u8>>,
 }
 
 /// Why the certificate or key could not be used.
@@ -51,6 +54,12 @@ pub fn pin_of(der: &[u8]) -> String {
 }
 
 impl TlsSettings {
+    /// The acceptor these settings make (for a relay in a test, or a
+    /// program that embeds the port's TLS).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor.clone()
+    }
+
     /// Loads a PEM certificate chain and its key.
     pub fn load(cert: &Path, key: &Path, require: bool) -> Result<TlsSettings, TlsError> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -78,6 +87,7 @@ impl TlsSettings {
                 why: e.to_string(),
             })?;
         let pin_sha256 = pin_of(&certs[0]);
+        let certificate = Arc::new(certs[0].to_vec());
         let certified = rustls::sign::CertifiedKey::new(certs.clone(), signing);
         if certified.keys_match().is_err() {
             return Err(TlsError::Mismatch {
@@ -96,6 +106,7 @@ impl TlsSettings {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             require,
             pin_sha256,
+            certificate,
         })
     }
 }

@@ -103,6 +103,17 @@ impl ClientTls {
         })
     }
 
+    /// Connects to `addr` (`HOST:PORT`) and completes the TLS handshake.
+    pub async fn connect(
+        &self,
+        addr: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let name = self.name_for(addr).map_err(std::io::Error::other)?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        self.connector.connect(name, tcp).await
+    }
+
     /// The name to check for a connection to `addr` (`HOST:PORT`).
     pub(crate) fn name_for(&self, addr: &str) -> Result<ServerName<'static>, String> {
         let host = match &self.server_name {
