@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+mod support;
+use support::{median, rate};
 use switchyard::auth::{InMemoryChecker, Verifier};
 use switchyard::client::{self, Credentials};
 use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
@@ -37,39 +39,6 @@ struct Settings {
     echoes: usize,
     time_cap: Duration,
     idle_sessions: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Runs `op` from `workers` tasks until `count` ops or `cap` elapsed;
-/// returns ops per second.
-async fn rate<F, Fut>(workers: usize, count: usize, cap: Duration, op: F) -> f64
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (op, done) = (op.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            while start.elapsed() < cap
-                && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
-            {
-                op().await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let n = done.load(std::sync::atomic::Ordering::Relaxed).min(count);
-    n as f64 / start.elapsed().as_secs_f64()
 }
 
 async fn switchyard_port() -> (String, Dispatcher, CancellationToken) {

@@ -5,12 +5,17 @@
 //!    login to `ping`, one echo, close) against a plain rustls TLS echo
 //!    server (connect, handshake, one echo, close), four clients at once;
 //! 2. echo round trips on one TLS session against a raw TLS echo server
-//!    with the same framing.
+//!    with the same framing;
+//! 3. a step printing 1 GiB, force to build end, on a worker connected over
+//!    TLS against the same on a worker connected over plain TCP, with a real
+//!    master process and real worker processes (alternating).
 //!
 //! Both servers run in this process with the same certificate and crypto
 //! (rustls, ring). Run: `cargo bench --bench tls` (`-- quick` for a short
 //! run). Everything talks to 127.0.0.1, every loop is bounded in count and
 //! time.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,44 +27,13 @@ use tokio::net::TcpListener;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use support::{median, rate};
 use switchyard::auth::{InMemoryChecker, Verifier};
 use switchyard::client::{self, ClientOptions, Credentials};
 use switchyard::dispatcher::tls::TlsSettings;
 use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
 use switchyard::services::ping;
 use switchyard::wire::tls::{ClientTls, Trust};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Runs `op` from `workers` tasks until `count` ops or `cap`; ops/s.
-async fn rate<F, Fut>(workers: usize, count: usize, cap: Duration, op: F) -> f64
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (op, done) = (op.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            while start.elapsed() < cap
-                && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
-            {
-                op().await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let n = done.load(std::sync::atomic::Ordering::Relaxed).min(count);
-    n as f64 / start.elapsed().as_secs_f64()
-}
 
 /// A certificate for localhost in a temp dir, loaded.
 fn settings(dir: &std::path::Path) -> (TlsSettings, String) {
@@ -133,6 +107,104 @@ async fn framed_echo<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream.send(payload.clone()).await.unwrap();
     let back = stream.next().await.unwrap().unwrap();
     assert_eq!(back.len(), payload.len());
+}
+
+/// Part 3: a master process with TLS, a worker over TLS and one in clear;
+/// each builds a step printing `bytes`, alternately. Seconds, force to
+/// build end: (over TLS, in clear) medians.
+async fn big_log(bytes: u64, rounds: usize) -> (f64, f64) {
+    use switchyard::proto::debug_client::DebugClient;
+    use switchyard::proto::{ForceRequest, WatchRequest, WorkersRequest, debug_event};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pin) = settings(dir.path());
+    let mut config = String::from(
+        "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n[master.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n[[user]]\nname = \"admin\"\nservices = [\"debug\"]\n\n[[worker]]\nname = \"tls\"\n\n[[worker]]\nname = \"plain\"\n",
+    );
+    for w in ["tls", "plain"] {
+        config.push_str(&format!(
+            "\n[[builder]]\nname = \"big-{w}\"\nworkers = [\"{w}\"]\n[[builder.step]]\nname = \"print\"\nshell = \"head -c {bytes} /dev/zero\"\n"
+        ));
+    }
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        format!(
+            "[verifiers]\nadmin = {:?}\ntls = {:?}\nplain = {:?}\n",
+            support::verifier("admin-pw"),
+            support::verifier("worker-pw"),
+            support::verifier("worker-pw")
+        ),
+    )
+    .unwrap();
+    let (_master, addr) = support::spawn_master(dir.path());
+    let _tls = support::spawn_worker_args(
+        &addr,
+        "tls",
+        &dir.path().join("w-tls"),
+        &["--tls", "--pin-sha256", &pin, "--server-name", "localhost"],
+    );
+    let _plain = support::spawn_worker(&addr, "plain", &dir.path().join("w-plain"));
+    let auth: tonic::metadata::MetadataValue<_> = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "admin:admin-pw")
+    )
+    .parse()
+    .unwrap();
+    fn with<T>(
+        m: T,
+        auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert("authorization", auth.clone());
+        r
+    }
+    let req_workers = || with(WorkersRequest {}, &auth);
+    let mut debug = DebugClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = debug.workers(req_workers()).await.unwrap().into_inner();
+        if w.workers.iter().filter(|w| w.connected).count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the workers did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut events = debug
+        .watch(with(WatchRequest {}, &auth))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut over_tls, mut clear) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (builder, out) in [("big-tls", &mut over_tls), ("big-plain", &mut clear)] {
+            let start = Instant::now();
+            debug
+                .force(with(
+                    ForceRequest {
+                        builder: builder.into(),
+                        ..Default::default()
+                    },
+                    &auth,
+                ))
+                .await
+                .unwrap();
+            loop {
+                let e = tokio::time::timeout(Duration::from_secs(600), events.next())
+                    .await
+                    .expect("the build ends")
+                    .unwrap()
+                    .unwrap();
+                if let Some(debug_event::Kind::BuildEnded(b)) = e.kind {
+                    assert_eq!(b.result, "success");
+                    break;
+                }
+            }
+            out.push(start.elapsed().as_secs_f64());
+        }
+    }
+    (median(over_tls), median(clear))
 }
 
 fn main() {
@@ -225,6 +297,17 @@ fn main() {
         println!(
             "2. echo round trips/s on one TLS session (64-byte frames): switchyard {o:.0}, raw TLS echo {b:.0}, ratio {:.2} (median of {rounds} rounds)",
             o / b
+        );
+
+        // 3. A big log over a TLS worker link.
+        let (log, log_rounds) = if quick { (64u64 << 20, 2) } else { (1u64 << 30, 3) };
+        let (t, p) = big_log(log, log_rounds).await;
+        let mib = (log >> 20) as f64;
+        println!(
+            "3. a step printing {mib:.0} MiB, force to build end: worker over TLS {t:.2} s ({:.0} MiB/s), worker in clear {p:.2} s ({:.0} MiB/s), ratio (clear/TLS time) {:.2} (median of {log_rounds} rounds each, alternating)",
+            mib / t,
+            mib / p,
+            p / t
         );
     });
 }

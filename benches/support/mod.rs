@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use switchyard::auth::Verifier;
 
@@ -74,10 +76,16 @@ pub fn spawn_master(dir: &Path) -> (Proc, String) {
 
 /// Starts `switchyard worker NAME` (password `worker-pw`) against `addr`.
 pub fn spawn_worker(addr: &str, name: &str, basedir: &Path) -> Proc {
+    spawn_worker_args(addr, name, basedir, &[])
+}
+
+/// [`spawn_worker`] with more arguments (`--tls ...`).
+pub fn spawn_worker_args(addr: &str, name: &str, basedir: &Path, args: &[&str]) -> Proc {
     Proc(
         Command::new(BIN)
             .args(["worker", "--master", addr, "--name", name, "--basedir"])
             .arg(basedir)
+            .args(args)
             .env("SWITCHYARD_PASSWORD", "worker-pw")
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
@@ -86,4 +94,36 @@ pub fn spawn_worker(addr: &str, name: &str, basedir: &Path) -> Proc {
             .spawn()
             .unwrap(),
     )
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Runs `op` from `workers` tasks until `count` ops or `cap`; ops/s.
+pub async fn rate<F, Fut>(workers: usize, count: usize, cap: Duration, op: F) -> f64
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (op, done) = (op.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while start.elapsed() < cap
+                && done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
+            {
+                op().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = done.load(std::sync::atomic::Ordering::Relaxed).min(count);
+    n as f64 / start.elapsed().as_secs_f64()
 }
