@@ -519,3 +519,34 @@ async fn channel_binding_is_checked_and_a_tls_relay_cannot_pass_a_login_on() {
     .unwrap();
     m.stop().await;
 }
+
+#[tokio::test]
+async fn an_expired_certificate_is_one_clear_line() {
+    let users = [ADMIN];
+    let (m, _) = tls_master(&users, "true", false).await;
+    // Replace the certificate with one that expired in 2001, and reload.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    let dir = m.dir.path();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    within("a reload", m.master.reload()).await.unwrap();
+    let e = client::connect_with(
+        &m.addr.to_string(),
+        "debug",
+        &Credentials::new(ADMIN.0, ADMIN.1),
+        &tls_opts(Trust::CaFile(dir.join("cert.pem")), Some("localhost")),
+    )
+    .await
+    .unwrap_err();
+    let line = e.to_string();
+    assert!(
+        line.contains("not trusted") && line.contains("Expired"),
+        "{line}"
+    );
+    assert!(!line.contains('\n'), "one line: {line}");
+    m.stop().await;
+}
