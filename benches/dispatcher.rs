@@ -19,17 +19,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tokio_util::sync::CancellationToken;
 
 mod support;
-use support::{median, rate};
-use switchyard::auth::{InMemoryChecker, Verifier};
+use support::{framed_echo, median, rate, switchyard_port};
+use switchyard::auth::Verifier;
 use switchyard::client::{self, Credentials};
-use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
 use switchyard::services::ping;
 
 struct Settings {
@@ -39,30 +37,6 @@ struct Settings {
     echoes: usize,
     time_cap: Duration,
     idle_sessions: usize,
-}
-
-async fn switchyard_port() -> (String, Dispatcher, CancellationToken) {
-    let users = Arc::new(InMemoryChecker::new());
-    users.insert("bench", Verifier::from_password(b"bench-pw", 4096).unwrap());
-    let dispatcher = Dispatcher::new(
-        Limits {
-            max_connections: 50_000,
-            ..Limits::default()
-        },
-        users,
-        AccessPolicy::default().grant("bench", ["ping"]),
-    );
-    let reg = dispatcher
-        .registry()
-        .register(ping::NAME, Default::default(), ping::serve)
-        .unwrap();
-    std::mem::forget(reg); // the service stays for the whole bench
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
-    let (d, s) = (dispatcher.clone(), shutdown.clone());
-    tokio::spawn(async move { d.serve(listener, s).await });
-    (addr, dispatcher, shutdown)
 }
 
 /// The baseline: a plain TCP server echoing bytes, one task per connection.
@@ -90,17 +64,8 @@ async fn plain_echo_port() -> String {
     addr
 }
 
-async fn framed_echo<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    stream: &mut Framed<T, LengthDelimitedCodec>,
-    payload: &Bytes,
-) {
-    stream.send(payload.clone()).await.unwrap();
-    let back = stream.next().await.unwrap().unwrap();
-    assert_eq!(back.len(), payload.len());
-}
-
 async fn bench_sessions(s: &Settings) -> (f64, f64) {
-    let (addr, _, _) = switchyard_port().await;
+    let (addr, _, _) = switchyard_port(None).await;
     let plain = plain_echo_port().await;
     let creds = Arc::new(Credentials::new("bench", "bench-pw"));
     let payload = Bytes::from_static(&[42u8; 64]);
@@ -137,7 +102,7 @@ async fn bench_sessions(s: &Settings) -> (f64, f64) {
 }
 
 async fn bench_echo(s: &Settings) -> (f64, f64) {
-    let (addr, _, _) = switchyard_port().await;
+    let (addr, _, _) = switchyard_port(None).await;
     let plain = plain_echo_port().await;
     let creds = Credentials::new("bench", "bench-pw");
     let payload = Bytes::from_static(&[42u8; 64]);

@@ -21,17 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tokio_util::sync::CancellationToken;
 
-use support::{median, rate};
-use switchyard::auth::{InMemoryChecker, Verifier};
+use support::{framed_echo, median, rate, switchyard_port};
 use switchyard::client::{self, ClientOptions, Credentials};
 use switchyard::dispatcher::tls::TlsSettings;
-use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
 use switchyard::services::ping;
 use switchyard::wire::tls::{ClientTls, Trust};
 
@@ -42,32 +39,6 @@ fn settings(dir: &std::path::Path) -> (TlsSettings, String) {
     std::fs::write(dir.join("key.pem"), key).unwrap();
     let s = TlsSettings::load(&dir.join("cert.pem"), &dir.join("key.pem"), true).unwrap();
     (s, pin)
-}
-
-/// The shared port with `ping`, TLS required.
-async fn switchyard_port(tls: TlsSettings) -> (String, CancellationToken) {
-    let users = Arc::new(InMemoryChecker::new());
-    users.insert("bench", Verifier::from_password(b"bench-pw", 4096).unwrap());
-    let dispatcher = Dispatcher::new(
-        Limits {
-            max_connections: 50_000,
-            ..Limits::default()
-        },
-        users,
-        AccessPolicy::default().grant("bench", ["ping"]),
-    );
-    dispatcher.set_tls(Some(tls));
-    let reg = dispatcher
-        .registry()
-        .register(ping::NAME, Default::default(), ping::serve)
-        .unwrap();
-    std::mem::forget(reg);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    tokio::spawn(async move { dispatcher.serve(listener, s).await });
-    (addr, shutdown)
 }
 
 /// The baseline: rustls echoing bytes, one task per connection.
@@ -98,15 +69,6 @@ async fn tls_echo_port(tls: &TlsSettings) -> String {
         }
     });
     addr
-}
-
-async fn framed_echo<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    stream: &mut Framed<T, LengthDelimitedCodec>,
-    payload: &Bytes,
-) {
-    stream.send(payload.clone()).await.unwrap();
-    let back = stream.next().await.unwrap().unwrap();
-    assert_eq!(back.len(), payload.len());
 }
 
 /// Part 3: a master process with TLS, a worker over TLS and one in clear;
@@ -224,7 +186,7 @@ fn main() {
         let theirs_tls =
             TlsSettings::load(&dir.path().join("cert.pem"), &dir.path().join("key.pem"), true)
                 .unwrap();
-        let (addr, _shutdown) = switchyard_port(ours_tls).await;
+        let (addr, _, _shutdown) = switchyard_port(Some(ours_tls)).await;
         let baseline = tls_echo_port(&theirs_tls).await;
         let client_tls = ClientTls::new(&Trust::Pin(pin), Some("localhost".into())).unwrap();
         let opts = Arc::new(ClientOptions {

@@ -127,3 +127,53 @@ where
     let n = done.load(std::sync::atomic::Ordering::Relaxed).min(count);
     n as f64 / start.elapsed().as_secs_f64()
 }
+
+/// The shared port in this process, with `ping` and a user `bench`
+/// (password `bench-pw`); with TLS if given. Its address, the port, and
+/// the token that stops it.
+pub async fn switchyard_port(
+    tls: Option<switchyard::dispatcher::tls::TlsSettings>,
+) -> (
+    String,
+    switchyard::dispatcher::Dispatcher,
+    tokio_util::sync::CancellationToken,
+) {
+    use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
+    let users = Arc::new(switchyard::auth::InMemoryChecker::new());
+    users.insert("bench", Verifier::from_password(b"bench-pw", 4096).unwrap());
+    let dispatcher = Dispatcher::new(
+        Limits {
+            max_connections: 50_000,
+            ..Limits::default()
+        },
+        users,
+        AccessPolicy::default().grant("bench", [switchyard::services::ping::NAME]),
+    );
+    dispatcher.set_tls(tls);
+    let reg = dispatcher
+        .registry()
+        .register(
+            switchyard::services::ping::NAME,
+            Default::default(),
+            switchyard::services::ping::serve,
+        )
+        .unwrap();
+    std::mem::forget(reg); // the service stays for the whole bench
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (d, s) = (dispatcher.clone(), shutdown.clone());
+    tokio::spawn(async move { d.serve(listener, s).await });
+    (addr, dispatcher, shutdown)
+}
+
+/// Sends `payload` as one frame and waits for it to come back.
+pub async fn framed_echo<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut tokio_util::codec::Framed<T, tokio_util::codec::LengthDelimitedCodec>,
+    payload: &bytes::Bytes,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    stream.send(payload.clone()).await.unwrap();
+    let back = stream.next().await.unwrap().unwrap();
+    assert_eq!(back.len(), payload.len());
+}
