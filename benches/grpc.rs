@@ -6,7 +6,10 @@
 //! 2. both with the bench's own in-memory store, to isolate what the shared
 //!    port costs (sniffing, hyper on an accepted socket, Basic credentials
 //!    through the port's checkers);
-//! 3. durable pushes per second with SQLite, as measured in 1.
+//! 3. durable pushes per second with SQLite, as measured in 1;
+//! 4. as 2 (in memory), both inside TLS: the shared port with
+//!    `[master.tls]` against tonic serving rustls connections on its own
+//!    port, the same certificate, the same client connector.
 //!
 //! Run: `cargo bench --bench grpc` (add `-- quick` for a short run). Loopback
 //! only; every loop is bounded in count and time.
@@ -23,12 +26,14 @@ use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
 use switchyard::auth::{InMemoryChecker, Verifier};
+use switchyard::dispatcher::tls::TlsSettings;
 use switchyard::dispatcher::{AccessPolicy, Dispatcher, Limits};
 use switchyard::grpc::change_source::ChangeSourceService;
 use switchyard::grpc::{GrpcAuth, HttpFrontDoor};
 use switchyard::proto::change_source_client::ChangeSourceClient;
 use switchyard::proto::{Change, PushChangeRequest};
 use switchyard::state::{ChangeStore, NewChange, StateDb, StateError};
+use switchyard::wire::tls::{ClientTls, Trust};
 
 /// The bench's in-memory store: ids from a counter, changes dropped.
 struct MemoryStore(AtomicI64);
@@ -53,7 +58,13 @@ fn dispatcher() -> Dispatcher {
 
 /// The service on the shared port; returns its address.
 async fn shared_port(store: Arc<dyn ChangeStore>) -> String {
+    shared_port_tls(store, None).await
+}
+
+/// [`shared_port`], with TLS if given.
+async fn shared_port_tls(store: Arc<dyn ChangeStore>, tls: Option<TlsSettings>) -> String {
     let d = dispatcher();
+    d.set_tls(tls);
     let service = ChangeSourceService::new(store, GrpcAuth::new(d.clone())).into_server();
     let reg = d
         .registry()
@@ -83,6 +94,83 @@ async fn plain_tonic(store: Arc<dyn ChangeStore>) -> String {
     addr
 }
 
+/// A rustls server connection, as tonic's own server takes its streams.
+struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// The same service served alone by tonic over rustls on its own port.
+async fn tls_tonic(store: Arc<dyn ChangeStore>, tls: &TlsSettings) -> String {
+    let d = dispatcher();
+    let service = ChangeSourceService::new(store, GrpcAuth::new(d)).into_server();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let acceptor = tls.acceptor();
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                if let Ok(s) = acceptor.accept(tcp).await {
+                    let _ = tx.send(Ok(TlsConn(s))).await;
+                }
+            });
+        }
+    });
+    let incoming = tokio_stream_from(rx);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+/// A stream of what `rx` receives.
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
 fn change(n: usize) -> Change {
     Change {
         repository: "https://git.example.org/widgets.git".into(),
@@ -103,6 +191,7 @@ async fn push_rate(
     clients: usize,
     count: usize,
     cap: Duration,
+    tls: Option<&ClientTls>,
 ) -> f64 {
     let auth: tonic::metadata::MetadataValue<_> = format!(
         "Basic {}",
@@ -112,13 +201,21 @@ async fn push_rate(
     .unwrap();
     let mut conns: Vec<Channel> = Vec::new();
     for _ in 0..channels {
-        conns.push(
-            Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap(),
-        );
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        conns.push(match tls {
+            None => endpoint.connect().await.unwrap(),
+            Some(tls) => {
+                let (tls, target) = (tls.clone(), addr.to_string());
+                let connector = tower::service_fn(move |_uri: http::Uri| {
+                    let (tls, target) = (tls.clone(), target.clone());
+                    async move {
+                        let s = tls.connect(&target).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                });
+                endpoint.connect_with_connector(connector).await.unwrap()
+            }
+        });
     }
     // One warm-up push fills the credential cache, as for a hook that pushes often.
     let mut warm = ChangeSourceClient::new(conns[0].clone());
@@ -169,15 +266,16 @@ async fn pair(
     rounds: usize,
     count: usize,
     cap: Duration,
+    tls: Option<&ClientTls>,
 ) -> (f64, f64, f64) {
     let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (x, y) = if round % 2 == 0 {
-            let x = push_rate(shared, 4, 32, count, cap).await;
-            (x, push_rate(plain, 4, 32, count, cap).await)
+            let x = push_rate(shared, 4, 32, count, cap, tls).await;
+            (x, push_rate(plain, 4, 32, count, cap, tls).await)
         } else {
-            let y = push_rate(plain, 4, 32, count, cap).await;
-            (push_rate(shared, 4, 32, count, cap).await, y)
+            let y = push_rate(plain, 4, 32, count, cap, tls).await;
+            (push_rate(shared, 4, 32, count, cap, tls).await, y)
         };
         a.push(x);
         b.push(y);
@@ -214,7 +312,7 @@ fn main() {
         if std::env::args().any(|a| a == "memory-only") {
             let shared = shared_port(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
             let plain = plain_tonic(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
-            let (_, _, ratio) = pair(&shared, &plain, rounds, count * 2, cap).await;
+            let (_, _, ratio) = pair(&shared, &plain, rounds, count * 2, cap, None).await;
             println!("2. in memory: ratio {ratio:.3}");
             return;
         }
@@ -222,7 +320,7 @@ fn main() {
         let sqlite_plain: Arc<dyn ChangeStore> = Arc::new(StateDb::open(&dir.join("plain.sqlite")).unwrap());
         let shared = shared_port(sqlite_shared).await;
         let plain = plain_tonic(sqlite_plain).await;
-        let (ours, base, ratio) = pair(&shared, &plain, rounds, count, cap).await;
+        let (ours, base, ratio) = pair(&shared, &plain, rounds, count, cap, None).await;
         println!(
             "1. PushChange/s with SQLite: shared port {ours:.0}, plain tonic {base:.0}, median ratio {ratio:.3} (target >= 0.95)"
         );
@@ -230,9 +328,22 @@ fn main() {
 
         let shared = shared_port(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
         let plain = plain_tonic(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
-        let (ours, base, ratio) = pair(&shared, &plain, rounds, count * 2, cap).await;
+        let (ours, base, ratio) = pair(&shared, &plain, rounds, count * 2, cap, None).await;
         println!(
             "2. PushChange/s in memory: shared port {ours:.0}, plain tonic {base:.0}, median ratio {ratio:.3} (target >= 0.97)"
+        );
+
+        // 4. Inside TLS, in memory.
+        let (cert, key, pin) = switchyard::dispatcher::tls::self_signed(&["localhost".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+        let load = || TlsSettings::load(&dir.join("cert.pem"), &dir.join("key.pem"), true).unwrap();
+        let shared = shared_port_tls(Arc::new(MemoryStore(AtomicI64::new(0))), Some(load())).await;
+        let plain = tls_tonic(Arc::new(MemoryStore(AtomicI64::new(0))), &load()).await;
+        let client = ClientTls::new(&Trust::Pin(pin), Some("localhost".into())).unwrap();
+        let (ours, base, ratio) = pair(&shared, &plain, rounds, count * 2, cap, Some(&client)).await;
+        println!(
+            "4. PushChange/s inside TLS, in memory: shared port {ours:.0}, tonic over rustls on its own port {base:.0}, median ratio {ratio:.3} (target >= 0.95)"
         );
     });
     let _ = std::fs::remove_dir_all(&dir);
