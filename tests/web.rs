@@ -919,3 +919,41 @@ async fn an_idle_web_session_ends() {
     assert_eq!(a.status, 401, "{}", a.body);
     m.stop().await;
 }
+
+#[tokio::test]
+async fn one_address_cannot_take_every_login_slot() {
+    let m = TestMaster::start("", &[VIEWER]).await;
+    // From 127.0.0.2: logins started and never finished.
+    let start_from_other_address = |user: String| {
+        let addr = m.addr;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let mut s = within("connect", socket.connect(addr)).await.unwrap();
+            let body = serde_json::json!({ "client_first": format!("n,,n={user},r=abcdefgh") })
+                .to_string();
+            s.write_all(
+                format!(
+                    "POST /api/v1/login/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = Vec::new();
+            within("the answer", s.read_to_end(&mut out)).await.unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    for i in 0..8 {
+        let reply = start_from_other_address(format!("stranger{i}")).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+    let reply = start_from_other_address("stranger8".into()).await;
+    assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
+    assert!(reply.contains("from your address"), "{reply}");
+    // Someone else logs in meanwhile.
+    web_login(&m, VIEWER.0, VIEWER.1).await.unwrap();
+    m.stop().await;
+}

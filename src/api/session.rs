@@ -39,8 +39,11 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 /// A login's proof must come this soon after its challenge.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most logins waiting for their proof at once (a stranger cannot fill
-/// memory with challenges; the throttle bounds them per address too).
-const MAX_PENDING: usize = 1024;
+/// memory with challenges).
+const MAX_PENDING: usize = 16 * 1024;
+/// Most logins one address may have waiting for their proof: one address
+/// cannot take the slots every other address needs to log in.
+const MAX_PENDING_PER_ADDRESS: usize = 8;
 /// Most sessions kept; past it the least recently used is dropped.
 const MAX_SESSIONS: usize = 10_000;
 /// Form submissions remembered per session (what makes a double click one
@@ -57,6 +60,9 @@ struct WebSession {
     /// acts).
     submissions: VecDeque<(String, Option<String>)>,
 }
+
+/// A login waiting for its proof: when it began, from where.
+type Waiting = (Instant, Option<std::net::IpAddr>, PendingScram);
 
 /// What a request learns from a valid session cookie.
 #[derive(Clone, Debug)]
@@ -78,15 +84,20 @@ impl SessionUser {
 /// Every web session and every login in progress.
 pub struct WebSessions {
     sessions: Mutex<HashMap<[u8; 32], WebSession>>,
-    pending: Mutex<HashMap<String, (Instant, PendingScram)>>,
+    /// Logins waiting for their proof, by id.
+    pending: Mutex<HashMap<String, Waiting>>,
     /// How long a session may go unused, in ms (a reload changes it).
     idle_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Why a login could not be kept waiting.
 #[derive(Debug, thiserror::Error)]
-#[error("too many logins in progress; retry in a few seconds")]
-pub struct TooManyLogins;
+pub enum TooManyLogins {
+    #[error("too many logins in progress from your address; finish one or retry in {} s", LOGIN_TIMEOUT.as_secs())]
+    FromAddress,
+    #[error("too many logins in progress; retry in a few seconds")]
+    Overall,
+}
 
 fn random_token(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
@@ -120,17 +131,29 @@ impl WebSessions {
         Duration::from_millis(self.idle_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Keeps a login waiting for its proof; returns its id.
-    pub fn wait_for_proof(&self, login: PendingScram) -> Result<String, TooManyLogins> {
+    /// Keeps a login from `peer` waiting for its proof; returns its id.
+    pub fn wait_for_proof(
+        &self,
+        login: PendingScram,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<String, TooManyLogins> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let from_peer = |p: &HashMap<String, Waiting>| {
+            p.values()
+                .filter(|(_, ip, _)| peer.is_some() && *ip == peer)
+                .count()
+        };
+        if pending.len() >= MAX_PENDING || from_peer(&pending) >= MAX_PENDING_PER_ADDRESS {
+            pending.retain(|_, (at, _, _)| at.elapsed() < LOGIN_TIMEOUT);
+        }
+        if from_peer(&pending) >= MAX_PENDING_PER_ADDRESS {
+            return Err(TooManyLogins::FromAddress);
+        }
         if pending.len() >= MAX_PENDING {
-            pending.retain(|_, (at, _)| at.elapsed() < LOGIN_TIMEOUT);
-            if pending.len() >= MAX_PENDING {
-                return Err(TooManyLogins);
-            }
+            return Err(TooManyLogins::Overall);
         }
         let id = random_token(16);
-        pending.insert(id.clone(), (Instant::now(), login));
+        pending.insert(id.clone(), (Instant::now(), peer, login));
         Ok(id)
     }
 
@@ -138,7 +161,7 @@ impl WebSessions {
     /// more (a proof is checked once).
     pub fn take_login(&self, id: &str) -> Option<PendingScram> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, login) = pending.remove(id)?;
+        let (at, _, login) = pending.remove(id)?;
         (at.elapsed() < LOGIN_TIMEOUT).then_some(login)
     }
 

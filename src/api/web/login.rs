@@ -85,12 +85,12 @@ pub async fn start(State(s): State<ApiState>, parts: Parts, body: axum::body::By
         Err(e) => return refused(e),
     };
     let server_first = pending.challenge().to_string();
-    match s.sessions.wait_for_proof(pending) {
+    match s.sessions.wait_for_proof(pending, peer.map(|p| p.ip())) {
         Ok(login) => super::super::json(
             StatusCode::OK,
             json!({ "login": login, "server_first": server_first }),
         ),
-        Err(e) => Refusal(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).json(),
+        Err(e) => Refusal(StatusCode::TOO_MANY_REQUESTS, e.to_string()).json(),
     }
 }
 
