@@ -550,3 +550,40 @@ async fn an_expired_certificate_is_one_clear_line() {
     assert!(!line.contains('\n'), "one line: {line}");
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_that_does_not_trust_the_master_keeps_retrying() {
+    let users = [HOOK];
+    let (m, _) = tls_master(&users, "echo hi", false).await;
+    // The worker trusts another certificate than the one the master has.
+    let trusted = tempfile::tempdir().unwrap();
+    certificate(trusted.path());
+    let ca = trusted.path().join("cert.pem");
+    let _w = spawn_worker_with(
+        &m,
+        "w1",
+        "w1-pw",
+        "basedir-w1",
+        &[
+            "--tls",
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--server-name",
+            "localhost",
+        ],
+        &[],
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        m.master.builds().connected().is_empty(),
+        "connected without trusting the master"
+    );
+    // The master takes the certificate the worker trusts: the worker's next
+    // attempt gets in.
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(trusted.path().join(f), m.dir.path().join(f)).unwrap();
+    }
+    within("a reload", m.master.reload()).await.unwrap();
+    wait_connected(&m, 1).await;
+    m.stop().await;
+}
