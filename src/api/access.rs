@@ -247,14 +247,10 @@ impl axum::extract::FromRequestParts<ApiState> for FormActor {
     async fn from_request_parts(parts: &mut Parts, s: &ApiState) -> Result<Self, Response> {
         match session_of(s, parts, &[ACT]).await {
             Some(who) => Ok(FormActor(who)),
-            None => Err(super::web::refused_page(
-                parts,
-                s,
-                Refusal(
-                    StatusCode::FORBIDDEN,
-                    format!("log in as a user granted `{ACT}` to do this"),
-                ),
-            )),
+            None => Err(super::web::refused_page(Refusal(
+                StatusCode::FORBIDDEN,
+                format!("log in as a user granted `{ACT}` to do this"),
+            ))),
         }
     }
 }

@@ -223,18 +223,6 @@ impl WebSessions {
             .remove(&who.key);
     }
 
-    /// Sessions open now.
-    pub fn len(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Reserves a form submission for this session, atomically: a double
     /// click's second request, arriving while the first still acts, finds
     /// it taken.

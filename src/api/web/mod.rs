@@ -168,7 +168,7 @@ fn page(status: StatusCode, markup: Markup) -> Response {
 }
 
 /// The page a refused request gets: why, and the login form.
-pub fn refused_page(_parts: &Parts, _s: &ApiState, refusal: Refusal) -> Response {
+pub fn refused_page(refusal: Refusal) -> Response {
     let Refusal(status, why) = refusal;
     page(
         status,
@@ -193,7 +193,7 @@ impl axum::extract::FromRequestParts<ApiState> for PageViewer {
         Viewer::of(parts, s)
             .await
             .map(PageViewer)
-            .map_err(|r| refused_page(parts, s, r))
+            .map_err(refused_page)
     }
 }
 
@@ -252,28 +252,28 @@ fn layout(title: &str, viewer: &Viewer, body: Markup) -> Markup {
     }
 }
 
-/// A result as text and an icon, coloured too (never colour alone).
-fn result_badge(result: Option<&str>) -> Markup {
-    let (class, icon, text) = match result {
+/// How a result looks: its CSS class, icon and words (`running` while it
+/// has none).
+fn result_look(result: Option<&str>) -> (&'static str, &'static str, &str) {
+    match result {
         None | Some("") => ("running", "▶", "running"),
         Some("success") => ("success", "✔", "success"),
         Some("failure") => ("failure", "✘", "failure"),
         Some("interrupted") => ("interrupted", "■", "interrupted"),
         Some(other) => ("exception", "⚠", other),
-    };
+    }
+}
+
+/// A result as text and an icon, coloured too (never colour alone).
+fn result_badge(result: Option<&str>) -> Markup {
+    let (class, icon, text) = result_look(result);
     html! { span class={ "result " (class) } title=(text) { span.icon aria-hidden="true" { (icon) } " " (text) } }
 }
 
 /// A small result cell (the home page's history), its text in `title`
 /// and for screen readers.
 fn result_cell(id: i64, number: i64, result: Option<&str>) -> Markup {
-    let (class, icon, text) = match result {
-        None | Some("") => ("running", "▶", "running"),
-        Some("success") => ("success", "✔", "success"),
-        Some("failure") => ("failure", "✘", "failure"),
-        Some("interrupted") => ("interrupted", "■", "interrupted"),
-        Some(other) => ("exception", "⚠", other),
-    };
+    let (class, icon, text) = result_look(result);
     html! {
         a class={ "cell " (class) } href={ "/builds/" (id) } title={ "#" (number) ": " (text) } {
             span aria-hidden="true" { (icon) } span.sr { (text) } " " (number)
@@ -356,14 +356,13 @@ async fn home(
     State(s): State<ApiState>,
     axum::Extension(overview): axum::Extension<std::sync::Arc<Overview>>,
 ) -> Response {
-    match home_markup(&viewer, &s, &overview).await {
+    match home_markup(&s, &overview).await {
         Ok(m) => page(StatusCode::OK, layout("Builders", &viewer, m)),
         Err(e) => error_page(&viewer, StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
 async fn home_markup(
-    viewer: &Viewer,
     s: &ApiState,
     overview: &Overview,
 ) -> Result<Markup, crate::debug::DebugError> {
@@ -372,7 +371,6 @@ async fn home_markup(
     let overview = overview.of(s.api.state(), &names).await?;
     let running = s.api.state().unfinished_builds().await?;
     let now = now_ms();
-    let _ = viewer;
     Ok(html! {
         table.builders {
             thead { tr { th { "Builder" } th { "Last builds (newest first)" } th { "Running" } th { "Waiting" } } }
