@@ -139,6 +139,21 @@ pub struct ClientOptions {
     pub tls: Option<crate::wire::tls::ClientTls>,
     /// How a login inside TLS binds the channel.
     pub channel_binding: ChannelBinding,
+    /// How the client proves who it is.
+    pub mechanism: Mechanism,
+}
+
+/// How a client proves who it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mechanism {
+    /// SCRAM-SHA-256 (-PLUS inside TLS): the password never crosses the
+    /// wire.
+    #[default]
+    Scram,
+    /// PLAIN: the password itself, inside TLS only, for users the master's
+    /// `[[checker]]` judges (a directory, a program) rather than a verifier
+    /// in its secrets file. A client never sends it over plain TCP.
+    Plain,
 }
 
 /// How a login inside TLS binds the channel (RFC 5802 §6).
@@ -164,6 +179,7 @@ impl Default for ClientOptions {
             max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
             tls: None,
             channel_binding: ChannelBinding::default(),
+            mechanism: Mechanism::default(),
         }
     }
 }
@@ -206,6 +222,8 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("PLAIN sends the password itself: it is used only inside TLS (--tls)")]
+    PlainWithoutTls,
 }
 
 /// A failed TLS handshake, in one line.
@@ -312,8 +330,29 @@ pub async fn login(
         .new_codec();
     // Inside TLS, bind the channel into the proof (SCRAM-SHA-256-PLUS with
     // tls-exporter): a relay that terminates TLS cannot pass the login on.
+    if opts.mechanism == Mechanism::Plain && !stream.is_tls() {
+        return Err(ClientError::PlainWithoutTls);
+    }
     let binding = stream.channel_bindings();
     let mut framed = Framed::new(stream, codec);
+    if opts.mechanism == Mechanism::Plain {
+        let hello = Hello {
+            service: service.to_string(),
+            mechanism: crate::auth::scram::MECHANISM_PLAIN.to_string(),
+            initial_response: crate::auth::scram::plain_message(
+                &creds.user,
+                creds.password.as_bytes(),
+            ),
+            client_agent: opts.client_agent.clone(),
+            device_token: creds.device_token().unwrap_or_default(),
+        };
+        send(&mut framed, client_handshake::Kind::Hello(hello)).await?;
+        let welcome = match receive(&mut framed).await? {
+            server_handshake::Kind::Welcome(w) => w,
+            _ => return Err(ClientError::Protocol("expected Welcome or Reject".into())),
+        };
+        return Ok(into_session(framed, welcome, creds, opts));
+    }
     let mut scram = ScramClient::new(&creds.user, creds.password.as_bytes());
     use crate::auth::scram::{MECHANISM_PLUS, TLS_EXPORTER, TLS_SERVER_END_POINT};
     let mechanism = match (binding, opts.channel_binding) {
@@ -356,6 +395,17 @@ pub async fn login(
         _ => return Err(ClientError::Protocol("expected Welcome or Reject".into())),
     };
     fin.verify_server(&welcome.data)?;
+    Ok(into_session(framed, welcome, creds, opts))
+}
+
+/// The session a `Welcome` opened: the device token kept, the handshake's
+/// frame limit replaced by the session's.
+fn into_session(
+    framed: HandshakeStream,
+    welcome: crate::proto::Welcome,
+    creds: &Credentials,
+    opts: &ClientOptions,
+) -> ClientSession {
     if !welcome.device_token.is_empty() {
         creds.set_device_token(Some(welcome.device_token.clone()));
     }
@@ -365,10 +415,10 @@ pub async fn login(
         .new_codec();
     let mut parts = FramedParts::new::<Bytes>(old.io, codec);
     parts.read_buf = old.read_buf;
-    Ok(ClientSession {
+    ClientSession {
         stream: Framed::from_parts(parts),
         session_id: welcome.session_id,
         heartbeat_interval: Duration::from_millis(welcome.heartbeat_interval_ms as u64),
         server_agent: welcome.server_agent,
-    })
+    }
 }

@@ -183,6 +183,18 @@ struct TlsArgs {
     /// `switchyard tls self-signed` prints it): for a self-signed master.
     #[arg(long, value_name = "HEX", requires = "tls")]
     pin_sha256: Option<String>,
+    /// How to log in: `scram` (the password never crosses the wire) or
+    /// `plain` (the password itself, inside TLS only: for users the
+    /// master's [[checker]] judges, not a verifier in its secrets file).
+    /// `sendchange` always sends HTTP Basic credentials.
+    #[arg(long, value_enum, default_value = "scram")]
+    mechanism: MechanismArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum MechanismArg {
+    Scram,
+    Plain,
 }
 
 impl TlsArgs {
@@ -199,6 +211,13 @@ impl TlsArgs {
             opts.tls =
                 Some(ClientTls::new(&trust, self.server_name.clone()).map_err(|e| e.to_string())?);
         }
+        opts.mechanism = match self.mechanism {
+            MechanismArg::Scram => switchyard::client::Mechanism::Scram,
+            MechanismArg::Plain if !self.tls => {
+                return Err("--mechanism plain sends the password itself: it needs --tls".into());
+            }
+            MechanismArg::Plain => switchyard::client::Mechanism::Plain,
+        };
         Ok(opts)
     }
 }
@@ -311,7 +330,7 @@ async fn worker(
     basedir: PathBuf,
     password: String,
     pass_env: Vec<String>,
-    tls: Option<switchyard::wire::tls::ClientTls>,
+    client: switchyard::client::ClientOptions,
 ) -> Result<(), String> {
     use switchyard::worker::step;
     use tokio::signal::unix::{SignalKind, signal};
@@ -341,7 +360,8 @@ async fn worker(
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
     opts.step_env = step::base_env(vars, &pass_env);
-    opts.tls = tls;
+    opts.tls = client.tls;
+    opts.mechanism = client.mechanism;
     switchyard::worker::agent::run(opts, shutdown).await;
     Ok(())
 }
@@ -546,9 +566,8 @@ fn main() -> ExitCode {
             tls,
         } => tls.client_options().and_then(|opts| {
             read_password(password_file.as_ref(), &name).and_then(|pw| {
-                runtime().and_then(|rt| {
-                    rt.block_on(worker(master, name, basedir, pw, pass_env, opts.tls))
-                })
+                runtime()
+                    .and_then(|rt| rt.block_on(worker(master, name, basedir, pw, pass_env, opts)))
             })
         }),
         Command::Tls(TlsCommand::SelfSigned { name, out }) => {

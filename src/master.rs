@@ -202,6 +202,7 @@ impl Master {
             policy_of(&config),
             mock,
         );
+        dispatcher.set_password_checkers(config.checkers.iter().map(|c| c.build()).collect());
         let ping =
             dispatcher
                 .registry()
@@ -516,6 +517,11 @@ impl Master {
             });
         }
         self.dispatcher.set_tls(tls);
+        let checkers_changed = new.checkers != old.checkers;
+        if checkers_changed {
+            self.dispatcher
+                .set_password_checkers(new.checkers.iter().map(|c| c.build()).collect());
+        }
         report
             .restart_needed
             .extend(self.dispatcher.set_limits(new.limits.clone()));
@@ -536,6 +542,17 @@ impl Master {
                 .cloned(),
         );
         affected.extend(opts.new_passwords.iter().cloned());
+        if checkers_changed {
+            // Sessions a removed checker let in end with it.
+            let verified = self.secrets.snapshot();
+            affected.extend(
+                old.users
+                    .keys()
+                    .chain(old.workers.keys())
+                    .filter(|u| !verified.contains_key(*u))
+                    .cloned(),
+            );
+        }
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         tracing::debug!(elapsed = ?started.elapsed(), "reload: policy set");
         report.hung_up = self.dispatcher.revalidate_users(&affected).await.hung_up;

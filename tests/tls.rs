@@ -587,3 +587,233 @@ async fn a_worker_that_does_not_trust_the_master_keeps_retrying() {
     wait_connected(&m, 1).await;
     m.stop().await;
 }
+
+/// A user the secrets file does not know, judged by a `[[checker]]`
+/// program: it counts in `asked` each time it is run.
+const CAROL: UserSpec = (
+    "carol",
+    "from-directory",
+    &["debug", "web", "change-source"],
+);
+
+#[tokio::test]
+async fn the_command_checker_is_asked_inside_tls_and_never_over_plain_tcp() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pin = certificate(dir.path());
+    let script = dir.path().join("check.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nread -r user\nread -r pw\necho \"$user\" >> \"$(dirname \"$0\")/asked\"\n\
+         [ \"$user\" = carol ] && [ \"$pw\" = from-directory ] && exit 0\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config_with(
+            &format!(
+                "auth_max_failures = 6\nauth_block = \"1h\"\n{}",
+                tls_section(false)
+            ),
+            &[ADMIN, CAROL],
+            "true",
+            "\n[[checker]]\nkind = \"command\"\ncommand = [\"./check.sh\"]\ntimeout = \"5s\"\nconcurrency = 2\n",
+        ),
+    )
+    .unwrap();
+    // carol has no verifier: only the checker can let her in.
+    let secrets = secrets_text(&[ADMIN])
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let asked = || {
+        std::fs::read_to_string(m.dir.path().join("asked"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let addr = m.addr.to_string();
+    let carol = Credentials::new(CAROL.0, CAROL.1);
+
+    // Over plain TCP the checker is never asked: SCRAM fails as a wrong
+    // password does, PLAIN is not offered (and our client never sends it),
+    // and HTTP Basic (API and gRPC) is refused.
+    let e = m.login(CAROL.0, CAROL.1, "debug").await.unwrap_err();
+    assert_eq!(
+        e.reject_code(),
+        Some(switchyard::proto::RejectCode::AuthFailed),
+        "{e}"
+    );
+    let plain = ClientOptions {
+        mechanism: client::Mechanism::Plain,
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let e = client::connect_with(&addr, "debug", &carol, &plain)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, client::ClientError::PlainWithoutTls), "{e}");
+    let mut raw = Raw::native(m.addr).await;
+    raw.send(&switchyard::proto::ClientHandshake {
+        kind: Some(switchyard::proto::client_handshake::Kind::Hello(
+            switchyard::proto::Hello {
+                service: "debug".into(),
+                mechanism: "PLAIN".into(),
+                initial_response: b"\0carol\0from-directory".to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await;
+    match raw.recv().await.and_then(|m| m.kind) {
+        Some(switchyard::proto::server_handshake::Kind::Reject(r)) => {
+            assert_eq!(
+                r.code,
+                switchyard::proto::RejectCode::UnsupportedMechanism as i32
+            );
+            assert!(r.message.contains("only inside TLS"), "{}", r.message);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    let (head, _) = http_get(&m, "/api/v1/builders", Some(&basic(CAROL.0, CAROL.1))).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let refused = match switchyard::grpc::client::ChangeSourceConnection::connect_with(
+        &addr, CAROL.0, CAROL.1, None,
+    )
+    .await
+    {
+        Ok(mut conn) => within(
+            "a push in clear",
+            conn.push(switchyard::proto::Change {
+                repository: "widgets".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .is_err(),
+        Err(_) => true,
+    };
+    assert!(
+        refused,
+        "a Basic login over plain TCP must not reach the checker"
+    );
+    assert!(asked().is_empty(), "asked over plain TCP: {:?}", asked());
+
+    // Inside TLS: PLAIN, the API's Basic and gRPC's Basic all reach it.
+    let tls = tls_opts(Trust::Pin(pin.clone()), Some("localhost"));
+    let plain_tls = ClientOptions {
+        mechanism: client::Mechanism::Plain,
+        ..tls.clone()
+    };
+    let s = client::connect_with(&addr, "debug", &carol, &plain_tls)
+        .await
+        .unwrap();
+    assert!(s.stream.get_ref().is_tls());
+    assert_eq!(asked(), ["carol"]);
+    let reply = https(
+        &m,
+        &m.dir.path().join("cert.pem"),
+        &format!(
+            "GET /api/v1/builders HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
+            basic(CAROL.0, CAROL.1)
+        ),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let tls_client = ClientTls::new(&Trust::Pin(pin.clone()), Some("localhost".into())).unwrap();
+    let mut hook = switchyard::grpc::client::ChangeSourceConnection::connect_with(
+        &addr,
+        CAROL.0,
+        CAROL.1,
+        Some(&tls_client),
+    )
+    .await
+    .unwrap();
+    within(
+        "a push as carol over TLS",
+        hook.push(switchyard::proto::Change {
+            repository: "widgets".into(),
+            branch: "main".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    // A user the secrets file knows is its to judge: the checker is not
+    // asked, by PLAIN or SCRAM.
+    let n = asked().len();
+    client::connect_with(
+        &addr,
+        "debug",
+        &Credentials::new(ADMIN.0, ADMIN.1),
+        &plain_tls,
+    )
+    .await
+    .unwrap();
+    let e = client::connect_with(
+        &addr,
+        "debug",
+        &Credentials::new(ADMIN.0, "wrong"),
+        &plain_tls,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.reject_code(),
+        Some(switchyard::proto::RejectCode::AuthFailed)
+    );
+    assert_eq!(asked().len(), n, "{:?}", asked());
+    // The console works as carol, logged in by PLAIN.
+    drop(s);
+    let mut console = within(
+        "a console logged in by PLAIN",
+        switchyard::debug::console::Console::connect_with(&addr, &carol, &plain_tls),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    within(
+        "the console's answer",
+        console.run(
+            switchyard::debug::console::parse(&["workers".to_string()]).unwrap(),
+            &mut out,
+            std::future::pending(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("w1"));
+
+    // Its refusals count in the throttle: with the three failures in clear
+    // above, three wrong passwords make six, and then the right one is
+    // refused too, without asking the checker again.
+    for _ in 0..3 {
+        let e = client::connect_with(
+            &addr,
+            "debug",
+            &Credentials::new(CAROL.0, "guess"),
+            &plain_tls,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.reject_code(),
+            Some(switchyard::proto::RejectCode::AuthFailed),
+            "{e}"
+        );
+    }
+    let before = asked().len();
+    let e = client::connect_with(
+        &addr,
+        "debug",
+        &Credentials::new(CAROL.0, CAROL.1),
+        &plain_tls,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("too many failed logins"), "{e}");
+    assert_eq!(asked().len(), before);
+    m.stop().await;
+}

@@ -89,6 +89,7 @@ pub async fn check_basic(
             &password,
             first,
             conn.map(|c| c.peer),
+            crate::grpc::channel_of(conn),
             None,
             conn.map(|c| c.sessions.as_ref()),
         )

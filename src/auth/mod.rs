@@ -5,6 +5,7 @@
 //! credentials later) asks the same [`Checker`], so one user namespace serves
 //! the whole port.
 
+pub mod command;
 pub mod scram;
 pub mod throttle;
 pub mod verifier;
@@ -34,6 +35,19 @@ pub enum Capability {
 pub enum Channel {
     Plain,
     Tls,
+}
+
+/// What a login was checked against, kept with its session so that a reload
+/// can tell whether the login still holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// A stored verifier: a SCRAM proof, or a password checked against it.
+    /// The session ends when the user's verifier changes.
+    Verifier(Verifier),
+    /// A password a cleartext checker (`[[checker]]`) accepted. Nothing of it
+    /// is kept; the session ends when the user leaves the config or gets a
+    /// verifier (the secrets file then decides).
+    Checked,
 }
 
 /// A checker could not give an answer (not: the answer was "no").

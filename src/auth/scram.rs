@@ -23,6 +23,43 @@ use super::verifier::{
 pub const MECHANISM: &str = "SCRAM-SHA-256";
 /// The mechanism with channel binding (TLS only).
 pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The password itself (RFC 4616), inside TLS only: for users that only a
+/// `[[checker]]` (a program, a directory) can judge.
+pub const MECHANISM_PLAIN: &str = "PLAIN";
+
+/// Splits a PLAIN message, `authzid NUL authcid NUL passwd` (RFC 4616), into
+/// the user and the password. The authorization identity must be empty or
+/// the user: nobody logs in as somebody else.
+pub fn parse_plain(message: &[u8]) -> Result<(String, Vec<u8>), ScramError> {
+    let mut parts = message.splitn(3, |&b| b == 0);
+    let (Some(authzid), Some(user), Some(password)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ScramError::Malformed(
+            "PLAIN message must be `authzid NUL user NUL password`",
+        ));
+    };
+    let user = utf8(user)?;
+    if user.is_empty() {
+        return Err(ScramError::Malformed("empty user name"));
+    }
+    if !authzid.is_empty() && authzid != user.as_bytes() {
+        return Err(ScramError::AuthzidMismatch);
+    }
+    if password.contains(&0) {
+        return Err(ScramError::Malformed("NUL in the PLAIN password"));
+    }
+    Ok((user.to_string(), password.to_vec()))
+}
+
+/// A PLAIN message for `user` and `password`.
+pub fn plain_message(user: &str, password: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(user.len() + password.len() + 2);
+    out.push(0);
+    out.extend_from_slice(user.as_bytes());
+    out.push(0);
+    out.extend_from_slice(password);
+    out
+}
 
 /// The channel binding types this module knows.
 pub const TLS_EXPORTER: &str = "tls-exporter";
@@ -473,6 +510,24 @@ impl ClientFinal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_messages() {
+        assert_eq!(
+            parse_plain(&plain_message("alice", b"pw")).unwrap(),
+            ("alice".to_string(), b"pw".to_vec())
+        );
+        assert_eq!(
+            parse_plain(b"alice\0alice\0pw").unwrap(),
+            ("alice".to_string(), b"pw".to_vec())
+        );
+        assert_eq!(
+            parse_plain(b"admin\0alice\0pw").unwrap_err(),
+            ScramError::AuthzidMismatch
+        );
+        assert!(parse_plain(b"alice\0pw").is_err());
+        assert!(parse_plain(b"\0\0pw").is_err());
+    }
 
     #[test]
     fn saslname_escapes() {

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod builds;
+mod checkers;
 mod secrets;
 pub mod template;
 
@@ -21,6 +22,7 @@ pub use builds::{
     BuilderConfig, GitMode, GitStep, Nightly, OnLost, SchedulerConfig, StepConfig, WorkerConfig,
     valid_property_name,
 };
+pub use checkers::CheckerConfig;
 pub use secrets::{MIN_STEP_SECRET, Secrets, SecretsFileChecker, StepSecrets};
 
 use crate::auth::ThrottleConfig;
@@ -105,6 +107,8 @@ struct RawConfig {
     #[serde(default)]
     scheduler: Vec<builds::RawScheduler>,
     web: Option<RawWeb>,
+    #[serde(default)]
+    checker: Vec<Spanned<checkers::RawChecker>>,
 }
 
 /// `[web]`: what the port's HTTP side shows to whom.
@@ -185,7 +189,8 @@ pub struct Loaded {
 /// Reads and validates a config file and its secrets file together: every
 /// `[[user]]` and `[[worker]]` must have a verifier (else an error naming
 /// the config file and line: an empty or truncated secrets file must not log
-/// everybody out), and a verifier for a name the config does not know is a
+/// everybody out) unless a `[[checker]]` can judge their passwords (then
+/// one warning names those without), and a verifier for a name the config does not know is a
 /// warning naming the secrets file's line (a typo). To disable someone,
 /// remove them from the config. Every `%(secret:NAME)s` a step uses must be
 /// in `[step_secrets]` (else an error naming the config line).
@@ -238,8 +243,11 @@ fn check_verifiers(
     text: &str,
     secrets: &Secrets,
 ) -> Result<Vec<String>, ConfigError> {
+    let mut checked = Vec::new();
     for name in config.users.keys().chain(config.workers.keys()) {
-        if !secrets.verifiers.contains_key(name) {
+        if !secrets.verifiers.contains_key(name) && !config.checkers.is_empty() {
+            checked.push(name.as_str());
+        } else if !secrets.verifiers.contains_key(name) {
             let what = if config.workers.contains_key(name) {
                 "worker"
             } else {
@@ -277,7 +285,7 @@ fn check_verifiers(
         .map(|n| (secrets.lines.get(n).copied().unwrap_or(0), n.as_str()))
         .collect();
     unknown.sort();
-    Ok(unknown
+    let mut warnings: Vec<String> = unknown
         .into_iter()
         .map(|(line, name)| {
             format!(
@@ -286,7 +294,27 @@ fn check_verifiers(
                 config.path.display()
             )
         })
-        .collect())
+        .collect();
+    if !checked.is_empty() {
+        let tls = if config.tls.is_some() {
+            ""
+        } else {
+            ", which this master, without [master.tls], never does: they cannot log in"
+        };
+        warnings.push(format!(
+            "{}: {} {} no verifier in {}: only the [[checker]]s can let them in, over TLS (PLAIN or HTTP Basic){tls}",
+            config.path.display(),
+            checked.join(", "),
+            if checked.len() == 1 { "has" } else { "have" },
+            config.secrets_path.display(),
+        ));
+    } else if !config.checkers.is_empty() && config.tls.is_none() {
+        warnings.push(format!(
+            "{}: the [[checker]]s are asked only for logins inside TLS, and this master has no [master.tls]: they are never asked",
+            config.path.display()
+        ));
+    }
+    Ok(warnings)
 }
 
 /// A validated master configuration.
@@ -299,6 +327,8 @@ pub struct Config {
     pub secrets_path: PathBuf,
     /// `[master.tls]`, if any.
     pub tls: Option<TlsFiles>,
+    /// `[[checker]]`s, in the order they are asked.
+    pub checkers: Vec<CheckerConfig>,
     /// Where `master.secrets` is in the file (a byte offset).
     pub secrets_at: usize,
     /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
@@ -612,6 +642,7 @@ impl Config {
                     })
                 }
             },
+            checkers: checkers::validate(&c, base, &raw.checker)?,
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",
@@ -692,6 +723,71 @@ mod tests {
         );
         let e = load_step("shell = \"echo %(secret:token:-x)s\"", "").unwrap_err();
         assert!(e.contains("a secret cannot have"), "{e}");
+    }
+
+    #[test]
+    fn checkers_are_checked_and_let_users_go_without_verifiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |checker: &str| {
+            std::fs::write(
+                dir.path().join("master.toml"),
+                format!(
+                    "[master]\nsecrets = \"secrets.toml\"\n\n[[user]]\nname = \"carol\"\nservices = [\"debug\"]\n{checker}"
+                ),
+            )
+            .unwrap();
+            std::fs::write(dir.path().join("secrets.toml"), "[verifiers]\n").unwrap();
+            load_with_secrets(&dir.path().join("master.toml")).map_err(|e| e.to_string())
+        };
+        // Without a checker, a user without a verifier is an error.
+        let e = load("").unwrap_err();
+        assert!(e.contains("has no verifier"), "{e}");
+        // With one, it is a warning that says how they log in, and that
+        // without TLS nobody can.
+        let ok = load("\n[[checker]]\nkind = \"command\"\ncommand = [\"true\"]\n").unwrap();
+        assert_eq!(ok.config.checkers.len(), 1);
+        assert!(
+            ok.warnings
+                .iter()
+                .any(|w| w.contains("carol has no verifier") && w.contains("without [master.tls]")),
+            "{:?}",
+            ok.warnings
+        );
+        for (checker, line, says) in [
+            (
+                "kind = \"ldap\"\ncommand = [\"true\"]",
+                9,
+                "the kinds are command",
+            ),
+            ("kind = \"command\"", 8, "a command checker needs `command"),
+            ("kind = \"command\"\ncommand = []", 10, "names no program"),
+            (
+                "kind = \"command\"\ncommand = [\"./nowhere\"]",
+                10,
+                "is not an executable file",
+            ),
+            (
+                "kind = \"command\"\ncommand = [\"no-such-program-here\"]",
+                10,
+                "no executable `no-such-program-here` on PATH",
+            ),
+            (
+                "kind = \"command\"\ncommand = [\"true\"]\ntimeout = \"soon\"",
+                11,
+                "checker.timeout",
+            ),
+            (
+                "kind = \"command\"\ncommand = [\"true\"]\nconcurrency = 0",
+                11,
+                "checker.concurrency",
+            ),
+        ] {
+            let e = load(&format!("\n[[checker]]\n{checker}\n")).unwrap_err();
+            assert!(
+                e.contains(&format!("master.toml:{line}:")) && e.contains(says),
+                "{checker}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -21,12 +21,14 @@ use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::PasswordRefusal;
 use super::registry::Route;
 use super::session::{LiveSession, Session, hangup_for};
 use super::{MAX_HANDSHAKE_FRAME, Shared};
 use crate::auth::scram::{
-    Authenticated, ChannelBindings, ClientFirst, Gs2Flag, MECHANISM, MECHANISM_PLUS, ScramError,
+    ChannelBindings, ClientFirst, Gs2Flag, MECHANISM, MECHANISM_PLAIN, MECHANISM_PLUS, ScramError,
 };
+use crate::auth::{Channel, Credential};
 use crate::proto::{
     Challenge, ClientHandshake, Reject, RejectCode, ServerHandshake, Welcome, client_handshake,
     server_handshake,
@@ -118,11 +120,61 @@ async fn receive(
 }
 
 struct Accepted {
-    auth: Authenticated,
+    proven: Proven,
     service: String,
     route: Route,
     client_agent: String,
     device_token: String,
+}
+
+/// A login whose password or proof checked out.
+struct Proven {
+    user: String,
+    credential: Credential,
+    /// `Welcome.data`: the server-final-message for SCRAM, empty for PLAIN.
+    server_final: Vec<u8>,
+}
+
+/// The mechanisms a connection offers, for `UNSUPPORTED_MECHANISM`.
+fn offered(tls: bool) -> String {
+    if tls {
+        format!("{MECHANISM_PLUS}, {MECHANISM} or {MECHANISM_PLAIN}")
+    } else {
+        MECHANISM.to_string()
+    }
+}
+
+/// Takes a place in the login throttle for `user` from `peer`.
+async fn begin_attempt(
+    shared: &Shared,
+    peer: SocketAddr,
+    user: &str,
+    device_token: &str,
+) -> Result<crate::auth::Attempt, End> {
+    let device = shared.devices.check(user, device_token);
+    let patience = shared
+        .limits
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .handshake_timeout;
+    match shared
+        .throttle
+        .begin(Some(peer.ip()), user, device, patience)
+        .await
+    {
+        Ok(a) => Ok(a),
+        Err(refused) => {
+            shared.counters.login(LoginOutcome::Throttled);
+            Err(End::Reject {
+                code: RejectCode::AuthFailed,
+                message: format!(
+                    "too many failed logins for this user from this address; retry in {} s",
+                    refused.retry_secs()
+                ),
+                log: format!("login for user {user:?} refused by the throttle ({refused:?})"),
+            })
+        }
+    }
 }
 
 async fn exchange(
@@ -144,25 +196,140 @@ async fn exchange(
             format!("no service named {service:?} on this port"),
         ));
     }
-    // SCRAM-SHA-256 anywhere; SCRAM-SHA-256-PLUS (channel binding) inside
-    // TLS.
-    let plus = match (hello.mechanism.as_str(), bindings.is_some()) {
-        (MECHANISM, _) => false,
-        (MECHANISM_PLUS, true) => true,
-        (m, tls) => {
-            let offered = if tls {
-                format!("{MECHANISM_PLUS} or {MECHANISM}")
-            } else {
-                MECHANISM.to_string()
-            };
+    // SCRAM-SHA-256 anywhere; SCRAM-SHA-256-PLUS (channel binding) and
+    // PLAIN (the password itself, for `[[checker]]`s) inside TLS only.
+    let tls = bindings.is_some();
+    let proven = match (hello.mechanism.as_str(), tls) {
+        (MECHANISM, _) => {
+            scram_login(
+                shared,
+                framed,
+                peer,
+                bindings,
+                false,
+                &hello.initial_response,
+                &hello.device_token,
+            )
+            .await?
+        }
+        (MECHANISM_PLUS, true) => {
+            scram_login(
+                shared,
+                framed,
+                peer,
+                bindings,
+                true,
+                &hello.initial_response,
+                &hello.device_token,
+            )
+            .await?
+        }
+        (MECHANISM_PLAIN, true) => {
+            plain_login(shared, peer, &hello.initial_response, &hello.device_token).await?
+        }
+        (m @ (MECHANISM_PLUS | MECHANISM_PLAIN), false) => {
             return Err(reject(
                 RejectCode::UnsupportedMechanism,
-                format!("mechanism {m:?} is not offered on this connection; use {offered}"),
+                format!(
+                    "mechanism {m:?} is offered only inside TLS; use {}",
+                    offered(false)
+                ),
+            ));
+        }
+        (m, tls) => {
+            return Err(reject(
+                RejectCode::UnsupportedMechanism,
+                format!(
+                    "mechanism {m:?} is not offered on this connection; use {}",
+                    offered(tls)
+                ),
             ));
         }
     };
-    let first =
-        ClientFirst::parse(&hello.initial_response).map_err(|e| protocol_error(e.to_string()))?;
+    let device_token = shared.devices.issue(&proven.user);
+    let policy = shared
+        .policy
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if !policy.allows(&proven.user, &service) {
+        return Err(reject(
+            RejectCode::NotAuthorized,
+            format!("user {:?} may not use service {service:?}", proven.user),
+        ));
+    }
+    // The service may have left the port while we were authenticating.
+    let route = shared.registry.route(&service).ok_or_else(|| {
+        reject(
+            RejectCode::UnknownService,
+            format!("no service named {service:?} on this port"),
+        )
+    })?;
+    Ok(Accepted {
+        proven,
+        service,
+        route,
+        client_agent: hello.client_agent,
+        device_token,
+    })
+}
+
+/// PLAIN (RFC 4616), inside TLS: the password is checked against the
+/// user's verifier or, for users the secrets file does not know, by the
+/// `[[checker]]`s; a wrong one counts in the throttle like a wrong SCRAM
+/// proof, and gets the same answer.
+async fn plain_login(
+    shared: &Shared,
+    peer: SocketAddr,
+    message: &[u8],
+    device_token: &str,
+) -> Result<Proven, End> {
+    let (user, password) =
+        crate::auth::scram::parse_plain(message).map_err(|e| protocol_error(e.to_string()))?;
+    let attempt = begin_attempt(shared, peer, &user, device_token).await?;
+    match shared
+        .password_matches(&user, &password, Channel::Tls)
+        .await
+    {
+        Ok(credential) => {
+            attempt.succeeded();
+            shared.counters.login(LoginOutcome::Ok);
+            Ok(Proven {
+                user,
+                credential,
+                server_final: Vec::new(),
+            })
+        }
+        Err(PasswordRefusal::Failed) => {
+            shared.counters.login(LoginOutcome::Failed);
+            let delay = attempt.failed();
+            tokio::time::sleep(delay).await;
+            Err(End::Reject {
+                code: RejectCode::AuthFailed,
+                message: AUTH_FAILED_MESSAGE.to_string(),
+                log: format!("authentication failed for user {user:?} (PLAIN)"),
+            })
+        }
+        Err(e) => Err(End::Reject {
+            code: RejectCode::Overloaded,
+            message: e.to_string(),
+            log: format!("PLAIN login for user {user:?} not checked: {e}"),
+        }),
+    }
+}
+
+/// SCRAM-SHA-256, or SCRAM-SHA-256-PLUS when `plus`: challenge, proof,
+/// and the server's signature for the client to check.
+async fn scram_login(
+    shared: &Shared,
+    framed: &mut HandshakeStream,
+    peer: SocketAddr,
+    bindings: Option<&ChannelBindings>,
+    plus: bool,
+    initial_response: &[u8],
+    device_token: &str,
+) -> Result<Proven, End> {
+    let first = ClientFirst::parse(initial_response).map_err(|e| protocol_error(e.to_string()))?;
     // RFC 5802 §6: the flag must fit the mechanism, and a client that could
     // have bound (`y`) on a channel where the master can is being
     // downgraded by someone in between.
@@ -192,30 +359,7 @@ async fn exchange(
         _ => {}
     }
     let user = first.user().to_string();
-    let device = shared.devices.check(&user, &hello.device_token);
-    let patience = shared
-        .limits
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .handshake_timeout;
-    let attempt = match shared
-        .throttle
-        .begin(Some(peer.ip()), &user, device, patience)
-        .await
-    {
-        Ok(a) => a,
-        Err(refused) => {
-            shared.counters.login(LoginOutcome::Throttled);
-            return Err(End::Reject {
-                code: RejectCode::AuthFailed,
-                message: format!(
-                    "too many failed logins for this user from this address; retry in {} s",
-                    refused.retry_secs()
-                ),
-                log: format!("login for user {user:?} refused by the throttle ({refused:?})"),
-            });
-        }
-    };
+    let attempt = begin_attempt(shared, peer, &user, device_token).await?;
     // The mock is computed for every login, known or not, so that both
     // paths do the same work.
     let mock = shared.mock.verifier(&user);
@@ -275,31 +419,10 @@ async fn exchange(
     };
     attempt.succeeded();
     shared.counters.login(LoginOutcome::Ok);
-    let device_token = shared.devices.issue(&auth.user);
-    let policy = shared
-        .policy
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    if !policy.allows(&auth.user, &service) {
-        return Err(reject(
-            RejectCode::NotAuthorized,
-            format!("user {:?} may not use service {service:?}", auth.user),
-        ));
-    }
-    // The service may have left the port while we were authenticating.
-    let route = shared.registry.route(&service).ok_or_else(|| {
-        reject(
-            RejectCode::UnknownService,
-            format!("no service named {service:?} on this port"),
-        )
-    })?;
-    Ok(Accepted {
-        auth,
-        service,
-        route,
-        client_agent: hello.client_agent,
-        device_token,
+    Ok(Proven {
+        user: auth.user,
+        credential: Credential::Verifier(auth.verifier),
+        server_final: auth.server_final.into_bytes(),
     })
 }
 
@@ -366,7 +489,7 @@ pub(crate) async fn serve(
     };
 
     let Accepted {
-        auth,
+        proven,
         service,
         route,
         client_agent,
@@ -374,7 +497,7 @@ pub(crate) async fn serve(
     } = accepted;
     let id = session_id();
     let welcome = Welcome {
-        data: auth.server_final.into_bytes(),
+        data: proven.server_final,
         session_id: id.clone(),
         heartbeat_interval_ms: limits.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
         server_agent: shared.server_agent.clone(),
@@ -383,11 +506,11 @@ pub(crate) async fn serve(
     if let Err(End::Closed(why)) | Err(End::Reject { log: why, .. }) =
         send(&mut framed, server_handshake::Kind::Welcome(welcome)).await
     {
-        tracing::debug!(%peer, user = %auth.user, reason = %why, "connection lost while sending Welcome");
+        tracing::debug!(%peer, user = %proven.user, reason = %why, "connection lost while sending Welcome");
         return;
     }
     let client: String = client_agent.chars().take(128).collect();
-    tracing::info!(%peer, user = %auth.user, %service, session = %id, client = ?client, "session opened");
+    tracing::info!(%peer, user = %proven.user, %service, session = %id, client = ?client, "session opened");
     shared.counters.session(&service);
 
     // Hand the session over with empty buffers: they grow with the service's
@@ -403,10 +526,10 @@ pub(crate) async fn serve(
     let token = shutdown.child_token();
     let guard = shared.sessions.insert(
         LiveSession {
-            user: auth.user.clone(),
+            user: proven.user.clone(),
             service: service.clone(),
             id: id.clone(),
-            verifier: auth.verifier,
+            credential: proven.credential,
             token: token.clone(),
         },
         Some(permit),
@@ -414,7 +537,7 @@ pub(crate) async fn serve(
     // Logged in: no longer one of its address's strangers.
     drop(stranger);
     let session = Session {
-        user: auth.user,
+        user: proven.user,
         service,
         peer,
         id,

@@ -24,7 +24,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
 
-use crate::auth::{AuthThrottle, Checker, DeviceTokens, MockCredentials, Verifier};
+use crate::auth::{AuthThrottle, Checker, Credential, DeviceTokens, MockCredentials, Verifier};
 
 pub use crate::limits::Limits;
 pub use http1::PROTOCOLS_NOTE;
@@ -135,6 +135,9 @@ pub(crate) struct Shared {
     pub(crate) counters: counters::PortCounters,
     /// TLS on the port, if configured.
     pub(crate) tls: RwLock<Option<Arc<tls::TlsSettings>>>,
+    /// Checkers that judge cleartext passwords (`[[checker]]`), asked after
+    /// `checker` for users it does not know, and only inside TLS.
+    pub(crate) password_checkers: RwLock<Option<Arc<crate::auth::ChainChecker>>>,
 }
 
 /// The port's shared state: checker, policy, registry, live sessions.
@@ -194,6 +197,7 @@ impl Dispatcher {
                 credential_cache: password::CredentialCache::new(),
                 counters: Default::default(),
                 tls: RwLock::new(None),
+                password_checkers: RwLock::new(None),
             }),
         }
     }
@@ -215,6 +219,21 @@ impl Dispatcher {
     /// no TLS). Connections already open keep what they have.
     pub fn set_tls(&self, settings: Option<tls::TlsSettings>) {
         *self.shared.tls.write().unwrap_or_else(|e| e.into_inner()) = settings.map(Arc::new);
+    }
+
+    /// Checkers that judge a user's password itself (`[[checker]]`), asked
+    /// in turn after the port's checker, for users it does not know, and
+    /// only for logins that arrived inside TLS (native `PLAIN`, HTTP Basic).
+    /// An empty list removes them. Cached password checks are dropped.
+    pub fn set_password_checkers(&self, checkers: Vec<Arc<dyn Checker>>) {
+        let chain =
+            (!checkers.is_empty()).then(|| Arc::new(crate::auth::ChainChecker::new(checkers)));
+        *self
+            .shared
+            .password_checkers
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = chain;
+        self.shared.credential_cache.clear();
     }
 
     /// The port's TLS settings now.
@@ -331,6 +350,12 @@ impl Dispatcher {
             }
         }
         let policy = self.policy();
+        let checkers = self
+            .shared
+            .password_checkers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
         let mut result = Revalidation::default();
         self.shared.sessions.with(|live| {
             for s in live.values() {
@@ -342,12 +367,16 @@ impl Dispatcher {
                     result.kept += 1;
                     continue;
                 }
-                let reason = match current.get(&s.user) {
+                let now = current.get(&s.user).cloned().flatten();
+                let reason = match (&s.credential, now) {
                     _ if !policy.has_user(&s.user) => Some("user removed"),
-                    Some(Some(v)) if *v != s.verifier => Some("password changed"),
-                    Some(Some(_)) if !policy.allows(&s.user, &s.service) => Some("service no longer granted"),
-                    Some(Some(_)) => None,
-                    _ => Some("user removed"),
+                    (Credential::Verifier(old), Some(v)) if *old != v => Some("password changed"),
+                    (Credential::Verifier(_), None) => Some("user removed"),
+                    // The secrets file now decides for this user.
+                    (Credential::Checked, Some(_)) => Some("password changed"),
+                    (Credential::Checked, None) if !checkers => Some("password checker removed"),
+                    _ if !policy.allows(&s.user, &s.service) => Some("service no longer granted"),
+                    _ => None,
                 };
                 match reason {
                     Some(reason) => {

@@ -12,13 +12,14 @@ use super::counters::LoginOutcome;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use super::Dispatcher;
 use super::session::ConnectionSessions;
-use crate::auth::Verifier;
+use crate::auth::{Channel, Credential, Verifier};
 
 /// Why a password login was refused. The `Display` text is what the client
 /// is told; it is the same for a wrong password and an unknown user.
@@ -43,9 +44,13 @@ pub enum PasswordRefusal {
 /// Most cached logins; past it the cache starts over.
 const CACHE_LIMIT: usize = 10_000;
 
+/// How long a password a `[[checker]]` accepted is taken without asking it
+/// again (a gRPC client sends its Basic credentials with every request).
+pub const CHECKED_PASSWORD_CACHE: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub(crate) struct CredentialCache {
     key: [u8; 32],
-    entries: Mutex<HashMap<[u8; 32], Verifier>>,
+    entries: Mutex<HashMap<[u8; 32], (Credential, Instant)>>,
 }
 
 impl CredentialCache {
@@ -58,12 +63,28 @@ impl CredentialCache {
         }
     }
 
-    fn slot(&self, user: &str, password: &str) -> [u8; 32] {
+    fn slot(&self, user: &str, password: &[u8]) -> [u8; 32] {
         let mut data = Vec::with_capacity(user.len() + 1 + password.len());
         data.extend_from_slice(user.as_bytes());
         data.push(0);
-        data.extend_from_slice(password.as_bytes());
+        data.extend_from_slice(password);
         crate::auth::verifier::hmac(&self.key, &data)
+    }
+
+    fn get(&self, slot: &[u8; 32]) -> Option<(Credential, Instant)> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(slot)
+            .cloned()
+    }
+
+    fn insert(&self, slot: [u8; 32], credential: Credential) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CACHE_LIMIT {
+            entries.clear();
+        }
+        entries.insert(slot, (credential, Instant::now()));
     }
 
     pub(crate) fn clear(&self) {
@@ -120,68 +141,39 @@ impl Dispatcher {
             })
     }
 
-    /// The verifier to check `user` against and whether the user is known
-    /// (an unknown user gets the mock, so both cost the same).
-    async fn verifier_for(&self, user: &str) -> Result<(Verifier, bool), PasswordRefusal> {
-        let shared = &self.shared;
-        match shared.checker.verifier(user).await {
-            Ok(Some(v)) => Ok((v, true)),
-            Ok(None) => Ok((shared.mock.verifier(user), false)),
-            Err(e) => {
-                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
-                Err(PasswordRefusal::CheckerDown)
-            }
-        }
-    }
-
     /// Checks a user name and password for `service`, as carried by a
-    /// request on a connection from `peer`, with the device token the client
-    /// presented (if any; see [`crate::auth::throttle`]). On success, records
-    /// the login on `conn` so that a reload revoking the user hangs the
-    /// connection up, and returns a fresh device token for the client.
+    /// request on a connection from `peer` over `channel`, with the device
+    /// token the client presented (if any; see [`crate::auth::throttle`]).
+    /// On success, records the login on `conn` so that a reload revoking the
+    /// user hangs the connection up, and returns a fresh device token for
+    /// the client.
+    #[allow(clippy::too_many_arguments)]
     pub async fn check_password_login(
         &self,
         user: &str,
         password: &str,
         service: &str,
         peer: Option<SocketAddr>,
+        channel: Channel,
         device_token: Option<&str>,
         conn: Option<&ConnectionSessions>,
     ) -> Result<String, PasswordRefusal> {
         let shared = &self.shared;
         let attempt = self.begin_attempt(user, peer, device_token).await?;
-        let (verifier, known) = self.verifier_for(user).await?;
-        let slot = shared.credential_cache.slot(user, password);
-        let cached = known
-            && shared
-                .credential_cache
-                .entries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&slot)
-                .is_some_and(|v| *v == verifier);
-        if !cached {
-            let (v, pw) = (verifier.clone(), password.to_string());
-            let matches = tokio::task::spawn_blocking(move || v.matches_password(pw.as_bytes()))
-                .await
-                .unwrap_or(false);
-            if !(matches && known) {
+        let credential = match shared
+            .password_matches(user, password.as_bytes(), channel)
+            .await
+        {
+            Ok(c) => c,
+            Err(PasswordRefusal::Failed) => {
                 shared.counters.login(LoginOutcome::Failed);
                 let delay = attempt.failed();
                 tracing::info!(peer = ?peer, user = ?user, "refused password login: authentication failed");
                 tokio::time::sleep(delay).await;
                 return Err(PasswordRefusal::Failed);
             }
-            let mut entries = shared
-                .credential_cache
-                .entries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if entries.len() >= CACHE_LIMIT {
-                entries.clear();
-            }
-            entries.insert(slot, verifier.clone());
-        }
+            Err(e) => return Err(e),
+        };
         shared.counters.login(LoginOutcome::Ok);
         if !self.policy().allows(user, service) {
             tracing::info!(peer = ?peer, user = ?user, service, "refused password login: service not granted");
@@ -191,9 +183,84 @@ impl Dispatcher {
             });
         }
         if let Some(conn) = conn {
-            conn.note_login(user, service, &verifier);
+            conn.note_login(user, service, &credential);
         }
         Ok(shared.devices.issue(user))
+    }
+}
+
+impl super::Shared {
+    /// The verifier to check `user` against and whether the user is known
+    /// (an unknown user gets the mock, so both cost the same).
+    pub(crate) async fn verifier_for(
+        &self,
+        user: &str,
+    ) -> Result<(Verifier, bool), PasswordRefusal> {
+        match self.checker.verifier(user).await {
+            Ok(Some(v)) => Ok((v, true)),
+            Ok(None) => Ok((self.mock.verifier(user), false)),
+            Err(e) => {
+                tracing::error!(user = ?user, error = %e, "credential checker failed; refusing the login");
+                Err(PasswordRefusal::CheckerDown)
+            }
+        }
+    }
+
+    /// Whether `password` is `user`'s, and what says so: the user's
+    /// verifier, if the port's checker knows the user (one PBKDF2, cached);
+    /// otherwise, inside TLS only, the `[[checker]]`s in turn (their yes
+    /// cached for [`CHECKED_PASSWORD_CACHE`]). On a plain connection a
+    /// password checker is never asked: an unknown user costs the same
+    /// PBKDF2 as a known one and fails as a wrong password does.
+    /// `Err(Failed)` is a wrong password or an unknown user; the caller
+    /// counts it in the throttle.
+    pub(crate) async fn password_matches(
+        &self,
+        user: &str,
+        password: &[u8],
+        channel: Channel,
+    ) -> Result<Credential, PasswordRefusal> {
+        let (verifier, known) = self.verifier_for(user).await?;
+        let checkers = self
+            .password_checkers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|_| channel == Channel::Tls && !known);
+        let slot = self.credential_cache.slot(user, password);
+        match self.credential_cache.get(&slot) {
+            Some((Credential::Verifier(v), _)) if known && v == verifier => {
+                return Ok(Credential::Verifier(v));
+            }
+            Some((Credential::Checked, at))
+                if checkers.is_some() && at.elapsed() < CHECKED_PASSWORD_CACHE =>
+            {
+                return Ok(Credential::Checked);
+            }
+            _ => {}
+        }
+        let credential = match checkers {
+            Some(chain) => match chain.check_password(user, password, Channel::Tls).await {
+                Ok(Some(true)) => Credential::Checked,
+                Ok(_) => return Err(PasswordRefusal::Failed),
+                Err(e) => {
+                    tracing::error!(user = ?user, error = %e, "password checker failed; refusing the login");
+                    return Err(PasswordRefusal::CheckerDown);
+                }
+            },
+            None => {
+                let (v, pw) = (verifier.clone(), password.to_vec());
+                let matches = tokio::task::spawn_blocking(move || v.matches_password(&pw))
+                    .await
+                    .unwrap_or(false);
+                if !(matches && known) {
+                    return Err(PasswordRefusal::Failed);
+                }
+                Credential::Verifier(verifier)
+            }
+        };
+        self.credential_cache.insert(slot, credential.clone());
+        Ok(credential)
     }
 }
 
@@ -243,7 +310,7 @@ impl Dispatcher {
             .map_err(|e| PasswordRefusal::BadScram(e.to_string()))?;
         let user = first.user().to_string();
         let attempt = self.begin_attempt(&user, peer, device_token).await?;
-        let (verifier, known) = self.verifier_for(&user).await?;
+        let (verifier, known) = self.shared.verifier_for(&user).await?;
         Ok(PendingScram {
             attempt,
             server_first: first.challenge(verifier, known),

@@ -17,7 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Verifier;
+use crate::auth::Credential;
 
 /// The framed stream a service talks over: 4-byte big-endian length, then
 /// the message.
@@ -69,7 +69,8 @@ pub(crate) struct LiveSession {
     pub(crate) user: String,
     pub(crate) service: String,
     pub(crate) id: String,
-    pub(crate) verifier: Verifier,
+    /// What the login was checked against.
+    pub(crate) credential: Credential,
     pub(crate) token: CancellationToken,
 }
 
@@ -151,7 +152,7 @@ pub struct ConnectionSessions {
 struct NotedLogin {
     user: String,
     service: String,
-    verifier: Verifier,
+    credential: Credential,
     _guard: SessionGuard,
 }
 
@@ -191,7 +192,7 @@ impl ConnectionSessions {
 
     /// Called on every request that authenticates, so the common case (the
     /// user is already noted with this verifier) allocates nothing.
-    pub(crate) fn note_login(&self, user: &str, service: &str, verifier: &Verifier) {
+    pub(crate) fn note_login(&self, user: &str, service: &str, credential: &Credential) {
         self.stranger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -201,7 +202,7 @@ impl ConnectionSessions {
             .iter()
             .position(|e| e.user == user && e.service == service)
         {
-            if entries[i].verifier == *verifier {
+            if entries[i].credential == *credential {
                 return;
             }
             entries.swap_remove(i);
@@ -211,7 +212,7 @@ impl ConnectionSessions {
                 user: user.to_string(),
                 service: service.to_string(),
                 id: self.id.clone(),
-                verifier: verifier.clone(),
+                credential: credential.clone(),
                 token: self.token.clone(),
             },
             None,
@@ -219,7 +220,7 @@ impl ConnectionSessions {
         entries.push(NotedLogin {
             user: user.to_string(),
             service: service.to_string(),
-            verifier: verifier.clone(),
+            credential: credential.clone(),
             _guard: guard,
         });
     }

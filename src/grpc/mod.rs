@@ -56,6 +56,14 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// How a request's connection is protected (plain when unknown).
+pub fn channel_of(conn: Option<&ConnInfo>) -> crate::auth::Channel {
+    match conn {
+        Some(c) if c.tls => crate::auth::Channel::Tls,
+        _ => crate::auth::Channel::Plain,
+    }
+}
+
 /// Where [`GrpcAuth`] leaves the device token it issued for a request, for
 /// the connection to put in the response's headers.
 #[derive(Clone, Default)]
@@ -103,6 +111,7 @@ impl GrpcAuth {
                 &password,
                 service,
                 peer,
+                channel_of(conn),
                 device,
                 conn.map(|c| c.sessions.as_ref()),
             )

@@ -52,6 +52,8 @@ pub struct AgentOptions {
     pub step_env: std::collections::BTreeMap<String, String>,
     /// Connect with TLS (`None`: plain TCP).
     pub tls: Option<crate::wire::tls::ClientTls>,
+    /// How the worker logs in (PLAIN only inside TLS).
+    pub mechanism: crate::client::Mechanism,
 }
 
 impl AgentOptions {
@@ -71,6 +73,7 @@ impl AgentOptions {
             step_supervisor: None,
             step_env: Default::default(),
             tls: None,
+            mechanism: Default::default(),
         }
     }
 }
@@ -177,6 +180,7 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
     let client_opts = ClientOptions {
         client_agent: format!("switchyard-worker/{}", env!("CARGO_PKG_VERSION")),
         tls: agent.opts.tls.clone(),
+        mechanism: agent.opts.mechanism,
         ..Default::default()
     };
     'agent: loop {
