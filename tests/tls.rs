@@ -699,6 +699,15 @@ async fn the_command_checker_is_asked_inside_tls_and_never_over_plain_tcp() {
         refused,
         "a Basic login over plain TCP must not reach the checker"
     );
+    // The web UI: over plain HTTP the page runs SCRAM, and the password
+    // endpoint refuses without looking.
+    let page = http(&m, "GET", "/login", &[], "").await;
+    assert!(!page.body.contains("data-password"), "{}", page.body);
+    let json = [("Content-Type", "application/json")];
+    let body = serde_json::json!({ "user": CAROL.0, "password": CAROL.1 }).to_string();
+    let r = http(&m, "POST", "/api/v1/login/password", &json, &body).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("only inside TLS"), "{}", r.body);
     assert!(asked().is_empty(), "asked over plain TCP: {:?}", asked());
 
     // Inside TLS: PLAIN, the API's Basic and gRPC's Basic all reach it.
@@ -741,6 +750,45 @@ async fn the_command_checker_is_asked_inside_tls_and_never_over_plain_tcp() {
     )
     .await
     .unwrap();
+    // The web UI inside TLS: the page posts the password, and the session
+    // it gets reads the API.
+    let cert = m.dir.path().join("cert.pem");
+    let page = https(
+        &m,
+        &cert,
+        "GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(page.contains("data-password"), "{page}");
+    let reply = https(
+        &m,
+        &cert,
+        &format!(
+            "POST /api/v1/login/password HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let cookie = reply
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: switchyard_session=")
+                .then(|| l["set-cookie: ".len()..].to_string())
+        })
+        .unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    let session = cookie.split(';').next().unwrap();
+    let reply = https(
+        &m,
+        &cert,
+        &format!("GET /api/v1/builders HTTP/1.1\r\nHost: localhost\r\nCookie: {session}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("widgets"), "{reply}");
+
     // A user the secrets file knows is its to judge: the checker is not
     // asked, by PLAIN or SCRAM.
     let n = asked().len();

@@ -957,3 +957,101 @@ async fn one_address_cannot_take_every_login_slot() {
     web_login(&m, VIEWER.0, VIEWER.1).await.unwrap();
     m.stop().await;
 }
+
+/// Inside TLS, on a master whose `[[checker]]` program judges a user the
+/// secrets file does not know, a real Chromium logs in through the page
+/// (which posts the password, as the form tells it to).
+#[tokio::test]
+async fn a_real_browser_logs_in_over_tls_through_the_command_checker() {
+    use fantoccini::{ClientBuilder, Locator};
+    use std::os::unix::fs::PermissionsExt;
+    let Some(driver) = chromedriver().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _pin) =
+        switchyard::dispatcher::tls::self_signed(&["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    let script = dir.path().join("check.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nread -r user\nread -r pw\necho \"$user\" >> \"$(dirname \"$0\")/asked\"\n\
+         [ \"$user\" = dora ] && [ \"$pw\" = 'directory pass' ] && exit 0\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config_with(
+            "[master.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+            &[ADMIN, ("dora", "", &["web"])],
+            "true",
+            "\n[[checker]]\nkind = \"command\"\ncommand = [\"./check.sh\"]\n",
+        ),
+    )
+    .unwrap();
+    let secrets = secrets_text(&[ADMIN])
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    let m = TestMaster::start_in(dir).await;
+
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+                // The master's certificate is self-signed, made by this test.
+                "--ignore-certificate-errors",
+                format!("--user-data-dir={}", profile.path().display()),
+            ],
+        }),
+    );
+    let c = within(
+        "a browser session",
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url),
+    )
+    .await
+    .expect("a WebDriver session");
+    let base = format!("https://localhost:{}", m.addr.port());
+    within("the login page over TLS", c.goto(&format!("{base}/login")))
+        .await
+        .unwrap();
+    for (field, value) in [("user", "dora"), ("password", "directory pass")] {
+        c.find(Locator::Css(&format!("input[name={field}]")))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    c.find(Locator::Css("#login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(
+        "the login to land on the home page",
+        Duration::from_secs(20),
+        || async {
+            c.source()
+                .await
+                .unwrap_or_default()
+                .contains("Logged in as <strong>dora</strong>")
+        },
+    )
+    .await;
+    let home = c.source().await.unwrap();
+    assert!(home.contains("widgets"), "{home}");
+    c.close().await.unwrap();
+    let asked = std::fs::read_to_string(m.dir.path().join("asked")).unwrap();
+    assert_eq!(asked, "dora\n");
+    m.stop().await;
+}

@@ -115,7 +115,7 @@ async fn session_of(s: &ApiState, parts: &Parts, services: &[&str]) -> Option<Se
     let who = s.sessions.lookup(cookie(&parts.headers, COOKIE)?)?;
     for service in services {
         if s.dispatcher
-            .login_still_valid(&who.user, &who.verifier, service)
+            .login_still_valid(&who.user, &who.credential, service)
             .await
         {
             return Some(who);
@@ -124,11 +124,11 @@ async fn session_of(s: &ApiState, parts: &Parts, services: &[&str]) -> Option<Se
     // Still granted something? Then it is only this action it may not do.
     if !s
         .dispatcher
-        .login_still_valid(&who.user, &who.verifier, READ)
+        .login_still_valid(&who.user, &who.credential, READ)
         .await
         && !s
             .dispatcher
-            .login_still_valid(&who.user, &who.verifier, ACT)
+            .login_still_valid(&who.user, &who.credential, ACT)
             .await
     {
         tracing::info!(user = %who.user, "web session ended: the user, their password or their grants changed");
@@ -248,10 +248,13 @@ impl axum::extract::FromRequestParts<ApiState> for FormActor {
     async fn from_request_parts(parts: &mut Parts, s: &ApiState) -> Result<Self, Response> {
         match session_of(s, parts, &[ACT]).await {
             Some(who) => Ok(FormActor(who)),
-            None => Err(super::web::refused_page(Refusal(
-                StatusCode::FORBIDDEN,
-                format!("log in as a user granted `{ACT}` to do this"),
-            ))),
+            None => Err(super::web::refused_page(
+                Refusal(
+                    StatusCode::FORBIDDEN,
+                    format!("log in as a user granted `{ACT}` to do this"),
+                ),
+                super::web::login::takes_passwords(parts, s),
+            )),
         }
     }
 }

@@ -5,8 +5,10 @@
 //! master keeps the login's state here, for [`LOGIN_TIMEOUT`] at most. A
 //! login that succeeds makes a session: a cookie of 256 random bits
 //! (`HttpOnly`, `SameSite=Strict`), of which the master keeps only the
-//! SHA-256, with the user, the verifier the proof was checked against, and
-//! a CSRF token that forms and scripts must send back with every action.
+//! SHA-256, with the user, what proved the login (the verifier the proof was
+//! checked against; or, inside TLS on a master with `[[checker]]`s, a
+//! password posted to `/api/v1/login/password` that one accepted), and a
+//! CSRF token that forms and scripts must send back with every action.
 //!
 //! A session ends when it is idle for `[web] session_idle_timeout` (8 h
 //! unless configured), when its user logs
@@ -25,7 +27,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use crate::auth::Verifier;
+use crate::auth::Credential;
 use crate::dispatcher::PendingScram;
 
 /// The session cookie's name.
@@ -53,7 +55,7 @@ const MAX_SUBMISSIONS: usize = 64;
 /// One logged-in browser.
 struct WebSession {
     user: String,
-    verifier: Verifier,
+    credential: Credential,
     csrf: String,
     last_used: Instant,
     /// Form submissions taken, and what each answered (`None` while it
@@ -71,7 +73,7 @@ pub struct SessionUser {
     /// The session's CSRF token, for the page's forms.
     pub csrf: String,
     pub(crate) key: [u8; 32],
-    pub(crate) verifier: Verifier,
+    pub(crate) credential: Credential,
 }
 
 impl SessionUser {
@@ -167,7 +169,7 @@ impl WebSessions {
 
     /// Makes a session for a user who logged in: returns the cookie's
     /// value and the session's CSRF token.
-    pub fn create(&self, user: &str, verifier: Verifier) -> (String, String) {
+    pub fn create(&self, user: &str, credential: Credential) -> (String, String) {
         let cookie = random_token(32);
         let csrf = random_token(16);
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,7 +189,7 @@ impl WebSessions {
             key_of(&cookie),
             WebSession {
                 user: user.to_string(),
-                verifier,
+                credential,
                 csrf: csrf.clone(),
                 last_used: Instant::now(),
                 submissions: VecDeque::new(),
@@ -211,7 +213,7 @@ impl WebSessions {
             user: s.user.clone(),
             csrf: s.csrf.clone(),
             key,
-            verifier: s.verifier.clone(),
+            credential: s.credential.clone(),
         })
     }
 

@@ -28,7 +28,7 @@ use crate::auth::{AuthThrottle, Checker, Credential, DeviceTokens, MockCredentia
 
 pub use crate::limits::Limits;
 pub use http1::PROTOCOLS_NOTE;
-pub use password::{PasswordRefusal, PendingScram, ScramLogin, parse_basic};
+pub use password::{PasswordLogin, PasswordRefusal, PendingScram, ScramLogin, parse_basic};
 pub use registry::{
     ConnectionHandler, Registration, RegistryError, ServiceOptions, ServiceRegistry, SessionHandler,
 };

@@ -95,6 +95,15 @@ impl CredentialCache {
     }
 }
 
+/// A password login that succeeded.
+#[derive(Debug)]
+pub struct PasswordLogin {
+    /// A fresh device token for the client (see [`crate::auth::throttle`]).
+    pub device_token: String,
+    /// What proved it: a session made from it lasts while this holds.
+    pub credential: Credential,
+}
+
 /// Splits `Basic base64(user:password)`.
 pub fn parse_basic(header: &str) -> Result<(String, String), PasswordRefusal> {
     let (scheme, rest) = header
@@ -145,8 +154,8 @@ impl Dispatcher {
     /// request on a connection from `peer` over `channel`, with the device
     /// token the client presented (if any; see [`crate::auth::throttle`]).
     /// On success, records the login on `conn` so that a reload revoking the
-    /// user hangs the connection up, and returns a fresh device token for
-    /// the client.
+    /// user hangs the connection up, and returns what proved it with a
+    /// fresh device token for the client.
     #[allow(clippy::too_many_arguments)]
     pub async fn check_password_login(
         &self,
@@ -157,7 +166,7 @@ impl Dispatcher {
         channel: Channel,
         device_token: Option<&str>,
         conn: Option<&ConnectionSessions>,
-    ) -> Result<String, PasswordRefusal> {
+    ) -> Result<PasswordLogin, PasswordRefusal> {
         let shared = &self.shared;
         let attempt = self.begin_attempt(user, peer, device_token).await?;
         let credential = match shared
@@ -185,7 +194,19 @@ impl Dispatcher {
         if let Some(conn) = conn {
             conn.note_login(user, service, &credential);
         }
-        Ok(shared.devices.issue(user))
+        Ok(PasswordLogin {
+            device_token: shared.devices.issue(user),
+            credential,
+        })
+    }
+
+    /// Whether `[[checker]]`s judge passwords on this port (inside TLS).
+    pub fn has_password_checkers(&self) -> bool {
+        self.shared
+            .password_checkers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 }
 
@@ -366,19 +387,27 @@ impl Dispatcher {
         })
     }
 
-    /// Whether a login made against `verifier` still holds for `service`:
-    /// the user is still configured, with the same verifier, and granted
-    /// `service`. A checker that cannot answer now keeps it (an outage must
+    /// Whether a login proved by `credential` still holds for `service`:
+    /// the user is still configured and granted `service`, and what proved
+    /// the login still decides for the user (the same verifier; or, for a
+    /// password a `[[checker]]` accepted, still no verifier and still a
+    /// checker). A checker that cannot answer now keeps it (an outage must
     /// not log everybody out).
-    pub async fn login_still_valid(&self, user: &str, verifier: &Verifier, service: &str) -> bool {
+    pub async fn login_still_valid(
+        &self,
+        user: &str,
+        credential: &Credential,
+        service: &str,
+    ) -> bool {
         let policy = self.policy();
         if !policy.has_user(user) || !policy.allows(user, service) {
             return false;
         }
-        match self.shared.checker.verifier(user).await {
-            Ok(Some(v)) => v == *verifier,
-            Ok(None) => false,
-            Err(_) => true,
+        match (self.shared.checker.verifier(user).await, credential) {
+            (Err(_), _) => true,
+            (Ok(Some(v)), Credential::Verifier(old)) => v == *old,
+            (Ok(None), Credential::Checked) => self.has_password_checkers(),
+            _ => false,
         }
     }
 }

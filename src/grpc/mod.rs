@@ -116,7 +116,8 @@ impl GrpcAuth {
                 conn.map(|c| c.sessions.as_ref()),
             )
             .await
-            .map_err(refusal_status)?;
+            .map_err(refusal_status)?
+            .device_token;
         if let Some(slot) = req.extensions().get::<IssuedToken>() {
             *slot.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
         }

@@ -10,6 +10,14 @@
 //!    hold the user's verifier cannot compute it.
 //!
 //! Both count in the port's login throttle like every other login.
+//!
+//! Inside TLS, on a master with `[[checker]]`s (users a directory or a
+//! program judges, who have no verifier), the page posts the password
+//! itself instead, protected by TLS: `POST /api/v1/login/password`
+//! `{"user", "password"}` answers `{"user", "csrf"}` with the cookie, or
+//! 401. The secrets file judges the users it knows, the checkers the
+//! others. Over plain TCP that endpoint refuses (403) without looking at
+//! the password.
 
 use axum::extract::State;
 use axum::http::request::Parts;
@@ -22,12 +30,14 @@ use serde_json::json;
 use super::super::ApiState;
 use super::super::access::{ACT, READ, Refusal, Viewer};
 use super::super::session::{COOKIE, DEVICE_COOKIE, cookie, set_cookie};
+use crate::auth::{Channel, Credential};
 use crate::dispatcher::PasswordRefusal;
 
-/// The login form; the script does the rest.
-pub fn form() -> Markup {
+/// The login form; the script does the rest: SCRAM, or (`password`) the
+/// password itself inside TLS, for a master with `[[checker]]`s.
+pub fn form(password: bool) -> Markup {
     html! {
-        form #login method="post" action="/login" {
+        form #login method="post" action="/login" data-password[password] {
             label { "User " input name="user" autocomplete="username" required; }
             label { "Password " input name="password" type="password" autocomplete="current-password" required; }
             button type="submit" { "Log in" }
@@ -40,7 +50,16 @@ pub fn form() -> Markup {
 /// `GET /login`.
 pub async fn page(State(s): State<ApiState>, parts: Parts) -> Response {
     let viewer = Viewer::of(&parts, &s).await.unwrap_or_default();
-    super::page(StatusCode::OK, super::layout("Log in", &viewer, form()))
+    super::page(
+        StatusCode::OK,
+        super::layout("Log in", &viewer, form(takes_passwords(&parts, &s))),
+    )
+}
+
+/// Whether the page should post the password itself: the request came
+/// inside TLS and `[[checker]]`s judge passwords.
+pub fn takes_passwords(parts: &Parts, s: &ApiState) -> bool {
+    over_tls(parts) && s.dispatcher.has_password_checkers()
 }
 
 /// A refusal of a login request, in JSON.
@@ -131,17 +150,27 @@ pub async fn finish(State(s): State<ApiState>, parts: Parts, body: axum::body::B
         Ok(l) => l,
         Err(e) => return refused(e),
     };
-    let (session, csrf) = s.sessions.create(&login.user, login.verifier);
-    let mut r = super::super::json(
-        StatusCode::OK,
+    let (session, csrf) = s
+        .sessions
+        .create(&login.user, Credential::Verifier(login.verifier));
+    logged_in(
         json!({ "server_final": login.server_final, "user": login.user, "csrf": csrf }),
-    );
+        &session,
+        &login.device_token,
+        secure,
+    )
+}
+
+/// The answer to a login that made a session: `body` with the session's
+/// cookie and a device token's.
+fn logged_in(body: serde_json::Value, session: &str, device_token: &str, secure: bool) -> Response {
+    let mut r = super::super::json(StatusCode::OK, body);
     let h = r.headers_mut();
     for c in [
-        set_cookie(COOKIE, &session, None, secure),
+        set_cookie(COOKIE, session, None, secure),
         set_cookie(
             DEVICE_COOKIE,
-            &login.device_token,
+            device_token,
             Some(std::time::Duration::from_secs(180 * 24 * 3600)),
             secure,
         ),
@@ -151,6 +180,70 @@ pub async fn finish(State(s): State<ApiState>, parts: Parts, body: axum::body::B
         }
     }
     r
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordForm {
+    user: String,
+    password: String,
+}
+
+/// `POST /api/v1/login/password`: inside TLS only.
+pub async fn password(
+    State(s): State<ApiState>,
+    parts: Parts,
+    body: axum::body::Bytes,
+) -> Response {
+    if !over_tls(&parts) {
+        return Refusal(
+            StatusCode::FORBIDDEN,
+            "a password is taken only inside TLS; over plain HTTP the page logs in with SCRAM"
+                .into(),
+        )
+        .json();
+    }
+    let form: PasswordForm = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("the body: {e}")),
+    };
+    if form.user.is_empty() {
+        return bad("the user name is empty");
+    }
+    let conn = parts.extensions.get::<crate::grpc::ConnInfo>();
+    let device = cookie(&parts.headers, DEVICE_COOKIE);
+    let mut outcome = Err(PasswordRefusal::Missing);
+    // Either grant lets a user into the web UI.
+    for service in [READ, ACT] {
+        outcome = s
+            .dispatcher
+            .check_password_login(
+                &form.user,
+                &form.password,
+                service,
+                conn.map(|c| c.peer),
+                Channel::Tls,
+                device,
+                None,
+            )
+            .await;
+        if !matches!(outcome, Err(PasswordRefusal::NotAuthorized { .. })) {
+            break;
+        }
+    }
+    match outcome {
+        Ok(login) => {
+            tracing::info!(peer = ?conn.map(|c| c.peer), user = %form.user, "web login (password inside TLS)");
+            let (session, csrf) = s.sessions.create(&form.user, login.credential);
+            logged_in(
+                json!({ "user": form.user, "csrf": csrf }),
+                &session,
+                &login.device_token,
+                true,
+            )
+        }
+        Err(e) => refused(e),
+    }
 }
 
 /// `POST /api/v1/logout`: ends the session the cookie names (if any).

@@ -15,7 +15,7 @@
 
 pub mod ansi;
 mod assets;
-mod login;
+pub(crate) mod login;
 
 use std::collections::HashMap;
 
@@ -149,6 +149,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/login", get(login::page))
         .route("/api/v1/login/start", post(login::start))
         .route("/api/v1/login/finish", post(login::finish))
+        .route("/api/v1/login/password", post(login::password))
         .route("/api/v1/logout", post(login::logout))
         .route("/static/{file}", get(assets::serve))
         .layer(axum::Extension(overview))
@@ -168,7 +169,7 @@ fn page(status: StatusCode, markup: Markup) -> Response {
 }
 
 /// The page a refused request gets: why, and the login form.
-pub fn refused_page(refusal: Refusal) -> Response {
+pub fn refused_page(refusal: Refusal, password_login: bool) -> Response {
     let Refusal(status, why) = refusal;
     page(
         status,
@@ -177,7 +178,7 @@ pub fn refused_page(refusal: Refusal) -> Response {
             &Viewer::default(),
             html! {
                 p.refusal { (why) }
-                (login::form())
+                (login::form(password_login))
             },
         ),
     )
@@ -193,7 +194,7 @@ impl axum::extract::FromRequestParts<ApiState> for PageViewer {
         Viewer::of(parts, s)
             .await
             .map(PageViewer)
-            .map_err(refused_page)
+            .map_err(|r| refused_page(r, login::takes_passwords(parts, s)))
     }
 }
 

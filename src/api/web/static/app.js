@@ -1,4 +1,5 @@
-// Switchyard's web UI: live updates, live logs and the SCRAM login.
+// Switchyard's web UI: live updates, live logs and the login (SCRAM, or the
+// password inside TLS where the master's [[checker]]s need it).
 // Pages work without it; this adds what needs a script. No dependencies
 // (noble-hashes is loaded only where the browser lacks WebCrypto).
 "use strict";
@@ -211,7 +212,11 @@
       button.disabled = true;
       err.textContent = "";
       try {
-        await scramLogin(f.elements.user.value, f.elements.password.value);
+        const [user, password] = [f.elements.user.value, f.elements.password.value];
+        // Inside TLS, on a master whose [[checker]]s judge passwords, the
+        // password itself goes (the server says so on the form).
+        if ("password" in f.dataset) await post("/api/v1/login/password", { user, password });
+        else await scramLogin(user, password);
         location.href = location.pathname === "/login" ? "/" : location.href;
       } catch (e) {
         err.textContent = "Login failed: " + e.message;
