@@ -584,33 +584,26 @@ fn main() -> ExitCode {
             login,
             json,
             command,
-        } => login.password().and_then(|pw| {
+        } => login.tls.client_options().and_then(|opts| {
+            let pw = login.password()?;
             // `--json` counts wherever it is on the line.
             let json = json || command.iter().any(|w| w == "--json");
             let command: Vec<String> = command.into_iter().filter(|w| w != "--json").collect();
             let creds = Credentials::new(&login.user, pw);
             let saved = DeviceTokenFile::new(&login.master, &login.user);
             creds.set_device_token(saved.load());
-            let result = login.tls.client_options().and_then(|opts| {
-                runtime().and_then(|rt| {
-                    if command.is_empty() {
-                        switchyard::debug::console::interactive(
-                            &rt,
-                            &login.master,
-                            &creds,
-                            &opts,
-                            json,
-                        )
-                    } else {
-                        rt.block_on(switchyard::debug::console::once(
-                            &login.master,
-                            &creds,
-                            &opts,
-                            json,
-                            &command,
-                        ))
-                    }
-                })
+            let result = runtime().and_then(|rt| {
+                if command.is_empty() {
+                    switchyard::debug::console::interactive(&rt, &login.master, &creds, &opts, json)
+                } else {
+                    rt.block_on(switchyard::debug::console::once(
+                        &login.master,
+                        &creds,
+                        &opts,
+                        json,
+                        &command,
+                    ))
+                }
             });
             saved.save(creds.device_token());
             result
@@ -619,8 +612,8 @@ fn main() -> ExitCode {
             .login
             .password()
             .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
-        Command::Ping { login, count } => login.password().and_then(|pw| {
-            let opts = login.tls.client_options()?;
+        Command::Ping { login, count } => login.tls.client_options().and_then(|opts| {
+            let pw = login.password()?;
             runtime().and_then(|rt| rt.block_on(ping(&login.master, &login.user, pw, count, &opts)))
         }),
     };

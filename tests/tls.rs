@@ -834,6 +834,53 @@ async fn the_command_checker_is_asked_inside_tls_and_never_over_plain_tcp() {
     .unwrap();
     assert!(String::from_utf8(out).unwrap().contains("w1"));
 
+    // The command line: `--mechanism plain` needs `--tls`, and with it the
+    // console logs in as carol.
+    let cli = |extra: &[&str]| {
+        let mut c = tokio::process::Command::new(BIN);
+        c.args(["debug", "--master", &addr, "--user", CAROL.0])
+            .args(extra)
+            .env("SWITCHYARD_PASSWORD", CAROL.1)
+            .env("HOME", m.dir.path())
+            .kill_on_drop(true);
+        c
+    };
+    let out = within(
+        "debug without --tls",
+        cli(&["--mechanism", "plain", "workers"]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--mechanism plain sends the password itself: it needs --tls"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = within(
+        "debug --tls --mechanism plain",
+        cli(&[
+            "--tls",
+            "--pin-sha256",
+            &pin,
+            "--server-name",
+            "localhost",
+            "--mechanism",
+            "plain",
+            "workers",
+        ])
+        .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("w1"));
+
     // Its refusals count in the throttle: with the three failures in clear
     // above, three wrong passwords make six, and then the right one is
     // refused too, without asking the checker again.
