@@ -200,6 +200,25 @@ impl AuthThrottle {
         }
     }
 
+    /// Refuses at once when `user` from `ip` (or the device token) is
+    /// blocked now; takes no place and counts nothing. For a password the
+    /// port has already accepted: it is no guess, so it need not wait for
+    /// the attempts in flight, but a block still holds.
+    pub fn refuse_if_blocked(
+        &self,
+        ip: Option<IpAddr>,
+        user: &str,
+        device: Option<[u8; 16]>,
+    ) -> Result<(), Refused> {
+        let key = key_of(ip, user, device);
+        let now = Instant::now();
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        match table.get(&key).and_then(|e| e.blocked_until) {
+            Some(until) if until > now => Err(Refused::Blocked(until - now)),
+            _ => Ok(()),
+        }
+    }
+
     /// Starts an attempt by `user` from `ip`, or, when the client presented a
     /// valid device token, by that token (`device` is its id, from
     /// [`DeviceTokens::check`]).
@@ -209,12 +228,7 @@ impl AuthThrottle {
         user: &str,
         device: Option<[u8; 16]>,
     ) -> Result<Attempt, Refused> {
-        let key = match (device, ip) {
-            (Some(d), _) => Key::Device(d),
-            (None, Some(ip)) => Key::Pair(ip, digest(user.as_bytes())),
-            // No address (a connection not from the port): counted by user.
-            (None, None) => Key::Device(digest(user.as_bytes())),
-        };
+        let key = key_of(ip, user, device);
         let cfg = self.config();
         let now = Instant::now();
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -331,6 +345,17 @@ fn prune(table: &mut HashMap<Key, Entry>, cfg: &ThrottleConfig, now: Instant) {
     if table.len() >= cfg.max_tracked {
         // Still full of live entries: forget the ones that are only counting.
         table.retain(|_, e| e.blocked_until.is_some() || e.in_flight > 0);
+    }
+}
+
+/// What an attempt is counted under: the device token when the client
+/// presented a valid one, else the address and the user.
+fn key_of(ip: Option<IpAddr>, user: &str, device: Option<[u8; 16]>) -> Key {
+    match (device, ip) {
+        (Some(d), _) => Key::Device(d),
+        (None, Some(ip)) => Key::Pair(ip, digest(user.as_bytes())),
+        // No address (a connection not from the port): counted by user.
+        (None, None) => Key::Device(digest(user.as_bytes())),
     }
 }
 

@@ -11,7 +11,7 @@
 use super::counters::LoginOutcome;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -168,20 +168,40 @@ impl Dispatcher {
         conn: Option<&ConnectionSessions>,
     ) -> Result<PasswordLogin, PasswordRefusal> {
         let shared = &self.shared;
-        let attempt = self.begin_attempt(user, peer, device_token).await?;
-        let credential = match shared
-            .password_matches(user, password.as_bytes(), channel)
-            .await
-        {
-            Ok(c) => c,
-            Err(PasswordRefusal::Failed) => {
-                shared.counters.login(LoginOutcome::Failed);
-                let delay = attempt.failed();
-                tracing::info!(peer = ?peer, user = ?user, "refused password login: authentication failed");
-                tokio::time::sleep(delay).await;
-                return Err(PasswordRefusal::Failed);
+        // A password this port accepted a moment ago (a gRPC client sends
+        // Basic with every request) is no guess: it takes no place in the
+        // throttle, so a client's concurrent requests do not queue behind
+        // each other; a block still refuses it.
+        let device = device_token.and_then(|t| shared.devices.check(user, t));
+        shared
+            .throttle
+            .refuse_if_blocked(peer.map(|p| p.ip()), user, device)
+            .map_err(|r| {
+                shared.counters.login(LoginOutcome::Throttled);
+                PasswordRefusal::Throttled(r)
+            })?;
+        let cached = shared
+            .cached_password(user, password.as_bytes(), channel)
+            .await;
+        let credential = match cached {
+            Some(c) => c,
+            None => {
+                let attempt = self.begin_attempt(user, peer, device_token).await?;
+                match shared
+                    .password_matches(user, password.as_bytes(), channel)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(PasswordRefusal::Failed) => {
+                        shared.counters.login(LoginOutcome::Failed);
+                        let delay = attempt.failed();
+                        tracing::info!(peer = ?peer, user = ?user, "refused password login: authentication failed");
+                        tokio::time::sleep(delay).await;
+                        return Err(PasswordRefusal::Failed);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) => return Err(e),
         };
         shared.counters.login(LoginOutcome::Ok);
         if !self.policy().allows(user, service) {
@@ -211,6 +231,46 @@ impl Dispatcher {
 }
 
 impl super::Shared {
+    /// The `[[checker]]`s that may judge a password arriving over
+    /// `channel` for a user the port's checker knows (`known`) or not.
+    fn password_checkers_for(
+        &self,
+        channel: Channel,
+        known: bool,
+    ) -> Option<Arc<crate::auth::ChainChecker>> {
+        self.password_checkers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|_| channel == Channel::Tls && !known)
+    }
+
+    /// What accepted `password` for `user` a moment ago, if the credential
+    /// cache remembers it and it still holds: the same verifier, or a
+    /// `[[checker]]`'s yes younger than [`CHECKED_PASSWORD_CACHE`] for a user
+    /// still without a verifier, inside TLS.
+    pub(crate) async fn cached_password(
+        &self,
+        user: &str,
+        password: &[u8],
+        channel: Channel,
+    ) -> Option<Credential> {
+        let slot = self.credential_cache.slot(user, password);
+        let (credential, at) = self.credential_cache.get(&slot)?;
+        // A checker that cannot answer now: the full check says why.
+        let current = self.checker.verifier(user).await.ok()?;
+        match (credential, current) {
+            (Credential::Verifier(v), Some(now)) if v == now => Some(Credential::Verifier(v)),
+            (Credential::Checked, None)
+                if at.elapsed() < CHECKED_PASSWORD_CACHE
+                    && self.password_checkers_for(channel, false).is_some() =>
+            {
+                Some(Credential::Checked)
+            }
+            _ => None,
+        }
+    }
+
     /// The verifier to check `user` against and whether the user is known
     /// (an unknown user gets the mock, so both cost the same).
     pub(crate) async fn verifier_for(
@@ -241,25 +301,12 @@ impl super::Shared {
         password: &[u8],
         channel: Channel,
     ) -> Result<Credential, PasswordRefusal> {
-        let (verifier, known) = self.verifier_for(user).await?;
-        let checkers = self
-            .password_checkers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|_| channel == Channel::Tls && !known);
-        let slot = self.credential_cache.slot(user, password);
-        match self.credential_cache.get(&slot) {
-            Some((Credential::Verifier(v), _)) if known && v == verifier => {
-                return Ok(Credential::Verifier(v));
-            }
-            Some((Credential::Checked, at))
-                if checkers.is_some() && at.elapsed() < CHECKED_PASSWORD_CACHE =>
-            {
-                return Ok(Credential::Checked);
-            }
-            _ => {}
+        if let Some(c) = self.cached_password(user, password, channel).await {
+            return Ok(c);
         }
+        let (verifier, known) = self.verifier_for(user).await?;
+        let checkers = self.password_checkers_for(channel, known);
+        let slot = self.credential_cache.slot(user, password);
         let credential = match checkers {
             Some(chain) => match chain.check_password(user, password, Channel::Tls).await {
                 Ok(Some(true)) => Credential::Checked,
