@@ -6,6 +6,7 @@
 //! the whole port.
 
 pub mod command;
+pub mod password;
 pub mod scram;
 pub mod throttle;
 pub mod verifier;

@@ -131,7 +131,7 @@ pub(crate) struct Shared {
     /// overloaded; past these, excess connections are just closed.
     pub(crate) overflow: Arc<Semaphore>,
     pub(crate) server_agent: String,
-    pub(crate) credential_cache: password::CredentialCache,
+    pub(crate) credential_cache: crate::auth::password::CredentialCache,
     pub(crate) counters: counters::PortCounters,
     /// TLS on the port, if configured.
     pub(crate) tls: RwLock<Option<Arc<tls::TlsSettings>>>,
@@ -194,7 +194,7 @@ impl Dispatcher {
                 registry: ServiceRegistry::new(),
                 sessions: Default::default(),
                 server_agent: format!("switchyard/{}", env!("CARGO_PKG_VERSION")),
-                credential_cache: password::CredentialCache::new(),
+                credential_cache: crate::auth::password::CredentialCache::new(),
                 counters: Default::default(),
                 tls: RwLock::new(None),
                 password_checkers: RwLock::new(None),
