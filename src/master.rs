@@ -122,6 +122,8 @@ pub struct Master {
     public_web: Arc<std::sync::atomic::AtomicBool>,
     /// The web UI's sessions (their idle timeout follows reloads).
     web_sessions: Arc<crate::api::session::WebSessions>,
+    /// `POST /hooks/<name>`: the webhooks served now.
+    webhooks: Arc<crate::api::webhooks::Webhooks>,
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -192,6 +194,7 @@ impl Master {
         let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET)?);
         mock.set_iterations_like(secrets.verifiers.values());
         let build_config = BuildConfig::from_config(&config, secrets.step_secrets.clone());
+        let webhook_secrets = secrets.webhook_secrets.clone();
         let checker = Arc::new(SecretsFileChecker::from_secrets(
             &config.secrets_path,
             secrets,
@@ -238,8 +241,11 @@ impl Master {
             public: public_web.clone(),
             sessions: web_sessions.clone(),
         };
-        let api_routes =
-            crate::api::v1::routes(api_state.clone()).merge(crate::api::web::routes(api_state));
+        let webhooks = crate::api::webhooks::Webhooks::new(builds.clone(), dispatcher.clone());
+        webhooks.set(config.webhooks.values(), &webhook_secrets);
+        let api_routes = crate::api::v1::routes(api_state.clone())
+            .merge(crate::api::web::routes(api_state))
+            .merge(crate::api::webhooks::routes(webhooks.clone()));
         let (routes, health) = grpc_routes(&dispatcher, &builds, debug_api)?;
         let metrics = Arc::new(crate::api::metrics::Metrics::new());
         let metrics_events = builds.subscribe();
@@ -280,6 +286,7 @@ impl Master {
             public_metrics,
             public_web,
             web_sessions,
+            webhooks,
         };
         master.warn_about_config();
         Ok(master)
@@ -498,6 +505,8 @@ impl Master {
         tracing::debug!(elapsed = ?started.elapsed(), "reload: builds reconfigured");
         self.dispatcher
             .set_typical_verifiers(secrets.verifiers.values());
+        self.webhooks
+            .set(new.webhooks.values(), &secrets.webhook_secrets);
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod session;
 pub mod v1;
 pub mod web;
+pub mod webhooks;
 
 pub use access::ApiState;
 

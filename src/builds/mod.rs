@@ -685,6 +685,28 @@ impl BuildMaster {
         Ok(ids)
     }
 
+    /// As [`BuildMaster::add_changes`], once per webhook delivery (hook,
+    /// delivery id): a redelivery stores nothing and returns the changes the
+    /// first delivery made, with `true`.
+    pub async fn add_changes_once(
+        &self,
+        delivery: (String, String),
+        batch: Vec<NewChange>,
+    ) -> Result<(Vec<i64>, bool), StateError> {
+        let config = self.inner.config();
+        let (ids, requests, again) = self
+            .inner
+            .state
+            .add_changes_once(delivery, batch, move |ids, changes| {
+                requests_for(&config, ids, changes)
+            })
+            .await?;
+        if !requests.is_empty() {
+            self.wake();
+        }
+        Ok((ids, again))
+    }
+
     /// An operator asks for a build.
     pub async fn force(
         &self,
@@ -803,7 +825,7 @@ fn requests_for(config: &BuildConfig, ids: &[i64], changes: &[NewChange]) -> Vec
     let mut requests = Vec::new();
     for (id, c) in ids.iter().zip(changes) {
         for s in config.schedulers.values() {
-            if !s.matches_change(&c.repository, &c.branch, &c.files) {
+            if !s.triggered_by(c) {
                 continue;
             }
             for b in &s.builders {

@@ -104,7 +104,12 @@ pub(crate) struct RawScheduler {
     branch: Option<String>,
     #[serde(default)]
     only_if_changed: bool,
+    #[serde(default)]
+    pull_requests: bool,
 }
+
+/// The property that marks a change made for a pull or merge request.
+pub const PR_NUMBER: &str = "pr_number";
 
 /// A build machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +218,11 @@ pub struct SchedulerConfig {
     pub tree_stable_timer: Option<Duration>,
     /// `kind = "nightly"`: builds on a schedule instead of on changes.
     pub nightly: Option<Nightly>,
+    /// `pull_requests = true`: changes made for pull or merge requests
+    /// (those with a `pr_number` property, from webhooks) trigger it too,
+    /// its `branches` matched against the request's base branch; otherwise
+    /// they are ignored.
+    pub pull_requests: bool,
 }
 
 /// A schedule: `cron` (five fields, or six with seconds first), the branch
@@ -316,6 +326,21 @@ impl SchedulerConfig {
     /// and files (a nightly scheduler is triggered by its clock only).
     pub fn matches_change(&self, repository: &str, branch: &str, files: &[String]) -> bool {
         self.nightly.is_none() && self.matches(repository, branch) && self.file_filter.passes(files)
+    }
+
+    /// Whether a change triggers this scheduler, pull requests included:
+    /// a change with a `pr_number` property only triggers schedulers with
+    /// `pull_requests = true`.
+    /// For such a change, `branches` are matched against the branch the
+    /// request would merge into (`pr_base`).
+    pub fn triggered_by(&self, change: &crate::state::NewChange) -> bool {
+        match change.properties.get(PR_NUMBER) {
+            None => self.matches_change(&change.repository, &change.branch, &change.files),
+            Some(_) => {
+                let base = change.properties.get("pr_base").map_or("", String::as_str);
+                self.pull_requests && self.matches_change(&change.repository, base, &change.files)
+            }
+        }
     }
 }
 
@@ -786,6 +811,7 @@ pub(crate) fn validate(
                         );
                     }
                 },
+                pull_requests: s.pull_requests,
                 tree_stable_timer: match &s.tree_stable_timer {
                     None => None,
                     Some(_) => Some(c.duration(

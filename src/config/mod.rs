@@ -17,13 +17,17 @@ mod builds;
 mod checkers;
 mod secrets;
 pub mod template;
+mod webhooks;
 
 pub use builds::{
-    BuilderConfig, GitMode, GitStep, Nightly, OnLost, SchedulerConfig, StepConfig, WorkerConfig,
-    valid_property_name,
+    BuilderConfig, GitMode, GitStep, Nightly, OnLost, PR_NUMBER, SchedulerConfig, StepConfig,
+    WorkerConfig, valid_property_name,
 };
 pub use checkers::CheckerConfig;
-pub use secrets::{MIN_STEP_SECRET, Secrets, SecretsFileChecker, StepSecrets};
+pub use secrets::{
+    MIN_STEP_SECRET, MIN_WEBHOOK_SECRET, Secrets, SecretsFileChecker, StepSecrets, WebhookSecrets,
+};
+pub use webhooks::{Provider, RepositoryUrl, WebhookConfig};
 
 use crate::auth::ThrottleConfig;
 use crate::limits::Limits;
@@ -109,6 +113,8 @@ struct RawConfig {
     web: Option<RawWeb>,
     #[serde(default)]
     checker: Vec<Spanned<checkers::RawChecker>>,
+    #[serde(default)]
+    webhook: Vec<webhooks::RawWebhook>,
 }
 
 /// `[web]`: what the port's HTTP side shows to whom.
@@ -278,6 +284,21 @@ fn check_verifiers(
             ));
         }
     }
+    for hook in config.webhooks.values() {
+        if secrets.webhook_secrets.get(&hook.name).is_none() {
+            return Err(ConfigError::at(
+                &config.path,
+                text,
+                hook.at,
+                format!(
+                    "key `webhook.name`: webhook `{}` has no secret in the secrets file {}; add `{} = \"...\"` under [webhook_secrets] (the same secret as the provider's webhook settings)",
+                    hook.name,
+                    config.secrets_path.display(),
+                    hook.name
+                ),
+            ));
+        }
+    }
     let mut unknown: Vec<(usize, &str)> = secrets
         .verifiers
         .keys()
@@ -295,6 +316,15 @@ fn check_verifiers(
             )
         })
         .collect();
+    for name in secrets.webhook_secrets.names() {
+        if !config.webhooks.contains_key(name) {
+            warnings.push(format!(
+                "{}: a webhook secret for `{name}`, which is no [[webhook]] of {} (a typo?); it is ignored",
+                config.secrets_path.display(),
+                config.path.display()
+            ));
+        }
+    }
     if !checked.is_empty() {
         let tls = if config.tls.is_some() {
             ""
@@ -329,6 +359,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// `[[checker]]`s, in the order they are asked.
     pub checkers: Vec<CheckerConfig>,
+    /// `[[webhook]]`s, by name (served at `POST /hooks/<name>`).
+    pub webhooks: BTreeMap<String, WebhookConfig>,
     /// Where `master.secrets` is in the file (a byte offset).
     pub secrets_at: usize,
     /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
@@ -643,6 +675,7 @@ impl Config {
                 }
             },
             checkers: checkers::validate(&c, base, &raw.checker)?,
+            webhooks: webhooks::validate(&c, &raw.webhook)?,
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",
@@ -788,6 +821,51 @@ mod tests {
                 "{checker}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn webhooks_need_a_known_kind_a_unique_name_and_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |hooks: &str, secrets: &str| {
+            std::fs::write(
+                dir.path().join("master.toml"),
+                format!("[master]\nsecrets = \"secrets.toml\"\n{hooks}"),
+            )
+            .unwrap();
+            std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+            load_with_secrets(&dir.path().join("master.toml")).map_err(|e| e.to_string())
+        };
+        let hook = "\n[[webhook]]\nname = \"gh\"\nkind = \"github\"\n";
+        let secret = "[webhook_secrets]\ngh = \"0123456789abcdef0123\"\n";
+        let ok = load(hook, secret).unwrap();
+        assert_eq!(ok.config.webhooks["gh"].provider, Provider::GitHub);
+        assert!(!format!("{:?}", ok.secrets).contains("0123456789abcdef0123"));
+        let e = load(hook, "").unwrap_err();
+        assert!(
+            e.contains("master.toml:5:") && e.contains("webhook `gh` has no secret"),
+            "{e}"
+        );
+        let e = load(hook, "[webhook_secrets]\ngh = \"short\"\n").unwrap_err();
+        assert!(e.contains("shorter than 16 bytes"), "{e}");
+        let e = load(
+            "\n[[webhook]]\nname = \"gh\"\nkind = \"bitbucket\"\n",
+            secret,
+        )
+        .unwrap_err();
+        assert!(e.contains(":6:") && e.contains("not one of github"), "{e}");
+        let e = load(&format!("{hook}{hook}"), secret).unwrap_err();
+        assert!(e.contains("defined twice (first at line 5)"), "{e}");
+        let e = load("\n[[webhook]]\nname = \"a/b\"\nkind = \"github\"\n", secret).unwrap_err();
+        assert!(e.contains("not a valid webhook name"), "{e}");
+        let warned = load("", secret).unwrap();
+        assert!(
+            warned
+                .warnings
+                .iter()
+                .any(|w| w.contains("webhook secret for `gh`")),
+            "{:?}",
+            warned.warnings
+        );
     }
 
     #[test]

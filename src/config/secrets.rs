@@ -25,6 +25,29 @@ pub struct Secrets {
     /// the config does not know).
     pub lines: std::collections::HashMap<String, usize>,
     pub step_secrets: StepSecrets,
+    /// `[webhook_secrets]`: each `[[webhook]]`'s shared secret.
+    pub webhook_secrets: WebhookSecrets,
+}
+
+/// `[webhook_secrets]`: webhook name to its secret (GitHub's and Gitea's
+/// HMAC key, GitLab's token). `Debug` shows the names, never the values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct WebhookSecrets(BTreeMap<String, String>);
+
+impl WebhookSecrets {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for WebhookSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// `[step_secrets]`: name to value. A value goes to a worker only inside a
@@ -66,6 +89,8 @@ struct RawSecrets {
     verifiers: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     step_secrets: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    webhook_secrets: BTreeMap<String, Spanned<String>>,
 }
 
 impl Secrets {
@@ -131,13 +156,34 @@ impl Secrets {
             }
             step_secrets.insert(name, value);
         }
+        let mut webhook_secrets = BTreeMap::new();
+        for (name, v) in raw.webhook_secrets {
+            let at = v.span().start;
+            let value = v.into_inner();
+            // GitHub asks for a high-entropy secret; a short one is guessable.
+            if value.len() < MIN_WEBHOOK_SECRET {
+                return Err(ConfigError::at(
+                    path,
+                    text,
+                    at,
+                    format!(
+                        "key `webhook_secrets.{name}`: is shorter than {MIN_WEBHOOK_SECRET} bytes: too easy to guess"
+                    ),
+                ));
+            }
+            webhook_secrets.insert(name, value);
+        }
         Ok(Secrets {
             verifiers,
             lines,
             step_secrets: StepSecrets(step_secrets),
+            webhook_secrets: WebhookSecrets(webhook_secrets),
         })
     }
 }
+
+/// The shortest `[webhook_secrets]` value.
+pub const MIN_WEBHOOK_SECRET: usize = 16;
 
 /// The shortest `[step_secrets]` value.
 pub const MIN_STEP_SECRET: usize = 4;

@@ -18,6 +18,24 @@ pub use crate::auth::password::{
 use crate::auth::{Channel, Credential, Verifier};
 
 impl Dispatcher {
+    /// Takes a place in the login throttle for a webhook's deliveries from
+    /// `peer`: a wrong signature counts as a failed login would, per
+    /// (address, webhook).
+    pub async fn begin_webhook_attempt(
+        &self,
+        hook: &str,
+        peer: Option<SocketAddr>,
+    ) -> Result<crate::auth::Attempt, PasswordRefusal> {
+        // No user name holds a NUL, so no user shares these counts.
+        self.begin_attempt(&format!("\0webhook\0{hook}"), peer, None)
+            .await
+    }
+
+    /// Counts a failed login in the port's counters.
+    pub(crate) fn count_failed_login(&self) {
+        self.shared.counters.login(LoginOutcome::Failed);
+    }
+
     /// Takes a place in the login throttle for `user` from `peer` (by the
     /// device token, if the client presented a valid one).
     async fn begin_attempt(

@@ -220,6 +220,10 @@ fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>
     .collect()
 }
 
+/// How long a webhook delivery id is remembered: providers redeliver
+/// within hours (GitHub keeps deliveries for 3 days).
+pub const DELIVERY_MEMORY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 const BUILD_COLUMNS: &str = "b.id, b.request_id, b.builder, b.worker, r.reason, r.repository, r.branch, r.revision, b.started_ms, b.finished_ms, b.result, COALESCE(b.number, 0)";
 
 fn load_properties(
@@ -411,6 +415,54 @@ impl StateDb {
             let requests = requests_for(&ids, &batch);
             let made = insert_requests(conn, &requests, &[])?;
             Ok((ids, made))
+        })
+        .await
+    }
+
+    /// As [`StateDb::add_changes_requesting`], once per webhook delivery:
+    /// when `delivery` (hook, delivery id) was stored before, nothing is
+    /// written and the changes it made then are returned with `true`.
+    /// Deliveries older than [`DELIVERY_MEMORY`] are forgotten a few at a
+    /// time as new ones come.
+    pub async fn add_changes_once(
+        &self,
+        delivery: (String, String),
+        batch: Vec<crate::state::NewChange>,
+        requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>
+        + Send
+        + 'static,
+    ) -> Result<(Vec<i64>, Vec<i64>, bool), StateError> {
+        self.write(move |conn| {
+            let (hook, id) = delivery;
+            let seen: Option<String> = conn
+                .query_row(
+                    "SELECT changes FROM webhook_deliveries WHERE hook = ?1 AND delivery = ?2",
+                    params![hook, id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(seen) = seen {
+                let ids = seen
+                    .split(',')
+                    .filter_map(|i| i.parse().ok())
+                    .collect();
+                return Ok((ids, Vec::new(), true));
+            }
+            let ids = super::insert_changes(conn, &batch)?;
+            let requests = requests_for(&ids, &batch);
+            let made = insert_requests(conn, &requests, &[])?;
+            let now = crate::state::now_ms();
+            let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+            conn.execute(
+                "INSERT INTO webhook_deliveries (hook, delivery, received_ms, changes) VALUES (?1, ?2, ?3, ?4)",
+                params![hook, id, now, list.join(",")],
+            )?;
+            conn.execute(
+                "DELETE FROM webhook_deliveries WHERE (hook, delivery) IN
+                 (SELECT hook, delivery FROM webhook_deliveries WHERE received_ms < ?1 LIMIT 16)",
+                params![now - DELIVERY_MEMORY.as_millis() as i64],
+            )?;
+            Ok((ids, made, false))
         })
         .await
     }

@@ -117,6 +117,16 @@ const MIGRATIONS: &[&str] = &[
     builds::MIGRATION_2,
     builds::MIGRATION_3,
     builds::MIGRATION_4,
+    // 5: webhook deliveries already stored, so a redelivery makes nothing
+    // twice.
+    "CREATE TABLE webhook_deliveries (
+         hook TEXT NOT NULL,
+         delivery TEXT NOT NULL,
+         received_ms INTEGER NOT NULL,
+         changes TEXT NOT NULL,
+         PRIMARY KEY (hook, delivery)
+     ) WITHOUT ROWID;
+     CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries (received_ms);",
 ];
 
 /// The schema version this build writes.
