@@ -287,7 +287,17 @@ async fn deliver(
                 json!({ "ignored": what, "changes": [] }),
             );
         }
-        Ok(Event::Changes(c)) => c,
+        Ok(Event::Changes(c)) => {
+            let limits = crate::grpc::change_source::ChangeLimits::default();
+            match c
+                .into_iter()
+                .map(|c| providers::fit(c, &limits))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(c) => c,
+                Err(why) => return answer(StatusCode::BAD_REQUEST, json!({ "error": why })),
+            }
+        }
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),
     };
     if changes.is_empty() {

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::config::{PR_NUMBER, Provider, RepositoryUrl};
+use crate::grpc::change_source::ChangeLimits;
 use crate::state::NewChange;
 
 /// What a delivery asks for.
@@ -201,6 +202,41 @@ fn pr_change(
     }])
 }
 
+/// Fits a webhook's change within the limits every change has
+/// ([`ChangeLimits`], as for gRPC): a long commit message is cut at the
+/// limit with a marker, files past the limit or longer than a path may be
+/// are left out (a commit touching 50,000 files still builds); a
+/// repository, branch, revision or author over its limit refuses the
+/// delivery, naming the field.
+pub fn fit(mut c: NewChange, limits: &ChangeLimits) -> Result<NewChange, String> {
+    for (field, value) in [
+        ("repository", &c.repository),
+        ("branch", &c.branch),
+        ("revision", &c.revision),
+        ("author", &c.author),
+    ] {
+        if value.len() > limits.max_field {
+            return Err(format!(
+                "a change's {field} is {} bytes, over the limit of {}",
+                value.len(),
+                limits.max_field
+            ));
+        }
+    }
+    if c.comments.len() > limits.max_comments {
+        const MARK: &str = "\n[… cut at the limit]";
+        let mut end = limits.max_comments - MARK.len();
+        while !c.comments.is_char_boundary(end) {
+            end -= 1;
+        }
+        c.comments.truncate(end);
+        c.comments.push_str(MARK);
+    }
+    c.files.retain(|f| f.len() <= limits.max_path);
+    c.files.truncate(limits.max_files);
+    Ok(c)
+}
+
 /// What a delivery of `event` (the provider's event header) with `payload`
 /// asks for.
 pub fn parse(
@@ -379,5 +415,33 @@ fn gitlab(event: &str, p: &Value, url: RepositoryUrl) -> Result<Event, BadPayloa
             ))
         }
         other => Ok(Event::Ignored(format!("gitlab event {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_fitted_to_the_limits() {
+        let limits = ChangeLimits::default();
+        let c = NewChange {
+            repository: "r".into(),
+            comments: "é".repeat(40_000),
+            files: (0..12_000)
+                .map(|i| format!("f{i}"))
+                .chain(["x".repeat(5000)])
+                .collect(),
+            ..Default::default()
+        };
+        let fitted = fit(c, &limits).unwrap();
+        assert!(fitted.comments.len() <= limits.max_comments);
+        assert!(fitted.comments.ends_with("cut at the limit]"));
+        assert_eq!(fitted.files.len(), limits.max_files);
+        let long = NewChange {
+            branch: "b".repeat(2000),
+            ..Default::default()
+        };
+        assert!(fit(long, &limits).unwrap_err().contains("branch"));
     }
 }
