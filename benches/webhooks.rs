@@ -1,0 +1,217 @@
+//! Webhook ingest against a real `switchyard master` process on 127.0.0.1:
+//! GitHub push deliveries of 20 commits each (signed, verified, parsed,
+//! stored durably with a delivery id) at `POST /hooks/gh`, against
+//! `PushChanges` of the same 20 changes over gRPC to the same master, in
+//! alternating rounds of one run. Both over HTTP/2 on the shared port,
+//! 8 concurrent clients over one connection each; no scheduler, so what is
+//! measured is ingest.
+//!
+//! Run: `cargo bench --bench webhooks` (`-- quick` for a short run). Every
+//! loop is bounded in count and time.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use hmac::{KeyInit, Mac};
+use http_body_util::BodyExt;
+use tonic::Request;
+
+use support::{median, rate, spawn_master};
+use switchyard::proto::change_source_client::ChangeSourceClient;
+use switchyard::proto::{Change, PushChangeRequest};
+
+const SECRET: &str = "bench-webhook-secret-0123456789";
+const COMMITS: usize = 20;
+const CLIENTS: usize = 8;
+
+fn payload() -> serde_json::Value {
+    let commits: Vec<serde_json::Value> = (0..COMMITS)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("{i:040x}"),
+                "message": format!("commit {i}: a change of some length, as commit messages are"),
+                "timestamp": "2026-11-25T13:50:07-08:00",
+                "author": { "name": "Garen Torikian", "email": "lolwut@noway.biz", "username": "octokitty" },
+                "added": [format!("src/new_{i}.rs")],
+                "removed": [],
+                "modified": ["README.md", "src/lib.rs"]
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "ref": "refs/heads/main",
+        "before": "17c497ccc7cca9c2f735aa07e9e3813060ce9a6a",
+        "after": format!("{:040x}", COMMITS - 1),
+        "deleted": false,
+        "commits": commits,
+        "repository": {
+            "clone_url": "https://github.com/octokitty/testing.git",
+            "ssh_url": "git@github.com:octokitty/testing.git",
+            "html_url": "https://github.com/octokitty/testing"
+        },
+        "pusher": { "name": "octokitty", "email": "lolwut@noway.biz" }
+    })
+}
+
+/// The same 20 changes as `PushChanges` would carry them.
+fn changes() -> Vec<Change> {
+    (0..COMMITS)
+        .map(|i| Change {
+            repository: "https://github.com/octokitty/testing.git".into(),
+            branch: "main".into(),
+            revision: format!("{i:040x}"),
+            author: "Garen Torikian <lolwut@noway.biz>".into(),
+            comments: format!("commit {i}: a change of some length, as commit messages are"),
+            category: "push".into(),
+            files: vec![
+                format!("src/new_{i}.rs"),
+                "README.md".into(),
+                "src/lib.rs".into(),
+            ],
+            when: Some(prost_types::Timestamp {
+                seconds: 1_795_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+async fn h2(addr: &str) -> H2 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let (rounds, count, cap) = if quick {
+        (2, 200, Duration::from_secs(2))
+    } else {
+        (7, 2_000, Duration::from_secs(5))
+    };
+    let dir = std::env::temp_dir().join(format!("switchyard-webhook-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("master.toml"),
+        "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n\
+         \n[[user]]\nname = \"hook\"\nservices = [\"change-source\"]\n\
+         \n[[webhook]]\nname = \"gh\"\nkind = \"github\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("secrets.toml"),
+        format!(
+            "[verifiers]\nhook = {:?}\n\n[webhook_secrets]\ngh = {SECRET:?}\n",
+            support::verifier("hook-pw")
+        ),
+    )
+    .unwrap();
+    let (_master, addr) = spawn_master(&dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let body = bytes::Bytes::from(payload().to_string());
+        let signature = sign(&body);
+        let deliveries = Arc::new(AtomicUsize::new(0));
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("hook:hook-pw")
+        );
+        let (mut hooks, mut grpcs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Webhook deliveries, each with its own delivery id.
+            let mut senders = Vec::new();
+            for _ in 0..CLIENTS {
+                senders.push(h2(&addr).await);
+            }
+            let senders = Arc::new(senders);
+            let next = Arc::new(AtomicUsize::new(0));
+            let (b, s, a, d) = (body.clone(), signature.clone(), addr.clone(), deliveries.clone());
+            let hook_rate = rate(CLIENTS, count, cap, move || {
+                let (b, s, a, d) = (b.clone(), s.clone(), a.clone(), d.clone());
+                let mut sender = senders[next.fetch_add(1, Ordering::Relaxed) % CLIENTS].clone();
+                async move {
+                    let id = d.fetch_add(1, Ordering::Relaxed);
+                    let request = http::Request::post(format!("http://{a}/hooks/gh"))
+                        .header("content-type", "application/json")
+                        .header("x-github-event", "push")
+                        .header("x-github-delivery", format!("bench-{id}"))
+                        .header("x-hub-signature-256", s)
+                        .body(http_body_util::Full::new(b))
+                        .unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    response.into_body().collect().await.unwrap();
+                }
+            })
+            .await;
+            // PushChanges of the same 20 changes.
+            let mut clients = Vec::new();
+            for _ in 0..CLIENTS {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                clients.push(ChangeSourceClient::new(channel));
+            }
+            let clients = Arc::new(clients);
+            let next = Arc::new(AtomicUsize::new(0));
+            let basic = basic.clone();
+            let grpc_rate = rate(CLIENTS, count, cap, move || {
+                let mut client = clients[next.fetch_add(1, Ordering::Relaxed) % CLIENTS].clone();
+                let basic = basic.clone();
+                async move {
+                    let batch: Vec<PushChangeRequest> = changes()
+                        .into_iter()
+                        .map(|c| PushChangeRequest { change: Some(c) })
+                        .collect();
+                    let mut r = Request::new(futures_util::stream::iter(batch));
+                    r.metadata_mut()
+                        .insert("authorization", basic.parse().unwrap());
+                    let ids = client.push_changes(r).await.unwrap().into_inner().ids;
+                    assert_eq!(ids.len(), COMMITS);
+                }
+            })
+            .await;
+            println!("   round {round}: webhook {hook_rate:.0}/s, PushChanges {grpc_rate:.0}/s");
+            hooks.push(hook_rate);
+            grpcs.push(grpc_rate);
+            ratios.push(hook_rate / grpc_rate);
+        }
+        println!(
+            "1. 20-commit pushes/s, durable: webhook deliveries (signed, verified, parsed) {:.0}, PushChanges of the same 20 changes {:.0}, median ratio {:.3}",
+            median(hooks),
+            median(grpcs),
+            median(ratios)
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
