@@ -97,6 +97,9 @@ type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::By
 
 async fn h2(addr: &str) -> H2 {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // As providers' clients and tonic do: no Nagle delay between a
+    // request's HEADERS and DATA frames.
+    tcp.set_nodelay(true).unwrap();
     let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
