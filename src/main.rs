@@ -250,8 +250,18 @@ struct SendchangeArgs {
     #[command(flatten)]
     login: Login,
     /// Where the change happened (a URL or a name the schedulers know).
-    #[arg(long)]
-    repository: String,
+    #[arg(long, required_unless_present = "flush")]
+    repository: Option<String>,
+    /// Keep the change in DIR until the master acknowledges it: if the
+    /// master cannot be reached, the change waits there (exit status 75)
+    /// and is sent, in order, by the next `sendchange --spool DIR` or by
+    /// `--flush DIR`.
+    #[arg(long, value_name = "DIR", conflicts_with = "flush")]
+    spool: Option<PathBuf>,
+    /// Send the changes waiting in the spool DIR, in order, and nothing
+    /// else (exit status 75 if some are still waiting).
+    #[arg(long, value_name = "DIR")]
+    flush: Option<PathBuf>,
     /// The branch the change is on.
     #[arg(long, default_value = "", hide_default_value = true)]
     branch: String,
@@ -289,39 +299,131 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
     }
 }
 
-async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<(), String> {
+/// The exit status of a `sendchange` whose change (or a spooled one) is
+/// kept for later: EX_TEMPFAIL.
+const EXIT_KEPT: u8 = 75;
+
+/// Whether `sendchange` delivered what it was asked to.
+enum Delivered {
+    Yes,
+    /// Kept in the spool for later.
+    Kept,
+}
+
+async fn sendchange(a: Box<SendchangeArgs>, password: String) -> Result<Delivered, String> {
     use switchyard::grpc::client::ChangeSourceConnection;
-    let change = switchyard::proto::Change {
-        repository: a.repository,
-        branch: a.branch,
-        revision: a.revision,
-        author: a.author,
-        comments: a.comments,
-        category: a.category,
-        project: a.project,
-        files: a.files,
+    use switchyard::grpc::spool::ChangeSpool;
+    let opts = a.login.tls.client_options()?;
+    let connect = || async {
+        let mut conn = ChangeSourceConnection::connect_with(
+            &a.login.master,
+            &a.login.user,
+            &password,
+            opts.tls.as_ref(),
+        )
+        .await?;
+        if let Some(t) = DeviceTokenFile::new(&a.login.master, &a.login.user).load() {
+            conn.set_device_token(&t);
+        }
+        Ok::<_, switchyard::grpc::client::SendChangeError>(conn)
+    };
+    let save_token = |conn: &ChangeSourceConnection| {
+        DeviceTokenFile::new(&a.login.master, &a.login.user).save(conn.device_token());
+    };
+    let Some(dir) = a.spool.as_ref().or(a.flush.as_ref()) else {
+        let mut conn = connect().await.map_err(|e| e.to_string())?;
+        let id = conn.push(change_of(&a)).await.map_err(|e| e.to_string())?;
+        save_token(&conn);
+        println!("{id}");
+        return Ok(Delivered::Yes);
+    };
+    let spool = ChangeSpool::open(dir).map_err(|e| e.to_string())?;
+    let lock = spool
+        .lock(std::time::Duration::from_secs(30))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mine = match a.flush {
+        Some(_) => None,
+        None => Some(lock.add(&change_of(&a)).map_err(|e| e.to_string())?),
+    };
+    let waiting = lock.pending().map_err(|e| e.to_string())?.len();
+    let mut conn = match connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            eprintln!(
+                "switchyard: {waiting} change(s) kept in {}; the next `sendchange --spool` or `sendchange --flush` sends them",
+                dir.display()
+            );
+            return Ok(Delivered::Kept);
+        }
+    };
+    let flushed = lock.flush(&mut conn).await.map_err(|e| e.to_string())?;
+    save_token(&conn);
+    let mut delivered = mine.is_none();
+    for (path, id) in &flushed.sent {
+        if Some(path) == mine.as_ref() {
+            delivered = true;
+            println!("{id}");
+        } else if mine.is_some() {
+            eprintln!(
+                "switchyard: sent the spooled {} as change {id}",
+                path.display()
+            );
+        } else {
+            println!("{id}");
+        }
+    }
+    for (path, why) in &flushed.rejected {
+        eprintln!(
+            "switchyard: the master refused {} (moved there): {why}",
+            path.display()
+        );
+        if Some(path.file_name()) == mine.as_ref().map(|m| m.file_name()) {
+            return Err(format!("the master refused the change: {why}"));
+        }
+    }
+    if let Some(e) = &flushed.stopped {
+        use switchyard::grpc::client::SendChangeError as E;
+        if matches!(e, E::Credentials { .. } | E::NotAllowed { .. }) {
+            // Retrying will not help until the operator fixes this.
+            return Err(format!(
+                "{e}; {} change(s) kept in {}",
+                flushed.left,
+                dir.display()
+            ));
+        }
+        eprintln!("switchyard: {e}");
+        eprintln!(
+            "switchyard: {} change(s) kept in {}; the next `sendchange --spool` or `sendchange --flush` sends them",
+            flushed.left,
+            dir.display()
+        );
+        return Ok(Delivered::Kept);
+    }
+    Ok(if delivered {
+        Delivered::Yes
+    } else {
+        Delivered::Kept
+    })
+}
+
+/// The change the arguments describe.
+fn change_of(a: &SendchangeArgs) -> switchyard::proto::Change {
+    switchyard::proto::Change {
+        repository: a.repository.clone().unwrap_or_default(),
+        branch: a.branch.clone(),
+        revision: a.revision.clone(),
+        author: a.author.clone(),
+        comments: a.comments.clone(),
+        category: a.category.clone(),
+        project: a.project.clone(),
+        files: a.files.clone(),
         when: a
             .when
             .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
-        properties: a.properties.into_iter().collect(),
-    };
-    let opts = a.login.tls.client_options()?;
-    let mut conn = ChangeSourceConnection::connect_with(
-        &a.login.master,
-        &a.login.user,
-        &password,
-        opts.tls.as_ref(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let saved = DeviceTokenFile::new(&a.login.master, &a.login.user);
-    if let Some(t) = saved.load() {
-        conn.set_device_token(&t);
+        properties: a.properties.iter().cloned().collect(),
     }
-    let id = conn.push(change).await.map_err(|e| e.to_string())?;
-    saved.save(conn.device_token());
-    println!("{id}");
-    Ok(())
 }
 
 async fn worker(
@@ -608,10 +710,15 @@ fn main() -> ExitCode {
             saved.save(creds.device_token());
             result
         }),
-        Command::Sendchange(args) => args
+        Command::Sendchange(args) => match args
             .login
             .password()
-            .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw)))),
+            .and_then(|pw| runtime().and_then(|rt| rt.block_on(sendchange(args, pw))))
+        {
+            Ok(Delivered::Yes) => Ok(()),
+            Ok(Delivered::Kept) => return ExitCode::from(EXIT_KEPT),
+            Err(e) => Err(e),
+        },
         Command::Ping { login, count } => login.tls.client_options().and_then(|opts| {
             let pw = login.password()?;
             runtime().and_then(|rt| rt.block_on(ping(&login.master, &login.user, pw, count, &opts)))

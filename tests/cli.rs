@@ -821,3 +821,125 @@ async fn a_master_whose_log_reader_went_away_keeps_serving() {
     p.signal("TERM");
     assert!(p.wait_exit().success());
 }
+
+#[test]
+fn a_push_made_while_the_master_is_down_is_built_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.path().join("master.toml");
+    std::fs::write(
+        &config,
+        config_text("", &[HOOK]).replace("127.0.0.1:0", &addr),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_text(&[HOOK])).unwrap();
+    let git = |cwd: &std::path::Path, args: &[&str]| {
+        git_as_hook(
+            &addr,
+            std::path::Path::new("widgets"),
+            dir.path(),
+            cwd,
+            args,
+        )
+    };
+    let bare = dir.path().join("widgets.git");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(
+        dir.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"),
+        bare.join("hooks/post-receive"),
+    )
+    .unwrap();
+    git(&work, &["init", "-q"]);
+    let commit = |file: &str| {
+        std::fs::write(work.join(file), file).unwrap();
+        git(&work, &["add", file]);
+        git(&work, &["commit", "-q", "-m", file]);
+    };
+    // The master is down: the push succeeds, its commits wait.
+    commit("a.txt");
+    commit("b.txt");
+    let out = git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    assert_eq!(out.matches("waits in").count(), 2, "{out}");
+    let spool = bare.join("switchyard-spool");
+    let waiting = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".change")
+            })
+            .count()
+    };
+    assert_eq!(waiting(&spool), 2);
+
+    // Back up: the next push sends the waiting ones first, in order.
+    let p = Proc::master(&config);
+    assert_eq!(listening_addr(&p), addr);
+    commit("c.txt");
+    let out = git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    assert_eq!(out.matches("switchyard: change").count(), 1, "{out}");
+    assert_eq!(out.matches("sent the spooled").count(), 2, "{out}");
+    assert_eq!(waiting(&spool), 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+    let all = rt.block_on(db.changes_after(0, 10)).unwrap();
+    let comments: Vec<&str> = all.iter().map(|c| c.change.comments.trim()).collect();
+    assert_eq!(comments, ["a.txt", "b.txt", "c.txt"]);
+
+    // `--flush` sends a spool on its own (here one filled against a
+    // master that is not there).
+    let other = dir.path().join("other-spool");
+    let send = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["sendchange", "--user", "hook", "--repository", "widgets"])
+            .args(args)
+            .env("SWITCHYARD_PASSWORD", "hook-pw")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap()
+    };
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = send(&[
+        "--master",
+        &nobody,
+        "--revision",
+        "d",
+        "--spool",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kept in"));
+    let out = Command::new(BIN)
+        .args(["sendchange", "--user", "hook", "--master", &addr, "--flush"])
+        .arg(&other)
+        .env("SWITCHYARD_PASSWORD", "hook-pw")
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let last = rt.block_on(db.changes_after(id - 1, 10)).unwrap();
+    assert_eq!(last[0].change.revision, "d");
+    assert_eq!(waiting(&other), 0);
+}

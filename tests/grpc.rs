@@ -979,3 +979,43 @@ async fn a_builds_log_downloads_raw_whole_or_by_range() {
     }
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_spool_sends_in_order_and_sets_aside_what_the_master_refuses() {
+    use switchyard::grpc::spool::ChangeSpool;
+    let m = TestMaster::start("", &[HOOK]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = ChangeSpool::open(&dir.path().join("spool")).unwrap();
+    let lock = spool.lock(Duration::from_secs(5)).await.unwrap();
+    let mut bad = change(2);
+    bad.repository.clear();
+    for c in [change(1), bad, change(3)] {
+        lock.add(&c).unwrap();
+    }
+    // A second sendchange waits for the lock, and gives up in time.
+    let busy = spool.lock(Duration::from_millis(200)).await;
+    assert!(busy.is_err());
+    let mut conn = switchyard::grpc::client::ChangeSourceConnection::connect(
+        &m.addr.to_string(),
+        HOOK.0,
+        HOOK.1,
+    )
+    .await
+    .unwrap();
+    let flushed = lock.flush(&mut conn).await.unwrap();
+    assert_eq!(flushed.sent.len(), 2);
+    assert!(flushed.stopped.is_none());
+    assert_eq!(flushed.rejected.len(), 1);
+    let (moved, why) = &flushed.rejected[0];
+    assert!(
+        moved.starts_with(dir.path().join("spool/rejected")),
+        "{moved:?}"
+    );
+    assert!(why.contains("repository"), "{why}");
+    assert!(moved.with_extension("why").exists());
+    assert!(lock.pending().unwrap().is_empty());
+    let stored = m.master.state().changes_after(0, 10).await.unwrap();
+    let revisions: Vec<&str> = stored.iter().map(|c| c.change.revision.as_str()).collect();
+    assert_eq!(revisions, [change(1).revision, change(3).revision]);
+    m.stop().await;
+}

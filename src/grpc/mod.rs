@@ -14,6 +14,7 @@
 
 pub mod change_source;
 pub mod client;
+pub mod spool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
