@@ -124,6 +124,8 @@ pub struct Master {
     web_sessions: Arc<crate::api::session::WebSessions>,
     /// `POST /hooks/<name>`: the webhooks served now.
     webhooks: Arc<crate::api::webhooks::Webhooks>,
+    /// `[[poller]]`s: run by [`Master::serve`].
+    pollers: Arc<crate::builds::poller::Pollers>,
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -241,6 +243,15 @@ impl Master {
             public: public_web.clone(),
             sessions: web_sessions.clone(),
         };
+        let pollers = crate::builds::poller::Pollers::new(
+            config
+                .state_path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("pollers"),
+            builds.clone(),
+        );
+        pollers.set(config.pollers.clone());
         let webhooks = crate::api::webhooks::Webhooks::new(builds.clone(), dispatcher.clone());
         webhooks.set(config.webhooks.values(), &webhook_secrets);
         let api_routes = crate::api::v1::routes(api_state.clone())
@@ -287,6 +298,7 @@ impl Master {
             public_web,
             web_sessions,
             webhooks,
+            pollers,
         };
         master.warn_about_config();
         Ok(master)
@@ -379,6 +391,7 @@ impl Master {
             let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
             tokio::spawn(async move { builds.run(shutdown).await })
         };
+        let polls = tokio::spawn(self.pollers.clone().run(shutdown.clone()));
         // Reloads asked for from the console run here, one at a time, while
         // the port keeps serving.
         let reloads = self
@@ -414,6 +427,7 @@ impl Master {
         self.dispatcher.serve(listener, shutdown.clone()).await;
         let _ = console_reloads.await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), polls).await;
         self.health
             .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
@@ -507,6 +521,7 @@ impl Master {
             .set_typical_verifiers(secrets.verifiers.values());
         self.webhooks
             .set(new.webhooks.values(), &secrets.webhook_secrets);
+        self.pollers.set(new.pollers.clone());
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {

@@ -10,6 +10,7 @@
 //! build is a task of its own ([`run`]).
 
 pub mod events;
+pub mod poller;
 pub mod properties;
 mod reconfig;
 mod run;
@@ -705,6 +706,33 @@ impl BuildMaster {
             self.wake();
         }
         Ok((ids, again))
+    }
+
+    /// Stores a poll's changes with their build requests and the heads it
+    /// saw, in one transaction (see [`crate::state::StateDb::add_polled_changes`]).
+    pub async fn add_polled_changes(
+        &self,
+        repository: String,
+        heads: std::collections::BTreeMap<String, String>,
+        batch: Vec<NewChange>,
+    ) -> Result<Vec<i64>, StateError> {
+        let config = self.inner.config();
+        let (ids, requests) = self
+            .inner
+            .state
+            .add_polled_changes(repository, heads, batch, move |ids, changes| {
+                requests_for(&config, ids, changes)
+            })
+            .await?;
+        if !requests.is_empty() {
+            self.wake();
+        }
+        Ok(ids)
+    }
+
+    /// The state database.
+    pub(crate) fn state_db(&self) -> &Arc<crate::state::StateDb> {
+        &self.inner.state
     }
 
     /// An operator asks for a build.

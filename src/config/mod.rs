@@ -15,6 +15,7 @@ use toml::Spanned;
 
 mod builds;
 mod checkers;
+mod pollers;
 mod secrets;
 pub mod template;
 mod webhooks;
@@ -24,6 +25,7 @@ pub use builds::{
     WorkerConfig, valid_property_name,
 };
 pub use checkers::CheckerConfig;
+pub use pollers::PollerConfig;
 pub use secrets::{
     MIN_STEP_SECRET, MIN_WEBHOOK_SECRET, Secrets, SecretsFileChecker, StepSecrets, WebhookSecrets,
 };
@@ -115,6 +117,8 @@ struct RawConfig {
     checker: Vec<Spanned<checkers::RawChecker>>,
     #[serde(default)]
     webhook: Vec<webhooks::RawWebhook>,
+    #[serde(default)]
+    poller: Vec<pollers::RawPoller>,
 }
 
 /// `[web]`: what the port's HTTP side shows to whom.
@@ -361,6 +365,8 @@ pub struct Config {
     pub checkers: Vec<CheckerConfig>,
     /// `[[webhook]]`s, by name (served at `POST /hooks/<name>`).
     pub webhooks: BTreeMap<String, WebhookConfig>,
+    /// `[[poller]]`s.
+    pub pollers: Vec<PollerConfig>,
     /// Where `master.secrets` is in the file (a byte offset).
     pub secrets_at: usize,
     /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
@@ -676,6 +682,7 @@ impl Config {
             },
             checkers: checkers::validate(&c, base, &raw.checker)?,
             webhooks: webhooks::validate(&c, &raw.webhook)?,
+            pollers: pollers::validate(&c, &raw.poller)?,
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",
@@ -866,6 +873,35 @@ mod tests {
             "{:?}",
             warned.warnings
         );
+    }
+
+    #[test]
+    fn pollers_are_checked() {
+        let base = "[master]\nsecrets = \"s.toml\"\n";
+        let c = parse(&format!(
+            "{base}[[poller]]\nrepository = \"https://git.example.org/w.git\"\nbranches = [\"main\", \"release/*\"]\n"
+        ))
+        .unwrap();
+        let p = &c.pollers[0];
+        assert_eq!(p.interval, std::time::Duration::from_secs(60));
+        assert!(p.follows("main") && p.follows("release/1.0"));
+        assert!(!p.follows("release/1.0/x") && !p.follows("feature"));
+        for (poller, says) in [
+            ("repository = \"r\"\nbranches = [\"[\"]", "is not a glob"),
+            ("repository = \"r\"\ninterval = \"10ms\"", "too short"),
+            ("repository = \"--upload-pack=x\"", "cannot start with `-`"),
+        ] {
+            let e = parse(&format!("{base}[[poller]]\n{poller}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{poller}: {e}");
+        }
+        let e = parse(&format!(
+            "{base}[[poller]]\nrepository = \"r\"\n[[poller]]\nrepository = \"r\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(":6:") && e.contains("polled twice"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `OR IGNORE`: a chunk replayed after a reconnect is stored once.
 
 use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeMap;
 
 use super::{StateDb, StateError, now_ms};
 
@@ -463,6 +464,70 @@ impl StateDb {
                 params![now - DELIVERY_MEMORY.as_millis() as i64],
             )?;
             Ok((ids, made, false))
+        })
+        .await
+    }
+
+    /// The branch heads a poller saw at its last poll of `repository`, or
+    /// `None` if it never polled it.
+    pub async fn poller_heads(
+        &self,
+        repository: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, StateError> {
+        let repository = repository.to_string();
+        self.read(move |conn| {
+            let polled: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM polled_repositories WHERE repository = ?1",
+                    params![repository],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if polled.is_none() {
+                return Ok(None);
+            }
+            let mut s = conn.prepare_cached(
+                "SELECT branch, revision FROM poller_heads WHERE repository = ?1",
+            )?;
+            let heads = s
+                .query_map(params![repository], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok(Some(heads))
+        })
+        .await
+    }
+
+    /// Stores a poll's changes, with their build requests, and the heads
+    /// it saw, in one transaction: a crash leaves either both or neither, so
+    /// no commit is missed or made twice.
+    pub async fn add_polled_changes(
+        &self,
+        repository: String,
+        heads: BTreeMap<String, String>,
+        batch: Vec<crate::state::NewChange>,
+        requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>
+        + Send
+        + 'static,
+    ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
+        self.write(move |conn| {
+            let ids = super::insert_changes(conn, &batch)?;
+            let requests = requests_for(&ids, &batch);
+            let made = insert_requests(conn, &requests, &[])?;
+            conn.execute(
+                "INSERT OR IGNORE INTO polled_repositories (repository) VALUES (?1)",
+                params![repository],
+            )?;
+            conn.execute(
+                "DELETE FROM poller_heads WHERE repository = ?1",
+                params![repository],
+            )?;
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO poller_heads (repository, branch, revision) VALUES (?1, ?2, ?3)",
+            )?;
+            for (branch, revision) in &heads {
+                insert.execute(params![repository, branch, revision])?;
+            }
+            Ok((ids, made))
         })
         .await
     }

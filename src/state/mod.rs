@@ -127,6 +127,16 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (hook, delivery)
      ) WITHOUT ROWID;
      CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries (received_ms);",
+    // 6: what each [[poller]] has seen: the branches' heads at its last
+    // poll (a repository polled once, even with no branch, has a row in
+    // polled_repositories, so its first poll makes no changes).
+    "CREATE TABLE polled_repositories (repository TEXT PRIMARY KEY) WITHOUT ROWID;
+     CREATE TABLE poller_heads (
+         repository TEXT NOT NULL,
+         branch TEXT NOT NULL,
+         revision TEXT NOT NULL,
+         PRIMARY KEY (repository, branch)
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.
