@@ -126,6 +126,8 @@ pub struct Master {
     webhooks: Arc<crate::api::webhooks::Webhooks>,
     /// `[[poller]]`s: run by [`Master::serve`].
     pollers: Arc<crate::builds::poller::Pollers>,
+    /// `[[reporter]]`s: their sender runs in [`Master::serve`].
+    reporters: Arc<crate::builds::reporters::Reporters>,
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -197,6 +199,7 @@ impl Master {
         mock.set_iterations_like(secrets.verifiers.values());
         let build_config = BuildConfig::from_config(&config, secrets.step_secrets.clone());
         let webhook_secrets = secrets.webhook_secrets.clone();
+        let reporter_tokens = secrets.reporter_tokens.clone();
         let checker = Arc::new(SecretsFileChecker::from_secrets(
             &config.secrets_path,
             secrets,
@@ -252,6 +255,8 @@ impl Master {
             builds.clone(),
         );
         pollers.set(config.pollers.clone());
+        let reporters = crate::builds::reporters::Reporters::new(builds.clone());
+        reporters.set(&config.reporters, &reporter_tokens, config.web_url.clone());
         let webhooks = crate::api::webhooks::Webhooks::new(builds.clone(), dispatcher.clone());
         webhooks.set(config.webhooks.values(), &webhook_secrets);
         let api_routes = crate::api::v1::routes(api_state.clone())
@@ -299,6 +304,7 @@ impl Master {
             web_sessions,
             webhooks,
             pollers,
+            reporters,
         };
         master.warn_about_config();
         Ok(master)
@@ -392,6 +398,7 @@ impl Master {
             tokio::spawn(async move { builds.run(shutdown).await })
         };
         let polls = tokio::spawn(self.pollers.clone().run(shutdown.clone()));
+        let reports = tokio::spawn(self.reporters.clone().run(shutdown.clone()));
         // Reloads asked for from the console run here, one at a time, while
         // the port keeps serving.
         let reloads = self
@@ -428,6 +435,7 @@ impl Master {
         let _ = console_reloads.await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), polls).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reports).await;
         self.health
             .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
@@ -522,6 +530,11 @@ impl Master {
         self.webhooks
             .set(new.webhooks.values(), &secrets.webhook_secrets);
         self.pollers.set(new.pollers.clone());
+        self.reporters.set(
+            &new.reporters,
+            &secrets.reporter_tokens,
+            new.web_url.clone(),
+        );
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {

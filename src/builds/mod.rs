@@ -13,6 +13,7 @@ pub mod events;
 pub mod poller;
 pub mod properties;
 mod reconfig;
+pub mod reporters;
 mod run;
 mod workers;
 

@@ -16,6 +16,7 @@ use toml::Spanned;
 mod builds;
 mod checkers;
 mod pollers;
+mod reporters;
 mod secrets;
 pub mod template;
 mod webhooks;
@@ -26,6 +27,7 @@ pub use builds::{
 };
 pub use checkers::CheckerConfig;
 pub use pollers::PollerConfig;
+pub use reporters::{ReporterConfig, ReporterKind};
 pub use secrets::{
     MIN_STEP_SECRET, MIN_WEBHOOK_SECRET, Secrets, SecretsFileChecker, StepSecrets, WebhookSecrets,
 };
@@ -119,6 +121,8 @@ struct RawConfig {
     webhook: Vec<webhooks::RawWebhook>,
     #[serde(default)]
     poller: Vec<pollers::RawPoller>,
+    #[serde(default)]
+    reporter: Vec<reporters::RawReporter>,
 }
 
 /// `[web]`: what the port's HTTP side shows to whom.
@@ -131,6 +135,8 @@ struct RawWeb {
     public_metrics: Option<bool>,
     /// A web session unused this long is over.
     session_idle_timeout: Option<Spanned<String>>,
+    /// The master's address as users reach it (links in reports).
+    url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -320,6 +326,30 @@ fn check_verifiers(
             )
         })
         .collect();
+    for r in &config.reporters {
+        if r.kind != ReporterKind::Http && secrets.reporter_tokens.get(&r.name).is_none() {
+            return Err(ConfigError::at(
+                &config.path,
+                text,
+                r.at,
+                format!(
+                    "key `reporter.name`: reporter `{}` has no token in the secrets file {}; add `{} = \"...\"` under [reporter_tokens]",
+                    r.name,
+                    config.secrets_path.display(),
+                    r.name
+                ),
+            ));
+        }
+    }
+    for name in secrets.reporter_tokens.names() {
+        if !config.reporters.iter().any(|r| r.name == name) {
+            warnings.push(format!(
+                "{}: a reporter token for `{name}`, which is no [[reporter]] of {} (a typo?); it is ignored",
+                config.secrets_path.display(),
+                config.path.display()
+            ));
+        }
+    }
     for name in secrets.webhook_secrets.names() {
         if !config.webhooks.contains_key(name) {
             warnings.push(format!(
@@ -367,6 +397,11 @@ pub struct Config {
     pub webhooks: BTreeMap<String, WebhookConfig>,
     /// `[[poller]]`s.
     pub pollers: Vec<PollerConfig>,
+    /// `[[reporter]]`s.
+    pub reporters: Vec<ReporterConfig>,
+    /// `[web] url`: the master's address as users reach it, for links in
+    /// reports (`{url}/builds/ID`).
+    pub web_url: Option<String>,
     /// Where `master.secrets` is in the file (a byte offset).
     pub secrets_at: usize,
     /// Where each `[[user]]` and `[[worker]]` is named (byte offsets), for
@@ -683,6 +718,12 @@ impl Config {
             checkers: checkers::validate(&c, base, &raw.checker)?,
             webhooks: webhooks::validate(&c, &raw.webhook)?,
             pollers: pollers::validate(&c, &raw.poller)?,
+            reporters: reporters::validate(&c, &raw.reporter)?,
+            web_url: raw
+                .web
+                .as_ref()
+                .and_then(|w| w.url.as_ref())
+                .map(|u| u.trim_end_matches('/').to_string()),
             worker_reconnect_grace: c.duration(
                 &m.worker_reconnect_grace,
                 "master.worker_reconnect_grace",

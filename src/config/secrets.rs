@@ -27,6 +27,9 @@ pub struct Secrets {
     pub step_secrets: StepSecrets,
     /// `[webhook_secrets]`: each `[[webhook]]`'s shared secret.
     pub webhook_secrets: WebhookSecrets,
+    /// `[reporter_tokens]`: each `[[reporter]]`'s API token (for `http`,
+    /// the key of its signature).
+    pub reporter_tokens: WebhookSecrets,
 }
 
 /// `[webhook_secrets]`: webhook name to its secret (GitHub's and Gitea's
@@ -91,6 +94,8 @@ struct RawSecrets {
     step_secrets: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     webhook_secrets: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    reporter_tokens: BTreeMap<String, String>,
 }
 
 impl Secrets {
@@ -178,6 +183,7 @@ impl Secrets {
             lines,
             step_secrets: StepSecrets(step_secrets),
             webhook_secrets: WebhookSecrets(webhook_secrets),
+            reporter_tokens: WebhookSecrets(raw.reporter_tokens),
         })
     }
 }

@@ -6,7 +6,7 @@
 //! `OR IGNORE`: a chunk replayed after a reconnect is stored once.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{StateDb, StateError, now_ms};
 
@@ -219,6 +219,39 @@ fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>
         })
     })?
     .collect()
+}
+
+/// A build event waiting in the reporters' outbox, with what a report
+/// needs of its build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedReport {
+    pub outbox_id: i64,
+    pub build_id: i64,
+    /// `false`: the build started; `true`: it ended.
+    pub finished: bool,
+    pub created_ms: i64,
+    /// `None` when the build is gone (its builder was deleted).
+    pub build: Option<ReportedBuild>,
+}
+
+/// What a report says of a build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportedBuild {
+    pub builder: String,
+    pub number: i64,
+    pub result: Option<String>,
+    pub repository: String,
+    pub branch: String,
+    pub revision: String,
+}
+
+/// One reporter's progress on one outbox row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReportProgress {
+    pub done: bool,
+    pub attempts: i64,
+    pub next_ms: i64,
+    pub last_error: String,
 }
 
 /// How long a webhook delivery id is remembered: providers redeliver
@@ -464,6 +497,103 @@ impl StateDb {
                 params![now - DELIVERY_MEMORY.as_millis() as i64],
             )?;
             Ok((ids, made, false))
+        })
+        .await
+    }
+
+    /// The oldest `limit` rows of the reporters' outbox, oldest first, and
+    /// every reporter's progress on them.
+    pub async fn report_queue(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<QueuedReport>, HashMap<(i64, String), ReportProgress>), StateError> {
+        self.read(move |conn| {
+            let mut s = conn.prepare_cached(
+                "SELECT o.id, o.build_id, o.finished, o.created_ms,
+                        b.builder, COALESCE(b.number, 0), b.result, r.repository, r.branch, r.revision
+                 FROM report_outbox o
+                 LEFT JOIN builds b ON b.id = o.build_id
+                 LEFT JOIN build_requests r ON r.id = b.request_id
+                 ORDER BY o.id LIMIT ?1",
+            )?;
+            let rows = s
+                .query_map(params![limit as i64], |r| {
+                    let builder: Option<String> = r.get(4)?;
+                    Ok(QueuedReport {
+                        outbox_id: r.get(0)?,
+                        build_id: r.get(1)?,
+                        finished: r.get::<_, i64>(2)? != 0,
+                        created_ms: r.get(3)?,
+                        build: match builder {
+                            None => None,
+                            Some(builder) => Some(ReportedBuild {
+                                builder,
+                                number: r.get(5)?,
+                                result: r.get(6)?,
+                                repository: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                                branch: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                                revision: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                            }),
+                        },
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut progress = HashMap::new();
+            if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+                let mut s = conn.prepare_cached(
+                    "SELECT outbox_id, reporter, done, attempts, next_ms, last_error
+                     FROM report_progress WHERE outbox_id BETWEEN ?1 AND ?2",
+                )?;
+                let found = s.query_map(params![first.outbox_id, last.outbox_id], |r| {
+                    Ok((
+                        (r.get::<_, i64>(0)?, r.get::<_, String>(1)?),
+                        ReportProgress {
+                            done: r.get::<_, i64>(2)? != 0,
+                            attempts: r.get(3)?,
+                            next_ms: r.get(4)?,
+                            last_error: r.get(5)?,
+                        },
+                    ))
+                })?;
+                for f in found {
+                    let (k, v) = f?;
+                    progress.insert(k, v);
+                }
+            }
+            Ok((rows, progress))
+        })
+        .await
+    }
+
+    /// Records a reporter's progress on an outbox row.
+    pub async fn set_report_progress(
+        &self,
+        outbox_id: i64,
+        reporter: String,
+        p: ReportProgress,
+    ) -> Result<(), StateError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![outbox_id, reporter, p.done as i64, p.attempts, p.next_ms, p.last_error],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes outbox rows every reporter is done with.
+    pub async fn forget_reports(&self, ids: Vec<i64>) -> Result<(), StateError> {
+        self.write(move |conn| {
+            for id in &ids {
+                conn.execute(
+                    "DELETE FROM report_progress WHERE outbox_id = ?1",
+                    params![id],
+                )?;
+                conn.execute("DELETE FROM report_outbox WHERE id = ?1", params![id])?;
+            }
+            Ok(())
         })
         .await
     }

@@ -23,7 +23,8 @@ mod builds;
 
 pub use builds::{
     BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk, LogTail,
-    NewRequest, PropertyRow, StepEndRecord, StepRecord,
+    NewRequest, PropertyRow, QueuedReport, ReportProgress, ReportedBuild, StepEndRecord,
+    StepRecord,
 };
 
 /// Why the state database could not be used.
@@ -137,6 +138,33 @@ const MIGRATIONS: &[&str] = &[
          revision TEXT NOT NULL,
          PRIMARY KEY (repository, branch)
      ) WITHOUT ROWID;",
+    // 7: the reporters' outbox: a row per build start and end, written by
+    // triggers in the build's own transaction, so a crash cannot lose a
+    // report; each reporter's progress on each row.
+    "CREATE TABLE report_outbox (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         build_id INTEGER NOT NULL,
+         finished INTEGER NOT NULL,
+         created_ms INTEGER NOT NULL
+     );
+     CREATE TABLE report_progress (
+         outbox_id INTEGER NOT NULL,
+         reporter TEXT NOT NULL,
+         done INTEGER NOT NULL,
+         attempts INTEGER NOT NULL,
+         next_ms INTEGER NOT NULL,
+         last_error TEXT NOT NULL,
+         PRIMARY KEY (outbox_id, reporter)
+     ) WITHOUT ROWID;
+     CREATE TRIGGER report_build_started AFTER INSERT ON builds BEGIN
+         INSERT INTO report_outbox (build_id, finished, created_ms)
+         VALUES (NEW.id, 0, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
+     END;
+     CREATE TRIGGER report_build_finished AFTER UPDATE OF finished_ms ON builds
+     WHEN NEW.finished_ms IS NOT NULL AND OLD.finished_ms IS NULL BEGIN
+         INSERT INTO report_outbox (build_id, finished, created_ms)
+         VALUES (NEW.id, 1, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
+     END;",
 ];
 
 /// The schema version this build writes.

@@ -1,0 +1,260 @@
+//! `[[reporter]]` against a local HTTP server standing in for GitHub's
+//! API, which records what it is sent and fails the first attempts (500,
+//! then 429 with `Retry-After`): the statuses arrive pending then success,
+//! on the right commit, context and target URL; and a master killed -9
+//! between a build's end and its delivery delivers it after its restart,
+//! once.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+/// What the stand-in API was sent: (path, authorization, body, status it
+/// answered).
+type Seen = Arc<Mutex<Vec<(String, String, serde_json::Value, u16)>>>;
+
+/// A stand-in API on 127.0.0.1: answers each request with the next status
+/// of `script`, then 201; returns its address and what it saw.
+async fn stand_in(script: Arc<Mutex<Vec<u16>>>) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let app = axum::Router::new().fallback({
+        let seen = seen.clone();
+        move |req: axum::extract::Request| {
+            let (seen, script) = (seen.clone(), script.clone());
+            async move {
+                let path = req.uri().path().to_string();
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let status = {
+                    let mut s = script.lock().unwrap();
+                    if s.is_empty() { 201 } else { s.remove(0) }
+                };
+                seen.lock().unwrap().push((path, auth, json, status));
+                let mut r = axum::response::Response::new(axum::body::Body::from("{}"));
+                *r.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                if status == 429 {
+                    r.headers_mut()
+                        .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+                }
+                r
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+const SHA: &str = "6dcb09b5b57875f334f61aebed695e2e4193db5e";
+
+fn reporter_toml(api: &str) -> String {
+    format!(
+        "\n[web]\nurl = \"https://ci.example.org/\"\n\
+         \n[[reporter]]\nname = \"gh\"\nkind = \"github\"\napi_url = \"http://{api}\"\nbuilders = [\"widgets\"]\n"
+    )
+}
+
+fn secrets_with_token(users: &[UserSpec<'_>]) -> String {
+    secrets_text(users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n")
+        + "\n[reporter_tokens]\ngh = \"tok-123\"\n"
+}
+
+/// The statuses the API accepted, as (state, context, target_url).
+fn accepted(seen: &Seen) -> Vec<(String, String, String)> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, _, status)| *status < 300)
+        .map(|(_, _, b, _)| {
+            (
+                b["state"].as_str().unwrap_or_default().to_string(),
+                b["context"].as_str().unwrap_or_default().to_string(),
+                b["target_url"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn until_accepted(seen: &Seen, n: usize) {
+    within(&format!("{n} accepted statuses"), async {
+        while accepted(seen).len() < n {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn statuses_arrive_in_order_through_failures() {
+    let script = Arc::new(Mutex::new(vec![500, 429]));
+    let (api, seen) = stand_in(script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = [HOOK];
+    std::fs::write(
+        dir.path().join("master.toml"),
+        // The step outlasts the pending status's two failed attempts.
+        widgets_config(&users, "sleep 4", &reporter_toml(&api)),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push_change(
+        &m,
+        switchyard::proto::Change {
+            repository: "https://github.com/octo/widgets.git".into(),
+            branch: "main".into(),
+            revision: SHA.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (build, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "success");
+    until_accepted(&seen, 2).await;
+    let target = format!("https://ci.example.org/builds/{build}");
+    assert_eq!(
+        accepted(&seen),
+        [
+            (
+                "pending".into(),
+                "switchyard/widgets".into(),
+                target.clone()
+            ),
+            ("success".into(), "switchyard/widgets".into(), target),
+        ]
+    );
+    let all = seen.lock().unwrap().clone();
+    // The two failed attempts were the pending status, retried; success
+    // was not sent before pending got through.
+    let states: Vec<(&str, u16)> = all
+        .iter()
+        .map(|(_, _, b, s)| (b["state"].as_str().unwrap_or_default(), *s))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("pending", 500),
+            ("pending", 429),
+            ("pending", 201),
+            ("success", 201)
+        ]
+    );
+    for (path, auth, _, _) in &all {
+        assert_eq!(path, &format!("/repos/octo/widgets/statuses/{SHA}"));
+        assert_eq!(auth, "Bearer tok-123");
+    }
+    // Nothing is left in the outbox.
+    let left: i64 = m
+        .master
+        .state()
+        .read(|c| c.query_row("SELECT COUNT(*) FROM report_outbox", [], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
+    // The API is down (503) until the master has been killed.
+    let script = Arc::new(Mutex::new(vec![503; 1000]));
+    let (api, seen) = stand_in(script.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let users = [HOOK];
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config(&users, "true", &reporter_toml(&api))
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
+    let (mut master, addr) = master_process(dir.path());
+    let _worker = Reaped(
+        std::process::Command::new(BIN)
+            .args(["worker", "--master", &addr, "--name", "w1", "--basedir"])
+            .arg(dir.path().join("basedir"))
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut hook = switchyard::grpc::client::ChangeSourceConnection::connect(&addr, HOOK.0, HOOK.1)
+        .await
+        .unwrap();
+    // The worker may still be logging in: the request waits for it.
+    hook.push(switchyard::proto::Change {
+        repository: "https://github.com/octo/widgets.git".into(),
+        branch: "main".into(),
+        revision: SHA.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The build ends (a finished build in the state database), its
+    // statuses are refused meanwhile.
+    let state_path = dir.path().join("state.sqlite");
+    within("the build to end", async {
+        loop {
+            let db = switchyard::state::StateDb::open(&state_path).unwrap();
+            let ended: i64 = db
+                .read(|c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM builds WHERE finished_ms IS NOT NULL",
+                        [],
+                        |r| r.get(0),
+                    )
+                })
+                .await
+                .unwrap();
+            if ended == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    master.0.kill().unwrap();
+    master.0.wait().unwrap();
+    assert!(accepted(&seen).is_empty());
+    script.lock().unwrap().clear();
+    let (_again, _) = master_process(dir.path());
+    until_accepted(&seen, 1).await;
+    // Give a duplicate the chance to show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let states: Vec<String> = accepted(&seen).into_iter().map(|(s, _, _)| s).collect();
+    assert_eq!(
+        states,
+        ["success"],
+        "the start is superseded by the end; the end once"
+    );
+}
