@@ -68,6 +68,33 @@ async fn stand_in(script: Arc<Mutex<Vec<u16>>>) -> (String, Seen) {
     (addr, seen)
 }
 
+const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
+
+/// `GET path` on a master process at `addr`: the status and the body.
+async fn get(addr: &str, path: &str, authorization: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    within("an answer", s.read_to_end(&mut out)).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        String::from_utf8_lossy(&dechunk(body.as_bytes())).into_owned()
+    } else {
+        body.to_string()
+    };
+    (head[9..12].parse().unwrap(), body)
+}
+
 const SHA: &str = "6dcb09b5b57875f334f61aebed695e2e4193db5e";
 
 fn reporter_toml(api: &str) -> String {
@@ -188,7 +215,7 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
     let (api, seen) = stand_in(script.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let users = [HOOK];
+    let users = [HOOK, VIEWER];
     std::fs::write(
         dir.path().join("master.toml"),
         widgets_config(&users, "true", &reporter_toml(&api))
@@ -243,6 +270,35 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
         }
     })
     .await;
+    // Meanwhile the API and the web UI show what waits, and why.
+    let viewer = basic(VIEWER.0, VIEWER.1);
+    let json = within("an undelivered report", async {
+        loop {
+            let (status, body) = get(&addr, "/api/v1/reports", &viewer).await;
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["undelivered"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["event"] == "finished")
+            {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let r = &json["undelivered"][0];
+    assert_eq!(r["reporter"], "gh");
+    assert_eq!(r["builder"], "widgets");
+    assert!(r["last_error"].as_str().unwrap().contains("503"), "{r}");
+    let (status, page) = get(&addr, "/reports", &viewer).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("HTTP 503") && page.contains("widgets #1"),
+        "{page}"
+    );
     master.0.kill().unwrap();
     master.0.wait().unwrap();
     assert!(accepted(&seen).is_empty());

@@ -39,6 +39,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/requests", get(requests))
+        .route("/api/v1/reports", get(reports))
         .route("/api/v1/builders/{name}/force", axum::routing::post(force))
         .route("/api/v1/builds/{id}/stop", axum::routing::post(stop))
         .route("/api/v1/builds/{id}/rebuild", axum::routing::post(rebuild))
@@ -366,6 +367,32 @@ async fn requests(_: Reader, State(s): State<ApiState>) -> ApiResult {
     Ok(json_response(
         StatusCode::OK,
         json!({ "requests": requests }),
+    ))
+}
+
+/// `GET /api/v1/reports`: the reports `[[reporter]]`s have not delivered
+/// yet after trying, oldest first.
+async fn reports(_: Reader, State(s): State<ApiState>) -> ApiResult {
+    let found = s.api.state().undelivered_reports(1000).await?;
+    let undelivered: Vec<Value> = found
+        .iter()
+        .map(|r| {
+            json!({
+                "reporter": r.reporter,
+                "build_id": r.build_id,
+                "builder": r.builder,
+                "number": r.number,
+                "event": if r.finished { "finished" } else { "started" },
+                "queued_unix_ms": r.created_ms,
+                "attempts": r.attempts,
+                "next_attempt_unix_ms": r.next_ms,
+                "last_error": r.last_error,
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "undelivered": undelivered }),
     ))
 }
 

@@ -254,6 +254,21 @@ pub struct ReportProgress {
     pub last_error: String,
 }
 
+/// A report a reporter has not delivered yet, after trying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndeliveredReport {
+    pub reporter: String,
+    pub build_id: i64,
+    pub builder: String,
+    pub number: i64,
+    /// `false`: the build's start; `true`: its end.
+    pub finished: bool,
+    pub created_ms: i64,
+    pub attempts: i64,
+    pub next_ms: i64,
+    pub last_error: String,
+}
+
 /// How long a webhook delivery id is remembered: providers redeliver
 /// within hours (GitHub keeps deliveries for 3 days).
 pub const DELIVERY_MEMORY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -561,6 +576,40 @@ impl StateDb {
                 }
             }
             Ok((rows, progress))
+        })
+        .await
+    }
+
+    /// Reports a reporter tried to deliver and could not yet, oldest
+    /// first (at most `limit`).
+    pub async fn undelivered_reports(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<UndeliveredReport>, StateError> {
+        self.read(move |conn| {
+            let mut s = conn.prepare_cached(
+                "SELECT p.reporter, o.build_id, o.finished, o.created_ms, p.attempts, p.next_ms,
+                        p.last_error, COALESCE(b.builder, ''), COALESCE(b.number, 0)
+                 FROM report_progress p JOIN report_outbox o ON o.id = p.outbox_id
+                 LEFT JOIN builds b ON b.id = o.build_id
+                 WHERE p.done = 0 ORDER BY o.id LIMIT ?1",
+            )?;
+            let rows = s
+                .query_map(params![limit as i64], |r| {
+                    Ok(UndeliveredReport {
+                        reporter: r.get(0)?,
+                        build_id: r.get(1)?,
+                        finished: r.get::<_, i64>(2)? != 0,
+                        created_ms: r.get(3)?,
+                        attempts: r.get(4)?,
+                        next_ms: r.get(5)?,
+                        last_error: r.get(6)?,
+                        builder: r.get(7)?,
+                        number: r.get(8)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
         .await
     }

@@ -146,6 +146,7 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/workers", get(workers))
         .route("/workers/{name}/hangup", post(hangup))
         .route("/changes", get(changes))
+        .route("/reports", get(reports))
         .route("/login", get(login::page))
         .route("/api/v1/login/start", post(login::start))
         .route("/api/v1/login/finish", post(login::finish))
@@ -231,6 +232,7 @@ fn layout(title: &str, viewer: &Viewer, body: Markup) -> Markup {
                         a href="/" { "Builders" }
                         a href="/workers" { "Workers" }
                         a href="/changes" { "Changes" }
+                        a href="/reports" { "Reports" }
                     }
                     span.who {
                         @if let Some(u) = &viewer.user {
@@ -700,6 +702,36 @@ async fn workers(PageViewer(viewer): PageViewer, State(s): State<ApiState>) -> R
         }
     };
     page(StatusCode::OK, layout("Workers", &viewer, body))
+}
+
+/// `/reports`: the reports `[[reporter]]`s could not deliver yet.
+async fn reports(PageViewer(viewer): PageViewer, State(s): State<ApiState>) -> Response {
+    let found = match s.api.state().undelivered_reports(1000).await {
+        Ok(r) => r,
+        Err(e) => return error_page(&viewer, StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let body = html! {
+        @if found.is_empty() {
+            p { "Every report was delivered." }
+        } @else {
+            table.reports {
+                thead { tr {
+                    th { "Reporter" } th { "Build" } th { "Event" } th { "Queued" }
+                    th { "Attempts" } th { "Next attempt" } th { "Last error" }
+                } }
+                tbody { @for r in &found { tr {
+                    td { (r.reporter) }
+                    td { a href={ "/builds/" (r.build_id) } { (r.builder) " #" (r.number) } }
+                    td { @if r.finished { "finished" } @else { "started" } }
+                    td { (time(r.created_ms)) }
+                    td { (r.attempts) }
+                    td { (time(r.next_ms)) }
+                    td { (r.last_error) }
+                } } }
+            }
+        }
+    };
+    page(StatusCode::OK, layout("Undelivered reports", &viewer, body))
 }
 
 #[derive(Deserialize)]
