@@ -140,7 +140,7 @@ async fn statuses_arrive_in_order_through_failures() {
     let script = Arc::new(Mutex::new(vec![500, 429]));
     let (api, seen) = stand_in(script).await;
     let dir = tempfile::tempdir().unwrap();
-    let users = [HOOK];
+    let users = [HOOK, ADMIN];
     std::fs::write(
         dir.path().join("master.toml"),
         // The step outlasts the pending status's two failed attempts.
@@ -205,6 +205,10 @@ async fn statuses_arrive_in_order_through_failures() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+    assert_eq!(
+        debug_cli(&m, ADMIN.0, ADMIN.1, &["reports"]).await.unwrap(),
+        "every report was delivered\n"
+    );
     m.stop().await;
 }
 
@@ -215,7 +219,7 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
     let (api, seen) = stand_in(script.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let users = [HOOK, VIEWER];
+    let users = [HOOK, VIEWER, ADMIN];
     std::fs::write(
         dir.path().join("master.toml"),
         widgets_config(&users, "true", &reporter_toml(&api))
@@ -298,6 +302,23 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
     assert!(
         page.contains("HTTP 503") && page.contains("widgets #1"),
         "{page}"
+    );
+    // And the console.
+    let out = within(
+        "switchyard debug reports",
+        tokio::process::Command::new(BIN)
+            .args(["debug", "--master", &addr, "--user", ADMIN.0, "reports"])
+            .env("SWITCHYARD_PASSWORD", ADMIN.1)
+            .env("HOME", dir.path())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("gh widgets#1 finished") && text.contains("HTTP 503"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     master.0.kill().unwrap();
     master.0.wait().unwrap();

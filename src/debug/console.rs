@@ -38,6 +38,7 @@ commands:
   stop BUILD                               stop a running build
   hangup WORKER                            hang up a worker's session
   unblock ADDRESS                          forget an address's failed logins
+  reports                                  reports [[reporter]]s could not deliver yet
   watch                                    live events until Ctrl-C
   reload                                   re-read the config and secrets (as SIGHUP)
   help, quit
@@ -220,8 +221,9 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         }),
         ("unblock", _) => return usage("unblock ADDRESS"),
         ("watch", 0) => C::Watch(WatchRequest {}),
+        ("reports", 0) => C::Reports(crate::proto::ReportsRequest {}),
         ("reload", 0) => C::Reload(ReloadRequest {}),
-        ("status" | "workers" | "builders" | "watch" | "reload", _) => {
+        ("status" | "workers" | "builders" | "watch" | "reload" | "reports", _) => {
             return Err(format!("{cmd} takes no arguments"));
         }
         _ => return Err(format!("unknown command {cmd:?}; try `help`")),
@@ -492,6 +494,16 @@ impl Console {
                 R::Reload(r) => json!({"summary": r.summary}),
                 R::Stop(_) | R::Hangup(_) => json!({"ok": true}),
                 R::Unblock(u) => json!({"forgotten": u.forgotten}),
+                R::Reports(r) => json!(r
+                    .reports
+                    .iter()
+                    .map(|u| json!({
+                        "reporter": u.reporter, "build_id": u.build_id, "builder": u.builder,
+                        "number": u.number, "event": u.event, "queued_unix_ms": u.queued_unix_ms,
+                        "attempts": u.attempts, "next_attempt_unix_ms": u.next_attempt_unix_ms,
+                        "last_error": u.last_error,
+                    }))
+                    .collect::<Vec<_>>()),
                 R::Event(e) => event_json(&e),
                 R::Error(e) => json!({"error": e}),
             };
@@ -704,6 +716,22 @@ impl Console {
                 "unblocked ({} throttle entries forgotten)",
                 u.forgotten
             )?,
+            R::Reports(r) if r.reports.is_empty() => writeln!(out, "every report was delivered")?,
+            R::Reports(r) => {
+                for u in &r.reports {
+                    writeln!(
+                        out,
+                        "{} {}#{} {}: {} attempt(s), next at {}, last error: {}",
+                        u.reporter,
+                        u.builder,
+                        u.number,
+                        u.event,
+                        u.attempts,
+                        hms(u.next_attempt_unix_ms),
+                        u.last_error
+                    )?;
+                }
+            }
             R::Event(e) => writeln!(out, "{} {}", hms(e.unix_ms), event_text(&e))?,
             R::Error(e) => writeln!(out, "error: {e}")?,
         }

@@ -129,6 +129,14 @@ impl Debug for DebugService {
             .map_err(status)
     }
 
+    async fn reports(
+        &self,
+        req: Request<crate::proto::ReportsRequest>,
+    ) -> Result<Response<crate::proto::ReportsReply>, Status> {
+        self.auth.authorize(&req, SERVICE).await?;
+        self.api.reports().await.map(Response::new).map_err(status)
+    }
+
     async fn unblock(
         &self,
         req: Request<crate::proto::UnblockRequest>,

@@ -524,6 +524,27 @@ impl DebugApi {
         })
     }
 
+    /// The reports `[[reporter]]`s tried to deliver and could not yet.
+    pub async fn reports(&self) -> Result<crate::proto::ReportsReply, DebugError> {
+        let found = self.state().undelivered_reports(1000).await?;
+        Ok(crate::proto::ReportsReply {
+            reports: found
+                .into_iter()
+                .map(|r| crate::proto::UndeliveredReport {
+                    reporter: r.reporter,
+                    build_id: r.build_id,
+                    builder: r.builder,
+                    number: r.number,
+                    event: if r.finished { "finished" } else { "started" }.into(),
+                    queued_unix_ms: r.created_ms,
+                    attempts: r.attempts,
+                    next_attempt_unix_ms: r.next_ms,
+                    last_error: r.last_error,
+                })
+                .collect(),
+        })
+    }
+
     pub fn hangup(&self, req: HangupRequest) -> Result<HangupReply, DebugError> {
         self.builds.hangup(&req.worker)?;
         tracing::info!(worker = %req.worker, "worker hung up from the console");
