@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// What the stand-in API was sent: (path, authorization, body, status it
-/// answered).
-type Seen = Arc<Mutex<Vec<(String, String, serde_json::Value, u16)>>>;
+/// What the stand-in API was sent: (path, credentials or signature header,
+/// body as JSON, status it answered, body as sent).
+type Seen = Arc<Mutex<Vec<(String, String, serde_json::Value, u16, Vec<u8>)>>>;
 
 /// A stand-in API on 127.0.0.1: answers each request with the next status
 /// of `script`, then 201; returns its address and what it saw.
@@ -26,12 +26,15 @@ async fn stand_in(script: Arc<Mutex<Vec<u16>>>) -> (String, Seen) {
             let (seen, script) = (seen.clone(), script.clone());
             async move {
                 let path = req.uri().path().to_string();
-                let auth = req
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
+                let auth = [
+                    "authorization",
+                    "private-token",
+                    "x-switchyard-signature-256",
+                ]
+                .iter()
+                .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
+                .unwrap_or_default()
+                .to_string();
                 let body = axum::body::to_bytes(req.into_body(), 1 << 20)
                     .await
                     .unwrap();
@@ -40,7 +43,9 @@ async fn stand_in(script: Arc<Mutex<Vec<u16>>>) -> (String, Seen) {
                     let mut s = script.lock().unwrap();
                     if s.is_empty() { 201 } else { s.remove(0) }
                 };
-                seen.lock().unwrap().push((path, auth, json, status));
+                seen.lock()
+                    .unwrap()
+                    .push((path, auth, json, status, body.to_vec()));
                 let mut r = axum::response::Response::new(axum::body::Body::from("{}"));
                 *r.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
                 if status == 429 {
@@ -115,8 +120,8 @@ fn accepted(seen: &Seen) -> Vec<(String, String, String)> {
     seen.lock()
         .unwrap()
         .iter()
-        .filter(|(_, _, _, status)| *status < 300)
-        .map(|(_, _, b, _)| {
+        .filter(|(_, _, _, status, _)| *status < 300)
+        .map(|(_, _, b, _, _)| {
             (
                 b["state"].as_str().unwrap_or_default().to_string(),
                 b["context"].as_str().unwrap_or_default().to_string(),
@@ -182,7 +187,7 @@ async fn statuses_arrive_in_order_through_failures() {
     // was not sent before pending got through.
     let states: Vec<(&str, u16)> = all
         .iter()
-        .map(|(_, _, b, s)| (b["state"].as_str().unwrap_or_default(), *s))
+        .map(|(_, _, b, s, _)| (b["state"].as_str().unwrap_or_default(), *s))
         .collect();
     assert_eq!(
         states,
@@ -193,7 +198,7 @@ async fn statuses_arrive_in_order_through_failures() {
             ("success", 201)
         ]
     );
-    for (path, auth, _, _) in &all {
+    for (path, auth, _, _, _) in &all {
         assert_eq!(path, &format!("/repos/octo/widgets/statuses/{SHA}"));
         assert_eq!(auth, "Bearer tok-123");
     }
@@ -334,4 +339,104 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
         ["success"],
         "the start is superseded by the end; the end once"
     );
+}
+
+#[tokio::test]
+async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
+    use hmac::{KeyInit, Mac};
+    let (api, seen) = stand_in(Arc::new(Mutex::new(Vec::new()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = [HOOK];
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config(
+            &users,
+            "exit 3",
+            &format!(
+                "\n[[reporter]]\nname = \"gl\"\nkind = \"gitlab\"\napi_url = \"http://{api}/api/v4\"\n\
+                 \n[[reporter]]\nname = \"gt\"\nkind = \"forgejo\"\napi_url = \"http://{api}/api/v1\"\n\
+                 \n[[reporter]]\nname = \"ev\"\nkind = \"http\"\nurl = \"http://{api}/events\"\nbranches = [\"main\"]\n"
+            ),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        secrets_text(&users)
+            + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n")
+            + "\n[reporter_tokens]\ngl = \"gl-token\"\ngt = \"gt-token\"\nev = \"event-secret\"\n",
+    )
+    .unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push_change(
+        &m,
+        switchyard::proto::Change {
+            repository: "git@gitlab.example.org:group/sub/widgets.git".into(),
+            branch: "main".into(),
+            revision: SHA.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (build, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "failure");
+    // Each reporter sends the end at least; the start may be superseded.
+    within("the three ends", async {
+        loop {
+            let n = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, _, b, _, _)| {
+                    b["state"] == "failed" || b["state"] == "failure" || b["event"] == "finished"
+                })
+                .count();
+            if n == 3 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let all = seen.lock().unwrap().clone();
+    let gl = all
+        .iter()
+        .find(|(p, _, b, _, _)| p.starts_with("/api/v4/") && b["state"] == "failed")
+        .expect("GitLab's status");
+    assert_eq!(
+        gl.0,
+        format!("/api/v4/projects/group%2Fsub%2Fwidgets/statuses/{SHA}")
+    );
+    assert_eq!(gl.2["name"], "switchyard/widgets");
+    assert_eq!(gl.1, "gl-token");
+    let gt = all
+        .iter()
+        .find(|(p, _, b, _, _)| p.starts_with("/api/v1/") && b["state"] == "failure")
+        .expect("Gitea's status");
+    assert_eq!(
+        gt.0,
+        format!("/api/v1/repos/group/sub/widgets/statuses/{SHA}")
+    );
+    assert_eq!(gt.1, "token gt-token");
+    let ev = all
+        .iter()
+        .find(|(p, _, b, _, _)| p == "/events" && b["event"] == "finished")
+        .expect("the HTTP event");
+    assert_eq!(ev.2["build"]["id"], build);
+    assert_eq!(ev.2["build"]["result"], "failure");
+    assert_eq!(ev.2["build"]["revision"], SHA);
+    // It is signed with the shared secret over the body as sent.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"event-secret").unwrap();
+    mac.update(&ev.4);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(ev.1, format!("sha256={hex}"));
+    m.stop().await;
 }
