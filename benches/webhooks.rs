@@ -6,6 +6,14 @@
 //! 8 concurrent clients over one connection each; no scheduler, so what is
 //! measured is ingest.
 //!
+//! 2. Commit statuses: a `[[reporter]]` (kind `github`) pointed at a
+//!    stand-in API served by this process; a worker process runs a build
+//!    of one `true` step per pushed change, one after another. Measured:
+//!    the build's end as the master stored it (`finished_ms`) to the
+//!    `success` status arriving at the stand-in, p50 and p99, against a
+//!    POST of the same JSON from this process to the same stand-in (its
+//!    floor: one loopback HTTP request), in the same run.
+//!
 //! Run: `cargo bench --bench webhooks` (`-- quick` for a short run). Every
 //! loop is bounded in count and time.
 
@@ -20,7 +28,7 @@ use hmac::{KeyInit, Mac};
 use http_body_util::BodyExt;
 use tonic::Request;
 
-use support::{median, rate, spawn_master};
+use support::{median, percentile, rate, spawn_master, spawn_worker};
 use switchyard::proto::change_source_client::ChangeSourceClient;
 use switchyard::proto::{Change, PushChangeRequest};
 
@@ -216,5 +224,155 @@ fn main() {
             median(ratios)
         );
     });
+    let _ = std::fs::remove_dir_all(&dir);
+    rt.block_on(statuses(quick));
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Part 2: build end to commit status arriving.
+async fn statuses(quick: bool) {
+    use std::sync::Mutex;
+    let builds = if quick { 10 } else { 60 };
+    // The stand-in API: notes when each status arrived, by (sha, state).
+    let arrived: Arc<Mutex<std::collections::HashMap<(String, String), i64>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap().to_string();
+    {
+        let arrived = arrived.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let _ = stream.set_nodelay(true);
+                let arrived = arrived.clone();
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let arrived = arrived.clone();
+                        async move {
+                            let at = now_ms();
+                            let sha = req
+                                .uri()
+                                .path()
+                                .rsplit('/')
+                                .next()
+                                .unwrap_or_default()
+                                .to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v: serde_json::Value =
+                                serde_json::from_slice(&body).unwrap_or_default();
+                            let state = v["state"].as_str().unwrap_or_default().to_string();
+                            arrived.lock().unwrap().insert((sha, state), at);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"{}")),
+                            ))
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+    }
+    let dir = std::env::temp_dir().join(format!("switchyard-status-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("master.toml"),
+        format!(
+            "[master]\nlisten = \"127.0.0.1:0\"\nsecrets = \"secrets.toml\"\n\
+             \n[web]\nurl = \"https://ci.example.org\"\n\
+             \n[[user]]\nname = \"hook\"\nservices = [\"change-source\"]\n\
+             \n[[worker]]\nname = \"w1\"\n\
+             \n[[builder]]\nname = \"widgets\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"s\"\nshell = \"true\"\n\
+             \n[[scheduler]]\nname = \"all\"\nbuilders = [\"widgets\"]\n\
+             \n[[reporter]]\nname = \"gh\"\nkind = \"github\"\napi_url = \"http://{api}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("secrets.toml"),
+        format!(
+            "[verifiers]\nhook = {:?}\nw1 = {:?}\n\n[reporter_tokens]\ngh = \"bench-token\"\n",
+            support::verifier("hook-pw"),
+            support::verifier("worker-pw")
+        ),
+    )
+    .unwrap();
+    let (_master, addr) = spawn_master(&dir);
+    let _worker = spawn_worker(&addr, "w1", &dir.join("basedir"));
+    let mut hook =
+        switchyard::grpc::client::ChangeSourceConnection::connect(&addr, "hook", "hook-pw")
+            .await
+            .unwrap();
+    let db = rusqlite::Connection::open_with_flags(
+        dir.join("state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut report = Vec::new();
+    let mut floor = Vec::new();
+    let client = reqwest::Client::new();
+    for i in 0..builds {
+        let sha = format!("{:040x}", 0xb0000 + i);
+        hook.push(Change {
+            repository: "https://github.com/octo/widgets.git".into(),
+            branch: "main".into(),
+            revision: sha.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let at = loop {
+            if let Some(at) = arrived
+                .lock()
+                .unwrap()
+                .get(&(sha.clone(), "success".to_string()))
+            {
+                break *at;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no status for build {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let finished: i64 = db
+            .query_row(
+                "SELECT b.finished_ms FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE r.revision = ?1",
+                [&sha],
+                |r| r.get(0),
+            )
+            .unwrap();
+        report.push((at - finished) as f64);
+        // The floor: one POST of a status to the same stand-in.
+        let started = now_ms();
+        let probe = format!("probe{i:035x}");
+        client
+            .post(format!("http://{api}/repos/octo/widgets/statuses/{probe}"))
+            .body(r#"{"state":"probe","context":"switchyard/widgets"}"#)
+            .send()
+            .await
+            .unwrap();
+        let arrived_at = arrived.lock().unwrap()[&(probe, "probe".to_string())];
+        floor.push((arrived_at - started).max(0) as f64);
+    }
+    let (p50, p99) = (percentile(&mut report, 0.5), percentile(&mut report, 0.99));
+    let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
+    println!(
+        "2. build end to its commit status at the API ({builds} builds, ms): p50 {p50:.0}, p99 {p99:.0}; one loopback POST to the same API: p50 {f50:.0}, p99 {f99:.0}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
