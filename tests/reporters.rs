@@ -440,3 +440,66 @@ async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
     assert_eq!(ev.1, format!("sha256={hex}"));
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_report_older_than_max_age_is_given_up_and_the_outbox_empties() {
+    // The API never accepts.
+    let (api, seen) = stand_in(Arc::new(Mutex::new(vec![503; 10_000]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = [HOOK];
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config(
+            &users,
+            "true",
+            &format!(
+                "\n[[reporter]]\nname = \"gh\"\nkind = \"github\"\napi_url = \"http://{api}\"\nmax_age = \"2s\"\n"
+            ),
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    push_change(
+        &m,
+        switchyard::proto::Change {
+            repository: "https://github.com/octo/widgets.git".into(),
+            branch: "main".into(),
+            revision: SHA.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    builds_ended(&mut events, 1).await;
+    let outbox = || async {
+        m.master
+            .state()
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM report_outbox", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .await
+            .unwrap()
+    };
+    within("the report to be given up", async {
+        while outbox().await > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(!seen.lock().unwrap().is_empty(), "it was tried");
+    assert!(accepted(&seen).is_empty());
+    assert!(
+        m.master
+            .state()
+            .undelivered_reports(10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    m.stop().await;
+}

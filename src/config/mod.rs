@@ -946,6 +946,45 @@ mod tests {
     }
 
     #[test]
+    fn reporters_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |reporter: &str, tokens: &str| {
+            std::fs::write(
+                dir.path().join("master.toml"),
+                format!("[master]\nsecrets = \"secrets.toml\"\n\n[[reporter]]\nname = \"r\"\n{reporter}\n"),
+            )
+            .unwrap();
+            std::fs::write(dir.path().join("secrets.toml"), tokens).unwrap();
+            load_with_secrets(&dir.path().join("master.toml")).map_err(|e| e.to_string())
+        };
+        let token = "[reporter_tokens]\nr = \"t\"\n";
+        let ok = load("kind = \"github\"\nbranches = [\"release/*\"]", token).unwrap();
+        let r = &ok.config.reporters[0];
+        assert_eq!(r.url, "https://api.github.com");
+        assert!(r.wants("any", "release/1") && !r.wants("any", "main"));
+        assert!(load("kind = \"http\"\nurl = \"http://127.0.0.1:1/x\"", "").is_ok());
+        for (reporter, tokens, says) in [
+            ("kind = \"github\"", "", "has no token"),
+            ("kind = \"gitea\"", token, "needs `api_url`"),
+            ("kind = \"http\"", "", "needs `url`"),
+            ("kind = \"jenkins\"", token, "not one of github"),
+            (
+                "kind = \"gitlab\"\napi_url = \"gitlab.example.org\"",
+                token,
+                "not an http",
+            ),
+            (
+                "kind = \"github\"\nmax_age = \"soon\"",
+                token,
+                "reporter.max_age",
+            ),
+        ] {
+            let e = load(reporter, tokens).unwrap_err();
+            assert!(e.contains(says), "{reporter}: {e}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = parse(
             "[master]\nsecrets = \"s.toml\"\n[[user]]\nname = \"a\"\nservices = [\"ping\"]\n",
