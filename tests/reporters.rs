@@ -503,3 +503,52 @@ async fn a_report_older_than_max_age_is_given_up_and_the_outbox_empties() {
     );
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_later_build_of_the_same_commit_waits_for_the_earlier_ones_status() {
+    // The API refuses the first two attempts; meanwhile a second build of
+    // the same commit ends. Its status must not arrive before the first's.
+    let (api, seen) = stand_in(Arc::new(Mutex::new(vec![503, 503]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = [HOOK];
+    std::fs::write(
+        dir.path().join("master.toml"),
+        widgets_config(&users, "true", &reporter_toml(&api)),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    for _ in 0..2 {
+        push_change(
+            &m,
+            switchyard::proto::Change {
+                repository: "https://github.com/octo/widgets.git".into(),
+                branch: "main".into(),
+                revision: SHA.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    let mut ended = builds_ended(&mut events, 2).await;
+    ended.sort();
+    until_accepted(&seen, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let finals: Vec<String> = accepted(&seen)
+        .into_iter()
+        .filter(|(state, _, _)| state == "success")
+        .map(|(_, _, target)| target)
+        .collect();
+    assert_eq!(
+        finals,
+        [
+            format!("https://ci.example.org/builds/{}", ended[0].0),
+            format!("https://ci.example.org/builds/{}", ended[1].0),
+        ],
+        "the earlier build's status first"
+    );
+    m.stop().await;
+}

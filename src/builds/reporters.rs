@@ -34,7 +34,7 @@ use crate::config::{ReporterConfig, ReporterKind, WebhookSecrets};
 use crate::state::{QueuedReport, ReportProgress, ReportedBuild};
 
 /// The most rows one pass of the sender looks at.
-const BATCH: usize = 200;
+const BATCH: usize = 5000;
 /// The longest wait between two attempts of one report.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// How long one delivery may take.
