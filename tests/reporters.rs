@@ -140,33 +140,63 @@ async fn until_accepted(seen: &Seen, n: usize) {
     .await;
 }
 
-#[tokio::test]
-async fn statuses_arrive_in_order_through_failures() {
-    let script = Arc::new(Mutex::new(vec![500, 429]));
-    let (api, seen) = stand_in(script).await;
+/// A widgets master with `users`, one step running `shell`, `extra` TOML
+/// and the reporter tokens `tokens` (a `[reporter_tokens]` body), its
+/// worker connected.
+async fn reporting_master(
+    users: &[UserSpec<'_>],
+    shell: &str,
+    extra: &str,
+    tokens: &str,
+) -> (TestMaster, Reaped) {
     let dir = tempfile::tempdir().unwrap();
-    let users = [HOOK, ADMIN];
     std::fs::write(
         dir.path().join("master.toml"),
-        // The step outlasts the pending status's two failed attempts.
-        widgets_config(&users, "sleep 4", &reporter_toml(&api)),
+        widgets_config(users, shell, extra),
     )
     .unwrap();
-    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        secrets_text(users)
+            + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n")
+            + "\n[reporter_tokens]\n"
+            + tokens,
+    )
+    .unwrap();
     let m = TestMaster::start_in(dir).await;
-    let _w = worker(&m, "w1", "w1-pw");
+    let w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
-    let mut events = m.master.builds().subscribe();
+    (m, w)
+}
+
+/// Pushes a change of [`SHA`] on `main` of `repository`.
+async fn push_sha(m: &TestMaster, repository: &str) {
     push_change(
-        &m,
+        m,
         switchyard::proto::Change {
-            repository: "https://github.com/octo/widgets.git".into(),
+            repository: repository.into(),
             branch: "main".into(),
             revision: SHA.into(),
             ..Default::default()
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn statuses_arrive_in_order_through_failures() {
+    let script = Arc::new(Mutex::new(vec![500, 429]));
+    let (api, seen) = stand_in(script).await;
+    // The step outlasts the pending status's two failed attempts.
+    let (m, _w) = reporting_master(
+        &[HOOK, ADMIN],
+        "sleep 4",
+        &reporter_toml(&api),
+        "gh = \"tok-123\"\n",
+    )
+    .await;
+    let mut events = m.master.builds().subscribe();
+    push_sha(&m, "https://github.com/octo/widgets.git").await;
     let (build, result) = builds_ended(&mut events, 1).await.remove(0);
     assert_eq!(result, "success");
     until_accepted(&seen, 2).await;
@@ -345,42 +375,19 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
 async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
     use hmac::{KeyInit, Mac};
     let (api, seen) = stand_in(Arc::new(Mutex::new(Vec::new()))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let users = [HOOK];
-    std::fs::write(
-        dir.path().join("master.toml"),
-        widgets_config(
-            &users,
-            "exit 3",
-            &format!(
-                "\n[[reporter]]\nname = \"gl\"\nkind = \"gitlab\"\napi_url = \"http://{api}/api/v4\"\n\
-                 \n[[reporter]]\nname = \"gt\"\nkind = \"forgejo\"\napi_url = \"http://{api}/api/v1\"\n\
-                 \n[[reporter]]\nname = \"ev\"\nkind = \"http\"\nurl = \"http://{api}/events\"\nbranches = [\"main\"]\n"
-            ),
+    let (m, _w) = reporting_master(
+        &[HOOK],
+        "exit 3",
+        &format!(
+            "\n[[reporter]]\nname = \"gl\"\nkind = \"gitlab\"\napi_url = \"http://{api}/api/v4\"\n\
+             \n[[reporter]]\nname = \"gt\"\nkind = \"forgejo\"\napi_url = \"http://{api}/api/v1\"\n\
+             \n[[reporter]]\nname = \"ev\"\nkind = \"http\"\nurl = \"http://{api}/events\"\nbranches = [\"main\"]\n"
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("secrets.toml"),
-        secrets_text(&users)
-            + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n")
-            + "\n[reporter_tokens]\ngl = \"gl-token\"\ngt = \"gt-token\"\nev = \"event-secret\"\n",
-    )
-    .unwrap();
-    let m = TestMaster::start_in(dir).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
-    let mut events = m.master.builds().subscribe();
-    push_change(
-        &m,
-        switchyard::proto::Change {
-            repository: "git@gitlab.example.org:group/sub/widgets.git".into(),
-            branch: "main".into(),
-            revision: SHA.into(),
-            ..Default::default()
-        },
+        "gl = \"gl-token\"\ngt = \"gt-token\"\nev = \"event-secret\"\n",
     )
     .await;
+    let mut events = m.master.builds().subscribe();
+    push_sha(&m, "git@gitlab.example.org:group/sub/widgets.git").await;
     let (build, result) = builds_ended(&mut events, 1).await.remove(0);
     assert_eq!(result, "failure");
     // Each reporter sends the end at least; the start may be superseded.
@@ -445,34 +452,17 @@ async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
 async fn a_report_older_than_max_age_is_given_up_and_the_outbox_empties() {
     // The API never accepts.
     let (api, seen) = stand_in(Arc::new(Mutex::new(vec![503; 10_000]))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let users = [HOOK];
-    std::fs::write(
-        dir.path().join("master.toml"),
-        widgets_config(
-            &users,
-            "true",
-            &format!(
-                "\n[[reporter]]\nname = \"gh\"\nkind = \"github\"\napi_url = \"http://{api}\"\nmax_age = \"2s\"\n"
-            ),
+    let (m, _w) = reporting_master(
+        &[HOOK],
+        "true",
+        &format!(
+            "\n[[reporter]]\nname = \"gh\"\nkind = \"github\"\napi_url = \"http://{api}\"\nmax_age = \"2s\"\n"
         ),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
-    let m = TestMaster::start_in(dir).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
-    let mut events = m.master.builds().subscribe();
-    push_change(
-        &m,
-        switchyard::proto::Change {
-            repository: "https://github.com/octo/widgets.git".into(),
-            branch: "main".into(),
-            revision: SHA.into(),
-            ..Default::default()
-        },
+        "gh = \"tok-123\"\n",
     )
     .await;
+    let mut events = m.master.builds().subscribe();
+    push_sha(&m, "https://github.com/octo/widgets.git").await;
     builds_ended(&mut events, 1).await;
     let outbox = || async {
         m.master
@@ -509,29 +499,11 @@ async fn a_later_build_of_the_same_commit_waits_for_the_earlier_ones_status() {
     // The API refuses the first two attempts; meanwhile a second build of
     // the same commit ends. Its status must not arrive before the first's.
     let (api, seen) = stand_in(Arc::new(Mutex::new(vec![503, 503]))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let users = [HOOK];
-    std::fs::write(
-        dir.path().join("master.toml"),
-        widgets_config(&users, "true", &reporter_toml(&api)),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("secrets.toml"), secrets_with_token(&users)).unwrap();
-    let m = TestMaster::start_in(dir).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
+    let (m, _w) =
+        reporting_master(&[HOOK], "true", &reporter_toml(&api), "gh = \"tok-123\"\n").await;
     let mut events = m.master.builds().subscribe();
     for _ in 0..2 {
-        push_change(
-            &m,
-            switchyard::proto::Change {
-                repository: "https://github.com/octo/widgets.git".into(),
-                branch: "main".into(),
-                revision: SHA.into(),
-                ..Default::default()
-            },
-        )
-        .await;
+        push_sha(&m, "https://github.com/octo/widgets.git").await;
     }
     let mut ended = builds_ended(&mut events, 2).await;
     ended.sort();
