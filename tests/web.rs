@@ -481,6 +481,41 @@ async fn chromedriver() -> Option<Driver> {
     })
 }
 
+/// A headless Chromium session through `driver`, with a fresh profile
+/// (kept until the returned directory drops) and `extra` arguments.
+async fn browser(driver: &Driver, extra: &[&str]) -> (fantoccini::Client, tempfile::TempDir) {
+    let profile = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|a| a.to_string())
+    .collect();
+    args.push(format!("--user-data-dir={}", profile.path().display()));
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({ "binary": "/usr/bin/chromium", "args": args }),
+    );
+    let c = within(
+        "a browser session",
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url),
+    )
+    .await
+    .expect("a WebDriver session");
+    (c, profile)
+}
+
 /// Waits (bounded) until `f` is true.
 async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
 where
@@ -499,7 +534,7 @@ where
 
 #[tokio::test]
 async fn a_real_browser_logs_in_forces_and_watches_the_log_grow() {
-    use fantoccini::{ClientBuilder, Locator};
+    use fantoccini::Locator;
     let Some(driver) = chromedriver().await else {
         return;
     };
@@ -511,28 +546,7 @@ async fn a_real_browser_logs_in_forces_and_watches_the_log_grow() {
     .await;
     let _w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "binary": "/usr/bin/chromium",
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                "--window-size=1280,1000",
-                format!("--user-data-dir={}", profile.path().display()),
-            ],
-        }),
-    );
-    let c = within(
-        "a browser session",
-        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&driver.url),
-    )
-    .await
-    .expect("a WebDriver session");
+    let (c, _profile) = browser(&driver, &[]).await;
     let base = format!("http://{}", m.addr);
     let step = Duration::from_secs(20);
 
@@ -963,7 +977,7 @@ async fn one_address_cannot_take_every_login_slot() {
 /// (which posts the password, as the form tells it to).
 #[tokio::test]
 async fn a_real_browser_logs_in_over_tls_through_the_command_checker() {
-    use fantoccini::{ClientBuilder, Locator};
+    use fantoccini::Locator;
     use std::os::unix::fs::PermissionsExt;
     let Some(driver) = chromedriver().await else {
         return;
@@ -996,29 +1010,8 @@ async fn a_real_browser_logs_in_over_tls_through_the_command_checker() {
     std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
     let m = TestMaster::start_in(dir).await;
 
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "binary": "/usr/bin/chromium",
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                // The master's certificate is self-signed, made by this test.
-                "--ignore-certificate-errors",
-                format!("--user-data-dir={}", profile.path().display()),
-            ],
-        }),
-    );
-    let c = within(
-        "a browser session",
-        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&driver.url),
-    )
-    .await
-    .expect("a WebDriver session");
+    // The master's certificate is self-signed, made by this test.
+    let (c, _profile) = browser(&driver, &["--ignore-certificate-errors"]).await;
     let base = format!("https://localhost:{}", m.addr.port());
     within("the login page over TLS", c.goto(&format!("{base}/login")))
         .await
