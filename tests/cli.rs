@@ -493,6 +493,26 @@ fn sendchange_failures_say_what_to_fix() {
     );
 }
 
+/// A bare repository `dir/widgets.git` with `examples/post-receive` as its
+/// hook, and an empty work tree `dir/work`; `git` runs git as the hook's
+/// pusher.
+fn hooked_repository(
+    dir: &std::path::Path,
+    git: &dyn Fn(&std::path::Path, &[&str]) -> String,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let bare = dir.join("widgets.git");
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"),
+        bare.join("hooks/post-receive"),
+    )
+    .unwrap();
+    git(&work, &["init", "-q"]);
+    (bare, work)
+}
+
 #[test]
 fn the_example_post_receive_hook_pushes_each_new_commit() {
     let git_ok = Command::new("git")
@@ -517,20 +537,7 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
             args,
         )
     };
-    let bare = dir.path().join("widgets.git");
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(
-        dir.path(),
-        &["init", "--bare", "-q", bare.to_str().unwrap()],
-    );
-    let hook = bare.join("hooks/post-receive");
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"),
-        &hook,
-    )
-    .unwrap();
-    git(&work, &["init", "-q"]);
+    let (bare, work) = hooked_repository(dir.path(), &git);
     for (file, msg) in [("a.txt", "first"), ("b.txt", "second")] {
         std::fs::write(work.join(file), msg).unwrap();
         git(&work, &["add", file]);
@@ -843,19 +850,7 @@ fn a_push_made_while_the_master_is_down_is_built_once_it_is_back() {
             args,
         )
     };
-    let bare = dir.path().join("widgets.git");
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(
-        dir.path(),
-        &["init", "--bare", "-q", bare.to_str().unwrap()],
-    );
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/post-receive"),
-        bare.join("hooks/post-receive"),
-    )
-    .unwrap();
-    git(&work, &["init", "-q"]);
+    let (bare, work) = hooked_repository(dir.path(), &git);
     let commit = |file: &str| {
         std::fs::write(work.join(file), file).unwrap();
         git(&work, &["add", file]);
