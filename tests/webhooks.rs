@@ -170,6 +170,7 @@ async fn github_pushes_tags_and_pull_requests_become_changes_once() {
     assert_eq!(stored.len(), 2);
     let first = &stored[0].change;
     assert_eq!(first.repository, "https://github.com/octokitty/testing.git");
+    assert_eq!(first.project, "octokitty/testing");
     assert_eq!(first.branch, "main");
     assert_eq!(first.revision, "c441029cf673f84c8b7db52d0a5944ee5c52ff89");
     assert_eq!(first.author, "Garen Torikian <lolwut@noway.biz>");
@@ -421,6 +422,7 @@ async fn gitlab_and_gitea_deliveries_become_changes() {
         "user_name": "John Smith",
         "user_email": "john@example.com",
         "project": {
+            "path_with_namespace": "mike/diaspora",
             "web_url": "http://example.com/mike/diaspora",
             "git_ssh_url": "git@example.com:mike/diaspora.git",
             "git_http_url": "http://example.com/mike/diaspora.git"
@@ -452,6 +454,7 @@ async fn gitlab_and_gitea_deliveries_become_changes() {
     assert_eq!(status, 200, "{answer}");
     let c = changes(&m).await.pop().unwrap().change;
     assert_eq!(c.repository, "git@example.com:mike/diaspora.git");
+    assert_eq!(c.project, "mike/diaspora");
     assert_eq!(c.branch, "main");
     assert_eq!(c.files, ["CHANGELOG", "app/controller/application.rb"]);
     assert_eq!(c.author, "GitLab dev user <gitlabdev@dv6700.(none)>");

@@ -10,6 +10,9 @@
 //!   build it.
 //! - GitHub's and Gitea's `ping`: answered, nothing made. Anything else is
 //!   acknowledged and ignored.
+//!
+//! Every change's `project` is the repository's full name (`owner/repo`;
+//! GitLab's `path_with_namespace`).
 
 use std::collections::BTreeMap;
 
@@ -245,10 +248,21 @@ pub fn parse(
     payload: &Value,
     url: RepositoryUrl,
 ) -> Result<Event, BadPayload> {
-    match provider {
-        Provider::GitHub | Provider::Gitea => github_like(provider, event, payload, url),
-        Provider::GitLab => gitlab(event, payload, url),
+    let mut parsed = match provider {
+        Provider::GitHub | Provider::Gitea => github_like(provider, event, payload, url)?,
+        Provider::GitLab => gitlab(event, payload, url)?,
+    };
+    // The project is the repository's full name (`owner/repo`, GitLab's
+    // `group/project`), for schedulers and steps (`%(prop:project)s`).
+    let project = str_at(payload, &["repository", "full_name"])
+        .or_else(|| str_at(payload, &["project", "path_with_namespace"]))
+        .unwrap_or_default();
+    if let Event::Changes(changes) = &mut parsed {
+        for c in changes {
+            c.project = project.to_string();
+        }
     }
+    Ok(parsed)
 }
 
 fn github_like(
