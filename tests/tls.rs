@@ -55,6 +55,38 @@ fn tls_opts(trust: Trust, name: Option<&str>) -> ClientOptions {
     }
 }
 
+/// A native `Hello` with `mechanism` over plain TCP is answered
+/// `UNSUPPORTED_MECHANISM`, its message saying `says`.
+async fn refused_in_clear(
+    addr: std::net::SocketAddr,
+    mechanism: &str,
+    initial_response: &[u8],
+    says: &str,
+) {
+    let mut raw = Raw::native(addr).await;
+    raw.send(&switchyard::proto::ClientHandshake {
+        kind: Some(switchyard::proto::client_handshake::Kind::Hello(
+            switchyard::proto::Hello {
+                service: "debug".into(),
+                mechanism: mechanism.into(),
+                initial_response: initial_response.to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await;
+    match raw.recv().await.and_then(|m| m.kind) {
+        Some(switchyard::proto::server_handshake::Kind::Reject(r)) => {
+            assert_eq!(
+                r.code,
+                switchyard::proto::RejectCode::UnsupportedMechanism as i32
+            );
+            assert!(r.message.contains(says), "{}", r.message);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+}
+
 /// An HTTP/1 request inside TLS, trusting `cert_pem`; the whole answer.
 async fn https(m: &TestMaster, cert_pem: &std::path::Path, request: &str) -> String {
     use rustls::pki_types::pem::PemObject;
@@ -458,28 +490,13 @@ async fn channel_binding_is_checked_and_a_tls_relay_cannot_pass_a_login_on() {
     );
     assert!(e.to_string().contains("downgrade"), "{e}");
     // PLUS in clear is not offered.
-    let mut raw = Raw::native(m.addr).await;
-    raw.send(&switchyard::proto::ClientHandshake {
-        kind: Some(switchyard::proto::client_handshake::Kind::Hello(
-            switchyard::proto::Hello {
-                service: "debug".into(),
-                mechanism: "SCRAM-SHA-256-PLUS".into(),
-                initial_response: b"p=tls-exporter,,n=admin,r=abc".to_vec(),
-                ..Default::default()
-            },
-        )),
-    })
+    refused_in_clear(
+        m.addr,
+        "SCRAM-SHA-256-PLUS",
+        b"p=tls-exporter,,n=admin,r=abc",
+        "use SCRAM-SHA-256",
+    )
     .await;
-    match raw.recv().await.and_then(|m| m.kind) {
-        Some(switchyard::proto::server_handshake::Kind::Reject(r)) => {
-            assert_eq!(
-                r.code,
-                switchyard::proto::RejectCode::UnsupportedMechanism as i32
-            );
-            assert!(r.message.contains("use SCRAM-SHA-256"), "{}", r.message);
-        }
-        other => panic!("expected a Reject, got {other:?}"),
-    }
     // Through a relay that terminates TLS: the client's channel is not the
     // master's, so its proof does not hold there.
     let (relay, relay_pin) = tls_relay(m.addr, &pin).await;
@@ -655,28 +672,13 @@ async fn the_command_checker_is_asked_inside_tls_and_never_over_plain_tcp() {
         .await
         .unwrap_err();
     assert!(matches!(e, client::ClientError::PlainWithoutTls), "{e}");
-    let mut raw = Raw::native(m.addr).await;
-    raw.send(&switchyard::proto::ClientHandshake {
-        kind: Some(switchyard::proto::client_handshake::Kind::Hello(
-            switchyard::proto::Hello {
-                service: "debug".into(),
-                mechanism: "PLAIN".into(),
-                initial_response: b"\0carol\0from-directory".to_vec(),
-                ..Default::default()
-            },
-        )),
-    })
+    refused_in_clear(
+        m.addr,
+        "PLAIN",
+        b"\0carol\0from-directory",
+        "only inside TLS",
+    )
     .await;
-    match raw.recv().await.and_then(|m| m.kind) {
-        Some(switchyard::proto::server_handshake::Kind::Reject(r)) => {
-            assert_eq!(
-                r.code,
-                switchyard::proto::RejectCode::UnsupportedMechanism as i32
-            );
-            assert!(r.message.contains("only inside TLS"), "{}", r.message);
-        }
-        other => panic!("expected a Reject, got {other:?}"),
-    }
     let (head, _) = http_get(&m, "/api/v1/builders", Some(&basic(CAROL.0, CAROL.1))).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     let refused = match switchyard::grpc::client::ChangeSourceConnection::connect_with(

@@ -670,20 +670,29 @@ impl BuildMaster {
         });
     }
 
-    /// Stores pushed changes with the build requests of the schedulers they
-    /// match, in one transaction, and wakes the dispatcher.
-    pub async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+    /// What makes a batch's build requests: the schedulers of the config
+    /// in force now.
+    fn requester(&self) -> impl FnOnce(&[i64], &[NewChange]) -> Vec<NewRequest> + Send + 'static {
         let config = self.inner.config();
-        let (ids, requests) = self
-            .inner
-            .state
-            .add_changes_requesting(batch, move |ids, changes| {
-                requests_for(&config, ids, changes)
-            })
-            .await?;
+        move |ids, changes| requests_for(&config, ids, changes)
+    }
+
+    /// Wakes the dispatcher if a store made build requests.
+    fn woken_by(&self, requests: &[i64]) {
         if !requests.is_empty() {
             self.wake();
         }
+    }
+
+    /// Stores pushed changes with the build requests of the schedulers they
+    /// match, in one transaction, and wakes the dispatcher.
+    pub async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+        let (ids, requests) = self
+            .inner
+            .state
+            .add_changes_requesting(batch, self.requester())
+            .await?;
+        self.woken_by(&requests);
         Ok(ids)
     }
 
@@ -695,17 +704,12 @@ impl BuildMaster {
         delivery: (String, String),
         batch: Vec<NewChange>,
     ) -> Result<(Vec<i64>, bool), StateError> {
-        let config = self.inner.config();
         let (ids, requests, again) = self
             .inner
             .state
-            .add_changes_once(delivery, batch, move |ids, changes| {
-                requests_for(&config, ids, changes)
-            })
+            .add_changes_once(delivery, batch, self.requester())
             .await?;
-        if !requests.is_empty() {
-            self.wake();
-        }
+        self.woken_by(&requests);
         Ok((ids, again))
     }
 
@@ -717,17 +721,12 @@ impl BuildMaster {
         heads: std::collections::BTreeMap<String, String>,
         batch: Vec<NewChange>,
     ) -> Result<Vec<i64>, StateError> {
-        let config = self.inner.config();
         let (ids, requests) = self
             .inner
             .state
-            .add_polled_changes(repository, heads, batch, move |ids, changes| {
-                requests_for(&config, ids, changes)
-            })
+            .add_polled_changes(repository, heads, batch, self.requester())
             .await?;
-        if !requests.is_empty() {
-            self.wake();
-        }
+        self.woken_by(&requests);
         Ok(ids)
     }
 

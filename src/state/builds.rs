@@ -269,6 +269,19 @@ pub struct UndeliveredReport {
     pub last_error: String,
 }
 
+/// Inserts changes and the build requests `requests_for` makes of their
+/// ids (inside the caller's transaction); their ids and the requests'.
+fn store_changes(
+    conn: &rusqlite::Connection,
+    batch: &[crate::state::NewChange],
+    requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>,
+) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+    let ids = super::insert_changes(conn, batch)?;
+    let requests = requests_for(&ids, batch);
+    let made = insert_requests(conn, &requests, &[])?;
+    Ok((ids, made))
+}
+
 /// How long a webhook delivery id is remembered: providers redeliver
 /// within hours (GitHub keeps deliveries for 3 days).
 pub const DELIVERY_MEMORY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -460,9 +473,7 @@ impl StateDb {
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
         self.write(move |conn| {
-            let ids = super::insert_changes(conn, &batch)?;
-            let requests = requests_for(&ids, &batch);
-            let made = insert_requests(conn, &requests, &[])?;
+            let (ids, made) = store_changes(conn, &batch, requests_for)?;
             Ok((ids, made))
         })
         .await
@@ -497,9 +508,7 @@ impl StateDb {
                     .collect();
                 return Ok((ids, Vec::new(), true));
             }
-            let ids = super::insert_changes(conn, &batch)?;
-            let requests = requests_for(&ids, &batch);
-            let made = insert_requests(conn, &requests, &[])?;
+            let (ids, made) = store_changes(conn, &batch, requests_for)?;
             let now = crate::state::now_ms();
             let list: Vec<String> = ids.iter().map(i64::to_string).collect();
             conn.execute(
@@ -689,9 +698,7 @@ impl StateDb {
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
         self.write(move |conn| {
-            let ids = super::insert_changes(conn, &batch)?;
-            let requests = requests_for(&ids, &batch);
-            let made = insert_requests(conn, &requests, &[])?;
+            let (ids, made) = store_changes(conn, &batch, requests_for)?;
             conn.execute(
                 "INSERT OR IGNORE INTO polled_repositories (repository) VALUES (?1)",
                 params![repository],

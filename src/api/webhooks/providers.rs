@@ -121,6 +121,30 @@ fn commit_change(repository: &str, branch: &str, c: &Value, category: &str) -> N
     }
 }
 
+/// One change on a ref's new commit `after`: from the head commit object
+/// when the payload has it, else only the pusher is known.
+fn head_change(
+    repository: String,
+    branch: &str,
+    after: &str,
+    head: Option<&Value>,
+    pusher: Option<&Value>,
+    category: &str,
+) -> NewChange {
+    let mut c = match head {
+        Some(h) => commit_change(&repository, branch, h, category),
+        None => NewChange {
+            repository,
+            branch: branch.to_string(),
+            author: person(pusher),
+            category: category.into(),
+            ..Default::default()
+        },
+    };
+    c.revision = after.to_string();
+    c
+}
+
 /// A push (branch or tag) as changes; `commits` and `head` are the
 /// payload's commit objects, `after` the ref's new commit.
 fn push_changes(
@@ -135,17 +159,7 @@ fn push_changes(
         return Event::Changes(Vec::new());
     }
     if let Some(tag) = git_ref.strip_prefix("refs/tags/") {
-        let mut c = match head {
-            Some(h) => commit_change(&repository, tag, h, "tag"),
-            None => NewChange {
-                repository,
-                branch: tag.to_string(),
-                author: person(pusher),
-                category: "tag".into(),
-                ..Default::default()
-            },
-        };
-        c.revision = after.to_string();
+        let mut c = head_change(repository, tag, after, head, pusher, "tag");
         c.properties.insert("tag".into(), tag.to_string());
         return Event::Changes(vec![c]);
     }
@@ -159,18 +173,7 @@ fn push_changes(
         .collect();
     if changes.is_empty() {
         // A new branch at a commit pushed before: build its head.
-        let mut c = match head {
-            Some(h) => commit_change(&repository, branch, h, "push"),
-            None => NewChange {
-                repository,
-                branch: branch.to_string(),
-                author: person(pusher),
-                category: "push".into(),
-                ..Default::default()
-            },
-        };
-        c.revision = after.to_string();
-        changes.push(c);
+        changes.push(head_change(repository, branch, after, head, pusher, "push"));
     }
     Event::Changes(changes)
 }
