@@ -44,6 +44,15 @@ impl ChangeStore for MemoryStore {
         let first = self.0.fetch_add(batch.len() as i64, Ordering::Relaxed) + 1;
         Ok((0..batch.len() as i64).map(|i| first + i).collect())
     }
+
+    async fn add_changes_keyed(
+        &self,
+        _key: (String, String),
+        batch: Vec<NewChange>,
+    ) -> Result<(Vec<i64>, bool), StateError> {
+        // The bench sends no keys; a keyed push is stored like any other.
+        Ok((self.add_changes(batch).await?, false))
+    }
 }
 
 fn dispatcher() -> Dispatcher {
@@ -221,6 +230,7 @@ async fn push_rate(
     let mut warm = ChangeSourceClient::new(conns[0].clone());
     let mut req = Request::new(PushChangeRequest {
         change: Some(change(0)),
+        ..Default::default()
     });
     req.metadata_mut().insert("authorization", auth.clone());
     warm.push_change(req).await.unwrap();
@@ -239,6 +249,7 @@ async fn push_rate(
                 }
                 let mut req = Request::new(PushChangeRequest {
                     change: Some(change(n)),
+                    ..Default::default()
                 });
                 req.metadata_mut().insert("authorization", auth.clone());
                 client.push_change(req).await.unwrap();

@@ -202,7 +202,7 @@ fn main() {
                 async move {
                     let batch: Vec<PushChangeRequest> = changes()
                         .into_iter()
-                        .map(|c| PushChangeRequest { change: Some(c) })
+                        .map(|c| PushChangeRequest { change: Some(c), ..Default::default() })
                         .collect();
                     let mut r = Request::new(futures_util::stream::iter(batch));
                     r.metadata_mut()

@@ -870,7 +870,7 @@ fn a_push_made_while_the_master_is_down_is_built_once_it_is_back() {
                     .unwrap()
                     .file_name()
                     .to_string_lossy()
-                    .ends_with(".change")
+                    .ends_with(".push")
             })
             .count()
     };

@@ -56,7 +56,14 @@ async fn push_as(
     password: &str,
     c: Change,
 ) -> Result<i64, tonic::Status> {
-    let req = with_basic(PushChangeRequest { change: Some(c) }, user, password);
+    let req = with_basic(
+        PushChangeRequest {
+            change: Some(c),
+            ..Default::default()
+        },
+        user,
+        password,
+    );
     within("PushChange", client.push_change(req))
         .await
         .map(|r| r.into_inner().id)
@@ -70,6 +77,7 @@ async fn credentials_are_checked_like_native_logins() {
     // No credentials at all.
     let req = Request::new(PushChangeRequest {
         change: Some(change(0)),
+        ..Default::default()
     });
     let s = within("PushChange", client.push_change(req))
         .await
@@ -79,6 +87,7 @@ async fn credentials_are_checked_like_native_logins() {
     // Not Basic.
     let mut req = Request::new(PushChangeRequest {
         change: Some(change(0)),
+        ..Default::default()
     });
     req.metadata_mut()
         .insert("authorization", "Bearer abc".parse().unwrap());
@@ -274,7 +283,14 @@ async fn bad_fields_are_invalid_argument_naming_the_field() {
             s.message()
         );
     }
-    let req = with_basic(PushChangeRequest { change: None }, "hook", "hook-pw");
+    let req = with_basic(
+        PushChangeRequest {
+            change: None,
+            ..Default::default()
+        },
+        "hook",
+        "hook-pw",
+    );
     let s = within("PushChange", client.push_change(req))
         .await
         .unwrap_err();
@@ -1017,5 +1033,112 @@ async fn a_spool_sends_in_order_and_sets_aside_what_the_master_refuses() {
     let stored = m.master.state().changes_after(0, 10).await.unwrap();
     let revisions: Vec<&str> = stored.iter().map(|c| c.change.revision.as_str()).collect();
     assert_eq!(revisions, [change(1).revision, change(3).revision]);
+
+    // The master stored a change but its answer never came (or the hook
+    // died before removing the file): the file is still there and is sent
+    // again, and the master stores nothing twice.
+    lock.add(&change(4)).unwrap();
+    let file = lock.pending().unwrap().remove(0);
+    let kept = std::fs::read(&file).unwrap();
+    let first = lock.flush(&mut conn).await.unwrap();
+    assert_eq!(first.sent.len(), 1);
+    std::fs::write(&file, &kept).unwrap();
+    let again = lock.flush(&mut conn).await.unwrap();
+    assert_eq!(again.sent.len(), 1);
+    assert_eq!(again.sent[0].1, first.sent[0].1, "the same change's id");
+    assert!(lock.pending().unwrap().is_empty());
+    let stored = m.master.state().changes_after(0, 10).await.unwrap();
+    assert_eq!(stored.len(), 3, "{stored:?}");
+
+    // A spool written before keys existed (a bare `Change` per file) is
+    // still sent, in order.
+    std::fs::write(
+        dir.path().join("spool/000000000007.change"),
+        prost::Message::encode_to_vec(&change(5)),
+    )
+    .unwrap();
+    lock.add(&change(6)).unwrap();
+    let flushed = lock.flush(&mut conn).await.unwrap();
+    assert_eq!(flushed.sent.len(), 2);
+    let stored = m.master.state().changes_after(0, 10).await.unwrap();
+    let revisions: Vec<&str> = stored.iter().map(|c| c.change.revision.as_str()).collect();
+    assert_eq!(revisions[3..], [change(5).revision, change(6).revision]);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_push_with_a_key_is_stored_once_per_user() {
+    let m = TestMaster::start("", &[HOOK, PUSHER]).await;
+    let mut client = ChangeSourceClient::new(m.grpc().await);
+    let keyed = |n: usize, key: &str| PushChangeRequest {
+        change: Some(change(n)),
+        idempotency_key: key.to_string(),
+    };
+    let push = |req: PushChangeRequest, user: &'static str, pw: &'static str| {
+        let mut client = client.clone();
+        async move {
+            within("PushChange", client.push_change(with_basic(req, user, pw)))
+                .await
+                .map(|r| r.into_inner().id)
+        }
+    };
+    let a = push(keyed(1, "k-1"), HOOK.0, HOOK.1).await.unwrap();
+    // The same key again: the first id, whatever the change says.
+    assert_eq!(push(keyed(1, "k-1"), HOOK.0, HOOK.1).await.unwrap(), a);
+    assert_eq!(push(keyed(9, "k-1"), HOOK.0, HOOK.1).await.unwrap(), a);
+    // Keys are the user's own: another user's same key is another push.
+    let b = push(keyed(2, "k-1"), PUSHER.0, PUSHER.1).await.unwrap();
+    assert_ne!(a, b);
+    // No key: every push is stored.
+    let c = push(keyed(3, ""), HOOK.0, HOOK.1).await.unwrap();
+    let d = push(keyed(3, ""), HOOK.0, HOOK.1).await.unwrap();
+    assert_ne!(c, d);
+    // A key too long is refused, and says why.
+    let long = "x".repeat(129);
+    let e = push(keyed(4, &long), HOOK.0, HOOK.1).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("idempotency_key"), "{}", e.message());
+    let stored = m.master.state().changes_after(0, 10).await.unwrap();
+    let revisions: Vec<&str> = stored.iter().map(|s| s.change.revision.as_str()).collect();
+    assert_eq!(
+        revisions,
+        [
+            change(1).revision,
+            change(2).revision,
+            change(3).revision,
+            change(3).revision
+        ]
+    );
+
+    // A batch: the first message's key covers it; sent again, the same ids.
+    let batch = |keys: [&str; 2]| {
+        let reqs: Vec<PushChangeRequest> = vec![keyed(5, keys[0]), keyed(6, keys[1])];
+        with_basic(futures_util::stream::iter(reqs), HOOK.0, HOOK.1)
+    };
+    let first = within("PushChanges", client.push_changes(batch(["b-1", ""])))
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    let second = within("PushChanges", client.push_changes(batch(["b-1", "b-1"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    assert_eq!(first.len(), 2);
+    assert_eq!(first, second);
+    let e = within("PushChanges", client.push_changes(batch(["b-2", "b-3"])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("changes[1].idempotency_key"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        m.master.state().changes_after(0, 10).await.unwrap().len(),
+        6
+    );
     m.stop().await;
 }

@@ -105,6 +105,7 @@ async fn a_poller_makes_a_change_for_each_new_commit_once() {
     assert_eq!(c[0].change.files, ["x.txt"]);
     assert_eq!(c[0].change.branch, "main");
     assert_eq!(c[0].change.repository, repo);
+    assert_eq!(c[0].change.project, "up", "named like its directory");
     assert_eq!(c[0].change.category, "poll");
     assert!(c[0].change.when.is_some());
 

@@ -244,6 +244,8 @@ async fn statuses_arrive_in_order_through_failures() {
         debug_cli(&m, ADMIN.0, ADMIN.1, &["reports"]).await.unwrap(),
         "every report was delivered\n"
     );
+    let status = debug_cli(&m, ADMIN.0, ADMIN.1, &["status"]).await.unwrap();
+    assert!(!status.contains("undelivered"), "{status}");
     m.stop().await;
 }
 
@@ -355,6 +357,18 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // `debug status` counts them.
+    let out = tokio::process::Command::new(BIN)
+        .args(["debug", "--master", &addr, "--user", ADMIN.0, "status"])
+        .env("SWITCHYARD_PASSWORD", ADMIN.1)
+        .env("HOME", dir.path())
+        .output();
+    let out = within("switchyard debug status", out).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(" reports undelivered (`debug reports`)"),
+        "{text}"
+    );
     master.0.kill().unwrap();
     master.0.wait().unwrap();
     assert!(accepted(&seen).is_empty());
@@ -381,9 +395,10 @@ async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
         &format!(
             "\n[[reporter]]\nname = \"gl\"\nkind = \"gitlab\"\napi_url = \"http://{api}/api/v4\"\n\
              \n[[reporter]]\nname = \"gt\"\nkind = \"forgejo\"\napi_url = \"http://{api}/api/v1\"\n\
-             \n[[reporter]]\nname = \"ev\"\nkind = \"http\"\nurl = \"http://{api}/events\"\nbranches = [\"main\"]\n"
+             \n[[reporter]]\nname = \"ev\"\nkind = \"http\"\nurl = \"http://{api}/events\"\nbranches = [\"main\"]\n\
+             \n[[reporter]]\nname = \"ghe\"\nkind = \"github\"\napi_url = \"http://{api}/api/v3/\"\n"
         ),
-        "gl = \"gl-token\"\ngt = \"gt-token\"\nev = \"event-secret\"\n",
+        "gl = \"gl-token\"\ngt = \"gt-token\"\nev = \"event-secret\"\nghe = \"ghe-token\"\n",
     )
     .await;
     let mut events = m.master.builds().subscribe();
@@ -391,7 +406,7 @@ async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
     let (build, result) = builds_ended(&mut events, 1).await.remove(0);
     assert_eq!(result, "failure");
     // Each reporter sends the end at least; the start may be superseded.
-    within("the three ends", async {
+    within("the four ends", async {
         loop {
             let n = seen
                 .lock()
@@ -401,7 +416,7 @@ async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
                     b["state"] == "failed" || b["state"] == "failure" || b["event"] == "finished"
                 })
                 .count();
-            if n == 3 {
+            if n == 4 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -428,6 +443,18 @@ async fn gitlab_gitea_and_http_reporters_speak_their_apis() {
         format!("/api/v1/repos/group/sub/widgets/statuses/{SHA}")
     );
     assert_eq!(gt.1, "token gt-token");
+    // GitHub Enterprise: the API's prefix from `api_url` (its trailing
+    // slash or not).
+    let ghe = all
+        .iter()
+        .find(|(p, _, b, _, _)| p.starts_with("/api/v3/") && b["state"] == "failure")
+        .expect("GitHub Enterprise's status");
+    assert_eq!(
+        ghe.0,
+        format!("/api/v3/repos/group/sub/widgets/statuses/{SHA}")
+    );
+    assert_eq!(ghe.1, "Bearer ghe-token");
+    assert_eq!(ghe.2["context"], "switchyard/widgets");
     let ev = all
         .iter()
         .find(|(p, _, b, _, _)| p == "/events" && b["event"] == "finished")

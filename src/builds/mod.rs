@@ -845,6 +845,14 @@ impl ChangeStore for SchedulingStore {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
         self.builds.add_changes(batch).await
     }
+
+    async fn add_changes_keyed(
+        &self,
+        key: (String, String),
+        batch: Vec<NewChange>,
+    ) -> Result<(Vec<i64>, bool), StateError> {
+        self.builds.add_changes_once(key, batch).await
+    }
 }
 
 /// The build requests for changes (by id) that match the schedulers of

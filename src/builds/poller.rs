@@ -216,6 +216,24 @@ async fn git(dir: &Path, args: &[&str]) -> Result<String, PollError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A polled repository's project name, as webhooks name theirs: the path
+/// on its host (`owner/repo`, GitLab's `group/sub/repo`) for a remote
+/// URL, the directory's name for a repository on disk; without `.git`.
+pub fn project_of(repository: &str) -> String {
+    let local = repository.starts_with("file://")
+        || repository.starts_with('/')
+        || repository.starts_with('.');
+    if !local && let Some(path) = super::reporters::repository_path(repository) {
+        return path;
+    }
+    let last = repository
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    last.strip_suffix(".git").unwrap_or(last).to_string()
+}
+
 /// The commits `range` names (`OLD..NEW`, or `-1 HEAD`), oldest first, as
 /// changes on `branch`.
 async fn commits(
@@ -253,7 +271,7 @@ async fn commits(
                 author: author.to_string(),
                 comments: message.trim_end().to_string(),
                 category: "poll".into(),
-                project: String::new(),
+                project: project_of(repository),
                 files: files
                     .lines()
                     .map(str::trim)
@@ -268,4 +286,27 @@ async fn commits(
     // git log lists newest first; changes go in the order they were made.
     changes.reverse();
     Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::project_of;
+
+    #[test]
+    fn a_polled_repository_is_named_like_a_webhooks_project() {
+        for (url, project) in [
+            ("https://github.com/octo/widgets.git", "octo/widgets"),
+            (
+                "https://gitlab.example.org/group/sub/widgets",
+                "group/sub/widgets",
+            ),
+            ("git@github.com:octo/widgets.git", "octo/widgets"),
+            ("ssh://git@host:2222/octo/widgets.git", "octo/widgets"),
+            ("/srv/git/widgets.git", "widgets"),
+            ("file:///srv/git/widgets.git/", "widgets"),
+            ("./widgets", "widgets"),
+        ] {
+            assert_eq!(project_of(url), project, "{url}");
+        }
+    }
 }

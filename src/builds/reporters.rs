@@ -121,13 +121,10 @@ impl Reporters {
         }
     }
 
-    /// One pass over the outbox.
+    /// One pass over the outbox: each reporter's own queue, then the rows
+    /// every reporter is done with are removed.
     async fn pass(&self) -> Result<(), crate::state::StateError> {
         let state = self.builds.state_db().clone();
-        let (rows, mut progress) = state.report_queue(BATCH).await?;
-        if rows.is_empty() {
-            return Ok(());
-        }
         let reporters = self
             .reporters
             .read()
@@ -138,6 +135,22 @@ impl Reporters {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        for r in reporters.iter() {
+            self.pass_for(r, web_url.as_deref()).await?;
+        }
+        let names = reporters.iter().map(|r| r.config.name.clone()).collect();
+        state.forget_delivered_reports(names, BATCH).await?;
+        Ok(())
+    }
+
+    /// One pass over one reporter's queue.
+    async fn pass_for(
+        &self,
+        r: &Reporter,
+        web_url: Option<&str>,
+    ) -> Result<(), crate::state::StateError> {
+        let state = self.builds.state_db();
+        let (rows, progress) = state.report_queue(r.config.name.clone(), BATCH).await?;
         let now = crate::state::now_ms();
         // Builds whose end is queued: their start need not be sent.
         let ended: BTreeSet<i64> = rows
@@ -145,90 +158,67 @@ impl Reporters {
             .filter(|r| r.finished)
             .map(|r| r.build_id)
             .collect();
-        let mut forget = Vec::new();
-        for r in reporters.iter() {
-            // (revision, builder) with an earlier row not yet done: later
-            // rows of the same commit and context wait for it.
-            let mut blocked: BTreeSet<(String, String)> = BTreeSet::new();
-            for row in &rows {
-                let Some(b) = &row.build else { continue };
-                if !r.config.wants(&b.builder, &b.branch) {
-                    continue;
-                }
-                let key = (row.outbox_id, r.config.name.clone());
-                let p = progress.get(&key).cloned().unwrap_or_default();
-                if p.done {
-                    continue;
-                }
-                let context = (b.revision.clone(), b.builder.clone());
-                if blocked.contains(&context) {
-                    continue;
-                }
-                let superseded = !row.finished && ended.contains(&row.build_id);
-                let expired = now - row.created_ms > r.config.max_age.as_millis() as i64;
-                if superseded || expired {
-                    if expired && !superseded {
-                        tracing::warn!(reporter = %r.config.name, build = row.build_id, attempts = p.attempts, last_error = %p.last_error, "giving up a report older than max_age");
-                    }
-                    let done = ReportProgress { done: true, ..p };
-                    state
-                        .set_report_progress(row.outbox_id, r.config.name.clone(), done.clone())
-                        .await?;
-                    progress.insert(key, done);
-                    continue;
-                }
-                if p.next_ms > now {
-                    blocked.insert(context);
-                    continue;
-                }
-                let outcome = self.send(r, row, b, web_url.as_deref()).await;
-                let next = match outcome {
-                    Sent::Ok => ReportProgress {
-                        done: true,
-                        attempts: p.attempts + 1,
-                        next_ms: 0,
-                        last_error: String::new(),
-                    },
-                    Sent::Retry(after, why) => {
-                        let backoff = Duration::from_secs(1)
-                            .saturating_mul(1u32 << p.attempts.clamp(0, 10) as u32)
-                            .min(MAX_BACKOFF);
-                        let wait = after.unwrap_or(backoff).min(MAX_BACKOFF);
-                        if p.attempts == 0 || p.last_error != why {
-                            tracing::warn!(reporter = %r.config.name, build = row.build_id, error = %why, retry_in = ?wait, "a report was not delivered; retrying");
-                        }
-                        blocked.insert(context);
-                        ReportProgress {
-                            done: false,
-                            attempts: p.attempts + 1,
-                            next_ms: now + wait.as_millis() as i64,
-                            last_error: why,
-                        }
-                    }
-                };
-                state
-                    .set_report_progress(row.outbox_id, r.config.name.clone(), next.clone())
-                    .await?;
-                progress.insert(key, next);
-            }
-        }
+        // Rows done without sending: not wanted, superseded or expired.
+        let mut skip = Vec::new();
+        // (revision, builder) with an earlier row not yet done: later rows
+        // of the same commit and context wait for it.
+        let mut blocked: BTreeSet<(String, String)> = BTreeSet::new();
         for row in &rows {
-            let all_done = row.build.as_ref().is_none_or(|b| {
-                reporters.iter().all(|r| {
-                    !r.config.wants(&b.builder, &b.branch)
-                        || progress
-                            .get(&(row.outbox_id, r.config.name.clone()))
-                            .is_some_and(|p| p.done)
-                })
-            });
-            if all_done {
-                forget.push(row.outbox_id);
+            let Some(b) = &row.build else {
+                skip.push(row.outbox_id);
+                continue;
+            };
+            if !r.config.wants(&b.builder, &b.branch) {
+                skip.push(row.outbox_id);
+                continue;
             }
+            let p = progress.get(&row.outbox_id).cloned().unwrap_or_default();
+            let context = (b.revision.clone(), b.builder.clone());
+            if blocked.contains(&context) {
+                continue;
+            }
+            let superseded = !row.finished && ended.contains(&row.build_id);
+            let expired = now - row.created_ms > r.config.max_age.as_millis() as i64;
+            if superseded || expired {
+                if expired && !superseded {
+                    tracing::warn!(reporter = %r.config.name, build = row.build_id, attempts = p.attempts, last_error = %p.last_error, "giving up a report older than max_age");
+                }
+                skip.push(row.outbox_id);
+                continue;
+            }
+            if p.next_ms > now {
+                blocked.insert(context);
+                continue;
+            }
+            let next = match self.send(r, row, b, web_url).await {
+                Sent::Ok => ReportProgress {
+                    done: true,
+                    attempts: p.attempts + 1,
+                    next_ms: 0,
+                    last_error: String::new(),
+                },
+                Sent::Retry(after, why) => {
+                    let backoff = Duration::from_secs(1)
+                        .saturating_mul(1u32 << p.attempts.clamp(0, 10) as u32)
+                        .min(MAX_BACKOFF);
+                    let wait = after.unwrap_or(backoff).min(MAX_BACKOFF);
+                    if p.attempts == 0 || p.last_error != why {
+                        tracing::warn!(reporter = %r.config.name, build = row.build_id, error = %why, retry_in = ?wait, "a report was not delivered; retrying");
+                    }
+                    blocked.insert(context);
+                    ReportProgress {
+                        done: false,
+                        attempts: p.attempts + 1,
+                        next_ms: now + wait.as_millis() as i64,
+                        last_error: why,
+                    }
+                }
+            };
+            state
+                .set_report_progress(row.outbox_id, r.config.name.clone(), next)
+                .await?;
         }
-        if !forget.is_empty() {
-            state.forget_reports(forget).await?;
-        }
-        Ok(())
+        state.skip_reports(r.config.name.clone(), skip).await
     }
 
     /// One delivery of one row to one reporter.

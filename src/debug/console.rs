@@ -477,7 +477,7 @@ impl Console {
                 R::Status(s) => json!({
                     "version": s.version, "workers_configured": s.workers_configured, "workers_connected": s.workers_connected,
                     "builders": s.builders, "builds_running": s.builds_running, "requests_waiting": s.requests_waiting,
-                    "watchers": s.watchers,
+                    "watchers": s.watchers, "reports_undelivered": s.reports_undelivered,
                 }),
                 R::Workers(w) => workers_json(&w),
                 R::Builders(b) => builders_json(&b),
@@ -511,16 +511,26 @@ impl Console {
             return out.flush();
         }
         match r {
-            R::Status(s) => writeln!(
-                out,
-                "switchyard {}: {}/{} workers connected, {} builders, {} builds running, {} requests waiting",
-                s.version,
-                s.workers_connected,
-                s.workers_configured,
-                s.builders,
-                s.builds_running,
-                s.requests_waiting
-            )?,
+            R::Status(s) => {
+                write!(
+                    out,
+                    "switchyard {}: {}/{} workers connected, {} builders, {} builds running, {} requests waiting",
+                    s.version,
+                    s.workers_connected,
+                    s.workers_configured,
+                    s.builders,
+                    s.builds_running,
+                    s.requests_waiting
+                )?;
+                if s.reports_undelivered > 0 {
+                    write!(
+                        out,
+                        ", {} reports undelivered (`debug reports`)",
+                        s.reports_undelivered
+                    )?;
+                }
+                writeln!(out)?
+            }
             R::Workers(w) => {
                 writeln!(
                     out,

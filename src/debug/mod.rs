@@ -183,6 +183,7 @@ impl DebugApi {
             builds_running: self.builds.running_builds() as u32,
             requests_waiting: waiting,
             watchers: self.watching.load(std::sync::atomic::Ordering::SeqCst) as u32,
+            reports_undelivered: self.state().undelivered_report_count().await?,
         })
     }
 

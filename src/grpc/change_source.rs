@@ -209,20 +209,52 @@ impl ChangeSourceService {
         ChangeSourceServer::new(self).max_decoding_message_size(max)
     }
 
-    async fn store(&self, user: &str, batch: Vec<NewChange>) -> Result<Vec<i64>, Status> {
+    /// Stores a batch pushed by `user`, once per `key` when the client
+    /// gave one.
+    async fn store(
+        &self,
+        user: &str,
+        key: Option<String>,
+        batch: Vec<NewChange>,
+    ) -> Result<Vec<i64>, Status> {
         let summary: Vec<(String, String, String)> = batch
             .iter()
             .map(|c| (c.repository.clone(), c.branch.clone(), c.revision.clone()))
             .collect();
-        let ids = self.store.add_changes(batch).await.map_err(|e| {
+        let stored = match key {
+            None => self.store.add_changes(batch).await.map(|ids| (ids, false)),
+            Some(key) => {
+                self.store
+                    .add_changes_keyed((format!("\0push\0{user}"), key), batch)
+                    .await
+            }
+        };
+        let (ids, again) = stored.map_err(|e| {
             tracing::error!(error = %e, "cannot store pushed changes");
             Status::unavailable(format!("the master could not store the change: {e}"))
         })?;
+        if again {
+            tracing::info!(user, ids = ?ids, "push resent with a key already stored; nothing stored again");
+            return Ok(ids);
+        }
         for (id, (repository, branch, revision)) in ids.iter().zip(summary) {
             tracing::info!(user, id, repository, branch, revision, "change received");
         }
         Ok(ids)
     }
+}
+
+/// The longest `idempotency_key` a push may carry.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// A push's key: none when empty; refused when too long.
+fn idempotency_key(key: String) -> Result<Option<String>, Status> {
+    if key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(Status::invalid_argument(format!(
+            "idempotency_key: longer than {MAX_IDEMPOTENCY_KEY} bytes"
+        )));
+    }
+    Ok((!key.is_empty()).then_some(key))
 }
 
 #[tonic::async_trait]
@@ -232,8 +264,10 @@ impl ChangeSource for ChangeSourceService {
         request: Request<PushChangeRequest>,
     ) -> Result<Response<PushChangeResponse>, Status> {
         let user = self.auth.authorize(&request, SERVICE).await?;
-        let change = validate(request.into_inner().change, "change", &self.limits)?;
-        let ids = self.store(&user, vec![change]).await?;
+        let request = request.into_inner();
+        let key = idempotency_key(request.idempotency_key)?;
+        let change = validate(request.change, "change", &self.limits)?;
+        let ids = self.store(&user, key, vec![change]).await?;
         let id = ids
             .first()
             .copied()
@@ -248,6 +282,7 @@ impl ChangeSource for ChangeSourceService {
         let user = self.auth.authorize(&request, SERVICE).await?;
         let mut stream = request.into_inner();
         let mut batch = Vec::new();
+        let mut key = None;
         let (mut bytes, mut held) = (0usize, Vec::new());
         while let Some(msg) = stream.message().await.map_err(client_fault)? {
             let size = prost::Message::encoded_len(&msg);
@@ -281,12 +316,20 @@ impl ChangeSource for ChangeSourceService {
                 )));
             }
             let at = format!("changes[{}]", batch.len());
+            let this_key = idempotency_key(msg.idempotency_key)?;
+            if batch.is_empty() {
+                key = this_key;
+            } else if this_key.is_some() && this_key != key {
+                return Err(Status::invalid_argument(format!(
+                    "{at}.idempotency_key: differs from the first message's; one key covers the batch"
+                )));
+            }
             batch.push(validate(msg.change, &at, &self.limits)?);
         }
         let ids = if batch.is_empty() {
             Vec::new()
         } else {
-            self.store(&user, batch).await?
+            self.store(&user, key, batch).await?
         };
         drop(held);
         Ok(Response::new(PushChangesResponse { ids }))

@@ -163,9 +163,26 @@ impl ChangeSourceConnection {
 
     /// Pushes one change; returns its id once the master has stored it.
     pub async fn push(&mut self, change: Change) -> Result<i64, SendChangeError> {
-        let req = self.request(PushChangeRequest {
+        self.push_request(PushChangeRequest {
             change: Some(change),
-        });
+            idempotency_key: String::new(),
+        })
+        .await
+    }
+
+    /// Pushes one change under `key`: if this user pushed `key` before (in
+    /// the master's memory of 7 days), nothing is stored and the first
+    /// push's id comes back, so a push whose answer was lost can be resent.
+    pub async fn push_once(&mut self, change: Change, key: &str) -> Result<i64, SendChangeError> {
+        self.push_request(PushChangeRequest {
+            change: Some(change),
+            idempotency_key: key.to_string(),
+        })
+        .await
+    }
+
+    async fn push_request(&mut self, request: PushChangeRequest) -> Result<i64, SendChangeError> {
+        let req = self.request(request);
         match self.client.push_change(req).await {
             Ok(r) => {
                 self.keep_token(r.metadata());
@@ -177,11 +194,10 @@ impl ChangeSourceConnection {
 
     /// Pushes a batch, all or nothing; returns the ids in order.
     pub async fn push_batch(&mut self, changes: Vec<Change>) -> Result<Vec<i64>, SendChangeError> {
-        let stream = futures_util::stream::iter(
-            changes
-                .into_iter()
-                .map(|c| PushChangeRequest { change: Some(c) }),
-        );
+        let stream = futures_util::stream::iter(changes.into_iter().map(|c| PushChangeRequest {
+            change: Some(c),
+            idempotency_key: String::new(),
+        }));
         let req = self.request(stream);
         match self.client.push_changes(req).await {
             Ok(r) => {

@@ -3,16 +3,22 @@
 //! the same spool or by `switchyard sendchange --flush DIR`: a push made
 //! while the master is down is built once it is back.
 //!
-//! Each change is one file, `NNNNNNNNNNNN.change` (the protobuf `Change`),
-//! written to a temporary name, synced and renamed, so a crash leaves
-//! either the whole change or none. A lock file keeps two hooks running at
-//! once from sending the same change twice; changes are numbered and sent
-//! in the order they were spooled. A change is removed once the master
-//! acknowledged it (it is durable there by then); a crash between the
-//! acknowledgement and the removal sends it again on the next flush (at
-//! least once, never lost). A change the master refuses as invalid would
-//! be refused forever: it is moved to `DIR/rejected/` with the reason
-//! beside it, and the ones after it are sent.
+//! Each change is one file, `NNNNNNNNNNNN.push` (the protobuf
+//! `PushChangeRequest`: the change and a random `idempotency_key` chosen
+//! when it was spooled), written to a temporary name, synced and renamed,
+//! so a crash leaves either the whole change or none. A lock file keeps two
+//! hooks running at once from sending the same change twice; changes are
+//! numbered and sent in the order they were spooled. A change is removed
+//! once the master acknowledged it (it is durable there by then). A crash,
+//! or a lost answer, between the master storing it and the file's removal
+//! sends it again on the next flush with the same key, and the master
+//! stores nothing the second time: exactly once, never lost (within the
+//! master's 7 days' memory of keys). A change the master refuses as
+//! invalid would be refused forever: it is moved to `DIR/rejected/` with
+//! the reason beside it, and the ones after it are sent.
+//!
+//! Spools written before keys existed hold `NNNNNNNNNNNN.change` files
+//! (a bare `Change`); they are still sent in order, without a key.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -23,7 +29,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use super::client::{ChangeSourceConnection, SendChangeError};
-use crate::proto::Change;
+use crate::proto::{Change, PushChangeRequest};
 
 /// A spool directory.
 #[derive(Debug, Clone)]
@@ -126,12 +132,41 @@ impl ChangeSpool {
     }
 }
 
+/// A spooled file's number, for files this spool sends: `N.push`, and
+/// `N.change` from before keys.
 fn number_of(path: &Path) -> Option<u64> {
-    path.file_name()?
-        .to_str()?
-        .strip_suffix(".change")?
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".push")
+        .or_else(|| name.strip_suffix(".change"))?
         .parse()
         .ok()
+}
+
+/// A fresh key for a spooled change: 128 random bits, in hex.
+fn new_key() -> String {
+    let mut raw = [0u8; 16];
+    rand::fill(&mut raw[..]);
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The change a spooled file holds, with its key (none for old files).
+fn read_spooled(path: &Path, bytes: &[u8]) -> Result<(Change, Option<String>), SpoolError> {
+    let corrupt = |why: String| SpoolError::Corrupt {
+        path: path.to_path_buf(),
+        why,
+    };
+    if path.extension().is_some_and(|e| e == "change") {
+        let change = Change::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+        return Ok((change, None));
+    }
+    let req = PushChangeRequest::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let change = req
+        .change
+        .ok_or_else(|| corrupt("no change in it".into()))?;
+    if req.idempotency_key.is_empty() {
+        return Err(corrupt("no key in it".into()));
+    }
+    Ok((change, Some(req.idempotency_key)))
 }
 
 impl SpoolLock<'_> {
@@ -154,7 +189,11 @@ impl SpoolLock<'_> {
             .last()
             .and_then(|p| number_of(p))
             .map_or(1, |n| n + 1);
-        let path = self.spool.dir.join(format!("{next:012}.change"));
+        let path = self.spool.dir.join(format!("{next:012}.push"));
+        let record = PushChangeRequest {
+            change: Some(change.clone()),
+            idempotency_key: new_key(),
+        };
         let tmp = self.spool.dir.join(format!(".{next:012}.tmp"));
         let write = || -> std::io::Result<()> {
             let mut f = fs::OpenOptions::new()
@@ -163,7 +202,7 @@ impl SpoolLock<'_> {
                 .write(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(&change.encode_to_vec())?;
+            f.write_all(&record.encode_to_vec())?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
             File::open(&self.spool.dir)?.sync_all()
@@ -181,11 +220,12 @@ impl SpoolLock<'_> {
         let total = pending.len();
         for (i, path) in pending.into_iter().enumerate() {
             let bytes = fs::read(&path).map_err(|e| self.spool.io(e))?;
-            let change = Change::decode(&bytes[..]).map_err(|e| SpoolError::Corrupt {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
-            match conn.push(change).await {
+            let (change, key) = read_spooled(&path, &bytes)?;
+            let pushed = match key {
+                Some(key) => conn.push_once(change, &key).await,
+                None => conn.push(change).await,
+            };
+            match pushed {
                 Ok(id) => {
                     fs::remove_file(&path).map_err(|e| self.spool.io(e))?;
                     out.sent.push((path, id));

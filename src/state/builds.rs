@@ -525,25 +525,42 @@ impl StateDb {
         .await
     }
 
-    /// The oldest `limit` rows of the reporters' outbox, oldest first, and
-    /// every reporter's progress on them.
+    /// The oldest `limit` rows of the reporters' outbox that `reporter` has
+    /// not done with, oldest first, and its progress on them. Each
+    /// reporter reads its own queue, so one that keeps failing never hides
+    /// newer rows from the others, however many it holds.
     pub async fn report_queue(
         &self,
+        reporter: String,
         limit: usize,
-    ) -> Result<(Vec<QueuedReport>, HashMap<(i64, String), ReportProgress>), StateError> {
+    ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError> {
         self.read(move |conn| {
             let mut s = conn.prepare_cached(
                 "SELECT o.id, o.build_id, o.finished, o.created_ms,
-                        b.builder, COALESCE(b.number, 0), b.result, r.repository, r.branch, r.revision
+                        b.builder, COALESCE(b.number, 0), b.result, r.repository, r.branch, r.revision,
+                        p.attempts, p.next_ms, p.last_error
                  FROM report_outbox o
+                 LEFT JOIN report_progress p ON p.outbox_id = o.id AND p.reporter = ?2
                  LEFT JOIN builds b ON b.id = o.build_id
                  LEFT JOIN build_requests r ON r.id = b.request_id
+                 WHERE COALESCE(p.done, 0) = 0
                  ORDER BY o.id LIMIT ?1",
             )?;
+            let mut progress = HashMap::new();
             let rows = s
-                .query_map(params![limit as i64], |r| {
+                .query_map(params![limit as i64, reporter], |r| {
                     let builder: Option<String> = r.get(4)?;
-                    Ok(QueuedReport {
+                    let attempts: Option<i64> = r.get(10)?;
+                    let progress = match attempts {
+                        None => None,
+                        Some(attempts) => Some(ReportProgress {
+                            done: false,
+                            attempts,
+                            next_ms: r.get(11)?,
+                            last_error: r.get(12)?,
+                        }),
+                    };
+                    let row = QueuedReport {
                         outbox_id: r.get(0)?,
                         build_id: r.get(1)?,
                         finished: r.get::<_, i64>(2)? != 0,
@@ -559,32 +576,72 @@ impl StateDb {
                                 revision: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
                             }),
                         },
-                    })
+                    };
+                    Ok((row, progress))
                 })?
+                .map(|r| {
+                    r.map(|(row, p)| {
+                        if let Some(p) = p {
+                            progress.insert(row.outbox_id, p);
+                        }
+                        row
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut progress = HashMap::new();
-            if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-                let mut s = conn.prepare_cached(
-                    "SELECT outbox_id, reporter, done, attempts, next_ms, last_error
-                     FROM report_progress WHERE outbox_id BETWEEN ?1 AND ?2",
-                )?;
-                let found = s.query_map(params![first.outbox_id, last.outbox_id], |r| {
-                    Ok((
-                        (r.get::<_, i64>(0)?, r.get::<_, String>(1)?),
-                        ReportProgress {
-                            done: r.get::<_, i64>(2)? != 0,
-                            attempts: r.get(3)?,
-                            next_ms: r.get(4)?,
-                            last_error: r.get(5)?,
-                        },
-                    ))
-                })?;
-                for f in found {
-                    let (k, v) = f?;
-                    progress.insert(k, v);
-                }
-            }
             Ok((rows, progress))
+        })
+        .await
+    }
+
+    /// Marks outbox rows done for `reporter` without sending them (rows it
+    /// does not want, or gave up), in one transaction.
+    pub async fn skip_reports(&self, reporter: String, ids: Vec<i64>) -> Result<(), StateError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(move |conn| {
+            let mut s = conn.prepare_cached(
+                "INSERT INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
+                 VALUES (?1, ?2, 1, 0, 0, '')
+                 ON CONFLICT (outbox_id, reporter) DO UPDATE SET done = 1",
+            )?;
+            for id in &ids {
+                s.execute(params![id, reporter])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes (at most `limit`) outbox rows that every one of `reporters`
+    /// is done with, with their progress; all of them when there are no
+    /// reporters. Returns how many went.
+    pub async fn forget_delivered_reports(
+        &self,
+        reporters: Vec<String>,
+        limit: usize,
+    ) -> Result<usize, StateError> {
+        let names = serde_json::to_string(&reporters).expect("a list of strings is JSON");
+        let wanted = reporters.len() as i64;
+        self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT o.id FROM report_outbox o
+                     WHERE (SELECT COUNT(*) FROM report_progress p
+                            WHERE p.outbox_id = o.id AND p.done = 1
+                              AND p.reporter IN (SELECT value FROM json_each(?1))) = ?2
+                     ORDER BY o.id LIMIT ?3",
+                )?
+                .query_map(params![names, wanted, limit as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                conn.execute(
+                    "DELETE FROM report_progress WHERE outbox_id = ?1",
+                    params![id],
+                )?;
+                conn.execute("DELETE FROM report_outbox WHERE id = ?1", params![id])?;
+            }
+            Ok(ids.len())
         })
         .await
     }
@@ -623,6 +680,19 @@ impl StateDb {
         .await
     }
 
+    /// How many reports a reporter tried to deliver and could not yet.
+    pub async fn undelivered_report_count(&self) -> Result<u64, StateError> {
+        self.read(|conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM report_progress WHERE done = 0",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     /// Records a reporter's progress on an outbox row.
     pub async fn set_report_progress(
         &self,
@@ -636,21 +706,6 @@ impl StateDb {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![outbox_id, reporter, p.done as i64, p.attempts, p.next_ms, p.last_error],
             )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Removes outbox rows every reporter is done with.
-    pub async fn forget_reports(&self, ids: Vec<i64>) -> Result<(), StateError> {
-        self.write(move |conn| {
-            for id in &ids {
-                conn.execute(
-                    "DELETE FROM report_progress WHERE outbox_id = ?1",
-                    params![id],
-                )?;
-                conn.execute("DELETE FROM report_outbox WHERE id = ?1", params![id])?;
-            }
             Ok(())
         })
         .await

@@ -84,6 +84,15 @@ pub struct StoredChange {
 pub trait ChangeStore: Send + Sync + 'static {
     /// Stores the whole batch, or none of it, and returns the ids in order.
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError>;
+
+    /// As [`ChangeStore::add_changes`], once per `key` (a namespace and the
+    /// client's key): when the key was stored before (within 7 days),
+    /// nothing is written and the first ids come back with `true`.
+    async fn add_changes_keyed(
+        &self,
+        key: (String, String),
+        batch: Vec<NewChange>,
+    ) -> Result<(Vec<i64>, bool), StateError>;
 }
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
@@ -525,6 +534,15 @@ impl ChangeStore for StateDb {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
         self.write(move |conn| insert_changes(conn, &batch)).await
     }
+
+    async fn add_changes_keyed(
+        &self,
+        key: (String, String),
+        batch: Vec<NewChange>,
+    ) -> Result<(Vec<i64>, bool), StateError> {
+        let (ids, _, again) = self.add_changes_once(key, batch, |_, _| Vec::new()).await?;
+        Ok((ids, again))
+    }
 }
 
 #[cfg(test)]
@@ -572,5 +590,76 @@ mod tests {
             .unwrap();
         let err = StateDb::open(&path).err().unwrap().to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn each_reporter_reads_its_own_queue_past_another_ones_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+        db.write(|conn| {
+            for build in 1..=10 {
+                conn.execute(
+                    "INSERT INTO report_outbox (build_id, finished, created_ms) VALUES (?1, 1, 0)",
+                    params![build],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let ids =
+            |q: &(Vec<QueuedReport>, _)| -> Vec<i64> { q.0.iter().map(|r| r.build_id).collect() };
+        // "slow" keeps failing its first four rows; "fast" delivered them.
+        for id in 1..=4 {
+            let failing = ReportProgress {
+                done: false,
+                attempts: 3,
+                next_ms: i64::MAX,
+                last_error: "HTTP 500".into(),
+            };
+            db.set_report_progress(id, "slow".into(), failing)
+                .await
+                .unwrap();
+            let done = ReportProgress {
+                done: true,
+                ..Default::default()
+            };
+            db.set_report_progress(id, "fast".into(), done)
+                .await
+                .unwrap();
+        }
+        // With room for four rows a pass, "fast" still sees the newer ones.
+        let slow = db.report_queue("slow".into(), 4).await.unwrap();
+        assert_eq!(ids(&slow), [1, 2, 3, 4]);
+        assert_eq!(slow.1[&1].last_error, "HTTP 500");
+        let fast = db.report_queue("fast".into(), 4).await.unwrap();
+        assert_eq!(ids(&fast), [5, 6, 7, 8]);
+        assert!(fast.1.is_empty());
+        // Rows go once every reporter is done with them.
+        db.skip_reports("fast".into(), (5..=10).collect())
+            .await
+            .unwrap();
+        let names = vec!["slow".to_string(), "fast".to_string()];
+        assert_eq!(
+            db.forget_delivered_reports(names.clone(), 100)
+                .await
+                .unwrap(),
+            0
+        );
+        db.skip_reports("slow".into(), vec![1, 2, 9]).await.unwrap();
+        assert_eq!(db.forget_delivered_reports(names, 100).await.unwrap(), 3);
+        assert_eq!(
+            ids(&db.report_queue("slow".into(), 100).await.unwrap()),
+            [3, 4, 5, 6, 7, 8, 10]
+        );
+        assert_eq!(
+            ids(&db.report_queue("fast".into(), 100).await.unwrap()),
+            Vec::<i64>::new()
+        );
+        // With no reporters left, nothing is kept.
+        assert_eq!(
+            db.forget_delivered_reports(Vec::new(), 100).await.unwrap(),
+            7
+        );
     }
 }
