@@ -32,7 +32,7 @@ use switchyard::grpc::change_source::ChangeSourceService;
 use switchyard::grpc::{GrpcAuth, HttpFrontDoor};
 use switchyard::proto::change_source_client::ChangeSourceClient;
 use switchyard::proto::{Change, PushChangeRequest};
-use switchyard::state::{ChangeStore, NewChange, StateDb, StateError};
+use switchyard::store::{ChangeStore, NewChange, StateDb, StateError};
 use switchyard::wire::tls::{ClientTls, Trust};
 
 /// The bench's in-memory store: ids from a counter, changes dropped.

@@ -67,7 +67,7 @@ fn req<T>(msg: T) -> Request<T> {
 /// builds of one step each, interleaved by builder; the last build's step
 /// gets a 1,000-line log.
 fn seed(path: &std::path::Path) -> i64 {
-    drop(switchyard::state::StateDb::open(path).unwrap());
+    drop(switchyard::store::StateDb::open(path).unwrap());
     let mut db = rusqlite::Connection::open(path).unwrap();
     let tx = db.transaction().unwrap();
     let t0: i64 = 1_700_000_000_000;

@@ -59,7 +59,7 @@ pub mod grpc;
 pub mod limits;
 pub mod master;
 pub mod services;
-pub mod state;
+pub mod store;
 pub mod wire;
 pub mod worker;
 

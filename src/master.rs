@@ -22,7 +22,7 @@ use crate::grpc::change_source::ChangeSourceService;
 use crate::grpc::{GrpcAuth, HttpFrontDoor};
 use crate::proto::change_source_server::ChangeSourceServer;
 use crate::services::ping;
-use crate::state::{StateDb, StateError};
+use crate::store::{StateDb, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {

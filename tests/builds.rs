@@ -8,7 +8,7 @@ use common::*;
 
 /// Starts a master with one worker `w1` and the builds in `toml`, pushes a
 /// change to `branch`, and returns the build it ran, once it has ended.
-async fn run_one(toml: &str, branch: &str) -> (TestMaster, Reaped, switchyard::state::BuildRecord) {
+async fn run_one(toml: &str, branch: &str) -> (TestMaster, Reaped, switchyard::store::BuildRecord) {
     let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
     let w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;

@@ -397,7 +397,7 @@ fn sendchange_is_durable_across_kill_9() {
         .enable_all()
         .build()
         .unwrap();
-    let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+    let db = switchyard::store::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
     let stored = rt
         .block_on(db.change(id))
         .unwrap()
@@ -556,7 +556,7 @@ fn the_example_post_receive_hook_pushes_each_new_commit() {
         .enable_all()
         .build()
         .unwrap();
-    let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+    let db = switchyard::store::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
     let all = rt.block_on(db.changes_after(0, 10)).unwrap();
     let seen: Vec<(&str, &str, Vec<String>)> = all
         .iter()
@@ -888,7 +888,7 @@ fn a_push_made_while_the_master_is_down_is_built_once_it_is_back() {
         .enable_all()
         .build()
         .unwrap();
-    let db = switchyard::state::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+    let db = switchyard::store::StateDb::open(&dir.path().join("state.sqlite")).unwrap();
     let all = rt.block_on(db.changes_after(0, 10)).unwrap();
     let comments: Vec<&str> = all.iter().map(|c| c.change.comments.trim()).collect();
     assert_eq!(comments, ["a.txt", "b.txt", "c.txt"]);

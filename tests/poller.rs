@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use switchyard::state::StoredChange;
+use switchyard::store::StoredChange;
 
 fn git(cwd: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")

@@ -293,7 +293,7 @@ async fn a_report_pending_at_a_kill_9_is_delivered_after_the_restart_once() {
     let state_path = dir.path().join("state.sqlite");
     within("the build to end", async {
         loop {
-            let db = switchyard::state::StateDb::open(&state_path).unwrap();
+            let db = switchyard::store::StateDb::open(&state_path).unwrap();
             let ended: i64 = db
                 .read(|c| {
                     c.query_row(

@@ -110,7 +110,7 @@ const LONG: &str = "echo $$ >> ../pids; echo start; sleep 3; echo end";
 async fn kill_worker_during(
     m: &TestMaster,
     victim: &str,
-) -> (switchyard::state::BuildRecord, Reaped) {
+) -> (switchyard::store::BuildRecord, Reaped) {
     let mut w = spawn_worker(m, "w1", "w1-pw", "basedir");
     wait_connected(m, 1).await;
     let mut events = m.master.builds().subscribe();
@@ -151,7 +151,7 @@ async fn kill_worker_during(
     (b, w2)
 }
 
-fn attempts(b: &switchyard::state::BuildRecord) -> Vec<(String, u32, String)> {
+fn attempts(b: &switchyard::store::BuildRecord) -> Vec<(String, u32, String)> {
     b.steps
         .iter()
         .map(|s| {

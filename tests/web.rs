@@ -835,7 +835,7 @@ async fn a_1_gib_log_is_read_by_range_without_reading_what_is_before() {
         let chunks = (0..64u64)
             .map(|j| {
                 let i = batch * 64 + j;
-                switchyard::state::LogChunk {
+                switchyard::store::LogChunk {
                     step: row,
                     seq: i + 1,
                     stream: 1,

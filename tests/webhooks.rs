@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use hmac::{KeyInit, Mac};
 use serde_json::json;
-use switchyard::state::StoredChange;
+use switchyard::store::StoredChange;
 
 const GH_SECRET: &str = "github-secret-0123456789";
 const GL_SECRET: &str = "gitlab-token-0123456789";

@@ -17,7 +17,7 @@ use super::ApiState;
 use super::access::{Actor, Reader};
 use super::json::{build_json, builders_json, workers_json};
 use crate::debug::DebugError;
-use crate::state::BuildFilter;
+use crate::store::BuildFilter;
 
 /// The grant a user needs to read the UI and the API.
 pub const SERVICE: &str = super::access::READ;
@@ -88,8 +88,8 @@ impl From<DebugError> for ApiError {
     }
 }
 
-impl From<crate::state::StateError> for ApiError {
-    fn from(e: crate::state::StateError) -> Self {
+impl From<crate::store::StateError> for ApiError {
+    fn from(e: crate::store::StateError) -> Self {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
     }
 }
@@ -417,10 +417,10 @@ const MAX_TAIL_BYTES: usize = 16 * 1024 * 1024;
 /// backwards from the database: what a huge log opens at. At most
 /// [`MAX_TAIL_BYTES`], cut at a line's start.
 async fn tail_of(
-    state: &crate::state::StateDb,
+    state: &crate::store::StateDb,
     steps: &[i64],
     lines: usize,
-) -> Result<bytes::Bytes, crate::state::StateError> {
+) -> Result<bytes::Bytes, crate::store::StateError> {
     let mut pieces: Vec<bytes::Bytes> = Vec::new();
     let (mut newlines, mut bytes) = (0usize, 0usize);
     'steps: for &row in steps.iter().rev() {
@@ -467,13 +467,13 @@ async fn tail_of(
 /// Sends bytes `start..end` of the output of `steps` (rows, in order) to
 /// `out`, page by page; stops when `out` is dropped.
 async fn send_range(
-    state: &crate::state::StateDb,
+    state: &crate::store::StateDb,
     steps: &[i64],
     sizes: &std::collections::HashMap<i64, u64>,
     start: u64,
     end: u64,
     out: tokio::sync::mpsc::Sender<bytes::Bytes>,
-) -> Result<(), crate::state::StateError> {
+) -> Result<(), crate::store::StateError> {
     // Where the current step's output starts in the whole.
     let mut base = 0u64;
     for &row in steps {

@@ -30,7 +30,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BuilderConfig, Config, SchedulerConfig, StepSecrets, WorkerConfig};
-use crate::state::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
+use crate::store::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
 
 pub use workers::WorkerLink;
 use workers::WorkerSlots;
@@ -157,7 +157,7 @@ fn unhex16(s: &str) -> Option<[u8; 16]> {
 impl Inner {
     fn emit(&self, event: Event) {
         let _ = self.events.send(Stamped {
-            unix_ms: crate::state::now_ms(),
+            unix_ms: crate::store::now_ms(),
             event,
         });
     }
@@ -272,7 +272,7 @@ impl BuildMaster {
                 .await
                 .ok()
                 .flatten()
-                .map(|at| Duration::from_millis((at - crate::state::now_ms()).max(0) as u64 + 5));
+                .map(|at| Duration::from_millis((at - crate::store::now_ms()).max(0) as u64 + 5));
             let nap = [next_due, nightly]
                 .into_iter()
                 .flatten()
@@ -294,7 +294,7 @@ impl BuildMaster {
     async fn fire_nightlies(&self) -> Option<Duration> {
         let config = self.inner.config();
         let state = &self.inner.state;
-        let now_ms = crate::state::now_ms();
+        let now_ms = crate::store::now_ms();
         let now = chrono::DateTime::from_timestamp_millis(now_ms)?;
         let mut next_in: Option<Duration> = None;
         for s in config.schedulers.values() {
@@ -410,7 +410,7 @@ impl BuildMaster {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut taken = std::collections::HashSet::new();
-        let now = crate::state::now_ms();
+        let now = crate::store::now_ms();
         for req in &waiting {
             if taken.contains(&req.id) {
                 continue; // merged into a build already made this round
@@ -441,7 +441,7 @@ impl BuildMaster {
             // goes into one build of the newest.
             let (req, merged) = if builder.collapse_requests || !req.request.collapse_key.is_empty()
             {
-                let same: Vec<&crate::state::BuildRequest> = waiting
+                let same: Vec<&crate::store::BuildRequest> = waiting
                     .iter()
                     .filter(|r| {
                         r.request.builder == req.request.builder
@@ -550,7 +550,7 @@ impl BuildMaster {
                 for s in b.steps.iter().filter(|s| s.result.is_none()) {
                     self.inner
                         .state
-                        .finish_step(crate::state::StepEndRecord {
+                        .finish_step(crate::store::StepEndRecord {
                             row: s.row,
                             result: "exception".into(),
                             detail: "the builder was removed while the master was down".into(),
@@ -590,9 +590,9 @@ impl BuildMaster {
                     continue;
                 }
             }
-            let request = crate::state::BuildRequest {
+            let request = crate::store::BuildRequest {
                 id: b.request_id,
-                request: crate::state::NewRequest {
+                request: crate::store::NewRequest {
                     builder: b.builder.clone(),
                     change_id: None,
                     reason: b.reason.clone(),
@@ -638,7 +638,7 @@ impl BuildMaster {
     fn spawn_build(
         &self,
         build: i64,
-        req: crate::state::BuildRequest,
+        req: crate::store::BuildRequest,
         builder: BuilderConfig,
         worker: String,
         stop: StopSignal,
@@ -714,7 +714,7 @@ impl BuildMaster {
     }
 
     /// Stores a poll's changes with their build requests and the heads it
-    /// saw, in one transaction (see [`crate::state::StateDb::add_polled_changes`]).
+    /// saw, in one transaction (see [`crate::store::StateDb::add_polled_changes`]).
     pub async fn add_polled_changes(
         &self,
         repository: String,
@@ -731,7 +731,7 @@ impl BuildMaster {
     }
 
     /// The state database.
-    pub(crate) fn state_db(&self) -> &Arc<crate::state::StateDb> {
+    pub(crate) fn state_db(&self) -> &Arc<crate::store::StateDb> {
         &self.inner.state
     }
 
@@ -875,7 +875,7 @@ fn requests_for(config: &BuildConfig, ids: &[i64], changes: &[NewChange]) -> Vec
                     properties: scheduler_properties(s),
                     not_before_ms: s
                         .tree_stable_timer
-                        .map_or(0, |t| crate::state::now_ms() + t.as_millis() as i64),
+                        .map_or(0, |t| crate::store::now_ms() + t.as_millis() as i64),
                     collapse_key: if s.tree_stable_timer.is_some() {
                         format!("scheduler:{}", s.name)
                     } else {

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BuildMaster;
 use crate::config::PollerConfig;
-use crate::state::NewChange;
+use crate::store::NewChange;
 
 /// The longest a git command of a poll may take.
 pub const GIT_DEADLINE: Duration = Duration::from_secs(600);
@@ -46,7 +46,7 @@ enum PollError {
     #[error("git {0}: {1}")]
     Git(String, String),
     #[error("cannot store the poll: {0}")]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::store::StateError),
 }
 
 impl Pollers {

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::BuildMaster;
 use super::events::Outcome;
 use crate::config::{ReporterConfig, ReporterKind, WebhookSecrets};
-use crate::state::{QueuedReport, ReportProgress, ReportedBuild};
+use crate::store::{QueuedReport, ReportProgress, ReportedBuild};
 
 /// The most rows one pass of the sender looks at.
 const BATCH: usize = 5000;
@@ -123,7 +123,7 @@ impl Reporters {
 
     /// One pass over the outbox: each reporter's own queue, then the rows
     /// every reporter is done with are removed.
-    async fn pass(&self) -> Result<(), crate::state::StateError> {
+    async fn pass(&self) -> Result<(), crate::store::StateError> {
         let state = self.builds.state_db().clone();
         let reporters = self
             .reporters
@@ -148,10 +148,10 @@ impl Reporters {
         &self,
         r: &Reporter,
         web_url: Option<&str>,
-    ) -> Result<(), crate::state::StateError> {
+    ) -> Result<(), crate::store::StateError> {
         let state = self.builds.state_db();
         let (rows, progress) = state.report_queue(r.config.name.clone(), BATCH).await?;
-        let now = crate::state::now_ms();
+        let now = crate::store::now_ms();
         // Builds whose end is queued: their start need not be sent.
         let ended: BTreeSet<i64> = rows
             .iter()

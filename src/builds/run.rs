@@ -15,7 +15,7 @@ use crate::config::{BuilderConfig, OnLost};
 use crate::proto::{
     InterruptStep, MasterMessage, StartStep, StepFinished, master_message, step_finished,
 };
-use crate::state::{BuildRequest, PropertyRow, StepEndRecord};
+use crate::store::{BuildRequest, PropertyRow, StepEndRecord};
 use tokio::sync::oneshot;
 
 /// Sends a step to the worker's current session. A worker that is away (its
@@ -140,7 +140,7 @@ impl PropertySources {
         &self,
         build: i64,
         number: i64,
-        change: Option<&crate::state::StoredChange>,
+        change: Option<&crate::store::StoredChange>,
         change_ids: &[i64],
     ) -> Properties {
         let r = &self.request.request;
@@ -362,10 +362,10 @@ type GitScript = (Vec<String>, Vec<(String, String)>);
 /// Properties a step set: `NAME=VALUE` lines of its standard output (the
 /// first MiB of it); a git step sets only `got_revision`.
 async fn properties_from_output(
-    state: &crate::state::StateDb,
+    state: &crate::store::StateDb,
     row: i64,
     git: bool,
-    tail: &[crate::state::LogChunk],
+    tail: &[crate::store::LogChunk],
 ) -> Vec<(String, String)> {
     const LIMIT: usize = 1024 * 1024;
     let mut out = Vec::new();

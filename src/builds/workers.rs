@@ -27,7 +27,7 @@ use crate::proto::{
     Heartbeat, InterruptStep, MasterMessage, OutputAck, StepFinished, WorkerHello, WorkerMessage,
     master_message, worker_message,
 };
-use crate::state::{LogChunk, StateDb, now_ms};
+use crate::store::{LogChunk, StateDb, now_ms};
 
 /// Most output bytes stored in one batch.
 pub const MAX_BATCH: usize = 2 * 1024 * 1024;

@@ -333,7 +333,7 @@ impl SchedulerConfig {
     /// `pull_requests = true`.
     /// For such a change, `branches` are matched against the branch the
     /// request would merge into (`pr_base`).
-    pub fn triggered_by(&self, change: &crate::state::NewChange) -> bool {
+    pub fn triggered_by(&self, change: &crate::store::NewChange) -> bool {
         match change.properties.get(PR_NUMBER) {
             None => self.matches_change(&change.repository, &change.branch, &change.files),
             Some(_) => {

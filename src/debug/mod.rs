@@ -22,7 +22,7 @@ use crate::proto::{
     OutputStream, StatusReply, StepDetails, StopReply, StopRequest, WorkerDetails, WorkersReply,
 };
 use crate::proto::{ReloadReply, UnblockReply, UnblockRequest};
-use crate::state::{BuildRecord, StateError};
+use crate::store::{BuildRecord, StateError};
 
 /// The service name users must be granted to use the console.
 pub const SERVICE: &str = "debug";
@@ -241,7 +241,7 @@ impl DebugApi {
     }
 
     /// The state database (for reads the console has no command for).
-    pub fn state(&self) -> &crate::state::StateDb {
+    pub fn state(&self) -> &crate::store::StateDb {
         self.builds.state()
     }
 
@@ -249,7 +249,7 @@ impl DebugApi {
     /// error, not an empty list).
     pub async fn find_builds(
         &self,
-        filter: crate::state::BuildFilter,
+        filter: crate::store::BuildFilter,
     ) -> Result<Vec<BuildDetails>, DebugError> {
         if let Some(b) = &filter.builder
             && !self.builds.config().builders.contains_key(b)

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::GrpcAuth;
 use crate::proto::change_source_server::{ChangeSource, ChangeSourceServer};
 use crate::proto::{Change, PushChangeRequest, PushChangeResponse, PushChangesResponse};
-use crate::state::{ChangeStore, NewChange};
+use crate::store::{ChangeStore, NewChange};
 
 /// The service name users must be granted to push changes.
 pub const SERVICE: &str = "change-source";

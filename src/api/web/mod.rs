@@ -47,7 +47,7 @@ const TAIL_BYTES: usize = 256 * 1024;
 /// no database reads at all while nothing changes.
 pub struct Overview {
     entries:
-        std::sync::Mutex<HashMap<String, (tokio::time::Instant, crate::state::BuilderOverview)>>,
+        std::sync::Mutex<HashMap<String, (tokio::time::Instant, crate::store::BuilderOverview)>>,
     events: std::sync::Mutex<tokio::sync::broadcast::Receiver<crate::builds::events::Stamped>>,
 }
 
@@ -85,9 +85,9 @@ impl Overview {
     /// The overview of `names`, in that order.
     async fn of(
         &self,
-        state: &crate::state::StateDb,
+        state: &crate::store::StateDb,
         names: &[String],
-    ) -> Result<Vec<crate::state::BuilderOverview>, crate::state::StateError> {
+    ) -> Result<Vec<crate::store::BuilderOverview>, crate::store::StateError> {
         self.apply_events();
         let missing: Vec<String> = {
             let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,7 +109,7 @@ impl Overview {
         };
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(names.len());
-        let mut fresh: HashMap<String, crate::state::BuilderOverview> =
+        let mut fresh: HashMap<String, crate::store::BuilderOverview> =
             fresh.into_iter().map(|o| (o.name.clone(), o)).collect();
         for n in names {
             let o = match fresh.remove(n) {
@@ -431,7 +431,7 @@ async fn builder(
             "before must be a build's id",
         );
     };
-    let filter = crate::state::BuildFilter {
+    let filter = crate::store::BuildFilter {
         builder: Some(name.clone()),
         before: q.before,
         limit: PAGE,
@@ -528,7 +528,7 @@ async fn build(
     )
 }
 
-fn build_markup(viewer: &Viewer, b: &BuildDetails, tails: &[crate::state::LogTail]) -> Markup {
+fn build_markup(viewer: &Viewer, b: &BuildDetails, tails: &[crate::store::LogTail]) -> Markup {
     let running = b.result.is_empty();
     let now = now_ms();
     let end = if b.finished_unix_ms > 0 {

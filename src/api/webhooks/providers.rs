@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::config::{PR_NUMBER, Provider, RepositoryUrl};
 use crate::grpc::change_source::ChangeLimits;
-use crate::state::NewChange;
+use crate::store::NewChange;
 
 /// What a delivery asks for.
 #[derive(Debug)]

@@ -273,8 +273,8 @@ pub struct UndeliveredReport {
 /// ids (inside the caller's transaction); their ids and the requests'.
 fn store_changes(
     conn: &rusqlite::Connection,
-    batch: &[crate::state::NewChange],
-    requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>,
+    batch: &[crate::store::NewChange],
+    requests_for: impl FnOnce(&[i64], &[crate::store::NewChange]) -> Vec<NewRequest>,
 ) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
     let ids = super::insert_changes(conn, batch)?;
     let requests = requests_for(&ids, batch);
@@ -467,8 +467,8 @@ impl StateDb {
     /// changes' ids and the requests'.
     pub async fn add_changes_requesting(
         &self,
-        batch: Vec<crate::state::NewChange>,
-        requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>
+        batch: Vec<crate::store::NewChange>,
+        requests_for: impl FnOnce(&[i64], &[crate::store::NewChange]) -> Vec<NewRequest>
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
@@ -487,8 +487,8 @@ impl StateDb {
     pub async fn add_changes_once(
         &self,
         delivery: (String, String),
-        batch: Vec<crate::state::NewChange>,
-        requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>
+        batch: Vec<crate::store::NewChange>,
+        requests_for: impl FnOnce(&[i64], &[crate::store::NewChange]) -> Vec<NewRequest>
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>, bool), StateError> {
@@ -509,7 +509,7 @@ impl StateDb {
                 return Ok((ids, Vec::new(), true));
             }
             let (ids, made) = store_changes(conn, &batch, requests_for)?;
-            let now = crate::state::now_ms();
+            let now = crate::store::now_ms();
             let list: Vec<String> = ids.iter().map(i64::to_string).collect();
             conn.execute(
                 "INSERT INTO webhook_deliveries (hook, delivery, received_ms, changes) VALUES (?1, ?2, ?3, ?4)",
@@ -747,8 +747,8 @@ impl StateDb {
         &self,
         repository: String,
         heads: BTreeMap<String, String>,
-        batch: Vec<crate::state::NewChange>,
-        requests_for: impl FnOnce(&[i64], &[crate::state::NewChange]) -> Vec<NewRequest>
+        batch: Vec<crate::store::NewChange>,
+        requests_for: impl FnOnce(&[i64], &[crate::store::NewChange]) -> Vec<NewRequest>
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
@@ -1328,7 +1328,7 @@ fn insert_logs(conn: &rusqlite::Connection, chunks: &[LogChunk]) -> rusqlite::Re
 pub struct ClaimedBuild<'a> {
     pub build: i64,
     pub number: i64,
-    pub change: Option<&'a crate::state::StoredChange>,
+    pub change: Option<&'a crate::store::StoredChange>,
     pub change_ids: &'a [i64],
 }
 
