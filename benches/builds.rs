@@ -254,6 +254,7 @@ async fn latency(samples: usize) -> Latency {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
+    let logs_dir = m.dir.join("logs");
     let (mut plain, mut props) = (Vec::new(), Vec::new());
     // Alternating, so both kinds see the same machine.
     for i in 0..samples * 2 {
@@ -282,17 +283,22 @@ async fn latency(samples: usize) -> Latency {
                 break b.build;
             }
         };
-        // Poll the master's database for the first stored output chunk.
+        // Poll the master's log files for the first stored output chunk
+        // (its index record).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let n: i64 = db
-                .query_row(
-                    "SELECT COUNT(*) FROM log_chunks WHERE step IN (SELECT id FROM steps WHERE build_id = ?1)",
-                    [build],
-                    |r| r.get(0),
-                )
-                .unwrap_or(0);
-            if n > 0 {
+            let rows: Vec<i64> = db
+                .prepare("SELECT id FROM steps WHERE build_id = ?1")
+                .and_then(|mut s| {
+                    s.query_map([build], |r| r.get(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()
+                })
+                .unwrap_or_default();
+            let stored = rows.iter().any(|row| {
+                std::fs::metadata(logs_dir.join(format!("{}/{row}.idx", row / 1000)))
+                    .is_ok_and(|m| m.len() > 0)
+            });
+            if stored {
                 break;
             }
             assert!(Instant::now() < deadline, "no output stored");
@@ -612,11 +618,9 @@ async fn ingest(bytes: u64) -> Ingest {
     )
     .unwrap();
     let stored: i64 = db
-        .query_row(
-            "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT COALESCE(SUM(log_bytes), 0) FROM steps", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     drop(db);
     drop(m.workers);

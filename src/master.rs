@@ -194,7 +194,7 @@ impl Master {
 
     /// Opens the state database the config names and sets up the port.
     pub fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
-        let state = Arc::new(StateDb::open(&config.state_path)?);
+        let state = Arc::new(StateDb::open_in(&config.state_path, &config.data_dir)?);
         let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET)?);
         mock.set_iterations_like(secrets.verifiers.values());
         let build_config = BuildConfig::from_config(&config, secrets.step_secrets.clone());
@@ -246,14 +246,8 @@ impl Master {
             public: public_web.clone(),
             sessions: web_sessions.clone(),
         };
-        let pollers = crate::builds::poller::Pollers::new(
-            config
-                .state_path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("pollers"),
-            builds.clone(),
-        );
+        let pollers =
+            crate::builds::poller::Pollers::new(config.data_dir.join("pollers"), builds.clone());
         pollers.set(config.pollers.clone());
         let reporters = crate::builds::reporters::Reporters::new(builds.clone());
         reporters.set(&config.reporters, &reporter_tokens, config.web_url.clone());
@@ -397,6 +391,11 @@ impl Master {
             let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
             tokio::spawn(async move { builds.run(shutdown).await })
         };
+        match self.state.compress_ended_logs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(steps = n, "compressing the logs of steps that ended before"),
+            Err(e) => tracing::warn!(error = %e, "cannot look for logs left to compress"),
+        }
         let polls = tokio::spawn(self.pollers.clone().run(shutdown.clone()));
         let reports = tokio::spawn(self.reporters.clone().run(shutdown.clone()));
         // Reloads asked for from the console run here, one at a time, while
@@ -494,6 +493,9 @@ impl Master {
         }
         if new.state_path != old.state_path {
             report.restart_needed.push("state");
+        }
+        if new.data_dir != old.data_dir {
+            report.restart_needed.push("data_dir");
         }
 
         // Workers whose password changed: their builds are interrupted

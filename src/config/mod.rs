@@ -145,6 +145,7 @@ struct RawMaster {
     listen: Option<Spanned<String>>,
     secrets: Spanned<String>,
     state: Option<Spanned<String>>,
+    data_dir: Option<Spanned<String>>,
     sniff_timeout: Option<Spanned<String>>,
     handshake_timeout: Option<Spanned<String>>,
     heartbeat_interval: Option<Spanned<String>>,
@@ -412,6 +413,9 @@ pub struct Config {
     pub secret_at: BTreeMap<String, usize>,
     /// The SQLite database holding changes, builds and the master's secrets.
     pub state_path: PathBuf,
+    /// `[master] data_dir`: where step logs (`logs/`) and pollers' mirrors
+    /// (`pollers/`) live; by default the state database's directory.
+    pub data_dir: PathBuf,
     /// A worker removed by a reload finishes its current builds first.
     pub drain_removed_workers: bool,
     /// `[web] public_metrics`: `/metrics` needs no credentials (else a user
@@ -574,6 +578,13 @@ impl Config {
             }
             Some(s) => base.join(s.get_ref()),
         };
+        let data_dir = match &m.data_dir {
+            None => state_path.parent().unwrap_or(base).to_path_buf(),
+            Some(d) if d.get_ref().trim().is_empty() => {
+                return c.err(d.span(), "master.data_dir", "names no directory");
+            }
+            Some(d) => base.join(d.get_ref()),
+        };
         let defaults = Limits::default();
         let throttle_defaults = ThrottleConfig::default();
         let limits = Limits {
@@ -682,6 +693,7 @@ impl Config {
             },
             secret_at: builds.secret_at,
             state_path,
+            data_dir,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
             public_metrics: raw
                 .web

@@ -846,13 +846,33 @@ impl StateDb {
 
     /// Records a step attempt's end, with what follows from it in the same
     /// transaction: properties the step set, and the build's end when this
-    /// step ends it.
-    pub async fn finish_step(&self, end: StepEndRecord) -> Result<(), StateError> {
+    /// step ends it. Its last output is made durable in its log file first;
+    /// the log is compressed afterwards, in the background.
+    pub async fn finish_step(&self, mut end: StepEndRecord) -> Result<(), StateError> {
+        let row = end.row;
+        let logs = std::mem::take(&mut end.logs);
+        let stats = self
+            .on_logs(move |l| {
+                l.append(&logs)?;
+                l.stats(row)
+            })
+            .await?
+            .unwrap_or_default();
         self.write(move |conn| {
-            insert_logs(conn, &end.logs)?;
             conn.execute(
-                "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6 WHERE id = ?1",
-                params![end.row, now_ms(), end.result, end.exit_code, end.signal, end.detail],
+                "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6,
+                                  log_bytes = ?7, log_lines = ?8
+                 WHERE id = ?1",
+                params![
+                    end.row,
+                    now_ms(),
+                    end.result,
+                    end.exit_code,
+                    end.signal,
+                    end.detail,
+                    stats.bytes as i64,
+                    stats.lines as i64
+                ],
             )?;
             if let Some((build, properties, build_result)) = &end.then {
                 store_properties(conn, *build, properties)?;
@@ -862,7 +882,10 @@ impl StateDb {
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.logs.close(row);
+        self.compress_later(vec![row]);
+        Ok(())
     }
 
     pub async fn finish_build(&self, build: i64, result: &str) -> Result<(), StateError> {
@@ -871,10 +894,11 @@ impl StateDb {
             .await
     }
 
-    /// Stores log chunks; a chunk already stored (same step and seq) is
-    /// ignored, so replays never double a log.
+    /// Stores log chunks in their steps' files, durably when this returns;
+    /// a chunk already stored (same step, a seq not above the last) is
+    /// skipped, so replays never double a log.
     pub async fn append_logs(&self, chunks: Vec<LogChunk>) -> Result<(), StateError> {
-        self.write(move |conn| insert_logs(conn, &chunks)).await
+        self.on_logs(move |l| l.append(&chunks)).await
     }
 
     /// The most recent builds, newest first, with their steps.
@@ -980,6 +1004,23 @@ impl StateDb {
         after_seq: u64,
         max_bytes: usize,
     ) -> Result<Vec<LogChunk>, StateError> {
+        let from_files = self
+            .on_logs(move |l| {
+                let Some(r) = l.reader(step_row)? else {
+                    return Ok(None);
+                };
+                let from = r.first(|c| c.seq > after_seq)?;
+                let (mut to, mut bytes) = (from, 0usize);
+                while to < r.count() && bytes < max_bytes {
+                    bytes += r.record(to)?.len as usize;
+                    to += 1;
+                }
+                r.chunks(step_row, from, to).map(Some)
+            })
+            .await?;
+        if let Some(chunks) = from_files {
+            return Ok(chunks);
+        }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND seq > ?2 ORDER BY seq LIMIT 4096",
@@ -998,6 +1039,28 @@ impl StateDb {
         before_seq: Option<u64>,
         max_bytes: usize,
     ) -> Result<Vec<LogChunk>, StateError> {
+        let from_files = self
+            .on_logs(move |l| {
+                let Some(r) = l.reader(step_row)? else {
+                    return Ok(None);
+                };
+                let to = match before_seq {
+                    Some(b) => r.first(|c| c.seq >= b)?,
+                    None => r.count(),
+                };
+                let (mut from, mut bytes) = (to, 0usize);
+                while from > 0 && bytes < max_bytes {
+                    from -= 1;
+                    bytes += r.record(from)?.len as usize;
+                }
+                let mut chunks = r.chunks(step_row, from, to)?;
+                chunks.reverse();
+                Ok(Some(chunks))
+            })
+            .await?;
+        if let Some(chunks) = from_files {
+            return Ok(chunks);
+        }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT 4096",
@@ -1012,7 +1075,13 @@ impl StateDb {
     /// many builds went.
     pub async fn delete_builder(&self, builder: &str) -> Result<usize, StateError> {
         let builder = builder.to_string();
-        self.write(move |conn| {
+        let (builds, rows) = self.write(move |conn| {
+            let rows: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1",
+                )?
+                .query_map([&builder], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             conn.execute(
                 "DELETE FROM log_chunks WHERE step IN
                    (SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1)",
@@ -1022,9 +1091,13 @@ impl StateDb {
             conn.execute("DELETE FROM build_properties WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
             let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
             conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
-            Ok(builds)
+            Ok((builds, rows))
         })
-        .await
+        .await?;
+        // The rows are gone: nothing reads these files any more.
+        self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
+            .await?;
+        Ok(builds)
     }
 
     /// For each of `builders`: its last `per` builds (newest first, without
@@ -1086,100 +1159,187 @@ impl StateDb {
         &self,
         build: i64,
     ) -> Result<std::collections::HashMap<i64, u64>, StateError> {
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT c.step, SUM(length(c.data)) FROM log_chunks c
-                 WHERE c.step IN (SELECT id FROM steps WHERE build_id = ?1) GROUP BY c.step",
-            )?
-            .query_map([build], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
-            .collect()
-        })
-        .await
+        let (rows, mut sizes): (Vec<i64>, HashMap<i64, u64>) = self
+            .read(move |conn| {
+                let rows = conn
+                    .prepare_cached("SELECT id FROM steps WHERE build_id = ?1")?
+                    .query_map([build], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let sizes = conn
+                    .prepare_cached(
+                        "SELECT c.step, SUM(length(c.data)) FROM log_chunks c
+                         WHERE c.step IN (SELECT id FROM steps WHERE build_id = ?1) GROUP BY c.step",
+                    )?
+                    .query_map([build], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok((rows, sizes))
+            })
+            .await?;
+        let from_files = self
+            .on_logs(move |l| {
+                let mut out = Vec::new();
+                for row in rows {
+                    if let Some(s) = l.stats(row)? {
+                        out.push((row, s.bytes));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        sizes.extend(from_files);
+        Ok(sizes)
     }
 
     /// The last `lines` lines (at most about `max_bytes`, cut at a line's
     /// start) of every step attempt of a build, with where they start and
-    /// end in the step's output, all read in one snapshot: a live view that
-    /// goes on from `end` misses and doubles nothing.
+    /// end in the step's output. A live view that goes on from each `end`
+    /// misses and doubles nothing.
     pub async fn log_tails(
         &self,
         build: i64,
         lines: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogTail>, StateError> {
-        self.read(move |conn| {
-            let tx = conn.unchecked_transaction()?;
-            let rows: Vec<i64> = tx
-                .prepare_cached(
+        let rows: Vec<i64> = self
+            .read(move |conn| {
+                conn.prepare_cached(
                     "SELECT id FROM steps WHERE build_id = ?1 ORDER BY position, attempt",
                 )?
                 .query_map([build], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                let end: i64 = tx
-                    .prepare_cached(
-                        "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks WHERE step = ?1",
-                    )?
-                    .query_row([row], |r| r.get(0))?;
-                let mut stmt = tx.prepare_cached(
-                    "SELECT data FROM log_chunks WHERE step = ?1 ORDER BY seq DESC",
-                )?;
-                let mut chunks = stmt.query([row])?;
-                let (mut pieces, mut newlines, mut bytes) = (Vec::new(), 0usize, 0usize);
-                while let Some(r) = chunks.next()? {
-                    let data: Vec<u8> = r.get(0)?;
-                    // The last line's own end does not count.
-                    let skip_last = usize::from(bytes == 0 && data.last() == Some(&b'\n'));
-                    newlines += data.iter().filter(|&&b| b == b'\n').count() - skip_last;
-                    bytes += data.len();
-                    pieces.push(data);
-                    if newlines >= lines || bytes >= max_bytes {
-                        break;
+                .collect()
+            })
+            .await?;
+        let from_files = {
+            let rows = rows.clone();
+            self.on_logs(move |l| {
+                let mut out = HashMap::new();
+                for row in rows {
+                    let Some(r) = l.reader(row)? else { continue };
+                    let end = r.stats().bytes;
+                    let mut start = r.start_of_last_lines(lines as u64)?;
+                    if end - start > max_bytes as u64 {
+                        // Too long: from the first line that starts in the
+                        // last `max_bytes`, or cut mid-line if none does.
+                        let from = end - max_bytes as u64;
+                        let window = r.read(from, end)?;
+                        start = window
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(from, |i| from + i as u64 + 1);
                     }
+                    let data = bytes::Bytes::from(r.read(start, end)?);
+                    out.insert(
+                        row,
+                        LogTail {
+                            row,
+                            data,
+                            start,
+                            end,
+                        },
+                    );
                 }
-                let mut all = Vec::with_capacity(bytes);
-                for p in pieces.iter().rev() {
-                    all.extend_from_slice(p);
-                }
-                let body = all.strip_suffix(b"\n").unwrap_or(&all);
-                let mut cut = 0;
-                let mut seen = 0;
-                for (i, b) in body.iter().enumerate().rev() {
-                    if *b == b'\n' {
-                        seen += 1;
-                        if seen == lines {
-                            cut = i + 1;
+                Ok(out)
+            })
+            .await?
+        };
+        let mut from_files = from_files;
+        let in_db: Vec<i64> = rows
+            .iter()
+            .copied()
+            .filter(|r| !from_files.contains_key(r))
+            .collect();
+        let mut from_db: HashMap<i64, LogTail> = if in_db.is_empty() {
+            HashMap::new()
+        } else {
+            self.read(move |conn| {
+                let tx = conn.unchecked_transaction()?;
+                let rows = in_db;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let end: i64 = tx
+                        .prepare_cached(
+                            "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks WHERE step = ?1",
+                        )?
+                        .query_row([row], |r| r.get(0))?;
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT data FROM log_chunks WHERE step = ?1 ORDER BY seq DESC",
+                    )?;
+                    let mut chunks = stmt.query([row])?;
+                    let (mut pieces, mut newlines, mut bytes) = (Vec::new(), 0usize, 0usize);
+                    while let Some(r) = chunks.next()? {
+                        let data: Vec<u8> = r.get(0)?;
+                        // The last line's own end does not count.
+                        let skip_last = usize::from(bytes == 0 && data.last() == Some(&b'\n'));
+                        newlines += data.iter().filter(|&&b| b == b'\n').count() - skip_last;
+                        bytes += data.len();
+                        pieces.push(data);
+                        if newlines >= lines || bytes >= max_bytes {
                             break;
                         }
                     }
+                    let mut all = Vec::with_capacity(bytes);
+                    for p in pieces.iter().rev() {
+                        all.extend_from_slice(p);
+                    }
+                    let body = all.strip_suffix(b"\n").unwrap_or(&all);
+                    let mut cut = 0;
+                    let mut seen = 0;
+                    for (i, b) in body.iter().enumerate().rev() {
+                        if *b == b'\n' {
+                            seen += 1;
+                            if seen == lines {
+                                cut = i + 1;
+                                break;
+                            }
+                        }
+                    }
+                    if cut == 0 && all.len() > max_bytes {
+                        let from = all.len() - max_bytes;
+                        cut = all[from..]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(from, |i| from + i + 1);
+                    }
+                    let data = bytes::Bytes::from(all).slice(cut..);
+                    let end = end as u64;
+                    out.push(LogTail {
+                        row,
+                        start: end - data.len() as u64,
+                        end,
+                        data,
+                    });
                 }
-                if cut == 0 && all.len() > max_bytes {
-                    let from = all.len() - max_bytes;
-                    cut = all[from..]
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .map_or(from, |i| from + i + 1);
-                }
-                let data = bytes::Bytes::from(all).slice(cut..);
-                let end = end as u64;
-                out.push(LogTail {
-                    row,
-                    start: end - data.len() as u64,
-                    end,
-                    data,
-                });
-            }
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+                tx.commit()?;
+                Ok(out.into_iter().map(|t| (t.row, t)).collect())
+            })
+            .await?
+        };
+        Ok(rows
+            .iter()
+            .filter_map(|r| from_files.remove(r).or_else(|| from_db.remove(r)))
+            .collect())
     }
 
     /// Where byte `offset` of a step attempt's output is: the chunk seq to
     /// read after (0: from the first) and the offset that chunk starts at.
     /// Reads chunk lengths only, not their bytes.
     pub async fn log_seek(&self, step_row: i64, offset: u64) -> Result<(u64, u64), StateError> {
+        let from_files = self
+            .on_logs(move |l| {
+                let Some(r) = l.reader(step_row)? else {
+                    return Ok(None);
+                };
+                let i = r.first(|c| c.end() > offset)?;
+                if i == 0 {
+                    return Ok(Some((0, 0)));
+                }
+                let before = r.record(i - 1)?;
+                Ok(Some((before.seq, before.end())))
+            })
+            .await?;
+        if let Some(found) = from_files {
+            return Ok(found);
+        }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, length(data) FROM log_chunks WHERE step = ?1 ORDER BY seq",
@@ -1314,16 +1474,6 @@ fn change_ids_of(conn: &rusqlite::Connection, build: i64) -> rusqlite::Result<Ve
     .collect()
 }
 
-fn insert_logs(conn: &rusqlite::Connection, chunks: &[LogChunk]) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT OR IGNORE INTO log_chunks (step, seq, stream, data) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    for c in chunks {
-        stmt.execute(params![c.step, c.seq as i64, c.stream, &c.data[..]])?;
-    }
-    Ok(())
-}
-
 /// A build just claimed, as [`StateDb::claim`] hands it to `make`.
 pub struct ClaimedBuild<'a> {
     pub build: i64,
@@ -1351,8 +1501,8 @@ fn insert_step(
     on_lost: &str,
 ) -> rusqlite::Result<i64> {
     conn.prepare_cached(
-        "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms, log_stored)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'file')",
     )?
     .execute(params![
         build,

@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 mod builds;
+pub mod logs;
 
 pub use builds::{
     BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk, LogTail,
@@ -51,6 +52,8 @@ pub enum StateError {
     Thread(std::io::Error),
     #[error("state database transaction failed: {0}")]
     Transaction(String),
+    #[error("log files: {0}")]
+    Logs(#[from] std::io::Error),
 }
 
 /// A change as pushed, validated, before it has an id.
@@ -174,6 +177,14 @@ const MIGRATIONS: &[&str] = &[
          INSERT INTO report_outbox (build_id, finished, created_ms)
          VALUES (NEW.id, 1, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
      END;",
+    // 8: step output in files under the data directory (see `logs`); the
+    // database keeps where (`database` for logs stored before, in
+    // `log_chunks`, which stay readable there; `file`; `compressed`), and
+    // the size and line count once the step has ended.
+    "ALTER TABLE steps ADD COLUMN log_stored TEXT NOT NULL DEFAULT 'database';
+     ALTER TABLE steps ADD COLUMN log_bytes INTEGER;
+     ALTER TABLE steps ADD COLUMN log_lines INTEGER;
+     CREATE INDEX steps_log_uncompressed ON steps(id) WHERE log_stored = 'file';",
 ];
 
 /// The schema version this build writes.
@@ -212,6 +223,9 @@ pub struct StateDb {
     path: PathBuf,
     jobs: std::sync::mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
+    logs: Arc<logs::LogFiles>,
+    /// One log compressed at a time, in the background.
+    compressing: Arc<tokio::sync::Semaphore>,
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StateError> {
@@ -298,6 +312,60 @@ fn insert_change(conn: &Connection, c: &NewChange, received_ms: i64) -> rusqlite
     Ok(id)
 }
 
+/// Runs a write on the writer thread behind `jobs` (see [`StateDb::write`]).
+async fn write_on<T: Send + 'static>(
+    jobs: &std::sync::mpsc::Sender<Job>,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, StateError> {
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move |conn| {
+        let result = in_savepoint(conn, f);
+        Box::new(move |commit_error| {
+            let _ = tx.send(match commit_error {
+                None => result.map_err(StateError::from),
+                Some(e) => Err(StateError::Transaction(e)),
+            });
+        })
+    });
+    jobs.send(job).map_err(|_| StateError::WriterGone)?;
+    rx.await.map_err(|_| StateError::WriterGone)?
+}
+
+/// Moves the output of steps still running that a master before schema 8
+/// kept in the database into their log files, so that their logs go on
+/// in one place; ended steps' logs stay where they are and are read there.
+fn move_running_logs(conn: &mut Connection, logs: &logs::LogFiles) -> Result<(), StateError> {
+    let rows: Vec<i64> = conn
+        .prepare("SELECT id FROM steps WHERE log_stored = 'database' AND finished_ms IS NULL")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for row in rows {
+        let chunks: Vec<builds::LogChunk> = conn
+            .prepare("SELECT seq, stream, data FROM log_chunks WHERE step = ?1 ORDER BY seq")?
+            .query_map([row], |r| {
+                Ok(builds::LogChunk {
+                    step: row,
+                    seq: r.get::<_, i64>(0)? as u64,
+                    stream: r.get(1)?,
+                    data: r.get::<_, Vec<u8>>(2)?.into(),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        logs.append(&chunks)?;
+        logs.close(row);
+        let tx = conn.transaction()?;
+        tx.execute("UPDATE steps SET log_stored = 'file' WHERE id = ?1", [row])?;
+        tx.execute("DELETE FROM log_chunks WHERE step = ?1", [row])?;
+        tx.commit()?;
+        tracing::info!(
+            step = row,
+            chunks = chunks.len(),
+            "a running step's log moved to its file"
+        );
+    }
+    Ok(())
+}
+
 /// Runs a group of jobs in one transaction, each in its own savepoint, and
 /// answers them all once the transaction has committed.
 fn run_group(conn: &Connection, jobs: Vec<Job>) {
@@ -325,10 +393,20 @@ fn run_group(conn: &Connection, jobs: Vec<Job>) {
 }
 
 impl StateDb {
-    /// Opens (creating if needed) and migrates the database at `path`.
+    /// Opens (creating if needed) and migrates the database at `path`, with
+    /// log files beside it (`logs/` in its directory).
     pub fn open(path: &Path) -> Result<Self, StateError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::open_in(path, dir)
+    }
+
+    /// Opens (creating if needed) and migrates the database at `path`, with
+    /// log files under `data_dir/logs/`.
+    pub fn open_in(path: &Path, data_dir: &Path) -> Result<Self, StateError> {
         let mut writer = open_connection(path)?;
         migrate(&mut writer, path)?;
+        let logs = Arc::new(logs::LogFiles::new(data_dir.join("logs")));
+        move_running_logs(&mut writer, &logs)?;
         let reader = open_connection(path)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let thread_path = path.to_path_buf();
@@ -352,11 +430,30 @@ impl StateDb {
             path: path.to_path_buf(),
             jobs: tx,
             reader: Arc::new(Mutex::new(reader)),
+            logs,
+            compressing: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The log files.
+    pub fn log_files(&self) -> &Arc<logs::LogFiles> {
+        &self.logs
+    }
+
+    /// Runs blocking work on the log files, off the async runtime.
+    pub(crate) async fn on_logs<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&logs::LogFiles) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let logs = self.logs.clone();
+        tokio::task::spawn_blocking(move || f(&logs))
+            .await
+            .map_err(|_| StateError::WriterGone)?
+            .map_err(StateError::Logs)
     }
 
     /// Runs a write on the writer thread, in its own savepoint inside the
@@ -366,18 +463,64 @@ impl StateDb {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StateError> {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = in_savepoint(conn, f);
-            Box::new(move |commit_error| {
-                let _ = tx.send(match commit_error {
-                    None => result.map_err(StateError::from),
-                    Some(e) => Err(StateError::Transaction(e)),
-                });
-            })
+        write_on(&self.jobs, f).await
+    }
+
+    /// Compresses the logs of these ended steps, one at a time, in the
+    /// background (see [`logs`]); a log that cannot be compressed stays
+    /// readable as it is.
+    pub(crate) fn compress_later(&self, rows: Vec<i64>) {
+        let (logs, permits, jobs) = (
+            self.logs.clone(),
+            self.compressing.clone(),
+            self.jobs.clone(),
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            for row in rows {
+                let Ok(_permit) = permits.acquire().await else {
+                    return;
+                };
+                let l = logs.clone();
+                match tokio::task::spawn_blocking(move || l.compress(row)).await {
+                    Ok(Ok(())) => {
+                        let marked = write_on(&jobs, move |c| {
+                            c.execute(
+                                "UPDATE steps SET log_stored = 'compressed' WHERE id = ?1",
+                                [row],
+                            )
+                        })
+                        .await;
+                        if let Err(e) = marked {
+                            tracing::warn!(step = row, error = %e, "cannot record a compressed log");
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(step = row, error = %e, "cannot compress a step's log; it stays readable uncompressed")
+                    }
+                    Err(_) => return,
+                }
+            }
         });
-        self.jobs.send(job).map_err(|_| StateError::WriterGone)?;
-        rx.await.map_err(|_| StateError::WriterGone)?
+    }
+
+    /// Compresses the logs of steps that ended while the master was not
+    /// there to (it stopped or died first), in the background.
+    pub async fn compress_ended_logs(&self) -> Result<usize, StateError> {
+        let rows: Vec<i64> = self
+            .read(|conn| {
+                conn.prepare_cached(
+                    "SELECT id FROM steps WHERE log_stored = 'file' AND finished_ms IS NOT NULL",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect()
+            })
+            .await?;
+        let n = rows.len();
+        self.compress_later(rows);
+        Ok(n)
     }
 
     /// Runs a read on the reader connection (off the async runtime).

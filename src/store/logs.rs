@@ -1,0 +1,753 @@
+//! Step output in files: one append-only file per step attempt under
+//! `DATA_DIR/logs/`, an index beside it, compressed once the step has
+//! ended. The state database keeps only what is small (sizes, line counts,
+//! where the log is).
+//!
+//! Files of a step attempt (its row in `steps`), under `logs/N/` where N
+//! is ROW / 1000 (so no directory grows past a thousand steps):
+//!
+//! - `ROW.log`: the output's bytes, as the worker sent them, in order.
+//! - `ROW.idx`: one 32-byte record per chunk: its sequence number, where it
+//!   starts in the output, its length, its stream, and how many newlines
+//!   the output holds up to its end. Records are in the order of all four,
+//!   so a byte offset, a sequence number or the start of the last N lines
+//!   is found by binary search, reading a few records, never the log.
+//! - once the step has ended, `ROW.zst` and `ROW.frames` replace `ROW.log`:
+//!   the output in independent zstd frames of [`FRAME`] bytes each, and a
+//!   16-byte record per frame (where it starts in the output and in the
+//!   compressed file), so a range is read by decompressing only the frames
+//!   it touches. `ROW.idx` stays as it was.
+//!
+//! Durability: a batch of chunks is written (bytes first, then their
+//! records) and both files are synced before [`LogFiles::append`] returns;
+//! the master acknowledges the chunks to the worker only after that. A
+//! crash may leave bytes without a record, or a record whose bytes did not
+//! reach the disk: neither was acknowledged, so the worker sends them
+//! again. Readers only believe records whose bytes are there; the writer,
+//! when it next opens the step, cuts both files back to the last whole
+//! chunk before appending. A chunk whose sequence number is not above the
+//! last one stored is a replay and is skipped: nothing doubles.
+//!
+//! Compression writes the new files under temporary names, syncs them and
+//! renames them into place (`.frames` first: a `.zst` always has its
+//! frames), then removes `.log`. A reader that finds `.zst` reads it; a
+//! reader that opened `.log` just before keeps reading its open file.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::builds::LogChunk;
+
+/// One index record's size.
+const RECORD: u64 = 32;
+/// One frame record's size.
+const FRAME_RECORD: u64 = 16;
+/// The output's bytes per compressed frame: a read decompresses at most
+/// this much more than it needs at each end.
+pub const FRAME: usize = 64 * 1024;
+/// zstd's level for ended logs: fast, and logs shrink well even so.
+const LEVEL: i32 = 3;
+/// Writers kept open at once; past it the least recently used is closed
+/// (and reopened when its step writes again).
+const MAX_OPEN: usize = 256;
+
+/// One chunk's index record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// Where the chunk starts in the step's output.
+    pub offset: u64,
+    pub len: u32,
+    pub stream: i32,
+    /// Newlines in the output up to the chunk's end.
+    pub lines: u64,
+}
+
+impl Record {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len as u64
+    }
+
+    fn encode(&self) -> [u8; RECORD as usize] {
+        let mut b = [0u8; RECORD as usize];
+        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.stream.to_le_bytes());
+        b[24..32].copy_from_slice(&self.lines.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; RECORD as usize]) -> Self {
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Record {
+            seq: u64_at(0),
+            offset: u64_at(8),
+            len: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
+            stream: i32::from_le_bytes(b[20..24].try_into().expect("4 bytes")),
+            lines: u64_at(24),
+        }
+    }
+}
+
+/// What a step's log holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub bytes: u64,
+    pub lines: u64,
+    pub last_seq: u64,
+}
+
+/// The open files of a step being written.
+struct Writer {
+    data: File,
+    index: File,
+    stats: LogStats,
+}
+
+/// An open writer, with when it was last used.
+type OpenWriter = (Arc<Mutex<Writer>>, u64);
+
+/// The log files of every step, under one directory.
+pub struct LogFiles {
+    dir: PathBuf,
+    /// Writers by step row, with when each was last used (for closing the
+    /// least recently used).
+    open: Mutex<HashMap<i64, OpenWriter>>,
+    uses: std::sync::atomic::AtomicU64,
+    /// Steps being compressed: appends to them are refused.
+    sealed: Mutex<HashSet<i64>>,
+}
+
+/// A step's files, by kind.
+struct Paths {
+    dir: PathBuf,
+    data: PathBuf,
+    index: PathBuf,
+    zst: PathBuf,
+    frames: PathBuf,
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn read_exact_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+    f.read_exact_at(buf, at)
+}
+
+impl LogFiles {
+    /// The log files under `dir` (created when the first log is written).
+    pub fn new(dir: PathBuf) -> Self {
+        LogFiles {
+            dir,
+            open: Mutex::new(HashMap::new()),
+            uses: std::sync::atomic::AtomicU64::new(0),
+            sealed: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn paths(&self, row: i64) -> Paths {
+        let dir = self.dir.join((row / 1000).to_string());
+        Paths {
+            data: dir.join(format!("{row}.log")),
+            index: dir.join(format!("{row}.idx")),
+            zst: dir.join(format!("{row}.zst")),
+            frames: dir.join(format!("{row}.frames")),
+            dir,
+        }
+    }
+
+    /// The writer of `row`, opened (and its files cut back to their last
+    /// whole chunk) if it is not open; `None` if the step's log is already
+    /// compressed or being compressed (it has ended: nothing more is
+    /// written to it).
+    fn writer(&self, row: i64) -> io::Result<Option<Arc<Mutex<Writer>>>> {
+        let stamp = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((w, used)) = open.get_mut(&row) {
+            *used = stamp;
+            return Ok(Some(w.clone()));
+        }
+        if self
+            .sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&row)
+        {
+            return Ok(None);
+        }
+        let p = self.paths(row);
+        if p.zst.exists() {
+            return Ok(None);
+        }
+        let created = !p.dir.exists();
+        fs::create_dir_all(&p.dir)?;
+        if created {
+            sync_dir(&self.dir)?;
+        }
+        let new = !p.data.exists();
+        let options = || {
+            let mut o = OpenOptions::new();
+            o.read(true).append(true).create(true);
+            o
+        };
+        let data = options().open(&p.data)?;
+        let index = options().open(&p.index)?;
+        if new {
+            sync_dir(&p.dir)?;
+        }
+        let stats = recover(&data, &index)?;
+        if open.len() >= MAX_OPEN
+            && let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(r, _)| *r)
+        {
+            open.remove(&oldest);
+        }
+        let w = Arc::new(Mutex::new(Writer { data, index, stats }));
+        open.insert(row, (w.clone(), stamp));
+        Ok(Some(w))
+    }
+
+    /// Appends chunks (of any steps, each step's in order) and syncs them
+    /// to disk before returning. A chunk whose sequence number is not above
+    /// its step's last stored one is a replay and is skipped; chunks of a
+    /// step whose log is compressed (it has ended) are skipped too.
+    pub fn append(&self, chunks: &[LogChunk]) -> io::Result<()> {
+        let mut by_step: Vec<(i64, Vec<&LogChunk>)> = Vec::new();
+        for c in chunks {
+            match by_step.iter_mut().find(|(r, _)| *r == c.step) {
+                Some((_, v)) => v.push(c),
+                None => by_step.push((c.step, vec![c])),
+            }
+        }
+        for (row, chunks) in by_step {
+            let Some(w) = self.writer(row)? else {
+                tracing::warn!(
+                    step = row,
+                    "output for a step whose log is already compressed; not stored"
+                );
+                continue;
+            };
+            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            let mut data = Vec::new();
+            let mut records = Vec::new();
+            let mut stats = w.stats;
+            for c in chunks {
+                if c.seq <= stats.last_seq || c.data.is_empty() {
+                    continue;
+                }
+                let lines = stats.lines + memchr_count(&c.data);
+                records.extend_from_slice(
+                    &Record {
+                        seq: c.seq,
+                        offset: stats.bytes,
+                        len: c.data.len() as u32,
+                        stream: c.stream,
+                        lines,
+                    }
+                    .encode(),
+                );
+                data.extend_from_slice(&c.data);
+                stats = LogStats {
+                    bytes: stats.bytes + c.data.len() as u64,
+                    lines,
+                    last_seq: c.seq,
+                };
+            }
+            if records.is_empty() {
+                continue;
+            }
+            let written = (|| {
+                w.data.write_all(&data)?;
+                w.index.write_all(&records)?;
+                w.data.sync_data()?;
+                w.index.sync_data()
+            })();
+            if let Err(e) = written {
+                // What was half written is cut back when the step's files
+                // are next opened.
+                self.open
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&row);
+                return Err(e);
+            }
+            w.stats = stats;
+        }
+        Ok(())
+    }
+
+    /// What `row`'s log holds, from its files (`None`: it has none).
+    pub fn stats(&self, row: i64) -> io::Result<Option<LogStats>> {
+        if let Some((w, _)) = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+        {
+            return Ok(Some(w.lock().unwrap_or_else(|e| e.into_inner()).stats));
+        }
+        Ok(self.reader(row)?.map(|r| r.stats()))
+    }
+
+    /// Closes `row`'s writer: its step has ended.
+    pub fn close(&self, row: i64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+    }
+
+    /// A reader of `row`'s log, or `None` if it has no files (no output
+    /// yet, or a log kept in the database by an older master).
+    pub fn reader(&self, row: i64) -> io::Result<Option<LogReader>> {
+        let p = self.paths(row);
+        // Twice: compression may swap the files between the two looks.
+        for _ in 0..2 {
+            let index = match File::open(&p.index) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            match (File::open(&p.zst), File::open(&p.frames)) {
+                (Ok(zst), Ok(frames)) => {
+                    let n = frames.metadata()?.len() / FRAME_RECORD;
+                    return LogReader::new(
+                        index,
+                        Body::Compressed {
+                            zst,
+                            frames,
+                            count: n,
+                        },
+                    )
+                    .map(Some);
+                }
+                (Err(e), _) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            match File::open(&p.data) {
+                Ok(data) => return LogReader::new(index, Body::Plain(data)).map(Some),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Compresses `row`'s ended log (see the module's doc). Nothing to do
+    /// if it has no plain log.
+    pub fn compress(&self, row: i64) -> io::Result<()> {
+        self.sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(row);
+        self.close(row);
+        let result = self.compress_sealed(row);
+        self.sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+        result
+    }
+
+    fn compress_sealed(&self, row: i64) -> io::Result<()> {
+        let p = self.paths(row);
+        let mut data = match OpenOptions::new().read(true).write(true).open(&p.data) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if p.zst.exists() {
+            // Compressed before a crash that left the plain file.
+            return remove_if_there(&p.data);
+        }
+        let index = OpenOptions::new().read(true).write(true).open(&p.index)?;
+        let stats = recover(&data, &index)?;
+        let tmp_zst = p.dir.join(format!(".{row}.zst.tmp"));
+        let tmp_frames = p.dir.join(format!(".{row}.frames.tmp"));
+        let mut zst = File::create(&tmp_zst)?;
+        let mut frames = io::BufWriter::new(File::create(&tmp_frames)?);
+        let mut compressor = zstd::bulk::Compressor::new(LEVEL)?;
+        let mut buf = vec![0u8; FRAME];
+        let (mut raw, mut packed) = (0u64, 0u64);
+        while raw < stats.bytes {
+            let n = (stats.bytes - raw).min(FRAME as u64) as usize;
+            data.read_exact(&mut buf[..n])?;
+            let frame = compressor.compress(&buf[..n])?;
+            zst.write_all(&frame)?;
+            frames.write_all(&raw.to_le_bytes())?;
+            frames.write_all(&packed.to_le_bytes())?;
+            raw += n as u64;
+            packed += frame.len() as u64;
+        }
+        zst.sync_all()?;
+        let frames = frames.into_inner().map_err(|e| e.into_error())?;
+        frames.sync_all()?;
+        fs::rename(&tmp_frames, &p.frames)?;
+        fs::rename(&tmp_zst, &p.zst)?;
+        sync_dir(&p.dir)?;
+        fs::remove_file(&p.data)?;
+        sync_dir(&p.dir)
+    }
+
+    /// Removes every file of `row`'s log.
+    pub fn remove(&self, row: i64) -> io::Result<()> {
+        self.close(row);
+        let p = self.paths(row);
+        for f in [&p.zst, &p.frames, &p.data, &p.index] {
+            remove_if_there(f)?;
+        }
+        Ok(())
+    }
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn memchr_count(data: &[u8]) -> u64 {
+    data.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// The number of whole records in `index` whose bytes `data_len` holds,
+/// and the last of them.
+fn whole_records(index: &File, data_len: u64) -> io::Result<(u64, Option<Record>)> {
+    let mut n = index.metadata()?.len() / RECORD;
+    while n > 0 {
+        let mut b = [0u8; RECORD as usize];
+        read_exact_at(index, &mut b, (n - 1) * RECORD)?;
+        let r = Record::decode(&b);
+        if r.end() <= data_len {
+            return Ok((n, Some(r)));
+        }
+        n -= 1;
+    }
+    Ok((0, None))
+}
+
+/// Cuts a step's files back to their last whole chunk (what a crash
+/// mid-append leaves); returns what they then hold.
+fn recover(data: &File, index: &File) -> io::Result<LogStats> {
+    let data_len = data.metadata()?.len();
+    let (n, last) = whole_records(index, data_len)?;
+    let stats = last.map_or(LogStats::default(), |r| LogStats {
+        bytes: r.end(),
+        lines: r.lines,
+        last_seq: r.seq,
+    });
+    if index.metadata()?.len() != n * RECORD {
+        index.set_len(n * RECORD)?;
+        index.sync_data()?;
+    }
+    if data_len != stats.bytes {
+        data.set_len(stats.bytes)?;
+        data.sync_data()?;
+    }
+    Ok(stats)
+}
+
+enum Body {
+    Plain(File),
+    Compressed { zst: File, frames: File, count: u64 },
+}
+
+/// Reads one step's log: chunks by sequence number, byte ranges, the last
+/// lines. Sees the log as it was when it was opened.
+pub struct LogReader {
+    index: File,
+    count: u64,
+    last: Option<Record>,
+    body: Body,
+}
+
+impl LogReader {
+    fn new(index: File, body: Body) -> io::Result<Self> {
+        let data_len = match &body {
+            Body::Plain(f) => f.metadata()?.len(),
+            Body::Compressed { .. } => u64::MAX,
+        };
+        let (count, last) = whole_records(&index, data_len)?;
+        Ok(LogReader {
+            index,
+            count,
+            last,
+            body,
+        })
+    }
+
+    /// What the log holds.
+    pub fn stats(&self) -> LogStats {
+        self.last.map_or(LogStats::default(), |r| LogStats {
+            bytes: r.end(),
+            lines: r.lines,
+            last_seq: r.seq,
+        })
+    }
+
+    /// How many chunks it holds.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Chunk `i`'s record.
+    pub fn record(&self, i: u64) -> io::Result<Record> {
+        let mut b = [0u8; RECORD as usize];
+        read_exact_at(&self.index, &mut b, i * RECORD)?;
+        Ok(Record::decode(&b))
+    }
+
+    /// The first chunk for which `past` is true (all chunks after it too),
+    /// or `count()`.
+    pub fn first(&self, past: impl Fn(&Record) -> bool) -> io::Result<u64> {
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if past(&self.record(mid)?) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// The output's bytes `start..end` (within what the log holds).
+    pub fn read(&self, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        let end = end.min(self.stats().bytes);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        match &self.body {
+            Body::Plain(f) => {
+                let mut buf = vec![0u8; (end - start) as usize];
+                read_exact_at(f, &mut buf, start)?;
+                Ok(buf)
+            }
+            Body::Compressed { zst, frames, count } => {
+                let frame = |i: u64| -> io::Result<(u64, u64)> {
+                    let mut b = [0u8; FRAME_RECORD as usize];
+                    read_exact_at(frames, &mut b, i * FRAME_RECORD)?;
+                    Ok((
+                        u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+                        u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+                    ))
+                };
+                let packed_len = zst.metadata()?.len();
+                // Frames hold FRAME bytes each but the last.
+                let first = start / FRAME as u64;
+                let last = ((end - 1) / FRAME as u64).min(count.saturating_sub(1));
+                let (raw_from, packed_from) = frame(first)?;
+                let packed_to = if last + 1 < *count {
+                    frame(last + 1)?.1
+                } else {
+                    packed_len
+                };
+                let mut packed = vec![0u8; (packed_to - packed_from) as usize];
+                read_exact_at(zst, &mut packed, packed_from)?;
+                let mut out = Vec::with_capacity(((last - first + 1) as usize) * FRAME);
+                let mut d = zstd::bulk::Decompressor::new()?;
+                let mut at = 0usize;
+                for i in first..=last {
+                    let next = if i + 1 < *count && i < last {
+                        (frame(i + 1)?.1 - packed_from) as usize
+                    } else {
+                        packed.len()
+                    };
+                    out.extend(d.decompress(&packed[at..next], FRAME)?);
+                    at = next;
+                }
+                let from = (start - raw_from) as usize;
+                let to = (end - raw_from) as usize;
+                if to > out.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a compressed log is shorter than its index",
+                    ));
+                }
+                out.truncate(to);
+                Ok(out.split_off(from))
+            }
+        }
+    }
+
+    /// Chunks `from..to` (indexes), with their bytes.
+    pub fn chunks(&self, row: i64, from: u64, to: u64) -> io::Result<Vec<LogChunk>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let records: Vec<Record> = (from..to)
+            .map(|i| self.record(i))
+            .collect::<io::Result<_>>()?;
+        let start = records[0].offset;
+        let bytes = bytes::Bytes::from(self.read(start, records[records.len() - 1].end())?);
+        Ok(records
+            .iter()
+            .map(|r| LogChunk {
+                step: row,
+                seq: r.seq,
+                stream: r.stream,
+                data: bytes.slice((r.offset - start) as usize..(r.end() - start) as usize),
+            })
+            .collect())
+    }
+
+    /// Where the last `lines` lines start (a trailing newline ends the last
+    /// line, it does not begin another).
+    pub fn start_of_last_lines(&self, lines: u64) -> io::Result<u64> {
+        let stats = self.stats();
+        if stats.bytes == 0 || lines == 0 {
+            return Ok(stats.bytes);
+        }
+        let ends_line = self.read(stats.bytes - 1, stats.bytes)? == b"\n";
+        // The newline just before the wanted lines is number `target`
+        // (counting from 1); none: from the start.
+        let total = stats.lines;
+        let wanted = lines + u64::from(ends_line);
+        if total < wanted {
+            return Ok(0);
+        }
+        let target = total - wanted + 1;
+        let i = self.first(|r| r.lines >= target)?;
+        let r = self.record(i)?;
+        let data = self.read(r.offset, r.end())?;
+        let mut seen = r.lines - memchr_count(&data);
+        for (k, b) in data.iter().enumerate() {
+            if *b == b'\n' {
+                seen += 1;
+                if seen == target {
+                    return Ok(r.offset + k as u64 + 1);
+                }
+            }
+        }
+        Ok(r.end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(step: i64, seq: u64, text: &str) -> LogChunk {
+        LogChunk {
+            step,
+            seq,
+            stream: if seq.is_multiple_of(2) { 2 } else { 1 },
+            data: bytes::Bytes::copy_from_slice(text.as_bytes()),
+        }
+    }
+
+    fn all(r: &LogReader) -> Vec<u8> {
+        r.read(0, r.stats().bytes).unwrap()
+    }
+
+    #[test]
+    fn appends_reads_by_seq_range_and_last_lines_before_and_after_compression() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogFiles::new(dir.path().join("logs"));
+        let mut expected = Vec::new();
+        let mut chunks = Vec::new();
+        for seq in 1..=3000u64 {
+            let pad = "x".repeat(80);
+            let text = format!(
+                "line {seq} {pad}\n{}",
+                if seq % 7 == 0 { "part " } else { "" }
+            );
+            expected.extend_from_slice(text.as_bytes());
+            chunks.push(chunk(12_345, seq, &text));
+        }
+        // In two batches, the second replaying part of the first.
+        logs.append(&chunks[..2000]).unwrap();
+        logs.append(&chunks[1500..]).unwrap();
+        for compressed in [false, true] {
+            let r = logs.reader(12_345).unwrap().unwrap();
+            assert_eq!(all(&r), expected, "compressed: {compressed}");
+            assert_eq!(r.count(), 3000);
+            assert_eq!(r.stats().last_seq, 3000);
+            assert_eq!(r.stats().lines, 3000);
+            // By sequence number.
+            let i = r.first(|c| c.seq > 2500).unwrap();
+            let page = r.chunks(12_345, i, i + 2).unwrap();
+            assert_eq!(page[0].seq, 2501);
+            assert_eq!(page[0].data, chunks[2500].data);
+            assert_eq!(page[1].stream, chunks[2501].stream);
+            // Any byte range, across frames.
+            for (a, b) in [(0, 10), (65_530, 65_550), (1000, 150_000), (5, 5)] {
+                let b = (b as usize).min(expected.len());
+                assert_eq!(r.read(a, b as u64).unwrap(), expected[a as usize..b]);
+            }
+            // The last lines.
+            let text = String::from_utf8(expected.clone()).unwrap();
+            let line = |n: u64| format!("line {n} {}\n", "x".repeat(80));
+            let from = r.start_of_last_lines(3).unwrap() as usize;
+            assert_eq!(text[from..], line(2998) + &line(2999) + &line(3000));
+            let from = r.start_of_last_lines(5).unwrap() as usize;
+            assert_eq!(
+                text[from..],
+                line(2996) + "part " + &line(2997) + &line(2998) + &line(2999) + &line(3000)
+            );
+            assert!(expected.len() > 4 * FRAME, "several frames");
+            let from = r.start_of_last_lines(100_000).unwrap();
+            assert_eq!(from, 0);
+            logs.compress(12_345).unwrap();
+        }
+        assert!(!dir.path().join("logs/12/12345.log").exists());
+        // A compressed log takes no more output.
+        logs.append(&[chunk(12_345, 3001, "late\n")]).unwrap();
+        assert_eq!(logs.stats(12_345).unwrap().unwrap().last_seq, 3000);
+        logs.remove(12_345).unwrap();
+        assert!(logs.reader(12_345).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_torn_append_is_cut_back_and_the_replay_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogFiles::new(dir.path().join("logs"));
+        logs.append(&[chunk(7, 1, "one\n"), chunk(7, 2, "two\n")])
+            .unwrap();
+        logs.close(7);
+        // A crash mid-append: bytes of chunk 3 and half its record.
+        let p = logs.paths(7);
+        OpenOptions::new()
+            .append(true)
+            .open(&p.data)
+            .unwrap()
+            .write_all(b"thr")
+            .unwrap();
+        let half = Record {
+            seq: 3,
+            offset: 8,
+            len: 6,
+            stream: 1,
+            lines: 3,
+        }
+        .encode();
+        OpenOptions::new()
+            .append(true)
+            .open(&p.index)
+            .unwrap()
+            .write_all(&half[..20])
+            .unwrap();
+        // A reader believes only whole chunks.
+        assert_eq!(all(&logs.reader(7).unwrap().unwrap()), b"one\ntwo\n");
+        // The worker sends 2 and 3 again.
+        logs.append(&[chunk(7, 2, "two\n"), chunk(7, 3, "three\n")])
+            .unwrap();
+        let r = logs.reader(7).unwrap().unwrap();
+        assert_eq!(all(&r), b"one\ntwo\nthree\n");
+        assert_eq!(r.count(), 3);
+    }
+}
