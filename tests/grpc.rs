@@ -933,12 +933,20 @@ async fn the_json_api_lists_filters_and_pages_builds_for_a_web_user() {
 async fn a_builds_log_downloads_raw_whole_or_by_range() {
     const VIEWER: UserSpec = ("viewer", "viewer-pw", &["web"]);
     let users = [HOOK, ADMIN, VIEWER];
-    let m = widgets_master(&users, "seq 1 200000; echo done").await;
+    let gate = tempfile::tempdir().unwrap();
+    let go = gate.path().join("go");
+    let m = widgets_master(
+        &users,
+        &format!(
+            "seq 1 200000; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+            go.display()
+        ),
+    )
+    .await;
     let _w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
     let mut events = m.master.builds().subscribe();
     push(&m, "main").await;
-    let id = builds_ended(&mut events, 1).await[0].0;
     let expected: String = (1..=200000).map(|n| format!("{n}\n")).collect::<String>() + "done\n";
     let viewer = basic("viewer", "viewer-pw");
     // (All on stdout: how two streams interleave is up to the worker's
@@ -957,6 +965,48 @@ async fn a_builds_log_downloads_raw_whole_or_by_range() {
             (head, reply[at + 4..].to_vec())
         }
     };
+    // While the step runs: its last lines and a range, from the log file
+    // being written.
+    let id = within("the build to start", async {
+        loop {
+            if let Some(b) = m.master.state().builds(None, 1).await.unwrap().first() {
+                return b.id;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within("the output so far", async {
+        loop {
+            let (_, last) = get(format!("/api/v1/builds/{id}/log?tail=2")).await;
+            if last == b"199999\n200000\n" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (_, range) = get(format!("/api/v1/builds/{id}/log?start=100000&end=100020")).await;
+    assert_eq!(range, &expected.as_bytes()[100000..100020]);
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(builds_ended(&mut events, 1).await[0].0, id);
+    // Once ended, the log is compressed, and reads the same.
+    let logs = m.dir.path().join("logs");
+    within("the log to be compressed", async {
+        loop {
+            let zst = walk(&logs)
+                .into_iter()
+                .any(|p| p.extension().is_some_and(|e| e == "zst"));
+            let plain = walk(&logs)
+                .into_iter()
+                .any(|p| p.extension().is_some_and(|e| e == "log"));
+            if zst && !plain {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let (head, body) = get(format!("/api/v1/builds/{id}/log")).await;
     assert!(
         head.contains(" 200 ") && head.contains("text/plain"),
@@ -993,7 +1043,41 @@ async fn a_builds_log_downloads_raw_whole_or_by_range() {
         let (head, _) = get(path.clone()).await;
         assert!(head.contains(status), "{path}: {head}");
     }
+    // The database keeps the log's size and line count, not its bytes.
+    let (bytes, lines): (i64, i64) = m
+        .master
+        .state()
+        .read(move |c| {
+            c.query_row(
+                "SELECT log_bytes, log_lines FROM steps WHERE build_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!((bytes as usize, lines), (expected.len(), 200_001));
+    let compressed: u64 = walk(&logs)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "zst"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(compressed < expected.len() as u64 / 2, "{compressed} bytes");
     m.stop().await;
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[tokio::test]

@@ -805,4 +805,113 @@ mod tests {
             7
         );
     }
+
+    #[tokio::test]
+    async fn logs_an_earlier_master_kept_in_the_database_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        // What a master before schema 8 left: a build with an ended step
+        // and a running one, their output in `log_chunks`.
+        let (ended, running) = {
+            let db = StateDb::open(&path).unwrap();
+            db.write(|c| {
+                c.execute(
+                    "INSERT INTO build_requests (builder, reason, repository, branch, revision, created_ms)
+                     VALUES ('b', 'r', 'repo', 'main', 'abc', 0)",
+                    [],
+                )?;
+                let request = c.last_insert_rowid();
+                c.execute(
+                    "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, 'b', 'w', 0)",
+                    [request],
+                )?;
+                let build = c.last_insert_rowid();
+                let mut rows = Vec::new();
+                for (position, finished) in [(0, Some(1i64)), (1, None)] {
+                    c.execute(
+                        "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms, finished_ms)
+                         VALUES (?1, ?2, 's', 1, ?3, 'fail', 0, ?4)",
+                        params![build, position, vec![position as u8; 16], finished],
+                    )?;
+                    let row = c.last_insert_rowid();
+                    for seq in 1..=3i64 {
+                        c.execute(
+                            "INSERT INTO log_chunks (step, seq, stream, data) VALUES (?1, ?2, 1, ?3)",
+                            params![row, seq, format!("{position}-{seq}\n").into_bytes()],
+                        )?;
+                    }
+                    rows.push(row);
+                }
+                Ok((rows[0], rows[1]))
+            })
+            .await
+            .unwrap()
+        };
+        let db = StateDb::open(&path).unwrap();
+        let text = |chunks: Vec<LogChunk>| {
+            chunks
+                .iter()
+                .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+                .collect::<String>()
+        };
+        // The ended step's log is read where it is.
+        assert_eq!(
+            text(db.log_page(ended, 0, 1 << 20).await.unwrap()),
+            "0-1\n0-2\n0-3\n"
+        );
+        assert!(db.log_files().reader(ended).unwrap().is_none());
+        // The running step's log moved to its file at start, and goes on
+        // there (a replay of chunk 3 is stored once).
+        assert!(db.log_files().reader(running).unwrap().is_some());
+        let left: i64 = db
+            .read(move |c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM log_chunks WHERE step = ?1",
+                    [running],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        db.append_logs(vec![
+            LogChunk {
+                step: running,
+                seq: 3,
+                stream: 1,
+                data: "1-3\n".into(),
+            },
+            LogChunk {
+                step: running,
+                seq: 4,
+                stream: 1,
+                data: "1-4\n".into(),
+            },
+        ])
+        .await
+        .unwrap();
+        assert_eq!(
+            text(db.log_page(running, 0, 1 << 20).await.unwrap()),
+            "1-1\n1-2\n1-3\n1-4\n"
+        );
+        assert_eq!(db.log_seek(running, 9).await.unwrap(), (2, 8));
+        assert_eq!(db.log_seek(ended, 9).await.unwrap(), (2, 8));
+        let build: i64 = db
+            .read(move |c| {
+                c.query_row("SELECT build_id FROM steps WHERE id = ?1", [ended], |r| {
+                    r.get(0)
+                })
+            })
+            .await
+            .unwrap();
+        let tails = db.log_tails(build, 2, 1 << 20).await.unwrap();
+        assert_eq!(tails.len(), 2);
+        assert_eq!(tails[0].data, "0-2\n0-3\n");
+        assert_eq!(
+            (tails[1].data.as_ref(), tails[1].end),
+            (&b"1-3\n1-4\n"[..], 16)
+        );
+        let sizes = db.log_sizes(build).await.unwrap();
+        assert_eq!((sizes[&ended], sizes[&running]), (12, 16));
+    }
 }
