@@ -128,6 +128,21 @@ pub struct Master {
     pollers: Arc<crate::builds::poller::Pollers>,
     /// `[[reporter]]`s: their sender runs in [`Master::serve`].
     reporters: Arc<crate::builds::reporters::Reporters>,
+    /// `build_retention` and `log_retention`: runs in [`Master::serve`].
+    pruner: Arc<crate::builds::retention::Pruner>,
+    /// Steps whose output could not all be stored, for [`Master::serve`]
+    /// to act on.
+    log_troubles: std::sync::Mutex<
+        Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::logs::LogTrouble>>,
+    >,
+}
+
+/// The retention a config asks for.
+fn retention_of(config: &Config) -> crate::builds::retention::RetentionPolicy {
+    crate::builds::retention::RetentionPolicy {
+        builds: config.build_retention,
+        logs: config.log_retention,
+    }
 }
 
 /// Reloads asked for from the console, each with where to send the outcome.
@@ -251,6 +266,13 @@ impl Master {
         pollers.set(config.pollers.clone());
         let reporters = crate::builds::reporters::Reporters::new(builds.clone());
         reporters.set(&config.reporters, &reporter_tokens, config.web_url.clone());
+        let pruner = crate::builds::retention::Pruner::new(state.clone());
+        pruner.set(retention_of(&config));
+        state
+            .log_files()
+            .set_max_log_size(config.max_log_size, config.fail_on_log_limit);
+        let (trouble_tx, log_troubles) = tokio::sync::mpsc::unbounded_channel();
+        state.on_log_trouble(trouble_tx);
         let webhooks = crate::api::webhooks::Webhooks::new(builds.clone(), dispatcher.clone());
         webhooks.set(config.webhooks.values(), &webhook_secrets);
         let api_routes = crate::api::v1::routes(api_state.clone())
@@ -299,6 +321,8 @@ impl Master {
             webhooks,
             pollers,
             reporters,
+            pruner,
+            log_troubles: std::sync::Mutex::new(Some(log_troubles)),
         };
         master.warn_about_config();
         Ok(master)
@@ -398,6 +422,13 @@ impl Master {
         }
         let polls = tokio::spawn(self.pollers.clone().run(shutdown.clone()));
         let reports = tokio::spawn(self.reporters.clone().run(shutdown.clone()));
+        let prunes = tokio::spawn(self.pruner.clone().run(shutdown.clone()));
+        let troubles = self
+            .log_troubles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|t| tokio::spawn(self.builds.clone().watch_log_troubles(t, shutdown.clone())));
         // Reloads asked for from the console run here, one at a time, while
         // the port keeps serving.
         let reloads = self
@@ -435,6 +466,10 @@ impl Master {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), polls).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reports).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), prunes).await;
+        if let Some(t) = troubles {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
         self.health
             .set_not_serving::<ChangeSourceServer<ChangeSourceService>>()
             .await;
@@ -537,6 +572,10 @@ impl Master {
             &secrets.reporter_tokens,
             new.web_url.clone(),
         );
+        self.pruner.set(retention_of(&new));
+        self.state
+            .log_files()
+            .set_max_log_size(new.max_log_size, new.fail_on_log_limit);
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {

@@ -1216,3 +1216,186 @@ async fn the_same_push_under_a_tree_stable_timer_makes_one_build_of_the_newest()
     assert_eq!(ids, Some(2), "both changes recorded on the one build");
     m.stop().await;
 }
+
+/// Adds `keys` to the `[master]` table of `m`'s config and reloads it.
+async fn reload_with_master_keys(m: &TestMaster, keys: &str) {
+    let text = std::fs::read_to_string(m.config_path()).unwrap();
+    let text = text.replacen(
+        "heartbeat_interval = \"1s\"",
+        &format!("heartbeat_interval = \"1s\"\n{keys}"),
+        1,
+    );
+    std::fs::write(m.config_path(), text).unwrap();
+    within("a reload", m.master.reload()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_past_max_log_size_is_cut_with_a_marker_or_fails() {
+    // 200,000 bytes, then a line, then a while: with `truncate` the step
+    // goes on and succeeds; with `fail` it is stopped at the limit.
+    let toml = r#"
+[[builder]]
+name = "chatty"
+workers = ["w1"]
+[[builder.step]]
+name = "print"
+shell = "head -c 200000 /dev/zero | tr '\\0' 'a'; echo; echo after; if [ -e stop-early ]; then exit 0; fi; sleep 20"
+[[builder.step]]
+name = "next"
+shell = "echo next"
+
+[[scheduler]]
+name = "all"
+builders = ["chatty"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    reload_with_master_keys(&m, "max_log_size = \"64KiB\"").await;
+    let w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    // The step's directory, for `stop-early`.
+    let workdir = m.dir.path().join("basedir-w1/chatty");
+    std::fs::create_dir_all(&workdir).unwrap();
+    std::fs::write(workdir.join("stop-early"), "").unwrap();
+    let mut events = m.master.builds().subscribe();
+    push(&m, "main").await;
+    let (id, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "success");
+    let log = log_text(&m, id, 0).await;
+    assert_eq!(log.len(), 65536 + log[65536..].len());
+    assert!(
+        log[..65536].bytes().all(|b| b == b'a'),
+        "the first 64 KiB kept"
+    );
+    assert_eq!(
+        &log[65536..],
+        "\n[switchyard: this step's output passed max_log_size (65536 bytes); the rest was not stored]\n"
+    );
+    assert_eq!(log_text(&m, id, 1).await, "next\n");
+
+    // `fail`: stopped at the limit, not 20 s later; the next step does not run.
+    std::fs::remove_file(workdir.join("stop-early")).unwrap();
+    reload_with_master_keys(&m, "on_log_limit = \"fail\"").await;
+    let started = std::time::Instant::now();
+    push(&m, "main").await;
+    let (id, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "failure");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let b = m.master.state().build(id).await.unwrap().unwrap();
+    assert_eq!(b.steps.len(), 1);
+    assert_eq!(b.steps[0].result.as_deref(), Some("failure"));
+    assert!(
+        b.steps[0].detail.contains("max_log_size (65536 bytes)"),
+        "{}",
+        b.steps[0].detail
+    );
+    assert!(
+        log_text(&m, id, 0)
+            .await
+            .ends_with("the rest was not stored]\n")
+    );
+    drop(w);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn retention_prunes_old_logs_then_old_builds_while_builds_run() {
+    let toml = r#"
+[[builder]]
+name = "widgets"
+workers = ["w1"]
+[[builder.step]]
+name = "say"
+shell = "seq 1 20000"
+
+[[scheduler]]
+name = "all"
+builders = ["widgets"]
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    for _ in 0..4 {
+        push(&m, "main").await;
+    }
+    let mut ids: Vec<i64> = builds_ended(&mut events, 4)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    let expected: String = (1..=20000).map(|n| format!("{n}\n")).collect();
+    // Builds 1 and 2 ended 100 days ago, build 3 40 days ago.
+    let day = 24 * 3600 * 1000i64;
+    for (id, days) in [(ids[0], 100), (ids[1], 100), (ids[2], 40)] {
+        m.master
+            .state()
+            .write(move |c| {
+                c.execute(
+                    "UPDATE builds SET finished_ms = finished_ms - ?2 WHERE id = ?1",
+                    [id, days * day],
+                )
+            })
+            .await
+            .unwrap();
+    }
+    let files = |id: i64| {
+        let m = &m;
+        async move {
+            let b = m.master.state().build(id).await.unwrap().unwrap();
+            m.master.state().log_files().stats(b.steps[0].row).unwrap()
+        }
+    };
+    assert!(files(ids[2]).await.is_some());
+    // A build runs while the reload's pass prunes.
+    push(&m, "main").await;
+    reload_with_master_keys(&m, "build_retention = \"90d\"\nlog_retention = \"30d\"").await;
+    let (running, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "success");
+    assert_eq!(log_text(&m, running, 0).await, expected);
+    within("the pruning", async {
+        while m.master.state().build(ids[0]).await.unwrap().is_some()
+            || files(ids[2]).await.is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Past 90 days: gone, builds and all. Past 30: the build stays, its
+    // log does not. Newer: untouched.
+    assert!(m.master.state().build(ids[1]).await.unwrap().is_none());
+    let kept = m.master.state().build(ids[2]).await.unwrap().unwrap();
+    assert_eq!(kept.result.as_deref(), Some("success"));
+    assert_eq!(log_text(&m, ids[2], 0).await, "");
+    assert_eq!(log_text(&m, ids[3], 0).await, expected);
+    let stored: String = m
+        .master
+        .state()
+        .read(move |c| {
+            c.query_row(
+                "SELECT log_stored FROM steps WHERE build_id = ?1",
+                [kept.id],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored, "pruned");
+    // No file is left of the deleted builds' logs.
+    let left = std::fs::read_dir(m.dir.path().join("logs/0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "idx")
+        })
+        .count();
+    assert_eq!(left, 2, "the two newest builds' logs");
+    m.stop().await;
+}

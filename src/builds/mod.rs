@@ -14,6 +14,7 @@ pub mod poller;
 pub mod properties;
 mod reconfig;
 pub mod reporters;
+pub mod retention;
 mod run;
 mod workers;
 
@@ -217,6 +218,53 @@ impl BuildMaster {
     }
 
     /// The current session of a worker, if it is connected.
+    /// Tells whichever worker runs the step of this row to kill it.
+    pub(crate) fn interrupt_step_row(&self, row: i64, reason: &str) -> bool {
+        let links: Vec<Arc<WorkerLink>> = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        links.iter().any(|l| l.interrupt_row(row, reason))
+    }
+
+    /// Acts on what went wrong with steps' logs until `shutdown`: a step
+    /// whose output cannot be stored is stopped (and fails, see the run);
+    /// so is one past `max_log_size` when `on_log_limit = "fail"`.
+    pub async fn watch_log_troubles(
+        self,
+        mut troubles: tokio::sync::mpsc::UnboundedReceiver<crate::store::logs::LogTrouble>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        use crate::store::logs::LogTrouble;
+        loop {
+            let t = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                t = troubles.recv() => match t { Some(t) => t, None => return },
+            };
+            let fails = self.inner.state.log_files().fails_on_limit();
+            let reason = match &t {
+                LogTrouble::CannotWrite { why, .. } => why.clone(),
+                LogTrouble::OverLimit { max, .. } if fails => {
+                    format!("its output passed max_log_size ({max} bytes)")
+                }
+                LogTrouble::OverLimit { row, max } => {
+                    tracing::warn!(
+                        step = row,
+                        max,
+                        "a step's output passed max_log_size; the rest is not stored"
+                    );
+                    continue;
+                }
+            };
+            tracing::warn!(step = t.row(), %reason, "stopping a step");
+            self.interrupt_step_row(t.row(), &reason);
+        }
+    }
+
     pub(crate) fn link_of(&self, worker: &str) -> Option<Arc<WorkerLink>> {
         self.inner
             .workers

@@ -731,6 +731,26 @@ pub(super) async fn run_build(
         if judged.result == "interrupted" && stop.is_stopped() {
             judged.detail = format!("{}; its process group was killed", stop.reason());
         }
+        // Its last output goes to its log first: whether the log could take
+        // it all is part of how the step went.
+        if !tail.is_empty()
+            && let Err(e) = inner.state.append_logs(tail.clone()).await
+        {
+            tracing::error!(build, error = %e, "cannot store a step's last output");
+        }
+        if finished.is_some() {
+            let logs = inner.state.log_files();
+            if let Some(why) = logs.trouble(row) {
+                judged.result = "failure";
+                judged.detail = why;
+            } else if logs.fails_on_limit() && logs.over_limit(row).unwrap_or(false) {
+                judged.result = "failure";
+                judged.detail = format!(
+                    "its output passed max_log_size ({} bytes); the step was stopped",
+                    logs.max_log_size()
+                );
+            }
+        }
         // What the step set, and what the build comes to if this step ends
         // it: recorded with the step's end, in one write.
         let set =

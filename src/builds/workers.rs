@@ -148,6 +148,25 @@ impl WorkerLink {
         }
     }
 
+    /// Tells the worker to kill the step of this row, if it runs it.
+    pub(crate) fn interrupt_row(&self, row: i64, reason: &str) -> bool {
+        let pending = self.slots.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(step_id) = pending
+            .iter()
+            .find(|(_, p)| p.row == row)
+            .map(|(id, _)| id.clone())
+        else {
+            return false;
+        };
+        let msg = MasterMessage {
+            kind: Some(master_message::Kind::Interrupt(InterruptStep {
+                step_id,
+                reason: reason.to_string(),
+            })),
+        };
+        self.tx.try_send(msg).is_ok()
+    }
+
     /// The build and row of a step this session's worker runs.
     fn row_of(&self, step_id: &[u8]) -> Option<(i64, i64)> {
         self.slots

@@ -156,6 +156,10 @@ struct RawMaster {
     auth_failure_window: Option<Spanned<String>>,
     auth_block: Option<Spanned<String>>,
     drain_removed_workers: Option<bool>,
+    build_retention: Option<Spanned<String>>,
+    log_retention: Option<Spanned<String>>,
+    max_log_size: Option<Spanned<String>>,
+    on_log_limit: Option<Spanned<String>>,
     worker_reconnect_grace: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
 }
@@ -418,6 +422,17 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// A worker removed by a reload finishes its current builds first.
     pub drain_removed_workers: bool,
+    /// `[master] build_retention`: builds that ended longer ago than this
+    /// are deleted, with their steps and logs (`None`: kept for ever).
+    pub build_retention: Option<Duration>,
+    /// `[master] log_retention`: the logs of builds that ended longer ago
+    /// than this are deleted; the builds stay (`None`: kept for ever).
+    pub log_retention: Option<Duration>,
+    /// `[master] max_log_size`: the most one step's log keeps.
+    pub max_log_size: u64,
+    /// `[master] on_log_limit`: a step past `max_log_size` goes on (its
+    /// output cut, `false`) or fails (`true`).
+    pub fail_on_log_limit: bool,
     /// `[web] public_metrics`: `/metrics` needs no credentials (else a user
     /// granted `metrics`).
     pub public_metrics: bool,
@@ -444,6 +459,31 @@ pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long a web session may go unused by default.
 pub const DEFAULT_WEB_SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
+
+/// `[master] max_log_size` by default: 2 GiB per step.
+pub const DEFAULT_MAX_LOG_SIZE: u64 = 2 << 30;
+
+/// A size in bytes: a whole number with an optional unit (`B`, `KiB`,
+/// `MiB`, `GiB`, `TiB`, or `KB`, `MB`, `GB`, `TB` in powers of ten).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
 
 /// The state database's default name, beside the config file.
 pub const DEFAULT_STATE: &str = "state.sqlite";
@@ -512,6 +552,33 @@ impl Validator<'_> {
                 format_args!("`{}` is too short: at least {min:?}", v.get_ref()),
             ),
             _ => Ok(d),
+        }
+    }
+
+    /// A size (see [`parse_size`]), at least `min` bytes.
+    pub(crate) fn size(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: u64,
+        min: u64,
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        match parse_size(v.get_ref()) {
+            Some(n) if n >= min => Ok(n),
+            Some(_) => self.err(
+                v.span(),
+                key,
+                format_args!("`{}` is too small: at least {min} bytes", v.get_ref()),
+            ),
+            None => self.err(
+                v.span(),
+                key,
+                format_args!(
+                    "`{}` is not a size; write e.g. \"2GiB\" or \"500MiB\"",
+                    v.get_ref()
+                ),
+            ),
         }
     }
 
@@ -695,6 +762,40 @@ impl Config {
             state_path,
             data_dir,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
+            build_retention: match &m.build_retention {
+                None => None,
+                Some(_) => Some(c.duration(
+                    &m.build_retention,
+                    "master.build_retention",
+                    Duration::ZERO,
+                )?),
+            },
+            log_retention: match &m.log_retention {
+                None => None,
+                Some(_) => {
+                    Some(c.duration(&m.log_retention, "master.log_retention", Duration::ZERO)?)
+                }
+            },
+            max_log_size: c.size(
+                &m.max_log_size,
+                "master.max_log_size",
+                DEFAULT_MAX_LOG_SIZE,
+                1024,
+            )?,
+            fail_on_log_limit: match &m.on_log_limit {
+                None => false,
+                Some(v) => match v.get_ref().as_str() {
+                    "truncate" => false,
+                    "fail" => true,
+                    other => {
+                        return c.err(
+                            v.span(),
+                            "master.on_log_limit",
+                            format_args!("`{other}` is not one of truncate, fail"),
+                        );
+                    }
+                },
+            },
             public_metrics: raw
                 .web
                 .as_ref()

@@ -851,13 +851,11 @@ impl StateDb {
     pub async fn finish_step(&self, mut end: StepEndRecord) -> Result<(), StateError> {
         let row = end.row;
         let logs = std::mem::take(&mut end.logs);
-        let stats = self
-            .on_logs(move |l| {
-                l.append(&logs)?;
-                l.stats(row)
-            })
-            .await?
-            .unwrap_or_default();
+        let (troubles, stats) = self
+            .on_logs(move |l| Ok((l.append(&logs)?, l.stats(row)?)))
+            .await?;
+        self.tell_log_troubles(troubles);
+        let stats = stats.unwrap_or_default();
         self.write(move |conn| {
             conn.execute(
                 "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6,
@@ -898,7 +896,9 @@ impl StateDb {
     /// a chunk already stored (same step, a seq not above the last) is
     /// skipped, so replays never double a log.
     pub async fn append_logs(&self, chunks: Vec<LogChunk>) -> Result<(), StateError> {
-        self.on_logs(move |l| l.append(&chunks)).await
+        let troubles = self.on_logs(move |l| l.append(&chunks)).await?;
+        self.tell_log_troubles(troubles);
+        Ok(())
     }
 
     /// The most recent builds, newest first, with their steps.
@@ -1357,6 +1357,98 @@ impl StateDb {
             Ok((after, pos))
         })
         .await
+    }
+
+    /// Deletes the logs of (at most `limit`) steps of builds that ended
+    /// before `ended_before_ms`, in small writes; the builds and steps
+    /// stay. Returns how many steps' logs went.
+    pub async fn prune_logs(
+        &self,
+        ended_before_ms: i64,
+        limit: usize,
+    ) -> Result<usize, StateError> {
+        let steps: Vec<(i64, String)> = self
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT s.id, s.log_stored FROM steps s
+                     WHERE s.build_id IN (SELECT id FROM builds WHERE finished_ms < ?1)
+                       AND s.log_stored != 'pruned'
+                     LIMIT ?2",
+                )?
+                .query_map(params![ended_before_ms, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect()
+            })
+            .await?;
+        for (row, stored) in &steps {
+            let row = *row;
+            if stored == "database" {
+                // Logs from before schema 8: a thousand chunks a write.
+                while self
+                    .write(move |conn| {
+                        conn.execute(
+                            "DELETE FROM log_chunks WHERE rowid IN
+                               (SELECT rowid FROM log_chunks WHERE step = ?1 LIMIT 1000)",
+                            [row],
+                        )
+                    })
+                    .await?
+                    > 0
+                {}
+            } else {
+                self.on_logs(move |l| l.remove(row)).await?;
+            }
+            self.write(move |conn| {
+                conn.execute(
+                    "UPDATE steps SET log_stored = 'pruned' WHERE id = ?1",
+                    [row],
+                )
+            })
+            .await?;
+        }
+        Ok(steps.len())
+    }
+
+    /// Deletes (at most `limit`) builds that ended before
+    /// `ended_before_ms`, with their requests, steps, properties and logs.
+    /// Returns how many went.
+    pub async fn prune_builds(
+        &self,
+        ended_before_ms: i64,
+        limit: usize,
+    ) -> Result<usize, StateError> {
+        // Their logs first, a few at a time: the delete below is small.
+        while self.prune_logs(ended_before_ms, 100).await? > 0 {}
+        let (builds, rows) = self
+            .write(move |conn| {
+                let ids: Vec<i64> = conn
+                    .prepare_cached(
+                        "SELECT id FROM builds WHERE finished_ms < ?1 ORDER BY finished_ms LIMIT ?2",
+                    )?
+                    .query_map(params![ended_before_ms, limit as i64], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut rows = Vec::new();
+                for id in &ids {
+                    rows.extend(
+                        conn.prepare_cached("SELECT id FROM steps WHERE build_id = ?1")?
+                            .query_map([id], |r| r.get::<_, i64>(0))?
+                            .collect::<rusqlite::Result<Vec<_>>>()?,
+                    );
+                    conn.execute("DELETE FROM builds WHERE id = ?1", [id])?;
+                    conn.execute(
+                        "DELETE FROM build_requests WHERE build_id = ?1
+                           AND id NOT IN (SELECT request_id FROM builds)",
+                        [id],
+                    )?;
+                }
+                Ok((ids.len(), rows))
+            })
+            .await?;
+        // Steps that ended after the logs were pruned (none, normally).
+        self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
+            .await?;
+        Ok(builds)
     }
 
     /// Requests waiting, per builder.

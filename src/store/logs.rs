@@ -107,6 +107,36 @@ struct Writer {
     data: File,
     index: File,
     stats: LogStats,
+    /// Its output was cut at `max_log_size`.
+    cut: bool,
+}
+
+impl Writer {
+    fn last_byte(&self) -> io::Result<Option<u8>> {
+        if self.stats.bytes == 0 {
+            return Ok(None);
+        }
+        let mut b = [0u8];
+        read_exact_at(&self.data, &mut b, self.stats.bytes - 1)?;
+        Ok(Some(b[0]))
+    }
+}
+
+/// Why a step's output could not all be stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogTrouble {
+    /// Its log passed `max_log_size`, and was cut there.
+    OverLimit { row: i64, max: u64 },
+    /// Its files could not be written (a full disk, say).
+    CannotWrite { row: i64, why: String },
+}
+
+impl LogTrouble {
+    pub fn row(&self) -> i64 {
+        match self {
+            LogTrouble::OverLimit { row, .. } | LogTrouble::CannotWrite { row, .. } => *row,
+        }
+    }
 }
 
 /// An open writer, with when it was last used.
@@ -121,6 +151,12 @@ pub struct LogFiles {
     uses: std::sync::atomic::AtomicU64,
     /// Steps being compressed: appends to them are refused.
     sealed: Mutex<HashSet<i64>>,
+    /// `[master] max_log_size`.
+    max_size: std::sync::atomic::AtomicU64,
+    /// `[master] on_log_limit = "fail"`.
+    fail_on_limit: std::sync::atomic::AtomicBool,
+    /// Steps whose files could not be written, and why.
+    broken: Mutex<HashMap<i64, String>>,
 }
 
 /// A step's files, by kind.
@@ -148,6 +184,9 @@ impl LogFiles {
             open: Mutex::new(HashMap::new()),
             uses: std::sync::atomic::AtomicU64::new(0),
             sealed: Mutex::new(HashSet::new()),
+            max_size: std::sync::atomic::AtomicU64::new(u64::MAX),
+            fail_on_limit: std::sync::atomic::AtomicBool::new(false),
+            broken: Mutex::new(HashMap::new()),
         }
     }
 
@@ -206,6 +245,7 @@ impl LogFiles {
             sync_dir(&p.dir)?;
         }
         let stats = recover(&data, &index)?;
+        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
         if open.len() >= MAX_OPEN
             && let Some(oldest) = open
                 .iter()
@@ -214,16 +254,66 @@ impl LogFiles {
         {
             open.remove(&oldest);
         }
-        let w = Arc::new(Mutex::new(Writer { data, index, stats }));
+        let w = Arc::new(Mutex::new(Writer {
+            data,
+            index,
+            stats,
+            cut: stats.bytes > max,
+        }));
         open.insert(row, (w.clone(), stamp));
         Ok(Some(w))
+    }
+
+    /// The most bytes one step's log keeps (`[master] max_log_size`); past
+    /// it, one marker line, then nothing more; and whether the step then
+    /// fails (`on_log_limit = "fail"`) or goes on.
+    pub fn set_max_log_size(&self, max: u64, fail: bool) {
+        self.max_size
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+        self.fail_on_limit
+            .store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a step past `max_log_size` fails.
+    pub fn fails_on_limit(&self) -> bool {
+        self.fail_on_limit
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `max_log_size`.
+    pub fn max_log_size(&self) -> u64 {
+        self.max_size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why `row`'s log could not take its output, if it could not (the
+    /// disk was full, say): the step fails with this.
+    pub fn trouble(&self, row: i64) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+            .cloned()
+    }
+
+    /// Whether `row`'s log went past `max_log_size` (and so was cut).
+    pub fn over_limit(&self, row: i64) -> io::Result<bool> {
+        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(self.stats(row)?.is_some_and(|s| s.bytes > max))
     }
 
     /// Appends chunks (of any steps, each step's in order) and syncs them
     /// to disk before returning. A chunk whose sequence number is not above
     /// its step's last stored one is a replay and is skipped; chunks of a
     /// step whose log is compressed (it has ended) are skipped too.
-    pub fn append(&self, chunks: &[LogChunk]) -> io::Result<()> {
+    ///
+    /// What went wrong for one step does not stop the others: a step whose
+    /// files cannot be written (a full disk) is cut back to what was
+    /// stored, takes no more output, and is reported; so is a step whose
+    /// log passes `max_log_size` (its output is cut there, with a marker
+    /// line). Its later chunks count as stored, so that the worker lets
+    /// go of them.
+    pub fn append(&self, chunks: &[LogChunk]) -> io::Result<Vec<LogTrouble>> {
+        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
         let mut by_step: Vec<(i64, Vec<&LogChunk>)> = Vec::new();
         for c in chunks {
             match by_step.iter_mut().find(|(r, _)| *r == c.step) {
@@ -231,36 +321,73 @@ impl LogFiles {
                 None => by_step.push((c.step, vec![c])),
             }
         }
+        let mut troubles = Vec::new();
         for (row, chunks) in by_step {
-            let Some(w) = self.writer(row)? else {
-                tracing::warn!(
-                    step = row,
-                    "output for a step whose log is already compressed; not stored"
-                );
+            if self.trouble(row).is_some() {
                 continue;
+            }
+            let w = match self.writer(row) {
+                Ok(Some(w)) => w,
+                Ok(None) => {
+                    tracing::warn!(
+                        step = row,
+                        "output for a step whose log is already compressed; not stored"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    troubles.push(self.broke(row, &e));
+                    continue;
+                }
             };
             let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
             let mut data = Vec::new();
             let mut records = Vec::new();
             let mut stats = w.stats;
+            let mut cut = false;
             for c in chunks {
                 if c.seq <= stats.last_seq || c.data.is_empty() {
                     continue;
                 }
-                let lines = stats.lines + memchr_count(&c.data);
+                let mut stored = &c.data[..];
+                let mut marker = Vec::new();
+                if stats.bytes > max || w.cut {
+                    // Cut already: only the sequence number moves on.
+                    stored = &[];
+                } else if stats.bytes + stored.len() as u64 > max {
+                    stored = &stored[..(max - stats.bytes) as usize];
+                    let ends_line = match stored.last() {
+                        Some(b) => *b == b'\n',
+                        None => stats.bytes == 0 || w.last_byte()? == Some(b'\n'),
+                    };
+                    if !ends_line {
+                        marker.push(b'\n');
+                    }
+                    marker.extend_from_slice(
+                        format!(
+                            "[switchyard: this step's output passed max_log_size ({max} bytes); the rest was not stored]\n"
+                        )
+                        .as_bytes(),
+                    );
+                    cut = true;
+                    w.cut = true;
+                }
+                let len = stored.len() + marker.len();
+                let lines = stats.lines + memchr_count(stored) + memchr_count(&marker);
                 records.extend_from_slice(
                     &Record {
                         seq: c.seq,
                         offset: stats.bytes,
-                        len: c.data.len() as u32,
+                        len: len as u32,
                         stream: c.stream,
                         lines,
                     }
                     .encode(),
                 );
-                data.extend_from_slice(&c.data);
+                data.extend_from_slice(stored);
+                data.extend_from_slice(&marker);
                 stats = LogStats {
-                    bytes: stats.bytes + c.data.len() as u64,
+                    bytes: stats.bytes + len as u64,
                     lines,
                     last_seq: c.seq,
                 };
@@ -275,17 +402,33 @@ impl LogFiles {
                 w.index.sync_data()
             })();
             if let Err(e) = written {
-                // What was half written is cut back when the step's files
-                // are next opened.
-                self.open
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&row);
-                return Err(e);
+                // Back to what was stored: nothing stored is damaged.
+                let _ = recover(&w.data, &w.index);
+                drop(w);
+                troubles.push(self.broke(row, &e));
+                continue;
             }
             w.stats = stats;
+            if cut {
+                troubles.push(LogTrouble::OverLimit { row, max });
+            }
         }
-        Ok(())
+        Ok(troubles)
+    }
+
+    /// Marks `row` as unable to take output, for `e`.
+    fn broke(&self, row: i64, e: &io::Error) -> LogTrouble {
+        let why = format!("the master could not store this step's output: {e}");
+        tracing::error!(step = row, error = %e, "cannot write a step's log; the step fails");
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+        self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(row, why.clone());
+        LogTrouble::CannotWrite { row, why }
     }
 
     /// What `row`'s log holds, from its files (`None`: it has none).
@@ -301,9 +444,14 @@ impl LogFiles {
         Ok(self.reader(row)?.map(|r| r.stats()))
     }
 
-    /// Closes `row`'s writer: its step has ended.
+    /// Closes `row`'s writer: its step has ended (and what went wrong
+    /// with its log has been told).
     pub fn close(&self, row: i64) {
         self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+        self.broken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&row);

@@ -184,7 +184,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE steps ADD COLUMN log_stored TEXT NOT NULL DEFAULT 'database';
      ALTER TABLE steps ADD COLUMN log_bytes INTEGER;
      ALTER TABLE steps ADD COLUMN log_lines INTEGER;
-     CREATE INDEX steps_log_uncompressed ON steps(id) WHERE log_stored = 'file';",
+     CREATE INDEX steps_log_uncompressed ON steps(id) WHERE log_stored = 'file';
+     CREATE INDEX builds_by_end ON builds(finished_ms) WHERE finished_ms IS NOT NULL;",
 ];
 
 /// The schema version this build writes.
@@ -226,6 +227,8 @@ pub struct StateDb {
     logs: Arc<logs::LogFiles>,
     /// One log compressed at a time, in the background.
     compressing: Arc<tokio::sync::Semaphore>,
+    /// Who hears of steps whose output could not all be stored.
+    log_troubles: Mutex<Option<tokio::sync::mpsc::UnboundedSender<logs::LogTrouble>>>,
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StateError> {
@@ -351,7 +354,7 @@ fn move_running_logs(conn: &mut Connection, logs: &logs::LogFiles) -> Result<(),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
-        logs.append(&chunks)?;
+        let _ = logs.append(&chunks)?;
         logs.close(row);
         let tx = conn.transaction()?;
         tx.execute("UPDATE steps SET log_stored = 'file' WHERE id = ?1", [row])?;
@@ -432,6 +435,7 @@ impl StateDb {
             reader: Arc::new(Mutex::new(reader)),
             logs,
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
+            log_troubles: Mutex::new(None),
         })
     }
 
@@ -442,6 +446,24 @@ impl StateDb {
     /// The log files.
     pub fn log_files(&self) -> &Arc<logs::LogFiles> {
         &self.logs
+    }
+
+    /// Sends what goes wrong with steps' logs (see
+    /// [`logs::LogFiles::append`]) to `tx` from now on.
+    pub fn on_log_trouble(&self, tx: tokio::sync::mpsc::UnboundedSender<logs::LogTrouble>) {
+        *self.log_troubles.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// Tells of log troubles.
+    pub(crate) fn tell_log_troubles(&self, troubles: Vec<logs::LogTrouble>) {
+        if troubles.is_empty() {
+            return;
+        }
+        if let Some(tx) = &*self.log_troubles.lock().unwrap_or_else(|e| e.into_inner()) {
+            for t in troubles {
+                let _ = tx.send(t);
+            }
+        }
     }
 
     /// Runs blocking work on the log files, off the async runtime.
