@@ -1399,3 +1399,126 @@ builders = ["widgets"]
     assert_eq!(left, 2, "the two newest builds' logs");
     m.stop().await;
 }
+
+/// A small tmpfs mounted for a test (it needs root, as CI has), unmounted
+/// when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test fills a disk: it mounts a {size} tmpfs, which needs root (as CI runs): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_step_that_cannot_write_and_the_master_recovers() {
+    let toml = r#"
+[[builder]]
+name = "small"
+workers = ["w1"]
+[[builder.step]]
+name = "say"
+shell = "seq 1 1000"
+
+[[builder]]
+name = "big"
+workers = ["w1"]
+[[builder.step]]
+name = "print"
+shell = "head -c 3000000 /dev/zero | tr '\\0' 'b'"
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let data = m.dir.path().join("data");
+    let disk = SmallDisk::mount(&data, "4m");
+    // The logs go to the small disk from the next start: the state
+    // database stays where it is.
+    let text = std::fs::read_to_string(m.config_path()).unwrap();
+    std::fs::write(
+        m.config_path(),
+        text.replacen(
+            "heartbeat_interval = \"1s\"",
+            "heartbeat_interval = \"1s\"\ndata_dir = \"data\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let dir = m.stop_keeping_files().await;
+    let m = TestMaster::start_in(dir).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let force = |builder: &'static str| {
+        let m = &m;
+        async move {
+            m.master
+                .builds()
+                .force(builder, "", "", "", "test")
+                .await
+                .unwrap()
+        }
+    };
+    force("small").await;
+    let (small, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "success");
+    let expected: String = (1..=1000).map(|n| format!("{n}\n")).collect();
+    // The disk fills up: about 1 MiB is left.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while std::fs::metadata(&filler).unwrap().len() < 3 * 1024 * 1024 {
+            if f.write_all(&block).is_err() {
+                break;
+            }
+        }
+        f.sync_all().unwrap();
+    }
+    force("big").await;
+    let (big, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(big).await.unwrap().unwrap();
+    assert!(
+        b.steps[0]
+            .detail
+            .contains("could not store this step's output")
+            && b.steps[0].detail.contains("No space left on device"),
+        "{}",
+        b.steps[0].detail
+    );
+    // What was stored before is whole, and readable.
+    assert_eq!(log_text(&m, small, 0).await, expected);
+    let partial = log_text(&m, big, 0).await;
+    assert!(partial.bytes().all(|c| c == b'b') && partial.len() < 3_000_000);
+    // Space comes back: the next build stores all of its output.
+    std::fs::remove_file(&filler).unwrap();
+    force("big").await;
+    let (again, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "success");
+    let log = log_text(&m, again, 0).await;
+    assert_eq!(log.len(), 3_000_000);
+    assert_eq!(log_text(&m, small, 0).await, expected);
+    let dir = m.stop_keeping_files().await;
+    drop(disk);
+    drop(dir);
+}
