@@ -1216,18 +1216,19 @@ impl StateDb {
                 for row in rows {
                     let Some(r) = l.reader(row)? else { continue };
                     let end = r.stats().bytes;
-                    let mut start = r.start_of_last_lines(lines as u64)?;
-                    if end - start > max_bytes as u64 {
+                    let (mut start, mut data) = r.last_lines(lines as u64)?;
+                    if data.len() > max_bytes {
                         // Too long: from the first line that starts in the
                         // last `max_bytes`, or cut mid-line if none does.
-                        let from = end - max_bytes as u64;
-                        let window = r.read(from, end)?;
-                        start = window
+                        let from = data.len() - max_bytes;
+                        let cut = data[from..]
                             .iter()
                             .position(|&b| b == b'\n')
-                            .map_or(from, |i| from + i as u64 + 1);
+                            .map_or(from, |i| from + i + 1);
+                        data.drain(..cut);
+                        start += cut as u64;
                     }
-                    let data = bytes::Bytes::from(r.read(start, end)?);
+                    let data = bytes::Bytes::from(data);
                     out.insert(
                         row,
                         LogTail {
@@ -1381,6 +1382,7 @@ impl StateDb {
                 .collect()
             })
             .await?;
+        let mut files = Vec::new();
         for (row, stored) in &steps {
             let row = *row;
             if stored == "database" {
@@ -1397,16 +1399,23 @@ impl StateDb {
                     > 0
                 {}
             } else {
-                self.on_logs(move |l| l.remove(row)).await?;
+                files.push(row);
             }
-            self.write(move |conn| {
-                conn.execute(
-                    "UPDATE steps SET log_stored = 'pruned' WHERE id = ?1",
-                    [row],
-                )
-            })
-            .await?;
         }
+        // The files first: a crash before the mark below only means they
+        // are looked for again.
+        self.on_logs(move |l| files.iter().try_for_each(|r| l.remove(*r)))
+            .await?;
+        let rows: Vec<i64> = steps.iter().map(|(r, _)| *r).collect();
+        self.write(move |conn| {
+            let mut mark =
+                conn.prepare_cached("UPDATE steps SET log_stored = 'pruned' WHERE id = ?1")?;
+            for r in &rows {
+                mark.execute([r])?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(steps.len())
     }
 

@@ -568,7 +568,7 @@ fn remove_if_there(path: &Path) -> io::Result<()> {
 }
 
 fn memchr_count(data: &[u8]) -> u64 {
-    data.iter().filter(|&&b| b == b'\n').count() as u64
+    memchr::memchr_iter(b'\n', data).count() as u64
 }
 
 /// The number of whole records in `index` whose bytes `data_len` holds,
@@ -756,32 +756,62 @@ impl LogReader {
     /// Where the last `lines` lines start (a trailing newline ends the last
     /// line, it does not begin another).
     pub fn start_of_last_lines(&self, lines: u64) -> io::Result<u64> {
+        Ok(self.last_lines(lines)?.0)
+    }
+
+    /// The last `lines` lines: where they start, and their bytes. Reads the
+    /// index's last records in one read (the wanted lines are usually in
+    /// the last few chunks), else searches it; then the bytes from the
+    /// chunk where the lines start, once.
+    pub fn last_lines(&self, lines: u64) -> io::Result<(u64, Vec<u8>)> {
         let stats = self.stats();
-        if stats.bytes == 0 || lines == 0 {
-            return Ok(stats.bytes);
+        let Some(last) = self.last else {
+            return Ok((0, Vec::new()));
+        };
+        if lines == 0 {
+            return Ok((stats.bytes, Vec::new()));
         }
-        let ends_line = self.read(stats.bytes - 1, stats.bytes)? == b"\n";
-        // The newline just before the wanted lines is number `target`
-        // (counting from 1); none: from the start.
-        let total = stats.lines;
-        let wanted = lines + u64::from(ends_line);
-        if total < wanted {
-            return Ok(0);
-        }
-        let target = total - wanted + 1;
-        let i = self.first(|r| r.lines >= target)?;
-        let r = self.record(i)?;
-        let data = self.read(r.offset, r.end())?;
-        let mut seen = r.lines - memchr_count(&data);
-        for (k, b) in data.iter().enumerate() {
-            if *b == b'\n' {
-                seen += 1;
-                if seen == target {
-                    return Ok(r.offset + k as u64 + 1);
+        const TAIL_RECORDS: u64 = 128;
+        let from = self.count.saturating_sub(TAIL_RECORDS);
+        let mut buf = vec![0u8; ((self.count - from) * RECORD) as usize];
+        read_exact_at(&self.index, &mut buf, from * RECORD)?;
+        let tail: Vec<Record> = buf
+            .chunks_exact(RECORD as usize)
+            .map(|b| Record::decode(b.try_into().expect("a record")))
+            .collect();
+        // Most logs end with a newline (which ends the last line rather
+        // than starting another): assumed first, checked on the bytes.
+        for ends_line in [true, false] {
+            let wanted = lines + u64::from(ends_line);
+            if stats.lines < wanted {
+                let data = self.read(0, stats.bytes)?;
+                if (data.last() == Some(&b'\n')) == ends_line {
+                    return Ok((0, data));
                 }
+                continue;
             }
+            // The newline just before the wanted lines is number `target`
+            // (counting from 1): found in the first chunk whose running
+            // count reaches it.
+            let target = stats.lines - wanted + 1;
+            let r = match tail.iter().position(|r| r.lines >= target) {
+                Some(0) if from > 0 => self.record(self.first(|r| r.lines >= target)?)?,
+                Some(i) => tail[i],
+                None => last,
+            };
+            let mut data = self.read(r.offset, stats.bytes)?;
+            if (data.last() == Some(&b'\n')) != ends_line {
+                continue;
+            }
+            // Back from the end: the `wanted`th newline is the one before
+            // the lines (it is in chunk `r`, by the running counts).
+            let cut = memchr::memrchr_iter(b'\n', &data)
+                .nth(wanted as usize - 1)
+                .map_or(0, |i| i + 1);
+            data.drain(..cut);
+            return Ok((r.offset + cut as u64, data));
         }
-        Ok(r.end())
+        unreachable!("a log ends with a newline or it does not")
     }
 }
 
@@ -858,6 +888,19 @@ mod tests {
         assert_eq!(logs.stats(12_345).unwrap().unwrap().last_seq, 3000);
         logs.remove(12_345).unwrap();
         assert!(logs.reader(12_345).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_last_lines_of_a_log_that_does_not_end_its_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogFiles::new(dir.path().join("logs"));
+        logs.append(&[chunk(3, 1, "a\nb\n"), chunk(3, 2, "c\nd"), chunk(3, 3, "e")])
+            .unwrap();
+        let r = logs.reader(3).unwrap().unwrap();
+        assert_eq!(r.last_lines(1).unwrap(), (6, b"de".to_vec()));
+        assert_eq!(r.last_lines(2).unwrap(), (4, b"c\nde".to_vec()));
+        assert_eq!(r.last_lines(9).unwrap(), (0, b"a\nb\nc\nde".to_vec()));
+        assert_eq!(r.last_lines(0).unwrap(), (8, Vec::new()));
     }
 
     #[test]
