@@ -1,7 +1,8 @@
 //! `[master] build_retention` and `log_retention`: old builds and logs are
-//! deleted in the background, in small batches with pauses between them,
-//! so that pruning a large history never holds the database for long and
-//! never slows the builds that run meanwhile.
+//! deleted in the background, in small batches, each followed by a pause
+//! four times as long as it took, so that pruning a large history never
+//! holds the database (or the disk) for long and builds that run meanwhile
+//! get most of both.
 //!
 //! A pass runs when the master starts, after each reload and then every
 //! [`EVERY`]; it goes on, batch after batch, until nothing is left to
@@ -21,8 +22,12 @@ pub const EVERY: Duration = Duration::from_secs(600);
 const LOG_BATCH: usize = 50;
 /// Builds one batch deletes.
 const BUILD_BATCH: usize = 20;
-/// The pause between two batches: the database is free for others.
+/// The shortest pause between two batches.
 const PAUSE: Duration = Duration::from_millis(20);
+/// Each batch is followed by a pause this many times as long as the batch
+/// took: pruning holds the database (and the disk) at most a fifth of the
+/// time, however slow the machine, and builds get the rest.
+const YIELD: u32 = 4;
 
 /// How long builds and logs are kept (`None`: for ever).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,22 +100,24 @@ impl Pruner {
         };
         if let Some(keep) = logs {
             loop {
+                let t = std::time::Instant::now();
                 let n = self.state.prune_logs(before(keep), LOG_BATCH).await?;
                 pruned.logs += n;
                 if n == 0 || shutdown.is_cancelled() {
                     break;
                 }
-                tokio::time::sleep(PAUSE).await;
+                tokio::time::sleep((t.elapsed() * YIELD).max(PAUSE)).await;
             }
         }
         if let Some(keep) = policy.builds {
             loop {
+                let t = std::time::Instant::now();
                 let n = self.state.prune_builds(before(keep), BUILD_BATCH).await?;
                 pruned.builds += n;
                 if n == 0 || shutdown.is_cancelled() {
                     break;
                 }
-                tokio::time::sleep(PAUSE).await;
+                tokio::time::sleep((t.elapsed() * YIELD).max(PAUSE)).await;
             }
         }
         Ok(pruned)
