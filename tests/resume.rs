@@ -362,9 +362,9 @@ async fn a_build_survives_the_master_being_killed_with_9() {
 
 #[tokio::test]
 async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
-    // 24 MiB printed while the worker has no master: past the 8 MiB held in
-    // memory, the rest is spilled to disk, and the step runs to its end.
-    let big = "[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"echo start; sleep 1; head -c 25165824 /dev/zero | tr '\\\\0' 'y'; echo; echo done\"\n";
+    // 48 MiB printed while the worker has no master: past the 32 MiB held
+    // in memory, the rest is spilled to disk, and the step runs to its end.
+    let big = "[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"echo start; sleep 1; head -c 50331648 /dev/zero | tr '\\\\0' 'y'; echo; echo done\"\n";
     let (dir, mut first, addr, _w) = master_and_worker_processes(big, "60s").await;
     let basedir = dir.path().join("basedir");
     debug_json(&addr, &["force", "big"]).await;
@@ -403,10 +403,10 @@ async fn a_step_keeps_printing_while_the_master_is_down_and_nothing_is_lost() {
     assert_eq!(build["steps"][0]["attempt"], 1);
     let log = debug_log(&addr, &build, None).await;
 
-    assert_eq!(log.len(), 6 + 25_165_824 + 1 + 5);
+    assert_eq!(log.len(), 6 + 50_331_648 + 1 + 5);
     assert!(log.starts_with(b"start\n") && log.ends_with(b"\ndone\n"));
     assert!(
-        log[6..6 + 25_165_824].iter().all(|&b| b == b'y'),
+        log[6..6 + 50_331_648].iter().all(|&b| b == b'y'),
         "byte-exact"
     );
     within("the spill to be cleaned up", async {
