@@ -11,7 +11,10 @@
 //! 4. the worker's resident memory, idle and while streaming that 1 GiB;
 //! 5. an incremental git-step build of a 1,000-commit repository after one
 //!    new commit, push to build end, against `git fetch && git checkout` run
-//!    by hand in a clone of the same repository, alternating, in one run.
+//!    by hand in a clone of the same repository, alternating, in one run;
+//! 6. trivial steps per second with one worker, steps under their
+//!    supervisor against the same with the supervisor switched off
+//!    (`worker --bench-unsupervised-steps`), alternating rounds.
 //!
 //! Run: `cargo bench --bench builds` (add `-- quick` for a short run with a
 //! 64 MiB log, `-- only 2,5` for some parts). Every loop is bounded in count
@@ -35,7 +38,7 @@ use switchyard::proto::{
 };
 
 mod support;
-use support::{Proc, percentile, spawn_master, spawn_worker, status_kib};
+use support::{Proc, percentile, spawn_master, spawn_worker_args, status_kib};
 
 struct Master {
     dir: PathBuf,
@@ -102,6 +105,11 @@ branches = ["main"]
 "#;
 
 fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
+    start_master_with(tag, workers, log_bytes, &[])
+}
+
+/// [`start_master`], its workers started with `worker_args`.
+fn start_master_with(tag: &str, workers: usize, log_bytes: u64, worker_args: &[&str]) -> Master {
     let dir = std::env::temp_dir().join(format!(
         "switchyard-builds-bench-{}-{tag}",
         std::process::id()
@@ -125,7 +133,14 @@ fn start_master(tag: &str, workers: usize, log_bytes: u64) -> Master {
     std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
     let (proc, addr) = spawn_master(&dir);
     let procs = (1..=workers)
-        .map(|i| spawn_worker(&addr, &format!("w{i}"), &dir.join(format!("basedir-w{i}"))))
+        .map(|i| {
+            spawn_worker_args(
+                &addr,
+                &format!("w{i}"),
+                &dir.join(format!("basedir-w{i}")),
+                worker_args,
+            )
+        })
         .collect();
     Master {
         dir,
@@ -199,7 +214,13 @@ async fn builds_ended(events: &mut tonic::Streaming<DebugEvent>, n: usize, cap: 
 }
 
 async fn steps_per_second(workers: usize, builds: usize) -> f64 {
-    let m = start_master(&format!("steps{workers}"), workers, 1);
+    steps_per_second_with(workers, builds, &[]).await
+}
+
+/// [`steps_per_second`], the workers started with `worker_args`.
+async fn steps_per_second_with(workers: usize, builds: usize, worker_args: &[&str]) -> f64 {
+    let tag = format!("steps{workers}{}", worker_args.len());
+    let m = start_master_with(&tag, workers, 1, worker_args);
     let mut client = debug_client(&m.addr).await;
     wait_workers(&mut client, workers).await;
     let mut events = watch(&mut client).await;
@@ -687,6 +708,20 @@ fn main() {
                 i.master_peak
             );
             println!("4. worker RSS: idle {} KiB, peak while streaming {} KiB", i.worker_idle, i.worker_peak);
+        }
+        if part(6) {
+            // The step supervisor's cost: the same bench with it switched
+            // off (a worker flag for benchmarks only), alternating rounds.
+            let (mut on, mut off) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                on.push(steps_per_second(1, builds_1).await);
+                off.push(steps_per_second_with(1, builds_1, &["--bench-unsupervised-steps"]).await);
+            }
+            let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+            println!(
+                "6. trivial steps/s, 1 worker: supervised {on:.0?}, unsupervised {off:.0?} ({builds_1} builds of 4 `true` steps a round, 3 alternating rounds); median ratio {:.2}",
+                support::median(ratios)
+            );
         }
         if part(5) {
             let c = checkout(rounds).await;

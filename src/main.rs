@@ -70,6 +70,10 @@ enum Command {
         /// sends; never SWITCHYARD_PASSWORD.
         #[arg(long = "pass-env", value_name = "NAME")]
         pass_env: Vec<String>,
+        /// (Benchmarks only) Runs steps without their supervisor, so they
+        /// can outlive a killed worker: only to measure what it costs.
+        #[arg(long, hide = true)]
+        bench_unsupervised_steps: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -432,6 +436,7 @@ async fn worker(
     basedir: PathBuf,
     password: String,
     pass_env: Vec<String>,
+    unsupervised: bool,
     client: switchyard::client::ClientOptions,
 ) -> Result<(), String> {
     use switchyard::worker::step;
@@ -458,7 +463,12 @@ async fn worker(
     });
     let mut opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
     // Steps run under this binary's supervisor, so they die with the worker.
-    opts.step_supervisor = std::env::current_exe().ok();
+    opts.step_supervisor = std::env::current_exe().ok().filter(|_| !unsupervised);
+    if unsupervised {
+        tracing::warn!(
+            "steps run without their supervisor (--bench-unsupervised-steps): they can outlive this worker"
+        );
+    }
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
     opts.step_env = step::base_env(vars, &pass_env);
@@ -665,11 +675,21 @@ fn main() -> ExitCode {
             basedir,
             password_file,
             pass_env,
+            bench_unsupervised_steps,
             tls,
         } => tls.client_options().and_then(|opts| {
             read_password(password_file.as_ref(), &name).and_then(|pw| {
-                runtime()
-                    .and_then(|rt| rt.block_on(worker(master, name, basedir, pw, pass_env, opts)))
+                runtime().and_then(|rt| {
+                    rt.block_on(worker(
+                        master,
+                        name,
+                        basedir,
+                        pw,
+                        pass_env,
+                        bench_unsupervised_steps,
+                        opts,
+                    ))
+                })
             })
         }),
         Command::Tls(TlsCommand::SelfSigned { name, out }) => {
