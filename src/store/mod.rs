@@ -936,4 +936,68 @@ mod tests {
         let sizes = db.log_sizes(build).await.unwrap();
         assert_eq!((sizes[&ended], sizes[&running]), (12, 16));
     }
+
+    #[tokio::test]
+    async fn logs_of_steps_that_ended_before_a_restart_are_compressed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let row = {
+            let db = StateDb::open(&path).unwrap();
+            let row = db
+                .write(|c| {
+                    c.execute(
+                        "INSERT INTO build_requests (builder, reason, repository, branch, revision, created_ms)
+                         VALUES ('b', 'r', 'repo', 'main', 'abc', 0)",
+                        [],
+                    )?;
+                    let request = c.last_insert_rowid();
+                    c.execute(
+                        "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, 'b', 'w', 0)",
+                        [request],
+                    )?;
+                    let build = c.last_insert_rowid();
+                    // Ended, its log still plain: the master died before
+                    // compressing it.
+                    c.execute(
+                        "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms, finished_ms, log_stored)
+                         VALUES (?1, 0, 's', 1, ?2, 'fail', 0, 1, 'file')",
+                        params![build, vec![7u8; 16]],
+                    )?;
+                    Ok(c.last_insert_rowid())
+                })
+                .await
+                .unwrap();
+            let chunk = LogChunk {
+                step: row,
+                seq: 1,
+                stream: 1,
+                data: "kept\n".repeat(50_000).into(),
+            };
+            db.append_logs(vec![chunk]).await.unwrap();
+            row
+        };
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(db.compress_ended_logs().await.unwrap(), 1);
+        let stored = || async {
+            db.read(move |c| {
+                c.query_row("SELECT log_stored FROM steps WHERE id = ?1", [row], |r| {
+                    r.get::<_, String>(0)
+                })
+            })
+            .await
+            .unwrap()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stored().await != "compressed" {
+            assert!(std::time::Instant::now() < deadline, "not compressed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let logs = dir.path().join("logs/0");
+        assert!(logs.join(format!("{row}.zst")).exists());
+        assert!(!logs.join(format!("{row}.log")).exists());
+        let page = db.log_page(row, 0, usize::MAX).await.unwrap();
+        let text: Vec<u8> = page.iter().flat_map(|c| c.data.iter().copied()).collect();
+        assert_eq!(text, "kept\n".repeat(50_000).as_bytes());
+        assert_eq!(db.compress_ended_logs().await.unwrap(), 0);
+    }
 }
