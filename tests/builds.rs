@@ -1385,6 +1385,21 @@ builders = ["widgets"]
         .await
         .unwrap();
     assert_eq!(stored, "pruned");
+    // The console and the API say where each log is, and how big.
+    let json = |id: i64| {
+        let m = &m;
+        async move {
+            let out = debug_cli(m, ADMIN.0, ADMIN.1, &["--json", "build", &id.to_string()])
+                .await
+                .unwrap();
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone()
+        }
+    };
+    let pruned = json(ids[2]).await;
+    assert_eq!(pruned["steps"][0]["log"]["stored"], "pruned", "{pruned}");
+    let whole = json(ids[3]).await;
+    assert_eq!(whole["steps"][0]["log"]["bytes"], expected.len(), "{whole}");
+    assert_eq!(whole["steps"][0]["log"]["lines"], 20000, "{whole}");
     // No file is left of the deleted builds' logs.
     let left = std::fs::read_dir(m.dir.path().join("logs/0"))
         .unwrap()

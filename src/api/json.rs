@@ -73,6 +73,7 @@ pub fn build_json(b: &BuildDetails) -> Value {
             "on_lost": s.on_lost,
             "started_unix_ms": s.started_unix_ms,
             "finished_unix_ms": opt_ms(s.finished_unix_ms),
+            "log": { "stored": s.log_stored, "bytes": s.log_bytes, "lines": s.log_lines },
         })).collect::<Vec<_>>(),
     })
 }

@@ -129,6 +129,9 @@ fn build_details(b: BuildRecord) -> BuildDetails {
                 started_unix_ms: s.started_ms,
                 finished_unix_ms: s.finished_ms.unwrap_or(0),
                 on_lost: s.on_lost,
+                log_stored: s.log_stored,
+                log_bytes: s.log_bytes,
+                log_lines: s.log_lines,
             })
             .collect(),
         changes: Vec::new(),

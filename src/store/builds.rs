@@ -162,6 +162,11 @@ pub struct StepRecord {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub detail: String,
+    /// Where its log is: `file`, `compressed`, `pruned` or `database`.
+    pub log_stored: String,
+    /// Once it has ended: its log's size and line count.
+    pub log_bytes: Option<u64>,
+    pub log_lines: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -199,7 +204,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>> {
     conn.prepare_cached(
-        "SELECT id, position, name, attempt, step_id, on_lost, started_ms, finished_ms, result, exit_code, signal, detail
+        "SELECT id, position, name, attempt, step_id, on_lost, started_ms, finished_ms, result, exit_code, signal, detail,
+                log_stored, log_bytes, log_lines
          FROM steps WHERE build_id = ?1 ORDER BY position, attempt",
     )?
     .query_map([build], |r| {
@@ -216,6 +222,9 @@ fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>
             exit_code: r.get(9)?,
             signal: r.get(10)?,
             detail: r.get(11)?,
+            log_stored: r.get(12)?,
+            log_bytes: r.get::<_, Option<i64>>(13)?.map(|n| n as u64),
+            log_lines: r.get::<_, Option<i64>>(14)?.map(|n| n as u64),
         })
     })?
     .collect()

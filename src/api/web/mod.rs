@@ -576,6 +576,12 @@ fn build_markup(viewer: &Viewer, b: &BuildDetails, tails: &[crate::store::LogTai
                         @if st.attempt > 1 { " (attempt " (st.attempt) ")" }
                         " " a href={ "/api/v1/builds/" (b.id) "/log?step=" (st.position) } { "raw" }
                     }
+                    @if st.log_stored == "pruned" {
+                        p.muted { "This log was removed: the build is older than log_retention." }
+                    }
+                    @if let (Some(bytes), Some(lines)) = (st.log_bytes, st.log_lines) {
+                        @if st.log_stored != "pruned" { p.muted { (bytes) " bytes, " (lines) " lines" } }
+                    }
                     @if t.start > 0 {
                         button.earlier type="button" data-start=(t.start) data-step=(st.position) data-attempt=(st.attempt) { "Load earlier output" }
                     }
