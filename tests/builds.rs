@@ -1397,6 +1397,16 @@ builders = ["widgets"]
     };
     let pruned = json(ids[2]).await;
     assert_eq!(pruned["steps"][0]["log"]["stored"], "pruned", "{pruned}");
+    let (head, body) = http_get(
+        &m,
+        &format!("/api/v1/builds/{}/log", ids[2]),
+        Some(&basic(ADMIN.0, ADMIN.1)),
+    )
+    .await;
+    assert!(
+        head.contains(" 410 ") && body.contains("log_retention"),
+        "{head}{body}"
+    );
     let whole = json(ids[3]).await;
     assert_eq!(whole["steps"][0]["log"]["bytes"], expected.len(), "{whole}");
     assert_eq!(whole["steps"][0]["log"]["lines"], 20000, "{whole}");

@@ -564,6 +564,18 @@ async fn log(
             format!("build {id} has no step {step:?}"),
         ));
     }
+    // Removed by `log_retention`: say so, rather than answer nothing.
+    let pruned = record
+        .steps
+        .iter()
+        .filter(|st| chosen.contains(&st.row))
+        .all(|st| st.log_stored == "pruned");
+    if pruned && !chosen.is_empty() {
+        return Err(ApiError(
+            StatusCode::GONE,
+            format!("the log of build {id} was removed: the build is older than log_retention"),
+        ));
+    }
     if let Some(lines) = q.tail {
         return Ok(plain(tail_of(s.api.state(), &chosen, lines).await?));
     }
