@@ -524,24 +524,13 @@ impl LogFiles {
         let stats = recover(&data, &index)?;
         let tmp_zst = p.dir.join(format!(".{row}.zst.tmp"));
         let tmp_frames = p.dir.join(format!(".{row}.frames.tmp"));
-        let mut zst = File::create(&tmp_zst)?;
-        let mut frames = io::BufWriter::new(File::create(&tmp_frames)?);
-        let mut compressor = zstd::bulk::Compressor::new(LEVEL)?;
-        let mut buf = vec![0u8; FRAME];
-        let (mut raw, mut packed) = (0u64, 0u64);
-        while raw < stats.bytes {
-            let n = (stats.bytes - raw).min(FRAME as u64) as usize;
-            data.read_exact(&mut buf[..n])?;
-            let frame = compressor.compress(&buf[..n])?;
-            zst.write_all(&frame)?;
-            frames.write_all(&raw.to_le_bytes())?;
-            frames.write_all(&packed.to_le_bytes())?;
-            raw += n as u64;
-            packed += frame.len() as u64;
+        let written = write_compressed(&mut data, stats, &tmp_zst, &tmp_frames);
+        if written.is_err() {
+            // A full disk, say: the plain log stays, and takes no room twice.
+            let _ = remove_if_there(&tmp_zst);
+            let _ = remove_if_there(&tmp_frames);
         }
-        zst.sync_all()?;
-        let frames = frames.into_inner().map_err(|e| e.into_error())?;
-        frames.sync_all()?;
+        written?;
         fs::rename(&tmp_frames, &p.frames)?;
         fs::rename(&tmp_zst, &p.zst)?;
         sync_dir(&p.dir)?;
@@ -558,6 +547,34 @@ impl LogFiles {
         }
         Ok(())
     }
+}
+
+/// Writes `data`'s first `stats.bytes` as frames to `zst`, and the
+/// frame table to `frames`, both synced.
+fn write_compressed(
+    data: &mut File,
+    stats: LogStats,
+    tmp_zst: &Path,
+    tmp_frames: &Path,
+) -> io::Result<()> {
+    let mut zst = File::create(tmp_zst)?;
+    let mut frames = io::BufWriter::new(File::create(tmp_frames)?);
+    let mut compressor = zstd::bulk::Compressor::new(LEVEL)?;
+    let mut buf = vec![0u8; FRAME];
+    let (mut raw, mut packed) = (0u64, 0u64);
+    while raw < stats.bytes {
+        let n = (stats.bytes - raw).min(FRAME as u64) as usize;
+        data.read_exact(&mut buf[..n])?;
+        let frame = compressor.compress(&buf[..n])?;
+        zst.write_all(&frame)?;
+        frames.write_all(&raw.to_le_bytes())?;
+        frames.write_all(&packed.to_le_bytes())?;
+        raw += n as u64;
+        packed += frame.len() as u64;
+    }
+    zst.sync_all()?;
+    let frames = frames.into_inner().map_err(|e| e.into_error())?;
+    frames.sync_all()
 }
 
 fn remove_if_there(path: &Path) -> io::Result<()> {
