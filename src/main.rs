@@ -643,6 +643,12 @@ fn main() -> ExitCode {
             _ => {}
         }
     }
+    // An upload step's command on the worker: `__upload SOURCE`.
+    if let [upload, source] = &args[..]
+        && upload == "__upload"
+    {
+        std::process::exit(switchyard::worker::upload::run(source));
+    }
     let cli = Cli::parse();
     if let Command::Step { parent, argv } = &cli.command {
         std::process::exit(switchyard::worker::step::supervise(argv, *parent));

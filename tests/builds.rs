@@ -1559,3 +1559,186 @@ shell = "head -c 3000000 /dev/zero | tr '\\0' 'b'"
     drop(disk);
     drop(dir);
 }
+
+#[tokio::test]
+async fn an_upload_survives_two_link_cuts_and_arrives_whole() {
+    let toml = r#"
+[[builder]]
+name = "art"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 134217728 /dev/urandom > app; mkdir -p dist/sub; echo one > dist/a.txt; echo two > dist/sub/b.txt; ln -sfn /etc dist/etc-link"
+[[builder.step]]
+name = "upload-app"
+upload = { source = "app", name = "app" }
+[[builder.step]]
+name = "upload-dist"
+upload = { source = "./dist", name = "dist.tar" }
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let proxy = Proxy::start(m.addr).await;
+    let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    m.master
+        .builds()
+        .force("art", "", "", "", "test")
+        .await
+        .unwrap();
+    // Cut the link twice while the 128 MiB upload is on its way: once
+    // some of it is stored, and again once more is stored after the
+    // worker is back.
+    let mut cuts = 0;
+    let mut uploading = false;
+    let ended = within("the build, through two cuts", async {
+        loop {
+            let e = events.recv().await.unwrap();
+            match e.event {
+                switchyard::builds::Event::StepStarted { step, .. } => {
+                    uploading = step == "upload-app";
+                }
+                switchyard::builds::Event::OutputStored { .. } if uploading && cuts < 2 => {
+                    proxy.cut();
+                    cuts += 1;
+                    // Wait for the worker to be back before the next cut.
+                    while m.master.builds().connected().is_empty() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                switchyard::builds::Event::BuildEnded { build, outcome, .. } => {
+                    return (build, outcome.to_string());
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(cuts, 2, "the upload was cut twice");
+    assert_eq!(ended.1, "success");
+    let build = ended.0;
+    // The artifact is the worker's file, byte for byte, and says so.
+    let sent = std::fs::read(m.dir.path().join("basedir/art/app")).unwrap();
+    let stored = std::fs::read(m.dir.path().join(format!("artifacts/{build}/app"))).unwrap();
+    assert!(
+        stored == sent,
+        "the artifact differs from the worker's file"
+    );
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&sent)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let admin = basic(ADMIN.0, ADMIN.1);
+    let (head, body) = http_get(
+        &m,
+        &format!("/api/v1/builds/{build}/artifacts"),
+        Some(&admin),
+    )
+    .await;
+    assert!(head.contains(" 200 "), "{head}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["artifacts"][0]["name"], "app");
+    assert_eq!(list["artifacts"][0]["size"], 134_217_728);
+    assert_eq!(list["artifacts"][0]["sha256"], digest);
+    assert_eq!(list["artifacts"][1]["name"], "dist.tar");
+    // The directory came as a tar stream: its files, and its symbolic
+    // link as a link (not followed).
+    let mut raw = Raw::connect(m.addr).await;
+    raw.write(
+        format!("GET /api/v1/builds/{build}/artifacts/dist.tar HTTP/1.0\r\nAuthorization: {admin}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let reply = raw.read_to_close().await;
+    let at = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(String::from_utf8_lossy(&reply[..at]).contains(" 200 "));
+    let mut archive = tar::Archive::new(&reply[at + 4..]);
+    let mut seen = std::collections::BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let kind = entry.header().entry_type();
+        let mut text = String::new();
+        if kind.is_file() {
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+        }
+        seen.insert(
+            path.trim_start_matches("./").to_string(),
+            (kind.is_symlink(), text),
+        );
+    }
+    assert_eq!(seen["a.txt"], (false, "one\n".to_string()));
+    assert_eq!(seen["sub/b.txt"], (false, "two\n".to_string()));
+    assert!(seen["etc-link"].0, "{seen:?}");
+    assert!(
+        !seen.keys().any(|k| k.starts_with("etc-link/")),
+        "the link was followed"
+    );
+    let (head, _) = http_get(
+        &m,
+        &format!("/api/v1/builds/{build}/artifacts/nosuch"),
+        Some(&admin),
+    )
+    .await;
+    assert!(head.contains(" 404 "), "{head}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_cannot_leave_the_steps_directory() {
+    // In the config: refused when it is read.
+    let text = "[master]\nsecrets = \"s.toml\"\n\n[[worker]]\nname = \"w1\"\n\n[[builder]]\nname = \"b\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"up\"\nupload = { source = \"../secrets\", name = \"x\" }\n";
+    let err = switchyard::config::Config::parse(std::path::Path::new("master.toml"), text)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("builder.step.upload.source") && err.contains("no `..`"),
+        "{err}"
+    );
+    let named = text
+        .replace("../secrets", "ok")
+        .replace("name = \"x\"", "name = \"../x\"");
+    let err = switchyard::config::Config::parse(std::path::Path::new("master.toml"), &named)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("builder.step.upload.name"), "{err}");
+    // On the worker: a symbolic link out of the step's directory.
+    let toml = r#"
+[[builder]]
+name = "sneaky"
+workers = ["w1"]
+[[builder.step]]
+name = "link"
+shell = "ln -sfn /etc/hostname out"
+[[builder.step]]
+name = "up"
+upload = { source = "out", name = "out" }
+"#;
+    let (m, _w, b) = {
+        let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+        let w = worker(&m, "w1", "w1-pw");
+        wait_connected(&m, 1).await;
+        let mut events = m.master.builds().subscribe();
+        m.master
+            .builds()
+            .force("sneaky", "", "", "", "test")
+            .await
+            .unwrap();
+        let ended = builds_ended(&mut events, 1).await;
+        let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+        (m, w, b)
+    };
+    assert_eq!(b.result.as_deref(), Some("failure"));
+    assert!(
+        log_text(&m, b.id, 1)
+            .await
+            .contains("leads outside the step's directory")
+    );
+    assert!(m.master.state().artifacts(b.id).await.unwrap().is_empty());
+    m.stop().await;
+}

@@ -33,6 +33,8 @@ pub fn routes(state: ApiState) -> axum::Router {
         .route("/api/v1/builds/{id}", get(build))
         .route("/api/v1/builds/{id}/log", get(log))
         .route("/api/v1/builds/{id}/log/stream", get(log_stream))
+        .route("/api/v1/builds/{id}/artifacts", get(artifacts))
+        .route("/api/v1/builds/{id}/artifacts/{name}", get(artifact))
         .route("/api/v1/events", get(events))
         .route("/api/v1/reload", axum::routing::post(reload))
         .route("/api/v1/openapi.json", get(openapi))
@@ -201,6 +203,61 @@ async fn build(
 ) -> ApiResult {
     let b = s.api.one_build(build_id(id)?).await?;
     Ok(json_response(StatusCode::OK, build_json(&b)))
+}
+
+/// `GET /api/v1/builds/{id}/artifacts`: what the build's upload steps
+/// stored.
+async fn artifacts(
+    _: Reader,
+    State(s): State<ApiState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> ApiResult {
+    let id = build_id(id)?;
+    s.api.one_build(id).await?;
+    let list = s.api.state().artifacts(id).await?;
+    let list: Vec<Value> = list
+        .iter()
+        .map(|a| json!({"name": a.name, "size": a.size, "sha256": a.sha256}))
+        .collect();
+    Ok(json_response(StatusCode::OK, json!({ "artifacts": list })))
+}
+
+/// `GET /api/v1/builds/{id}/artifacts/{name}`: one artifact's bytes,
+/// streamed.
+async fn artifact(
+    _: Reader,
+    State(s): State<ApiState>,
+    path: Result<Path<(i64, String)>, axum::extract::rejection::PathRejection>,
+) -> ApiResult {
+    let Ok(Path((id, name))) = path else {
+        return Err(ApiError::bad("a build id and an artifact name, please"));
+    };
+    let known = s.api.state().artifacts(id).await?;
+    let Some(a) = known.iter().find(|a| a.name == name) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("build {id} has no artifact {name:?}"),
+        ));
+    };
+    let file = tokio::fs::File::open(s.api.state().artifact_path(id, &a.name))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::GONE,
+                format!("the artifact {name:?} of build {id} is gone: {e}"),
+            )
+        })?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut r = (StatusCode::OK, body).into_response();
+    let headers = r.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(&a.size.to_string()) {
+        headers.insert(axum::http::header::CONTENT_LENGTH, v);
+    }
+    Ok(r)
 }
 
 /// `POST /api/v1/builders/{name}/force`'s body (all optional).

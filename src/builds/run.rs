@@ -568,6 +568,10 @@ pub(super) async fn run_build(
                 (step_id, row)
             }
         };
+        // An upload step's stdout is the artifact, not its log.
+        if step.upload.is_some() {
+            inner.state.expect_upload(row);
+        }
         let (done_tx, done_rx) = oneshot::channel();
         slots
             .pending
@@ -737,6 +741,25 @@ pub(super) async fn run_build(
             && let Err(e) = inner.state.append_logs(tail.clone()).await
         {
             tracing::error!(build, error = %e, "cannot store a step's last output");
+        }
+        if let (Some(u), Some(_), "success") = (&step.upload, &finished, judged.result) {
+            match inner
+                .state
+                .publish_artifact(build, row, u.name.clone())
+                .await
+            {
+                Ok(Ok(a)) => {
+                    tracing::info!(build, artifact = %a.name, bytes = a.size, sha256 = %a.sha256, "artifact stored")
+                }
+                Ok(Err(why)) => {
+                    judged.result = "failure";
+                    judged.detail = why;
+                }
+                Err(e) => {
+                    judged.result = "exception";
+                    judged.detail = format!("the master could not store the artifact: {e}");
+                }
+            }
         }
         if finished.is_some() {
             let logs = inner.state.log_files();

@@ -70,7 +70,15 @@ pub(crate) struct RawStep {
     timeout: Option<Spanned<String>>,
     on_lost: Option<Spanned<String>>,
     git: Option<Spanned<RawGit>>,
+    upload: Option<Spanned<RawUpload>>,
     set_properties: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpload {
+    source: String,
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +188,9 @@ pub struct StepConfig {
     pub shell: bool,
     /// A git checkout step (its argv is made when it starts).
     pub git: Option<GitStep>,
+    /// An upload step: sends a file or directory of the step's directory
+    /// to the master as an artifact of the build.
+    pub upload: Option<UploadStep>,
     /// `set_properties = "stdout"`: `NAME=VALUE` lines of its standard output
     /// become properties of the build for the steps after it.
     pub set_properties: bool,
@@ -189,6 +200,29 @@ pub struct StepConfig {
     pub timeout: Option<Duration>,
     pub on_lost: OnLost,
 }
+
+/// `upload = { source = "...", name = "..." }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadStep {
+    /// Relative to the step's directory, without `..`.
+    pub source: String,
+    /// The artifact's name in the build: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+}
+
+/// Whether `name` may name an artifact (a file name of its own).
+pub fn valid_artifact_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The program an upload step runs on the worker: the worker's own binary
+/// (`@switchyard` is replaced by it there).
+pub const WORKER_SELF: &str = "@switchyard";
 
 /// A builder: steps, and the workers that may run them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -567,6 +601,45 @@ pub(crate) fn validate(
                     })
                 }
             };
+            let upload = match &s.upload {
+                None => None,
+                Some(u) => {
+                    let raw = u.get_ref();
+                    if s.command.is_some() || s.shell.is_some() || s.git.is_some() {
+                        return c.err(
+                            u.span(),
+                            "builder.step.upload",
+                            format_args!(
+                                "step `{sname}` has `upload` and `command`, `shell` or `git`; keep one"
+                            ),
+                        );
+                    }
+                    if !safe_relative(&raw.source) {
+                        return c.err(
+                            u.span(),
+                            "builder.step.upload.source",
+                            format_args!(
+                                "`{}` must be a relative path inside the step's directory (no `..`, not absolute)",
+                                raw.source
+                            ),
+                        );
+                    }
+                    if !valid_artifact_name(&raw.name) {
+                        return c.err(
+                            u.span(),
+                            "builder.step.upload.name",
+                            format_args!(
+                                "`{}` is not an artifact name (letters, digits, `-`, `_`, `.`; not starting with `.`)",
+                                raw.name
+                            ),
+                        );
+                    }
+                    Some(UploadStep {
+                        source: raw.source.clone(),
+                        name: raw.name.clone(),
+                    })
+                }
+            };
             let set_properties = match &s.set_properties {
                 None => false,
                 Some(v) if v.get_ref() == "stdout" => true,
@@ -583,6 +656,9 @@ pub(crate) fn validate(
             };
             let argv = match (&s.command, &s.shell) {
                 (None, None) if git.is_some() => Vec::new(),
+                (None, None) if let Some(u) = &upload => {
+                    vec![WORKER_SELF.into(), "__upload".into(), u.source.clone()]
+                }
                 (Some(cmd), None) if !cmd.get_ref().is_empty() && !cmd.get_ref()[0].is_empty() => {
                     cmd.get_ref().clone()
                 }
@@ -608,7 +684,7 @@ pub(crate) fn validate(
                     return c.err(
                         span,
                         "builder.step",
-                        format_args!("step `{sname}` needs `command = [...]`, `shell = \"...\"` or `git = {{ ... }}`"),
+                        format_args!("step `{sname}` needs `command = [...]`, `shell = \"...\"`, `git = {{ ... }}` or `upload = {{ ... }}`"),
                     );
                 }
             };
@@ -704,6 +780,7 @@ pub(crate) fn validate(
                 name: sname.clone(),
                 shell: s.shell.is_some(),
                 git,
+                upload,
                 set_properties,
                 argv,
                 workdir,

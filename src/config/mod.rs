@@ -23,7 +23,7 @@ mod webhooks;
 
 pub use builds::{
     BuilderConfig, GitMode, GitStep, Nightly, OnLost, PR_NUMBER, SchedulerConfig, StepConfig,
-    WorkerConfig, valid_property_name,
+    UploadStep, WORKER_SELF, WorkerConfig, valid_artifact_name, valid_property_name,
 };
 pub use checkers::CheckerConfig;
 pub use pollers::PollerConfig;

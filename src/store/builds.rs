@@ -189,6 +189,16 @@ pub struct BuildRecord {
     pub steps: Vec<StepRecord>,
 }
 
+/// An artifact a build stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactRecord {
+    pub build: i64,
+    pub name: String,
+    pub size: u64,
+    /// Hex.
+    pub sha256: String,
+}
+
 /// One stored chunk of a step's output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogChunk {
@@ -860,6 +870,14 @@ impl StateDb {
     pub async fn finish_step(&self, mut end: StepEndRecord) -> Result<(), StateError> {
         let row = end.row;
         let logs = std::mem::take(&mut end.logs);
+        let (uploads, logs) = self.split_uploads(logs);
+        if !uploads.is_empty() {
+            let files = self.uploads.clone();
+            let troubles = tokio::task::spawn_blocking(move || files.append(&uploads))
+                .await
+                .map_err(|_| StateError::WriterGone)??;
+            self.tell_log_troubles(troubles);
+        }
         let (troubles, stats) = self
             .on_logs(move |l| Ok((l.append(&logs)?, l.stats(row)?)))
             .await?;
@@ -905,9 +923,144 @@ impl StateDb {
     /// a chunk already stored (same step, a seq not above the last) is
     /// skipped, so replays never double a log.
     pub async fn append_logs(&self, chunks: Vec<LogChunk>) -> Result<(), StateError> {
+        let (uploads, chunks) = self.split_uploads(chunks);
+        if !uploads.is_empty() {
+            let files = self.uploads.clone();
+            let troubles = tokio::task::spawn_blocking(move || files.append(&uploads))
+                .await
+                .map_err(|_| StateError::WriterGone)??;
+            self.tell_log_troubles(troubles);
+        }
         let troubles = self.on_logs(move |l| l.append(&chunks)).await?;
         self.tell_log_troubles(troubles);
         Ok(())
+    }
+
+    /// Takes out the chunks that are uploads (the stdout of upload steps).
+    fn split_uploads(&self, chunks: Vec<LogChunk>) -> (Vec<LogChunk>, Vec<LogChunk>) {
+        let rows = self.upload_rows.lock().unwrap_or_else(|e| e.into_inner());
+        if rows.is_empty() {
+            return (Vec::new(), chunks);
+        }
+        chunks.into_iter().partition(|c| {
+            rows.contains(&c.step) && c.stream == crate::proto::OutputStream::Stdout as i32
+        })
+    }
+
+    /// The stdout of the step of `row` is an upload, from now on.
+    pub fn expect_upload(&self, row: i64) {
+        self.upload_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(row);
+    }
+
+    /// Checks the upload of the step of `row` against the digest its log
+    /// ends with and, if they agree, stores it as the artifact `name` of
+    /// `build`. `Ok(Err(why))`: the upload is not what the worker sent.
+    pub async fn publish_artifact(
+        &self,
+        build: i64,
+        row: i64,
+        name: String,
+    ) -> Result<Result<ArtifactRecord, String>, StateError> {
+        let log = self
+            .on_logs(move |l| match l.reader(row)? {
+                Some(r) => r.last_lines(4).map(|(_, b)| b),
+                None => Ok(Vec::new()),
+            })
+            .await?;
+        let said = crate::worker::upload::digest_in_log(&String::from_utf8_lossy(&log));
+        let files = self.uploads.clone();
+        let dest_dir = self.artifacts_dir.join(build.to_string());
+        let dest = dest_dir.join(&name);
+        let checked = tokio::task::spawn_blocking(move || -> std::io::Result<Result<(String, u64), String>> {
+            use sha2::Digest;
+            let Some((hex, size)) = said else {
+                return Ok(Err("the upload did not say its checksum".into()));
+            };
+            let mut hash = sha2::Sha256::new();
+            let stored = match files.reader(row)? {
+                None => 0,
+                Some(r) => {
+                    let len = r.stats().bytes;
+                    let mut at = 0;
+                    while at < len {
+                        let to = (at + (1 << 20)).min(len);
+                        hash.update(r.read(at, to)?);
+                        at = to;
+                    }
+                    len
+                }
+            };
+            let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            if stored != size || got != hex {
+                return Ok(Err(format!(
+                    "the upload arrived damaged: {stored} bytes with sha256 {got}, the worker sent {size} bytes with sha256 {hex}"
+                )));
+            }
+            files.close(row);
+            std::fs::create_dir_all(&dest_dir)?;
+            let (data, index) = files.files_of(row);
+            if stored == 0 {
+                std::fs::write(&dest, b"")?;
+            } else {
+                std::fs::rename(&data, &dest)?;
+            }
+            std::fs::File::open(&dest_dir)?.sync_all()?;
+            let _ = std::fs::remove_file(&index);
+            let _ = std::fs::remove_file(&data);
+            Ok(Ok((got, stored)))
+        })
+        .await
+        .map_err(|_| StateError::WriterGone)??;
+        self.upload_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+        let (sha256, size) = match checked {
+            Ok(c) => c,
+            Err(why) => return Ok(Err(why)),
+        };
+        let record = ArtifactRecord {
+            build,
+            name,
+            size,
+            sha256,
+        };
+        let r = record.clone();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO artifacts (build_id, name, size, sha256, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.build, r.name, r.size as i64, r.sha256, now_ms()],
+            )
+        })
+        .await?;
+        Ok(Ok(record))
+    }
+
+    /// The artifacts of a build, by name.
+    pub async fn artifacts(&self, build: i64) -> Result<Vec<ArtifactRecord>, StateError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT name, size, sha256 FROM artifacts WHERE build_id = ?1 ORDER BY name",
+            )?
+            .query_map([build], |r| {
+                Ok(ArtifactRecord {
+                    build,
+                    name: r.get(0)?,
+                    size: r.get::<_, i64>(1)? as u64,
+                    sha256: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    /// Where an artifact's bytes are.
+    pub fn artifact_path(&self, build: i64, name: &str) -> std::path::PathBuf {
+        self.artifacts_dir.join(build.to_string()).join(name)
     }
 
     /// The most recent builds, newest first, with their steps.

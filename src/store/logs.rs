@@ -538,6 +538,12 @@ impl LogFiles {
         sync_dir(&p.dir)
     }
 
+    /// The plain log file and the index of `row`.
+    pub fn files_of(&self, row: i64) -> (PathBuf, PathBuf) {
+        let p = self.paths(row);
+        (p.data, p.index)
+    }
+
     /// Removes every file of `row`'s log.
     pub fn remove(&self, row: i64) -> io::Result<()> {
         self.close(row);

@@ -23,8 +23,8 @@ mod builds;
 pub mod logs;
 
 pub use builds::{
-    BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk, LogTail,
-    NewRequest, PropertyRow, QueuedReport, ReportProgress, ReportedBuild, StepEndRecord,
+    ArtifactRecord, BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk,
+    LogTail, NewRequest, PropertyRow, QueuedReport, ReportProgress, ReportedBuild, StepEndRecord,
     StepRecord,
 };
 
@@ -186,6 +186,16 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE steps ADD COLUMN log_lines INTEGER;
      CREATE INDEX steps_log_uncompressed ON steps(id) WHERE log_stored = 'file';
      CREATE INDEX builds_by_end ON builds(finished_ms) WHERE finished_ms IS NOT NULL;",
+    // 9: artifacts a build's upload steps stored, under
+    // `data_dir/artifacts/BUILD/NAME`.
+    "CREATE TABLE artifacts (
+         build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+         name TEXT NOT NULL,
+         size INTEGER NOT NULL,
+         sha256 TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         PRIMARY KEY (build_id, name)
+     );",
 ];
 
 /// The schema version this build writes.
@@ -225,6 +235,14 @@ pub struct StateDb {
     jobs: std::sync::mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
     logs: Arc<logs::LogFiles>,
+    /// Uploads being received: the stdout of upload steps, as log files of
+    /// their own (`data_dir/uploads/`), until they are checked and moved to
+    /// `data_dir/artifacts/`.
+    uploads: Arc<logs::LogFiles>,
+    /// The step rows whose stdout is an upload.
+    upload_rows: Mutex<std::collections::HashSet<i64>>,
+    /// `data_dir/artifacts`.
+    artifacts_dir: PathBuf,
     /// One log compressed at a time, in the background.
     compressing: Arc<tokio::sync::Semaphore>,
     /// Who hears of steps whose output could not all be stored.
@@ -434,6 +452,9 @@ impl StateDb {
             jobs: tx,
             reader: Arc::new(Mutex::new(reader)),
             logs,
+            uploads: Arc::new(logs::LogFiles::new(data_dir.join("uploads"))),
+            upload_rows: Mutex::new(Default::default()),
+            artifacts_dir: data_dir.join("artifacts"),
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
         })

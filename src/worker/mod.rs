@@ -9,3 +9,4 @@ pub mod agent;
 mod mask;
 mod spool;
 pub mod step;
+pub mod upload;

@@ -426,7 +426,17 @@ async fn start_supervised(
 
 /// Runs a step to its end. `interrupt` stops it (the whole group is
 /// killed). Always ends with exactly one `Finished` event.
-pub async fn run(spec: StepSpec, events: mpsc::Sender<StepEvent>, interrupt: CancellationToken) {
+pub async fn run(
+    mut spec: StepSpec,
+    events: mpsc::Sender<StepEvent>,
+    interrupt: CancellationToken,
+) {
+    // `@switchyard` (an upload step) is this worker's own binary.
+    if spec.argv.first().map(String::as_str) == Some(crate::config::WORKER_SELF)
+        && let Ok(me) = std::env::current_exe()
+    {
+        spec.argv[0] = me.to_string_lossy().into_owned();
+    }
     let finish = |end: StepEnd, timed_out: bool, interrupted: bool| StepEvent::Finished {
         step_id: spec.step_id.clone(),
         end: match (end, spec.masker()) {
