@@ -503,3 +503,38 @@ async fn a_step_sent_to_a_dead_session_is_sent_again_not_lost() {
     assert_eq!(log_text(&m, b.id, 0).await, "hello\n");
     m.stop().await;
 }
+
+#[tokio::test]
+async fn an_upload_goes_on_across_a_master_kill_9_and_arrives_whole() {
+    let toml = "[[builder]]\nname = \"art\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"make\"\nshell = \"head -c 134217728 /dev/urandom > app\"\n[[builder.step]]\nname = \"up\"\nupload = { source = \"app\", name = \"app\" }\n";
+    let (dir, mut first, addr, _w) = master_and_worker_processes(toml, "60s").await;
+    debug_json(&addr, &["force", "art"]).await;
+    // Kill the master once part of the upload is stored.
+    let uploads = dir.path().join("uploads");
+    within("the upload to start", async {
+        loop {
+            let stored: u64 = std::fs::read_dir(uploads.join("0"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum();
+            if stored > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (_second, _) = master_process(dir.path());
+    let build = newest_build_when_ended(&addr).await;
+    assert_eq!(build["result"], "success", "{build}");
+    assert_eq!(build["steps"][1]["attempt"], 1, "not run again: {build}");
+    let id = build["id"].as_i64().unwrap();
+    let sent = std::fs::read(dir.path().join("basedir/art/app")).unwrap();
+    let stored = std::fs::read(dir.path().join(format!("artifacts/{id}/app"))).unwrap();
+    assert!(stored == sent, "byte-exact across the restart");
+}

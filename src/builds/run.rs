@@ -569,8 +569,10 @@ pub(super) async fn run_build(
             }
         };
         // An upload step's stdout is the artifact, not its log.
-        if step.upload.is_some() {
-            inner.state.expect_upload(row);
+        if let Some(u) = &step.upload
+            && let Err(e) = inner.state.expect_upload(row, u.name.clone()).await
+        {
+            tracing::error!(build, error = %e, "cannot record an upload step");
         }
         let (done_tx, done_rx) = oneshot::channel();
         slots

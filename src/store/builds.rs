@@ -947,12 +947,21 @@ impl StateDb {
         })
     }
 
-    /// The stdout of the step of `row` is an upload, from now on.
-    pub fn expect_upload(&self, row: i64) {
+    /// The stdout of the step of `row` is the upload of artifact `name`,
+    /// from now on (and after a restart: it is recorded).
+    pub async fn expect_upload(&self, row: i64, name: String) -> Result<(), StateError> {
         self.upload_rows
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(row);
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE steps SET artifact = ?2 WHERE id = ?1",
+                params![row, name],
+            )
+        })
+        .await?;
+        Ok(())
     }
 
     /// Checks the upload of the step of `row` against the digest its log

@@ -195,7 +195,8 @@ const MIGRATIONS: &[&str] = &[
          sha256 TEXT NOT NULL,
          created_ms INTEGER NOT NULL,
          PRIMARY KEY (build_id, name)
-     );",
+     );
+     ALTER TABLE steps ADD COLUMN artifact TEXT;",
 ];
 
 /// The schema version this build writes.
@@ -428,6 +429,12 @@ impl StateDb {
         migrate(&mut writer, path)?;
         let logs = Arc::new(logs::LogFiles::new(data_dir.join("logs")));
         move_running_logs(&mut writer, &logs)?;
+        // Uploads in flight when the master stopped: their stdout is still
+        // the artifact when the worker replays it.
+        let uploading: std::collections::HashSet<i64> = writer
+            .prepare("SELECT id FROM steps WHERE artifact IS NOT NULL AND finished_ms IS NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         let reader = open_connection(path)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let thread_path = path.to_path_buf();
@@ -453,7 +460,7 @@ impl StateDb {
             reader: Arc::new(Mutex::new(reader)),
             logs,
             uploads: Arc::new(logs::LogFiles::new(data_dir.join("uploads"))),
-            upload_rows: Mutex::new(Default::default()),
+            upload_rows: Mutex::new(uploading),
             artifacts_dir: data_dir.join("artifacts"),
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
