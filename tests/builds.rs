@@ -1684,6 +1684,26 @@ upload = { source = "./dist", name = "dist.tar" }
     )
     .await;
     assert!(head.contains(" 404 "), "{head}");
+    // A build deleted by retention takes its artifacts with it.
+    m.master
+        .state()
+        .write(move |c| {
+            c.execute(
+                "UPDATE builds SET finished_ms = finished_ms - 100 * 86400000 WHERE id = ?1",
+                [build],
+            )
+        })
+        .await
+        .unwrap();
+    reload_with_master_keys(&m, "build_retention = \"90d\"").await;
+    let kept = m.dir.path().join(format!("artifacts/{build}"));
+    within("the build and its artifacts to go", async {
+        while kept.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(m.master.state().artifacts(build).await.unwrap().is_empty());
     m.stop().await;
 }
 

@@ -1246,7 +1246,11 @@ impl StateDb {
     /// many builds went.
     pub async fn delete_builder(&self, builder: &str) -> Result<usize, StateError> {
         let builder = builder.to_string();
-        let (builds, rows) = self.write(move |conn| {
+        let (builds, rows, ids) = self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM builds WHERE builder = ?1")?
+                .query_map([&builder], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             let rows: Vec<i64> = conn
                 .prepare_cached(
                     "SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1",
@@ -1262,13 +1266,34 @@ impl StateDb {
             conn.execute("DELETE FROM build_properties WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
             let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
             conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
-            Ok((builds, rows))
+            Ok((builds, rows, ids))
         })
         .await?;
         // The rows are gone: nothing reads these files any more.
         self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
             .await?;
+        self.remove_artifacts(&ids).await?;
         Ok(builds)
+    }
+
+    /// Removes the artifacts' files of these (deleted) builds.
+    async fn remove_artifacts(&self, builds: &[i64]) -> Result<(), StateError> {
+        let dirs: Vec<std::path::PathBuf> = builds
+            .iter()
+            .map(|b| self.artifacts_dir.join(b.to_string()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for d in dirs {
+                match std::fs::remove_dir_all(&d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| StateError::WriterGone)??;
+        Ok(())
     }
 
     /// For each of `builders`: its last `per` builds (newest first, without
@@ -1622,13 +1647,14 @@ impl StateDb {
                         [id],
                     )?;
                 }
-                Ok((ids.len(), rows))
+                Ok((ids, rows))
             })
             .await?;
         // Steps that ended after the logs were pruned (none, normally).
         self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
             .await?;
-        Ok(builds)
+        self.remove_artifacts(&builds).await?;
+        Ok(builds.len())
     }
 
     /// Requests waiting, per builder.
