@@ -12,6 +12,9 @@
 //! 5. an incremental git-step build of a 1,000-commit repository after one
 //!    new commit, push to build end, against `git fetch && git checkout` run
 //!    by hand in a clone of the same repository, alternating, in one run;
+//! 7. an upload step sending a 1 GiB file (random bytes) to the master,
+//!    its duration as the master records it, against a raw TCP copy of as
+//!    many bytes on loopback;
 //! 6. trivial steps per second with one worker, steps under their
 //!    supervisor against the same with the supervisor switched off
 //!    (`worker --bench-unsupervised-steps`), alternating rounds.
@@ -128,6 +131,9 @@ fn start_master_with(tag: &str, workers: usize, log_bytes: u64, worker_args: &[&
     config.push_str(BUILDERS);
     config.push_str(&format!(
         "\n[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"head -c {log_bytes} /dev/zero\"\n"
+    ));
+    config.push_str(&format!(
+        "\n[[builder]]\nname = \"upload\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"make\"\nshell = \"head -c {log_bytes} /dev/urandom > big\"\n[[builder.step]]\nname = \"send\"\nupload = {{ source = \"big\", name = \"big\" }}\n"
     ));
     std::fs::write(dir.join("master.toml"), config).unwrap();
     std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
@@ -657,6 +663,40 @@ async fn ingest(bytes: u64) -> Ingest {
     }
 }
 
+/// Runs the `upload` builder once: the upload step's duration as the
+/// master recorded it, and the build's result.
+async fn upload(bytes: u64) -> (f64, String) {
+    let m = start_master("upload", 1, bytes);
+    let mut client = debug_client(&m.addr).await;
+    wait_workers(&mut client, 1).await;
+    let mut events = watch(&mut client).await;
+    client
+        .force(req(ForceRequest {
+            builder: "upload".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    builds_ended(&mut events, 1, Duration::from_secs(900)).await;
+    let b = client
+        .builds(req(switchyard::proto::BuildsRequest {
+            builder: "upload".into(),
+            limit: 1,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .builds
+        .remove(0);
+    let s = &b.steps[1];
+    let secs = (s.finished_unix_ms - s.started_unix_ms) as f64 / 1000.0;
+    drop(m.workers);
+    drop(m.proc);
+    let _ = std::fs::remove_dir_all(&m.dir);
+    (secs, b.result)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let (builds_1, builds_8, samples, log, rounds) = if quick {
@@ -708,6 +748,17 @@ fn main() {
                 i.master_peak
             );
             println!("4. worker RSS: idle {} KiB, peak while streaming {} KiB", i.worker_idle, i.worker_peak);
+        }
+        if part(7) {
+            let raw = raw_tcp_copy(log);
+            let (secs, ok) = upload(log).await;
+            let mib = log as f64 / (1 << 20) as f64;
+            println!(
+                "7. artifact upload of {mib:.0} MiB (the upload step, the master's record): {secs:.2} s ({:.0} MiB/s, {ok}); raw TCP copy {raw:.2} s ({:.0} MiB/s); ratio {:.3}",
+                mib / secs,
+                mib / raw,
+                raw / secs
+            );
         }
         if part(6) {
             // The step supervisor's cost: the same bench with it switched

@@ -988,21 +988,24 @@ impl StateDb {
             let Some((hex, size)) = said else {
                 return Ok(Err("the upload did not say its checksum".into()));
             };
-            let mut hash = sha2::Sha256::new();
-            let stored = match files.reader(row)? {
-                None => 0,
-                Some(r) => {
-                    let len = r.stats().bytes;
-                    let mut at = 0;
-                    while at < len {
-                        let to = (at + (1 << 20)).min(len);
-                        hash.update(r.read(at, to)?);
-                        at = to;
+            // Kept while it was stored, or (after a restart) read again.
+            let stored = files.stats(row)?.map_or(0, |s| s.bytes);
+            let got = match files.digest(row) {
+                Some(d) => d,
+                None => {
+                    let mut hash = sha2::Sha256::new();
+                    if let Some(r) = files.reader(row)? {
+                        let len = r.stats().bytes;
+                        let mut at = 0;
+                        while at < len {
+                            let to = (at + (1 << 20)).min(len);
+                            hash.update(r.read(at, to)?);
+                            at = to;
+                        }
                     }
-                    len
+                    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
                 }
             };
-            let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
             if stored != size || got != hex {
                 return Ok(Err(format!(
                     "the upload arrived damaged: {stored} bytes with sha256 {got}, the worker sent {size} bytes with sha256 {hex}"

@@ -109,6 +109,9 @@ struct Writer {
     stats: LogStats,
     /// Its output was cut at `max_log_size`.
     cut: bool,
+    /// The SHA-256 of everything stored, when this store keeps digests and
+    /// the writer saw the file from its start.
+    digest: Option<sha2::Sha256>,
 }
 
 impl Writer {
@@ -155,6 +158,8 @@ pub struct LogFiles {
     max_size: std::sync::atomic::AtomicU64,
     /// `[master] on_log_limit = "fail"`.
     fail_on_limit: std::sync::atomic::AtomicBool,
+    /// Writers keep the SHA-256 of what they store (uploads).
+    digests: std::sync::atomic::AtomicBool,
     /// Steps whose files could not be written, and why.
     broken: Mutex<HashMap<i64, String>>,
 }
@@ -186,6 +191,7 @@ impl LogFiles {
             sealed: Mutex::new(HashSet::new()),
             max_size: std::sync::atomic::AtomicU64::new(u64::MAX),
             fail_on_limit: std::sync::atomic::AtomicBool::new(false),
+            digests: std::sync::atomic::AtomicBool::new(false),
             broken: Mutex::new(HashMap::new()),
         }
     }
@@ -254,11 +260,13 @@ impl LogFiles {
         {
             open.remove(&oldest);
         }
+        let digests = self.digests.load(std::sync::atomic::Ordering::Relaxed);
         let w = Arc::new(Mutex::new(Writer {
             data,
             index,
             stats,
             cut: stats.bytes > max,
+            digest: (digests && stats.bytes == 0).then(<sha2::Sha256 as sha2::Digest>::new),
         }));
         open.insert(row, (w.clone(), stamp));
         Ok(Some(w))
@@ -409,6 +417,9 @@ impl LogFiles {
                 continue;
             }
             w.stats = stats;
+            if let Some(h) = w.digest.as_mut() {
+                sha2::Digest::update(h, &data);
+            }
             if cut {
                 troubles.push(LogTrouble::OverLimit { row, max });
             }
@@ -536,6 +547,28 @@ impl LogFiles {
         sync_dir(&p.dir)?;
         fs::remove_file(&p.data)?;
         sync_dir(&p.dir)
+    }
+
+    /// Writers keep the SHA-256 of what they store from now on (see
+    /// [`LogFiles::digest`]).
+    pub fn keep_digests(&self) {
+        self.digests
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The SHA-256 (hex) of everything `row`'s log holds, if its writer
+    /// kept it (it saw the file from its start, in this process).
+    pub fn digest(&self, row: i64) -> Option<String> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (w, _) = open.get(&row)?;
+        let w = w.lock().unwrap_or_else(|e| e.into_inner());
+        let h = w.digest.clone()?;
+        Some(
+            sha2::Digest::finalize(h)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
     }
 
     /// The plain log file and the index of `row`.

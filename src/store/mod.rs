@@ -459,7 +459,11 @@ impl StateDb {
             jobs: tx,
             reader: Arc::new(Mutex::new(reader)),
             logs,
-            uploads: Arc::new(logs::LogFiles::new(data_dir.join("uploads"))),
+            uploads: {
+                let u = logs::LogFiles::new(data_dir.join("uploads"));
+                u.keep_digests();
+                Arc::new(u)
+            },
             upload_rows: Mutex::new(uploading),
             artifacts_dir: data_dir.join("artifacts"),
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),

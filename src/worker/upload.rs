@@ -82,9 +82,14 @@ pub fn run(source: &str) -> i32 {
         );
         return 2;
     }
+    // A bigger pipe to the worker: fewer, larger reads on its side.
+    #[cfg(target_os = "linux")]
+    {
+        let _ = nix::fcntl::fcntl(io::stdout(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    }
     let out = io::stdout().lock();
     let mut w = Hashing {
-        inner: io::BufWriter::with_capacity(64 * 1024, out),
+        inner: io::BufWriter::with_capacity(256 * 1024, out),
         hash: Sha256::new(),
         bytes: 0,
     };
