@@ -1644,6 +1644,13 @@ upload = { source = "./dist", name = "dist.tar" }
     assert_eq!(list["artifacts"][0]["size"], 134_217_728);
     assert_eq!(list["artifacts"][0]["sha256"], digest);
     assert_eq!(list["artifacts"][1]["name"], "dist.tar");
+    // The build's page lists them, with links to download them.
+    let (head, page) = http_get(&m, &format!("/builds/{build}"), Some(&admin)).await;
+    assert!(head.contains(" 200 "), "{head}");
+    assert!(
+        page.contains(&format!("/api/v1/builds/{build}/artifacts/app")) && page.contains(&digest),
+        "{page}"
+    );
     // The directory came as a tar stream: its files, and its symbolic
     // link as a link (not followed).
     let mut raw = Raw::connect(m.addr).await;

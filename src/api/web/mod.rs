@@ -521,14 +521,27 @@ async fn build(
         Ok(t) => t,
         Err(e) => return error_page(&viewer, StatusCode::INTERNAL_SERVER_ERROR, e),
     };
+    let artifacts = match s.api.state().artifacts(id).await {
+        Ok(a) => a,
+        Err(e) => return error_page(&viewer, StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     let title = format!("{} #{}", b.builder, b.number);
     page(
         StatusCode::OK,
-        layout(&title, &viewer, build_markup(&viewer, &b, &tails)),
+        layout(
+            &title,
+            &viewer,
+            build_markup(&viewer, &b, &tails, &artifacts),
+        ),
     )
 }
 
-fn build_markup(viewer: &Viewer, b: &BuildDetails, tails: &[crate::store::LogTail]) -> Markup {
+fn build_markup(
+    viewer: &Viewer,
+    b: &BuildDetails,
+    tails: &[crate::store::LogTail],
+    artifacts: &[crate::store::ArtifactRecord],
+) -> Markup {
     let running = b.result.is_empty();
     let now = now_ms();
     let end = if b.finished_unix_ms > 0 {
@@ -589,6 +602,17 @@ fn build_markup(viewer: &Viewer, b: &BuildDetails, tails: &[crate::store::LogTai
                         (PreEscaped(ansi::AnsiHtml::new().push(&t.data)))
                     }
                 }
+            }
+        }
+        @if !artifacts.is_empty() {
+            h2 { "Artifacts" }
+            table.artifacts {
+                thead { tr { th { "Name" } th { "Size" } th { "SHA-256" } } }
+                tbody { @for a in artifacts { tr {
+                    td { a href={ "/api/v1/builds/" (b.id) "/artifacts/" (a.name) } { (a.name) } }
+                    td { (a.size) " bytes" }
+                    td.mono { (a.sha256) }
+                } } }
             }
         }
         h2 { "Properties" }
