@@ -1769,3 +1769,38 @@ upload = { source = "out", name = "out" }
     assert!(m.master.state().artifacts(b.id).await.unwrap().is_empty());
     m.stop().await;
 }
+
+#[tokio::test]
+async fn an_upload_past_max_artifact_size_is_stopped_and_fails() {
+    let toml = r#"
+[[builder]]
+name = "huge"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 3000000 /dev/zero > big"
+[[builder.step]]
+name = "up"
+upload = { source = "big", name = "big" }
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    reload_with_master_keys(&m, "max_artifact_size = \"1MiB\"").await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    m.master
+        .builds()
+        .force("huge", "", "", "", "test")
+        .await
+        .unwrap();
+    let (id, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(id).await.unwrap().unwrap();
+    assert!(
+        b.steps[1].detail.contains("max_artifact_size"),
+        "{}",
+        b.steps[1].detail
+    );
+    assert!(m.master.state().artifacts(id).await.unwrap().is_empty());
+    m.stop().await;
+}

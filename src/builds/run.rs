@@ -744,7 +744,17 @@ pub(super) async fn run_build(
         {
             tracing::error!(build, error = %e, "cannot store a step's last output");
         }
-        if let (Some(u), Some(_), "success") = (&step.upload, &finished, judged.result) {
+        if step.upload.is_some() && inner.state.upload_over_limit(row) {
+            judged.result = "failure";
+            judged.detail = format!(
+                "the artifact passed max_artifact_size; the step was stopped{}",
+                if judged.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", judged.detail)
+                }
+            );
+        } else if let (Some(u), Some(_), "success") = (&step.upload, &finished, judged.result) {
             match inner
                 .state
                 .publish_artifact(build, row, u.name.clone())

@@ -160,6 +160,7 @@ struct RawMaster {
     log_retention: Option<Spanned<String>>,
     max_log_size: Option<Spanned<String>>,
     on_log_limit: Option<Spanned<String>>,
+    max_artifact_size: Option<Spanned<String>>,
     worker_reconnect_grace: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
 }
@@ -433,6 +434,9 @@ pub struct Config {
     /// `[master] on_log_limit`: a step past `max_log_size` goes on (its
     /// output cut, `false`) or fails (`true`).
     pub fail_on_log_limit: bool,
+    /// `[master] max_artifact_size`: the largest artifact an upload step
+    /// may send; past it the step is stopped and fails.
+    pub max_artifact_size: u64,
     /// `[web] public_metrics`: `/metrics` needs no credentials (else a user
     /// granted `metrics`).
     pub public_metrics: bool,
@@ -462,6 +466,9 @@ pub const DEFAULT_WEB_SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
 
 /// `[master] max_log_size` by default: 2 GiB per step.
 pub const DEFAULT_MAX_LOG_SIZE: u64 = 2 << 30;
+
+/// `[master] max_artifact_size` by default: 10 GiB.
+pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 10 << 30;
 
 /// A size in bytes: a whole number with an optional unit (`B`, `KiB`,
 /// `MiB`, `GiB`, `TiB`, or `KB`, `MB`, `GB`, `TB` in powers of ten).
@@ -781,6 +788,12 @@ impl Config {
                 "master.max_log_size",
                 DEFAULT_MAX_LOG_SIZE,
                 1024,
+            )?,
+            max_artifact_size: c.size(
+                &m.max_artifact_size,
+                "master.max_artifact_size",
+                DEFAULT_MAX_ARTIFACT_SIZE,
+                1,
             )?,
             fail_on_log_limit: match &m.on_log_limit {
                 None => false,

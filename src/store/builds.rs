@@ -947,6 +947,24 @@ impl StateDb {
         })
     }
 
+    /// The largest artifact an upload may send (`max_artifact_size`).
+    pub fn set_max_artifact_size(&self, max: u64) {
+        self.uploads.set_max_log_size(max, true);
+    }
+
+    /// Whether the step of `row` is an upload.
+    pub fn is_upload(&self, row: i64) -> bool {
+        self.upload_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&row)
+    }
+
+    /// Whether the upload of `row` went past `max_artifact_size`.
+    pub fn upload_over_limit(&self, row: i64) -> bool {
+        self.uploads.over_limit(row).unwrap_or(false)
+    }
+
     /// The stdout of the step of `row` is the upload of artifact `name`,
     /// from now on (and after a restart: it is recorded).
     pub async fn expect_upload(&self, row: i64, name: String) -> Result<(), StateError> {
