@@ -1644,6 +1644,24 @@ upload = { source = "./dist", name = "dist.tar" }
     assert_eq!(list["artifacts"][0]["size"], 134_217_728);
     assert_eq!(list["artifacts"][0]["sha256"], digest);
     assert_eq!(list["artifacts"][1]["name"], "dist.tar");
+    // So does the console, by id or BUILDER#NUMBER.
+    let listed = debug_cli(&m, ADMIN.0, ADMIN.1, &["artifacts", "art#1"])
+        .await
+        .unwrap();
+    assert!(
+        listed.contains(&format!("app 134217728 bytes sha256 {digest}")),
+        "{listed}"
+    );
+    let listed = debug_cli(
+        &m,
+        ADMIN.0,
+        ADMIN.1,
+        &["--json", "artifacts", &build.to_string()],
+    )
+    .await
+    .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[1]["name"], "dist.tar");
     // The build's page lists them, with links to download them.
     let (head, page) = http_get(&m, &format!("/builds/{build}"), Some(&admin)).await;
     assert!(head.contains(" 200 "), "{head}");

@@ -39,6 +39,7 @@ commands:
   hangup WORKER                            hang up a worker's session
   unblock ADDRESS                          forget an address's failed logins
   reports                                  reports [[reporter]]s could not deliver yet
+  artifacts BUILD                          the artifacts a build's upload steps stored
   watch                                    live events until Ctrl-C
   reload                                   re-read the config and secrets (as SIGHUP)
   help, quit
@@ -90,7 +91,7 @@ fn checkable(words: &[String]) -> Vec<String> {
     let mut w = words.to_vec();
     if matches!(
         w.first().map(String::as_str),
-        Some("log" | "stop" | "build")
+        Some("log" | "stop" | "build" | "artifacts")
     ) && w.get(1).is_some_and(|b| b.contains('#'))
     {
         w[1] = "0".into();
@@ -222,6 +223,10 @@ pub fn parse(words: &[String]) -> Result<debug_request::Command, String> {
         ("unblock", _) => return usage("unblock ADDRESS"),
         ("watch", 0) => C::Watch(WatchRequest {}),
         ("reports", 0) => C::Reports(crate::proto::ReportsRequest {}),
+        ("artifacts", 1) => C::Artifacts(crate::proto::ArtifactsRequest {
+            build: number(&words[0], "BUILD")?,
+        }),
+        ("artifacts", _) => return usage("artifacts BUILD"),
         ("reload", 0) => C::Reload(ReloadRequest {}),
         ("status" | "workers" | "builders" | "watch" | "reload" | "reports", _) => {
             return Err(format!("{cmd} takes no arguments"));
@@ -383,7 +388,7 @@ impl Console {
         let mut words = words.to_vec();
         let takes_build = matches!(
             words.first().map(String::as_str),
-            Some("log" | "stop" | "build")
+            Some("log" | "stop" | "build" | "artifacts")
         );
         if let Some(w) = words.get(1).filter(|_| takes_build)
             && let Some((builder, n)) = w.split_once('#')
@@ -494,6 +499,12 @@ impl Console {
                 R::Reload(r) => json!({"summary": r.summary}),
                 R::Stop(_) | R::Hangup(_) => json!({"ok": true}),
                 R::Unblock(u) => json!({"forgotten": u.forgotten}),
+                R::Artifacts(a) => json!(
+                    a.artifacts
+                        .iter()
+                        .map(|x| json!({"name": x.name, "size": x.size, "sha256": x.sha256}))
+                        .collect::<Vec<_>>()
+                ),
                 R::Reports(r) => json!(r
                     .reports
                     .iter()
@@ -726,6 +737,12 @@ impl Console {
                 "unblocked ({} throttle entries forgotten)",
                 u.forgotten
             )?,
+            R::Artifacts(a) if a.artifacts.is_empty() => writeln!(out, "no artifacts")?,
+            R::Artifacts(a) => {
+                for x in &a.artifacts {
+                    writeln!(out, "{} {} bytes sha256 {}", x.name, x.size, x.sha256)?;
+                }
+            }
             R::Reports(r) if r.reports.is_empty() => writeln!(out, "every report was delivered")?,
             R::Reports(r) => {
                 for u in &r.reports {

@@ -129,6 +129,18 @@ impl Debug for DebugService {
             .map_err(status)
     }
 
+    async fn artifacts(
+        &self,
+        req: Request<crate::proto::ArtifactsRequest>,
+    ) -> Result<Response<crate::proto::ArtifactsReply>, Status> {
+        self.auth.authorize(&req, SERVICE).await?;
+        self.api
+            .artifacts(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn reports(
         &self,
         req: Request<crate::proto::ReportsRequest>,

@@ -528,6 +528,25 @@ impl DebugApi {
         })
     }
 
+    /// The artifacts a build's upload steps stored.
+    pub async fn artifacts(
+        &self,
+        req: crate::proto::ArtifactsRequest,
+    ) -> Result<crate::proto::ArtifactsReply, DebugError> {
+        self.one_build(req.build).await?;
+        let found = self.state().artifacts(req.build).await?;
+        Ok(crate::proto::ArtifactsReply {
+            artifacts: found
+                .into_iter()
+                .map(|a| crate::proto::Artifact {
+                    name: a.name,
+                    size: a.size,
+                    sha256: a.sha256,
+                })
+                .collect(),
+        })
+    }
+
     /// The reports `[[reporter]]`s tried to deliver and could not yet.
     pub async fn reports(&self) -> Result<crate::proto::ReportsReply, DebugError> {
         let found = self.state().undelivered_reports(1000).await?;

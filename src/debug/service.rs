@@ -132,6 +132,9 @@ async fn handle(api: DebugApi, req: DebugRequest, user: String, tx: Replies) {
         debug_request::Command::Hangup(r) => api.hangup(r).map(|r| Some(R::Hangup(r))),
         debug_request::Command::Unblock(r) => api.unblock(r, &user).map(|r| Some(R::Unblock(r))),
         debug_request::Command::Reports(_) => api.reports().await.map(|r| Some(R::Reports(r))),
+        debug_request::Command::Artifacts(r) => {
+            api.artifacts(r).await.map(|r| Some(R::Artifacts(r)))
+        }
         debug_request::Command::Reload(_) => api.reload(&user).await.map(|r| Some(R::Reload(r))),
         debug_request::Command::Log(r) => {
             // A chunk or two ahead of the writer, no more.
