@@ -1471,6 +1471,16 @@ workers = ["w1"]
 [[builder.step]]
 name = "print"
 shell = "head -c 3000000 /dev/zero | tr '\\0' 'b'"
+
+[[builder]]
+name = "ship"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 3000000 /dev/urandom > app"
+[[builder.step]]
+name = "up"
+upload = { source = "app", name = "app" }
 "#;
     let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
     let data = m.dir.path().join("data");
@@ -1531,6 +1541,18 @@ shell = "head -c 3000000 /dev/zero | tr '\\0' 'b'"
         "{}",
         b.steps[0].detail
     );
+    // An upload cannot land either: its step fails, saying why, and
+    // leaves nothing half-received.
+    force("ship").await;
+    let (ship, result) = builds_ended(&mut events, 1).await.remove(0);
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(ship).await.unwrap().unwrap();
+    assert!(
+        b.steps[1].detail.contains("No space left on device"),
+        "{}",
+        b.steps[1].detail
+    );
+    assert!(m.master.state().artifacts(ship).await.unwrap().is_empty());
     // What was stored before is whole, and readable.
     assert_eq!(log_text(&m, small, 0).await, expected);
     let partial = log_text(&m, big, 0).await;
@@ -1545,6 +1567,13 @@ shell = "head -c 3000000 /dev/zero | tr '\\0' 'b'"
     assert_eq!(log_text(&m, small, 0).await, expected);
     // Nothing half-written is left taking room (a compression that could
     // not finish on the full disk cleans up after itself).
+    let received: Vec<_> = std::fs::read_dir(data.join("uploads/0"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(received.is_empty(), "a failed upload's files: {received:?}");
     let mut left = vec![data.join("logs")];
     while let Some(d) = left.pop() {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
@@ -1820,5 +1849,13 @@ upload = { source = "big", name = "big" }
         b.steps[1].detail
     );
     assert!(m.master.state().artifacts(id).await.unwrap().is_empty());
+    // Nothing of it is left in the uploads being received.
+    let left: Vec<_> = std::fs::read_dir(m.dir.path().join("uploads/0"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     m.stop().await;
 }

@@ -775,7 +775,10 @@ pub(super) async fn run_build(
         }
         if finished.is_some() {
             let logs = inner.state.log_files();
-            if let Some(why) = logs.trouble(row) {
+            if let Some(why) = logs
+                .trouble(row)
+                .or_else(|| inner.state.upload_trouble(row))
+            {
                 judged.result = "failure";
                 judged.detail = why;
             } else if logs.fails_on_limit() && logs.over_limit(row).unwrap_or(false) {
@@ -785,6 +788,13 @@ pub(super) async fn run_build(
                     logs.max_log_size()
                 );
             }
+        }
+        // An upload that did not become an artifact leaves nothing behind.
+        if step.upload.is_some()
+            && judged.result != "success"
+            && let Err(e) = inner.state.discard_upload(row).await
+        {
+            tracing::warn!(build, error = %e, "cannot remove a failed upload's files");
         }
         // What the step set, and what the build comes to if this step ends
         // it: recorded with the step's end, in one write.

@@ -960,6 +960,24 @@ impl StateDb {
             .contains(&row)
     }
 
+    /// Why the upload of `row` could not be stored, if it could not.
+    pub fn upload_trouble(&self, row: i64) -> Option<String> {
+        self.uploads.trouble(row)
+    }
+
+    /// Forgets the upload of `row` (its step failed): its files go.
+    pub async fn discard_upload(&self, row: i64) -> Result<(), StateError> {
+        self.upload_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+        let files = self.uploads.clone();
+        tokio::task::spawn_blocking(move || files.remove(row))
+            .await
+            .map_err(|_| StateError::WriterGone)??;
+        Ok(())
+    }
+
     /// Whether the upload of `row` went past `max_artifact_size`.
     pub fn upload_over_limit(&self, row: i64) -> bool {
         self.uploads.over_limit(row).unwrap_or(false)
