@@ -1660,6 +1660,12 @@ upload = { source = "./dist", name = "dist.tar" }
             .map(|b| format!("{b:02x}"))
             .collect()
     };
+    // The upload step's log holds what it said, not the artifact's bytes.
+    let said = log_text(&m, build, 1).await;
+    assert!(
+        said.len() < 1000 && said.ends_with(&format!("{digest}, 134217728 bytes\n")),
+        "{said}"
+    );
     let admin = basic(ADMIN.0, ADMIN.1);
     let (head, body) = http_get(
         &m,

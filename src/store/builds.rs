@@ -870,14 +870,9 @@ impl StateDb {
     pub async fn finish_step(&self, mut end: StepEndRecord) -> Result<(), StateError> {
         let row = end.row;
         let logs = std::mem::take(&mut end.logs);
-        let (uploads, logs) = self.split_uploads(logs);
-        if !uploads.is_empty() {
-            let files = self.uploads.clone();
-            let troubles = tokio::task::spawn_blocking(move || files.append(&uploads))
-                .await
-                .map_err(|_| StateError::WriterGone)??;
-            self.tell_log_troubles(troubles);
-        }
+        // An upload's own bytes were stored, checked and kept (or
+        // discarded) before its end: they never go to the log.
+        let (_upload, logs) = self.split_uploads(logs);
         let (troubles, stats) = self
             .on_logs(move |l| Ok((l.append(&logs)?, l.stats(row)?)))
             .await?;
@@ -909,6 +904,10 @@ impl StateDb {
         })
         .await?;
         self.logs.close(row);
+        self.upload_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
         self.compress_later(vec![row]);
         Ok(())
     }
@@ -967,10 +966,6 @@ impl StateDb {
 
     /// Forgets the upload of `row` (its step failed): its files go.
     pub async fn discard_upload(&self, row: i64) -> Result<(), StateError> {
-        self.upload_rows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&row);
         let files = self.uploads.clone();
         tokio::task::spawn_blocking(move || files.remove(row))
             .await
@@ -1062,10 +1057,6 @@ impl StateDb {
         })
         .await
         .map_err(|_| StateError::WriterGone)??;
-        self.upload_rows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&row);
         let (sha256, size) = match checked {
             Ok(c) => c,
             Err(why) => return Ok(Err(why)),
