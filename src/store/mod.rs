@@ -860,6 +860,21 @@ mod tests {
         );
     }
 
+    /// A request and its build (builder `b`, worker `w`); the build's id.
+    fn insert_build(c: &Connection) -> rusqlite::Result<i64> {
+        c.execute(
+            "INSERT INTO build_requests (builder, reason, repository, branch, revision, created_ms)
+             VALUES ('b', 'r', 'repo', 'main', 'abc', 0)",
+            [],
+        )?;
+        let request = c.last_insert_rowid();
+        c.execute(
+            "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, 'b', 'w', 0)",
+            [request],
+        )?;
+        Ok(c.last_insert_rowid())
+    }
+
     #[tokio::test]
     async fn logs_an_earlier_master_kept_in_the_database_stay_readable() {
         let dir = tempfile::tempdir().unwrap();
@@ -869,17 +884,7 @@ mod tests {
         let (ended, running) = {
             let db = StateDb::open(&path).unwrap();
             db.write(|c| {
-                c.execute(
-                    "INSERT INTO build_requests (builder, reason, repository, branch, revision, created_ms)
-                     VALUES ('b', 'r', 'repo', 'main', 'abc', 0)",
-                    [],
-                )?;
-                let request = c.last_insert_rowid();
-                c.execute(
-                    "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, 'b', 'w', 0)",
-                    [request],
-                )?;
-                let build = c.last_insert_rowid();
+                let build = insert_build(c)?;
                 let mut rows = Vec::new();
                 for (position, finished) in [(0, Some(1i64)), (1, None)] {
                     c.execute(
@@ -977,17 +982,7 @@ mod tests {
             let db = StateDb::open(&path).unwrap();
             let row = db
                 .write(|c| {
-                    c.execute(
-                        "INSERT INTO build_requests (builder, reason, repository, branch, revision, created_ms)
-                         VALUES ('b', 'r', 'repo', 'main', 'abc', 0)",
-                        [],
-                    )?;
-                    let request = c.last_insert_rowid();
-                    c.execute(
-                        "INSERT INTO builds (request_id, builder, worker, started_ms) VALUES (?1, 'b', 'w', 0)",
-                        [request],
-                    )?;
-                    let build = c.last_insert_rowid();
+                    let build = insert_build(c)?;
                     // Ended, its log still plain: the master died before
                     // compressing it.
                     c.execute(
