@@ -551,7 +551,7 @@ impl DeviceTokenFile {
         let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
         DeviceTokenFile(home.map(|h| {
             let digest = sha2::Sha256::digest(format!("{master}\0{user}").as_bytes());
-            let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            let name = switchyard::wire::hex(&digest[..16]);
             PathBuf::from(h)
                 .join(".switchyard")
                 .join("tokens")

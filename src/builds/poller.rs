@@ -117,7 +117,7 @@ impl Pollers {
     /// The mirror of `repository`.
     fn mirror(&self, repository: &str) -> PathBuf {
         let digest = crate::auth::verifier::sha256(repository.as_bytes());
-        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let name = crate::wire::hex(&digest[..12]);
         self.dir.join(format!("{name}.git"))
     }
 

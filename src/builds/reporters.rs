@@ -259,7 +259,7 @@ impl Reporters {
                     .header("content-type", "application/json");
                 if let Some(t) = &r.token {
                     let mac = crate::auth::verifier::hmac(t.as_bytes(), body.as_bytes());
-                    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+                    let hex = crate::wire::hex(&mac);
                     req = req.header("x-switchyard-signature-256", format!("sha256={hex}"));
                 }
                 req.body(body)

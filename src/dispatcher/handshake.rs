@@ -429,7 +429,7 @@ async fn scram_login(
 pub(crate) fn session_id() -> String {
     let mut raw = [0u8; 16];
     rand::fill(&mut raw[..]);
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::hex(&raw)
 }
 
 /// Runs the handshake on a connection whose magic was already read (`rest`

@@ -47,10 +47,7 @@ pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1", b"swyd/1"];
 
 /// SHA-256 of a DER certificate, hex.
 pub fn pin_of(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::wire::hex(&Sha256::digest(der))
 }
 
 impl TlsSettings {

@@ -146,7 +146,7 @@ fn number_of(path: &Path) -> Option<u64> {
 fn new_key() -> String {
     let mut raw = [0u8; 16];
     rand::fill(&mut raw[..]);
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::hex(&raw)
 }
 
 /// The change a spooled file holds, with its key (none for old files).

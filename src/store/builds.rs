@@ -208,9 +208,7 @@ pub struct LogChunk {
     pub data: bytes::Bytes,
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub(crate) use crate::wire::hex;
 
 fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>> {
     conn.prepare_cached(
@@ -1034,7 +1032,7 @@ impl StateDb {
                             at = to;
                         }
                     }
-                    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+                    crate::wire::hex(&hash.finalize())
                 }
             };
             if stored != size || got != hex {

@@ -563,12 +563,7 @@ impl LogFiles {
         let (w, _) = open.get(&row)?;
         let w = w.lock().unwrap_or_else(|e| e.into_inner());
         let h = w.digest.clone()?;
-        Some(
-            sha2::Digest::finalize(h)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        )
+        Some(crate::wire::hex(&sha2::Digest::finalize(h)))
     }
 
     /// The plain log file and the index of `row`.

@@ -3,6 +3,16 @@
 //! TCP or TLS), whichever side holds it.
 
 pub mod rewind;
+
+/// Bytes as lowercase hex (digests, ids, pins, file names).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
 pub mod tls;
 pub mod transport;
 

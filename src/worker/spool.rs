@@ -73,12 +73,7 @@ impl Spool {
     fn spill(&mut self, chunk: &StepOutput, spill_dir: &Path) -> std::io::Result<()> {
         if self.file.is_none() {
             std::fs::create_dir_all(spill_dir)?;
-            let path = spill_dir.join(
-                self.step_id
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>(),
-            );
+            let path = spill_dir.join(crate::wire::hex(&self.step_id));
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)

@@ -297,12 +297,7 @@ impl Supervisors {
 }
 
 fn pid_file(dir: &std::path::Path, step_id: &[u8]) -> PathBuf {
-    dir.join(
-        step_id
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
-    )
+    dir.join(crate::wire::hex(step_id))
 }
 
 /// Kills the process groups that a previous run of this worker left behind

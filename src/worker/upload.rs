@@ -109,12 +109,7 @@ pub fn run(source: &str) -> i32 {
         let _ = writeln!(err, "switchyard: cannot upload {source:?}: {e}");
         return 1;
     }
-    let digest: String = w
-        .hash
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = crate::wire::hex(&w.hash.finalize());
     let _ = writeln!(err, "{DIGEST_PREFIX}{digest}, {} bytes", w.bytes);
     0
 }

@@ -39,12 +39,7 @@ const ASSETS: &[Asset] = &[
 static VERSIONS: LazyLock<Vec<String>> = LazyLock::new(|| {
     ASSETS
         .iter()
-        .map(|a| {
-            Sha256::digest(a.body.as_bytes())[..6]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        })
+        .map(|a| crate::wire::hex(&Sha256::digest(a.body.as_bytes())[..6]))
         .collect()
 });
 

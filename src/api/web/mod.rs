@@ -331,7 +331,7 @@ fn short_rev(rev: &str) -> &str {
 fn submission_id() -> String {
     let mut b = [0u8; 12];
     rand::fill(&mut b[..]);
-    b.iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::hex(&b)
 }
 
 /// The hidden fields every action form carries.

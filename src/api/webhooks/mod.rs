@@ -122,9 +122,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::wire::hex;
 
 /// Whether the delivery carries the right signature (or token) for
 /// `secret`, compared in constant time.
