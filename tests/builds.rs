@@ -1865,3 +1865,212 @@ upload = { source = "big", name = "big" }
     assert!(left.is_empty(), "{left:?}");
     m.stop().await;
 }
+
+/// Forces a build of `builder` with `properties` and waits for its end.
+async fn force_and_wait(
+    m: &TestMaster,
+    builder: &str,
+    properties: &[(&str, &str)],
+) -> (i64, String) {
+    let mut events = m.master.builds().subscribe();
+    m.master
+        .builds()
+        .force_with(
+            builder,
+            "",
+            "",
+            "",
+            "test",
+            properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    builds_ended(&mut events, 1).await.remove(0)
+}
+
+#[tokio::test]
+async fn a_download_brings_another_builders_artifact_across_two_link_cuts() {
+    let outside = tempfile::tempdir().unwrap();
+    let toml = r#"
+[[builder]]
+name = "make"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 100663296 /dev/urandom > app; mkdir -p site/sub; echo one > site/a.txt; echo two > site/sub/b.txt"
+[[builder.step]]
+name = "upload-app"
+upload = { source = "app", name = "app" }
+[[builder.step]]
+name = "upload-site"
+upload = { source = "site", name = "site" }
+
+[[builder]]
+name = "use"
+workers = ["w1"]
+[[builder.step]]
+name = "get-app"
+download = { name = "app", from = "latest-success:make", dest = "bin/app" }
+[[builder.step]]
+name = "get-site"
+download = { name = "site", from = "%(prop:upstream)s", dest = "www" }
+[[builder.step]]
+name = "check"
+shell = "sha256sum bin/app; cat www/a.txt www/sub/b.txt; ls -a bin"
+
+[[builder]]
+name = "sneaky"
+workers = ["w1"]
+[[builder.step]]
+name = "link"
+shell = "ln -sfn \"$OUTSIDE\" out"
+env = { OUTSIDE = "%(prop:outside)s" }
+[[builder.step]]
+name = "get"
+download = { name = "app", from = "make#1", dest = "out/app" }
+
+[[builder]]
+name = "nothing"
+workers = ["w1"]
+[[builder.step]]
+name = "get"
+download = { name = "app", from = "latest-success:nobody", dest = "app" }
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let proxy = Proxy::start(m.addr).await;
+    let _w = spawn_worker_via(&m, proxy.addr, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    let (made, result) = force_and_wait(&m, "make", &[]).await;
+    assert_eq!(result, "success");
+    let sent = std::fs::read(m.dir.path().join("basedir/make/app")).unwrap();
+    let digest = {
+        use sha2::Digest;
+        switchyard::wire::hex(&sha2::Sha256::digest(&sent))
+    };
+
+    // The other builder's build fetches it; the link is cut twice while the
+    // 96 MiB come, each time once more of it is on the worker's disk.
+    let mut events = m.master.builds().subscribe();
+    let upstream = made.to_string();
+    m.master
+        .builds()
+        .force_with(
+            "use",
+            "",
+            "",
+            "",
+            "test",
+            [("upstream".to_string(), upstream)].into_iter().collect(),
+        )
+        .await
+        .unwrap();
+    let partial = m
+        .dir
+        .path()
+        .join("basedir/use/bin/.app.switchyard-download");
+    let mut cuts = 0;
+    let mut cut_at = 0u64;
+    let ended = within("the download, through two cuts", async {
+        loop {
+            tokio::select! {
+                e = events.recv() => {
+                    if let switchyard::builds::Event::BuildEnded { build, outcome, .. } = e.unwrap().event {
+                        return (build, outcome.to_string());
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                    let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+                    if cuts < 2 && have >= cut_at + (16 << 20) {
+                        proxy.cut();
+                        cuts += 1;
+                        cut_at = have;
+                        while m.master.builds().connected().is_empty() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(cuts, 2, "the download was cut twice");
+    assert_eq!(ended.1, "success");
+    let got = std::fs::read(m.dir.path().join("basedir/use/bin/app")).unwrap();
+    assert!(got == sent, "the downloaded file differs from the upload");
+    let said = log_text(&m, ended.0, 0).await;
+    assert!(
+        said.contains(&format!("100663296 bytes, sha256 {digest}")),
+        "{said}"
+    );
+    // The directory was unpacked; the step after them saw both, and no
+    // partial file is left.
+    let checked = log_text(&m, ended.0, 2).await;
+    assert!(checked.contains(&format!("{digest}  bin/app")), "{checked}");
+    assert!(checked.contains("one\ntwo\n"), "{checked}");
+    assert!(!checked.contains("switchyard-download"), "{checked}");
+
+    // A destination through a link out of the step's directory is refused,
+    // and nothing is written there.
+    let (sneaky, result) = force_and_wait(
+        &m,
+        "sneaky",
+        &[("outside", outside.path().to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(sneaky).await.unwrap().unwrap();
+    let detail = &b.steps[1].detail;
+    assert!(
+        detail.contains("refused") && detail.contains("outside"),
+        "{detail}"
+    );
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+
+    // An artifact nobody stored fails the step before it starts, saying so.
+    let (nothing, result) = force_and_wait(&m, "nothing", &[]).await;
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(nothing).await.unwrap().unwrap();
+    assert!(
+        b.steps[0]
+            .detail
+            .contains("no successful build of builder `nobody` stored an artifact `app`"),
+        "{}",
+        b.steps[0].detail
+    );
+    m.stop().await;
+}
+
+#[test]
+fn a_download_destination_must_stay_in_the_steps_directory() {
+    let text = "[master]\nsecrets = \"s.toml\"\n\n[[worker]]\nname = \"w1\"\n\n[[builder]]\nname = \"b\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"get\"\ndownload = { name = \"x\", from = \"latest-success:a\", dest = \"../x\" }\n";
+    let parse = |t: &str| {
+        switchyard::config::Config::parse(std::path::Path::new("master.toml"), t)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let err = parse(text);
+    assert!(
+        err.contains("builder.step.download.dest") && err.contains("no `..`"),
+        "{err}"
+    );
+    let err = parse(&text.replace("../x", "/etc/x"));
+    assert!(err.contains("builder.step.download.dest"), "{err}");
+    let err = parse(
+        &text
+            .replace("../x", "ok")
+            .replace("name = \"x\"", "name = \"../x\""),
+    );
+    assert!(err.contains("builder.step.download.name"), "{err}");
+    let err = parse(
+        &text
+            .replace("../x", "ok")
+            .replace("latest-success:a", "%(secret:tok)s"),
+    );
+    assert!(err.contains("builder.step.download.from"), "{err}");
+    let fine = parse(&text.replace("../x", "bin/x"));
+    assert!(!fine.contains("download"), "{fine}");
+}

@@ -9,6 +9,7 @@
 //! arrive through the `worker` service ([`BuildMaster::serve_worker`]); each
 //! build is a task of its own ([`run`]).
 
+mod downloads;
 pub mod events;
 pub mod poller;
 pub mod properties;
@@ -136,6 +137,8 @@ pub(crate) struct Inner {
     slots: Mutex<HashMap<String, Arc<WorkerSlots>>>,
     /// How long a disconnected worker's steps wait for it to come back.
     reconnect_grace: Duration,
+    /// Artifacts offered to running download steps.
+    downloads: Arc<downloads::Downloads>,
 }
 
 /// The build master. Cheap to clone.
@@ -187,6 +190,7 @@ impl BuildMaster {
                 draining: Mutex::new(Default::default()),
                 slots: Mutex::new(HashMap::new()),
                 reconnect_grace,
+                downloads: Default::default(),
             }),
         }
     }

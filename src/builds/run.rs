@@ -258,6 +258,8 @@ const PROPERTY_ENV: &[(&str, &str)] = &[
 /// them, the values of the secrets the step names, for the worker to mask.
 struct RenderedStep {
     argv: Vec<String>,
+    /// A download step's `from`, filled in.
+    download_from: Option<String>,
     workdir: String,
     env: std::collections::HashMap<String, String>,
     secrets: Vec<crate::proto::StepSecret>,
@@ -461,12 +463,67 @@ fn render_step(
         env.insert(k.clone(), fill.text(v, false)?);
     }
     env.extend(git_env);
+    let download_from = match &step.download {
+        Some(d) => Some(fill.text(&d.from, false)?),
+        None => None,
+    };
     Ok(RenderedStep {
         argv,
+        download_from,
         workdir,
         env,
         secrets: fill.secrets(),
     })
+}
+
+/// The artifact a download step sends, and its file opened: the one the
+/// step's row records (a step resumed after a master restart), or the one
+/// `from` names now (recorded before it is sent).
+async fn prepare_download(
+    bm: &BuildMaster,
+    row: i64,
+    step: &crate::config::DownloadStep,
+    from: &str,
+) -> Result<(crate::proto::Download, std::fs::File), String> {
+    let state = &bm.inner.state;
+    let db = |e: crate::store::StateError| format!("the master cannot read its database: {e}");
+    let found = match state.recorded_download(row).await.map_err(db)? {
+        Some((build, name)) => state.find_artifact(&build.to_string(), &name).await,
+        None => state.find_artifact(from, &step.name).await,
+    }
+    .map_err(db)??;
+    state
+        .record_download(row, found.build, found.name.clone())
+        .await
+        .map_err(db)?;
+    let path = state.artifact_path(found.build, &found.name);
+    let file = std::fs::File::open(&path)
+        .and_then(|f| {
+            let len = f.metadata()?.len();
+            if len != found.size {
+                return Err(std::io::Error::other(format!(
+                    "it has {len} bytes, {} were stored",
+                    found.size
+                )));
+            }
+            Ok(f)
+        })
+        .map_err(|e| {
+            format!(
+                "the artifact `{}` of build {} cannot be read on the master: {e}",
+                found.name, found.build
+            )
+        })?;
+    Ok((
+        crate::proto::Download {
+            name: found.name,
+            size: found.size,
+            sha256: found.sha256,
+            dest: step.dest.clone(),
+            unpack: found.tar,
+        },
+        file,
+    ))
 }
 
 /// Where a build picks up: from its first step, or (after the master
@@ -605,12 +662,31 @@ pub(super) async fn run_build(
                 _ => Ok(r),
             }
         });
-        let RenderedStep {
-            argv,
-            workdir,
-            env,
-            secrets,
-        } = match rendered {
+        // A download step's artifact is chosen (once: a resumed step gets
+        // the one it was given) and offered to the worker.
+        let rendered = match (rendered, &step.download) {
+            (Ok(r), Some(d)) => {
+                let from = r.download_from.clone().unwrap_or_default();
+                match prepare_download(bm, row, d, &from).await {
+                    Ok((download, file)) => {
+                        let offered = bm.inner.downloads.offer(&step_id, file, download.size);
+                        Ok((r, Some((download, offered))))
+                    }
+                    Err(why) => Err(why),
+                }
+            }
+            (r, _) => r.map(|r| (r, None)),
+        };
+        let (
+            RenderedStep {
+                argv,
+                workdir,
+                env,
+                secrets,
+                ..
+            },
+            download,
+        ) = match rendered {
             Ok(r) => r,
             Err(why) => {
                 // The step cannot be what it says: it fails, with why.
@@ -652,6 +728,7 @@ pub(super) async fn run_build(
             workdir,
             timeout_ms: step.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
             secrets,
+            download: download.as_ref().map(|(d, _)| d.clone()),
         };
         // A step carried over from before a restart is already running (or
         // finished) on its worker: it is re-attached, not sent again.
@@ -703,6 +780,8 @@ pub(super) async fn run_build(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&step_id[..]);
+        // The step has ended: its artifact is no longer offered.
+        drop(download);
         // Stopped while the worker went away: the stop is what happened.
         if finished.is_none() && stop.is_stopped() {
             finished = Some(StepFinished {

@@ -426,6 +426,19 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                         }
                         continue;
                     }
+                    worker_message::Kind::Wanted(w) => {
+                        // Only the worker running the step gets its artifact.
+                        if link.row_of(&w.step_id).is_none() {
+                            continue;
+                        }
+                        if let Some(data) = bm.inner.downloads.answer(w).await {
+                            let msg = MasterMessage { kind: Some(master_message::Kind::Data(data)) };
+                            if let Err(e) = sink.send(encode(msg)).await {
+                                break 'session format!("link failed: {e}");
+                            }
+                        }
+                        continue;
+                    }
                     worker_message::Kind::Heartbeat(_) | worker_message::Kind::Hello(_) => continue,
                 }
             }

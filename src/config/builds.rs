@@ -71,6 +71,7 @@ pub(crate) struct RawStep {
     on_lost: Option<Spanned<String>>,
     git: Option<Spanned<RawGit>>,
     upload: Option<Spanned<RawUpload>>,
+    download: Option<Spanned<RawDownload>>,
     set_properties: Option<Spanned<String>>,
 }
 
@@ -79,6 +80,14 @@ pub(crate) struct RawStep {
 pub(crate) struct RawUpload {
     source: String,
     name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDownload {
+    name: String,
+    from: String,
+    dest: String,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +200,9 @@ pub struct StepConfig {
     /// An upload step: sends a file or directory of the step's directory
     /// to the master as an artifact of the build.
     pub upload: Option<UploadStep>,
+    /// A download step: brings an artifact of another build into the
+    /// step's directory.
+    pub download: Option<DownloadStep>,
     /// `set_properties = "stdout"`: `NAME=VALUE` lines of its standard output
     /// become properties of the build for the steps after it.
     pub set_properties: bool,
@@ -208,6 +220,20 @@ pub struct UploadStep {
     pub source: String,
     /// The artifact's name in the build: letters, digits, `-`, `_`, `.`.
     pub name: String,
+}
+
+/// `download = { name = "...", from = "...", dest = "..." }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownloadStep {
+    /// The artifact's name in the build it comes from.
+    pub name: String,
+    /// Which build: `latest-success:BUILDER`, a build id or
+    /// `BUILDER#NUMBER`; may hold `%(prop:...)s`, filled in when the step
+    /// starts.
+    pub from: String,
+    /// Relative to the step's directory, without `..`: the file, or the
+    /// directory a directory's artifact is unpacked into.
+    pub dest: String,
 }
 
 /// Whether `name` may name an artifact (a file name of its own).
@@ -640,6 +666,57 @@ pub(crate) fn validate(
                     })
                 }
             };
+            let download = match &s.download {
+                None => None,
+                Some(d) => {
+                    let raw = d.get_ref();
+                    if s.command.is_some()
+                        || s.shell.is_some()
+                        || s.git.is_some()
+                        || s.upload.is_some()
+                    {
+                        return c.err(
+                            d.span(),
+                            "builder.step.download",
+                            format_args!(
+                                "step `{sname}` has `download` and `command`, `shell`, `git` or `upload`; keep one"
+                            ),
+                        );
+                    }
+                    if raw.dest.is_empty() || !safe_relative(&raw.dest) || raw.dest.contains("%(") {
+                        return c.err(
+                            d.span(),
+                            "builder.step.download.dest",
+                            format_args!(
+                                "`{}` must be a relative path inside the step's directory (no `..`, not absolute, no `%(...)s`)",
+                                raw.dest
+                            ),
+                        );
+                    }
+                    if !valid_artifact_name(&raw.name) {
+                        return c.err(
+                            d.span(),
+                            "builder.step.download.name",
+                            format_args!(
+                                "`{}` is not an artifact name (letters, digits, `-`, `_`, `.`; not starting with `.`)",
+                                raw.name
+                            ),
+                        );
+                    }
+                    if raw.from.trim().is_empty() {
+                        return c.err(
+                            d.span(),
+                            "builder.step.download.from",
+                            "is empty: give `latest-success:BUILDER`, a build id, `BUILDER#NUMBER` or `%(prop:...)s`",
+                        );
+                    }
+                    Some(DownloadStep {
+                        name: raw.name.clone(),
+                        from: raw.from.clone(),
+                        dest: raw.dest.clone(),
+                    })
+                }
+            };
             let set_properties = match &s.set_properties {
                 None => false,
                 Some(v) if v.get_ref() == "stdout" => true,
@@ -655,7 +732,7 @@ pub(crate) fn validate(
                 }
             };
             let argv = match (&s.command, &s.shell) {
-                (None, None) if git.is_some() => Vec::new(),
+                (None, None) if git.is_some() || download.is_some() => Vec::new(),
                 (None, None) if let Some(u) = &upload => {
                     vec![WORKER_SELF.into(), "__upload".into(), u.source.clone()]
                 }
@@ -684,7 +761,7 @@ pub(crate) fn validate(
                     return c.err(
                         span,
                         "builder.step",
-                        format_args!("step `{sname}` needs `command = [...]`, `shell = \"...\"`, `git = {{ ... }}` or `upload = {{ ... }}`"),
+                        format_args!("step `{sname}` needs `command = [...]`, `shell = \"...\"`, `git = {{ ... }}`, `upload = {{ ... }}` or `download = {{ ... }}`"),
                     );
                 }
             };
@@ -759,14 +836,22 @@ pub(crate) fn validate(
                     s.env
                         .values()
                         .map(|v| (v.as_str(), span.clone(), "builder.step.env")),
-                );
+                )
+                .chain(s.download.iter().map(|d| {
+                    (
+                        d.get_ref().from.as_str(),
+                        d.span(),
+                        "builder.step.download.from",
+                    )
+                }));
             for (text, at, key) in templates {
                 if let Err(e) = super::template::check(text) {
                     return c.err(at, key, e);
                 }
                 for name in super::template::secrets_in(text) {
-                    if key == "builder.step.workdir" {
-                        // A directory name is on disk and in the worker's log.
+                    if key == "builder.step.workdir" || key == "builder.step.download.from" {
+                        // A directory name is on disk and in the worker's
+                        // log; a build's name is in the step's log.
                         return c.err(
                             at,
                             key,
@@ -781,6 +866,7 @@ pub(crate) fn validate(
                 shell: s.shell.is_some(),
                 git,
                 upload,
+                download,
                 set_properties,
                 argv,
                 workdir,

@@ -22,8 +22,8 @@ pub mod template;
 mod webhooks;
 
 pub use builds::{
-    BuilderConfig, GitMode, GitStep, Nightly, OnLost, PR_NUMBER, SchedulerConfig, StepConfig,
-    UploadStep, WORKER_SELF, WorkerConfig, valid_artifact_name, valid_property_name,
+    BuilderConfig, DownloadStep, GitMode, GitStep, Nightly, OnLost, PR_NUMBER, SchedulerConfig,
+    StepConfig, UploadStep, WORKER_SELF, WorkerConfig, valid_artifact_name, valid_property_name,
 };
 pub use checkers::CheckerConfig;
 pub use pollers::PollerConfig;

@@ -197,6 +197,8 @@ pub struct ArtifactRecord {
     pub size: u64,
     /// Hex.
     pub sha256: String,
+    /// A directory, stored as a tar stream (a download unpacks it).
+    pub tar: bool,
 }
 
 /// One stored chunk of a step's output.
@@ -1012,9 +1014,9 @@ impl StateDb {
         let files = self.uploads.clone();
         let dest_dir = self.artifacts_dir.join(build.to_string());
         let dest = dest_dir.join(&name);
-        let checked = tokio::task::spawn_blocking(move || -> std::io::Result<Result<(String, u64), String>> {
+        let checked = tokio::task::spawn_blocking(move || -> std::io::Result<Result<(String, u64, bool), String>> {
             use sha2::Digest;
-            let Some((hex, size)) = said else {
+            let Some((hex, size, tar)) = said else {
                 return Ok(Err("the upload did not say its checksum".into()));
             };
             // Kept while it was stored, or (after a restart) read again.
@@ -1051,11 +1053,11 @@ impl StateDb {
             std::fs::File::open(&dest_dir)?.sync_all()?;
             let _ = std::fs::remove_file(&index);
             let _ = std::fs::remove_file(&data);
-            Ok(Ok((got, stored)))
+            Ok(Ok((got, stored, tar)))
         })
         .await
         .map_err(|_| StateError::WriterGone)??;
-        let (sha256, size) = match checked {
+        let (sha256, size, tar) = match checked {
             Ok(c) => c,
             Err(why) => return Ok(Err(why)),
         };
@@ -1064,12 +1066,13 @@ impl StateDb {
             name,
             size,
             sha256,
+            tar,
         };
         let r = record.clone();
         self.write(move |conn| {
             conn.execute(
-                "INSERT OR REPLACE INTO artifacts (build_id, name, size, sha256, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![r.build, r.name, r.size as i64, r.sha256, now_ms()],
+                "INSERT OR REPLACE INTO artifacts (build_id, name, size, sha256, created_ms, tar) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.build, r.name, r.size as i64, r.sha256, now_ms(), r.tar],
             )
         })
         .await?;
@@ -1080,7 +1083,7 @@ impl StateDb {
     pub async fn artifacts(&self, build: i64) -> Result<Vec<ArtifactRecord>, StateError> {
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT name, size, sha256 FROM artifacts WHERE build_id = ?1 ORDER BY name",
+                "SELECT name, size, sha256, tar FROM artifacts WHERE build_id = ?1 ORDER BY name",
             )?
             .query_map([build], |r| {
                 Ok(ArtifactRecord {
@@ -1088,9 +1091,99 @@ impl StateDb {
                     name: r.get(0)?,
                     size: r.get::<_, i64>(1)? as u64,
                     sha256: r.get(2)?,
+                    tar: r.get(3)?,
                 })
             })?
             .collect()
+        })
+        .await
+    }
+
+    /// The artifact a download step should send, from `from` (already
+    /// interpolated): `latest-success:BUILDER` (the newest successful
+    /// build of BUILDER that stored `name`), a build id, or
+    /// `BUILDER#NUMBER`. `Ok(Err(why))` when there is none.
+    pub async fn find_artifact(
+        &self,
+        from: &str,
+        name: &str,
+    ) -> Result<Result<ArtifactRecord, String>, StateError> {
+        let (from, name) = (from.trim().to_string(), name.to_string());
+        self.read(move |conn| {
+            let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
+                let found = conn
+                    .prepare_cached(
+                        "SELECT b.id FROM builds b JOIN artifacts a ON a.build_id = b.id AND a.name = ?2
+                         WHERE b.builder = ?1 AND b.result = 'success' ORDER BY b.id DESC LIMIT 1",
+                    )?
+                    .query_row(params![builder, name], |r| r.get(0))
+                    .optional()?;
+                if found.is_none() {
+                    return Ok(Err(format!(
+                        "no successful build of builder `{builder}` stored an artifact `{name}`"
+                    )));
+                }
+                found
+            } else if let Some((builder, number)) = from.rsplit_once('#')
+                && let Ok(number) = number.parse::<i64>()
+            {
+                conn.prepare_cached("SELECT id FROM builds WHERE builder = ?1 AND number = ?2")?
+                    .query_row(params![builder, number], |r| r.get(0))
+                    .optional()?
+            } else if let Ok(id) = from.parse::<i64>() {
+                Some(id)
+            } else {
+                return Ok(Err(format!(
+                    "`{from}` names no build (a build id, BUILDER#NUMBER or latest-success:BUILDER)"
+                )));
+            };
+            let Some(build) = build else {
+                return Ok(Err(format!("there is no build `{from}`")));
+            };
+            let found = conn
+                .prepare_cached(
+                    "SELECT size, sha256, tar FROM artifacts WHERE build_id = ?1 AND name = ?2",
+                )?
+                .query_row(params![build, name], |r| {
+                    Ok(ArtifactRecord {
+                        build,
+                        name: name.clone(),
+                        size: r.get::<_, i64>(0)? as u64,
+                        sha256: r.get(1)?,
+                        tar: r.get(2)?,
+                    })
+                })
+                .optional()?;
+            Ok(found.ok_or_else(|| format!("build {build} has no artifact `{name}`")))
+        })
+        .await
+    }
+
+    /// Records which artifact the download step of `row` sends.
+    pub async fn record_download(
+        &self,
+        row: i64,
+        build: i64,
+        name: String,
+    ) -> Result<(), StateError> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE steps SET download_build = ?2, download_name = ?3 WHERE id = ?1",
+                params![row, build, name],
+            )
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The artifact the download step of `row` was given, if it was.
+    pub async fn recorded_download(&self, row: i64) -> Result<Option<(i64, String)>, StateError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT download_build, download_name FROM steps WHERE id = ?1 AND download_build IS NOT NULL",
+            )?
+            .query_row([row], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
         })
         .await
     }

@@ -197,6 +197,12 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (build_id, name)
      );
      ALTER TABLE steps ADD COLUMN artifact TEXT;",
+    // 10: whether an artifact is a directory's tar stream; which artifact a
+    // download step sends (chosen once, so that a master restart resumes
+    // the same bytes even if a newer build has one of that name).
+    "ALTER TABLE artifacts ADD COLUMN tar INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE steps ADD COLUMN download_build INTEGER;
+     ALTER TABLE steps ADD COLUMN download_name TEXT;",
 ];
 
 /// The schema version this build writes.

@@ -18,6 +18,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::download::Download;
 use super::step::{self, StepEnd, StepEvent, StepSpec};
 use crate::client::{self, ClientError, ClientOptions, ClientSession, Credentials};
 use crate::proto::{
@@ -100,6 +101,8 @@ struct Agent {
     events_rx: mpsc::Receiver<StepEvent>,
     /// Step supervisors, one started ahead (when `step_supervisor` is set).
     supervisors: Option<step::Supervisors>,
+    /// Download steps receiving their artifact, by step id.
+    downloads: HashMap<Vec<u8>, Download>,
 }
 
 /// Why a session ended.
@@ -178,6 +181,7 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         unacked_bytes: 0,
         events_tx,
         events_rx,
+        downloads: HashMap::new(),
     };
     let mut failures: u32 = 0;
     let client_opts = ClientOptions {
@@ -333,9 +337,20 @@ impl Agent {
                 return lost(e);
             }
         }
+        // Downloads ask again from where their files end.
+        for d in self.downloads.values_mut() {
+            d.rewind();
+            for ask in d.asks() {
+                if let Err(e) = sink.feed(frame(worker_message::Kind::Wanted(ask))).await {
+                    return lost(e);
+                }
+            }
+        }
         if let Err(e) = sink.flush().await {
             return lost(e);
         }
+        let mut stalls = tokio::time::interval(super::download::STALL / 2);
+        stalls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
@@ -356,9 +371,27 @@ impl Agent {
                     let Ok(MasterMessage { kind: Some(kind) }) = MasterMessage::decode(bytes.freeze()) else {
                         return End::Lost("the master sent a message this worker does not understand".into());
                     };
-                    if let Some(reply) = self.on_master(kind)
-                        && let Err(e) = sink.send(frame(reply)).await
-                    {
+                    for reply in self.on_master(kind) {
+                        if let Err(e) = sink.feed(frame(reply)).await {
+                            return lost(e);
+                        }
+                    }
+                    if let Err(e) = sink.flush().await {
+                        return lost(e);
+                    }
+                }
+                _ = stalls.tick() => {
+                    // Asked-for bytes that never came (the master was
+                    // restarting): ask again.
+                    for d in self.downloads.values_mut().filter(|d| d.stalled()) {
+                        d.rewind();
+                        for ask in d.asks() {
+                            if let Err(e) = sink.feed(frame(worker_message::Kind::Wanted(ask))).await {
+                                return lost(e);
+                            }
+                        }
+                    }
+                    if let Err(e) = sink.flush().await {
                         return lost(e);
                     }
                 }
@@ -379,13 +412,13 @@ impl Agent {
         }
     }
 
-    /// Acts on a master message; returns the reply to send, if any.
-    fn on_master(&mut self, kind: master_message::Kind) -> Option<worker_message::Kind> {
+    /// Acts on a master message; returns what to send.
+    fn on_master(&mut self, kind: master_message::Kind) -> Vec<worker_message::Kind> {
         match kind {
             master_message::Kind::Start(s) => {
-                let accepted = Some(worker_message::Kind::Accepted(StepAccepted {
+                let accepted = vec![worker_message::Kind::Accepted(StepAccepted {
                     step_id: s.step_id.clone(),
-                }));
+                })];
                 if self.steps.contains_key(&s.step_id) {
                     return accepted; // already running: a repeat after a reconnect
                 }
@@ -419,6 +452,9 @@ impl Agent {
                     return accepted;
                 }
                 let dir = self.opts.basedir.join(&s.builder).join(&s.workdir);
+                if let Some(spec) = s.download {
+                    return self.start_download(s.step_id, spec, &dir, accepted);
+                }
                 tracing::info!(builder = %s.builder, step = %s.name, dir = %dir.display(), "starting step");
                 let spec = StepSpec {
                     step_id: s.step_id,
@@ -442,21 +478,163 @@ impl Agent {
                     tracing::info!(reason = %i.reason, "interrupting step");
                     h.interrupt.cancel();
                 }
-                None
+                if let Some(d) = self.downloads.remove(&i.step_id) {
+                    d.abandon();
+                    return self
+                        .on_step_event(StepEvent::Finished {
+                            step_id: i.step_id,
+                            end: StepEnd::Signalled(nix::sys::signal::Signal::SIGTERM as i32),
+                            timed_out: false,
+                            interrupted: true,
+                        })
+                        .into_iter()
+                        .collect();
+                }
+                Vec::new()
             }
             master_message::Kind::Ack(a) => {
-                let h = self.steps.get_mut(&a.step_id)?;
+                let Some(h) = self.steps.get_mut(&a.step_id) else {
+                    return Vec::new();
+                };
                 self.unacked_bytes -= h.unacked.ack(a.seq);
                 h.acked = h.acked.max(a.seq);
                 if a.finished && h.finished.is_some() {
                     self.steps.remove(&a.step_id);
                 }
-                None
+                Vec::new()
             }
             // The master's heartbeat doubles as a ping: answer it (the
             // master never answers ours, so this does not echo forever).
-            master_message::Kind::Heartbeat(hb) => Some(worker_message::Kind::Heartbeat(hb)),
+            master_message::Kind::Heartbeat(hb) => vec![worker_message::Kind::Heartbeat(hb)],
+            master_message::Kind::Data(data) => self.on_artifact_data(data),
         }
+    }
+
+    /// Starts a download step: checks where it writes, says what it
+    /// fetches, and asks for the first pieces.
+    fn start_download(
+        &mut self,
+        step_id: Vec<u8>,
+        spec: crate::proto::Download,
+        dir: &Path,
+        mut out: Vec<worker_message::Kind>,
+    ) -> Vec<worker_message::Kind> {
+        tracing::info!(artifact = %spec.name, bytes = spec.size, dest = %spec.dest, "starting download");
+        match Download::open(&step_id, spec, dir) {
+            Ok(mut d) => {
+                let line = d.started_line();
+                out.extend(self.say(&step_id, OutputStream::Stdout, line));
+                out.extend(d.asks().into_iter().map(worker_message::Kind::Wanted));
+                let complete = d.complete();
+                self.downloads.insert(step_id.clone(), d);
+                if complete {
+                    // Nothing to fetch (an empty artifact).
+                    self.finish_download(step_id);
+                }
+            }
+            Err(why) => out.extend(self.on_step_event(StepEvent::Finished {
+                step_id,
+                end: StepEnd::StartFailed(why),
+                timed_out: false,
+                interrupted: false,
+            })),
+        }
+        out
+    }
+
+    /// A line of a step's output, numbered like the rest of it.
+    fn say(
+        &mut self,
+        step_id: &[u8],
+        stream: OutputStream,
+        line: String,
+    ) -> Option<worker_message::Kind> {
+        self.on_step_event(StepEvent::Output {
+            step_id: step_id.to_vec(),
+            stream,
+            data: Bytes::from(line),
+        })
+    }
+
+    /// Writes a piece of a download's artifact; asks for more, or
+    /// finishes the download once it is all there.
+    fn on_artifact_data(&mut self, data: crate::proto::ArtifactData) -> Vec<worker_message::Kind> {
+        let Some(d) = self.downloads.get_mut(&data.step_id) else {
+            return Vec::new(); // interrupted meanwhile
+        };
+        let taken = if data.error.is_empty() {
+            d.take(data.offset, &data.data)
+        } else {
+            Err(data.error)
+        };
+        match taken {
+            Ok(()) if d.complete() => {
+                self.finish_download(data.step_id);
+                Vec::new()
+            }
+            Ok(()) => d
+                .asks()
+                .into_iter()
+                .map(worker_message::Kind::Wanted)
+                .collect(),
+            Err(why) => {
+                if let Some(d) = self.downloads.remove(&data.step_id) {
+                    d.abandon();
+                }
+                self.fail_download(data.step_id, why)
+            }
+        }
+    }
+
+    /// The end of a download that cannot go on: why, on its log, and a
+    /// failure.
+    fn fail_download(&mut self, step_id: Vec<u8>, why: String) -> Vec<worker_message::Kind> {
+        tracing::warn!(error = %why, "download failed");
+        let mut out: Vec<_> = self
+            .say(
+                &step_id,
+                OutputStream::Stderr,
+                format!("switchyard: {why}\n"),
+            )
+            .into_iter()
+            .collect();
+        out.extend(self.on_step_event(StepEvent::Finished {
+            step_id,
+            end: StepEnd::Exited(1),
+            timed_out: false,
+            interrupted: false,
+        }));
+        out
+    }
+
+    /// Checks and places a download with every byte written, off the
+    /// session's task; its last line and end come back as step events.
+    fn finish_download(&mut self, step_id: Vec<u8>) {
+        let Some(d) = self.downloads.remove(&step_id) else {
+            return;
+        };
+        let tx = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let (stream, line, end) = match d.finish() {
+                Ok(line) => (OutputStream::Stdout, line, StepEnd::Exited(0)),
+                Err(why) => (
+                    OutputStream::Stderr,
+                    format!("switchyard: {why}\n"),
+                    StepEnd::Exited(1),
+                ),
+            };
+            let _ = tx.blocking_send(StepEvent::Output {
+                step_id: step_id.clone(),
+                stream,
+                data: Bytes::from(line),
+            });
+            let _ = tx.blocking_send(StepEvent::Finished {
+                step_id,
+                end,
+                timed_out: false,
+                interrupted: false,
+            });
+        });
     }
 
     /// The message to send for a step event; `None` for an event of a step
@@ -513,6 +691,10 @@ impl Agent {
 
     /// Kills every running step and waits (briefly) for them to end.
     async fn stop_all(&mut self) {
+        for (id, d) in self.downloads.drain() {
+            d.abandon();
+            self.steps.remove(&id);
+        }
         let running = self.steps.values().filter(|h| h.finished.is_none()).count();
         for h in self.steps.values() {
             h.interrupt.cancel();

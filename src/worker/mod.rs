@@ -6,6 +6,7 @@
 pub const SERVICE: &str = "worker";
 
 pub mod agent;
+mod download;
 mod mask;
 mod spool;
 pub mod step;

@@ -93,7 +93,8 @@ pub fn run(source: &str) -> i32 {
         hash: Sha256::new(),
         bytes: 0,
     };
-    let sent = if path.is_dir() {
+    let dir = path.is_dir();
+    let sent = if dir {
         let _ = writeln!(
             err,
             "switchyard: uploading the directory {source:?} as a tar stream"
@@ -110,18 +111,27 @@ pub fn run(source: &str) -> i32 {
         return 1;
     }
     let digest = crate::wire::hex(&w.hash.finalize());
-    let _ = writeln!(err, "{DIGEST_PREFIX}{digest}, {} bytes", w.bytes);
+    let tar = if dir { TAR_SUFFIX } else { "" };
+    let _ = writeln!(err, "{DIGEST_PREFIX}{digest}, {} bytes{tar}", w.bytes);
     0
 }
 
-/// The digest and size an upload's log ends with, if it does.
-pub fn digest_in_log(log: &str) -> Option<(String, u64)> {
+/// What the digest line of a directory's upload ends with.
+const TAR_SUFFIX: &str = ", a directory as tar";
+
+/// The digest, size and whether it is a directory's tar stream, as an
+/// upload's log ends with them, if it does.
+pub fn digest_in_log(log: &str) -> Option<(String, u64, bool)> {
     let line = log.lines().rev().find(|l| l.starts_with(DIGEST_PREFIX))?;
     let rest = line.strip_prefix(DIGEST_PREFIX)?;
+    let (rest, tar) = match rest.strip_suffix(TAR_SUFFIX) {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
     let (hex, bytes) = rest.split_once(", ")?;
     let bytes = bytes.strip_suffix(" bytes")?.parse().ok()?;
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| (hex.to_string(), bytes))
+        .then(|| (hex.to_string(), bytes, tar))
 }
 
 #[cfg(test)]
@@ -137,7 +147,9 @@ mod tests {
         }
         let hex = "ab".repeat(32);
         let log = format!("switchyard: uploading the file \"a\"\n{DIGEST_PREFIX}{hex}, 12 bytes\n");
-        assert_eq!(digest_in_log(&log), Some((hex, 12)));
+        assert_eq!(digest_in_log(&log), Some((hex.clone(), 12, false)));
+        let log = format!("{DIGEST_PREFIX}{hex}, 3072 bytes{TAR_SUFFIX}\n");
+        assert_eq!(digest_in_log(&log), Some((hex, 3072, true)));
         assert_eq!(digest_in_log("nothing\n"), None);
     }
 }
