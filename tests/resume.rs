@@ -538,3 +538,39 @@ async fn an_upload_goes_on_across_a_master_kill_9_and_arrives_whole() {
     let stored = std::fs::read(dir.path().join(format!("artifacts/{id}/app"))).unwrap();
     assert!(stored == sent, "byte-exact across the restart");
 }
+
+#[tokio::test]
+async fn a_download_goes_on_across_a_master_kill_9_and_arrives_whole() {
+    let toml = "[[builder]]\nname = \"art\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"make\"\nshell = \"head -c 134217728 /dev/urandom > app\"\n[[builder.step]]\nname = \"up\"\nupload = { source = \"app\", name = \"app\" }\n\n[[builder]]\nname = \"use\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"get\"\ndownload = { name = \"app\", from = \"latest-success:art\", dest = \"app\" }\n[[builder.step]]\nname = \"check\"\nshell = \"cmp app ../art/app && echo same\"\n";
+    let (dir, mut first, addr, _w) = master_and_worker_processes(toml, "60s").await;
+    debug_json(&addr, &["force", "art"]).await;
+    let made = newest_build_when_ended(&addr).await;
+    assert_eq!(made["result"], "success", "{made}");
+    debug_json(&addr, &["force", "use"]).await;
+    // Kill the master once part of the artifact is on the worker's disk.
+    let partial = dir.path().join("basedir/use/.app.switchyard-download");
+    within("the download to start", async {
+        while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 4 << 20 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (_second, _) = master_process(dir.path());
+    let build = within("the download's build", async {
+        loop {
+            let b = newest_build_when_ended(&addr).await;
+            if b["id"] != made["id"] {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(build["result"], "success", "{build}");
+    assert_eq!(build["steps"][0]["attempt"], 1, "not run again: {build}");
+    let sent = std::fs::read(dir.path().join("basedir/art/app")).unwrap();
+    let got = std::fs::read(dir.path().join("basedir/use/app")).unwrap();
+    assert!(got == sent, "byte-exact across the restart");
+}
