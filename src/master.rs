@@ -272,6 +272,7 @@ impl Master {
             .log_files()
             .set_max_log_size(config.max_log_size, config.fail_on_log_limit);
         state.set_max_artifact_size(config.max_artifact_size);
+        state.set_max_build_artifacts_size(config.max_build_artifacts_size);
         let (trouble_tx, log_troubles) = tokio::sync::mpsc::unbounded_channel();
         state.on_log_trouble(trouble_tx);
         let webhooks = crate::api::webhooks::Webhooks::new(builds.clone(), dispatcher.clone());
@@ -578,6 +579,8 @@ impl Master {
             .log_files()
             .set_max_log_size(new.max_log_size, new.fail_on_log_limit);
         self.state.set_max_artifact_size(new.max_artifact_size);
+        self.state
+            .set_max_build_artifacts_size(new.max_build_artifacts_size);
         self.secrets.install(&new.secrets_path, secrets);
         let mut policy = policy_of(&new);
         for w in &report.builds.workers_draining {

@@ -1824,7 +1824,7 @@ upload = { source = "out", name = "out" }
 }
 
 #[tokio::test]
-async fn an_upload_past_max_artifact_size_is_stopped_and_fails() {
+async fn an_upload_past_max_artifact_size_or_its_builds_share_is_stopped_and_fails() {
     let toml = r#"
 [[builder]]
 name = "huge"
@@ -1835,9 +1835,26 @@ shell = "head -c 3000000 /dev/zero > big"
 [[builder.step]]
 name = "up"
 upload = { source = "big", name = "big" }
+
+[[builder]]
+name = "pair"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 800000 /dev/urandom > a; head -c 800000 /dev/urandom > b"
+[[builder.step]]
+name = "up-a"
+upload = { source = "a", name = "a" }
+[[builder.step]]
+name = "up-b"
+upload = { source = "b", name = "b" }
 "#;
     let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
-    reload_with_master_keys(&m, "max_artifact_size = \"1MiB\"").await;
+    reload_with_master_keys(
+        &m,
+        "max_artifact_size = \"1MiB\"\nmax_build_artifacts_size = \"1500KB\"",
+    )
+    .await;
     let _w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
     let mut events = m.master.builds().subscribe();
@@ -1863,6 +1880,30 @@ upload = { source = "big", name = "big" }
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    // Each of two 800 kB artifacts is within max_artifact_size, but not
+    // both within the build's 1.5 MB: the second upload fails, saying so,
+    // and the first stays.
+    let (id, result) = force_and_wait(&m, "pair", &[]).await;
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(id).await.unwrap().unwrap();
+    assert_eq!(b.steps[1].result.as_deref(), Some("success"));
+    let detail = &b.steps[2].detail;
+    assert!(
+        detail.contains(
+            "max_build_artifacts_size (1500000 bytes; the build's other artifacts take 800000)"
+        ),
+        "{detail}"
+    );
+    let kept: Vec<_> = m
+        .master
+        .state()
+        .artifacts(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.name, a.size))
+        .collect();
+    assert_eq!(kept, vec![("a".to_string(), 800_000)]);
     m.stop().await;
 }
 

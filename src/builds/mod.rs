@@ -252,8 +252,11 @@ impl BuildMaster {
             let fails = self.inner.state.log_files().fails_on_limit();
             let reason = match &t {
                 LogTrouble::CannotWrite { why, .. } => why.clone(),
-                LogTrouble::OverLimit { row, max } if self.inner.state.is_upload(*row) => {
-                    format!("the artifact passed max_artifact_size ({max} bytes)")
+                LogTrouble::OverLimit { row, .. } if self.inner.state.is_upload(*row) => {
+                    format!(
+                        "the artifact passed {}",
+                        self.inner.state.upload_limit(*row)
+                    )
                 }
                 LogTrouble::OverLimit { max, .. } if fails => {
                     format!("its output passed max_log_size ({max} bytes)")

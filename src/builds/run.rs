@@ -627,7 +627,7 @@ pub(super) async fn run_build(
         };
         // An upload step's stdout is the artifact, not its log.
         if let Some(u) = &step.upload
-            && let Err(e) = inner.state.expect_upload(row, u.name.clone()).await
+            && let Err(e) = inner.state.expect_upload(build, row, u.name.clone()).await
         {
             tracing::error!(build, error = %e, "cannot record an upload step");
         }
@@ -826,7 +826,8 @@ pub(super) async fn run_build(
         if step.upload.is_some() && inner.state.upload_over_limit(row) {
             judged.result = "failure";
             judged.detail = format!(
-                "the artifact passed max_artifact_size; the step was stopped{}",
+                "the artifact passed {}; the step was stopped{}",
+                inner.state.upload_limit(row),
                 if judged.detail.is_empty() {
                     String::new()
                 } else {

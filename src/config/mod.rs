@@ -161,6 +161,7 @@ struct RawMaster {
     max_log_size: Option<Spanned<String>>,
     on_log_limit: Option<Spanned<String>>,
     max_artifact_size: Option<Spanned<String>>,
+    max_build_artifacts_size: Option<Spanned<String>>,
     worker_reconnect_grace: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
 }
@@ -437,6 +438,9 @@ pub struct Config {
     /// `[master] max_artifact_size`: the largest artifact an upload step
     /// may send; past it the step is stopped and fails.
     pub max_artifact_size: u64,
+    /// `[master] max_build_artifacts_size`: the most a build's artifacts
+    /// may take together; an upload past it is stopped and fails.
+    pub max_build_artifacts_size: u64,
     /// `[web] public_metrics`: `/metrics` needs no credentials (else a user
     /// granted `metrics`).
     pub public_metrics: bool,
@@ -469,6 +473,9 @@ pub const DEFAULT_MAX_LOG_SIZE: u64 = 2 << 30;
 
 /// `[master] max_artifact_size` by default: 10 GiB.
 pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 10 << 30;
+
+/// `[master] max_build_artifacts_size` by default: 50 GiB.
+pub const DEFAULT_MAX_BUILD_ARTIFACTS_SIZE: u64 = 50 << 30;
 
 /// A size in bytes: a whole number with an optional unit (`B`, `KiB`,
 /// `MiB`, `GiB`, `TiB`, or `KB`, `MB`, `GB`, `TB` in powers of ten).
@@ -793,6 +800,12 @@ impl Config {
                 &m.max_artifact_size,
                 "master.max_artifact_size",
                 DEFAULT_MAX_ARTIFACT_SIZE,
+                1,
+            )?,
+            max_build_artifacts_size: c.size(
+                &m.max_build_artifacts_size,
+                "master.max_build_artifacts_size",
+                DEFAULT_MAX_BUILD_ARTIFACTS_SIZE,
                 1,
             )?,
             fail_on_log_limit: match &m.on_log_limit {

@@ -951,6 +951,23 @@ impl StateDb {
         self.uploads.set_max_log_size(max, true);
     }
 
+    /// The most a build's artifacts may take together
+    /// (`max_build_artifacts_size`).
+    pub fn set_max_build_artifacts_size(&self, max: u64) {
+        self.max_build_artifacts
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Which limit the upload of `row` passed, as its failure says it.
+    pub fn upload_limit(&self, row: i64) -> String {
+        self.build_limited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+            .cloned()
+            .unwrap_or_else(|| format!("max_artifact_size ({} bytes)", self.uploads.max_log_size()))
+    }
+
     /// Whether the step of `row` is an upload.
     pub fn is_upload(&self, row: i64) -> bool {
         self.upload_rows
@@ -966,6 +983,10 @@ impl StateDb {
 
     /// Forgets the upload of `row` (its step failed): its files go.
     pub async fn discard_upload(&self, row: i64) -> Result<(), StateError> {
+        self.build_limited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
         let files = self.uploads.clone();
         tokio::task::spawn_blocking(move || files.remove(row))
             .await
@@ -978,13 +999,47 @@ impl StateDb {
         self.uploads.over_limit(row).unwrap_or(false)
     }
 
-    /// The stdout of the step of `row` is the upload of artifact `name`,
-    /// from now on (and after a restart: it is recorded).
-    pub async fn expect_upload(&self, row: i64, name: String) -> Result<(), StateError> {
+    /// The stdout of the step of `row` is the upload of artifact `name` of
+    /// `build`, from now on (and after a restart: it is recorded). It may
+    /// take what the build's other artifacts leave of
+    /// `max_build_artifacts_size`, if that is less than
+    /// `max_artifact_size`.
+    pub async fn expect_upload(
+        &self,
+        build: i64,
+        row: i64,
+        name: String,
+    ) -> Result<(), StateError> {
         self.upload_rows
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(row);
+        let max_build = self
+            .max_build_artifacts
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let n = name.clone();
+        let others: i64 = self
+            .read(move |conn| {
+                conn.query_row(
+                    "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE build_id = ?1 AND name != ?2",
+                    params![build, n],
+                    |r| r.get(0),
+                )
+            })
+            .await?;
+        let left = max_build.saturating_sub(others as u64);
+        if left < self.uploads.max_log_size() {
+            self.uploads.limit_row(row, left);
+            self.build_limited
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    row,
+                    format!(
+                        "max_build_artifacts_size ({max_build} bytes; the build's other artifacts take {others})"
+                    ),
+                );
+        }
         self.write(move |conn| {
             conn.execute(
                 "UPDATE steps SET artifact = ?2 WHERE id = ?1",
@@ -1057,6 +1112,10 @@ impl StateDb {
         })
         .await
         .map_err(|_| StateError::WriterGone)??;
+        self.build_limited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
         let (sha256, size, tar) = match checked {
             Ok(c) => c,
             Err(why) => return Ok(Err(why)),

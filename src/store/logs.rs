@@ -156,6 +156,9 @@ pub struct LogFiles {
     sealed: Mutex<HashSet<i64>>,
     /// `[master] max_log_size`.
     max_size: std::sync::atomic::AtomicU64,
+    /// Steps held to less than `max_size` (an upload within what its
+    /// build may still store).
+    row_limits: Mutex<HashMap<i64, u64>>,
     /// `[master] on_log_limit = "fail"`.
     fail_on_limit: std::sync::atomic::AtomicBool,
     /// Writers keep the SHA-256 of what they store (uploads).
@@ -190,6 +193,7 @@ impl LogFiles {
             uses: std::sync::atomic::AtomicU64::new(0),
             sealed: Mutex::new(HashSet::new()),
             max_size: std::sync::atomic::AtomicU64::new(u64::MAX),
+            row_limits: Mutex::new(HashMap::new()),
             fail_on_limit: std::sync::atomic::AtomicBool::new(false),
             digests: std::sync::atomic::AtomicBool::new(false),
             broken: Mutex::new(HashMap::new()),
@@ -251,7 +255,7 @@ impl LogFiles {
             sync_dir(&p.dir)?;
         }
         let stats = recover(&data, &index)?;
-        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
+        let max = self.max_for(row);
         if open.len() >= MAX_OPEN
             && let Some(oldest) = open
                 .iter()
@@ -282,6 +286,29 @@ impl LogFiles {
             .store(fail, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Holds `row` to at most `max` bytes (below `max_log_size`), until
+    /// it is closed.
+    pub fn limit_row(&self, row: i64, max: u64) {
+        self.row_limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(row, max);
+    }
+
+    /// The most bytes `row` keeps.
+    fn max_for(&self, row: i64) -> u64 {
+        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
+        match self
+            .row_limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+        {
+            Some(m) => max.min(*m),
+            None => max,
+        }
+    }
+
     /// Whether a step past `max_log_size` fails.
     pub fn fails_on_limit(&self) -> bool {
         self.fail_on_limit
@@ -305,7 +332,7 @@ impl LogFiles {
 
     /// Whether `row`'s log went past `max_log_size` (and so was cut).
     pub fn over_limit(&self, row: i64) -> io::Result<bool> {
-        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
+        let max = self.max_for(row);
         Ok(self.stats(row)?.is_some_and(|s| s.bytes > max))
     }
 
@@ -321,7 +348,6 @@ impl LogFiles {
     /// line). Its later chunks count as stored, so that the worker lets
     /// go of them.
     pub fn append(&self, chunks: &[LogChunk]) -> io::Result<Vec<LogTrouble>> {
-        let max = self.max_size.load(std::sync::atomic::Ordering::Relaxed);
         let mut by_step: Vec<(i64, Vec<&LogChunk>)> = Vec::new();
         for c in chunks {
             match by_step.iter_mut().find(|(r, _)| *r == c.step) {
@@ -334,6 +360,7 @@ impl LogFiles {
             if self.trouble(row).is_some() {
                 continue;
             }
+            let max = self.max_for(row);
             let w = match self.writer(row) {
                 Ok(Some(w)) => w,
                 Ok(None) => {
@@ -463,6 +490,10 @@ impl LogFiles {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&row);
         self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+        self.row_limits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&row);

@@ -248,6 +248,11 @@ pub struct StateDb {
     uploads: Arc<logs::LogFiles>,
     /// The step rows whose stdout is an upload.
     upload_rows: Mutex<std::collections::HashSet<i64>>,
+    /// `[master] max_build_artifacts_size`.
+    max_build_artifacts: std::sync::atomic::AtomicU64,
+    /// Uploads held below `max_artifact_size` by what their build may
+    /// still store: why, for the step's failure.
+    build_limited: Mutex<std::collections::HashMap<i64, String>>,
     /// `data_dir/artifacts`.
     artifacts_dir: PathBuf,
     /// One log compressed at a time, in the background.
@@ -471,6 +476,8 @@ impl StateDb {
                 Arc::new(u)
             },
             upload_rows: Mutex::new(uploading),
+            max_build_artifacts: std::sync::atomic::AtomicU64::new(u64::MAX),
+            build_limited: Mutex::new(Default::default()),
             artifacts_dir: data_dir.join("artifacts"),
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
