@@ -1941,13 +1941,16 @@ name = "make"
 workers = ["w1"]
 [[builder.step]]
 name = "make"
-shell = "head -c 100663296 /dev/urandom > app; mkdir -p site/sub; echo one > site/a.txt; echo two > site/sub/b.txt"
+shell = "head -c 100663296 /dev/urandom > app; mkdir -p site/sub wheels; echo one > site/a.txt; echo two > site/sub/b.txt; echo a > wheels/a.whl; echo b > wheels/b.whl; echo c > wheels/c.txt"
 [[builder.step]]
 name = "upload-app"
 upload = { source = "app", name = "app" }
 [[builder.step]]
 name = "upload-site"
 upload = { source = "site", name = "site" }
+[[builder.step]]
+name = "upload-wheels"
+upload = { source = "wheels/*.whl", name = "wheels" }
 
 [[builder]]
 name = "use"
@@ -1959,8 +1962,11 @@ download = { name = "app", from = "latest-success:make", dest = "bin/app" }
 name = "get-site"
 download = { name = "site", from = "%(prop:upstream)s", dest = "www" }
 [[builder.step]]
+name = "get-wheels"
+download = { name = "wheels", from = "make#1", dest = "." }
+[[builder.step]]
 name = "check"
-shell = "sha256sum bin/app; cat www/a.txt www/sub/b.txt; ls -a bin"
+shell = "sha256sum bin/app; cat www/a.txt www/sub/b.txt; ls -a bin; ls wheels"
 
 [[builder]]
 name = "sneaky"
@@ -2048,10 +2054,12 @@ download = { name = "app", from = "latest-success:nobody", dest = "app" }
     );
     // The directory was unpacked; the step after them saw both, and no
     // partial file is left.
-    let checked = log_text(&m, ended.0, 2).await;
+    let checked = log_text(&m, ended.0, 3).await;
     assert!(checked.contains(&format!("{digest}  bin/app")), "{checked}");
     assert!(checked.contains("one\ntwo\n"), "{checked}");
     assert!(!checked.contains("switchyard-download"), "{checked}");
+    // The glob sent the wheels only, at their paths.
+    assert!(checked.ends_with("a.whl\nb.whl\n"), "{checked}");
 
     // A destination through a link out of the step's directory is refused,
     // and nothing is written there.
@@ -2081,6 +2089,30 @@ download = { name = "app", from = "latest-success:nobody", dest = "app" }
         "{}",
         b.steps[0].detail
     );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_glob_that_matches_nothing_fails_the_step() {
+    let toml = r#"
+[[builder]]
+name = "none"
+workers = ["w1"]
+[[builder.step]]
+name = "up"
+upload = { source = "dist/*.whl", name = "wheels" }
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let (id, result) = force_and_wait(&m, "none", &[]).await;
+    assert_eq!(result, "failure");
+    let said = log_text(&m, id, 0).await;
+    assert!(
+        said.contains("\"dist/*.whl\": nothing matches it"),
+        "{said}"
+    );
+    assert!(m.master.state().artifacts(id).await.unwrap().is_empty());
     m.stop().await;
 }
 

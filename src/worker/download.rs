@@ -103,21 +103,30 @@ impl Download {
         let root = step_dir
             .canonicalize()
             .map_err(|e| format!("cannot resolve {}: {e}", step_dir.display()))?;
-        let wanted = root.join(&spec.dest);
-        let (Some(parent), Some(name)) = (wanted.parent(), wanted.file_name()) else {
-            return Err(format!("refused: dest {:?} names no file", spec.dest));
+        let rel: PathBuf = Path::new(&spec.dest)
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
+        let (dest, partial) = if spec.unpack {
+            // Unpacked into the directory `dest` (`.` is the step's own).
+            let dest = make_dir_inside(&root, &root.join(&rel))?;
+            let partial = dest.join(format!(".{}.switchyard-download", spec.name));
+            (dest, partial)
+        } else {
+            let Some(name) = rel.file_name() else {
+                return Err(format!("refused: dest {:?} names no file", spec.dest));
+            };
+            let parent = make_dir_inside(&root, &root.join(rel.parent().unwrap_or(Path::new(""))))?;
+            let dest = parent.join(name);
+            if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+                return Err(format!(
+                    "cannot download the file {:?} to {:?}: a directory is there",
+                    spec.name, spec.dest
+                ));
+            }
+            let partial = parent.join(format!(".{}.switchyard-download", name.to_string_lossy()));
+            (dest, partial)
         };
-        let parent = make_dir_inside(&root, parent)?;
-        let dest = parent.join(name);
-        if spec.unpack {
-            make_dir_inside(&root, &dest)?;
-        } else if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
-            return Err(format!(
-                "cannot download the file {:?} to {:?}: a directory is there",
-                spec.name, spec.dest
-            ));
-        }
-        let partial = parent.join(format!(".{}.switchyard-download", name.to_string_lossy()));
         // Never written through a link someone left under that name.
         let _ = std::fs::remove_file(&partial);
         let file = std::fs::OpenOptions::new()

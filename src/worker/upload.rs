@@ -9,9 +9,12 @@
 //! it stored.
 //!
 //! A file is sent as it is; a directory as a tar stream (symbolic links
-//! stored as links, never followed). SOURCE must be relative, without
-//! `..`, and must not lead out of the step's directory through a symbolic
-//! link.
+//! stored as links, never followed); a glob (`dist/*.whl`, `out/**/*.log`)
+//! as a tar stream of what it matches, at their paths relative to the
+//! step's directory (`*` stays within one directory, `**` crosses them;
+//! symbolic links are not followed while looking). SOURCE must be
+//! relative, without `..`, and must not lead out of the step's directory
+//! through a symbolic link.
 
 use std::io::{self, Write};
 use std::path::{Component, Path};
@@ -68,6 +71,9 @@ pub fn run(source: &str) -> i32 {
             return 1;
         }
     };
+    if is_glob(source) {
+        return upload_glob(&here, source);
+    }
     let path = match here.join(source).canonicalize() {
         Ok(p) => p,
         Err(e) => {
@@ -82,17 +88,7 @@ pub fn run(source: &str) -> i32 {
         );
         return 2;
     }
-    // A bigger pipe to the worker: fewer, larger reads on its side.
-    #[cfg(target_os = "linux")]
-    {
-        let _ = nix::fcntl::fcntl(io::stdout(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
-    }
-    let out = io::stdout().lock();
-    let mut w = Hashing {
-        inner: io::BufWriter::with_capacity(256 * 1024, out),
-        hash: Sha256::new(),
-        bytes: 0,
-    };
+    let mut w = hashing_stdout();
     let dir = path.is_dir();
     let sent = if dir {
         let _ = writeln!(
@@ -106,14 +102,136 @@ pub fn run(source: &str) -> i32 {
         let _ = writeln!(err, "switchyard: uploading the file {source:?}");
         std::fs::File::open(&path).and_then(|mut f| io::copy(&mut f, &mut w).map(|_| ()))
     };
+    sent_and_said(source, sent, w, dir)
+}
+
+/// Standard output, bigger pipe and buffer, counted and hashed.
+fn hashing_stdout() -> Hashing<io::BufWriter<io::StdoutLock<'static>>> {
+    // A bigger pipe to the worker: fewer, larger reads on its side.
+    #[cfg(target_os = "linux")]
+    {
+        let _ = nix::fcntl::fcntl(io::stdout(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    }
+    Hashing {
+        inner: io::BufWriter::with_capacity(256 * 1024, io::stdout().lock()),
+        hash: Sha256::new(),
+        bytes: 0,
+    }
+}
+
+/// Ends an upload: flushes, and says its digest (or why it failed).
+fn sent_and_said<W: Write>(
+    source: &str,
+    sent: io::Result<()>,
+    mut w: Hashing<W>,
+    tar: bool,
+) -> i32 {
+    let mut err = io::stderr();
     if let Err(e) = sent.and_then(|_| w.flush()) {
         let _ = writeln!(err, "switchyard: cannot upload {source:?}: {e}");
         return 1;
     }
     let digest = crate::wire::hex(&w.hash.finalize());
-    let tar = if dir { TAR_SUFFIX } else { "" };
+    let tar = if tar { TAR_SUFFIX } else { "" };
     let _ = writeln!(err, "{DIGEST_PREFIX}{digest}, {} bytes{tar}", w.bytes);
     0
+}
+
+/// Whether `source` is a glob rather than a path.
+pub fn is_glob(source: &str) -> bool {
+    source.contains(['*', '?', '[', '{'])
+}
+
+/// Most directory entries a glob looks at.
+const MAX_GLOB_WALK: usize = 1_000_000;
+
+/// The paths (relative to `here`) that `pattern` matches: symbolic links
+/// are matched but never followed, a matched directory is not looked
+/// into (it goes whole).
+fn glob_matches(here: &Path, pattern: &str) -> Result<Vec<std::path::PathBuf>, String> {
+    let clean: std::path::PathBuf = Path::new(pattern)
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    let text = clean.to_string_lossy().into_owned();
+    let glob = globset::GlobBuilder::new(&text)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| format!("{pattern:?} is not a glob: {e}"))?
+        .compile_matcher();
+    // Only under the part before the first wildcard.
+    let base: std::path::PathBuf = clean
+        .components()
+        .take_while(|c| !is_glob(&c.as_os_str().to_string_lossy()))
+        .collect();
+    let mut found = Vec::new();
+    let mut todo = vec![base];
+    let mut seen = 0usize;
+    while let Some(rel) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(here.join(&rel)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > MAX_GLOB_WALK {
+                return Err(format!(
+                    "{pattern:?} looks at more than {MAX_GLOB_WALK} files; narrow it"
+                ));
+            }
+            let path = rel.join(entry.file_name());
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if glob.is_match(&path) {
+                found.push(path);
+            } else if kind.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Uploads what a glob matches as one tar stream.
+fn upload_glob(here: &Path, source: &str) -> i32 {
+    let mut err = io::stderr();
+    let found = match glob_matches(here, source) {
+        Ok(f) => f,
+        Err(why) => {
+            let _ = writeln!(err, "switchyard: cannot upload: {why}");
+            return 2;
+        }
+    };
+    if found.is_empty() {
+        let _ = writeln!(
+            err,
+            "switchyard: cannot upload {source:?}: nothing matches it"
+        );
+        return 2;
+    }
+    let _ = writeln!(
+        err,
+        "switchyard: uploading {} path(s) matching {source:?} as a tar stream",
+        found.len()
+    );
+    let mut w = hashing_stdout();
+    let sent = {
+        let mut tar = tar::Builder::new(&mut w);
+        tar.follow_symlinks(false);
+        found
+            .iter()
+            .try_for_each(|rel| {
+                let full = here.join(rel);
+                if std::fs::symlink_metadata(&full)?.is_dir() {
+                    tar.append_dir_all(rel, &full)
+                } else {
+                    tar.append_path_with_name(&full, rel)
+                }
+            })
+            .and_then(|_| tar.finish())
+    };
+    sent_and_said(source, sent, w, true)
 }
 
 /// What the digest line of a directory's upload ends with.
@@ -151,5 +269,40 @@ mod tests {
         let log = format!("{DIGEST_PREFIX}{hex}, 3072 bytes{TAR_SUFFIX}\n");
         assert_eq!(digest_in_log(&log), Some((hex, 3072, true)));
         assert_eq!(digest_in_log("nothing\n"), None);
+    }
+
+    #[test]
+    fn globs_match_within_the_directory_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("x.whl"), b"no").unwrap();
+        for f in [
+            "dist/a.whl",
+            "dist/b.whl",
+            "dist/c.txt",
+            "dist/sub/d.whl",
+            "logs/x/y/z.log",
+        ] {
+            std::fs::create_dir_all(here.join(f).parent().unwrap()).unwrap();
+            std::fs::write(here.join(f), f).unwrap();
+        }
+        std::os::unix::fs::symlink(outside.path(), here.join("dist/out")).unwrap();
+        let m = |p: &str| {
+            glob_matches(here, p)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(m("dist/*.whl"), ["dist/a.whl", "dist/b.whl"]);
+        assert_eq!(
+            m("./dist/**/*.whl"),
+            ["dist/a.whl", "dist/b.whl", "dist/sub/d.whl"]
+        );
+        assert_eq!(m("**/*.log"), ["logs/x/y/z.log"]);
+        assert_eq!(m("dist/s*"), ["dist/sub"]);
+        assert!(m("nothing/*").is_empty());
+        assert!(is_glob("dist/*.whl") && !is_glob("dist/a.whl"));
     }
 }
