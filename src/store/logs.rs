@@ -510,8 +510,11 @@ impl LogFiles {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            match (File::open(&p.zst), File::open(&p.frames)) {
-                (Ok(zst), Ok(frames)) => {
+            // The frames are looked for only beside a compressed log (one
+            // failed open less for a plain one).
+            let compressed = File::open(&p.zst).map(|zst| (zst, File::open(&p.frames)));
+            match compressed {
+                Ok((zst, Ok(frames))) => {
                     let n = frames.metadata()?.len() / FRAME_RECORD;
                     return LogReader::new(
                         index,
@@ -523,7 +526,7 @@ impl LogFiles {
                     )
                     .map(Some);
                 }
-                (Err(e), _) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
             match File::open(&p.data) {
@@ -881,6 +884,25 @@ impl LogReader {
                 Some(i) => tail[i],
                 None => last,
             };
+            if let Body::Plain(f) = &self.body {
+                // Chunk `r` alone first, to find where the lines start in
+                // it; then exactly the bytes from there to the end.
+                let head = self.read(r.offset, r.end())?;
+                let before = r.lines - memchr::memchr_iter(b'\n', &head).count() as u64;
+                let cut = memchr::memchr_iter(b'\n', &head)
+                    .nth((target - before) as usize - 1)
+                    .map_or(0, |i| i + 1);
+                let start = r.offset + cut as u64;
+                let mut data = vec![0u8; (stats.bytes - start) as usize];
+                let kept = head.len() - cut;
+                data[..kept].copy_from_slice(&head[cut..]);
+                read_exact_at(f, &mut data[kept..], r.end())?;
+                if (data.last() == Some(&b'\n')) != ends_line {
+                    continue;
+                }
+                return Ok((start, data));
+            }
+            // Compressed: one read (each frame it touches decompressed once).
             let mut data = self.read(r.offset, stats.bytes)?;
             if (data.last() == Some(&b'\n')) != ends_line {
                 continue;
