@@ -904,10 +904,14 @@ impl StateDb {
         })
         .await?;
         self.logs.close(row);
-        self.upload_rows
+        if self
+            .upload_rows
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&row);
+            .remove(&row)
+        {
+            self.uploads.unseal(row);
+        }
         self.compress_later(vec![row]);
         Ok(())
     }
@@ -988,6 +992,7 @@ impl StateDb {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&row);
         let files = self.uploads.clone();
+        files.seal(row);
         tokio::task::spawn_blocking(move || files.remove(row))
             .await
             .map_err(|_| StateError::WriterGone)??;
@@ -1097,7 +1102,9 @@ impl StateDb {
                     "the upload arrived damaged: {stored} bytes with sha256 {got}, the worker sent {size} bytes with sha256 {hex}"
                 )));
             }
-            files.close(row);
+            // A chunk replayed before the step's end is recorded must not
+            // start a new upload file.
+            files.seal(row);
             std::fs::create_dir_all(&dest_dir)?;
             let (data, index) = files.files_of(row);
             if stored == 0 {

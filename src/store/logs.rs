@@ -538,6 +538,24 @@ impl LogFiles {
         Ok(None)
     }
 
+    /// Refuses appends to `row` from now on (its writer is closed): an
+    /// upload checked and kept, or discarded, takes no replayed chunk.
+    pub fn seal(&self, row: i64) {
+        self.sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(row);
+        self.close(row);
+    }
+
+    /// Takes appends to `row` again (its step's end is recorded).
+    pub fn unseal(&self, row: i64) {
+        self.sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
+    }
+
     /// Compresses `row`'s ended log (see the module's doc). Nothing to do
     /// if it has no plain log.
     pub fn compress(&self, row: i64) -> io::Result<()> {
@@ -1005,6 +1023,23 @@ mod tests {
         assert_eq!(r.last_lines(2).unwrap(), (4, b"c\nde".to_vec()));
         assert_eq!(r.last_lines(9).unwrap(), (0, b"a\nb\nc\nde".to_vec()));
         assert_eq!(r.last_lines(0).unwrap(), (8, Vec::new()));
+    }
+
+    #[test]
+    fn a_sealed_step_takes_no_replayed_chunk_until_unsealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogFiles::new(dir.path().join("logs"));
+        logs.append(&[chunk(4, 1, "bytes")]).unwrap();
+        // Moved away (as a kept upload is), then sealed: a replay of its
+        // chunks makes no new file.
+        logs.seal(4);
+        logs.remove(4).unwrap();
+        logs.append(&[chunk(4, 1, "bytes"), chunk(4, 2, "more")])
+            .unwrap();
+        assert!(logs.reader(4).unwrap().is_none(), "a new file was started");
+        logs.unseal(4);
+        logs.append(&[chunk(4, 1, "again")]).unwrap();
+        assert!(logs.reader(4).unwrap().is_some());
     }
 
     #[test]
