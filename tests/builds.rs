@@ -2147,3 +2147,77 @@ fn a_download_destination_must_stay_in_the_steps_directory() {
     let fine = parse(&text.replace("../x", "bin/x"));
     assert!(!fine.contains("download"), "{fine}");
 }
+
+#[tokio::test]
+async fn an_old_worker_gets_no_download_and_a_stray_ask_is_stopped() {
+    let toml = r#"
+[[builder]]
+name = "use"
+workers = ["w1"]
+[[builder.step]]
+name = "get"
+download = { name = "app", from = "latest-success:make", dest = "app" }
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    // An old worker: its hello does not say it runs downloads.
+    let (_id, task) = fake_worker(&m, "w1", "w1-pw", true).await;
+    wait_connected(&m, 1).await;
+    let (id, result) = force_and_wait(&m, "use", &[]).await;
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(id).await.unwrap().unwrap();
+    assert!(
+        b.steps[0]
+            .detail
+            .contains("cannot run download steps; upgrade it"),
+        "{}",
+        b.steps[0].detail
+    );
+    task.abort();
+    let _ = m.master.builds().hangup("w1");
+    // A worker asking for the artifact of a step it does not run gets no
+    // byte of anything, and is told to stop that step.
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message;
+    use switchyard::proto::{
+        ArtifactWanted, MasterMessage, WorkerHello, WorkerMessage, master_message, worker_message,
+    };
+    let mut s = within("a second session", async {
+        loop {
+            if let Ok(s) = m.login("w1", "w1-pw", "worker").await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for kind in [
+        worker_message::Kind::Hello(WorkerHello {
+            downloads: true,
+            ..Default::default()
+        }),
+        worker_message::Kind::Wanted(ArtifactWanted {
+            step_id: vec![7; 16],
+            offset: 0,
+            length: 1 << 20,
+        }),
+    ] {
+        let msg = WorkerMessage { kind: Some(kind) };
+        s.stream
+            .send(bytes::Bytes::from(msg.encode_to_vec()))
+            .await
+            .unwrap();
+    }
+    let told = within("the master's answer", async {
+        loop {
+            let frame = s.stream.next().await.unwrap().unwrap();
+            match MasterMessage::decode(frame.freeze()).unwrap().kind {
+                Some(master_message::Kind::Interrupt(i)) => return i,
+                Some(master_message::Kind::Data(_)) => panic!("artifact bytes for a stray ask"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(told.step_id, vec![7; 16]);
+    m.stop().await;
+}

@@ -659,6 +659,10 @@ pub(super) async fn run_build(
                     "worker {worker} (version {}) cannot mask step secrets in its output; upgrade it",
                     l.hello.version
                 )),
+                Some(l) if step.download.is_some() && !l.hello.downloads => Err(format!(
+                    "worker {worker} (version {}) cannot run download steps; upgrade it",
+                    l.hello.version
+                )),
                 _ => Ok(r),
             }
         });

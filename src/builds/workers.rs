@@ -427,8 +427,18 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                         continue;
                     }
                     worker_message::Kind::Wanted(w) => {
-                        // Only the worker running the step gets its artifact.
+                        // Only the worker running the step gets its artifact;
+                        // a download no build waits for any more is stopped.
                         if link.row_of(&w.step_id).is_none() {
+                            let stop = MasterMessage {
+                                kind: Some(master_message::Kind::Interrupt(InterruptStep {
+                                    step_id: w.step_id,
+                                    reason: "the master no longer runs this step's build".into(),
+                                })),
+                            };
+                            if let Err(e) = sink.send(encode(stop)).await {
+                                break 'session format!("link failed: {e}");
+                            }
                             continue;
                         }
                         if let Some(data) = bm.inner.downloads.answer(w).await {

@@ -137,6 +137,7 @@ fn hello_info(steps: Vec<HeldStep>) -> WorkerHello {
         steps,
         basedir: String::new(),
         masks_secrets: true,
+        downloads: true,
     }
 }
 
