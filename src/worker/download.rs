@@ -44,14 +44,6 @@ pub struct Download {
     progress: Instant,
 }
 
-/// Whether `p` is a relative path with no `..` (what the config accepts).
-fn safe_dest(p: &str) -> bool {
-    !p.is_empty()
-        && Path::new(p)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-}
-
 /// Makes the directory `dir` (inside `root`, canonical) and what it lacks
 /// of its parents, refusing if an existing part leads outside `root`
 /// through a symbolic link. Returns it canonical.
@@ -92,7 +84,7 @@ impl Download {
         spec: crate::proto::Download,
         step_dir: &Path,
     ) -> Result<Download, String> {
-        if !safe_dest(&spec.dest) {
+        if !super::upload::safe_source(&spec.dest) {
             return Err(format!(
                 "refused: dest {:?} must be a relative path inside the step's directory",
                 spec.dest

@@ -44,8 +44,8 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Whether `source` is a relative path with no `..` (what the config
-/// accepts).
+/// Whether `source` (or a download's `dest`) is a relative path with no
+/// `..` (what the config accepts).
 pub fn safe_source(source: &str) -> bool {
     !source.is_empty()
         && Path::new(source)
