@@ -54,6 +54,14 @@ const LEVEL: i32 = 3;
 /// Writers kept open at once; past it the least recently used is closed
 /// (and reopened when its step writes again).
 const MAX_OPEN: usize = 256;
+/// Readers of compressed logs kept open (their files do not change): a
+/// log being viewed is read without opening it again.
+const MAX_CACHED_READERS: usize = 64;
+/// The end of a log is kept uncompressed (its last frames, covering at
+/// least this much), so its last lines are read without decompressing.
+const TAIL_PLAIN: u64 = 128 * 1024;
+/// Marks a frame stored as it is (in a frame record's packed offset).
+const RAW_FRAME: u64 = 1 << 63;
 
 /// One chunk's index record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,9 +112,13 @@ pub struct LogStats {
 
 /// The open files of a step being written.
 struct Writer {
-    data: File,
-    index: File,
+    /// Shared with the readers of a running step's log.
+    data: Arc<File>,
+    index: Arc<File>,
     stats: LogStats,
+    /// Chunks in the index, and the last one's record.
+    count: u64,
+    last: Option<Record>,
     /// Its output was cut at `max_log_size`.
     cut: bool,
     /// The SHA-256 of everything stored, when this store keeps digests and
@@ -154,6 +166,9 @@ pub struct LogFiles {
     uses: std::sync::atomic::AtomicU64,
     /// Steps being compressed: appends to them are refused.
     sealed: Mutex<HashSet<i64>>,
+    /// Readers of compressed logs, kept open (at most
+    /// [`MAX_CACHED_READERS`]); dropped when their log is removed.
+    readers: Mutex<HashMap<i64, LogReader>>,
     /// `[master] max_log_size`.
     max_size: std::sync::atomic::AtomicU64,
     /// Steps held to less than `max_size` (an upload within what its
@@ -192,6 +207,7 @@ impl LogFiles {
             open: Mutex::new(HashMap::new()),
             uses: std::sync::atomic::AtomicU64::new(0),
             sealed: Mutex::new(HashSet::new()),
+            readers: Mutex::new(HashMap::new()),
             max_size: std::sync::atomic::AtomicU64::new(u64::MAX),
             row_limits: Mutex::new(HashMap::new()),
             fail_on_limit: std::sync::atomic::AtomicBool::new(false),
@@ -255,6 +271,7 @@ impl LogFiles {
             sync_dir(&p.dir)?;
         }
         let stats = recover(&data, &index)?;
+        let (count, last) = whole_records(&index, stats.bytes)?;
         let max = self.max_for(row);
         if open.len() >= MAX_OPEN
             && let Some(oldest) = open
@@ -266,9 +283,11 @@ impl LogFiles {
         }
         let digests = self.digests.load(std::sync::atomic::Ordering::Relaxed);
         let w = Arc::new(Mutex::new(Writer {
-            data,
-            index,
+            data: Arc::new(data),
+            index: Arc::new(index),
             stats,
+            count,
+            last,
             cut: stats.bytes > max,
             digest: (digests && stats.bytes == 0).then(<sha2::Sha256 as sha2::Digest>::new),
         }));
@@ -379,6 +398,7 @@ impl LogFiles {
             let mut data = Vec::new();
             let mut records = Vec::new();
             let mut stats = w.stats;
+            let mut last = w.last;
             let mut cut = false;
             for c in chunks {
                 if c.seq <= stats.last_seq || c.data.is_empty() {
@@ -409,16 +429,15 @@ impl LogFiles {
                 }
                 let len = stored.len() + marker.len();
                 let lines = stats.lines + memchr_count(stored) + memchr_count(&marker);
-                records.extend_from_slice(
-                    &Record {
-                        seq: c.seq,
-                        offset: stats.bytes,
-                        len: len as u32,
-                        stream: c.stream,
-                        lines,
-                    }
-                    .encode(),
-                );
+                let record = Record {
+                    seq: c.seq,
+                    offset: stats.bytes,
+                    len: len as u32,
+                    stream: c.stream,
+                    lines,
+                };
+                records.extend_from_slice(&record.encode());
+                last = Some(record);
                 data.extend_from_slice(stored);
                 data.extend_from_slice(&marker);
                 stats = LogStats {
@@ -431,8 +450,8 @@ impl LogFiles {
                 continue;
             }
             let written = (|| {
-                w.data.write_all(&data)?;
-                w.index.write_all(&records)?;
+                (&*w.data).write_all(&data)?;
+                (&*w.index).write_all(&records)?;
                 w.data.sync_data()?;
                 w.index.sync_data()
             })();
@@ -444,6 +463,8 @@ impl LogFiles {
                 continue;
             }
             w.stats = stats;
+            w.count += (records.len() as u64) / RECORD;
+            w.last = last;
             if let Some(h) = w.digest.as_mut() {
                 sha2::Digest::update(h, &data);
             }
@@ -502,6 +523,29 @@ impl LogFiles {
     /// A reader of `row`'s log, or `None` if it has no files (no output
     /// yet, or a log kept in the database by an older master).
     pub fn reader(&self, row: i64) -> io::Result<Option<LogReader>> {
+        // A running step's: its writer's files, as far as they are written.
+        if let Some((w, _)) = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+        {
+            let w = w.lock().unwrap_or_else(|e| e.into_inner());
+            return Ok(Some(LogReader {
+                index: w.index.clone(),
+                count: w.count,
+                last: w.last,
+                body: Body::Plain(w.data.clone()),
+            }));
+        }
+        if let Some(r) = self
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+        {
+            return Ok(Some(r.clone()));
+        }
         let p = self.paths(row);
         // Twice: compression may swap the files between the two looks.
         for _ in 0..2 {
@@ -516,21 +560,29 @@ impl LogFiles {
             match compressed {
                 Ok((zst, Ok(frames))) => {
                     let n = frames.metadata()?.len() / FRAME_RECORD;
-                    return LogReader::new(
+                    let r = LogReader::new(
                         index,
                         Body::Compressed {
-                            zst,
-                            frames,
+                            packed_len: zst.metadata()?.len(),
+                            zst: Arc::new(zst),
+                            frames: Arc::new(frames),
                             count: n,
                         },
-                    )
-                    .map(Some);
+                    )?;
+                    let mut cached = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+                    if cached.len() >= MAX_CACHED_READERS
+                        && let Some(any) = cached.keys().next().copied()
+                    {
+                        cached.remove(&any);
+                    }
+                    cached.insert(row, r.clone());
+                    return Ok(Some(r));
                 }
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
             match File::open(&p.data) {
-                Ok(data) => return LogReader::new(index, Body::Plain(data)).map(Some),
+                Ok(data) => return LogReader::new(index, Body::Plain(Arc::new(data))).map(Some),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             }
@@ -564,6 +616,10 @@ impl LogFiles {
             .unwrap_or_else(|e| e.into_inner())
             .insert(row);
         self.close(row);
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
         let result = self.compress_sealed(row);
         self.sealed
             .lock()
@@ -587,7 +643,7 @@ impl LogFiles {
         let stats = recover(&data, &index)?;
         let tmp_zst = p.dir.join(format!(".{row}.zst.tmp"));
         let tmp_frames = p.dir.join(format!(".{row}.frames.tmp"));
-        let written = write_compressed(&mut data, stats, &tmp_zst, &tmp_frames);
+        let written = write_compressed(&mut data, stats, &tmp_zst, &tmp_frames, TAIL_PLAIN);
         if written.is_err() {
             // A full disk, say: the plain log stays, and takes no room twice.
             let _ = remove_if_there(&tmp_zst);
@@ -627,6 +683,10 @@ impl LogFiles {
     /// Removes every file of `row`'s log.
     pub fn remove(&self, row: i64) -> io::Result<()> {
         self.close(row);
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
         let p = self.paths(row);
         for f in [&p.zst, &p.frames, &p.data, &p.index] {
             remove_if_there(f)?;
@@ -636,12 +696,15 @@ impl LogFiles {
 }
 
 /// Writes `data`'s first `stats.bytes` as frames to `zst`, and the
-/// frame table to `frames`, both synced.
+/// frame table to `frames`, both synced; the frames covering the last
+/// `tail_plain` bytes are stored as they are (masters before that stored
+/// every frame compressed: both read alike).
 fn write_compressed(
     data: &mut File,
     stats: LogStats,
     tmp_zst: &Path,
     tmp_frames: &Path,
+    tail_plain: u64,
 ) -> io::Result<()> {
     let mut zst = File::create(tmp_zst)?;
     let mut frames = io::BufWriter::new(File::create(tmp_frames)?);
@@ -651,10 +714,17 @@ fn write_compressed(
     while raw < stats.bytes {
         let n = (stats.bytes - raw).min(FRAME as u64) as usize;
         data.read_exact(&mut buf[..n])?;
-        let frame = compressor.compress(&buf[..n])?;
+        // The last frames as they are: the end is what is read most.
+        let plain = tail_plain > 0 && raw + n as u64 > stats.bytes.saturating_sub(tail_plain);
+        let frame = if plain {
+            buf[..n].to_vec()
+        } else {
+            compressor.compress(&buf[..n])?
+        };
         zst.write_all(&frame)?;
         frames.write_all(&raw.to_le_bytes())?;
-        frames.write_all(&packed.to_le_bytes())?;
+        let mark = if plain { RAW_FRAME } else { 0 };
+        frames.write_all(&(packed | mark).to_le_bytes())?;
         raw += n as u64;
         packed += frame.len() as u64;
     }
@@ -711,15 +781,22 @@ fn recover(data: &File, index: &File) -> io::Result<LogStats> {
     Ok(stats)
 }
 
+#[derive(Clone)]
 enum Body {
-    Plain(File),
-    Compressed { zst: File, frames: File, count: u64 },
+    Plain(Arc<File>),
+    Compressed {
+        zst: Arc<File>,
+        frames: Arc<File>,
+        count: u64,
+        packed_len: u64,
+    },
 }
 
 /// Reads one step's log: chunks by sequence number, byte ranges, the last
 /// lines. Sees the log as it was when it was opened.
+#[derive(Clone)]
 pub struct LogReader {
-    index: File,
+    index: Arc<File>,
     count: u64,
     last: Option<Record>,
     body: Body,
@@ -727,6 +804,7 @@ pub struct LogReader {
 
 impl LogReader {
     fn new(index: File, body: Body) -> io::Result<Self> {
+        let index = Arc::new(index);
         let data_len = match &body {
             Body::Plain(f) => f.metadata()?.len(),
             Body::Compressed { .. } => u64::MAX,
@@ -782,55 +860,88 @@ impl LogReader {
         if start >= end {
             return Ok(Vec::new());
         }
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.read_into(start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Fills `out` with the output's bytes from `start` (all within what
+    /// the log holds). A compressed log's stored frames (its end) are read
+    /// as they are; the others are decompressed, each once.
+    fn read_into(&self, start: u64, out: &mut [u8]) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let end = start + out.len() as u64;
         match &self.body {
-            Body::Plain(f) => {
-                let mut buf = vec![0u8; (end - start) as usize];
-                read_exact_at(f, &mut buf, start)?;
-                Ok(buf)
-            }
-            Body::Compressed { zst, frames, count } => {
-                let frame = |i: u64| -> io::Result<(u64, u64)> {
+            Body::Plain(f) => read_exact_at(f, out, start),
+            Body::Compressed {
+                zst,
+                frames,
+                count,
+                packed_len,
+            } => {
+                // (raw offset, packed offset, stored as it is)
+                let frame = |i: u64| -> io::Result<(u64, u64, bool)> {
                     let mut b = [0u8; FRAME_RECORD as usize];
                     read_exact_at(frames, &mut b, i * FRAME_RECORD)?;
+                    let packed = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
                     Ok((
                         u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
-                        u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+                        packed & !RAW_FRAME,
+                        packed & RAW_FRAME != 0,
                     ))
                 };
-                let packed_len = zst.metadata()?.len();
+                let short = || {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a compressed log is shorter than its index",
+                    )
+                };
                 // Frames hold FRAME bytes each but the last.
                 let first = start / FRAME as u64;
                 let last = ((end - 1) / FRAME as u64).min(count.saturating_sub(1));
-                let (raw_from, packed_from) = frame(first)?;
+                let (raw_from, packed_from, stored) = frame(first)?;
+                if stored {
+                    // The stored frames are the last ones: one read.
+                    if packed_from + (end - raw_from) > *packed_len {
+                        return Err(short());
+                    }
+                    return read_exact_at(zst, out, packed_from + (start - raw_from));
+                }
                 let packed_to = if last + 1 < *count {
                     frame(last + 1)?.1
                 } else {
-                    packed_len
+                    *packed_len
                 };
                 let mut packed = vec![0u8; (packed_to - packed_from) as usize];
                 read_exact_at(zst, &mut packed, packed_from)?;
-                let mut out = Vec::with_capacity(((last - first + 1) as usize) * FRAME);
+                let mut raw = Vec::with_capacity(((last - first + 1) as usize) * FRAME);
                 let mut d = zstd::bulk::Decompressor::new()?;
                 let mut at = 0usize;
+                let mut stored = false;
                 for i in first..=last {
-                    let next = if i + 1 < *count && i < last {
-                        (frame(i + 1)?.1 - packed_from) as usize
+                    let (next, next_stored) = if i + 1 < *count && i < last {
+                        let (_, p, s) = frame(i + 1)?;
+                        ((p - packed_from) as usize, s)
                     } else {
-                        packed.len()
+                        (packed.len(), false)
                     };
-                    out.extend(d.decompress(&packed[at..next], FRAME)?);
+                    if stored {
+                        raw.extend_from_slice(&packed[at..next]);
+                    } else {
+                        raw.extend(d.decompress(&packed[at..next], FRAME)?);
+                    }
                     at = next;
+                    stored = next_stored;
                 }
                 let from = (start - raw_from) as usize;
                 let to = (end - raw_from) as usize;
-                if to > out.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a compressed log is shorter than its index",
-                    ));
+                if to > raw.len() {
+                    return Err(short());
                 }
-                out.truncate(to);
-                Ok(out.split_off(from))
+                out.copy_from_slice(&raw[from..to]);
+                Ok(())
             }
         }
     }
@@ -874,7 +985,7 @@ impl LogReader {
         if lines == 0 {
             return Ok((stats.bytes, Vec::new()));
         }
-        const TAIL_RECORDS: u64 = 128;
+        const TAIL_RECORDS: u64 = 32;
         let from = self.count.saturating_sub(TAIL_RECORDS);
         let mut buf = vec![0u8; ((self.count - from) * RECORD) as usize];
         read_exact_at(&self.index, &mut buf, from * RECORD)?;
@@ -902,36 +1013,22 @@ impl LogReader {
                 Some(i) => tail[i],
                 None => last,
             };
-            if let Body::Plain(f) = &self.body {
-                // Chunk `r` alone first, to find where the lines start in
-                // it; then exactly the bytes from there to the end.
-                let head = self.read(r.offset, r.end())?;
-                let before = r.lines - memchr::memchr_iter(b'\n', &head).count() as u64;
-                let cut = memchr::memchr_iter(b'\n', &head)
-                    .nth((target - before) as usize - 1)
-                    .map_or(0, |i| i + 1);
-                let start = r.offset + cut as u64;
-                let mut data = vec![0u8; (stats.bytes - start) as usize];
-                let kept = head.len() - cut;
-                data[..kept].copy_from_slice(&head[cut..]);
-                read_exact_at(f, &mut data[kept..], r.end())?;
-                if (data.last() == Some(&b'\n')) != ends_line {
-                    continue;
-                }
-                return Ok((start, data));
-            }
-            // Compressed: one read (each frame it touches decompressed once).
-            let mut data = self.read(r.offset, stats.bytes)?;
+            // Chunk `r` alone first, to find where the lines start in it;
+            // then exactly the bytes from there to the end.
+            let head = self.read(r.offset, r.end())?;
+            let before = r.lines - memchr_count(&head);
+            let cut = memchr::memchr_iter(b'\n', &head)
+                .nth((target - before) as usize - 1)
+                .map_or(0, |i| i + 1);
+            let start = r.offset + cut as u64;
+            let mut data = vec![0u8; (stats.bytes - start) as usize];
+            let kept = head.len() - cut;
+            data[..kept].copy_from_slice(&head[cut..]);
+            self.read_into(r.end(), &mut data[kept..])?;
             if (data.last() == Some(&b'\n')) != ends_line {
                 continue;
             }
-            // Back from the end: the `wanted`th newline is the one before
-            // the lines (it is in chunk `r`, by the running counts).
-            let cut = memchr::memrchr_iter(b'\n', &data)
-                .nth(wanted as usize - 1)
-                .map_or(0, |i| i + 1);
-            data.drain(..cut);
-            return Ok((r.offset + cut as u64, data));
+            return Ok((start, data));
         }
         unreachable!("a log ends with a newline or it does not")
     }
@@ -972,7 +1069,23 @@ mod tests {
         // In two batches, the second replaying part of the first.
         logs.append(&chunks[..2000]).unwrap();
         logs.append(&chunks[1500..]).unwrap();
-        for compressed in [false, true] {
+        // A copy compressed as masters before stored ends kept it (every
+        // frame compressed), read after the store's own.
+        let old = dir.path().join("old");
+        std::fs::create_dir_all(old.join("logs/12")).unwrap();
+        for f in ["12345.log", "12345.idx"] {
+            std::fs::copy(dir.path().join("logs/12").join(f), old.join("logs/12").join(f)).unwrap();
+        }
+        {
+            let p = LogFiles::new(old.join("logs")).paths(12_345);
+            let mut data = File::open(&p.data).unwrap();
+            let stats = recover(&data, &File::open(&p.index).unwrap()).unwrap();
+            write_compressed(&mut data, stats, &p.zst, &p.frames, 0).unwrap();
+            std::fs::remove_file(&p.data).unwrap();
+        }
+        let old_logs = LogFiles::new(old.join("logs"));
+        for (round, compressed) in [false, true, true].into_iter().enumerate() {
+            let logs = if round == 2 { &old_logs } else { &logs };
             let r = logs.reader(12_345).unwrap().unwrap();
             assert_eq!(all(&r), expected, "compressed: {compressed}");
             assert_eq!(r.count(), 3000);
@@ -1005,6 +1118,17 @@ mod tests {
             logs.compress(12_345).unwrap();
         }
         assert!(!dir.path().join("logs/12/12345.log").exists());
+        // Its end is stored as it is, the rest compressed; the old copy's
+        // frames are all compressed.
+        let marks = |path: &Path| -> Vec<bool> {
+            std::fs::read(path)
+                .unwrap()
+                .chunks_exact(FRAME_RECORD as usize)
+                .map(|r| u64::from_le_bytes(r[8..16].try_into().unwrap()) & RAW_FRAME != 0)
+                .collect()
+        };
+        assert_eq!(marks(&dir.path().join("logs/12/12345.frames")), [false, false, true, true, true]);
+        assert!(!marks(&old.join("logs/12/12345.frames")).contains(&true));
         // A compressed log takes no more output.
         logs.append(&[chunk(12_345, 3001, "late\n")]).unwrap();
         assert_eq!(logs.stats(12_345).unwrap().unwrap().last_seq, 3000);
