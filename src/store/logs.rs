@@ -1013,18 +1013,34 @@ impl LogReader {
                 Some(i) => tail[i],
                 None => last,
             };
-            // Chunk `r` alone first, to find where the lines start in it;
-            // then exactly the bytes from there to the end.
-            let head = self.read(r.offset, r.end())?;
-            let before = r.lines - memchr_count(&head);
-            let cut = memchr::memchr_iter(b'\n', &head)
-                .nth((target - before) as usize - 1)
-                .map_or(0, |i| i + 1);
-            let start = r.offset + cut as u64;
+            // The newline before the lines is the `after`th from chunk
+            // `r`'s end: found reading back from there a block at a time
+            // (the chunk may be much longer than what is left of it).
+            let after = r.lines - target + 1;
+            // (Where a compressed log's frames are decompressed, a frame.)
+            let block = match self.body {
+                Body::Compressed { .. } if stats.bytes - r.offset > TAIL_PLAIN => FRAME as u64,
+                _ => 16 * 1024,
+            };
+            let (mut hi, mut seen) = (r.end(), 0u64);
+            let start = loop {
+                let lo = hi.saturating_sub(block).max(r.offset);
+                let block = self.read(lo, hi)?;
+                let n = memchr_count(&block);
+                if seen + n >= after {
+                    let i = memchr::memrchr_iter(b'\n', &block)
+                        .nth((after - seen - 1) as usize)
+                        .expect("counted");
+                    break lo + i as u64 + 1;
+                }
+                if lo == r.offset {
+                    break r.offset; // the index said otherwise: from the chunk's start
+                }
+                seen += n;
+                hi = lo;
+            };
             let mut data = vec![0u8; (stats.bytes - start) as usize];
-            let kept = head.len() - cut;
-            data[..kept].copy_from_slice(&head[cut..]);
-            self.read_into(r.end(), &mut data[kept..])?;
+            self.read_into(start, &mut data)?;
             if (data.last() == Some(&b'\n')) != ends_line {
                 continue;
             }
@@ -1074,7 +1090,11 @@ mod tests {
         let old = dir.path().join("old");
         std::fs::create_dir_all(old.join("logs/12")).unwrap();
         for f in ["12345.log", "12345.idx"] {
-            std::fs::copy(dir.path().join("logs/12").join(f), old.join("logs/12").join(f)).unwrap();
+            std::fs::copy(
+                dir.path().join("logs/12").join(f),
+                old.join("logs/12").join(f),
+            )
+            .unwrap();
         }
         {
             let p = LogFiles::new(old.join("logs")).paths(12_345);
@@ -1127,7 +1147,10 @@ mod tests {
                 .map(|r| u64::from_le_bytes(r[8..16].try_into().unwrap()) & RAW_FRAME != 0)
                 .collect()
         };
-        assert_eq!(marks(&dir.path().join("logs/12/12345.frames")), [false, false, true, true, true]);
+        assert_eq!(
+            marks(&dir.path().join("logs/12/12345.frames")),
+            [false, false, true, true, true]
+        );
         assert!(!marks(&old.join("logs/12/12345.frames")).contains(&true));
         // A compressed log takes no more output.
         logs.append(&[chunk(12_345, 3001, "late\n")]).unwrap();
