@@ -60,6 +60,10 @@ const MAX_CACHED_READERS: usize = 64;
 /// The end of a log is kept uncompressed (its last frames, covering at
 /// least this much), so its last lines are read without decompressing.
 const TAIL_PLAIN: u64 = 128 * 1024;
+/// Only logs of at least this size keep their end uncompressed (so the
+/// plain end is at most a small part of what a log takes on disk; smaller
+/// logs decompress fast whole).
+const PLAIN_TAIL_FROM: u64 = 8 << 20;
 /// Marks a frame stored as it is (in a frame record's packed offset).
 const RAW_FRAME: u64 = 1 << 63;
 
@@ -643,7 +647,12 @@ impl LogFiles {
         let stats = recover(&data, &index)?;
         let tmp_zst = p.dir.join(format!(".{row}.zst.tmp"));
         let tmp_frames = p.dir.join(format!(".{row}.frames.tmp"));
-        let written = write_compressed(&mut data, stats, &tmp_zst, &tmp_frames, TAIL_PLAIN);
+        let tail_plain = if stats.bytes >= PLAIN_TAIL_FROM {
+            TAIL_PLAIN
+        } else {
+            0
+        };
+        let written = write_compressed(&mut data, stats, &tmp_zst, &tmp_frames, tail_plain);
         if written.is_err() {
             // A full disk, say: the plain log stays, and takes no room twice.
             let _ = remove_if_there(&tmp_zst);
@@ -1085,8 +1094,9 @@ mod tests {
         // In two batches, the second replaying part of the first.
         logs.append(&chunks[..2000]).unwrap();
         logs.append(&chunks[1500..]).unwrap();
-        // A copy compressed as masters before stored ends kept it (every
-        // frame compressed), read after the store's own.
+        // A copy compressed with its end kept plain, as a log of 8 MiB or
+        // more is (this one is smaller: the store compresses it whole, as
+        // masters before plain ends did), read after the store's own.
         let old = dir.path().join("old");
         std::fs::create_dir_all(old.join("logs/12")).unwrap();
         for f in ["12345.log", "12345.idx"] {
@@ -1100,7 +1110,7 @@ mod tests {
             let p = LogFiles::new(old.join("logs")).paths(12_345);
             let mut data = File::open(&p.data).unwrap();
             let stats = recover(&data, &File::open(&p.index).unwrap()).unwrap();
-            write_compressed(&mut data, stats, &p.zst, &p.frames, 0).unwrap();
+            write_compressed(&mut data, stats, &p.zst, &p.frames, TAIL_PLAIN).unwrap();
             std::fs::remove_file(&p.data).unwrap();
         }
         let old_logs = LogFiles::new(old.join("logs"));
@@ -1138,8 +1148,7 @@ mod tests {
             logs.compress(12_345).unwrap();
         }
         assert!(!dir.path().join("logs/12/12345.log").exists());
-        // Its end is stored as it is, the rest compressed; the old copy's
-        // frames are all compressed.
+        // This one compressed whole; the copy's end stored as it is.
         let marks = |path: &Path| -> Vec<bool> {
             std::fs::read(path)
                 .unwrap()
@@ -1148,10 +1157,10 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            marks(&dir.path().join("logs/12/12345.frames")),
+            marks(&old.join("logs/12/12345.frames")),
             [false, false, true, true, true]
         );
-        assert!(!marks(&old.join("logs/12/12345.frames")).contains(&true));
+        assert!(!marks(&dir.path().join("logs/12/12345.frames")).contains(&true));
         // A compressed log takes no more output.
         logs.append(&[chunk(12_345, 3001, "late\n")]).unwrap();
         assert_eq!(logs.stats(12_345).unwrap().unwrap().last_seq, 3000);
