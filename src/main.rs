@@ -462,8 +462,16 @@ async fn worker(
         stopper.cancel();
     });
     let mut opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
-    // Steps run under this binary's supervisor, so they die with the worker.
-    opts.step_supervisor = std::env::current_exe().ok().filter(|_| !unsupervised);
+    // Steps run under a supervisor, so they die with the worker: the small
+    // `switchyard-step` beside this binary (faster to start), else this
+    // binary's own `__step`.
+    opts.step_supervisor = std::env::current_exe()
+        .ok()
+        .filter(|_| !unsupervised)
+        .map(|me| {
+            let small = me.with_file_name("switchyard-step");
+            if small.is_file() { small } else { me }
+        });
     if unsupervised {
         tracing::warn!(
             "steps run without their supervisor (--bench-unsupervised-steps): they can outlive this worker"
@@ -685,7 +693,7 @@ fn main() -> ExitCode {
             tls,
         } => tls.client_options().and_then(|opts| {
             read_password(password_file.as_ref(), &name).and_then(|pw| {
-                runtime().and_then(|rt| {
+                worker_runtime().and_then(|rt| {
                     rt.block_on(worker(
                         master,
                         name,
@@ -757,6 +765,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The worker's runtime: one thread. Its work is moving step output from
+/// pipes to the master's socket; on one thread a chunk goes from the pipe
+/// to the socket without waking another thread (blocking work, like
+/// checking a download, still has threads of its own).
+fn worker_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -574,3 +574,83 @@ async fn a_download_goes_on_across_a_master_kill_9_and_arrives_whole() {
     let got = std::fs::read(dir.path().join("basedir/use/app")).unwrap();
     assert!(got == sent, "byte-exact across the restart");
 }
+
+#[tokio::test]
+async fn steps_die_with_their_worker_under_either_supervisor() {
+    let m = master_with_builder(
+        "[[builder.step]]\nname = \"long\"\nshell = \"echo $PPID $$ >> ../started; sleep 30\"\n",
+    )
+    .await;
+    // A worker installed without `switchyard-step` beside it supervises
+    // its steps with its own `__step`.
+    let alone = m.dir.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    let lone_bin = alone.join("switchyard");
+    if std::fs::hard_link(BIN, &lone_bin).is_err() {
+        std::fs::copy(BIN, &lone_bin).unwrap();
+    }
+    let started = m.dir.path().join("basedir/started");
+    for (round, (program, supervisor)) in [
+        (std::path::PathBuf::from(BIN), "switchyard-step"),
+        (lone_bin, "switchyard"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut w = Reaped(
+            std::process::Command::new(&program)
+                .args([
+                    "worker",
+                    "--master",
+                    &m.addr.to_string(),
+                    "--name",
+                    "w1",
+                    "--basedir",
+                ])
+                .arg(m.dir.path().join("basedir"))
+                .env("SWITCHYARD_PASSWORD", "w1-pw")
+                .env("RUST_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_connected(&m, 1).await;
+        m.master
+            .builds()
+            .force("b", "", "", "", "test")
+            .await
+            .unwrap();
+        let (ppid, pid) = within("the step to start", async {
+            loop {
+                let text = std::fs::read_to_string(&started).unwrap_or_default();
+                if let Some(line) = text.lines().nth(round) {
+                    let mut ids = line.split_whitespace().map(|n| n.parse::<u32>().unwrap());
+                    return (ids.next().unwrap(), ids.next().unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap();
+        assert_eq!(comm.trim(), supervisor, "round {round}");
+        w.0.kill().unwrap();
+        w.0.wait().unwrap();
+        within("the step to die with its worker", async {
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        within("the worker's session to end", async {
+            while !m.master.builds().connected().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    m.stop().await;
+}

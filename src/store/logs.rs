@@ -399,7 +399,10 @@ impl LogFiles {
                 }
             };
             let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
-            let mut data = Vec::new();
+            // What is written: the chunks' bytes where they are (no copy),
+            // and the marker line where a step passes its limit (once).
+            let mut parts: Vec<&[u8]> = Vec::new();
+            let mut marked: Option<(usize, Vec<u8>)> = None;
             let mut records = Vec::new();
             let mut stats = w.stats;
             let mut last = w.last;
@@ -442,8 +445,10 @@ impl LogFiles {
                 };
                 records.extend_from_slice(&record.encode());
                 last = Some(record);
-                data.extend_from_slice(stored);
-                data.extend_from_slice(&marker);
+                parts.push(stored);
+                if !marker.is_empty() {
+                    marked = Some((parts.len(), marker));
+                }
                 stats = LogStats {
                     bytes: stats.bytes + len as u64,
                     lines,
@@ -453,8 +458,11 @@ impl LogFiles {
             if records.is_empty() {
                 continue;
             }
+            if let Some((at, marker)) = &marked {
+                parts.insert(*at, marker);
+            }
             let written = (|| {
-                (&*w.data).write_all(&data)?;
+                write_all_parts(&w.data, &parts)?;
                 (&*w.index).write_all(&records)?;
                 w.data.sync_data()?;
                 w.index.sync_data()
@@ -470,7 +478,9 @@ impl LogFiles {
             w.count += (records.len() as u64) / RECORD;
             w.last = last;
             if let Some(h) = w.digest.as_mut() {
-                sha2::Digest::update(h, &data);
+                for p in &parts {
+                    sha2::Digest::update(&mut *h, p);
+                }
             }
             if cut {
                 troubles.push(LogTrouble::OverLimit { row, max });
@@ -740,6 +750,26 @@ fn write_compressed(
     zst.sync_all()?;
     let frames = frames.into_inner().map_err(|e| e.into_error())?;
     frames.sync_all()
+}
+
+/// Writes `parts` one after the other, in as few `writev` calls as the
+/// system allows.
+fn write_all_parts(mut f: &File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| io::IoSlice::new(p))
+        .collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        match f.write_vectored(left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn remove_if_there(path: &Path) -> io::Result<()> {
