@@ -288,6 +288,11 @@ impl Supervisors {
     }
 
     /// Starts the next ready supervisor, unless one is waiting already.
+    ///
+    /// Called on the worker's runtime thread, never on a passing one: the
+    /// kernel's parent-death signal, which kills a supervisor when its
+    /// worker dies, follows the thread that started it, so a supervisor
+    /// started on a thread that exits would die with that thread.
     fn refill(&self) {
         let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
         if ready.is_none() {
