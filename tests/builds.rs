@@ -2221,3 +2221,50 @@ download = { name = "app", from = "latest-success:make", dest = "app" }
     assert_eq!(told.step_id, vec![7; 16]);
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_download_of_an_artifact_damaged_on_the_master_fails_saying_so() {
+    let toml = r#"
+[[builder]]
+name = "make"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 100000 /dev/urandom > app"
+[[builder.step]]
+name = "up"
+upload = { source = "app", name = "app" }
+
+[[builder]]
+name = "use"
+workers = ["w1"]
+[[builder.step]]
+name = "get"
+download = { name = "app", from = "make#1", dest = "app" }
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let (made, result) = force_and_wait(&m, "make", &[]).await;
+    assert_eq!(result, "success");
+    // Cut short behind the master's back (a disk fault, a hand).
+    let stored = m.dir.path().join(format!("artifacts/{made}/app"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .unwrap()
+        .set_len(500)
+        .unwrap();
+    let (id, result) = force_and_wait(&m, "use", &[]).await;
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(id).await.unwrap().unwrap();
+    assert!(
+        b.steps[0].detail.contains(&format!(
+            "the artifact `app` of build {made} cannot be read on the master: it has 500 bytes, 100000 were stored"
+        )),
+        "{}",
+        b.steps[0].detail
+    );
+    assert!(!m.dir.path().join("basedir-w1/use/app").exists());
+    m.stop().await;
+}
