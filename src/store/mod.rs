@@ -873,6 +873,65 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_upload_moved_into_place_before_a_crash_is_recorded_when_its_end_comes_again() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let data = b"artifact bytes\n".to_vec();
+        let hex = crate::wire::hex(&sha2::Sha256::digest(&data));
+        let said = format!("switchyard: sha256 {hex}, {} bytes\n", data.len());
+        let (build, row) = {
+            let db = StateDb::open(&path).unwrap();
+            let build = db.write(insert_build).await.unwrap();
+            let row = db
+                .start_step(build, 0, "up", 1, [1; 16], "fail", Vec::new())
+                .await
+                .unwrap();
+            db.expect_upload(build, row, "app".into()).await.unwrap();
+            db.append_logs(vec![
+                LogChunk {
+                    step: row,
+                    seq: 1,
+                    stream: 1,
+                    data: data.clone().into(),
+                },
+                LogChunk {
+                    step: row,
+                    seq: 2,
+                    stream: 2,
+                    data: said.clone().into_bytes().into(),
+                },
+            ])
+            .await
+            .unwrap();
+            let a = db.publish_artifact(build, row, "app".into()).await.unwrap();
+            assert_eq!(a.unwrap().sha256, hex);
+            // The master dies here: the step's end is not recorded.
+            (build, row)
+        };
+        let db = StateDb::open(&path).unwrap();
+        let a = db
+            .publish_artifact(build, row, "app".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (a.size, a.sha256.as_str()),
+            (data.len() as u64, hex.as_str())
+        );
+        assert_eq!(std::fs::read(db.artifact_path(build, "app")).unwrap(), data);
+        assert_eq!(db.artifacts(build).await.unwrap().len(), 1);
+        // Something else in its place is not taken for it.
+        std::fs::write(db.artifact_path(build, "app"), b"other").unwrap();
+        let why = db
+            .publish_artifact(build, row, "app".into())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(why.contains("damaged"), "{why}");
+    }
+
     /// A request and its build (builder `b`, worker `w`); the build's id.
     fn insert_build(c: &Connection) -> rusqlite::Result<i64> {
         c.execute(
