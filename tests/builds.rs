@@ -2268,3 +2268,50 @@ download = { name = "app", from = "make#1", dest = "app" }
     assert!(!m.dir.path().join("basedir-w1/use/app").exists());
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_download_past_its_timeout_stops_and_leaves_nothing() {
+    let toml = r#"
+[[builder]]
+name = "make"
+workers = ["w1"]
+[[builder.step]]
+name = "make"
+shell = "head -c 67108864 /dev/urandom > app"
+[[builder.step]]
+name = "up"
+upload = { source = "app", name = "app" }
+
+[[builder]]
+name = "use"
+workers = ["w1"]
+[[builder.step]]
+name = "get"
+download = { name = "app", from = "latest-success:make", dest = "bin/app" }
+timeout = "20ms"
+"#;
+    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
+    let _w = worker(&m, "w1", "w1-pw");
+    wait_connected(&m, 1).await;
+    let (_, result) = force_and_wait(&m, "make", &[]).await;
+    assert_eq!(result, "success");
+    // 64 MiB take longer than 20 ms to come.
+    let (id, result) = force_and_wait(&m, "use", &[]).await;
+    assert_eq!(result, "failure");
+    let b = m.master.state().build(id).await.unwrap().unwrap();
+    assert!(
+        b.steps[0].detail.contains(
+            "timed out after 20ms; the download was stopped and its partial file removed"
+        ),
+        "{}",
+        b.steps[0].detail
+    );
+    let bin = m.dir.path().join("basedir-w1/use/bin");
+    let left: Vec<_> = std::fs::read_dir(&bin)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    m.stop().await;
+}

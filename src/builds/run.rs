@@ -817,6 +817,14 @@ pub(super) async fn run_build(
                 ),
             },
         };
+        if step.download.is_some() && finished.as_ref().is_some_and(|f| f.timed_out) {
+            judged.detail = match step.timeout {
+                Some(t) => format!(
+                    "timed out after {t:?}; the download was stopped and its partial file removed"
+                ),
+                None => "timed out; the download was stopped and its partial file removed".into(),
+            };
+        }
         if judged.result == "interrupted" && stop.is_stopped() {
             judged.detail = format!("{}; its process group was killed", stop.reason());
         }

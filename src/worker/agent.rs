@@ -382,8 +382,22 @@ impl Agent {
                     }
                 }
                 _ = stalls.tick() => {
-                    // Asked-for bytes that never came (the master was
-                    // restarting): ask again.
+                    // Downloads past their timeout end; asked-for bytes
+                    // that never came (the master was restarting) are
+                    // asked for again.
+                    let late: Vec<Vec<u8>> = self
+                        .downloads
+                        .iter()
+                        .filter(|(_, d)| d.timed_out())
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in late {
+                        for m in self.time_out_download(id) {
+                            if let Err(e) = sink.feed(frame(m)).await {
+                                return lost(e);
+                            }
+                        }
+                    }
                     for d in self.downloads.values_mut().filter(|d| d.stalled()) {
                         d.rewind();
                         for ask in d.asks() {
@@ -454,7 +468,8 @@ impl Agent {
                 }
                 let dir = self.opts.basedir.join(&s.builder).join(&s.workdir);
                 if let Some(spec) = s.download {
-                    return self.start_download(s.step_id, spec, &dir, accepted);
+                    let timeout = (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms));
+                    return self.start_download(s.step_id, spec, &dir, timeout, accepted);
                 }
                 tracing::info!(builder = %s.builder, step = %s.name, dir = %dir.display(), "starting step");
                 let spec = StepSpec {
@@ -518,10 +533,11 @@ impl Agent {
         step_id: Vec<u8>,
         spec: crate::proto::Download,
         dir: &Path,
+        timeout: Option<Duration>,
         mut out: Vec<worker_message::Kind>,
     ) -> Vec<worker_message::Kind> {
         tracing::info!(artifact = %spec.name, bytes = spec.size, dest = %spec.dest, "starting download");
-        match Download::open(&step_id, spec, dir) {
+        match Download::open(&step_id, spec, dir, timeout) {
             Ok(mut d) => {
                 let line = d.started_line();
                 out.extend(self.say(&step_id, OutputStream::Stdout, line));
@@ -563,6 +579,9 @@ impl Agent {
         let Some(d) = self.downloads.get_mut(&data.step_id) else {
             return Vec::new(); // interrupted meanwhile
         };
+        if d.timed_out() {
+            return self.time_out_download(data.step_id);
+        }
         let taken = if data.error.is_empty() {
             d.take(data.offset, &data.data)
         } else {
@@ -585,6 +604,23 @@ impl Agent {
                 self.fail_download(data.step_id, why)
             }
         }
+    }
+
+    /// The end of a download past its step's timeout: its partial file
+    /// goes.
+    fn time_out_download(&mut self, step_id: Vec<u8>) -> Vec<worker_message::Kind> {
+        if let Some(d) = self.downloads.remove(&step_id) {
+            d.abandon();
+        }
+        tracing::warn!("download timed out");
+        self.on_step_event(StepEvent::Finished {
+            step_id,
+            end: StepEnd::Signalled(nix::sys::signal::Signal::SIGTERM as i32),
+            timed_out: true,
+            interrupted: false,
+        })
+        .into_iter()
+        .collect()
     }
 
     /// The end of a download that cannot go on: why, on its log, and a

@@ -42,6 +42,8 @@ pub struct Download {
     written: u64,
     asked: u64,
     progress: Instant,
+    /// The step's timeout, as a point in time.
+    deadline: Option<Instant>,
 }
 
 /// Makes the directory `dir` (inside `root`, canonical) and what it lacks
@@ -83,6 +85,7 @@ impl Download {
         step_id: &[u8],
         spec: crate::proto::Download,
         step_dir: &Path,
+        timeout: Option<Duration>,
     ) -> Result<Download, String> {
         if !super::upload::safe_source(&spec.dest) {
             return Err(format!(
@@ -136,6 +139,7 @@ impl Download {
             written: 0,
             asked: 0,
             progress: Instant::now(),
+            deadline: timeout.map(|t| Instant::now() + t),
         })
     }
 
@@ -179,6 +183,11 @@ impl Download {
     pub fn rewind(&mut self) {
         self.asked = self.written;
         self.progress = Instant::now();
+    }
+
+    /// Whether the step's timeout has passed.
+    pub fn timed_out(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     /// Whether asked-for bytes have not come for [`STALL`].
@@ -282,7 +291,7 @@ mod tests {
     fn asks_ahead_rewinds_and_checks_the_digest() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..(3 * PIECE as usize + 7)).map(|i| i as u8).collect();
-        let mut d = Download::open(b"id", spec("bin/app", &data, false), dir.path()).unwrap();
+        let mut d = Download::open(b"id", spec("bin/app", &data, false), dir.path(), None).unwrap();
         let asks = d.asks();
         assert_eq!(asks.len(), 4);
         assert_eq!(asks[3].length, 7);
@@ -301,7 +310,7 @@ mod tests {
         // A damaged one never takes the destination's place.
         let mut s = spec("bin/app", b"new", false);
         s.sha256 = "00".repeat(32);
-        let mut d = Download::open(b"id", s, dir.path()).unwrap();
+        let mut d = Download::open(b"id", s, dir.path(), None).unwrap();
         d.take(0, b"new").unwrap();
         assert!(d.finish().unwrap_err().contains("damaged"));
         assert_eq!(std::fs::read(dir.path().join("bin/app")).unwrap(), data);
@@ -317,7 +326,7 @@ mod tests {
         std::fs::create_dir_all(&step).unwrap();
         std::os::unix::fs::symlink(outside.path(), step.join("out")).unwrap();
         for dest in ["../x", "/etc/x", "", "out/x", "out/new/x"] {
-            let err = Download::open(b"id", spec(dest, b"x", false), &step)
+            let err = Download::open(b"id", spec(dest, b"x", false), &step, None)
                 .err()
                 .unwrap_or_else(|| panic!("{dest} was accepted"));
             assert!(err.starts_with("refused"), "{dest}: {err}");
@@ -326,7 +335,7 @@ mod tests {
         // A link that stays inside is fine.
         std::fs::create_dir_all(step.join("real")).unwrap();
         std::os::unix::fs::symlink(step.join("real"), step.join("in")).unwrap();
-        let mut d = Download::open(b"id", spec("in/x", b"x", false), &step).unwrap();
+        let mut d = Download::open(b"id", spec("in/x", b"x", false), &step, None).unwrap();
         d.take(0, b"x").unwrap();
         d.finish().unwrap();
         assert_eq!(std::fs::read(step.join("real/x")).unwrap(), b"x");
