@@ -133,7 +133,7 @@ fn start_master_with(tag: &str, workers: usize, log_bytes: u64, worker_args: &[&
         "\n[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"print\"\nshell = \"head -c {log_bytes} /dev/zero\"\n"
     ));
     config.push_str(&format!(
-        "\n[[builder]]\nname = \"upload\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"make\"\nshell = \"head -c {log_bytes} /dev/urandom > big\"\n[[builder.step]]\nname = \"send\"\nupload = {{ source = \"big\", name = \"big\" }}\n"
+        "\n[[builder]]\nname = \"upload\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"make\"\nshell = \"head -c {log_bytes} /dev/urandom > big\"\n[[builder.step]]\nname = \"send\"\nupload = {{ source = \"big\", name = \"big\" }}\n\n[[builder]]\nname = \"fetch\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"get\"\ndownload = {{ name = \"big\", from = \"latest-success:upload\", dest = \"big\" }}\n"
     ));
     std::fs::write(dir.join("master.toml"), config).unwrap();
     std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
@@ -663,16 +663,17 @@ async fn ingest(bytes: u64) -> Ingest {
     }
 }
 
-/// Runs the `upload` builder once: the upload step's duration as the
-/// master recorded it, and the build's result.
-async fn upload(bytes: u64) -> (f64, String) {
-    let m = start_master("upload", 1, bytes);
-    let mut client = debug_client(&m.addr).await;
-    wait_workers(&mut client, 1).await;
-    let mut events = watch(&mut client).await;
+/// The duration of a build's step as the master recorded it, and the
+/// build's result, once `builder`'s build has ended.
+async fn run_and_time(
+    client: &mut DebugClient<tonic::transport::Channel>,
+    builder: &str,
+    step: usize,
+) -> (f64, String) {
+    let mut events = watch(client).await;
     client
         .force(req(ForceRequest {
-            builder: "upload".into(),
+            builder: builder.into(),
             ..Default::default()
         }))
         .await
@@ -680,7 +681,7 @@ async fn upload(bytes: u64) -> (f64, String) {
     builds_ended(&mut events, 1, Duration::from_secs(900)).await;
     let b = client
         .builds(req(switchyard::proto::BuildsRequest {
-            builder: "upload".into(),
+            builder: builder.into(),
             limit: 1,
             ..Default::default()
         }))
@@ -689,12 +690,24 @@ async fn upload(bytes: u64) -> (f64, String) {
         .into_inner()
         .builds
         .remove(0);
-    let s = &b.steps[1];
+    let s = &b.steps[step];
     let secs = (s.finished_unix_ms - s.started_unix_ms) as f64 / 1000.0;
+    (secs, b.result)
+}
+
+/// Runs the `upload` builder once, then the `fetch` builder that downloads
+/// its artifact to the worker: each step's duration as the master recorded
+/// it, and the build's result.
+async fn upload(bytes: u64) -> ((f64, String), (f64, String)) {
+    let m = start_master("upload", 1, bytes);
+    let mut client = debug_client(&m.addr).await;
+    wait_workers(&mut client, 1).await;
+    let up = run_and_time(&mut client, "upload", 1).await;
+    let down = run_and_time(&mut client, "fetch", 0).await;
     drop(m.workers);
     drop(m.proc);
     let _ = std::fs::remove_dir_all(&m.dir);
-    (secs, b.result)
+    (up, down)
 }
 
 fn main() {
@@ -765,13 +778,18 @@ fn main() {
         }
         if part(7) {
             let raw = raw_tcp_copy(log);
-            let (secs, ok) = upload(log).await;
+            let ((secs, ok), (down, down_ok)) = upload(log).await;
             let mib = log as f64 / (1 << 20) as f64;
             println!(
                 "7. artifact upload of {mib:.0} MiB (the upload step, the master's record): {secs:.2} s ({:.0} MiB/s, {ok}); raw TCP copy {raw:.2} s ({:.0} MiB/s); ratio {:.3}",
                 mib / secs,
                 mib / raw,
                 raw / secs
+            );
+            println!(
+                "7. artifact download of {mib:.0} MiB to another builder's step (its duration, the master's record): {down:.2} s ({:.0} MiB/s, {down_ok}); ratio to the raw TCP copy {:.3}",
+                mib / down,
+                raw / down
             );
         }
         if part(6) {
