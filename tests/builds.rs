@@ -2222,31 +2222,28 @@ download = { name = "app", from = "latest-success:make", dest = "app" }
     m.stop().await;
 }
 
-#[tokio::test]
-async fn a_download_of_an_artifact_damaged_on_the_master_fails_saying_so() {
-    let toml = r#"
-[[builder]]
-name = "make"
-workers = ["w1"]
-[[builder.step]]
-name = "make"
-shell = "head -c 100000 /dev/urandom > app"
-[[builder.step]]
-name = "up"
-upload = { source = "app", name = "app" }
-
-[[builder]]
-name = "use"
-workers = ["w1"]
-[[builder.step]]
-name = "get"
-download = { name = "app", from = "make#1", dest = "app" }
-"#;
-    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
-    let _w = worker(&m, "w1", "w1-pw");
+/// A master and worker `w1` where builder `make` has stored `bytes` random
+/// bytes as the artifact `app` (its build's id is returned), and builder
+/// `use` is `use_step` (a download step, say).
+async fn master_with_made_artifact(bytes: u64, use_step: &str) -> (TestMaster, Reaped, i64) {
+    let toml = format!(
+        "[[builder]]\nname = \"make\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"make\"\nshell = \"head -c {bytes} /dev/urandom > app\"\n[[builder.step]]\nname = \"up\"\nupload = {{ source = \"app\", name = \"app\" }}\n\n[[builder]]\nname = \"use\"\nworkers = [\"w1\"]\n[[builder.step]]\n{use_step}"
+    );
+    let m = master_with(&[("w1", "w1-pw", 1)], &toml).await;
+    let w = worker(&m, "w1", "w1-pw");
     wait_connected(&m, 1).await;
     let (made, result) = force_and_wait(&m, "make", &[]).await;
     assert_eq!(result, "success");
+    (m, w, made)
+}
+
+#[tokio::test]
+async fn a_download_of_an_artifact_damaged_on_the_master_fails_saying_so() {
+    let (m, _w, made) = master_with_made_artifact(
+        100_000,
+        "name = \"get\"\ndownload = { name = \"app\", from = \"make#1\", dest = \"app\" }\n",
+    )
+    .await;
     // Cut short behind the master's back (a disk fault, a hand).
     let stored = m.dir.path().join(format!("artifacts/{made}/app"));
     std::fs::OpenOptions::new()
@@ -2271,30 +2268,11 @@ download = { name = "app", from = "make#1", dest = "app" }
 
 #[tokio::test]
 async fn a_download_past_its_timeout_stops_and_leaves_nothing() {
-    let toml = r#"
-[[builder]]
-name = "make"
-workers = ["w1"]
-[[builder.step]]
-name = "make"
-shell = "head -c 67108864 /dev/urandom > app"
-[[builder.step]]
-name = "up"
-upload = { source = "app", name = "app" }
-
-[[builder]]
-name = "use"
-workers = ["w1"]
-[[builder.step]]
-name = "get"
-download = { name = "app", from = "latest-success:make", dest = "bin/app" }
-timeout = "20ms"
-"#;
-    let m = master_with(&[("w1", "w1-pw", 1)], toml).await;
-    let _w = worker(&m, "w1", "w1-pw");
-    wait_connected(&m, 1).await;
-    let (_, result) = force_and_wait(&m, "make", &[]).await;
-    assert_eq!(result, "success");
+    let (m, _w, _) = master_with_made_artifact(
+        64 << 20,
+        "name = \"get\"\ndownload = { name = \"app\", from = \"latest-success:make\", dest = \"bin/app\" }\ntimeout = \"20ms\"\n",
+    )
+    .await;
     // 64 MiB take longer than 20 ms to come.
     let (id, result) = force_and_wait(&m, "use", &[]).await;
     assert_eq!(result, "failure");
