@@ -518,8 +518,13 @@ impl LogFiles {
     }
 
     /// Closes `row`'s writer: its step has ended (and what went wrong
-    /// with its log has been told).
+    /// with its log has been told). A reader kept open for it goes too
+    /// (its log is about to be compressed or removed).
     pub fn close(&self, row: i64) {
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row);
         self.open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -630,10 +635,6 @@ impl LogFiles {
             .unwrap_or_else(|e| e.into_inner())
             .insert(row);
         self.close(row);
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&row);
         let result = self.compress_sealed(row);
         self.sealed
             .lock()
@@ -702,10 +703,6 @@ impl LogFiles {
     /// Removes every file of `row`'s log.
     pub fn remove(&self, row: i64) -> io::Result<()> {
         self.close(row);
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&row);
         let p = self.paths(row);
         for f in [&p.zst, &p.frames, &p.data, &p.index] {
             remove_if_there(f)?;
