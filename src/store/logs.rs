@@ -128,6 +128,55 @@ struct Writer {
     /// The SHA-256 of everything stored, when this store keeps digests and
     /// the writer saw the file from its start.
     digest: Option<sha2::Sha256>,
+    /// The data file's bytes below this offset were synced and let go of
+    /// from the page cache ([`release_synced`]).
+    released: u64,
+}
+
+/// Bytes at the end of a log file kept in the page cache after they are
+/// synced: what live readers (the last lines, a follower's next page)
+/// read.
+const KEEP_CACHED: u64 = 8 << 20;
+
+/// Lets the kernel drop a writer's synced bytes, all but the last
+/// [`KEEP_CACHED`], from the page cache.
+///
+/// The master streams logs and uploads to disk and rarely reads them back
+/// soon (readers want the end; compression reads each file once). Left
+/// cached, a 1 GiB upload takes 1 GiB of memory that other work must then
+/// reclaim, and each new page costs more than a reused one: on the virtual
+/// machines CI runs on, writing into fresh pages ran at 400 MB/s against
+/// 2.7 GB/s with the written pages released as it went. Advice only:
+/// a failure changes nothing stored.
+fn release_synced(w: &mut Writer) {
+    const PAGE: u64 = 4096;
+    let to = w.stats.bytes.saturating_sub(KEEP_CACHED) & !(PAGE - 1);
+    if to <= w.released {
+        return;
+    }
+    let (from, len) = (w.released as i64, (to - w.released) as i64);
+    if nix::fcntl::posix_fadvise(
+        &*w.data,
+        from,
+        len,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .is_ok()
+    {
+        w.released = to;
+    }
+}
+
+/// Starts writing `len` bytes of `file` from `from` back to disk, without
+/// waiting: on Linux, `POSIX_FADV_DONTNEED` starts the writeback of dirty
+/// pages (and drops none of them: they are dirty). Advice only.
+fn start_writeback(file: &File, from: u64, len: u64) {
+    let _ = nix::fcntl::posix_fadvise(
+        file,
+        from as i64,
+        len as i64,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
 }
 
 impl Writer {
@@ -294,6 +343,7 @@ impl LogFiles {
             last,
             cut: stats.bytes > max,
             digest: (digests && stats.bytes == 0).then(<sha2::Sha256 as sha2::Digest>::new),
+            released: 0,
         }));
         open.insert(row, (w.clone(), stamp));
         Ok(Some(w))
@@ -398,7 +448,8 @@ impl LogFiles {
                     continue;
                 }
             };
-            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = w.lock().unwrap_or_else(|e| e.into_inner());
+            let w = &mut *guard;
             // What is written: the chunks' bytes where they are (no copy),
             // and the marker line where a step passes its limit (once).
             let mut parts: Vec<&[u8]> = Vec::new();
@@ -461,27 +512,37 @@ impl LogFiles {
             if let Some((at, marker)) = &marked {
                 parts.insert(*at, marker);
             }
+            let from = w.stats.bytes;
             let written = (|| {
                 write_all_parts(&w.data, &parts)?;
                 (&*w.index).write_all(&records)?;
+                // The index's few new bytes start for the disk now, so that
+                // the data's sync commits both (one journal commit, not
+                // two, on ext4); the index's own sync then finds them done.
+                start_writeback(&w.index, w.count * RECORD, records.len() as u64);
+                // An upload is hashed while the disk takes the batch: its
+                // writeback starts first, the sync then waits for less.
+                // (If the sync fails, the writer and its digest go.)
+                if let Some(h) = w.digest.as_mut() {
+                    start_writeback(&w.data, from, stats.bytes - from);
+                    for p in &parts {
+                        sha2::Digest::update(&mut *h, p);
+                    }
+                }
                 w.data.sync_data()?;
                 w.index.sync_data()
             })();
             if let Err(e) = written {
                 // Back to what was stored: nothing stored is damaged.
                 let _ = recover(&w.data, &w.index);
-                drop(w);
+                drop(guard);
                 troubles.push(self.broke(row, &e));
                 continue;
             }
             w.stats = stats;
             w.count += (records.len() as u64) / RECORD;
             w.last = last;
-            if let Some(h) = w.digest.as_mut() {
-                for p in &parts {
-                    sha2::Digest::update(&mut *h, p);
-                }
-            }
+            release_synced(w);
             if cut {
                 troubles.push(LogTrouble::OverLimit { row, max });
             }
