@@ -1165,6 +1165,45 @@ mod tests {
     }
 
     #[test]
+    fn synced_pages_are_let_go_of_and_the_log_and_its_digest_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogFiles::new(dir.path().join("logs"));
+        logs.keep_digests();
+        // 20 MiB of distinct 64 KiB chunks, in 2 MiB batches, as a session
+        // stores them.
+        let mut expected = Vec::new();
+        let chunks: Vec<LogChunk> = (1..=320u64)
+            .map(|seq| {
+                let line = format!("chunk {seq:04} {}\n", "y".repeat(1000));
+                let text = line.repeat(65_536 / line.len());
+                expected.extend_from_slice(text.as_bytes());
+                chunk(77, seq, &text)
+            })
+            .collect();
+        for batch in chunks.chunks(32) {
+            logs.append(batch).unwrap();
+        }
+        let total = expected.len() as u64;
+        let released = {
+            let open = logs.open.lock().unwrap();
+            open.get(&77).unwrap().0.lock().unwrap().released
+        };
+        // All but the last KEEP_CACHED bytes (to a page) were let go of.
+        assert!(released > total - KEEP_CACHED - 4096, "{released} of {total}");
+        assert!(released <= total - KEEP_CACHED);
+        assert_eq!(released % 4096, 0);
+        // Read back (from the disk, for the part let go of): byte-exact.
+        let r = logs.reader(77).unwrap().unwrap();
+        assert_eq!(r.stats().bytes, total);
+        assert_eq!(all(&r), expected);
+        // The digest, taken while the disk took each batch, is the data's.
+        assert_eq!(
+            logs.digest(77).unwrap(),
+            crate::wire::hex(&<sha2::Sha256 as sha2::Digest>::digest(&expected))
+        );
+    }
+
+    #[test]
     fn appends_reads_by_seq_range_and_last_lines_before_and_after_compression() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogFiles::new(dir.path().join("logs"));
