@@ -4,9 +4,10 @@
 //! name whose first session is still alive is refused; a first session that
 //! does not answer a ping within a few seconds is replaced. Output chunks are
 //! stored in batches (at most [`MAX_BATCH`] bytes or [`BATCH_DELAY`] old)
-//! and acknowledged only once stored; while a batch is being stored the
-//! session reads nothing more, so a step that prints a gigabyte is slowed to
-//! the database's pace instead of filling the master's memory.
+//! and acknowledged only once stored (written and synced). A batch is
+//! written while the one before it syncs; while a batch waits for that,
+//! the session reads nothing more, so a step that prints a gigabyte is
+//! slowed to the disk's pace instead of filling the master's memory.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -500,10 +501,11 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
 type Acks = Vec<(Vec<u8>, u64)>;
 type Landing = Pin<Box<dyn Future<Output = Result<Acks, String>> + Send>>;
 
-/// Output on its way to the database: the batch being filled, and at most
-/// one batch being written meanwhile (so reading the worker overlaps with
-/// the write and its sync). Acknowledgements go out only for batches that
-/// have landed.
+/// Output on its way to disk: the batch being filled, and at most two
+/// batches stored meanwhile: one syncing while the next is written (so
+/// reading the worker, writing and syncing overlap). Batches are written
+/// in order (the next starts once the one before is written) and land in
+/// order; acknowledgements go out only for batches that have landed.
 struct LogBatcher {
     state: Arc<StateDb>,
     /// Told of each batch that lands, per step: [`super::Event::OutputStored`].
@@ -514,7 +516,14 @@ struct LogBatcher {
     bytes: usize,
     acks: HashMap<Vec<u8>, u64>,
     deadline: tokio::time::Instant,
-    in_flight: Option<Landing>,
+    /// Oldest first, at most two.
+    in_flight: std::collections::VecDeque<Flight>,
+}
+
+/// A batch being stored: told once written, resolved once landed.
+struct Flight {
+    written: Option<oneshot::Receiver<()>>,
+    landing: Landing,
 }
 
 impl LogBatcher {
@@ -527,7 +536,7 @@ impl LogBatcher {
             bytes: 0,
             acks: HashMap::new(),
             deadline: tokio::time::Instant::now(),
-            in_flight: None,
+            in_flight: Default::default(),
         }
     }
 
@@ -553,13 +562,19 @@ impl LogBatcher {
         self.bytes >= MAX_BATCH
     }
 
-    /// Sends the batch to the database. First waits for the batch already in
-    /// flight, and returns its acknowledgements.
+    /// Sends the batch to disk. First waits for the batch before it to be
+    /// written (and, with two in flight, for the older to land); returns
+    /// the acknowledgements of what landed meanwhile.
     async fn start(&mut self) -> Result<Acks, String> {
-        let landed = match self.in_flight.take() {
-            Some(f) => f.await?,
-            None => Vec::new(),
-        };
+        let mut landed = Vec::new();
+        while self.in_flight.len() >= 2 {
+            let f = self.in_flight.pop_front().expect("two in flight");
+            landed.extend(f.landing.await?);
+        }
+        if let Some(w) = self.in_flight.back_mut().and_then(|f| f.written.take()) {
+            // An error ends its batch's landing too: that reports it.
+            let _ = w.await;
+        }
         if !self.batch.is_empty() {
             let chunks = std::mem::take(&mut self.batch);
             let acks: Acks = self.acks.drain().collect();
@@ -567,8 +582,9 @@ impl LogBatcher {
             self.bytes = 0;
             let state = self.state.clone();
             let events = self.events.clone();
+            let (written, written_rx) = oneshot::channel();
             let mut write: Landing = Box::pin(async move {
-                match state.append_logs(chunks).await {
+                match state.append_logs_then(chunks, Some(written)).await {
                     Ok(()) => {
                         for ((build, step), bytes) in stored {
                             let _ = events.send(super::Stamped {
@@ -590,21 +606,24 @@ impl LogBatcher {
                 .as_mut()
                 .poll(&mut std::task::Context::from_waker(&waker))
             {
-                let mut all = landed;
-                all.extend(r?);
-                return Ok(all);
+                landed.extend(r?);
+                return Ok(landed);
             }
-            self.in_flight = Some(write);
+            self.in_flight.push_back(Flight {
+                written: Some(written_rx),
+                landing: write,
+            });
         }
         Ok(landed)
     }
 
-    /// Resolves when the batch in flight has landed (never, if none).
+    /// Resolves when the oldest batch in flight has landed (never, if
+    /// none).
     async fn landed(&mut self) -> Result<Acks, String> {
-        match self.in_flight.as_mut() {
+        match self.in_flight.front_mut() {
             Some(f) => {
-                let r = f.await;
-                self.in_flight = None;
+                let r = (&mut f.landing).await;
+                self.in_flight.pop_front();
                 r
             }
             None => std::future::pending().await,
@@ -625,20 +644,20 @@ impl LogBatcher {
         mine
     }
 
-    /// Waits for the batch in flight, if any; returns its acknowledgements.
+    /// Waits for the batches in flight, if any; returns their
+    /// acknowledgements.
     async fn settle(&mut self) -> Result<Acks, String> {
-        match self.in_flight.take() {
-            Some(f) => f.await,
-            None => Ok(Vec::new()),
+        let mut acks = Vec::new();
+        while let Some(f) = self.in_flight.pop_front() {
+            acks.extend(f.landing.await?);
         }
+        Ok(acks)
     }
 
     /// Stores everything received so far, and waits for it.
     async fn drain(&mut self) -> Result<Acks, String> {
         let mut acks = self.start().await?;
-        if let Some(f) = self.in_flight.take() {
-            acks.extend(f.await?);
-        }
+        acks.extend(self.settle().await?);
         Ok(acks)
     }
 }

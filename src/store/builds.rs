@@ -926,15 +926,39 @@ impl StateDb {
     /// a chunk already stored (same step, a seq not above the last) is
     /// skipped, so replays never double a log.
     pub async fn append_logs(&self, chunks: Vec<LogChunk>) -> Result<(), StateError> {
+        self.append_logs_then(chunks, None).await
+    }
+
+    /// [`StateDb::append_logs`], telling `written` once the chunks are
+    /// written but not yet synced: the next batch (of the same session)
+    /// may then be written while these sync.
+    pub async fn append_logs_then(
+        &self,
+        chunks: Vec<LogChunk>,
+        written: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), StateError> {
         let (uploads, chunks) = self.split_uploads(chunks);
-        if !uploads.is_empty() {
-            let files = self.uploads.clone();
-            let troubles = tokio::task::spawn_blocking(move || files.append(&uploads))
-                .await
-                .map_err(|_| StateError::WriterGone)??;
-            self.tell_log_troubles(troubles);
-        }
-        let troubles = self.on_logs(move |l| l.append(&chunks)).await?;
+        let (files, logs) = (self.uploads.clone(), self.logs.clone());
+        let troubles = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let (mut troubles, uploaded) = if uploads.is_empty() {
+                (Vec::new(), None)
+            } else {
+                let (t, u) = files.write(&uploads)?;
+                (t, Some(u))
+            };
+            let (t, logged) = logs.write(&chunks)?;
+            troubles.extend(t);
+            if let Some(w) = written {
+                let _ = w.send(());
+            }
+            if let Some(u) = uploaded {
+                troubles.extend(files.sync(u));
+            }
+            troubles.extend(logs.sync(logged));
+            Ok(troubles)
+        })
+        .await
+        .map_err(|_| StateError::WriterGone)??;
         self.tell_log_troubles(troubles);
         Ok(())
     }

@@ -138,8 +138,8 @@ struct Writer {
 /// read.
 const KEEP_CACHED: u64 = 8 << 20;
 
-/// Lets the kernel drop a writer's synced bytes, all but the last
-/// [`KEEP_CACHED`], from the page cache.
+/// Lets the kernel drop a writer's synced bytes (those below `synced`),
+/// all but the last [`KEEP_CACHED`], from the page cache.
 ///
 /// The master streams logs and uploads to disk and rarely reads them back
 /// soon (readers want the end; compression reads each file once). Left
@@ -148,9 +148,9 @@ const KEEP_CACHED: u64 = 8 << 20;
 /// machines CI runs on, writing into fresh pages ran at 400 MB/s against
 /// 2.7 GB/s with the written pages released as it went. Advice only:
 /// a failure changes nothing stored.
-fn release_synced(w: &mut Writer) {
+fn release_synced(w: &mut Writer, synced: u64) {
     const PAGE: u64 = 4096;
-    let to = w.stats.bytes.saturating_sub(KEEP_CACHED) & !(PAGE - 1);
+    let to = synced.saturating_sub(KEEP_CACHED) & !(PAGE - 1);
     if to <= w.released {
         return;
     }
@@ -205,6 +205,18 @@ impl LogTrouble {
             LogTrouble::OverLimit { row, .. } | LogTrouble::CannotWrite { row, .. } => *row,
         }
     }
+}
+
+/// What [`LogFiles::write`] wrote and [`LogFiles::sync`] must make
+/// durable: a step's files, and the data file's length once synced.
+pub struct Unsynced(Vec<ToSync>);
+
+struct ToSync {
+    row: i64,
+    writer: Arc<Mutex<Writer>>,
+    data: Arc<File>,
+    index: Arc<File>,
+    end: u64,
 }
 
 /// An open writer, with when it was last used.
@@ -421,6 +433,17 @@ impl LogFiles {
     /// line). Its later chunks count as stored, so that the worker lets
     /// go of them.
     pub fn append(&self, chunks: &[LogChunk]) -> io::Result<Vec<LogTrouble>> {
+        let (mut troubles, unsynced) = self.write(chunks)?;
+        troubles.extend(self.sync(unsynced));
+        Ok(troubles)
+    }
+
+    /// [`LogFiles::append`]'s first half: writes the chunks, without
+    /// syncing them; returns what [`LogFiles::sync`] must then make
+    /// durable. The next batch may be written while this one syncs (in
+    /// order: after this returns); nothing is acknowledged before its sync.
+    pub fn write(&self, chunks: &[LogChunk]) -> io::Result<(Vec<LogTrouble>, Unsynced)> {
+        let mut unsynced = Unsynced(Vec::new());
         let mut by_step: Vec<(i64, Vec<&LogChunk>)> = Vec::new();
         for c in chunks {
             match by_step.iter_mut().find(|(r, _)| *r == c.step) {
@@ -448,7 +471,8 @@ impl LogFiles {
                     continue;
                 }
             };
-            let mut guard = w.lock().unwrap_or_else(|e| e.into_inner());
+            let w_arc = w;
+            let mut guard = w_arc.lock().unwrap_or_else(|e| e.into_inner());
             let w = &mut *guard;
             // What is written: the chunks' bytes where they are (no copy),
             // and the marker line where a step passes its limit (once).
@@ -529,8 +553,7 @@ impl LogFiles {
                         sha2::Digest::update(&mut *h, p);
                     }
                 }
-                w.data.sync_data()?;
-                w.index.sync_data()
+                Ok::<(), io::Error>(())
             })();
             if let Err(e) = written {
                 // Back to what was stored: nothing stored is damaged.
@@ -542,12 +565,40 @@ impl LogFiles {
             w.stats = stats;
             w.count += (records.len() as u64) / RECORD;
             w.last = last;
-            release_synced(w);
+            unsynced.0.push(ToSync {
+                row,
+                writer: w_arc.clone(),
+                data: w.data.clone(),
+                index: w.index.clone(),
+                end: stats.bytes,
+            });
             if cut {
                 troubles.push(LogTrouble::OverLimit { row, max });
             }
         }
-        Ok(troubles)
+        Ok((troubles, unsynced))
+    }
+
+    /// [`LogFiles::append`]'s second half: syncs what [`LogFiles::write`]
+    /// wrote. A step whose files cannot be synced is cut back and takes no
+    /// more output, as for a failed write.
+    pub fn sync(&self, unsynced: Unsynced) -> Vec<LogTrouble> {
+        let mut troubles = Vec::new();
+        for s in unsynced.0 {
+            if let Err(e) = s.data.sync_data().and_then(|()| s.index.sync_data()) {
+                {
+                    let w = s.writer.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = recover(&w.data, &w.index);
+                }
+                if self.trouble(s.row).is_none() {
+                    troubles.push(self.broke(s.row, &e));
+                }
+                continue;
+            }
+            let mut w = s.writer.lock().unwrap_or_else(|e| e.into_inner());
+            release_synced(&mut w, s.end);
+        }
+        troubles
     }
 
     /// Marks `row` as unable to take output, for `e`.
@@ -1169,8 +1220,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogFiles::new(dir.path().join("logs"));
         logs.keep_digests();
-        // 20 MiB of distinct 64 KiB chunks, in 2 MiB batches, as a session
-        // stores them.
+        // 20 MiB of distinct 64 KiB chunks, in 2 MiB batches.
         let mut expected = Vec::new();
         let chunks: Vec<LogChunk> = (1..=320u64)
             .map(|seq| {
@@ -1180,9 +1230,17 @@ mod tests {
                 chunk(77, seq, &text)
             })
             .collect();
+        // As a session stores them: each batch written while the one
+        // before it syncs.
+        let mut syncing = None;
         for batch in chunks.chunks(32) {
-            logs.append(batch).unwrap();
+            let (troubles, unsynced) = logs.write(batch).unwrap();
+            assert!(troubles.is_empty());
+            if let Some(before) = syncing.replace(unsynced) {
+                assert!(logs.sync(before).is_empty());
+            }
         }
+        assert!(logs.sync(syncing.unwrap()).is_empty());
         let total = expected.len() as u64;
         let released = {
             let open = logs.open.lock().unwrap();
