@@ -58,6 +58,7 @@ pub mod dispatcher;
 pub mod grpc;
 pub mod limits;
 pub mod master;
+pub mod pagecache;
 pub mod services;
 pub mod store;
 pub mod wire;

@@ -139,43 +139,14 @@ struct Writer {
 const KEEP_CACHED: u64 = 8 << 20;
 
 /// Lets the kernel drop a writer's synced bytes (those below `synced`),
-/// all but the last [`KEEP_CACHED`], from the page cache.
-///
-/// The master streams logs and uploads to disk and rarely reads them back
-/// soon (readers want the end; compression reads each file once). Left
-/// cached, a 1 GiB upload takes 1 GiB of memory that other work must then
-/// reclaim, and each new page costs more than a reused one: on the virtual
-/// machines CI runs on, writing into fresh pages ran at 400 MB/s against
-/// 2.7 GB/s with the written pages released as it went. Advice only:
-/// a failure changes nothing stored.
+/// all but the last [`KEEP_CACHED`], from the page cache: see
+/// [`crate::pagecache`]. The master rarely reads a log back soon (readers
+/// want the end; compression reads each file once).
 fn release_synced(w: &mut Writer, synced: u64) {
-    const PAGE: u64 = 4096;
-    let to = synced.saturating_sub(KEEP_CACHED) & !(PAGE - 1);
-    if to <= w.released {
-        return;
-    }
-    let (from, len) = (w.released as i64, (to - w.released) as i64);
-    if nix::fcntl::posix_fadvise(
-        &*w.data,
-        from,
-        len,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    )
-    .is_ok()
-    {
-        w.released = to;
-    }
-}
-
-/// Starts writing `len` bytes of `file` from `from` back to disk, without
-/// waiting: on Linux, `POSIX_FADV_DONTNEED` starts the writeback of dirty
-/// pages (and drops none of them: they are dirty). Advice only.
-fn start_writeback(file: &File, from: u64, len: u64) {
-    let _ = nix::fcntl::posix_fadvise(
-        file,
-        from as i64,
-        len as i64,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    crate::pagecache::release(
+        &w.data,
+        &mut w.released,
+        synced.saturating_sub(KEEP_CACHED),
     );
 }
 
@@ -543,12 +514,12 @@ impl LogFiles {
                 // The index's few new bytes start for the disk now, so that
                 // the data's sync commits both (one journal commit, not
                 // two, on ext4); the index's own sync then finds them done.
-                start_writeback(&w.index, w.count * RECORD, records.len() as u64);
+                crate::pagecache::start_writeback(&w.index, w.count * RECORD, records.len() as u64);
                 // An upload is hashed while the disk takes the batch: its
                 // writeback starts first, the sync then waits for less.
                 // (If the sync fails, the writer and its digest go.)
                 if let Some(h) = w.digest.as_mut() {
-                    start_writeback(&w.data, from, stats.bytes - from);
+                    crate::pagecache::start_writeback(&w.data, from, stats.bytes - from);
                     for p in &parts {
                         sha2::Digest::update(&mut *h, p);
                     }

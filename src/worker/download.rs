@@ -30,6 +30,10 @@ pub const AHEAD: u64 = 8 << 20;
 /// Asked-for bytes that have not come for this long are asked for again.
 pub const STALL: Duration = Duration::from_secs(10);
 
+/// How far behind what is written the page cache is let go of: by then
+/// its writeback (started as each piece is written) has ended.
+const RELEASE_BEHIND: u64 = 32 << 20;
+
 /// A download in progress.
 pub struct Download {
     spec: crate::proto::Download,
@@ -40,6 +44,8 @@ pub struct Download {
     file: std::fs::File,
     hash: Sha256,
     written: u64,
+    /// The file's bytes below this were let go of from the page cache.
+    released: u64,
     asked: u64,
     progress: Instant,
     /// The step's timeout, as a point in time.
@@ -137,6 +143,7 @@ impl Download {
             file,
             hash: Sha256::new(),
             written: 0,
+            released: 0,
             asked: 0,
             progress: Instant::now(),
             deadline: timeout.map(|t| Instant::now() + t),
@@ -207,8 +214,17 @@ impl Download {
         self.file
             .write_all(data)
             .map_err(|e| format!("cannot write {}: {e}", self.partial.display()))?;
+        // To the disk now, and out of memory once written (see
+        // crate::pagecache): the step reads its download, if at all, after
+        // it has all come.
+        crate::pagecache::start_writeback(&self.file, self.written, data.len() as u64);
         self.hash.update(data);
         self.written += data.len() as u64;
+        crate::pagecache::release(
+            &self.file,
+            &mut self.released,
+            self.written.saturating_sub(RELEASE_BEHIND),
+        );
         self.progress = Instant::now();
         Ok(())
     }
