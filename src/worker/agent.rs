@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
 use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::download::Download;
@@ -141,8 +142,44 @@ fn hello_info(steps: Vec<HeldStep>) -> WorkerHello {
     }
 }
 
-fn frame(kind: worker_message::Kind) -> Bytes {
-    Bytes::from(WorkerMessage { kind: Some(kind) }.encode_to_vec())
+fn frame(kind: worker_message::Kind) -> WorkerMessage {
+    WorkerMessage { kind: Some(kind) }
+}
+
+/// The session's frames as the agent sends them: each message encoded
+/// straight into the write buffer behind its length (a chunk's bytes are
+/// copied once there, not first into a message of their own); frames
+/// read, and the limit on their length, are the session's
+/// length-delimited codec's.
+struct WorkerCodec(LengthDelimitedCodec);
+
+impl Decoder for WorkerCodec {
+    type Item = bytes::BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> std::io::Result<Option<bytes::BytesMut>> {
+        self.0.decode(src)
+    }
+}
+
+impl Encoder<WorkerMessage> for WorkerCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, msg: WorkerMessage, dst: &mut bytes::BytesMut) -> std::io::Result<()> {
+        let len = msg.encoded_len();
+        if len > self.0.max_frame_length() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a message of {len} bytes is over the session's frame limit ({} bytes)",
+                    self.0.max_frame_length()
+                ),
+            ));
+        }
+        dst.reserve(4 + len);
+        bytes::BufMut::put_u32(dst, len as u32);
+        msg.encode(dst).map_err(std::io::Error::other)
+    }
 }
 
 /// Where unacknowledged output beyond the memory bound is spilled.
@@ -302,7 +339,7 @@ impl Agent {
         } else {
             session.heartbeat_interval
         };
-        let (mut sink, mut stream) = session.stream.split();
+        let (mut sink, mut stream) = session.stream.map_codec(WorkerCodec).split();
         let lost = |e: std::io::Error| End::Lost(format!("link failed: {e}"));
         if let Err(e) = sink
             .send(frame(worker_message::Kind::Hello(WorkerHello {
