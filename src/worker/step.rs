@@ -227,6 +227,8 @@ fn watch_parent(parent: i32) -> Option<nix::sys::signal::SigSet> {
     use nix::unistd::getppid;
     let mut term = SigSet::empty();
     term.add(Signal::SIGTERM);
+    // And the step's end, taken the same way (no thread waits for it).
+    term.add(Signal::SIGCHLD);
     term.thread_block().ok()?;
     if set_pdeathsig(Signal::SIGTERM).is_err() || getppid().as_raw() != parent {
         return None;
@@ -250,25 +252,24 @@ fn run_supervised(
             return 127;
         }
     };
-    // The command's end ends the supervisor, with the command's status.
-    let waiter = std::thread::Builder::new().spawn(move || {
-        use std::os::unix::process::ExitStatusExt;
-        let code = match child.wait() {
-            Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
-            Err(_) => 125,
-        };
-        std::process::exit(code);
-    });
-    if waiter.is_err() {
-        let _ = killpg(getpgrp(), Signal::SIGKILL);
-        return 125;
-    }
-    // A SIGTERM (an interrupt, a timeout, or the worker's death) kills the
-    // whole group, this process included.
+    // Either the command ends (SIGCHLD: the supervisor exits with its
+    // status), or a SIGTERM (an interrupt, a timeout, or the worker's
+    // death) kills the whole group, this process included.
     loop {
-        if let Ok(Signal::SIGTERM) = term.wait() {
-            let _ = killpg(getpgrp(), Signal::SIGKILL);
-            return 137;
+        match term.wait() {
+            Ok(Signal::SIGTERM) => {
+                let _ = killpg(getpgrp(), Signal::SIGKILL);
+                return 137;
+            }
+            Ok(Signal::SIGCHLD) => {
+                use std::os::unix::process::ExitStatusExt;
+                match child.try_wait() {
+                    Ok(None) => continue,
+                    Ok(Some(s)) => return s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+                    Err(_) => return 125,
+                }
+            }
+            _ => continue,
         }
     }
 }
