@@ -143,11 +143,7 @@ const KEEP_CACHED: u64 = 8 << 20;
 /// [`crate::pagecache`]. The master rarely reads a log back soon (readers
 /// want the end; compression reads each file once).
 fn release_synced(w: &mut Writer, synced: u64) {
-    crate::pagecache::release(
-        &w.data,
-        &mut w.released,
-        synced.saturating_sub(KEEP_CACHED),
-    );
+    crate::pagecache::release(&w.data, &mut w.released, synced.saturating_sub(KEEP_CACHED));
 }
 
 impl Writer {
@@ -1218,7 +1214,10 @@ mod tests {
             open.get(&77).unwrap().0.lock().unwrap().released
         };
         // All but the last KEEP_CACHED bytes (to a page) were let go of.
-        assert!(released > total - KEEP_CACHED - 4096, "{released} of {total}");
+        assert!(
+            released > total - KEEP_CACHED - 4096,
+            "{released} of {total}"
+        );
         assert!(released <= total - KEEP_CACHED);
         assert_eq!(released % 4096, 0);
         // Read back (from the disk, for the part let go of): byte-exact.
