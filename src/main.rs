@@ -644,6 +644,9 @@ fn main() -> ExitCode {
             "--stdin" if args.len() == 4 && std::env::args().len() == 5 => {
                 std::process::exit(step::supervise_from_stdin(parent))
             }
+            "--host" if args.len() == 4 && std::env::args().len() == 5 => {
+                std::process::exit(switchyard::worker::host::serve(parent))
+            }
             "--" => {
                 let argv: Vec<String> = std::env::args().skip(5).collect();
                 std::process::exit(step::supervise(&argv, parent));

@@ -135,7 +135,7 @@ async fn kill_worker_during(
     w.0.wait().unwrap();
     let pids = std::fs::read_to_string(m.dir.path().join("basedir/pids")).unwrap();
     let step_pid: u32 = pids.lines().next().unwrap().trim().parse().unwrap();
-    // No step process outlives its worker: the step's supervisor is told of
+    // No step process outlives its worker: the step host is told of
     // the worker's death by the kernel and kills the step's process group.
     within("the step to die with its worker", async {
         while std::fs::read_to_string(format!("/proc/{step_pid}/stat"))
@@ -581,8 +581,8 @@ async fn steps_die_with_their_worker_under_either_supervisor() {
         "[[builder.step]]\nname = \"long\"\nshell = \"echo $PPID $$ >> ../started; sleep 30\"\n",
     )
     .await;
-    // A worker installed without `switchyard-step` beside it supervises
-    // its steps with its own `__step`.
+    // A worker installed without `switchyard-step` beside it runs its step
+    // host with its own `__step` (the step's parent is the host).
     let alone = m.dir.path().join("alone");
     std::fs::create_dir_all(&alone).unwrap();
     let lone_bin = alone.join("switchyard");
@@ -652,5 +652,77 @@ async fn steps_die_with_their_worker_under_either_supervisor() {
         })
         .await;
     }
+    m.stop().await;
+}
+
+/// The step host (one process per worker that starts its steps) killed
+/// while a step runs: the worker kills the step's group, the step fails
+/// saying so, and the next build gets a new host.
+#[tokio::test]
+async fn a_dead_step_host_fails_its_running_step_and_the_next_gets_a_new_one() {
+    let m = master_with_builder(
+        "[[builder.step]]\nname = \"s\"\nshell = \"echo $PPID $$ >> ../started; if [ ! -e ../once ]; then touch ../once; sleep 30; fi\"\n",
+    )
+    .await;
+    let _w = spawn_worker(&m, "w1", "w1-pw", "basedir");
+    wait_connected(&m, 1).await;
+    let mut events = m.master.builds().subscribe();
+    let started = m.dir.path().join("basedir/started");
+    let ids = |n: usize| {
+        let started = started.clone();
+        within("the step to start", async move {
+            loop {
+                let text = std::fs::read_to_string(&started).unwrap_or_default();
+                if let Some(line) = text.lines().nth(n) {
+                    let v: Vec<u32> = line
+                        .split_whitespace()
+                        .map(|x| x.parse().unwrap())
+                        .collect();
+                    return (v[0], v[1]);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    m.master
+        .builds()
+        .force("b", "", "", "", "test")
+        .await
+        .unwrap();
+    let (host, step) = ids(0).await;
+    let comm = std::fs::read_to_string(format!("/proc/{host}/comm")).unwrap();
+    assert_eq!(comm.trim(), "switchyard-step");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    within("the step to die with its host", async {
+        while std::fs::read_to_string(format!("/proc/{step}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let ended = builds_ended(&mut events, 1).await;
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_ne!(b.result.as_deref(), Some("success"));
+    assert!(
+        b.steps[0].detail.contains("the step host died"),
+        "{}",
+        b.steps[0].detail
+    );
+    // The next build runs on a new host.
+    m.master
+        .builds()
+        .force("b", "", "", "", "test")
+        .await
+        .unwrap();
+    let ended = builds_ended(&mut events, 1).await;
+    let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
+    assert_eq!(b.result.as_deref(), Some("success"));
+    let (second_host, _) = ids(1).await;
+    assert_ne!(second_host, host);
     m.stop().await;
 }

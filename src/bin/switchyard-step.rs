@@ -1,5 +1,5 @@
-//! The step supervisor on its own: `switchyard-step [__step] --parent PID
-//! --stdin`.
+//! The step supervisor and the step host on their own: `switchyard-step
+//! [__step] --parent PID --stdin|--host`.
 //!
 //! The worker runs every step under a supervisor that dies with the worker
 //! and takes the step's process group with it (see
@@ -22,9 +22,13 @@ fn main() {
             Ok(parent) => switchyard::worker::step::supervise_from_stdin(parent),
             Err(_) => 125,
         },
+        [flag, parent, how] if flag == "--parent" && how == "--host" => match parent.parse() {
+            Ok(parent) => switchyard::worker::host::serve(parent),
+            Err(_) => 125,
+        },
         _ => {
             eprintln!(
-                "usage: switchyard-step --parent PID --stdin (started by `switchyard worker`, not by hand)"
+                "usage: switchyard-step --parent PID --stdin|--host (started by `switchyard worker`, not by hand)"
             );
             125
         }

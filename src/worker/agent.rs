@@ -210,7 +210,10 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
     // worker: others' failed logins never keep it out (see `auth::throttle`).
     let token_file = opts.basedir.join(".switchyard").join("device-token");
     creds.set_device_token(client::load_device_token(&token_file));
-    let supervisors = opts.step_supervisor.clone().map(step::Supervisors::new);
+    let supervisors = opts
+        .step_supervisor
+        .clone()
+        .map(|p| step::Supervisors::new(p, opts.basedir.join(".switchyard").join("fifos")));
     let mut agent = Agent {
         opts,
         supervisors,

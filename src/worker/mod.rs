@@ -7,6 +7,7 @@ pub const SERVICE: &str = "worker";
 
 pub mod agent;
 mod download;
+pub mod host;
 mod mask;
 mod spool;
 pub mod step;

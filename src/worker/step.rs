@@ -155,9 +155,11 @@ impl StepSpec {
 /// -9. Returns the exit code to exit with (a command killed by signal N
 /// exits 128 + N).
 ///
-/// It is small on purpose (every step pays for it): no async runtime, no
-/// logging; a thread waits for the command while the main thread waits for
-/// SIGTERM.
+/// It is small on purpose (a step that has one pays for it): no async
+/// runtime, no logging; one thread takes the command's end (SIGCHLD) and
+/// SIGTERM. Steps normally start through the worker's step host instead
+/// ([`super::host`]), which does the same for all of them in one process;
+/// a supervisor per step is for when the host cannot be had.
 pub fn supervise(argv: &[String], parent: i32) -> i32 {
     let Some(term) = watch_parent(parent) else {
         return 125;
@@ -265,7 +267,9 @@ fn run_supervised(
                 use std::os::unix::process::ExitStatusExt;
                 match child.try_wait() {
                     Ok(None) => continue,
-                    Ok(Some(s)) => return s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+                    Ok(Some(s)) => {
+                        return s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+                    }
                     Err(_) => return 125,
                 }
             }
@@ -292,12 +296,19 @@ impl std::fmt::Debug for Supervisors {
 pub struct Supervisors {
     program: PathBuf,
     ready: std::sync::Arc<std::sync::Mutex<Option<tokio::process::Child>>>,
+    /// The worker's step host, which starts steps without a supervisor
+    /// process each (see [`super::host`]); the supervisors here are for
+    /// when it cannot be had.
+    host: super::host::StepHost,
 }
 
 impl Supervisors {
-    /// Supervisors run as `PROGRAM __step --parent PID --stdin`.
-    pub fn new(program: PathBuf) -> Self {
+    /// Supervisors run as `PROGRAM __step --parent PID --stdin`, the host
+    /// as `PROGRAM __step --parent PID --host`, with the steps' output
+    /// FIFOs in `fifo_dir`.
+    pub fn new(program: PathBuf, fifo_dir: PathBuf) -> Self {
         Supervisors {
+            host: super::host::StepHost::new(program.clone(), fifo_dir),
             program,
             ready: Default::default(),
         }
@@ -511,7 +522,21 @@ pub async fn run(
         return;
     };
     let started = match &spec.supervisor {
-        Some(pool) => start_supervised(pool, &spec).await,
+        Some(pool) => match pool.host.spawn(&spec.argv, &spec.env, &spec.dir).await {
+            Ok(h) => Ok(StepChild::Hosted(h)),
+            Err(super::host::SpawnError::Refused(why)) => {
+                let _ = events
+                    .send(finish(StepEnd::StartFailed(why), false, false))
+                    .await;
+                return;
+            }
+            Err(super::host::SpawnError::Unavailable(e)) => {
+                // The host cannot be had: this step gets a supervisor of
+                // its own.
+                tracing::warn!(error = %e, "the step host is not available; starting a supervisor for this step");
+                start_supervised(pool, &spec).await.map(StepChild::Direct)
+            }
+        },
         None => Command::new(program)
             .args(args)
             .env_clear()
@@ -522,7 +547,8 @@ pub async fn run(
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true)
-            .spawn(),
+            .spawn()
+            .map(StepChild::Direct),
     };
     let mut child = match started {
         Ok(c) => c,
@@ -540,7 +566,8 @@ pub async fn run(
         let _ = std::fs::create_dir_all(d).and_then(|_| std::fs::write(&f, pgid.to_string()));
         f
     });
-    let out = child.stdout.take().map(|p| {
+    let (stdout, stderr) = child.take_output();
+    let out = stdout.map(|p| {
         let grown = GrownPipe::try_grow(&p);
         let pumping = pump(
             p,
@@ -554,7 +581,7 @@ pub async fn run(
             drop(grown);
         })
     });
-    let err = child.stderr.take().map(|p| {
+    let err = stderr.map(|p| {
         tokio::spawn(pump(
             p,
             OutputStream::Stderr,
@@ -600,8 +627,76 @@ pub async fn run(
     let _ = events.send(finish(end, timed_out, interrupted)).await;
 }
 
+/// A step's process: started directly (or under a supervisor of its own),
+/// or by the worker's step host.
+enum StepChild {
+    Direct(tokio::process::Child),
+    Hosted(super::host::Hosted),
+}
+
+/// A step's output pipe, however it was started.
+enum OutputPipe {
+    Child(tokio::process::ChildStdout),
+    ChildErr(tokio::process::ChildStderr),
+    Fifo(tokio::net::unix::pipe::Receiver),
+}
+
+impl std::os::fd::AsFd for OutputPipe {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            OutputPipe::Child(p) => p.as_fd(),
+            OutputPipe::ChildErr(p) => p.as_fd(),
+            OutputPipe::Fifo(p) => p.as_fd(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for OutputPipe {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            OutputPipe::Child(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+            OutputPipe::ChildErr(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+            OutputPipe::Fifo(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+        }
+    }
+}
+
+impl StepChild {
+    /// The step's pid: the id of its process group.
+    fn id(&self) -> Option<u32> {
+        match self {
+            StepChild::Direct(c) => c.id(),
+            StepChild::Hosted(h) => Some(h.pid),
+        }
+    }
+
+    fn take_output(&mut self) -> (Option<OutputPipe>, Option<OutputPipe>) {
+        match self {
+            StepChild::Direct(c) => (
+                c.stdout.take().map(OutputPipe::Child),
+                c.stderr.take().map(OutputPipe::ChildErr),
+            ),
+            StepChild::Hosted(h) => (
+                h.stdout.take().map(OutputPipe::Fifo),
+                h.stderr.take().map(OutputPipe::Fifo),
+            ),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            StepChild::Direct(c) => c.wait().await,
+            StepChild::Hosted(h) => h.wait().await,
+        }
+    }
+}
+
 async fn kill_and_wait(
-    child: &mut tokio::process::Child,
+    child: &mut StepChild,
     pgid: u32,
 ) -> std::io::Result<std::process::ExitStatus> {
     if pgid != 0 {
