@@ -286,12 +286,14 @@ impl std::fmt::Debug for Supervisors {
     }
 }
 
-/// Step supervisors started ahead of their steps: starting one (a process
-/// loading the `switchyard` binary) takes over a millisecond, which a step
-/// would otherwise wait for. One waits ready, its own process group leader,
-/// its output already piped to the worker; a step takes it, tells it what
-/// to run, and the next one starts meanwhile. A ready supervisor dies with
-/// the worker like any other.
+/// How the worker's steps are started: through its step host
+/// ([`super::host`]), or, when no host can be had, each under a supervisor
+/// process of its own. Once a step has needed one, a supervisor is started
+/// ahead of the next such step (loading a program takes about a
+/// millisecond, which the step would otherwise wait for): its own process
+/// group leader, its output already piped to the worker; a step takes it
+/// and tells it what to run. A ready supervisor dies with the worker like
+/// any other.
 #[derive(Clone)]
 pub struct Supervisors {
     program: PathBuf,
