@@ -56,19 +56,11 @@ type Running = Arc<Mutex<HashMap<u32, (u64, std::process::Child)>>>;
 /// Runs the host until the worker dies or lets it go; returns the exit
 /// code.
 pub fn serve(parent: i32) -> i32 {
-    use nix::sys::prctl::set_pdeathsig;
-    use nix::sys::signal::SigSet;
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGCHLD);
-    // Blocked before any thread starts: every thread inherits the mask, so
-    // both signals wait for the main thread's sigwait.
-    if signals.thread_block().is_err()
-        || set_pdeathsig(Signal::SIGTERM).is_err()
-        || nix::unistd::getppid().as_raw() != parent
-    {
+    // SIGTERM and SIGCHLD blocked before any thread starts: every thread
+    // inherits the mask, so both wait for the main thread's sigwait.
+    let Some(signals) = super::step::watch_parent(parent) else {
         return 125;
-    }
+    };
     let running: Running = Default::default();
     let answers = Arc::new(Mutex::new(std::io::stdout()));
     {
@@ -278,18 +270,7 @@ impl StepHost {
     }
 
     fn start(&self) -> std::io::Result<Connection> {
-        let mut process = tokio::process::Command::new(&self.program)
-            .arg("__step")
-            .arg("--parent")
-            .arg(std::process::id().to_string())
-            .arg("--host")
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()?;
+        let mut process = super::step::start_helper(&self.program, "--host", Stdio::null())?;
         let orders = process
             .stdin
             .take()

@@ -220,10 +220,11 @@ pub fn supervise_from_stdin(parent: i32) -> i32 {
     run_supervised(cmd, program, term)
 }
 
-/// Blocks SIGTERM (taken later with sigwait, so it is never missed) and
-/// asks the kernel for it when the worker dies. `None` if the worker is
+/// Blocks SIGTERM and SIGCHLD (taken later with sigwait, so neither is
+/// missed; threads started afterwards block them too) and asks the kernel
+/// for SIGTERM when the worker dies. `None` if the worker is
 /// already gone or cannot be watched: then nothing may start.
-fn watch_parent(parent: i32) -> Option<nix::sys::signal::SigSet> {
+pub(super) fn watch_parent(parent: i32) -> Option<nix::sys::signal::SigSet> {
     use nix::sys::prctl::set_pdeathsig;
     use nix::sys::signal::SigSet;
     use nix::unistd::getppid;
@@ -317,18 +318,7 @@ impl Supervisors {
     }
 
     fn start(&self) -> std::io::Result<tokio::process::Child> {
-        Command::new(&self.program)
-            .arg("__step")
-            .arg("--parent")
-            .arg(std::process::id().to_string())
-            .arg("--stdin")
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+        start_helper(&self.program, "--stdin", Stdio::piped())
     }
 
     /// A supervisor for a step: the ready one if it is still alive, else a
@@ -356,6 +346,28 @@ impl Supervisors {
             *ready = self.start().ok();
         }
     }
+}
+
+/// Starts `PROGRAM __step --parent PID MODE` (a step supervisor or the
+/// step host) with nothing of the worker's environment, as the leader of a
+/// process group of its own, its input and output piped to the worker.
+pub(super) fn start_helper(
+    program: &std::path::Path,
+    mode: &str,
+    stderr: Stdio,
+) -> std::io::Result<tokio::process::Child> {
+    Command::new(program)
+        .arg("__step")
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg(mode)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
 }
 
 fn pid_file(dir: &std::path::Path, step_id: &[u8]) -> PathBuf {
