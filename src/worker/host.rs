@@ -188,14 +188,6 @@ pub struct StepHost {
     live: Arc<Mutex<Option<Arc<Connection>>>>,
 }
 
-impl std::fmt::Debug for StepHost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StepHost")
-            .field("program", &self.program)
-            .finish_non_exhaustive()
-    }
-}
-
 /// A running host: its process, its input, and the steps waiting on it.
 struct Connection {
     _process: tokio::process::Child,
@@ -307,18 +299,6 @@ impl StepHost {
         env: &BTreeMap<String, String>,
         dir: &Path,
     ) -> Result<Hosted, SpawnError> {
-        self.try_spawn(argv, env, dir).await.map_err(|e| match e {
-            Tried::Refused(why) => SpawnError::Refused(why),
-            Tried::Io(e) => SpawnError::Unavailable(e),
-        })
-    }
-
-    async fn try_spawn(
-        &self,
-        argv: &[String],
-        env: &BTreeMap<String, String>,
-        dir: &Path,
-    ) -> Result<Hosted, Tried> {
         use tokio::io::AsyncWriteExt;
         let conn = self.connection()?;
         let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
@@ -335,7 +315,7 @@ impl StepHost {
                 p,
                 nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
             )
-            .map_err(|e| Tried::Io(e.into()))?;
+            .map_err(|e| SpawnError::Unavailable(e.into()))?;
         }
         let open = |p: &Path| tokio::net::unix::pipe::OpenOptions::new().open_receiver(p);
         let (stdout, stderr) = (open(&out_path)?, open(&err_path)?);
@@ -372,15 +352,15 @@ impl StepHost {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
             self.forget(&conn);
-            return Err(Tried::Io(std::io::Error::new(
+            return Err(SpawnError::Unavailable(std::io::Error::new(
                 e.kind(),
                 format!("the step host did not take the step: {e}"),
             )));
         }
         let pid = match started_rx.await {
             Ok(Ok(pid)) => pid,
-            Ok(Err(why)) => return Err(Tried::Refused(why)),
-            Err(_) => return Err(Tried::Io(gone())),
+            Ok(Err(why)) => return Err(SpawnError::Refused(why)),
+            Err(_) => return Err(SpawnError::Unavailable(gone())),
         };
         drop(fifos); // both ends are open: the names can go
         Ok(Hosted {
@@ -411,14 +391,9 @@ pub enum SpawnError {
     Unavailable(std::io::Error),
 }
 
-enum Tried {
-    Refused(String),
-    Io(std::io::Error),
-}
-
-impl From<std::io::Error> for Tried {
+impl From<std::io::Error> for SpawnError {
     fn from(e: std::io::Error) -> Self {
-        Tried::Io(e)
+        SpawnError::Unavailable(e)
     }
 }
 
