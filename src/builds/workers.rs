@@ -336,14 +336,34 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
+    // Made once, not on every turn of the loop: a timer made and dropped
+    // for every frame read takes the runtime's timer lock twice a frame,
+    // and the runtime's threads then queue on it (BENCHMARKS.md, issue 14).
+    // The silence timer is moved on only when it goes off early; the
+    // batch's when a new batch starts.
+    let hung_up = hangup.requested();
+    let replaced = link.hangup.clone().cancelled_owned();
+    let silence = tokio::time::sleep_until(last_heard + heartbeat * 2);
+    let batch_timer = tokio::time::sleep_until(logs.deadline);
+    tokio::pin!(hung_up, replaced, silence, batch_timer);
+    let mut batch_timer_at = logs.deadline;
 
     let reason: String = 'session: loop {
         let flush_now;
-        let (batch_deadline, has_batch) = (logs.deadline, logs.has_batch());
+        let has_batch = logs.has_batch();
+        if has_batch && batch_timer_at != logs.deadline {
+            batch_timer_at = logs.deadline;
+            batch_timer.as_mut().reset(batch_timer_at);
+        }
         tokio::select! {
-            _ = hangup.requested() => break 'session "the master hung up the session".into(),
-            _ = link.hangup.cancelled() => break 'session "hung up by an operator or replaced".into(),
-            _ = tokio::time::sleep_until(last_heard + heartbeat * 2) => {
+            _ = &mut hung_up => break 'session "the master hung up the session".into(),
+            _ = &mut replaced => break 'session "hung up by an operator or replaced".into(),
+            _ = &mut silence => {
+                let due = last_heard + heartbeat * 2;
+                if due > tokio::time::Instant::now() {
+                    silence.as_mut().reset(due);
+                    continue;
+                }
                 break 'session format!("no word from the worker for {:?} (two heartbeat intervals)", heartbeat * 2);
             }
             Some(msg) = rx.recv() => {
@@ -365,7 +385,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(batch_deadline), if has_batch => flush_now = true,
+            _ = &mut batch_timer, if has_batch => flush_now = true,
             frame = stream.next() => {
                 last_heard = tokio::time::Instant::now();
                 link.heard();
