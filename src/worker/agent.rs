@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::download::Download;
@@ -33,6 +32,9 @@ use crate::proto::{
 /// fills: 8 MiB held 1 GiB of output to about 450 MiB/s, 32 MiB lets it
 /// run at about 650 MiB/s (BENCHMARKS.md, issue 14).
 pub const WINDOW: usize = 32 * 1024 * 1024;
+
+/// Most step events (output chunks, mostly) sent in one write.
+const EVENTS_PER_WRITE: usize = 16;
 
 /// Unacknowledged output the agent spills to disk (beyond [`WINDOW`] in
 /// memory) before it stops reading its steps' pipes.
@@ -144,42 +146,6 @@ fn hello_info(steps: Vec<HeldStep>) -> WorkerHello {
 
 fn frame(kind: worker_message::Kind) -> WorkerMessage {
     WorkerMessage { kind: Some(kind) }
-}
-
-/// The session's frames as the agent sends them: each message encoded
-/// straight into the write buffer behind its length (a chunk's bytes are
-/// copied once there, not first into a message of their own); frames
-/// read, and the limit on their length, are the session's
-/// length-delimited codec's.
-struct WorkerCodec(LengthDelimitedCodec);
-
-impl Decoder for WorkerCodec {
-    type Item = bytes::BytesMut;
-    type Error = std::io::Error;
-
-    fn decode(&mut self, src: &mut bytes::BytesMut) -> std::io::Result<Option<bytes::BytesMut>> {
-        self.0.decode(src)
-    }
-}
-
-impl Encoder<WorkerMessage> for WorkerCodec {
-    type Error = std::io::Error;
-
-    fn encode(&mut self, msg: WorkerMessage, dst: &mut bytes::BytesMut) -> std::io::Result<()> {
-        let len = msg.encoded_len();
-        if len > self.0.max_frame_length() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "a message of {len} bytes is over the session's frame limit ({} bytes)",
-                    self.0.max_frame_length()
-                ),
-            ));
-        }
-        dst.reserve(4 + len);
-        bytes::BufMut::put_u32(dst, len as u32);
-        msg.encode(dst).map_err(std::io::Error::other)
-    }
 }
 
 /// Where unacknowledged output beyond the memory bound is spilled.
@@ -342,7 +308,7 @@ impl Agent {
         } else {
             session.heartbeat_interval
         };
-        let (mut sink, mut stream) = session.stream.map_codec(WorkerCodec).split();
+        let (mut stream, mut sink) = super::link::split(session.stream);
         let lost = |e: std::io::Error| End::Lost(format!("link failed: {e}"));
         if let Err(e) = sink
             .send(frame(worker_message::Kind::Hello(WorkerHello {
@@ -395,11 +361,20 @@ impl Agent {
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
+        // One timer for the master's silence, moved on only when it goes
+        // off early (not made anew for every message).
+        let silence = tokio::time::sleep_until(last_heard + heartbeat * 2);
+        let shut = shutdown.cancelled();
+        tokio::pin!(silence, shut);
         loop {
-            let silence_deadline = last_heard + heartbeat * 2;
             tokio::select! {
-                _ = shutdown.cancelled() => return End::Shutdown,
-                _ = tokio::time::sleep_until(silence_deadline) => {
+                _ = &mut shut => return End::Shutdown,
+                _ = &mut silence => {
+                    let due = last_heard + heartbeat * 2;
+                    if due > tokio::time::Instant::now() {
+                        silence.as_mut().reset(due);
+                        continue;
+                    }
                     return End::Lost(format!("no word from the master for {:?} (two heartbeat intervals)", heartbeat * 2));
                 }
                 msg = stream.next() => {
@@ -451,9 +426,22 @@ impl Agent {
                     }
                 }
                 ev = self.events_rx.recv(), if self.has_room() => {
-                    let Some(ev) = ev else { continue };
-                    let Some(out) = self.on_step_event(ev) else { continue };
-                    if let Err(e) = sink.send(frame(out)).await {
+                    // This event and those already waiting behind it (a
+                    // few), in one write.
+                    let mut next = ev;
+                    let mut taken = 0;
+                    while let Some(ev) = next.take() {
+                        if let Some(out) = self.on_step_event(ev)
+                            && let Err(e) = sink.push(frame(out))
+                        {
+                            return lost(e);
+                        }
+                        taken += 1;
+                        if taken < EVENTS_PER_WRITE && self.has_room() {
+                            next = self.events_rx.try_recv().ok();
+                        }
+                    }
+                    if let Err(e) = sink.flush().await {
                         return lost(e);
                     }
                 }

@@ -8,6 +8,7 @@ pub const SERVICE: &str = "worker";
 pub mod agent;
 mod download;
 pub mod host;
+mod link;
 mod mask;
 mod spool;
 pub mod step;
