@@ -21,8 +21,12 @@ use tokio_util::sync::CancellationToken;
 use super::mask::Masker;
 use crate::proto::OutputStream;
 
-/// Bytes read from a pipe at once (and so the largest output chunk).
+/// The largest output chunk.
 pub const CHUNK: usize = 64 * 1024;
+
+/// The buffer a step's output is read into: reads take at most what is
+/// left of it, at least [`CHUNK`].
+const READ_BUFFER: usize = 256 * 1024;
 /// The size asked for a step's stdout pipe (the kernel's default is 64
 /// KiB): room for the step to print on while the agent sends what it read.
 /// A step printing 1 GiB made the worker switch 34,000 times with 64 KiB,
@@ -433,7 +437,12 @@ async fn pump(
     events: mpsc::Sender<StepEvent>,
     mut masker: Option<Masker>,
 ) {
-    let mut buf = vec![0u8; CHUNK];
+    // Read into the free end of a big buffer; what a read brings is split
+    // off and sent as it is (chunks of at most CHUNK bytes sharing the
+    // buffer), never copied. A buffer is freed once the master has
+    // acknowledged every chunk cut from it, so a slow step pins at most one
+    // buffer beyond what is unacknowledged anyway.
+    let mut buf = bytes::BytesMut::new();
     let send = |data: bytes::Bytes| {
         let ev = StepEvent::Output {
             step_id: step_id.clone(),
@@ -443,16 +452,22 @@ async fn pump(
         events.send(ev)
     };
     loop {
-        let data = match pipe.read(&mut buf).await {
+        if buf.capacity() < CHUNK {
+            buf = bytes::BytesMut::with_capacity(READ_BUFFER);
+        }
+        let mut data = match pipe.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => match masker.as_mut() {
-                None => bytes::Bytes::copy_from_slice(&buf[..n]),
-                Some(m) => m.feed(&buf[..n]).into(),
+            Ok(_) => match masker.as_mut() {
+                None => buf.split().freeze(),
+                Some(m) => {
+                    let masked = m.feed(&buf);
+                    buf.clear();
+                    masked.into()
+                }
             },
         };
-        // Masked output can outgrow a chunk (a short secret replaced
-        // many times): it goes in chunks of at most CHUNK bytes.
-        let mut data = data;
+        // A read (or masked output, a short secret replaced many times)
+        // can be longer than a chunk: it goes in chunks of at most CHUNK.
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(CHUNK));
             if send(piece).await.is_err() {
