@@ -100,9 +100,29 @@ pub fn run(source: &str) -> i32 {
         tar.append_dir_all(".", &path).and_then(|_| tar.finish())
     } else {
         let _ = writeln!(err, "switchyard: uploading the file {source:?}");
-        std::fs::File::open(&path).and_then(|mut f| io::copy(&mut f, &mut w).map(|_| ()))
+        std::fs::File::open(&path).and_then(|f| send_file(f, &mut w))
     };
     sent_and_said(source, sent, w, dir)
+}
+
+/// Sends a file in big reads, each written straight to standard output
+/// (`io::copy` would go 8 KiB at a time through the buffer).
+fn send_file<W: Write>(mut f: std::fs::File, w: &mut Hashing<io::BufWriter<W>>) -> io::Result<()> {
+    use std::io::Read;
+    w.flush()?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // BufWriter passes a write at least as big as its buffer through.
+        w.inner.write_all(&buf[..n])?;
+        w.hash.update(&buf[..n]);
+        w.bytes += n as u64;
+    }
 }
 
 /// Standard output, bigger pipe and buffer, counted and hashed.
