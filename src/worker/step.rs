@@ -25,8 +25,12 @@ use crate::proto::OutputStream;
 pub const CHUNK: usize = 64 * 1024;
 
 /// The buffer a step's output is read into: reads take at most what is
-/// left of it, at least [`CHUNK`].
+/// left of it.
 const READ_BUFFER: usize = 256 * 1024;
+
+/// A buffer with less room than this left is set aside for a new one (what
+/// is left of it is never used: at most this much of each buffer).
+const MIN_READ: usize = 16 * 1024;
 /// The size asked for a step's stdout pipe (the kernel's default is 64
 /// KiB): room for the step to print on while the agent sends what it read.
 /// A step printing 1 GiB made the worker switch 34,000 times with 64 KiB,
@@ -452,7 +456,7 @@ async fn pump(
         events.send(ev)
     };
     loop {
-        if buf.capacity() < CHUNK {
+        if buf.capacity() < MIN_READ {
             buf = bytes::BytesMut::with_capacity(READ_BUFFER);
         }
         let mut data = match pipe.read_buf(&mut buf).await {
