@@ -14,7 +14,8 @@
 //!    by hand in a clone of the same repository, alternating, in one run;
 //! 7. an upload step sending a 1 GiB file (random bytes) to the master,
 //!    its duration as the master records it, against a raw TCP copy of as
-//!    many bytes on loopback;
+//!    many bytes on loopback (medians of alternating rounds); then a
+//!    download of it to another builder's step;
 //! 6. trivial steps per second with one worker, steps under their
 //!    supervisor against the same with the supervisor switched off
 //!    (`worker --bench-unsupervised-steps`), alternating rounds.
@@ -695,19 +696,25 @@ async fn run_and_time(
     (secs, b.result)
 }
 
-/// Runs the `upload` builder once, then the `fetch` builder that downloads
-/// its artifact to the worker: each step's duration as the master recorded
-/// it, and the build's result.
-async fn upload(bytes: u64) -> ((f64, String), (f64, String)) {
+/// Runs the `upload` builder `rounds` times, each after a raw TCP copy of
+/// as many bytes (alternating, as part 3 does), then the `fetch` builder
+/// once, which downloads the last upload to the worker: each step's
+/// duration as the master recorded it, the build's result, and the raw
+/// copies' durations.
+async fn upload(bytes: u64, rounds: usize) -> (Vec<(f64, String)>, (f64, String), Vec<f64>) {
     let m = start_master("upload", 1, bytes);
     let mut client = debug_client(&m.addr).await;
     wait_workers(&mut client, 1).await;
-    let up = run_and_time(&mut client, "upload", 1).await;
+    let (mut ups, mut raws) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        raws.push(raw_tcp_copy(bytes));
+        ups.push(run_and_time(&mut client, "upload", 1).await);
+    }
     let down = run_and_time(&mut client, "fetch", 0).await;
     drop(m.workers);
     drop(m.proc);
     let _ = std::fs::remove_dir_all(&m.dir);
-    (up, down)
+    (ups, down, raws)
 }
 
 fn main() {
@@ -777,14 +784,18 @@ fn main() {
             );
         }
         if part(7) {
-            let raw = raw_tcp_copy(log);
-            let ((secs, ok), (down, down_ok)) = upload(log).await;
+            let (ups, (down, down_ok), raws) = upload(log, rounds_3).await;
+            let ok = ups.iter().map(|u| u.1.as_str()).collect::<Vec<_>>().join(", ");
+            let secs = support::median(ups.iter().map(|u| u.0).collect());
+            let raw = support::median(raws.clone());
             let mib = log as f64 / (1 << 20) as f64;
             println!(
-                "7. artifact upload of {mib:.0} MiB (the upload step, the master's record): {secs:.2} s ({:.0} MiB/s, {ok}); raw TCP copy {raw:.2} s ({:.0} MiB/s); ratio {:.3}",
+                "7. artifact upload of {mib:.0} MiB (the upload step, the master's record): {secs:.2} s ({:.0} MiB/s, {ok}); raw TCP copy {raw:.2} s ({:.0} MiB/s); ratio {:.3} (medians of {rounds_3} alternating rounds; upload {:.2?} s, raw {:.2?} s)",
                 mib / secs,
                 mib / raw,
-                raw / secs
+                raw / secs,
+                ups.iter().map(|u| u.0).collect::<Vec<_>>(),
+                raws,
             );
             println!(
                 "7. artifact download of {mib:.0} MiB to another builder's step (its duration, the master's record): {down:.2} s ({:.0} MiB/s, {down_ok}); ratio to the raw TCP copy {:.3}",
