@@ -21,6 +21,9 @@ use tokio::sync::oneshot;
 
 mod builds;
 pub mod logs;
+pub mod postgres;
+#[cfg(test)]
+mod suite;
 
 pub use builds::{
     ArtifactRecord, BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk,
@@ -54,6 +57,8 @@ pub enum StateError {
     Transaction(String),
     #[error("log files: {0}")]
     Logs(#[from] std::io::Error),
+    #[error("PostgreSQL state: {0}")]
+    Postgres(String),
 }
 
 /// A change as pushed, validated, before it has an id.
@@ -96,6 +101,23 @@ pub trait ChangeStore: Send + Sync + 'static {
         key: (String, String),
         batch: Vec<NewChange>,
     ) -> Result<(Vec<i64>, bool), StateError>;
+}
+
+/// Reading the change log back; implemented by every state backend.
+#[async_trait]
+pub trait ChangeReader: Send + Sync + 'static {
+    /// One change by id.
+    async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError>;
+
+    /// Changes with ids above `after`, oldest first, at most `limit`.
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredChange>, StateError>;
+
+    /// How many changes are stored.
+    async fn change_count(&self) -> Result<i64, StateError>;
 }
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
@@ -755,9 +777,36 @@ impl ChangeStore for StateDb {
     }
 }
 
+#[async_trait]
+impl ChangeReader for StateDb {
+    async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
+        StateDb::change(self, id).await
+    }
+
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredChange>, StateError> {
+        StateDb::changes_after(self, after, limit).await
+    }
+
+    async fn change_count(&self) -> Result<i64, StateError> {
+        StateDb::change_count(self).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The store suite, against a SQLite file in a temporary directory.
+    #[tokio::test]
+    async fn the_store_suite_passes_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(StateDb::open(&dir.path().join("state.sqlite")).unwrap());
+        suite::changes(&db).await;
+    }
 
     #[tokio::test]
     async fn stores_reads_back_and_survives_reopen() {

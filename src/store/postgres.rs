@@ -1,0 +1,501 @@
+//! The master's state in PostgreSQL: `state = "postgres://USER@HOST/DB"`.
+//!
+//! Issue 15 grows this to everything the SQLite state keeps; what is here
+//! so far is the change log: [`ChangeStore`] (pushes, once per client key)
+//! and [`ChangeReader`], the same traits [`StateDb`](super::StateDb)
+//! implements, run through the same test suite (`store::suite`).
+//!
+//! Lifecycle: [`PgState::connect`] makes a pool of connections (at most
+//! [`POOL_SIZE`]) and brings the schema up to date, under an advisory lock
+//! so that masters starting together migrate once; the pool is dropped
+//! with the last clone of the state. A connection that broke (the server
+//! restarted) is replaced on the next use.
+//!
+//! Every write is one transaction; PostgreSQL syncs its WAL at commit
+//! (`synchronous_commit` as the server is configured), so a change is
+//! durable before its RPC returns, as with SQLite. Concurrent pushes each
+//! commit on their own connection, and the server groups their syncs.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use super::{ChangeReader, ChangeStore, NewChange, StateError, StoredChange};
+
+/// Most connections one master holds.
+pub const POOL_SIZE: usize = 16;
+
+/// The advisory lock the schema migration runs under (any number no other
+/// program on the database uses: "SWYD" in ASCII).
+const MIGRATION_LOCK: i64 = 0x5357_5944;
+
+/// Schema migrations; entry `i` takes the schema from version `i` to
+/// `i + 1`. The version is kept in `switchyard_schema`.
+const MIGRATIONS: &[&str] = &[
+    // 1: changes, their files and properties, and the client keys pushes
+    // were stored under (so a resent push stores nothing twice).
+    "CREATE TABLE changes (
+         id BIGSERIAL PRIMARY KEY,
+         repository TEXT NOT NULL,
+         branch TEXT NOT NULL,
+         revision TEXT NOT NULL,
+         author TEXT NOT NULL,
+         comments TEXT NOT NULL,
+         category TEXT NOT NULL,
+         project TEXT NOT NULL,
+         when_secs BIGINT,
+         when_nanos INTEGER,
+         received_ms BIGINT NOT NULL
+     );
+     CREATE TABLE change_files (
+         change_id BIGINT NOT NULL REFERENCES changes(id) ON DELETE CASCADE,
+         position INTEGER NOT NULL,
+         path TEXT NOT NULL,
+         PRIMARY KEY (change_id, position)
+     );
+     CREATE TABLE change_properties (
+         change_id BIGINT NOT NULL REFERENCES changes(id) ON DELETE CASCADE,
+         name TEXT NOT NULL,
+         value TEXT NOT NULL,
+         PRIMARY KEY (change_id, name)
+     );
+     CREATE TABLE change_keys (
+         namespace TEXT NOT NULL,
+         key TEXT NOT NULL,
+         received_ms BIGINT NOT NULL,
+         changes BIGINT[] NOT NULL,
+         PRIMARY KEY (namespace, key)
+     );
+     CREATE INDEX change_keys_by_age ON change_keys (received_ms);",
+];
+
+impl From<tokio_postgres::Error> for StateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message (with its detail) says most.
+        match e.as_db_error() {
+            Some(db) => StateError::Postgres(match db.detail() {
+                Some(d) => format!("{}: {d}", db.message()),
+                None => db.message().to_string(),
+            }),
+            None => StateError::Postgres(e.to_string()),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StateError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e => StateError::Postgres(format!("no connection to the database: {e}")),
+        }
+    }
+}
+
+/// The state in a PostgreSQL database. Cheap to clone (a pool handle).
+#[derive(Clone)]
+pub struct PgState {
+    pool: Pool,
+    /// The address with any password left out, for messages.
+    shown: String,
+}
+
+impl std::fmt::Debug for PgState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgState")
+            .field("database", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` without its password, for messages and logs.
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    match auth {
+        Some(a) => {
+            let user = a.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+impl PgState {
+    /// Connects to `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`) and
+    /// brings the schema up to date; a database written by a newer
+    /// Switchyard is refused, not changed.
+    pub async fn connect(url: &str) -> Result<Self, StateError> {
+        let shown = shown_url(url);
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StateError::Postgres(format!("{shown} is not a PostgreSQL address: {e}"))
+        })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|e| StateError::Postgres(format!("{shown}: {e}")))?;
+        let state = PgState { pool, shown };
+        state.migrate().await.map_err(|e| match e {
+            StateError::Postgres(m) => StateError::Postgres(format!("{}: {m}", state.shown)),
+            e => e,
+        })?;
+        Ok(state)
+    }
+
+    /// The database's address, without its password.
+    pub fn address(&self) -> &str {
+        &self.shown
+    }
+
+    async fn migrate(&self) -> Result<(), StateError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS switchyard_schema (version INTEGER NOT NULL)")
+            .await?;
+        let found: Option<i32> = tx
+            .query_opt("SELECT version FROM switchyard_schema", &[])
+            .await?
+            .map(|r| r.get(0));
+        let found = match found {
+            Some(v) => v as usize,
+            None => {
+                tx.execute("INSERT INTO switchyard_schema (version) VALUES (0)", &[])
+                    .await?;
+                0
+            }
+        };
+        if found > MIGRATIONS.len() {
+            return Err(StateError::TooNew {
+                path: self.shown.clone().into(),
+                found: found as i64,
+                known: MIGRATIONS.len() as i64,
+            });
+        }
+        for m in &MIGRATIONS[found..] {
+            tx.batch_execute(m).await?;
+        }
+        tx.execute(
+            "UPDATE switchyard_schema SET version = $1",
+            &[&(MIGRATIONS.len() as i32)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Inserts `batch` in the transaction; returns the ids in order.
+async fn insert_changes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    batch: &[NewChange],
+) -> Result<Vec<i64>, StateError> {
+    let received = super::now_ms();
+    let change = tx
+        .prepare_cached(
+            "INSERT INTO changes (repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        )
+        .await?;
+    let files = tx
+        .prepare_cached(
+            "INSERT INTO change_files (change_id, position, path)
+             SELECT $1, p.ord::INTEGER - 1, p.path FROM UNNEST($2::TEXT[]) WITH ORDINALITY AS p(path, ord)",
+        )
+        .await?;
+    let props = tx
+        .prepare_cached(
+            "INSERT INTO change_properties (change_id, name, value)
+             SELECT $1, p.name, p.value FROM UNNEST($2::TEXT[], $3::TEXT[]) AS p(name, value)",
+        )
+        .await?;
+    let mut ids = Vec::with_capacity(batch.len());
+    for c in batch {
+        let id: i64 = tx
+            .query_one(
+                &change,
+                &[
+                    &c.repository,
+                    &c.branch,
+                    &c.revision,
+                    &c.author,
+                    &c.comments,
+                    &c.category,
+                    &c.project,
+                    &c.when.map(|w| w.0),
+                    &c.when.map(|w| w.1),
+                    &received,
+                ],
+            )
+            .await?
+            .get(0);
+        if !c.files.is_empty() {
+            tx.execute(&files, &[&id, &c.files]).await?;
+        }
+        if !c.properties.is_empty() {
+            let names: Vec<&String> = c.properties.keys().collect();
+            let values: Vec<&String> = c.properties.values().collect();
+            tx.execute(&props, &[&id, &names, &values]).await?;
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+#[async_trait]
+impl ChangeStore for PgState {
+    async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let ids = insert_changes(&tx, &batch).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn add_changes_keyed(
+        &self,
+        key: (String, String),
+        batch: Vec<NewChange>,
+    ) -> Result<(Vec<i64>, bool), StateError> {
+        let (namespace, key) = key;
+        let now = super::now_ms();
+        let forgotten = now - super::builds::DELIVERY_MEMORY.as_millis() as i64;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // A key older than the memory is forgotten: its push is new.
+        tx.execute(
+            "DELETE FROM change_keys WHERE namespace = $1 AND key = $2 AND received_ms < $3",
+            &[&namespace, &key, &forgotten],
+        )
+        .await?;
+        // Claims the key; a push with the same key in flight on another
+        // connection (another master) makes this wait for it, then find
+        // its row.
+        let claimed = tx
+            .execute(
+                "INSERT INTO change_keys (namespace, key, received_ms, changes) VALUES ($1, $2, $3, '{}')
+                 ON CONFLICT (namespace, key) DO NOTHING",
+                &[&namespace, &key, &now],
+            )
+            .await?;
+        if claimed == 0 {
+            let ids: Vec<i64> = tx
+                .query_one(
+                    "SELECT changes FROM change_keys WHERE namespace = $1 AND key = $2",
+                    &[&namespace, &key],
+                )
+                .await?
+                .get(0);
+            tx.commit().await?;
+            return Ok((ids, true));
+        }
+        let ids = insert_changes(&tx, &batch).await?;
+        tx.execute(
+            "UPDATE change_keys SET changes = $3 WHERE namespace = $1 AND key = $2",
+            &[&namespace, &key, &ids],
+        )
+        .await?;
+        // A few expired keys go with each push: never one huge delete.
+        tx.execute(
+            "DELETE FROM change_keys WHERE ctid IN
+             (SELECT ctid FROM change_keys WHERE received_ms < $1 LIMIT 16)",
+            &[&forgotten],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((ids, false))
+    }
+}
+
+/// The changes with these ids that exist, in the order asked.
+async fn load_changes(
+    client: &deadpool_postgres::Object,
+    ids: &[i64],
+) -> Result<Vec<StoredChange>, StateError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT id, repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms
+             FROM changes WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    let mut by_id: BTreeMap<i64, StoredChange> = rows
+        .iter()
+        .map(|r| {
+            let when_secs: Option<i64> = r.get(8);
+            let when_nanos: Option<i32> = r.get(9);
+            let id: i64 = r.get(0);
+            (
+                id,
+                StoredChange {
+                    id,
+                    change: NewChange {
+                        repository: r.get(1),
+                        branch: r.get(2),
+                        revision: r.get(3),
+                        author: r.get(4),
+                        comments: r.get(5),
+                        category: r.get(6),
+                        project: r.get(7),
+                        files: Vec::new(),
+                        when: when_secs.map(|s| (s, when_nanos.unwrap_or(0))),
+                        properties: BTreeMap::new(),
+                    },
+                    received_ms: r.get(10),
+                },
+            )
+        })
+        .collect();
+    for r in client
+        .query(
+            "SELECT change_id, path FROM change_files WHERE change_id = ANY($1) ORDER BY change_id, position",
+            &[&ids],
+        )
+        .await?
+    {
+        if let Some(c) = by_id.get_mut(&r.get::<_, i64>(0)) {
+            c.change.files.push(r.get(1));
+        }
+    }
+    for r in client
+        .query(
+            "SELECT change_id, name, value FROM change_properties WHERE change_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+    {
+        if let Some(c) = by_id.get_mut(&r.get::<_, i64>(0)) {
+            c.change.properties.insert(r.get(1), r.get(2));
+        }
+    }
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
+#[async_trait]
+impl ChangeReader for PgState {
+    async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
+        let client = self.pool.get().await?;
+        Ok(load_changes(&client, &[id]).await?.pop())
+    }
+
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredChange>, StateError> {
+        let client = self.pool.get().await?;
+        let ids: Vec<i64> = client
+            .query(
+                "SELECT id FROM changes WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &(limit as i64)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        load_changes(&client, &ids).await
+    }
+
+    async fn change_count(&self) -> Result<i64, StateError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_one("SELECT COUNT(*) FROM changes", &[])
+            .await?
+            .get(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_shown_without_their_password() {
+        assert_eq!(
+            shown_url("postgres://ci:s3cret@db.example:5432/switchyard"),
+            "postgres://ci@db.example:5432/switchyard"
+        );
+        assert_eq!(
+            shown_url("postgres://root@127.0.0.1/test"),
+            "postgres://root@127.0.0.1/test"
+        );
+        assert_eq!(shown_url("postgres://h/db"), "postgres://h/db");
+    }
+
+    /// The store suite, against a database of its own on the machine's
+    /// PostgreSQL server.
+    #[tokio::test]
+    async fn the_store_suite_passes_on_postgresql() {
+        let db = super::super::suite::TempPg::new().await;
+        let state = std::sync::Arc::new(PgState::connect(&db.url).await.unwrap());
+        super::super::suite::changes(&state).await;
+        // A second master on the same database finds the schema in place.
+        let again = PgState::connect(&db.url).await.unwrap();
+        assert_eq!(
+            again.change_count().await.unwrap(),
+            state.change_count().await.unwrap()
+        );
+        drop((state, again));
+        db.drop_database().await;
+    }
+
+    /// A database a newer Switchyard wrote is refused, and not changed.
+    #[tokio::test]
+    async fn refuses_a_newer_schema() {
+        let db = super::super::suite::TempPg::new().await;
+        let (client, conn) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(
+                "CREATE TABLE switchyard_schema (version INTEGER NOT NULL);
+                 INSERT INTO switchyard_schema VALUES (99);",
+            )
+            .await
+            .unwrap();
+        let err = PgState::connect(&db.url).await.unwrap_err().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+        let v: i32 = client
+            .query_one("SELECT version FROM switchyard_schema", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, 99);
+        drop(client);
+        db.drop_database().await;
+    }
+
+    /// No server at the address: a clear error naming it, no password.
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_clear_error() {
+        // A port nothing listens on: bind one, then free it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://ci:s3cret@127.0.0.1:{port}/nothing?connect_timeout=5");
+        let err = PgState::connect(&url).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("postgres://ci@127.0.0.1:{port}")),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+}
