@@ -9,7 +9,11 @@
 //! 3. durable pushes per second with SQLite, as measured in 1;
 //! 4. as 2 (in memory), both inside TLS: the shared port with
 //!    `[master.tls]` against tonic serving rustls connections on its own
-//!    port, the same certificate, the same client connector.
+//!    port, the same certificate, the same client connector;
+//! 5. durable pushes per second through the shared port with the state in
+//!    PostgreSQL (the machine's server at 127.0.0.1:5432, a database made
+//!    for the run and dropped after) against the same with SQLite,
+//!    alternating (`-- postgres-only` runs this part alone).
 //!
 //! Run: `cargo bench --bench grpc` (add `-- quick` for a short run). Loopback
 //! only; every loop is bounded in count and time.
@@ -274,6 +278,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn pair(
     shared: &str,
     plain: &str,
+    names: [&str; 2],
     rounds: usize,
     count: usize,
     cap: Duration,
@@ -299,11 +304,62 @@ async fn pair(
             .join(" ")
     };
     println!(
-        "   rounds: shared port [{}], plain tonic [{}]",
+        "   rounds: {} [{}], {} [{}]",
+        names[0],
         show(&a),
+        names[1],
         show(&b)
     );
     (median(a), median(b), median(ratios))
+}
+
+/// What [`pair`] compares in parts 1, 2 and 4.
+const PORTS: [&str; 2] = ["shared port", "plain tonic"];
+
+/// The machine's PostgreSQL server, as every test machine has it.
+const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Runs SQL on the server's `test` database.
+async fn pg_admin(sql: &str) {
+    let (client, conn) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {PG_ADMIN}: {e}"));
+    tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+}
+
+/// Part 5: PostgreSQL against SQLite, both durable, through the shared port.
+async fn postgres_against_sqlite(
+    dir: &std::path::Path,
+    rounds: usize,
+    count: usize,
+    cap: Duration,
+) {
+    let db = format!("switchyard_bench_{}", std::process::id());
+    pg_admin(&format!("CREATE DATABASE {db}")).await;
+    let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
+    let pg: Arc<dyn ChangeStore> = Arc::new(
+        switchyard::store::postgres::PgState::connect(&url)
+            .await
+            .unwrap(),
+    );
+    let sqlite: Arc<dyn ChangeStore> =
+        Arc::new(StateDb::open(&dir.join("against-pg.sqlite")).unwrap());
+    let (pg_addr, sqlite_addr) = (shared_port(pg).await, shared_port(sqlite).await);
+    let (pg_rate, sqlite_rate, ratio) = pair(
+        &pg_addr,
+        &sqlite_addr,
+        ["PostgreSQL", "SQLite"],
+        rounds,
+        count,
+        cap,
+        None,
+    )
+    .await;
+    println!(
+        "5. durable PushChange/s through the shared port, 32 concurrent clients: PostgreSQL {pg_rate:.0}, SQLite {sqlite_rate:.0}, median ratio {ratio:.3}"
+    );
+    pg_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }
 
 fn main() {
@@ -320,10 +376,14 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        if std::env::args().any(|a| a == "postgres-only") {
+            postgres_against_sqlite(&dir, rounds, count, cap).await;
+            return;
+        }
         if std::env::args().any(|a| a == "memory-only") {
             let shared = shared_port(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
             let plain = plain_tonic(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
-            let (_, _, ratio) = pair(&shared, &plain, rounds, count * 2, cap, None).await;
+            let (_, _, ratio) = pair(&shared, &plain, PORTS, rounds, count * 2, cap, None).await;
             println!("2. in memory: ratio {ratio:.3}");
             return;
         }
@@ -331,7 +391,7 @@ fn main() {
         let sqlite_plain: Arc<dyn ChangeStore> = Arc::new(StateDb::open(&dir.join("plain.sqlite")).unwrap());
         let shared = shared_port(sqlite_shared).await;
         let plain = plain_tonic(sqlite_plain).await;
-        let (ours, base, ratio) = pair(&shared, &plain, rounds, count, cap, None).await;
+        let (ours, base, ratio) = pair(&shared, &plain, PORTS, rounds, count, cap, None).await;
         println!(
             "1. PushChange/s with SQLite: shared port {ours:.0}, plain tonic {base:.0}, median ratio {ratio:.3} (target >= 0.95)"
         );
@@ -339,7 +399,7 @@ fn main() {
 
         let shared = shared_port(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
         let plain = plain_tonic(Arc::new(MemoryStore(AtomicI64::new(0)))).await;
-        let (ours, base, ratio) = pair(&shared, &plain, rounds, count * 2, cap, None).await;
+        let (ours, base, ratio) = pair(&shared, &plain, PORTS, rounds, count * 2, cap, None).await;
         println!(
             "2. PushChange/s in memory: shared port {ours:.0}, plain tonic {base:.0}, median ratio {ratio:.3} (target >= 0.97)"
         );
@@ -352,10 +412,12 @@ fn main() {
         let shared = shared_port_tls(Arc::new(MemoryStore(AtomicI64::new(0))), Some(load())).await;
         let plain = tls_tonic(Arc::new(MemoryStore(AtomicI64::new(0))), &load()).await;
         let client = ClientTls::new(&Trust::Pin(pin), Some("localhost".into())).unwrap();
-        let (ours, base, ratio) = pair(&shared, &plain, rounds, count * 2, cap, Some(&client)).await;
+        let (ours, base, ratio) = pair(&shared, &plain, PORTS, rounds, count * 2, cap, Some(&client)).await;
         println!(
             "4. PushChange/s inside TLS, in memory: shared port {ours:.0}, tonic over rustls on its own port {base:.0}, median ratio {ratio:.3} (target >= 0.95)"
         );
+
+        postgres_against_sqlite(&dir, rounds, count, cap).await;
     });
     let _ = std::fs::remove_dir_all(&dir);
 }

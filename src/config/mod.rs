@@ -657,6 +657,14 @@ impl Config {
             Some(s) if s.get_ref().trim().is_empty() => {
                 return c.err(s.span(), "master.state", "names no file");
             }
+            // Not a file name (a file named `postgres:` would be made).
+            Some(s) if s.get_ref().contains("://") => {
+                return c.err(
+                    s.span(),
+                    "master.state",
+                    "a database address is not supported yet: the PostgreSQL state keeps only the change log so far (issue 15); use a SQLite file",
+                );
+            }
             Some(s) => base.join(s.get_ref()),
         };
         let data_dir = match &m.data_dir {
@@ -1134,6 +1142,19 @@ mod tests {
         assert_eq!(c.state_path, Path::new("/etc/sy/state.sqlite"));
         assert_eq!(c.limits, Limits::default());
         assert!(c.users["a"].contains("ping"));
+    }
+
+    #[test]
+    fn a_database_address_as_state_is_refused_until_it_is_complete() {
+        let e =
+            parse("[master]\nsecrets = \"s.toml\"\nstate = \"postgres://root@127.0.0.1/test\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.starts_with("/etc/sy/master.toml:3:"), "{e}");
+        assert!(
+            e.contains("master.state") && e.contains("not supported yet"),
+            "{e}"
+        );
     }
 
     #[test]
