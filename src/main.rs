@@ -50,9 +50,12 @@ enum Command {
     /// sends under DIR, reconnect when the link drops. SIGINT or SIGTERM
     /// stop it (and its running steps).
     Worker {
-        /// The master's address (the port defaults to 9989).
+        /// The master's address (the port defaults to 9989). Repeat it for
+        /// masters that share one state database: the worker stays with
+        /// the one it is logged in to and goes on to the next, in turn, when
+        /// it cannot log in there.
         #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9989", value_parser = master_address)]
-        master: String,
+        master: Vec<String>,
         /// This worker's name: a [[worker]] in the master's config.
         #[arg(long)]
         name: String,
@@ -431,7 +434,7 @@ fn change_of(a: &SendchangeArgs) -> switchyard::proto::Change {
 }
 
 async fn worker(
-    master: String,
+    masters: Vec<String>,
     name: String,
     basedir: PathBuf,
     password: String,
@@ -461,7 +464,7 @@ async fn worker(
         tracing::info!("stopping the worker and its steps");
         stopper.cancel();
     });
-    let mut opts = switchyard::worker::agent::AgentOptions::new(master, name, password, basedir);
+    let mut opts = switchyard::worker::agent::AgentOptions::new(masters, name, password, basedir);
     // Steps run under a supervisor, so they die with the worker: the small
     // `switchyard-step` beside this binary (faster to start), else this
     // binary's own `__step`.

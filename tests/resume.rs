@@ -726,3 +726,52 @@ async fn a_dead_step_host_fails_its_running_step_and_the_next_gets_a_new_one() {
     assert_ne!(second_host, host);
     m.stop().await;
 }
+
+/// A builder `where` on `w1` printing which master ran it, for any change.
+fn marked(which: &str) -> String {
+    one_step_builder("where", "say", &format!("echo built by {which}"))
+        + "\n[[scheduler]]\nname = \"all\"\nbuilders = [\"where\"]\n"
+}
+
+/// Pushes a change to `m` and returns the log of the build it ran there.
+async fn build_on(m: &TestMaster) -> String {
+    let mut events = m.master.builds().subscribe();
+    push(m, "main").await;
+    let ended = builds_ended(&mut events, 1).await;
+    assert_eq!(ended[0].1, "success", "{ended:?}");
+    log_text(m, ended[0].0, 0).await
+}
+
+#[tokio::test]
+async fn a_worker_given_several_masters_skips_one_it_cannot_reach_and_fails_over_when_its_master_is_gone()
+ {
+    let a = master_with(&[("w1", "w1-pw", 1)], &marked("a")).await;
+    let b = master_with(&[("w1", "w1-pw", 1)], &marked("b")).await;
+    // Nothing listens at the first address.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let _w = Reaped(
+        std::process::Command::new(BIN)
+            .args(["worker", "--master", &dead, "--master"])
+            .arg(a.addr.to_string())
+            .arg("--master")
+            .arg(b.addr.to_string())
+            .args(["--name", "w1", "--basedir"])
+            .arg(a.dir.path().join("basedir-w1"))
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // It went past the dead address to a, and stays there.
+    wait_connected(&a, 1).await;
+    assert!(build_on(&a).await.contains("built by a"));
+    assert!(b.master.builds().connected().is_empty());
+    // a goes away: the worker cannot log in there any more and goes on
+    // to b, where builds run.
+    a.stop().await;
+    wait_connected(&b, 1).await;
+    assert!(build_on(&b).await.contains("built by b"));
+}

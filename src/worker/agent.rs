@@ -43,7 +43,11 @@ pub const SPILL_LIMIT: u64 = 1 << 30;
 /// How a worker connects.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    pub master: String,
+    /// The masters' addresses, tried in turn: the worker stays with the one
+    /// it is logged in to (reconnecting to it first when a session ends)
+    /// and goes on to the next only when it cannot log in there. More than
+    /// one is for masters that share one state database.
+    pub masters: Vec<String>,
     pub name: String,
     pub password: String,
     /// Steps run in `basedir/<builder>/<workdir>`.
@@ -64,14 +68,16 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
+    /// Options for a worker logging in to `masters` (tried in turn; at
+    /// least one) as `name`.
     pub fn new(
-        master: impl Into<String>,
+        masters: Vec<String>,
         name: impl Into<String>,
         password: impl Into<String>,
         basedir: impl Into<PathBuf>,
     ) -> Self {
         AgentOptions {
-            master: master.into(),
+            masters,
             name: name.into(),
             password: password.into(),
             basedir: basedir.into(),
@@ -190,7 +196,13 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         events_rx,
         downloads: HashMap::new(),
     };
+    if agent.opts.masters.is_empty() {
+        tracing::error!("no master to log in to");
+        return;
+    }
+    // Consecutive failed logins, and where in the masters' list they are.
     let mut failures: u32 = 0;
+    let mut current = 0usize;
     let client_opts = ClientOptions {
         client_agent: format!("switchyard-worker/{}", env!("CARGO_PKG_VERSION")),
         tls: agent.opts.tls.clone(),
@@ -199,7 +211,8 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
     };
     'agent: loop {
         // Steps keep printing while we connect: hold their output meanwhile.
-        let (creds, master) = (agent.creds.clone(), agent.opts.master.clone());
+        let master = agent.opts.masters[current % agent.opts.masters.len()].clone();
+        let creds = agent.creds.clone();
         let connect = client::connect_with(&master, super::SERVICE, &creds, &client_opts);
         tokio::pin!(connect);
         let session = loop {
@@ -213,16 +226,19 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
                 }
             }
         };
-        let why = match session {
+        let masters = agent.opts.masters.len();
+        let (why, delay) = match session {
             Ok(session) => {
                 failures = 0;
                 if let Some(t) = agent.creds.device_token() {
                     client::save_device_token(&token_file, &t);
                 }
-                tracing::info!(master = %agent.opts.master, worker = %agent.opts.name, session = %session.session_id, "connected to the master");
+                tracing::info!(%master, worker = %agent.opts.name, session = %session.session_id, "connected to the master");
                 match agent.serve(session, &shutdown).await {
                     End::Shutdown => break 'agent,
-                    End::Lost(why) => why,
+                    // A lost session is tried again on the same master (the
+                    // link blinked, or it restarted).
+                    End::Lost(why) => (why, backoff(&agent.opts, 0)),
                 }
             }
             Err(e) => {
@@ -232,12 +248,20 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
                         tracing::error!(worker = %agent.opts.name, "the master refused this worker: check its name is a [[worker]] in the master's config and its password matches the verifier in the secrets file");
                     }
                 }
-                e.to_string()
+                // A failed login moves on to the next master at once; the
+                // worker waits (backing off) only once every master has
+                // failed in a row.
+                failures = failures.saturating_add(1);
+                current = (current + 1) % masters;
+                let delay = if (failures as usize).is_multiple_of(masters) {
+                    backoff(&agent.opts, (failures / masters as u32).saturating_sub(1))
+                } else {
+                    Duration::ZERO
+                };
+                (e.to_string(), delay)
             }
         };
-        let delay = backoff(&agent.opts, failures);
-        failures = failures.saturating_add(1);
-        tracing::warn!(master = %agent.opts.master, reason = %why, retry_in = ?delay, "not connected to the master");
+        tracing::warn!(%master, reason = %why, retry_in = ?delay, next = %agent.opts.masters[current], "not connected to the master");
         if !agent
             .hold_output_until(tokio::time::Instant::now() + delay, &shutdown)
             .await
