@@ -120,6 +120,37 @@ pub trait ChangeReader: Send + Sync + 'static {
     async fn change_count(&self) -> Result<i64, StateError>;
 }
 
+/// The queue of build requests, shared by every master on one state: a
+/// request is claimed by exactly one of them.
+#[async_trait]
+pub trait RequestQueue: Send + Sync + 'static {
+    /// Stores build requests; returns their ids in order.
+    async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError>;
+
+    /// Requests no build has taken yet, oldest first.
+    async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError>;
+
+    /// Claims the oldest waiting request that is due (its `not_before_ms`
+    /// past) for one of `builders`, for a build on `worker`: the build is
+    /// made (numbered in its builder) in the same transaction. `None` when
+    /// there is none to claim. However many claim at once, on however many
+    /// masters, no request is claimed twice.
+    async fn claim_next(
+        &self,
+        builders: &[String],
+        worker: &str,
+    ) -> Result<Option<ClaimedRequest>, StateError>;
+}
+
+/// A request [`RequestQueue::claim_next`] claimed, and the build made for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimedRequest {
+    pub request: BuildRequest,
+    pub build: i64,
+    /// The build's number in its builder (`widgets#12`).
+    pub number: i64,
+}
+
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
     // 1: changes, and a key/value table for the master's own settings.
@@ -778,6 +809,48 @@ impl ChangeStore for StateDb {
 }
 
 #[async_trait]
+impl RequestQueue for StateDb {
+    async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
+        StateDb::add_requests(self, requests).await
+    }
+
+    async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
+        StateDb::waiting_requests(self).await
+    }
+
+    async fn claim_next(
+        &self,
+        builders: &[String],
+        worker: &str,
+    ) -> Result<Option<ClaimedRequest>, StateError> {
+        let due: Vec<BuildRequest> = StateDb::waiting_requests(self)
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.request.not_before_ms <= now_ms() && builders.contains(&r.request.builder)
+            })
+            .collect();
+        // The writer runs one claim at a time and `claim` takes only a
+        // request still waiting: another claimer's request is passed over.
+        for request in due {
+            let claimed = self
+                .claim(request.id, Vec::new(), worker, None, |b| {
+                    (b.number, Vec::new())
+                })
+                .await?;
+            if let Some(c) = claimed {
+                return Ok(Some(ClaimedRequest {
+                    request,
+                    build: c.build,
+                    number: c.kept,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[async_trait]
 impl ChangeReader for StateDb {
     async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
         StateDb::change(self, id).await
@@ -806,6 +879,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(StateDb::open(&dir.path().join("state.sqlite")).unwrap());
         suite::changes(&db).await;
+        suite::requests(&[db.clone(), db]).await;
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{ChangeReader, ChangeStore, NewChange};
+use super::{ChangeReader, ChangeStore, NewChange, NewRequest, RequestQueue};
 
 /// The machine's PostgreSQL server, as every test machine has it.
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -153,4 +153,82 @@ pub async fn changes<S: ChangeStore + ChangeReader>(store: &Arc<S>) {
     assert_eq!(answers.iter().filter(|(_, again)| !again).count(), 1);
     assert!(answers.iter().all(|(ids, _)| ids == &answers[0].0));
     assert_eq!(store.change_count().await.unwrap(), before + 11);
+}
+
+fn request(builder: &str, n: usize) -> NewRequest {
+    NewRequest {
+        builder: builder.into(),
+        change_id: None,
+        reason: format!("request {n}"),
+        repository: "https://example.org/repo.git".into(),
+        branch: "main".into(),
+        revision: format!("{n:040x}"),
+        properties: vec![("n".into(), n.to_string(), "test".into())],
+        not_before_ms: 0,
+        collapse_key: String::new(),
+    }
+}
+
+/// The request queue, shared by `masters` (handles on one state): stored
+/// and read back in order; 300 requests over three builders claimed by six
+/// claimers spread over the masters, each exactly once, numbered 1..=100
+/// in each builder; a request not yet due is left waiting.
+pub async fn requests<S: RequestQueue>(masters: &[Arc<S>]) {
+    let first = &masters[0];
+    let later = NewRequest {
+        not_before_ms: crate::store::now_ms() + 3_600_000,
+        ..request("later", 0)
+    };
+    let later_id = first.add_requests(vec![later.clone()]).await.unwrap()[0];
+    let builders = ["widgets", "gadgets", "gizmos"];
+    let batch: Vec<NewRequest> = (0..300).map(|n| request(builders[n % 3], n)).collect();
+    let ids = first.add_requests(batch.clone()).await.unwrap();
+    assert_eq!(ids.len(), 300);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    let waiting = masters[masters.len() - 1].waiting_requests().await.unwrap();
+    assert_eq!(waiting.len(), 301);
+    assert_eq!(waiting[1].id, ids[0]);
+    assert_eq!(waiting[1].request, batch[0]);
+
+    let all: Vec<String> = ["widgets", "gadgets", "gizmos", "later"]
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    let claimers: Vec<_> = (0..6)
+        .map(|i| {
+            let store = masters[i % masters.len()].clone();
+            let all = all.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(c) = store.claim_next(&all, &format!("w{i}")).await.unwrap() {
+                    got.push(c);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for c in claimers {
+        claimed.extend(c.await.unwrap());
+    }
+    let mut got: Vec<i64> = claimed.iter().map(|c| c.request.id).collect();
+    got.sort();
+    assert_eq!(got, ids, "each request claimed exactly once");
+    for b in builders {
+        let mut numbers: Vec<i64> = claimed
+            .iter()
+            .filter(|c| c.request.request.builder == b)
+            .map(|c| c.number)
+            .collect();
+        numbers.sort();
+        assert_eq!(numbers, (1..=100).collect::<Vec<i64>>(), "{b}");
+    }
+    let mut builds: Vec<i64> = claimed.iter().map(|c| c.build).collect();
+    builds.sort();
+    builds.dedup();
+    assert_eq!(builds.len(), 300);
+    let left = first.waiting_requests().await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, later_id);
+    assert_eq!(left[0].request, later);
 }
