@@ -22,7 +22,10 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::{ChangeReader, ChangeStore, NewChange, StateError, StoredChange};
+use super::{
+    BuildRequest, ChangeReader, ChangeStore, ClaimedRequest, NewChange, NewRequest, RequestQueue,
+    StateError, StoredChange,
+};
 
 /// Most connections one master holds.
 pub const POOL_SIZE: usize = 16;
@@ -69,6 +72,34 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (namespace, key)
      );
      CREATE INDEX change_keys_by_age ON change_keys (received_ms);",
+    // 2: build requests, builds, and each builder's last build number.
+    "CREATE TABLE build_requests (
+         id BIGSERIAL PRIMARY KEY,
+         builder TEXT NOT NULL,
+         change_id BIGINT REFERENCES changes(id),
+         reason TEXT NOT NULL,
+         repository TEXT NOT NULL,
+         branch TEXT NOT NULL,
+         revision TEXT NOT NULL,
+         created_ms BIGINT NOT NULL,
+         properties TEXT NOT NULL DEFAULT '[]',
+         not_before_ms BIGINT NOT NULL DEFAULT 0,
+         collapse_key TEXT NOT NULL DEFAULT '',
+         build_id BIGINT
+     );
+     CREATE INDEX build_requests_waiting ON build_requests (id) WHERE build_id IS NULL;
+     CREATE TABLE builds (
+         id BIGSERIAL PRIMARY KEY,
+         request_id BIGINT NOT NULL REFERENCES build_requests(id),
+         builder TEXT NOT NULL,
+         worker TEXT NOT NULL,
+         number BIGINT NOT NULL,
+         started_ms BIGINT NOT NULL,
+         finished_ms BIGINT,
+         result TEXT,
+         UNIQUE (builder, number)
+     );
+     CREATE TABLE builder_numbers (builder TEXT PRIMARY KEY, last BIGINT NOT NULL);",
 ];
 
 impl From<tokio_postgres::Error> for StateError {
@@ -422,6 +453,144 @@ impl ChangeReader for PgState {
     }
 }
 
+const REQUEST_COLUMNS: &str = "id, builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key";
+
+fn request_row(r: &tokio_postgres::Row) -> BuildRequest {
+    let props: String = r.get(8);
+    BuildRequest {
+        id: r.get(0),
+        request: NewRequest {
+            builder: r.get(1),
+            change_id: r.get(2),
+            reason: r.get(3),
+            repository: r.get(4),
+            branch: r.get(5),
+            revision: r.get(6),
+            properties: serde_json::from_str(&props).unwrap_or_default(),
+            not_before_ms: r.get(9),
+            collapse_key: r.get(10),
+        },
+        created_ms: r.get(7),
+    }
+}
+
+#[async_trait]
+impl RequestQueue for PgState {
+    async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
+        let now = super::now_ms();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            )
+            .await?;
+        // A tree-stable group waits as long as its newest request.
+        let stable = tx
+            .prepare_cached(
+                "UPDATE build_requests SET not_before_ms = $1
+                 WHERE build_id IS NULL AND builder = $2 AND branch = $3 AND collapse_key = $4",
+            )
+            .await?;
+        let mut ids = Vec::with_capacity(requests.len());
+        for q in &requests {
+            if !q.collapse_key.is_empty() {
+                tx.execute(
+                    &stable,
+                    &[&q.not_before_ms, &q.builder, &q.branch, &q.collapse_key],
+                )
+                .await?;
+            }
+            let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
+            let id: i64 = tx
+                .query_one(
+                    &insert,
+                    &[
+                        &q.builder,
+                        &q.change_id,
+                        &q.reason,
+                        &q.repository,
+                        &q.branch,
+                        &q.revision,
+                        &now,
+                        &props,
+                        &q.not_before_ms,
+                        &q.collapse_key,
+                    ],
+                )
+                .await?
+                .get(0);
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {REQUEST_COLUMNS} FROM build_requests WHERE build_id IS NULL ORDER BY id"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(request_row).collect())
+    }
+
+    async fn claim_next(
+        &self,
+        builders: &[String],
+        worker: &str,
+    ) -> Result<Option<ClaimedRequest>, StateError> {
+        let now = super::now_ms();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // A request another transaction (this master's or another's) holds
+        // is skipped, not waited for: claimers never queue on each other.
+        let Some(row) = tx
+            .query_opt(
+                &format!(
+                    "SELECT {REQUEST_COLUMNS} FROM build_requests
+                     WHERE build_id IS NULL AND not_before_ms <= $1 AND builder = ANY($2)
+                     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+                ),
+                &[&now, &builders],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let request = request_row(&row);
+        let number: i64 = tx
+            .query_one(
+                "INSERT INTO builder_numbers (builder, last) VALUES ($1, 1)
+                 ON CONFLICT (builder) DO UPDATE SET last = builder_numbers.last + 1 RETURNING last",
+                &[&request.request.builder],
+            )
+            .await?
+            .get(0);
+        let build: i64 = tx
+            .query_one(
+                "INSERT INTO builds (request_id, builder, worker, number, started_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[&request.id, &request.request.builder, &worker, &number, &now],
+            )
+            .await?
+            .get(0);
+        tx.execute(
+            "UPDATE build_requests SET build_id = $1 WHERE id = $2",
+            &[&build, &request.id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(ClaimedRequest {
+            request,
+            build,
+            number,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,8 +615,10 @@ mod tests {
         let db = super::super::suite::TempPg::new().await;
         let state = std::sync::Arc::new(PgState::connect(&db.url).await.unwrap());
         super::super::suite::changes(&state).await;
-        // A second master on the same database finds the schema in place.
-        let again = PgState::connect(&db.url).await.unwrap();
+        // A second master on the same database finds the schema in place,
+        // and the two share one request queue.
+        let again = std::sync::Arc::new(PgState::connect(&db.url).await.unwrap());
+        super::super::suite::requests(&[state.clone(), again.clone()]).await;
         assert_eq!(
             again.change_count().await.unwrap(),
             state.change_count().await.unwrap()
