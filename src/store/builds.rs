@@ -346,28 +346,10 @@ impl StateDb {
     /// Requests no build has taken yet, oldest first.
     pub async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
         self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT id, builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key
-                 FROM build_requests WHERE build_id IS NULL ORDER BY id",
-            )?
-            .query_map([], |r| {
-                let props: String = r.get(8)?;
-                Ok(BuildRequest {
-                    id: r.get(0)?,
-                    request: NewRequest {
-                        builder: r.get(1)?,
-                        change_id: r.get(2)?,
-                        reason: r.get(3)?,
-                        repository: r.get(4)?,
-                        branch: r.get(5)?,
-                        revision: r.get(6)?,
-                        properties: serde_json::from_str(&props).unwrap_or_default(),
-                        not_before_ms: r.get(9)?,
-                        collapse_key: r.get(10)?,
-                    },
-                    created_ms: r.get(7)?,
-                })
-            })?
+            conn.prepare_cached(&format!(
+                "SELECT {REQUEST_COLUMNS} FROM build_requests WHERE build_id IS NULL ORDER BY id"
+            ))?
+            .query_map([], request_row)?
             .collect()
         })
         .await
@@ -388,57 +370,37 @@ impl StateDb {
         make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>) + Send + 'static,
     ) -> Result<Option<Claim<T>>, StateError> {
         let worker = worker.to_string();
+        self.write(move |conn| claim_in(conn, request, &merged, &worker, first_step, make))
+            .await
+    }
+
+    /// Claims the oldest waiting request that is due for one of
+    /// `builders`, for a build on `worker`, in one write: the
+    /// [`super::RequestQueue`] side of the SQLite state. Returns the
+    /// request, the build and its number.
+    pub async fn claim_next(
+        &self,
+        builders: &[String],
+        worker: &str,
+    ) -> Result<Option<(BuildRequest, i64, i64)>, StateError> {
+        let (builders, worker) = (builders.to_vec(), worker.to_string());
         self.write(move |conn| {
-            let claimed: Option<(String, Option<i64>)> = conn
-                .query_row(
-                    "SELECT builder, change_id FROM build_requests WHERE id = ?1 AND build_id IS NULL",
-                    [request],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+            let list = serde_json::to_string(&builders).unwrap_or_else(|_| "[]".into());
+            let next: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT id FROM build_requests WHERE build_id IS NULL AND not_before_ms <= ?1
+                     AND builder IN (SELECT value FROM json_each(?2)) ORDER BY id LIMIT 1",
+                )?
+                .query_row(params![now_ms(), list], |r| r.get(0))
                 .optional()?;
-            let Some((builder, change_id)) = claimed else {
+            let Some(id) = next else {
                 return Ok(None);
             };
-            let number: i64 = conn.query_row(
-                "INSERT INTO builder_numbers (builder, last) VALUES (?1, 1)
-                 ON CONFLICT (builder) DO UPDATE SET last = last + 1 RETURNING last",
-                [&builder],
-                |r| r.get(0),
-            )?;
-            conn.execute(
-                "INSERT INTO builds (request_id, builder, worker, started_ms, number) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![request, builder, worker, now_ms(), number],
-            )?;
-            let build = conn.last_insert_rowid();
-            let mut stmt = conn.prepare_cached(
-                "UPDATE build_requests SET build_id = ?1 WHERE id = ?2 AND build_id IS NULL",
-            )?;
-            for id in std::iter::once(&request).chain(&merged) {
-                stmt.execute(params![build, id])?;
-            }
-            let change = match change_id {
-                Some(id) => super::load_change(conn, id)?,
-                None => None,
-            };
-            let change_ids = change_ids_of(conn, build)?;
-            let (kept, properties) = make(ClaimedBuild {
-                build,
-                number,
-                change: change.as_ref(),
-                change_ids: &change_ids,
-            });
-            store_properties(conn, build, &properties)?;
-            let first_row = match &first_step {
-                Some((name, on_lost, step_id)) => Some(insert_step(
-                    conn, build, 0, name, 1, step_id, on_lost,
-                )?),
-                None => None,
-            };
-            Ok(Some(Claim {
-                build,
-                first_row,
-                kept,
-            }))
+            let request = load_request(conn, id)?;
+            Ok(
+                claim_in(conn, id, &[], &worker, None, |b| (b.number, Vec::new()))?
+                    .map(|c| (request, c.build, c.kept)),
+            )
         })
         .await
     }
@@ -2018,6 +1980,96 @@ pub struct Claim<T> {
     /// The first step's row, if one was asked for.
     pub first_row: Option<i64>,
     pub kept: T,
+}
+
+const REQUEST_COLUMNS: &str = "id, builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key";
+
+fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRequest> {
+    let props: String = r.get(8)?;
+    Ok(BuildRequest {
+        id: r.get(0)?,
+        request: NewRequest {
+            builder: r.get(1)?,
+            change_id: r.get(2)?,
+            reason: r.get(3)?,
+            repository: r.get(4)?,
+            branch: r.get(5)?,
+            revision: r.get(6)?,
+            properties: serde_json::from_str(&props).unwrap_or_default(),
+            not_before_ms: r.get(9)?,
+            collapse_key: r.get(10)?,
+        },
+        created_ms: r.get(7)?,
+    })
+}
+
+/// [`StateDb::claim`]'s transaction body.
+fn claim_in<T>(
+    conn: &rusqlite::Connection,
+    request: i64,
+    merged: &[i64],
+    worker: &str,
+    first_step: Option<(String, String, [u8; 16])>,
+    make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>),
+) -> rusqlite::Result<Option<Claim<T>>> {
+    let claimed: Option<(String, Option<i64>)> = conn
+        .query_row(
+            "SELECT builder, change_id FROM build_requests WHERE id = ?1 AND build_id IS NULL",
+            [request],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((builder, change_id)) = claimed else {
+        return Ok(None);
+    };
+    let number: i64 = conn.query_row(
+        "INSERT INTO builder_numbers (builder, last) VALUES (?1, 1)
+                 ON CONFLICT (builder) DO UPDATE SET last = last + 1 RETURNING last",
+        [&builder],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+                "INSERT INTO builds (request_id, builder, worker, started_ms, number) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![request, builder, worker, now_ms(), number],
+            )?;
+    let build = conn.last_insert_rowid();
+    let mut stmt = conn.prepare_cached(
+        "UPDATE build_requests SET build_id = ?1 WHERE id = ?2 AND build_id IS NULL",
+    )?;
+    for id in std::iter::once(&request).chain(merged) {
+        stmt.execute(params![build, id])?;
+    }
+    let change = match change_id {
+        Some(id) => super::load_change(conn, id)?,
+        None => None,
+    };
+    let change_ids = change_ids_of(conn, build)?;
+    let (kept, properties) = make(ClaimedBuild {
+        build,
+        number,
+        change: change.as_ref(),
+        change_ids: &change_ids,
+    });
+    store_properties(conn, build, &properties)?;
+    let first_row = match &first_step {
+        Some((name, on_lost, step_id)) => {
+            Some(insert_step(conn, build, 0, name, 1, step_id, on_lost)?)
+        }
+        None => None,
+    };
+    Ok(Some(Claim {
+        build,
+        first_row,
+        kept,
+    }))
+}
+
+/// One stored build request.
+fn load_request(conn: &rusqlite::Connection, id: i64) -> rusqlite::Result<BuildRequest> {
+    conn.prepare_cached(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM build_requests WHERE id = ?1"
+    ))?
+    .query_row([id], request_row)
 }
 
 fn insert_step(

@@ -823,30 +823,13 @@ impl RequestQueue for StateDb {
         builders: &[String],
         worker: &str,
     ) -> Result<Option<ClaimedRequest>, StateError> {
-        let due: Vec<BuildRequest> = StateDb::waiting_requests(self)
+        Ok(StateDb::claim_next(self, builders, worker)
             .await?
-            .into_iter()
-            .filter(|r| {
-                r.request.not_before_ms <= now_ms() && builders.contains(&r.request.builder)
-            })
-            .collect();
-        // The writer runs one claim at a time and `claim` takes only a
-        // request still waiting: another claimer's request is passed over.
-        for request in due {
-            let claimed = self
-                .claim(request.id, Vec::new(), worker, None, |b| {
-                    (b.number, Vec::new())
-                })
-                .await?;
-            if let Some(c) = claimed {
-                return Ok(Some(ClaimedRequest {
-                    request,
-                    build: c.build,
-                    number: c.kept,
-                }));
-            }
-        }
-        Ok(None)
+            .map(|(request, build, number)| ClaimedRequest {
+                request,
+                build,
+                number,
+            }))
     }
 }
 
