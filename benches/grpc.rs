@@ -18,6 +18,8 @@
 //! Run: `cargo bench --bench grpc` (add `-- quick` for a short run). Loopback
 //! only; every loop is bounded in count and time.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -316,18 +318,6 @@ async fn pair(
 /// What [`pair`] compares in parts 1, 2 and 4.
 const PORTS: [&str; 2] = ["shared port", "plain tonic"];
 
-/// The machine's PostgreSQL server, as every test machine has it.
-const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// Runs SQL on the server's `test` database.
-async fn pg_admin(sql: &str) {
-    let (client, conn) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {PG_ADMIN}: {e}"));
-    tokio::spawn(conn);
-    client.batch_execute(sql).await.unwrap();
-}
-
 /// Part 5: PostgreSQL against SQLite, both durable, through the shared port.
 async fn postgres_against_sqlite(
     dir: &std::path::Path,
@@ -336,7 +326,7 @@ async fn postgres_against_sqlite(
     cap: Duration,
 ) {
     let db = format!("switchyard_bench_{}", std::process::id());
-    pg_admin(&format!("CREATE DATABASE {db}")).await;
+    support::pg_admin(&format!("CREATE DATABASE {db}")).await;
     let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
     let pg: Arc<dyn ChangeStore> = Arc::new(
         switchyard::store::postgres::PgState::connect(&url)
@@ -359,7 +349,7 @@ async fn postgres_against_sqlite(
     println!(
         "5. durable PushChange/s through the shared port, 32 concurrent clients: PostgreSQL {pg_rate:.0}, SQLite {sqlite_rate:.0}, median ratio {ratio:.3}"
     );
-    pg_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+    support::pg_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }
 
 fn main() {

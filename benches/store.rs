@@ -12,23 +12,16 @@
 //! machine's PostgreSQL at 127.0.0.1:5432 (a database made for the run and
 //! dropped after). Loopback only; every loop is bounded.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::store::postgres::PgState;
 use switchyard::store::{NewRequest, RequestQueue, StateDb};
 
-const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
 const CLAIMERS: usize = 6;
 const BUILDERS: [&str; 3] = ["widgets", "gadgets", "gizmos"];
-
-async fn pg_admin(sql: &str) {
-    let (client, conn) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {PG_ADMIN}: {e}"));
-    tokio::spawn(conn);
-    client.batch_execute(sql).await.unwrap();
-}
 
 fn request(n: usize) -> NewRequest {
     NewRequest {
@@ -93,7 +86,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let db = format!("switchyard_store_bench_{}", std::process::id());
-        pg_admin(&format!("CREATE DATABASE {db}")).await;
+        support::pg_admin(&format!("CREATE DATABASE {db}")).await;
         let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
         let mut pg = Vec::new();
         for _ in 0..3 {
@@ -124,6 +117,6 @@ fn main() {
             );
         }
         drop(pg);
-        pg_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+        support::pg_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
     });
 }

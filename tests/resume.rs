@@ -749,21 +749,13 @@ async fn a_worker_given_several_masters_skips_one_it_cannot_reach_and_fails_over
     let b = master_with(&[("w1", "w1-pw", 1)], &marked("b")).await;
     // Nothing listens at the first address.
     let dead = format!("127.0.0.1:{}", free_port());
-    let _w = Reaped(
-        std::process::Command::new(BIN)
-            .args(["worker", "--master", &dead, "--master"])
-            .arg(a.addr.to_string())
-            .arg("--master")
-            .arg(b.addr.to_string())
-            .args(["--name", "w1", "--basedir"])
-            .arg(a.dir.path().join("basedir-w1"))
-            .env("SWITCHYARD_PASSWORD", "w1-pw")
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _w = spawn_worker_to(
+        &[dead, a.addr.to_string(), b.addr.to_string()],
+        "w1",
+        "w1-pw",
+        &a.dir.path().join("basedir-w1"),
+        &[],
+        &[],
     );
     // It went past the dead address to a, and stays there.
     wait_connected(&a, 1).await;

@@ -177,3 +177,16 @@ pub async fn framed_echo<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
     let back = stream.next().await.unwrap().unwrap();
     assert_eq!(back.len(), payload.len());
 }
+
+/// The machine's PostgreSQL server, as every test machine has it.
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Runs SQL on that server's `test` database (making and dropping a
+/// bench's own database).
+pub async fn pg_admin(sql: &str) {
+    let (client, conn) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {PG_ADMIN}: {e}"));
+    tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+}

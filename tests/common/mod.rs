@@ -281,17 +281,34 @@ pub fn spawn_worker_with(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Reaped {
+    spawn_worker_to(
+        &[m.addr.to_string()],
+        name,
+        password,
+        &m.dir.path().join(basedir),
+        args,
+        env,
+    )
+}
+
+/// A worker process logging in to `masters` (each given as `--master`, in
+/// order), its basedir `basedir`.
+pub fn spawn_worker_to(
+    masters: &[String],
+    name: &str,
+    password: &str,
+    basedir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Reaped {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("worker");
+    for m in masters {
+        cmd.args(["--master", m]);
+    }
     Reaped(
-        std::process::Command::new(BIN)
-            .args([
-                "worker",
-                "--master",
-                &m.addr.to_string(),
-                "--name",
-                name,
-                "--basedir",
-            ])
-            .arg(m.dir.path().join(basedir))
+        cmd.args(["--name", name, "--basedir"])
+            .arg(basedir)
             .args(args)
             .env("SWITCHYARD_PASSWORD", password)
             .envs(env.iter().copied())
@@ -520,24 +537,13 @@ pub fn spawn_worker_via(
     password: &str,
     basedir: &str,
 ) -> Reaped {
-    Reaped(
-        std::process::Command::new(BIN)
-            .args([
-                "worker",
-                "--master",
-                &addr.to_string(),
-                "--name",
-                name,
-                "--basedir",
-            ])
-            .arg(m.dir.path().join(basedir))
-            .env("SWITCHYARD_PASSWORD", password)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    spawn_worker_to(
+        &[addr.to_string()],
+        name,
+        password,
+        &m.dir.path().join(basedir),
+        &[],
+        &[],
     )
 }
 
