@@ -376,13 +376,12 @@ impl StateDb {
 
     /// Claims the oldest waiting request that is due for one of
     /// `builders`, for a build on `worker`, in one write: the
-    /// [`super::RequestQueue`] side of the SQLite state. Returns the
-    /// request, the build and its number.
+    /// [`super::RequestQueue`] side of the SQLite state.
     pub async fn claim_next(
         &self,
         builders: &[String],
         worker: &str,
-    ) -> Result<Option<(BuildRequest, i64, i64)>, StateError> {
+    ) -> Result<Option<super::ClaimedRequest>, StateError> {
         let (builders, worker) = (builders.to_vec(), worker.to_string());
         self.write(move |conn| {
             let list = serde_json::to_string(&builders).unwrap_or_else(|_| "[]".into());
@@ -398,8 +397,13 @@ impl StateDb {
             };
             let request = load_request(conn, id)?;
             Ok(
-                claim_in(conn, id, &[], &worker, None, |b| (b.number, Vec::new()))?
-                    .map(|c| (request, c.build, c.kept)),
+                claim_in(conn, id, &[], &worker, None, |b| (b.number, Vec::new()))?.map(|c| {
+                    super::ClaimedRequest {
+                        request,
+                        build: c.build,
+                        number: c.kept,
+                    }
+                }),
             )
         })
         .await

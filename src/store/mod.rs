@@ -823,13 +823,7 @@ impl RequestQueue for StateDb {
         builders: &[String],
         worker: &str,
     ) -> Result<Option<ClaimedRequest>, StateError> {
-        Ok(StateDb::claim_next(self, builders, worker)
-            .await?
-            .map(|(request, build, number)| ClaimedRequest {
-                request,
-                build,
-                number,
-            }))
+        StateDb::claim_next(self, builders, worker).await
     }
 }
 

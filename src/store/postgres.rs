@@ -186,11 +186,6 @@ impl PgState {
         Ok(state)
     }
 
-    /// The database's address, without its password.
-    pub fn address(&self) -> &str {
-        &self.shown
-    }
-
     async fn migrate(&self) -> Result<(), StateError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
