@@ -19,6 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard::builds::Outcome;
 
 use switchyard::builds::Event;
 use switchyard::store::logs::LogFiles;
@@ -186,11 +187,9 @@ async fn history(dir: &Path, n: usize, log: u64) -> (u64, u64, f64) {
             .collect();
         db.append_logs(chunks).await.unwrap();
         db.finish_step(StepEndRecord {
-            row: *row,
-            result: "success".into(),
             exit_code: Some(0),
-            then: Some((*build, Vec::new(), Some("success".into()))),
-            ..Default::default()
+            then: Some((*build, Vec::new(), Some(Outcome::Success))),
+            ..StepEndRecord::new(*row, Outcome::Success, "")
         })
         .await
         .unwrap();

@@ -3,6 +3,7 @@
 mod common;
 
 use std::time::Duration;
+use switchyard::builds::Outcome;
 
 use common::*;
 
@@ -48,15 +49,15 @@ async fn a_pushed_change_runs_a_two_step_build_to_success() {
     let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
     assert_eq!(b.builder, "widgets");
     assert_eq!(b.worker, "w1");
-    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.result, Some(Outcome::Success));
     assert_eq!(b.steps.len(), 2);
     assert!(
         b.steps
             .iter()
-            .all(|s| s.result.as_deref() == Some("success") && s.exit_code == Some(0))
+            .all(|s| s.result == Some(Outcome::Success) && s.exit_code == Some(0))
     );
     assert_ne!(b.steps[0].step_id, b.steps[1].step_id);
-    assert_eq!(b.steps[0].step_id.len(), 32, "128-bit step ids");
+    assert_eq!(b.steps[0].step_id.to_string().len(), 32, "128-bit step ids");
     assert_eq!(log_text(&m, b.id, 0).await, "hello\n");
     assert_eq!(log_text(&m, b.id, 1).await, "world\n");
     // A change on another branch matches no scheduler.
@@ -123,7 +124,7 @@ name = "all"
 builders = ["widgets"]
 "#;
     let (m, _w, b) = run_one(toml, "any").await;
-    assert_eq!(b.result.as_deref(), Some("failure"));
+    assert_eq!(b.result, Some(Outcome::Failure));
     assert_eq!(b.steps.len(), 1, "the second step must not run");
     assert_eq!(b.steps[0].exit_code, Some(3));
     assert_eq!(log_text(&m, b.id, 0).await, "compiling\n");
@@ -149,7 +150,7 @@ name = "all"
 builders = ["slow"]
 "#;
     let (m, _w, b) = run_one(toml, "main").await;
-    assert_eq!(b.result.as_deref(), Some("failure"));
+    assert_eq!(b.result, Some(Outcome::Failure));
     assert!(b.steps[0].detail.contains("timed out"), "{:?}", b.steps[0]);
     assert_eq!(log_text(&m, b.id, 0).await, "started\n");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -708,7 +709,7 @@ async fn properties_are_interpolated_quoted_and_stored_with_their_sources() {
     // A step set a property for the steps after it.
     assert_eq!(log_text(&m, b.id, 4).await, "v=1.2.3\n");
     let missing = &b.steps[5];
-    assert_eq!(missing.result.as_deref(), Some("failure"));
+    assert_eq!(missing.result, Some(Outcome::Failure));
     assert!(
         missing.detail.contains("undefined_thing"),
         "{}",
@@ -788,7 +789,7 @@ async fn a_step_secret_is_masked_in_logs_and_never_stored() {
     let clone = log_text(&m, b.id, 2).await;
     assert!(clone.contains("/nowhere/<secret:token>.git"), "{clone}");
     assert!(!clone.contains(SECRET), "{clone}");
-    assert_eq!(b.steps[2].result.as_deref(), Some("failure"));
+    assert_eq!(b.steps[2].result, Some(Outcome::Failure));
     // Nowhere in what the master stored, nor in what the console shows.
     let shown = debug_cli(
         &m,
@@ -925,7 +926,7 @@ async fn each_build_checks_out_exactly_the_commit_it_was_made_for() {
     {
         assert_eq!(b.revision, *rev);
         assert_eq!(
-            b.result.as_deref(),
+            b.result.map(|o| o.as_str()),
             Some(expected),
             "build {} of {rev}",
             b.number
@@ -1204,7 +1205,7 @@ async fn the_same_push_under_a_tree_stable_timer_makes_one_build_of_the_newest()
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(m.master.state().builds(None, 10).await.unwrap().len(), 1);
     let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
-    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.result, Some(Outcome::Success));
     assert_eq!(b.revision, revisions[1]);
     let log = log_text(&m, b.id, 1).await;
     assert_eq!(log.lines().next(), Some(revisions[1].as_str()), "{log}");
@@ -1286,7 +1287,7 @@ builders = ["chatty"]
     );
     let b = m.master.state().build(id).await.unwrap().unwrap();
     assert_eq!(b.steps.len(), 1);
-    assert_eq!(b.steps[0].result.as_deref(), Some("failure"));
+    assert_eq!(b.steps[0].result, Some(Outcome::Failure));
     assert!(
         b.steps[0].detail.contains("max_log_size (65536 bytes)"),
         "{}",
@@ -1369,7 +1370,7 @@ builders = ["widgets"]
     // log does not. Newer: untouched.
     assert!(m.master.state().build(ids[1]).await.unwrap().is_none());
     let kept = m.master.state().build(ids[2]).await.unwrap().unwrap();
-    assert_eq!(kept.result.as_deref(), Some("success"));
+    assert_eq!(kept.result, Some(Outcome::Success));
     assert_eq!(log_text(&m, ids[2], 0).await, "");
     assert_eq!(log_text(&m, ids[3], 0).await, expected);
     let stored: String = m
@@ -1813,7 +1814,7 @@ upload = { source = "out", name = "out" }
         let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
         (m, w, b)
     };
-    assert_eq!(b.result.as_deref(), Some("failure"));
+    assert_eq!(b.result, Some(Outcome::Failure));
     assert!(
         log_text(&m, b.id, 1)
             .await
@@ -1886,7 +1887,7 @@ upload = { source = "b", name = "b" }
     let (id, result) = force_and_wait(&m, "pair", &[]).await;
     assert_eq!(result, "failure");
     let b = m.master.state().build(id).await.unwrap().unwrap();
-    assert_eq!(b.steps[1].result.as_deref(), Some("success"));
+    assert_eq!(b.steps[1].result, Some(Outcome::Success));
     let detail = &b.steps[2].detail;
     assert!(
         detail.contains(

@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use switchyard::builds::Outcome;
 
 use common::*;
 use serde_json::Value;
@@ -87,7 +88,7 @@ async fn json(m: &TestMaster, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
-async fn wait_result(m: &TestMaster, build: i64) -> String {
+async fn wait_result(m: &TestMaster, build: i64) -> Outcome {
     within("the build to end", async {
         loop {
             if let Some(r) = m
@@ -146,7 +147,7 @@ async fn force_status_builds_log_and_json_from_the_console() {
     // force waited for a worker to start it, and says which build it is.
     assert_eq!(forced["build"]["id"], build, "{forced}");
     assert_eq!(forced["build"]["number"], 1);
-    assert_eq!(wait_result(&m, build).await, "success");
+    assert_eq!(wait_result(&m, build).await, Outcome::Success);
 
     let status = json(&m, &["status"]).await;
     assert_eq!(status["workers_connected"], 1);
@@ -269,7 +270,7 @@ async fn log_follow_streams_a_running_build_until_it_ends() {
     );
     let id = m.master.state().build_by_number("drip", 1).await.unwrap();
     let b = m.master.state().build(id.unwrap()).await.unwrap().unwrap();
-    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.result, Some(Outcome::Success));
     // Following a finished build prints it and its end at once.
     let again = debug(&m, "admin", "admin-pw", &["log", "drip#1", "--follow"])
         .await
@@ -319,7 +320,7 @@ async fn a_build_shows_its_changes_and_builds_list_in_fitted_columns() {
     )
     .await;
     let build = next_build_started(&mut events).await;
-    assert_eq!(wait_result(&m, build).await, "success");
+    assert_eq!(wait_result(&m, build).await, Outcome::Success);
     let detail = debug(&m, "admin", "admin-pw", &["build", "quick#1"])
         .await
         .unwrap();
@@ -371,9 +372,9 @@ async fn stop_interrupts_a_running_build_and_kills_its_processes() {
         .await
         .unwrap();
     assert!(out.contains("stopping"), "{out}");
-    assert_eq!(wait_result(&m, build).await, "interrupted");
+    assert_eq!(wait_result(&m, build).await, Outcome::Interrupted);
     let b = m.master.state().build(build).await.unwrap().unwrap();
-    assert_eq!(b.steps[0].result.as_deref(), Some("interrupted"));
+    assert_eq!(b.steps[0].result, Some(Outcome::Interrupted));
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
         !m.dir.path().join("basedir/slow/survived").exists(),
@@ -527,7 +528,7 @@ async fn the_same_operations_over_grpc() {
         .insert("authorization", auth("admin", "admin-pw"));
     within("Force", client.force(req)).await.unwrap();
     let build = next_build_started(&mut events).await;
-    assert_eq!(wait_result(&m, build).await, "success");
+    assert_eq!(wait_result(&m, build).await, Outcome::Success);
     let mut req = tonic::Request::new(BuildsRequest {
         builder: "quick".into(),
         limit: 5,

@@ -5,6 +5,7 @@
 mod common;
 
 use std::time::Duration;
+use switchyard::builds::Outcome;
 
 use common::*;
 use switchyard::builds::Event;
@@ -84,7 +85,7 @@ async fn started(
     out
 }
 
-async fn result_of(m: &TestMaster, build: i64) -> String {
+async fn result_of(m: &TestMaster, build: i64) -> Outcome {
     within("a build to end", async {
         loop {
             if let Some(r) = m
@@ -162,8 +163,8 @@ async fn removing_a_worker_interrupts_its_build_and_touches_nothing_else() {
     let report = reload_with(&m, &builds_toml("", false, true, false), false).await;
     assert_eq!(report.builds.workers_removed, vec!["w1".to_string()]);
     assert_eq!(report.builds.workers_unchanged, 1);
-    assert_eq!(result_of(&m, id_of(&s, "b1")).await, "interrupted");
-    assert_eq!(result_of(&m, id_of(&s, "b2")).await, "success");
+    assert_eq!(result_of(&m, id_of(&s, "b1")).await, Outcome::Interrupted);
+    assert_eq!(result_of(&m, id_of(&s, "b2")).await, Outcome::Success);
     assert_eq!(
         log_text(&m, id_of(&s, "b2"), 0).await,
         "start\nend\n",
@@ -204,7 +205,7 @@ async fn a_draining_worker_finishes_its_build_gets_no_more_and_leaves() {
         .replace("workers = [\"w1\"]", "workers = []");
     let report = reload_with(&m, &toml, true).await;
     assert_eq!(report.builds.workers_draining, vec!["w1".to_string()]);
-    assert_eq!(result_of(&m, s[0].0).await, "success");
+    assert_eq!(result_of(&m, s[0].0).await, Outcome::Success);
     assert_eq!(log_text(&m, s[0].0, 0).await, "start\nend\n");
     within("the drained worker to be hung up", async {
         while session_of(&m, "w1").is_some() {
@@ -260,7 +261,7 @@ async fn a_changed_worker_password_hangs_it_up_and_interrupts_its_build() {
             .any(|(u, _, why)| u == "w1" && *why == "password changed"),
         "{report}"
     );
-    assert_eq!(result_of(&m, s[0].0).await, "interrupted");
+    assert_eq!(result_of(&m, s[0].0).await, Outcome::Interrupted);
     // The old password no longer logs in; the new one does.
     assert!(m.login("w1", "w1-pw", "worker").await.is_err());
     let _w1_new = worker(&m, "w1", "w1-new-pw");
@@ -292,12 +293,12 @@ async fn a_changed_builder_waits_for_its_build_then_uses_the_new_steps() {
     );
     assert_eq!(report.builds.builders_unchanged, 1);
     // The running build finishes with the old definition...
-    assert_eq!(result_of(&m, s[0].0).await, "success");
+    assert_eq!(result_of(&m, s[0].0).await, Outcome::Success);
     let first = m.master.state().build(s[0].0).await.unwrap().unwrap();
     assert_eq!(first.steps.len(), 1);
     // ...then the queued request runs with the new one.
     let next = started(&mut events, 1).await;
-    assert_eq!(result_of(&m, next[0].0).await, "success");
+    assert_eq!(result_of(&m, next[0].0).await, Outcome::Success);
     let second = m.master.state().build(next[0].0).await.unwrap().unwrap();
     assert_eq!(
         second
@@ -452,7 +453,7 @@ async fn twenty_reloads_while_builds_run_disturb_nothing_unchanged() {
         assert!(report.builds.builders_waiting.is_empty(), "{report}");
     }
     for b in ["b1", "b2"] {
-        assert_eq!(result_of(&m, id_of(&s, b)).await, "success");
+        assert_eq!(result_of(&m, id_of(&s, b)).await, Outcome::Success);
         assert_eq!(log_text(&m, id_of(&s, b), 0).await, "start\nend\n");
     }
     assert_eq!(

@@ -7,6 +7,7 @@
 mod common;
 
 use std::time::Duration;
+use switchyard::builds::Outcome;
 
 use common::*;
 
@@ -158,7 +159,7 @@ fn attempts(b: &switchyard::store::BuildRecord) -> Vec<(String, u32, String)> {
             (
                 s.name.clone(),
                 s.attempt,
-                s.result.clone().unwrap_or_default(),
+                s.result.map(|o| o.to_string()).unwrap_or_default(),
             )
         })
         .collect()
@@ -171,7 +172,7 @@ async fn a_lost_step_with_on_lost_retry_runs_again_and_keeps_its_first_log() {
     ))
     .await;
     let (b, _w) = kill_worker_during(&m, "long").await;
-    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.result, Some(Outcome::Success));
     assert_eq!(
         attempts(&b),
         vec![
@@ -204,7 +205,7 @@ async fn a_lost_step_with_on_lost_restart_runs_the_build_again() {
     );
     let m = master_with_builder(&steps).await;
     let (b, _w) = kill_worker_during(&m, "long").await;
-    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.result, Some(Outcome::Success));
     assert_eq!(
         attempts(&b),
         vec![
@@ -224,7 +225,7 @@ async fn a_lost_step_with_on_lost_fail_fails_the_build() {
     ))
     .await;
     let (b, _w) = kill_worker_during(&m, "long").await;
-    assert_eq!(b.result.as_deref(), Some("failure"));
+    assert_eq!(b.result, Some(Outcome::Failure));
     assert_eq!(attempts(&b), vec![("long".into(), 1, "exception".into())]);
     assert!(
         b.steps[0].detail.contains("on_lost = fail"),
@@ -707,7 +708,7 @@ async fn a_dead_step_host_fails_its_running_step_and_the_next_gets_a_new_one() {
     .await;
     let ended = builds_ended(&mut events, 1).await;
     let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
-    assert_ne!(b.result.as_deref(), Some("success"));
+    assert_ne!(b.result, Some(Outcome::Success));
     assert!(
         b.steps[0].detail.contains("the step host died"),
         "{}",
@@ -721,7 +722,7 @@ async fn a_dead_step_host_fails_its_running_step_and_the_next_gets_a_new_one() {
         .unwrap();
     let ended = builds_ended(&mut events, 1).await;
     let b = m.master.state().build(ended[0].0).await.unwrap().unwrap();
-    assert_eq!(b.result.as_deref(), Some("success"));
+    assert_eq!(b.result, Some(Outcome::Success));
     let (second_host, _) = ids(1).await;
     assert_ne!(second_host, host);
     m.stop().await;

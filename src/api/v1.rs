@@ -16,8 +16,9 @@ use serde_json::{Value, json};
 use super::ApiState;
 use super::access::{Actor, Reader};
 use super::json::{build_json, builders_json, workers_json};
+use crate::builds::Outcome;
 use crate::debug::DebugError;
-use crate::store::BuildFilter;
+use crate::store::{BuildFilter, LogStorage};
 
 /// The grant a user needs to read the UI and the API.
 pub const SERVICE: &str = super::access::READ;
@@ -172,17 +173,16 @@ async fn builds(
 ) -> ApiResult {
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
-    if let Some(r) = &q.result
-        && !["success", "failure", "exception", "interrupted"].contains(&r.as_str())
-    {
-        return Err(ApiError::bad(
-            "result must be one of success, failure, exception, interrupted",
-        ));
-    }
+    let result = match &q.result {
+        None => None,
+        Some(r) => Some(r.parse::<Outcome>().map_err(|_| {
+            ApiError::bad("result must be one of success, failure, exception, interrupted")
+        })?),
+    };
     let filter = BuildFilter {
         builder: q.builder,
         branch: q.branch,
-        result: q.result,
+        result,
         before: q.before,
         limit,
     };
@@ -626,7 +626,7 @@ async fn log(
         .steps
         .iter()
         .filter(|st| chosen.contains(&st.row))
-        .all(|st| st.log_stored == "pruned");
+        .all(|st| st.log_stored == LogStorage::Pruned);
     if pruned && !chosen.is_empty() {
         return Err(ApiError(
             StatusCode::GONE,

@@ -45,6 +45,33 @@ impl Outcome {
     }
 }
 
+/// Exactly one of the four names; anything else is refused (what a user
+/// typed, e.g. an API filter).
+impl std::str::FromStr for Outcome {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Outcome, String> {
+        [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Exception,
+            Outcome::Interrupted,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+        .ok_or_else(|| {
+            format!("{s:?} is not a result: one of success, failure, exception, interrupted")
+        })
+    }
+}
+
+/// As its name.
+impl serde::Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BuilderConfig, Config, SchedulerConfig, StepSecrets, WorkerConfig};
 use crate::store::{ChangeStore, NewChange, NewRequest, StateDb, StateError};
+use crate::wire::StepId;
 
 pub use workers::WorkerLink;
 use workers::WorkerSlots;
@@ -145,17 +146,6 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct BuildMaster {
     inner: Arc<Inner>,
-}
-
-fn unhex16(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 impl Inner {
@@ -537,9 +527,11 @@ impl BuildMaster {
                     .unwrap_or_default(),
             };
             let first_step = builder.steps.first().map(|s| {
-                let mut step_id = [0u8; 16];
-                rand::fill(&mut step_id[..]);
-                (s.name.clone(), s.on_lost.as_str().to_string(), step_id)
+                (
+                    s.name.clone(),
+                    s.on_lost.as_str().to_string(),
+                    StepId::random(),
+                )
             });
             let first_id = first_step.as_ref().map(|(_, _, id)| *id);
             let claimed = self
@@ -608,15 +600,17 @@ impl BuildMaster {
                 for s in b.steps.iter().filter(|s| s.result.is_none()) {
                     self.inner
                         .state
-                        .finish_step(crate::store::StepEndRecord {
-                            row: s.row,
-                            result: "exception".into(),
-                            detail: "the builder was removed while the master was down".into(),
-                            ..Default::default()
-                        })
+                        .finish_step(crate::store::StepEndRecord::new(
+                            s.row,
+                            Outcome::Exception,
+                            "the builder was removed while the master was down",
+                        ))
                         .await?;
                 }
-                self.inner.state.finish_build(b.id, "exception").await?;
+                self.inner
+                    .state
+                    .finish_build(b.id, Outcome::Exception)
+                    .await?;
                 continue;
             };
             let mut resume = run::Resume {
@@ -632,19 +626,16 @@ impl BuildMaster {
             match last {
                 None => {}
                 Some(s) if s.result.is_none() => {
-                    let Some(step_id) = unhex16(&s.step_id) else {
-                        continue;
-                    };
                     resume.position = s.position as usize;
-                    resume.in_flight = Some((step_id, s.row));
+                    resume.in_flight = Some((s.step_id, s.row));
                 }
-                Some(s) if s.result.as_deref() == Some("success") => {
+                Some(s) if s.result == Some(Outcome::Success) => {
                     resume.position = s.position as usize + 1
                 }
                 Some(s) => {
                     // It had ended but its end was not recorded: record it now.
-                    let result = s.result.clone().unwrap_or_else(|| "exception".into());
-                    self.inner.state.finish_build(b.id, &result).await?;
+                    let result = s.result.unwrap_or(Outcome::Exception);
+                    self.inner.state.finish_build(b.id, result).await?;
                     continue;
                 }
             }

@@ -230,7 +230,7 @@ impl Reporters {
         web_url: Option<&str>,
     ) -> Sent {
         let target = web_url.map(|u| format!("{u}/builds/{}", row.build_id));
-        let outcome = b.result.as_deref().map(Outcome::parse);
+        let outcome = b.result;
         let context = format!("switchyard/{}", b.builder);
         let description = match (row.finished, outcome) {
             (false, _) => format!("build {} running", b.number),

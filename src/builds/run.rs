@@ -16,6 +16,7 @@ use crate::proto::{
     InterruptStep, MasterMessage, StartStep, StepFinished, master_message, step_finished,
 };
 use crate::store::{BuildRequest, PropertyRow, StepEndRecord};
+use crate::wire::StepId;
 use tokio::sync::oneshot;
 
 /// Sends a step to the worker's current session. A worker that is away (its
@@ -71,7 +72,7 @@ const MAX_RECOVERIES: u32 = 5;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 struct StepResult {
-    result: &'static str,
+    result: Outcome,
     exit_code: Option<i32>,
     signal: Option<i32>,
     detail: String,
@@ -80,37 +81,37 @@ struct StepResult {
 fn judge(f: &StepFinished, timeout: Option<Duration>) -> StepResult {
     let (mut exit_code, mut signal, mut detail) = (None, None, String::new());
     let mut result = match &f.status {
-        Some(step_finished::Status::ExitCode(0)) => "success",
+        Some(step_finished::Status::ExitCode(0)) => Outcome::Success,
         Some(step_finished::Status::ExitCode(c)) => {
             exit_code = Some(*c);
             detail = format!("exited with code {c}");
-            "failure"
+            Outcome::Failure
         }
         Some(step_finished::Status::Signal(s)) => {
             signal = Some(*s);
             detail = format!("killed by signal {s}");
-            "failure"
+            Outcome::Failure
         }
         Some(step_finished::Status::StartError(e)) => {
             detail = format!("could not start: {e}");
-            "failure"
+            Outcome::Failure
         }
         None => {
             detail = "the worker reported no exit status".into();
-            "exception"
+            Outcome::Exception
         }
     };
-    if result == "success" {
+    if result == Outcome::Success {
         exit_code = Some(0);
     }
     if f.timed_out {
-        result = "failure";
+        result = Outcome::Failure;
         detail = match timeout {
             Some(t) => format!("timed out after {t:?}; its process group was killed"),
             None => "timed out; its process group was killed".into(),
         };
     } else if f.interrupted {
-        result = "interrupted";
+        result = Outcome::Interrupted;
         detail = "interrupted; its process group was killed".into();
     }
     StepResult {
@@ -542,7 +543,7 @@ pub(super) struct Resume {
 }
 
 /// A step attempt's id and its row in the database.
-pub(super) type StepRow = ([u8; 16], i64);
+pub(super) type StepRow = (StepId, i64);
 
 /// The `sent_on` of steps that were running when the previous master
 /// process stopped: no session of this process has that id.
@@ -572,7 +573,7 @@ pub(super) async fn run_build(
         builder: builder.name.clone(),
         worker: worker.clone(),
     });
-    let mut outcome = "success";
+    let mut outcome = Outcome::Success;
     // How often each step has been started (its attempt number), and how
     // many lost steps this build has recovered from (bounded).
     let mut runs = resume.runs;
@@ -594,14 +595,13 @@ pub(super) async fn run_build(
         }
         let attempt = runs[position].max(1);
         if stop.is_stopped() {
-            outcome = "interrupted";
+            outcome = Outcome::Interrupted;
             break;
         }
         let (step_id, row) = match carried.or_else(|| first.take()) {
             Some(c) => c,
             None => {
-                let mut step_id = [0u8; 16];
-                rand::fill(&mut step_id[..]);
+                let step_id = StepId::random();
                 let row = match inner
                     .state
                     .start_step(
@@ -618,7 +618,7 @@ pub(super) async fn run_build(
                     Ok(row) => row,
                     Err(e) => {
                         tracing::error!(build, error = %e, "cannot record a step; the build ends as exception");
-                        outcome = "exception";
+                        outcome = Outcome::Exception;
                         break;
                     }
                 };
@@ -673,7 +673,10 @@ pub(super) async fn run_build(
                 let from = r.download_from.clone().unwrap_or_default();
                 match prepare_download(bm, row, d, &from).await {
                     Ok((download, file)) => {
-                        let offered = bm.inner.downloads.offer(&step_id, file, download.size);
+                        let offered =
+                            bm.inner
+                                .downloads
+                                .offer(step_id.as_bytes(), file, download.size);
                         Ok((r, Some((download, offered))))
                     }
                     Err(why) => Err(why),
@@ -698,14 +701,11 @@ pub(super) async fn run_build(
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&step_id[..]);
+                    .remove(&step_id.as_bytes()[..]);
                 let detail = format!("cannot start: {why}");
                 let end = StepEndRecord {
-                    row,
-                    result: "failure".into(),
-                    detail: detail.clone(),
-                    then: Some((build, Vec::new(), Some("failure".into()))),
-                    ..Default::default()
+                    then: Some((build, Vec::new(), Some(Outcome::Failure))),
+                    ..StepEndRecord::new(row, Outcome::Failure, detail.clone())
                 };
                 match inner.state.finish_step(end).await {
                     Ok(()) => ended = true,
@@ -719,7 +719,7 @@ pub(super) async fn run_build(
                     outcome: Outcome::Failure,
                     detail,
                 });
-                outcome = "failure";
+                outcome = Outcome::Failure;
                 break;
             }
         };
@@ -736,8 +736,8 @@ pub(super) async fn run_build(
         };
         // A step carried over from before a restart is already running (or
         // finished) on its worker: it is re-attached, not sent again.
-        let sent =
-            carried.is_some() || send_start(bm, &worker, &slots, &step_id, start, &stop).await;
+        let sent = carried.is_some()
+            || send_start(bm, &worker, &slots, step_id.as_bytes(), start, &stop).await;
         // The step's last output, stored with its end.
         let mut tail = Vec::new();
         let mut finished: Option<StepFinished> = if !sent {
@@ -783,7 +783,7 @@ pub(super) async fn run_build(
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&step_id[..]);
+            .remove(&step_id.as_bytes()[..]);
         // The step has ended: its artifact is no longer offered.
         drop(download);
         // Stopped while the worker went away: the stop is what happened.
@@ -799,7 +799,7 @@ pub(super) async fn run_build(
         let mut judged = match &finished {
             Some(f) => judge(f, step.timeout),
             None => StepResult {
-                result: "exception",
+                result: Outcome::Exception,
                 exit_code: None,
                 signal: None,
                 detail: format!(
@@ -825,7 +825,7 @@ pub(super) async fn run_build(
                 None => "timed out; the download was stopped and its partial file removed".into(),
             };
         }
-        if judged.result == "interrupted" && stop.is_stopped() {
+        if judged.result == Outcome::Interrupted && stop.is_stopped() {
             judged.detail = format!("{}; its process group was killed", stop.reason());
         }
         // Its last output goes to its log first: whether the log could take
@@ -836,7 +836,7 @@ pub(super) async fn run_build(
             tracing::error!(build, error = %e, "cannot store a step's last output");
         }
         if step.upload.is_some() && inner.state.upload_over_limit(row) {
-            judged.result = "failure";
+            judged.result = Outcome::Failure;
             judged.detail = format!(
                 "the artifact passed {}; the step was stopped{}",
                 inner.state.upload_limit(row),
@@ -846,7 +846,9 @@ pub(super) async fn run_build(
                     format!(" ({})", judged.detail)
                 }
             );
-        } else if let (Some(u), Some(_), "success") = (&step.upload, &finished, judged.result) {
+        } else if let (Some(u), Some(_), Outcome::Success) =
+            (&step.upload, &finished, judged.result)
+        {
             match inner
                 .state
                 .publish_artifact(build, row, u.name.clone())
@@ -856,11 +858,11 @@ pub(super) async fn run_build(
                     tracing::info!(build, artifact = %a.name, bytes = a.size, sha256 = %a.sha256, "artifact stored")
                 }
                 Ok(Err(why)) => {
-                    judged.result = "failure";
+                    judged.result = Outcome::Failure;
                     judged.detail = why;
                 }
                 Err(e) => {
-                    judged.result = "exception";
+                    judged.result = Outcome::Exception;
                     judged.detail = format!("the master could not store the artifact: {e}");
                 }
             }
@@ -871,10 +873,10 @@ pub(super) async fn run_build(
                 .trouble(row)
                 .or_else(|| inner.state.upload_trouble(row))
             {
-                judged.result = "failure";
+                judged.result = Outcome::Failure;
                 judged.detail = why;
             } else if logs.fails_on_limit() && logs.over_limit(row).unwrap_or(false) {
-                judged.result = "failure";
+                judged.result = Outcome::Failure;
                 judged.detail = format!(
                     "its output passed max_log_size ({} bytes); the step was stopped",
                     logs.max_log_size()
@@ -883,24 +885,26 @@ pub(super) async fn run_build(
         }
         // An upload that did not become an artifact leaves nothing behind.
         if step.upload.is_some()
-            && judged.result != "success"
+            && judged.result != Outcome::Success
             && let Err(e) = inner.state.discard_upload(row).await
         {
             tracing::warn!(build, error = %e, "cannot remove a failed upload's files");
         }
         // What the step set, and what the build comes to if this step ends
         // it: recorded with the step's end, in one write.
-        let set =
-            if !lost && judged.result == "success" && (step.set_properties || step.git.is_some()) {
-                properties_from_output(&inner.state, row, step.git.is_some(), &tail).await
-            } else {
-                Vec::new()
-            };
-        let build_ends: Option<&'static str> = match (lost, step.on_lost) {
-            (true, OnLost::Fail) => Some("failure"),
+        let set = if !lost
+            && judged.result == Outcome::Success
+            && (step.set_properties || step.git.is_some())
+        {
+            properties_from_output(&inner.state, row, step.git.is_some(), &tail).await
+        } else {
+            Vec::new()
+        };
+        let build_ends: Option<Outcome> = match (lost, step.on_lost) {
+            (true, OnLost::Fail) => Some(Outcome::Failure),
             (true, _) => None,
-            (false, _) if judged.result != "success" => Some(judged.result),
-            (false, _) if position + 1 == builder.steps.len() => Some("success"),
+            (false, _) if judged.result != Outcome::Success => Some(judged.result),
+            (false, _) if position + 1 == builder.steps.len() => Some(Outcome::Success),
             (false, _) => None,
         };
         let last_seq = finished.as_ref().map(|f| f.last_seq);
@@ -908,7 +912,7 @@ pub(super) async fn run_build(
         let end = StepEndRecord {
             row,
             logs: std::mem::take(&mut tail),
-            result: judged.result.into(),
+            result: judged.result,
             exit_code: judged.exit_code,
             signal: judged.signal,
             detail: judged.detail.clone(),
@@ -917,7 +921,7 @@ pub(super) async fn run_build(
                 set.iter()
                     .map(|(n, v)| (n.clone(), v.clone(), Source::Step.as_str().to_string()))
                     .collect(),
-                build_ends.map(String::from),
+                build_ends,
             )),
         };
         match inner.state.finish_step(end).await {
@@ -942,12 +946,12 @@ pub(super) async fn run_build(
         for (name, value) in &set {
             props.set(name, value, Source::Step);
         }
-        tracing::info!(build, step = %step.name, result = judged.result, detail = %judged.detail, "step finished");
+        tracing::info!(build, step = %step.name, result = %judged.result, detail = %judged.detail, "step finished");
         inner.emit(Event::StepEnded {
             build,
             step: step.name.clone(),
             attempt,
-            outcome: Outcome::parse(judged.result),
+            outcome: judged.result,
             detail: judged.detail.clone(),
         });
         if lost {
@@ -959,12 +963,12 @@ pub(super) async fn run_build(
                     continue;
                 }
                 OnLost::Fail => {
-                    outcome = "failure";
+                    outcome = Outcome::Failure;
                     break;
                 }
             }
         }
-        if judged.result != "success" {
+        if judged.result != Outcome::Success {
             outcome = judged.result;
             break;
         }
@@ -973,12 +977,7 @@ pub(super) async fn run_build(
     // A first step recorded with the claim but never started (the build
     // was stopped first) ends with the build.
     if let Some((_, row)) = first.take() {
-        let end = StepEndRecord {
-            row,
-            result: "interrupted".into(),
-            detail: "stopped before it started".into(),
-            ..Default::default()
-        };
+        let end = StepEndRecord::new(row, Outcome::Interrupted, "stopped before it started");
         if let Err(e) = inner.state.finish_step(end).await {
             tracing::error!(build, error = %e, "cannot record a step's end");
         }
@@ -986,10 +985,10 @@ pub(super) async fn run_build(
     if !ended && let Err(e) = inner.state.finish_build(build, outcome).await {
         tracing::error!(build, error = %e, "cannot record the build's end");
     }
-    tracing::info!(build, builder = %builder.name, result = outcome, "build finished");
+    tracing::info!(build, builder = %builder.name, result = %outcome, "build finished");
     inner.emit(Event::BuildEnded {
         build,
         builder: builder.name.clone(),
-        outcome: Outcome::parse(outcome),
+        outcome,
     });
 }

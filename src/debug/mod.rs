@@ -97,7 +97,7 @@ fn build_details(b: BuildRecord) -> BuildDetails {
         id: b.id,
         builder: b.builder,
         worker: b.worker,
-        result: b.result.unwrap_or_default(),
+        result: b.result.map(|o| o.as_str().to_string()).unwrap_or_default(),
         reason: b.reason,
         repository: b.repository,
         branch: b.branch,
@@ -121,15 +121,15 @@ fn build_details(b: BuildRecord) -> BuildDetails {
                 name: s.name,
                 position: s.position,
                 attempt: s.attempt,
-                step_id: s.step_id,
-                result: s.result.unwrap_or_default(),
+                step_id: s.step_id.to_string(),
+                result: s.result.map(|o| o.as_str().to_string()).unwrap_or_default(),
                 exit_code: s.exit_code,
                 signal: s.signal,
                 detail: s.detail,
                 started_unix_ms: s.started_ms,
                 finished_unix_ms: s.finished_ms.unwrap_or(0),
                 on_lost: s.on_lost,
-                log_stored: s.log_stored,
+                log_stored: s.log_stored.as_str().to_string(),
                 log_bytes: s.log_bytes,
                 log_lines: s.log_lines,
             })
@@ -345,7 +345,7 @@ impl DebugApi {
                 .build(req.build)
                 .await?
                 .ok_or_else(|| DebugError::NotFound(format!("no build {}", req.build)))?;
-            let finished = build.result.clone();
+            let finished = build.result;
             let steps: Vec<_> = if req.step.is_empty() {
                 build.steps
             } else {
@@ -392,7 +392,7 @@ impl DebugApi {
             if let Some(result) = finished {
                 let _ = out
                     .send(LogReply {
-                        build_result: result,
+                        build_result: result.as_str().to_string(),
                         ..Default::default()
                     })
                     .await;

@@ -8,7 +8,9 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
 
-use super::{StateDb, StateError, now_ms};
+use super::{LogStorage, StateDb, StateError, now_ms};
+use crate::builds::events::Outcome;
+use crate::wire::StepId;
 
 pub(super) const MIGRATION_2: &str = "
 CREATE TABLE build_requests (
@@ -132,7 +134,7 @@ pub struct BuildBrief {
     pub number: i64,
     pub started_ms: i64,
     pub finished_ms: Option<i64>,
-    pub result: Option<String>,
+    pub result: Option<Outcome>,
 }
 
 /// A builder at a glance (see [`StateDb::builder_overview`]).
@@ -152,18 +154,17 @@ pub struct StepRecord {
     pub position: u32,
     pub name: String,
     pub attempt: u32,
-    /// 128 random bits, hex.
-    pub step_id: String,
+    pub step_id: StepId,
     pub on_lost: String,
     pub started_ms: i64,
     pub finished_ms: Option<i64>,
-    /// `success`, `failure`, `exception`, `interrupted`; `None` while it runs.
-    pub result: Option<String>,
+    /// `None` while it runs.
+    pub result: Option<Outcome>,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub detail: String,
-    /// Where its log is: `file`, `compressed`, `pruned` or `database`.
-    pub log_stored: String,
+    /// Where its log is.
+    pub log_stored: LogStorage,
     /// Once it has ended: its log's size and line count.
     pub log_bytes: Option<u64>,
     pub log_lines: Option<u64>,
@@ -181,7 +182,7 @@ pub struct BuildRecord {
     pub revision: String,
     pub started_ms: i64,
     pub finished_ms: Option<i64>,
-    pub result: Option<String>,
+    pub result: Option<Outcome>,
     /// Per builder: 1, 2, 3 …, never reused.
     pub number: i64,
     /// (name, value, source), by name.
@@ -210,7 +211,22 @@ pub struct LogChunk {
     pub data: bytes::Bytes,
 }
 
-pub(crate) use crate::wire::hex;
+/// A stored result (`None` while the build or step runs).
+fn outcome_of(stored: Option<String>) -> Option<Outcome> {
+    stored.as_deref().map(Outcome::parse)
+}
+
+/// A stored step id (16 bytes).
+fn step_id_of(v: rusqlite::types::ValueRef<'_>) -> rusqlite::Result<StepId> {
+    let bytes = v.as_blob()?;
+    StepId::from_slice(bytes).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            bytes.len(),
+            rusqlite::types::Type::Blob,
+            "a step id is 16 bytes".into(),
+        )
+    })
+}
 
 fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>> {
     conn.prepare_cached(
@@ -224,15 +240,15 @@ fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>
             position: r.get(1)?,
             name: r.get(2)?,
             attempt: r.get(3)?,
-            step_id: hex(&r.get::<_, Vec<u8>>(4)?),
+            step_id: step_id_of(r.get_ref(4)?)?,
             on_lost: r.get(5)?,
             started_ms: r.get(6)?,
             finished_ms: r.get(7)?,
-            result: r.get(8)?,
+            result: outcome_of(r.get(8)?),
             exit_code: r.get(9)?,
             signal: r.get(10)?,
             detail: r.get(11)?,
-            log_stored: r.get(12)?,
+            log_stored: LogStorage::parse(&r.get::<_, String>(12)?),
             log_bytes: r.get::<_, Option<i64>>(13)?.map(|n| n as u64),
             log_lines: r.get::<_, Option<i64>>(14)?.map(|n| n as u64),
         })
@@ -258,7 +274,7 @@ pub struct QueuedReport {
 pub struct ReportedBuild {
     pub builder: String,
     pub number: i64,
-    pub result: Option<String>,
+    pub result: Option<Outcome>,
     pub repository: String,
     pub branch: String,
     pub revision: String,
@@ -330,11 +346,27 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
         revision: r.get(7)?,
         started_ms: r.get(8)?,
         finished_ms: r.get(9)?,
-        result: r.get(10)?,
+        result: outcome_of(r.get(10)?),
         number: r.get(11)?,
         properties: Vec::new(),
         steps: Vec::new(),
     })
+}
+
+impl StepEndRecord {
+    /// The end of the step attempt `row`, with no exit status, no last
+    /// output and nothing following from it.
+    pub fn new(row: i64, result: Outcome, detail: impl Into<String>) -> StepEndRecord {
+        StepEndRecord {
+            row,
+            logs: Vec::new(),
+            result,
+            exit_code: None,
+            signal: None,
+            detail: detail.into(),
+            then: None,
+        }
+    }
 }
 
 impl StateDb {
@@ -366,7 +398,7 @@ impl StateDb {
         request: i64,
         merged: Vec<i64>,
         worker: &str,
-        first_step: Option<(String, String, [u8; 16])>,
+        first_step: Option<(String, String, StepId)>,
         make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>) + Send + 'static,
     ) -> Result<Option<Claim<T>>, StateError> {
         let worker = worker.to_string();
@@ -555,7 +587,7 @@ impl StateDb {
                             Some(builder) => Some(ReportedBuild {
                                 builder,
                                 number: r.get(5)?,
-                                result: r.get(6)?,
+                                result: outcome_of(r.get(6)?),
                                 repository: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
                                 branch: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
                                 revision: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
@@ -817,7 +849,7 @@ impl StateDb {
         position: u32,
         name: &str,
         attempt: u32,
-        step_id: [u8; 16],
+        step_id: StepId,
         on_lost: &str,
         properties: Vec<PropertyRow>,
     ) -> Result<i64, StateError> {
@@ -852,7 +884,7 @@ impl StateDb {
                 params![
                     end.row,
                     now_ms(),
-                    end.result,
+                    end.result.as_str(),
                     end.exit_code,
                     end.signal,
                     end.detail,
@@ -863,7 +895,7 @@ impl StateDb {
             if let Some((build, properties, build_result)) = &end.then {
                 store_properties(conn, *build, properties)?;
                 if let Some(result) = build_result {
-                    end_build(conn, *build, result)?;
+                    end_build(conn, *build, *result)?;
                 }
             }
             Ok(())
@@ -882,10 +914,8 @@ impl StateDb {
         Ok(())
     }
 
-    pub async fn finish_build(&self, build: i64, result: &str) -> Result<(), StateError> {
-        let result = result.to_string();
-        self.write(move |conn| end_build(conn, build, &result))
-            .await
+    pub async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError> {
+        self.write(move |conn| end_build(conn, build, result)).await
     }
 
     /// Stores log chunks in their steps' files, durably when this returns;
@@ -1298,7 +1328,7 @@ impl StateDb {
                     params![
                         filter.builder,
                         filter.branch,
-                        filter.result,
+                        filter.result.map(Outcome::as_str),
                         filter.before,
                         filter.limit as i64
                     ],
@@ -1520,21 +1550,19 @@ impl StateDb {
                             number: r.get::<_, Option<i64>>(1)?.unwrap_or(0),
                             started_ms: r.get(2)?,
                             finished_ms: r.get(3)?,
-                            result: r.get(4)?,
+                            result: outcome_of(r.get(4)?),
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 // Most builders' last success is among their last builds.
-                let last_success_ms = match builds
-                    .iter()
-                    .find(|b| b.result.as_deref() == Some("success"))
-                {
-                    Some(b) => b.finished_ms.map(|f| f - b.started_ms),
-                    None => success
-                        .query_row([&name], |r| r.get::<_, Option<i64>>(0))
-                        .optional()?
-                        .flatten(),
-                };
+                let last_success_ms =
+                    match builds.iter().find(|b| b.result == Some(Outcome::Success)) {
+                        Some(b) => b.finished_ms.map(|f| f - b.started_ms),
+                        None => success
+                            .query_row([&name], |r| r.get::<_, Option<i64>>(0))
+                            .optional()?
+                            .flatten(),
+                    };
                 out.push(BuilderOverview {
                     name,
                     builds,
@@ -1778,7 +1806,7 @@ impl StateDb {
         let mut files = Vec::new();
         for (row, stored) in &steps {
             let row = *row;
-            if stored == "database" {
+            if LogStorage::parse(stored) == LogStorage::Database {
                 // Logs from before schema 8: a thousand chunks a write.
                 while self
                     .write(move |conn| {
@@ -1871,19 +1899,19 @@ impl StateDb {
 pub type PropertyRow = (String, String, String);
 
 /// A step attempt's end (see [`StateDb::finish_step`]).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct StepEndRecord {
     pub row: i64,
     /// Its last output, not stored yet (stored first; a chunk already
     /// stored is ignored).
     pub logs: Vec<LogChunk>,
-    pub result: String,
+    pub result: Outcome,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub detail: String,
     /// The build, the properties the step set, and the build's result if
     /// the step ends it.
-    pub then: Option<(i64, Vec<PropertyRow>, Option<String>)>,
+    pub then: Option<(i64, Vec<PropertyRow>, Option<Outcome>)>,
 }
 
 fn store_properties(
@@ -1900,10 +1928,10 @@ fn store_properties(
     Ok(())
 }
 
-fn end_build(conn: &rusqlite::Connection, build: i64, result: &str) -> rusqlite::Result<()> {
+fn end_build(conn: &rusqlite::Connection, build: i64, result: Outcome) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE builds SET finished_ms = ?2, result = ?3 WHERE id = ?1",
-        params![build, now_ms(), result],
+        params![build, now_ms(), result.as_str()],
     )?;
     Ok(())
 }
@@ -2013,7 +2041,7 @@ fn claim_in<T>(
     request: i64,
     merged: &[i64],
     worker: &str,
-    first_step: Option<(String, String, [u8; 16])>,
+    first_step: Option<(String, String, StepId)>,
     make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>),
 ) -> rusqlite::Result<Option<Claim<T>>> {
     let claimed: Option<(String, Option<i64>)> = conn
@@ -2082,7 +2110,7 @@ fn insert_step(
     position: u32,
     name: &str,
     attempt: u32,
-    step_id: &[u8; 16],
+    step_id: &StepId,
     on_lost: &str,
 ) -> rusqlite::Result<i64> {
     conn.prepare_cached(
@@ -2094,7 +2122,7 @@ fn insert_step(
         position,
         name,
         attempt,
-        &step_id[..],
+        &step_id.as_bytes()[..],
         on_lost,
         now_ms()
     ])?;
@@ -2107,8 +2135,7 @@ fn insert_step(
 pub struct BuildFilter {
     pub builder: Option<String>,
     pub branch: Option<String>,
-    /// `success`, `failure`, `exception`, `interrupted`.
-    pub result: Option<String>,
+    pub result: Option<Outcome>,
     /// Only builds with a smaller id (the next page).
     pub before: Option<i64>,
     pub limit: usize,

@@ -142,6 +142,48 @@ pub trait RequestQueue: Send + Sync + 'static {
     ) -> Result<Option<ClaimedRequest>, StateError>;
 }
 
+/// Where a step attempt's log is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogStorage {
+    /// Being written, or ended and not compressed yet: a file under the
+    /// data directory.
+    File,
+    /// Compressed (zstd, with a frame table) under the data directory.
+    Compressed,
+    /// Deleted by retention; the step's record stays.
+    Pruned,
+    /// In the database's `log_chunks` (logs stored before schema 8).
+    Database,
+}
+
+impl LogStorage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStorage::File => "file",
+            LogStorage::Compressed => "compressed",
+            LogStorage::Pruned => "pruned",
+            LogStorage::Database => "database",
+        }
+    }
+
+    /// What a stored name says (anything unknown: the database, where
+    /// the oldest logs are).
+    pub fn parse(s: &str) -> LogStorage {
+        match s {
+            "file" => LogStorage::File,
+            "compressed" => LogStorage::Compressed,
+            "pruned" => LogStorage::Pruned,
+            _ => LogStorage::Database,
+        }
+    }
+}
+
+impl std::fmt::Display for LogStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A request [`RequestQueue::claim_next`] claimed, and the build made for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimedRequest {
@@ -985,7 +1027,7 @@ mod tests {
             let db = StateDb::open(&path).unwrap();
             let build = db.write(insert_build).await.unwrap();
             let row = db
-                .start_step(build, 0, "up", 1, [1; 16], "fail", Vec::new())
+                .start_step(build, 0, "up", 1, [1; 16].into(), "fail", Vec::new())
                 .await
                 .unwrap();
             db.expect_upload(build, row, "app".into()).await.unwrap();

@@ -2,6 +2,7 @@
 //! magic and frame limits, and the transport a connection runs over (plain
 //! TCP or TLS), whichever side holds it.
 
+pub mod ids;
 pub mod rewind;
 
 /// Bytes as lowercase hex (digests, ids, pins, file names).
@@ -16,6 +17,7 @@ pub fn hex(bytes: &[u8]) -> String {
 pub mod tls;
 pub mod transport;
 
+pub use ids::StepId;
 pub use rewind::Rewind;
 pub use transport::Transport;
 

@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use super::ApiState;
 use super::access::{FormActor, Refusal, Viewer};
+use crate::builds::Outcome;
 use crate::proto::BuildDetails;
 
 /// Builds per page on a builder's page.
@@ -383,7 +384,7 @@ async fn home_markup(
                         td { a href={ "/builders/" (seg(&b.name)) } { (b.name) } }
                         td.cells {
                             @for x in &o.builds {
-                                (result_cell(x.id, x.number, x.result.as_deref()))
+                                (result_cell(x.id, x.number, x.result.map(Outcome::as_str)))
                             }
                             @if o.builds.is_empty() { span.muted { "no builds yet" } }
                         }
