@@ -186,11 +186,14 @@ async fn history(dir: &Path, n: usize, log: u64) -> (u64, u64, f64) {
             })
             .collect();
         db.append_logs(chunks).await.unwrap();
-        db.finish_step(StepEndRecord {
-            exit_code: Some(0),
-            then: Some((*build, Vec::new(), Some(Outcome::Success))),
-            ..StepEndRecord::new(*row, Outcome::Success, "")
-        })
+        db.finish_step(
+            StepEndRecord {
+                exit_code: Some(0),
+                then: Some((*build, Vec::new(), Some(Outcome::Success))),
+                ..StepEndRecord::new(*row, Outcome::Success, "")
+            },
+            Vec::new(),
+        )
         .await
         .unwrap();
     }

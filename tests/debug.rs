@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use switchyard::builds::Outcome;
+use switchyard::store::BuildStore;
 
 use common::*;
 use serde_json::Value;

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 use switchyard::builds::Outcome;
+use switchyard::store::BuildStore;
 
 use common::*;
 use switchyard::builds::Event;

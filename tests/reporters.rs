@@ -9,6 +9,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchyard::store::ReportOutbox;
 
 use common::*;
 

@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 use switchyard::builds::Outcome;
+use switchyard::store::BuildStore;
 
 use common::*;
 

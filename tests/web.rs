@@ -6,6 +6,7 @@
 mod common;
 
 use std::time::Duration;
+use switchyard::store::BuildStore;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -6,6 +6,7 @@
 //! Basic) unless `[web] public = true`; acting always needs `debug`. Every
 //! refusal is a status with `{"error": ...}` saying why.
 
+use crate::store::{BuildStore, ReportOutbox};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

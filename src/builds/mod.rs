@@ -22,6 +22,7 @@ mod workers;
 pub use events::{Event, Outcome, Stamped};
 pub use reconfig::{BuildsReport, ReconfigOptions};
 
+use crate::store::BuildStore;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
@@ -600,11 +601,14 @@ impl BuildMaster {
                 for s in b.steps.iter().filter(|s| s.result.is_none()) {
                     self.inner
                         .state
-                        .finish_step(crate::store::StepEndRecord::new(
-                            s.row,
-                            Outcome::Exception,
-                            "the builder was removed while the master was down",
-                        ))
+                        .finish_step(
+                            crate::store::StepEndRecord::new(
+                                s.row,
+                                Outcome::Exception,
+                                "the builder was removed while the master was down",
+                            ),
+                            Vec::new(),
+                        )
                         .await?;
                 }
                 self.inner

@@ -22,6 +22,7 @@
 //!   `switchyard/<builder>`, target URL `[web] url` + `/builds/ID`. The
 //!   owner and repository come from the change's repository URL.
 
+use crate::store::ReportOutbox;
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -5,6 +5,7 @@
 //! not start); `exception` (the worker was lost, or the master could not
 //! record the build); `interrupted` (an operator stopped it).
 
+use crate::store::BuildStore;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -707,7 +708,7 @@ pub(super) async fn run_build(
                     then: Some((build, Vec::new(), Some(Outcome::Failure))),
                     ..StepEndRecord::new(row, Outcome::Failure, detail.clone())
                 };
-                match inner.state.finish_step(end).await {
+                match inner.state.finish_step(end, Vec::new()).await {
                     Ok(()) => ended = true,
                     Err(e) => tracing::error!(build, error = %e, "cannot record a step's end"),
                 }
@@ -911,7 +912,6 @@ pub(super) async fn run_build(
         let tail_bytes: u64 = tail.iter().map(|c| c.data.len() as u64).sum();
         let end = StepEndRecord {
             row,
-            logs: std::mem::take(&mut tail),
             result: judged.result,
             exit_code: judged.exit_code,
             signal: judged.signal,
@@ -924,7 +924,11 @@ pub(super) async fn run_build(
                 build_ends,
             )),
         };
-        match inner.state.finish_step(end).await {
+        match inner
+            .state
+            .finish_step(end, std::mem::take(&mut tail))
+            .await
+        {
             Ok(()) => {
                 ended = build_ends.is_some();
                 if tail_bytes > 0 {
@@ -978,7 +982,7 @@ pub(super) async fn run_build(
     // was stopped first) ends with the build.
     if let Some((_, row)) = first.take() {
         let end = StepEndRecord::new(row, Outcome::Interrupted, "stopped before it started");
-        if let Err(e) = inner.state.finish_step(end).await {
+        if let Err(e) = inner.state.finish_step(end, Vec::new()).await {
             tracing::error!(build, error = %e, "cannot record a step's end");
         }
     }

@@ -10,6 +10,7 @@ pub mod console;
 pub mod grpc;
 pub mod service;
 
+use crate::store::{BuildStore, ReportOutbox};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
 
-use super::{LogStorage, StateDb, StateError, now_ms};
+use super::{BuildStore, LogSize, LogStorage, ReportOutbox, StateDb, StateError, now_ms};
 use crate::builds::events::Outcome;
 use crate::wire::StepId;
 
@@ -359,7 +359,6 @@ impl StepEndRecord {
     pub fn new(row: i64, result: Outcome, detail: impl Into<String>) -> StepEndRecord {
         StepEndRecord {
             row,
-            logs: Vec::new(),
             result,
             exit_code: None,
             signal: None,
@@ -439,16 +438,6 @@ impl StateDb {
             )
         })
         .await
-    }
-
-    /// Stores properties of a build (replacing any of the same name).
-    pub async fn set_build_properties(
-        &self,
-        build: i64,
-        properties: Vec<PropertyRow>,
-    ) -> Result<(), StateError> {
-        self.write(move |conn| store_properties(conn, build, &properties))
-            .await
     }
 
     /// A number kept under `key` (the nightly schedulers' marks).
@@ -538,192 +527,6 @@ impl StateDb {
                 params![now - DELIVERY_MEMORY.as_millis() as i64],
             )?;
             Ok((ids, made, false))
-        })
-        .await
-    }
-
-    /// The oldest `limit` rows of the reporters' outbox that `reporter` has
-    /// not done with, oldest first, and its progress on them. Each
-    /// reporter reads its own queue, so one that keeps failing never hides
-    /// newer rows from the others, however many it holds.
-    pub async fn report_queue(
-        &self,
-        reporter: String,
-        limit: usize,
-    ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError> {
-        self.read(move |conn| {
-            let mut s = conn.prepare_cached(
-                "SELECT o.id, o.build_id, o.finished, o.created_ms,
-                        b.builder, COALESCE(b.number, 0), b.result, r.repository, r.branch, r.revision,
-                        p.attempts, p.next_ms, p.last_error
-                 FROM report_outbox o
-                 LEFT JOIN report_progress p ON p.outbox_id = o.id AND p.reporter = ?2
-                 LEFT JOIN builds b ON b.id = o.build_id
-                 LEFT JOIN build_requests r ON r.id = b.request_id
-                 WHERE COALESCE(p.done, 0) = 0
-                 ORDER BY o.id LIMIT ?1",
-            )?;
-            let mut progress = HashMap::new();
-            let rows = s
-                .query_map(params![limit as i64, reporter], |r| {
-                    let builder: Option<String> = r.get(4)?;
-                    let attempts: Option<i64> = r.get(10)?;
-                    let progress = match attempts {
-                        None => None,
-                        Some(attempts) => Some(ReportProgress {
-                            done: false,
-                            attempts,
-                            next_ms: r.get(11)?,
-                            last_error: r.get(12)?,
-                        }),
-                    };
-                    let row = QueuedReport {
-                        outbox_id: r.get(0)?,
-                        build_id: r.get(1)?,
-                        finished: r.get::<_, i64>(2)? != 0,
-                        created_ms: r.get(3)?,
-                        build: match builder {
-                            None => None,
-                            Some(builder) => Some(ReportedBuild {
-                                builder,
-                                number: r.get(5)?,
-                                result: outcome_of(r.get(6)?),
-                                repository: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
-                                branch: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
-                                revision: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
-                            }),
-                        },
-                    };
-                    Ok((row, progress))
-                })?
-                .map(|r| {
-                    r.map(|(row, p)| {
-                        if let Some(p) = p {
-                            progress.insert(row.outbox_id, p);
-                        }
-                        row
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((rows, progress))
-        })
-        .await
-    }
-
-    /// Marks outbox rows done for `reporter` without sending them (rows it
-    /// does not want, or gave up), in one transaction.
-    pub async fn skip_reports(&self, reporter: String, ids: Vec<i64>) -> Result<(), StateError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.write(move |conn| {
-            let mut s = conn.prepare_cached(
-                "INSERT INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
-                 VALUES (?1, ?2, 1, 0, 0, '')
-                 ON CONFLICT (outbox_id, reporter) DO UPDATE SET done = 1",
-            )?;
-            for id in &ids {
-                s.execute(params![id, reporter])?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// Removes (at most `limit`) outbox rows that every one of `reporters`
-    /// is done with, with their progress; all of them when there are no
-    /// reporters. Returns how many went.
-    pub async fn forget_delivered_reports(
-        &self,
-        reporters: Vec<String>,
-        limit: usize,
-    ) -> Result<usize, StateError> {
-        let names = serde_json::to_string(&reporters).expect("a list of strings is JSON");
-        let wanted = reporters.len() as i64;
-        self.write(move |conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached(
-                    "SELECT o.id FROM report_outbox o
-                     WHERE (SELECT COUNT(*) FROM report_progress p
-                            WHERE p.outbox_id = o.id AND p.done = 1
-                              AND p.reporter IN (SELECT value FROM json_each(?1))) = ?2
-                     ORDER BY o.id LIMIT ?3",
-                )?
-                .query_map(params![names, wanted, limit as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for id in &ids {
-                conn.execute(
-                    "DELETE FROM report_progress WHERE outbox_id = ?1",
-                    params![id],
-                )?;
-                conn.execute("DELETE FROM report_outbox WHERE id = ?1", params![id])?;
-            }
-            Ok(ids.len())
-        })
-        .await
-    }
-
-    /// Reports a reporter tried to deliver and could not yet, oldest
-    /// first (at most `limit`).
-    pub async fn undelivered_reports(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<UndeliveredReport>, StateError> {
-        self.read(move |conn| {
-            let mut s = conn.prepare_cached(
-                "SELECT p.reporter, o.build_id, o.finished, o.created_ms, p.attempts, p.next_ms,
-                        p.last_error, COALESCE(b.builder, ''), COALESCE(b.number, 0)
-                 FROM report_progress p JOIN report_outbox o ON o.id = p.outbox_id
-                 LEFT JOIN builds b ON b.id = o.build_id
-                 WHERE p.done = 0 ORDER BY o.id LIMIT ?1",
-            )?;
-            let rows = s
-                .query_map(params![limit as i64], |r| {
-                    Ok(UndeliveredReport {
-                        reporter: r.get(0)?,
-                        build_id: r.get(1)?,
-                        finished: r.get::<_, i64>(2)? != 0,
-                        created_ms: r.get(3)?,
-                        attempts: r.get(4)?,
-                        next_ms: r.get(5)?,
-                        last_error: r.get(6)?,
-                        builder: r.get(7)?,
-                        number: r.get(8)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// How many reports a reporter tried to deliver and could not yet.
-    pub async fn undelivered_report_count(&self) -> Result<u64, StateError> {
-        self.read(|conn| {
-            let n: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM report_progress WHERE done = 0",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok(n as u64)
-        })
-        .await
-    }
-
-    /// Records a reporter's progress on an outbox row.
-    pub async fn set_report_progress(
-        &self,
-        outbox_id: i64,
-        reporter: String,
-        p: ReportProgress,
-    ) -> Result<(), StateError> {
-        self.write(move |conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![outbox_id, reporter, p.done as i64, p.attempts, p.next_ms, p.last_error],
-            )?;
-            Ok(())
         })
         .await
     }
@@ -821,86 +624,29 @@ impl StateDb {
         .await
     }
 
-    /// The changes of every request a build was made for, oldest first.
-    pub async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
-        self.read(move |conn| change_ids_of(conn, build)).await
-    }
-
-    /// The build a request was claimed by, if a worker has started it.
-    pub async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
-        self.read(move |conn| {
-            Ok(conn
-                .prepare_cached("SELECT build_id FROM build_requests WHERE id = ?1")?
-                .query_row([request], |r| r.get::<_, Option<i64>>(0))
-                .optional()?
-                .flatten())
-        })
-        .await
-    }
-
-    /// Records a step attempt starting, and `properties` of its build in
-    /// the same transaction (a build's first step carries the properties it
-    /// was made with: one durable write instead of two before the step can
-    /// go out); returns the step's row id.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start_step(
-        &self,
-        build: i64,
-        position: u32,
-        name: &str,
-        attempt: u32,
-        step_id: StepId,
-        on_lost: &str,
-        properties: Vec<PropertyRow>,
-    ) -> Result<i64, StateError> {
-        let (name, on_lost) = (name.to_string(), on_lost.to_string());
-        self.write(move |conn| {
-            store_properties(conn, build, &properties)?;
-            insert_step(conn, build, position, &name, attempt, &step_id, &on_lost)
-        })
-        .await
-    }
-
     /// Records a step attempt's end, with what follows from it in the same
     /// transaction: properties the step set, and the build's end when this
     /// step ends it. Its last output is made durable in its log file first;
     /// the log is compressed afterwards, in the background.
-    pub async fn finish_step(&self, mut end: StepEndRecord) -> Result<(), StateError> {
+    pub async fn finish_step(
+        &self,
+        end: StepEndRecord,
+        last_output: Vec<LogChunk>,
+    ) -> Result<(), StateError> {
         let row = end.row;
-        let logs = std::mem::take(&mut end.logs);
         // An upload's own bytes were stored, checked and kept (or
         // discarded) before its end: they never go to the log.
-        let (_upload, logs) = self.split_uploads(logs);
+        let (_upload, logs) = self.split_uploads(last_output);
         let (troubles, stats) = self
             .on_logs(move |l| Ok((l.append(&logs)?, l.stats(row)?)))
             .await?;
         self.tell_log_troubles(troubles);
         let stats = stats.unwrap_or_default();
-        self.write(move |conn| {
-            conn.execute(
-                "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6,
-                                  log_bytes = ?7, log_lines = ?8
-                 WHERE id = ?1",
-                params![
-                    end.row,
-                    now_ms(),
-                    end.result.as_str(),
-                    end.exit_code,
-                    end.signal,
-                    end.detail,
-                    stats.bytes as i64,
-                    stats.lines as i64
-                ],
-            )?;
-            if let Some((build, properties, build_result)) = &end.then {
-                store_properties(conn, *build, properties)?;
-                if let Some(result) = build_result {
-                    end_build(conn, *build, *result)?;
-                }
-            }
-            Ok(())
-        })
-        .await?;
+        let size = LogSize {
+            bytes: stats.bytes,
+            lines: stats.lines,
+        };
+        self.record_step_end(end, size).await?;
         self.logs.close(row);
         if self
             .upload_rows
@@ -912,10 +658,6 @@ impl StateDb {
         }
         self.compress_later(vec![row]);
         Ok(())
-    }
-
-    pub async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError> {
-        self.write(move |conn| end_build(conn, build, result)).await
     }
 
     /// Stores log chunks in their steps' files, durably when this returns;
@@ -1297,101 +1039,6 @@ impl StateDb {
     /// Where an artifact's bytes are.
     pub fn artifact_path(&self, build: i64, name: &str) -> std::path::PathBuf {
         self.artifacts_dir.join(build.to_string()).join(name)
-    }
-
-    /// The most recent builds, newest first, with their steps.
-    pub async fn builds(
-        &self,
-        builder: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<BuildRecord>, StateError> {
-        self.find_builds(BuildFilter {
-            builder,
-            limit,
-            ..Default::default()
-        })
-        .await
-    }
-
-    /// Builds matching `filter`, newest first.
-    pub async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError> {
-        self.read(move |conn| {
-            let sql = format!(
-                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
-                 WHERE (?1 IS NULL OR b.builder = ?1) AND (?2 IS NULL OR r.branch = ?2)
-                   AND (?3 IS NULL OR b.result = ?3) AND (?4 IS NULL OR b.id < ?4)
-                 ORDER BY b.id DESC LIMIT ?5"
-            );
-            let mut builds: Vec<BuildRecord> = conn
-                .prepare_cached(&sql)?
-                .query_map(
-                    params![
-                        filter.builder,
-                        filter.branch,
-                        filter.result.map(Outcome::as_str),
-                        filter.before,
-                        filter.limit as i64
-                    ],
-                    build_row,
-                )?
-                .collect::<rusqlite::Result<_>>()?;
-            for b in &mut builds {
-                b.steps = load_steps(conn, b.id)?;
-                b.properties = load_properties(conn, b.id)?;
-            }
-            Ok(builds)
-        })
-        .await
-    }
-
-    /// The id of a builder's build of this number.
-    pub async fn build_by_number(
-        &self,
-        builder: &str,
-        number: i64,
-    ) -> Result<Option<i64>, StateError> {
-        let builder = builder.to_string();
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT id FROM builds WHERE builder = ?1 AND number = ?2",
-                params![builder, number],
-                |r| r.get(0),
-            )
-            .optional()
-        })
-        .await
-    }
-
-    /// Builds a previous master process left running, oldest first, with
-    /// their steps.
-    pub async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
-        self.read(|conn| {
-            let sql = format!(
-                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
-                 WHERE b.result IS NULL ORDER BY b.id"
-            );
-            let mut builds: Vec<BuildRecord> = conn
-                .prepare_cached(&sql)?
-                .query_map([], build_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            for b in &mut builds {
-                b.steps = load_steps(conn, b.id)?;
-                b.properties = load_properties(conn, b.id)?;
-            }
-            Ok(builds)
-        })
-        .await
-    }
-
-    pub async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
-        self.read(move |conn| {
-            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
-            let Some(mut b) = conn.prepare_cached(&sql)?.query_row([id], build_row).optional()? else { return Ok(None) };
-            b.steps = load_steps(conn, b.id)?;
-            b.properties = load_properties(conn, b.id)?;
-            Ok(Some(b))
-        })
-        .await
     }
 
     /// A page of a step's log: chunks after `after_seq`, at most about
@@ -1789,24 +1436,11 @@ impl StateDb {
         ended_before_ms: i64,
         limit: usize,
     ) -> Result<usize, StateError> {
-        let steps: Vec<(i64, String)> = self
-            .read(move |conn| {
-                conn.prepare_cached(
-                    "SELECT s.id, s.log_stored FROM steps s
-                     WHERE s.build_id IN (SELECT id FROM builds WHERE finished_ms < ?1)
-                       AND s.log_stored != 'pruned'
-                     LIMIT ?2",
-                )?
-                .query_map(params![ended_before_ms, limit as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect()
-            })
-            .await?;
+        let steps = self.logs_to_prune(ended_before_ms, limit).await?;
         let mut files = Vec::new();
         for (row, stored) in &steps {
             let row = *row;
-            if LogStorage::parse(stored) == LogStorage::Database {
+            if *stored == LogStorage::Database {
                 // Logs from before schema 8: a thousand chunks a write.
                 while self
                     .write(move |conn| {
@@ -1828,15 +1462,7 @@ impl StateDb {
         self.on_logs(move |l| files.iter().try_for_each(|r| l.remove(*r)))
             .await?;
         let rows: Vec<i64> = steps.iter().map(|(r, _)| *r).collect();
-        self.write(move |conn| {
-            let mut mark =
-                conn.prepare_cached("UPDATE steps SET log_stored = 'pruned' WHERE id = ?1")?;
-            for r in &rows {
-                mark.execute([r])?;
-            }
-            Ok(())
-        })
-        .await?;
+        self.set_log_storage(rows, LogStorage::Pruned).await?;
         Ok(steps.len())
     }
 
@@ -1902,9 +1528,6 @@ pub type PropertyRow = (String, String, String);
 #[derive(Clone, Debug)]
 pub struct StepEndRecord {
     pub row: i64,
-    /// Its last output, not stored yet (stored first; a chunk already
-    /// stored is ignored).
-    pub logs: Vec<LogChunk>,
     pub result: Outcome,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -2163,4 +1786,373 @@ fn chunks_upto(
         }
     }
     Ok(out)
+}
+
+#[async_trait::async_trait]
+impl BuildStore for StateDb {
+    #[allow(clippy::too_many_arguments)]
+    async fn start_step(
+        &self,
+        build: i64,
+        position: u32,
+        name: &str,
+        attempt: u32,
+        step_id: StepId,
+        on_lost: &str,
+        properties: Vec<PropertyRow>,
+    ) -> Result<i64, StateError> {
+        let (name, on_lost) = (name.to_string(), on_lost.to_string());
+        self.write(move |conn| {
+            store_properties(conn, build, &properties)?;
+            insert_step(conn, build, position, &name, attempt, &step_id, &on_lost)
+        })
+        .await
+    }
+
+    async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError> {
+        self.write(move |conn| end_build(conn, build, result)).await
+    }
+
+    async fn set_build_properties(
+        &self,
+        build: i64,
+        properties: Vec<PropertyRow>,
+    ) -> Result<(), StateError> {
+        self.write(move |conn| store_properties(conn, build, &properties))
+            .await
+    }
+
+    async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
+                 WHERE (?1 IS NULL OR b.builder = ?1) AND (?2 IS NULL OR r.branch = ?2)
+                   AND (?3 IS NULL OR b.result = ?3) AND (?4 IS NULL OR b.id < ?4)
+                 ORDER BY b.id DESC LIMIT ?5"
+            );
+            let mut builds: Vec<BuildRecord> = conn
+                .prepare_cached(&sql)?
+                .query_map(
+                    params![
+                        filter.builder,
+                        filter.branch,
+                        filter.result.map(Outcome::as_str),
+                        filter.before,
+                        filter.limit as i64
+                    ],
+                    build_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            for b in &mut builds {
+                b.steps = load_steps(conn, b.id)?;
+                b.properties = load_properties(conn, b.id)?;
+            }
+            Ok(builds)
+        })
+        .await
+    }
+
+    async fn build_by_number(&self, builder: &str, number: i64) -> Result<Option<i64>, StateError> {
+        let builder = builder.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id FROM builds WHERE builder = ?1 AND number = ?2",
+                params![builder, number],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
+        self.read(|conn| {
+            let sql = format!(
+                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
+                 WHERE b.result IS NULL ORDER BY b.id"
+            );
+            let mut builds: Vec<BuildRecord> = conn
+                .prepare_cached(&sql)?
+                .query_map([], build_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            for b in &mut builds {
+                b.steps = load_steps(conn, b.id)?;
+                b.properties = load_properties(conn, b.id)?;
+            }
+            Ok(builds)
+        })
+        .await
+    }
+
+    async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
+        self.read(move |conn| {
+            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
+            let Some(mut b) = conn.prepare_cached(&sql)?.query_row([id], build_row).optional()? else { return Ok(None) };
+            b.steps = load_steps(conn, b.id)?;
+            b.properties = load_properties(conn, b.id)?;
+            Ok(Some(b))
+        })
+        .await
+    }
+
+    async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
+        self.read(move |conn| change_ids_of(conn, build)).await
+    }
+
+    async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT build_id FROM build_requests WHERE id = ?1")?
+                .query_row([request], |r| r.get::<_, Option<i64>>(0))
+                .optional()?
+                .flatten())
+        })
+        .await
+    }
+
+    async fn record_step_end(&self, end: StepEndRecord, log: LogSize) -> Result<(), StateError> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6,
+                                  log_bytes = ?7, log_lines = ?8
+                 WHERE id = ?1",
+                params![
+                    end.row,
+                    now_ms(),
+                    end.result.as_str(),
+                    end.exit_code,
+                    end.signal,
+                    end.detail,
+                    log.bytes as i64,
+                    log.lines as i64
+                ],
+            )?;
+            if let Some((build, properties, build_result)) = &end.then {
+                store_properties(conn, *build, properties)?;
+                if let Some(result) = build_result {
+                    end_build(conn, *build, *result)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_log_storage(&self, rows: Vec<i64>, stored: LogStorage) -> Result<(), StateError> {
+        self.write(move |conn| {
+            let mut mark = conn.prepare_cached("UPDATE steps SET log_stored = ?2 WHERE id = ?1")?;
+            for r in &rows {
+                mark.execute(params![r, stored.as_str()])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ended_logs_stored_as(&self, stored: LogStorage) -> Result<Vec<i64>, StateError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id FROM steps WHERE log_stored = ?1 AND finished_ms IS NOT NULL ORDER BY id",
+            )?
+            .query_map([stored.as_str()], |r| r.get(0))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn logs_to_prune(
+        &self,
+        ended_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, LogStorage)>, StateError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT s.id, s.log_stored FROM steps s
+                 WHERE s.build_id IN (SELECT id FROM builds WHERE finished_ms < ?1)
+                   AND s.log_stored != 'pruned'
+                 ORDER BY s.id LIMIT ?2",
+            )?
+            .query_map(params![ended_before_ms, limit as i64], |r| {
+                Ok((r.get(0)?, LogStorage::parse(&r.get::<_, String>(1)?)))
+            })?
+            .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl ReportOutbox for StateDb {
+    async fn report_queue(
+        &self,
+        reporter: String,
+        limit: usize,
+    ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError> {
+        self.read(move |conn| {
+            let mut s = conn.prepare_cached(
+                "SELECT o.id, o.build_id, o.finished, o.created_ms,
+                        b.builder, COALESCE(b.number, 0), b.result, r.repository, r.branch, r.revision,
+                        p.attempts, p.next_ms, p.last_error
+                 FROM report_outbox o
+                 LEFT JOIN report_progress p ON p.outbox_id = o.id AND p.reporter = ?2
+                 LEFT JOIN builds b ON b.id = o.build_id
+                 LEFT JOIN build_requests r ON r.id = b.request_id
+                 WHERE COALESCE(p.done, 0) = 0
+                 ORDER BY o.id LIMIT ?1",
+            )?;
+            let mut progress = HashMap::new();
+            let rows = s
+                .query_map(params![limit as i64, reporter], |r| {
+                    let builder: Option<String> = r.get(4)?;
+                    let attempts: Option<i64> = r.get(10)?;
+                    let progress = match attempts {
+                        None => None,
+                        Some(attempts) => Some(ReportProgress {
+                            done: false,
+                            attempts,
+                            next_ms: r.get(11)?,
+                            last_error: r.get(12)?,
+                        }),
+                    };
+                    let row = QueuedReport {
+                        outbox_id: r.get(0)?,
+                        build_id: r.get(1)?,
+                        finished: r.get::<_, i64>(2)? != 0,
+                        created_ms: r.get(3)?,
+                        build: match builder {
+                            None => None,
+                            Some(builder) => Some(ReportedBuild {
+                                builder,
+                                number: r.get(5)?,
+                                result: outcome_of(r.get(6)?),
+                                repository: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                                branch: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                                revision: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                            }),
+                        },
+                    };
+                    Ok((row, progress))
+                })?
+                .map(|r| {
+                    r.map(|(row, p)| {
+                        if let Some(p) = p {
+                            progress.insert(row.outbox_id, p);
+                        }
+                        row
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((rows, progress))
+        })
+        .await
+    }
+
+    async fn skip_reports(&self, reporter: String, ids: Vec<i64>) -> Result<(), StateError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(move |conn| {
+            let mut s = conn.prepare_cached(
+                "INSERT INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
+                 VALUES (?1, ?2, 1, 0, 0, '')
+                 ON CONFLICT (outbox_id, reporter) DO UPDATE SET done = 1",
+            )?;
+            for id in &ids {
+                s.execute(params![id, reporter])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forget_delivered_reports(
+        &self,
+        reporters: Vec<String>,
+        limit: usize,
+    ) -> Result<usize, StateError> {
+        let names = serde_json::to_string(&reporters).expect("a list of strings is JSON");
+        let wanted = reporters.len() as i64;
+        self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT o.id FROM report_outbox o
+                     WHERE (SELECT COUNT(*) FROM report_progress p
+                            WHERE p.outbox_id = o.id AND p.done = 1
+                              AND p.reporter IN (SELECT value FROM json_each(?1))) = ?2
+                     ORDER BY o.id LIMIT ?3",
+                )?
+                .query_map(params![names, wanted, limit as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                conn.execute(
+                    "DELETE FROM report_progress WHERE outbox_id = ?1",
+                    params![id],
+                )?;
+                conn.execute("DELETE FROM report_outbox WHERE id = ?1", params![id])?;
+            }
+            Ok(ids.len())
+        })
+        .await
+    }
+
+    async fn undelivered_reports(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<UndeliveredReport>, StateError> {
+        self.read(move |conn| {
+            let mut s = conn.prepare_cached(
+                "SELECT p.reporter, o.build_id, o.finished, o.created_ms, p.attempts, p.next_ms,
+                        p.last_error, COALESCE(b.builder, ''), COALESCE(b.number, 0)
+                 FROM report_progress p JOIN report_outbox o ON o.id = p.outbox_id
+                 LEFT JOIN builds b ON b.id = o.build_id
+                 WHERE p.done = 0 ORDER BY o.id LIMIT ?1",
+            )?;
+            let rows = s
+                .query_map(params![limit as i64], |r| {
+                    Ok(UndeliveredReport {
+                        reporter: r.get(0)?,
+                        build_id: r.get(1)?,
+                        finished: r.get::<_, i64>(2)? != 0,
+                        created_ms: r.get(3)?,
+                        attempts: r.get(4)?,
+                        next_ms: r.get(5)?,
+                        last_error: r.get(6)?,
+                        builder: r.get(7)?,
+                        number: r.get(8)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn undelivered_report_count(&self) -> Result<u64, StateError> {
+        self.read(|conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM report_progress WHERE done = 0",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn set_report_progress(
+        &self,
+        outbox_id: i64,
+        reporter: String,
+        p: ReportProgress,
+    ) -> Result<(), StateError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![outbox_id, reporter, p.done as i64, p.attempts, p.next_ms, p.last_error],
+            )?;
+            Ok(())
+        })
+        .await
+    }
 }

@@ -10,7 +10,7 @@
 //! The schema is versioned with `PRAGMA user_version` and migrated forward
 //! on open; a file from a newer Switchyard is refused rather than damaged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,6 +18,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
+
+use crate::builds::Outcome;
+use crate::wire::StepId;
 
 mod builds;
 pub mod logs;
@@ -28,7 +31,7 @@ mod suite;
 pub use builds::{
     ArtifactRecord, BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk,
     LogTail, NewRequest, PropertyRow, QueuedReport, ReportProgress, ReportedBuild, StepEndRecord,
-    StepRecord,
+    StepRecord, UndeliveredReport,
 };
 
 /// Why the state database could not be used.
@@ -59,6 +62,14 @@ pub enum StateError {
     Logs(#[from] std::io::Error),
     #[error("PostgreSQL state: {0}")]
     Postgres(String),
+    #[error(
+        "build {build} is not this master's (lease {epoch}): its lease expired and another master adopted it; nothing was written"
+    )]
+    Fenced { build: i64, epoch: i64 },
+    #[error(
+        "this master's lease {epoch} expired before it was renewed; another master may have adopted its builds"
+    )]
+    LeaseLost { epoch: i64 },
 }
 
 /// A change as pushed, validated, before it has an id.
@@ -140,6 +151,141 @@ pub trait RequestQueue: Send + Sync + 'static {
         builders: &[String],
         worker: &str,
     ) -> Result<Option<ClaimedRequest>, StateError>;
+}
+
+/// A step attempt's log: its size and line count, recorded with its end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogSize {
+    pub bytes: u64,
+    pub lines: u64,
+}
+
+/// Builds and their steps, and where each step's log is: the records every
+/// state backend keeps (the log bytes themselves live in files, see
+/// [`logs`]).
+#[async_trait]
+pub trait BuildStore: Send + Sync + 'static {
+    /// Records a step attempt starting, and `properties` of its build in
+    /// the same transaction (a build's first step carries the properties it
+    /// was made with: one durable write instead of two before the step can
+    /// go out); returns the step's row id.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_step(
+        &self,
+        build: i64,
+        position: u32,
+        name: &str,
+        attempt: u32,
+        step_id: StepId,
+        on_lost: &str,
+        properties: Vec<PropertyRow>,
+    ) -> Result<i64, StateError>;
+
+    /// Records a step attempt's end, its log's size, and what follows from
+    /// it in the same transaction: properties the step set, and the build's
+    /// end when this step ends it.
+    async fn record_step_end(&self, end: StepEndRecord, log: LogSize) -> Result<(), StateError>;
+
+    /// Records a build's end.
+    async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError>;
+
+    /// Stores properties of a build (replacing any of the same name).
+    async fn set_build_properties(
+        &self,
+        build: i64,
+        properties: Vec<PropertyRow>,
+    ) -> Result<(), StateError>;
+
+    /// One build, with its steps (by position, then attempt) and
+    /// properties (by name).
+    async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError>;
+
+    /// Builds matching `filter`, newest first, with their steps.
+    async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError>;
+
+    /// The most recent builds, newest first, with their steps.
+    async fn builds(
+        &self,
+        builder: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<BuildRecord>, StateError> {
+        self.find_builds(BuildFilter {
+            builder,
+            limit,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// The id of a builder's build of this number.
+    async fn build_by_number(&self, builder: &str, number: i64) -> Result<Option<i64>, StateError>;
+
+    /// Builds not ended yet, oldest first, with their steps.
+    async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError>;
+
+    /// The changes of every request a build was made for, oldest first.
+    async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError>;
+
+    /// The build a request was claimed by, if any.
+    async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError>;
+
+    /// Records where these step attempts' logs now are.
+    async fn set_log_storage(&self, rows: Vec<i64>, stored: LogStorage) -> Result<(), StateError>;
+
+    /// Step attempts that have ended whose logs are stored as `stored`.
+    async fn ended_logs_stored_as(&self, stored: LogStorage) -> Result<Vec<i64>, StateError>;
+
+    /// At most `limit` step attempts of builds that ended before
+    /// `ended_before_ms` whose logs are not pruned yet, and where each is.
+    async fn logs_to_prune(
+        &self,
+        ended_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, LogStorage)>, StateError>;
+}
+
+/// The reporters' outbox: a row for each build's start and end, written in
+/// the same transaction as the build's own row, and each reporter's
+/// progress on each row.
+#[async_trait]
+pub trait ReportOutbox: Send + Sync + 'static {
+    /// The oldest `limit` rows `reporter` has not done with, oldest first,
+    /// and its progress on them. Each reporter reads its own queue, so one
+    /// that keeps failing never hides newer rows from the others.
+    async fn report_queue(
+        &self,
+        reporter: String,
+        limit: usize,
+    ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError>;
+
+    /// Records a reporter's progress on an outbox row.
+    async fn set_report_progress(
+        &self,
+        outbox_id: i64,
+        reporter: String,
+        progress: ReportProgress,
+    ) -> Result<(), StateError>;
+
+    /// Marks rows done for `reporter` without sending them (rows it does
+    /// not want, or gave up), in one transaction.
+    async fn skip_reports(&self, reporter: String, ids: Vec<i64>) -> Result<(), StateError>;
+
+    /// Removes (at most `limit`) rows every one of `reporters` is done
+    /// with, with their progress; all of them when there are no reporters.
+    /// Returns how many went.
+    async fn forget_delivered_reports(
+        &self,
+        reporters: Vec<String>,
+        limit: usize,
+    ) -> Result<usize, StateError>;
+
+    /// Reports a reporter tried to deliver and could not yet, oldest first
+    /// (at most `limit`).
+    async fn undelivered_reports(&self, limit: usize)
+    -> Result<Vec<UndeliveredReport>, StateError>;
+
+    /// How many reports a reporter tried to deliver and could not yet.
+    async fn undelivered_report_count(&self) -> Result<u64, StateError>;
 }
 
 /// Where a step attempt's log is.
@@ -671,15 +817,7 @@ impl StateDb {
     /// Compresses the logs of steps that ended while the master was not
     /// there to (it stopped or died first), in the background.
     pub async fn compress_ended_logs(&self) -> Result<usize, StateError> {
-        let rows: Vec<i64> = self
-            .read(|conn| {
-                conn.prepare_cached(
-                    "SELECT id FROM steps WHERE log_stored = 'file' AND finished_ms IS NOT NULL",
-                )?
-                .query_map([], |r| r.get(0))?
-                .collect()
-            })
-            .await?;
+        let rows = self.ended_logs_stored_as(LogStorage::File).await?;
         let n = rows.len();
         self.compress_later(rows);
         Ok(n)
@@ -898,6 +1036,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(StateDb::open(&dir.path().join("state.sqlite")).unwrap());
         suite::changes(&db).await;
+        suite::builds(&*db).await;
         suite::requests(&[db.clone(), db]).await;
     }
 

@@ -4,7 +4,13 @@
 
 use std::sync::Arc;
 
-use super::{ChangeReader, ChangeStore, NewChange, NewRequest, RequestQueue};
+use super::{
+    BuildFilter, BuildStore, ChangeReader, ChangeStore, LogSize, LogStorage, NewChange, NewRequest,
+    PropertyRow, QueuedReport, ReportOutbox, ReportProgress, ReportedBuild, RequestQueue,
+    StepEndRecord,
+};
+use crate::builds::Outcome;
+use crate::wire::StepId;
 
 /// The machine's PostgreSQL server, as every test machine has it.
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -231,4 +237,390 @@ pub async fn requests<S: RequestQueue>(masters: &[Arc<S>]) {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, later_id);
     assert_eq!(left[0].request, later);
+}
+
+/// A request for `builder` on `branch` (of change `change`).
+fn request_on(builder: &str, branch: &str, change: Option<i64>) -> NewRequest {
+    NewRequest {
+        builder: builder.into(),
+        change_id: change,
+        reason: "suite".into(),
+        repository: "https://git.example/widgets".into(),
+        branch: branch.into(),
+        revision: "abc123".into(),
+        ..Default::default()
+    }
+}
+
+fn prop(name: &str, value: &str, source: &str) -> PropertyRow {
+    (name.into(), value.into(), source.into())
+}
+
+/// Builds, their steps, where their logs are and the reporters' outbox:
+/// what the master records as a build runs, read back the same on every
+/// backend. Uses builders and branches of its own (`bs-*`), so it can run
+/// beside the other parts on one store.
+pub async fn builds<S>(s: &S)
+where
+    S: ChangeStore + RequestQueue + BuildStore + ReportOutbox,
+{
+    let change = s
+        .add_changes(vec![NewChange {
+            repository: "https://git.example/widgets".into(),
+            branch: "bs-main".into(),
+            revision: "abc123".into(),
+            ..Default::default()
+        }])
+        .await
+        .unwrap()[0];
+    let reqs = s
+        .add_requests(vec![
+            request_on("bs-a", "bs-main", Some(change)),
+            request_on("bs-a", "bs-feature", None),
+            request_on("bs-b", "bs-main", None),
+        ])
+        .await
+        .unwrap();
+    let claim = |builder: &'static str, worker: &'static str| async move {
+        s.claim_next(&[builder.to_string()], worker)
+            .await
+            .unwrap()
+            .expect("a request to claim")
+    };
+    let c1 = claim("bs-a", "w1").await;
+    assert_eq!(c1.request.id, reqs[0]);
+    assert_eq!(s.request_build(reqs[0]).await.unwrap(), Some(c1.build));
+    assert_eq!(s.request_build(reqs[1]).await.unwrap(), None);
+    assert_eq!(s.build_change_ids(c1.build).await.unwrap(), vec![change]);
+
+    // A build runs: a step that succeeds and sets a property, then one
+    // that fails and ends the build.
+    let (id0, id1) = (StepId::random(), StepId::random());
+    let row0 = s
+        .start_step(
+            c1.build,
+            0,
+            "checkout",
+            1,
+            id0,
+            "retry",
+            vec![prop("branch", "bs-main", "request")],
+        )
+        .await
+        .unwrap();
+    let running = s.unfinished_builds().await.unwrap();
+    let b = running
+        .iter()
+        .find(|b| b.id == c1.build)
+        .expect("a running build");
+    assert_eq!((b.result, b.finished_ms), (None, None));
+    assert_eq!(b.steps.len(), 1);
+    assert_eq!((b.steps[0].step_id, b.steps[0].result), (id0, None));
+    assert_eq!(b.steps[0].log_stored, LogStorage::File);
+    s.record_step_end(
+        StepEndRecord {
+            exit_code: Some(0),
+            then: Some((c1.build, vec![prop("got_revision", "abc123", "step")], None)),
+            ..StepEndRecord::new(row0, Outcome::Success, "")
+        },
+        LogSize {
+            bytes: 12,
+            lines: 2,
+        },
+    )
+    .await
+    .unwrap();
+    let row1 = s
+        .start_step(c1.build, 1, "test", 1, id1, "fail", Vec::new())
+        .await
+        .unwrap();
+    s.record_step_end(
+        StepEndRecord {
+            exit_code: Some(2),
+            then: Some((c1.build, Vec::new(), Some(Outcome::Failure))),
+            ..StepEndRecord::new(row1, Outcome::Failure, "exited with code 2")
+        },
+        LogSize::default(),
+    )
+    .await
+    .unwrap();
+    let b = s.build(c1.build).await.unwrap().expect("the build");
+    assert_eq!(
+        (
+            b.builder.as_str(),
+            b.worker.as_str(),
+            b.number,
+            b.request_id
+        ),
+        ("bs-a", "w1", c1.number, reqs[0])
+    );
+    assert_eq!(
+        (b.branch.as_str(), b.revision.as_str()),
+        ("bs-main", "abc123")
+    );
+    assert_eq!(b.result, Some(Outcome::Failure));
+    assert!(b.finished_ms.is_some_and(|f| f >= b.started_ms));
+    assert_eq!(
+        b.properties,
+        vec![
+            prop("branch", "bs-main", "request"),
+            prop("got_revision", "abc123", "step")
+        ]
+    );
+    let steps: Vec<_> = b
+        .steps
+        .iter()
+        .map(|st| {
+            (
+                st.row,
+                st.position,
+                st.name.as_str(),
+                st.attempt,
+                st.step_id,
+                st.on_lost.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (row0, 0, "checkout", 1, id0, "retry"),
+            (row1, 1, "test", 1, id1, "fail")
+        ]
+    );
+    let ends: Vec<_> = b
+        .steps
+        .iter()
+        .map(|st| {
+            (
+                st.result,
+                st.exit_code,
+                st.detail.as_str(),
+                st.log_bytes,
+                st.log_lines,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        vec![
+            (Some(Outcome::Success), Some(0), "", Some(12), Some(2)),
+            (
+                Some(Outcome::Failure),
+                Some(2),
+                "exited with code 2",
+                Some(0),
+                Some(0)
+            ),
+        ]
+    );
+    assert!(b.steps.iter().all(|st| st.finished_ms.is_some()));
+    // A property set again is replaced, not doubled.
+    s.set_build_properties(c1.build, vec![prop("branch", "bs-other", "force")])
+        .await
+        .unwrap();
+    let b = s.build(c1.build).await.unwrap().unwrap();
+    assert_eq!(b.properties[0], prop("branch", "bs-other", "force"));
+    assert_eq!(b.properties.len(), 2);
+
+    // Two more builds, ended without steps.
+    let c2 = claim("bs-a", "w2").await;
+    assert_eq!(c2.request.id, reqs[1]);
+    s.finish_build(c2.build, Outcome::Success).await.unwrap();
+    let c3 = claim("bs-b", "w1").await;
+    s.finish_build(c3.build, Outcome::Interrupted)
+        .await
+        .unwrap();
+    assert!(
+        s.build(c2.build + c3.build + 1_000_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Finding builds: newest first, every filter applied.
+    let found = |f: BuildFilter| async move {
+        s.find_builds(f)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.id)
+            .collect::<Vec<_>>()
+    };
+    let of = |builder: &str| BuildFilter {
+        builder: Some(builder.into()),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(found(of("bs-a")).await, vec![c2.build, c1.build]);
+    assert_eq!(
+        found(BuildFilter {
+            result: Some(Outcome::Failure),
+            ..of("bs-a")
+        })
+        .await,
+        vec![c1.build]
+    );
+    assert_eq!(
+        found(BuildFilter {
+            branch: Some("bs-feature".into()),
+            ..of("bs-a")
+        })
+        .await,
+        vec![c2.build]
+    );
+    assert_eq!(
+        found(BuildFilter {
+            before: Some(c2.build),
+            ..of("bs-a")
+        })
+        .await,
+        vec![c1.build]
+    );
+    assert_eq!(
+        found(BuildFilter {
+            limit: 1,
+            ..of("bs-a")
+        })
+        .await,
+        vec![c2.build]
+    );
+    assert_eq!(found(of("bs-b")).await, vec![c3.build]);
+    let listed = s.builds(Some("bs-a".into()), 10).await.unwrap();
+    assert_eq!(listed[1], s.build(c1.build).await.unwrap().unwrap());
+    assert_eq!(
+        s.build_by_number("bs-a", c1.number).await.unwrap(),
+        Some(c1.build)
+    );
+    assert_eq!(
+        s.build_by_number("bs-a", c1.number + 1000).await.unwrap(),
+        None
+    );
+    let unfinished = s.unfinished_builds().await.unwrap();
+    assert!(
+        unfinished
+            .iter()
+            .all(|b| ![c1.build, c2.build, c3.build].contains(&b.id))
+    );
+
+    // Where the logs are.
+    let plain = s.ended_logs_stored_as(LogStorage::File).await.unwrap();
+    assert!(plain.contains(&row0) && plain.contains(&row1), "{plain:?}");
+    s.set_log_storage(vec![row0], LogStorage::Compressed)
+        .await
+        .unwrap();
+    let b = s.build(c1.build).await.unwrap().unwrap();
+    assert_eq!(
+        (b.steps[0].log_stored, b.steps[1].log_stored),
+        (LogStorage::Compressed, LogStorage::File)
+    );
+    let plain = s.ended_logs_stored_as(LogStorage::File).await.unwrap();
+    assert!(!plain.contains(&row0) && plain.contains(&row1));
+    let later = crate::store::now_ms() + 60_000;
+    let prunable = s.logs_to_prune(later, 10_000).await.unwrap();
+    assert!(
+        prunable.contains(&(row0, LogStorage::Compressed)),
+        "{prunable:?}"
+    );
+    assert!(prunable.contains(&(row1, LogStorage::File)), "{prunable:?}");
+    assert!(s.logs_to_prune(0, 10_000).await.unwrap().is_empty());
+    s.set_log_storage(vec![row0, row1], LogStorage::Pruned)
+        .await
+        .unwrap();
+    let prunable = s.logs_to_prune(later, 10_000).await.unwrap();
+    assert!(prunable.iter().all(|(r, _)| *r != row0 && *r != row1));
+
+    // The reporters' outbox: each build's start and end, in order, with
+    // what a report says of the build.
+    let ours = [c1.build, c2.build, c3.build];
+    let queue = |reporter: &'static str| async move {
+        let (rows, progress) = s.report_queue(reporter.into(), 100_000).await.unwrap();
+        let rows: Vec<QueuedReport> = rows
+            .into_iter()
+            .filter(|r| ours.contains(&r.build_id))
+            .collect();
+        (rows, progress)
+    };
+    let (rows, progress) = queue("r1").await;
+    let seen: Vec<_> = rows.iter().map(|r| (r.build_id, r.finished)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (c1.build, false),
+            (c1.build, true),
+            (c2.build, false),
+            (c2.build, true),
+            (c3.build, false),
+            (c3.build, true),
+        ]
+    );
+    assert!(progress.is_empty());
+    assert!(rows.windows(2).all(|w| w[0].outbox_id < w[1].outbox_id));
+    assert_eq!(
+        rows[1].build,
+        Some(ReportedBuild {
+            builder: "bs-a".into(),
+            number: c1.number,
+            result: Some(Outcome::Failure),
+            repository: "https://git.example/widgets".into(),
+            branch: "bs-main".into(),
+            revision: "abc123".into(),
+        })
+    );
+    // A failed delivery is remembered, per reporter.
+    let failed = ReportProgress {
+        done: false,
+        attempts: 1,
+        next_ms: 5,
+        last_error: "HTTP 503".into(),
+    };
+    s.set_report_progress(rows[0].outbox_id, "r1".into(), failed.clone())
+        .await
+        .unwrap();
+    let (_, progress) = queue("r1").await;
+    assert_eq!(progress.get(&rows[0].outbox_id), Some(&failed));
+    assert!(queue("r2").await.1.is_empty());
+    let undelivered = s.undelivered_reports(100).await.unwrap();
+    assert_eq!(undelivered.len(), 1);
+    assert_eq!(
+        (
+            undelivered[0].reporter.as_str(),
+            undelivered[0].build_id,
+            undelivered[0].attempts
+        ),
+        ("r1", c1.build, 1)
+    );
+    assert_eq!(
+        (undelivered[0].builder.as_str(), undelivered[0].number),
+        ("bs-a", c1.number)
+    );
+    assert_eq!(s.undelivered_report_count().await.unwrap(), 1);
+    // Done for r1: delivered, or skipped.
+    s.set_report_progress(
+        rows[0].outbox_id,
+        "r1".into(),
+        ReportProgress {
+            done: true,
+            ..failed
+        },
+    )
+    .await
+    .unwrap();
+    let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
+    s.skip_reports("r1".into(), ids[1..].to_vec())
+        .await
+        .unwrap();
+    assert!(queue("r1").await.0.is_empty());
+    assert_eq!(s.undelivered_report_count().await.unwrap(), 0);
+    // Only rows every reporter is done with are forgotten.
+    s.skip_reports("r2".into(), ids[..2].to_vec())
+        .await
+        .unwrap();
+    let forgotten = s
+        .forget_delivered_reports(vec!["r1".into(), "r2".into()], 100_000)
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 2);
+    let left: Vec<_> = queue("r2").await.0.iter().map(|r| r.outbox_id).collect();
+    assert_eq!(left, ids[2..].to_vec());
 }

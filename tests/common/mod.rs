@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard::builds::Event;
+use switchyard::store::BuildStore;
 
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

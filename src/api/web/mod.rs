@@ -17,6 +17,7 @@ pub mod ansi;
 mod assets;
 pub(crate) mod login;
 
+use crate::store::{BuildStore, ReportOutbox};
 use std::collections::HashMap;
 
 use axum::extract::{Form, Path, Query, State};

@@ -1,9 +1,12 @@
 //! The master's state in PostgreSQL: `state = "postgres://USER@HOST/DB"`.
 //!
 //! Issue 15 grows this to everything the SQLite state keeps; what is here
-//! so far is the change log: [`ChangeStore`] (pushes, once per client key)
-//! and [`ChangeReader`], the same traits [`StateDb`](super::StateDb)
-//! implements, run through the same test suite (`store::suite`).
+//! so far: the change log ([`ChangeStore`], pushes once per client key, and
+//! [`ChangeReader`]), the request queue ([`RequestQueue`]), builds, steps
+//! and where their logs are ([`super::BuildStore`], in `builds`) and the
+//! reporters' outbox ([`super::ReportOutbox`]): the same traits
+//! [`StateDb`](super::StateDb) implements, run through the same test suite
+//! (`store::suite`).
 //!
 //! Lifecycle: [`PgState::connect`] makes a pool of connections (at most
 //! [`POOL_SIZE`]) and brings the schema up to date, under an advisory lock
@@ -17,6 +20,11 @@
 //! commit on their own connection, and the server groups their syncs.
 
 use std::collections::BTreeMap;
+
+mod builds;
+mod lease;
+
+pub use lease::Lease;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -100,6 +108,8 @@ const MIGRATIONS: &[&str] = &[
          UNIQUE (builder, number)
      );
      CREATE TABLE builder_numbers (builder TEXT PRIMARY KEY, last BIGINT NOT NULL);",
+    builds::MIGRATION_3,
+    lease::MIGRATION_4,
 ];
 
 impl From<tokio_postgres::Error> for StateError {
@@ -128,6 +138,9 @@ impl From<deadpool_postgres::PoolError> for StateError {
 #[derive(Clone)]
 pub struct PgState {
     pool: Pool,
+    /// This master's lease, once taken: builds it claims are its own, and
+    /// every write to a build checks it still owns it (see `lease`).
+    lease: Option<Lease>,
     /// The address with any password left out, for messages.
     shown: String,
 }
@@ -178,7 +191,11 @@ impl PgState {
             .max_size(POOL_SIZE)
             .build()
             .map_err(|e| StateError::Postgres(format!("{shown}: {e}")))?;
-        let state = PgState { pool, shown };
+        let state = PgState {
+            pool,
+            shown,
+            lease: None,
+        };
         state.migrate().await.map_err(|e| match e {
             StateError::Postgres(m) => StateError::Postgres(format!("{}: {m}", state.shown)),
             e => e,
@@ -567,8 +584,8 @@ impl RequestQueue for PgState {
             .get(0);
         let build: i64 = tx
             .query_one(
-                "INSERT INTO builds (request_id, builder, worker, number, started_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                &[&request.id, &request.request.builder, &worker, &number, &now],
+                "INSERT INTO builds (request_id, builder, worker, number, started_ms, owner) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                &[&request.id, &request.request.builder, &worker, &number, &now, &self.lease.map(|l| l.0)],
             )
             .await?
             .get(0);
@@ -610,6 +627,7 @@ mod tests {
         let db = super::super::suite::TempPg::new().await;
         let state = std::sync::Arc::new(PgState::connect(&db.url).await.unwrap());
         super::super::suite::changes(&state).await;
+        super::super::suite::builds(&*state).await;
         // A second master on the same database finds the schema in place,
         // and the two share one request queue.
         let again = std::sync::Arc::new(PgState::connect(&db.url).await.unwrap());
@@ -619,6 +637,103 @@ mod tests {
             state.change_count().await.unwrap()
         );
         drop((state, again));
+        db.drop_database().await;
+    }
+
+    /// Two masters on one database: a build claimed under A's lease is
+    /// A's; B adopts it only once A's lease has expired, and from then on
+    /// A's late writes are refused and change nothing, and A cannot renew.
+    #[tokio::test]
+    async fn a_master_that_lost_its_lease_is_fenced_and_its_builds_adopted() {
+        use crate::builds::Outcome;
+        use crate::store::{BuildStore, LogSize, StepEndRecord};
+        use crate::wire::StepId;
+        use std::time::Duration;
+
+        let db = super::super::suite::TempPg::new().await;
+        let base = PgState::connect(&db.url).await.unwrap();
+        let a = base.take_lease("a", Duration::from_secs(10)).await.unwrap();
+        let b = base.take_lease("b", Duration::from_secs(60)).await.unwrap();
+        assert_ne!(a.lease(), b.lease());
+        a.add_requests(vec![NewRequest {
+            builder: "x".into(),
+            reason: "lease".into(),
+            ..Default::default()
+        }])
+        .await
+        .unwrap();
+        let c = a.claim_next(&["x".into()], "w1").await.unwrap().unwrap();
+        let row = a
+            .start_step(
+                c.build,
+                0,
+                "compile",
+                1,
+                StepId::random(),
+                "fail",
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        // While A's lease lives, B adopts nothing and cannot write to A's
+        // build.
+        assert!(b.adopt_orphans().await.unwrap().is_empty());
+        let err = b.finish_build(c.build, Outcome::Failure).await.unwrap_err();
+        assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+        // A's last renewal, short; then its machine is gone.
+        let short = Duration::from_millis(300);
+        a.renew_lease(short).await.unwrap();
+        tokio::time::sleep(short + Duration::from_millis(200)).await;
+        assert_eq!(b.adopt_orphans().await.unwrap(), vec![c.build]);
+        // A comes back: nothing it writes lands.
+        let late = a
+            .record_step_end(
+                StepEndRecord::new(row, Outcome::Failure, "late"),
+                LogSize::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(late, StateError::Fenced { build, .. } if build == c.build),
+            "{late}"
+        );
+        assert!(
+            late.to_string().contains("another master adopted it"),
+            "{late}"
+        );
+        let err = a.finish_build(c.build, Outcome::Failure).await.unwrap_err();
+        assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+        let err = a
+            .start_step(c.build, 1, "test", 1, StepId::random(), "fail", Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+        let err = a
+            .set_build_properties(c.build, vec![("p".into(), "v".into(), "step".into())])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+        let err = a.renew_lease(short).await.unwrap_err();
+        assert!(matches!(err, StateError::LeaseLost { .. }), "{err}");
+        let record = b.build(c.build).await.unwrap().unwrap();
+        assert_eq!((record.result, record.steps.len()), (None, 1));
+        assert_eq!((record.steps[0].result, record.properties.len()), (None, 0));
+        // B, the owner now, finishes it.
+        b.record_step_end(
+            StepEndRecord::new(row, Outcome::Success, ""),
+            LogSize { bytes: 5, lines: 1 },
+        )
+        .await
+        .unwrap();
+        b.finish_build(c.build, Outcome::Success).await.unwrap();
+        let record = b.build(c.build).await.unwrap().unwrap();
+        assert_eq!(record.result, Some(Outcome::Success));
+        assert_eq!(record.steps[0].result, Some(Outcome::Success));
+        // A restarted takes a new lease, a later epoch, owning nothing.
+        let again = base.take_lease("a", Duration::from_secs(10)).await.unwrap();
+        assert!(again.lease().unwrap().0 > a.lease().unwrap().0);
+        assert!(again.adopt_orphans().await.unwrap().is_empty());
+        drop((a, b, again, base));
         db.drop_database().await;
     }
 

@@ -1,0 +1,136 @@
+//! Leases and fencing: several masters on one database.
+//!
+//! Each master process takes a lease when it starts ([`PgState::take_lease`]):
+//! a row in `masters` with a new id (its epoch: ids are never reused) and an
+//! expiry on the database's own clock, so the masters' clocks do not
+//! matter. It renews the lease every few seconds ([`PgState::renew_lease`]).
+//! A build is owned by the lease that claimed it. When a lease expires (its
+//! master's machine died, or it lost the database), another master adopts
+//! the builds it owned ([`PgState::adopt_orphans`]).
+//!
+//! Fencing: every write to a build made through a leased state checks, in
+//! its own transaction and holding the build's row, that the build is
+//! still owned by this lease and that the lease has not expired. A master
+//! that comes back after losing its lease (it was stopped, or cut off) so
+//! writes nothing to the builds it no longer owns: its write fails with
+//! [`StateError::Fenced`], and its renewal with [`StateError::LeaseLost`].
+//! Adoption takes the same rows, so it waits for a write in flight, and a
+//! write after it sees the new owner.
+
+use std::time::Duration;
+
+use super::PgState;
+use crate::store::StateError;
+
+/// 4: the masters' leases, and which lease owns each build.
+pub(super) const MIGRATION_4: &str = "
+CREATE TABLE masters (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+ALTER TABLE builds ADD COLUMN owner BIGINT REFERENCES masters(id);
+CREATE INDEX builds_owned_unfinished ON builds (owner) WHERE result IS NULL;
+";
+
+/// A master's lease: its epoch (the `masters` row's id, never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lease(pub i64);
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl PgState {
+    /// Takes a new lease for master `name`, valid for `ttl`; the returned
+    /// state claims builds for it and fences every write to a build on it.
+    pub async fn take_lease(&self, name: &str, ttl: Duration) -> Result<PgState, StateError> {
+        let client = self.pool.get().await?;
+        let id: i64 = client
+            .query_one(
+                "INSERT INTO masters (name, started_at, expires_at)
+                 VALUES ($1, clock_timestamp(), clock_timestamp() + $2 * INTERVAL '1 millisecond')
+                 RETURNING id",
+                &[&name, &millis(ttl)],
+            )
+            .await?
+            .get(0);
+        Ok(PgState {
+            lease: Some(Lease(id)),
+            ..self.clone()
+        })
+    }
+
+    /// This state's lease, if it has one.
+    pub fn lease(&self) -> Option<Lease> {
+        self.lease
+    }
+
+    /// Extends the lease to `ttl` from now. A lease that has expired is
+    /// never renewed ([`StateError::LeaseLost`]): another master may have
+    /// adopted its builds; the master must stop serving them.
+    pub async fn renew_lease(&self, ttl: Duration) -> Result<(), StateError> {
+        let Some(Lease(id)) = self.lease else {
+            return Ok(());
+        };
+        let client = self.pool.get().await?;
+        let renewed = client
+            .execute(
+                "UPDATE masters SET expires_at = clock_timestamp() + $2 * INTERVAL '1 millisecond'
+                 WHERE id = $1 AND expires_at > clock_timestamp()",
+                &[&id, &millis(ttl)],
+            )
+            .await?;
+        if renewed == 0 {
+            return Err(StateError::LeaseLost { epoch: id });
+        }
+        Ok(())
+    }
+
+    /// Takes over the unfinished builds of every master whose lease has
+    /// expired; returns their ids. Only a state with a live lease adopts.
+    pub async fn adopt_orphans(&self) -> Result<Vec<i64>, StateError> {
+        let Some(Lease(id)) = self.lease else {
+            return Ok(Vec::new());
+        };
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "UPDATE builds SET owner = $1
+                 WHERE result IS NULL AND owner IN (SELECT id FROM masters WHERE expires_at <= clock_timestamp())
+                   AND EXISTS (SELECT 1 FROM masters WHERE id = $1 AND expires_at > clock_timestamp())
+                 RETURNING id",
+                &[&id],
+            )
+            .await?;
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Inside a write's transaction: holds `build`'s row and checks that
+    /// this state's lease owns it and is live. Without a lease (one master,
+    /// or a tool) there is nothing to check.
+    pub(super) async fn fence(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        build: i64,
+    ) -> Result<(), StateError> {
+        let Some(Lease(id)) = self.lease else {
+            return Ok(());
+        };
+        let owned = tx
+            .query_opt(
+                "SELECT 1 FROM builds b JOIN masters m ON m.id = b.owner
+                 WHERE b.id = $1 AND b.owner = $2 AND m.expires_at > clock_timestamp()
+                 FOR SHARE OF b",
+                &[&build, &id],
+            )
+            .await?;
+        match owned {
+            Some(_) => Ok(()),
+            None => Err(StateError::Fenced { build, epoch: id }),
+        }
+    }
+}
