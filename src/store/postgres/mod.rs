@@ -23,8 +23,10 @@ use std::collections::BTreeMap;
 
 mod builds;
 mod lease;
+mod notify;
 
 pub use lease::Lease;
+pub use notify::Wakeups;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -141,6 +143,8 @@ pub struct PgState {
     /// This master's lease, once taken: builds it claims are its own, and
     /// every write to a build checks it still owns it (see `lease`).
     lease: Option<Lease>,
+    /// Where the pool connects, for connections of its own (listening).
+    config: tokio_postgres::Config,
     /// The address with any password left out, for messages.
     shown: String,
 }
@@ -181,7 +185,7 @@ impl PgState {
             StateError::Postgres(format!("{shown} is not a PostgreSQL address: {e}"))
         })?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -195,6 +199,7 @@ impl PgState {
             pool,
             shown,
             lease: None,
+            config,
         };
         state.migrate().await.map_err(|e| match e {
             StateError::Postgres(m) => StateError::Postgres(format!("{}: {m}", state.shown)),
@@ -240,6 +245,14 @@ impl PgState {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Wakes every listening master when the transaction commits (see
+/// `notify`).
+async fn wake_others(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StateError> {
+    tx.batch_execute(&format!("NOTIFY {}", notify::CHANNEL))
+        .await?;
+    Ok(())
 }
 
 /// Inserts `batch` in the transaction; returns the ids in order.
@@ -305,6 +318,7 @@ impl ChangeStore for PgState {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let ids = insert_changes(&tx, &batch).await?;
+        wake_others(&tx).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -347,6 +361,7 @@ impl ChangeStore for PgState {
             return Ok((ids, true));
         }
         let ids = insert_changes(&tx, &batch).await?;
+        wake_others(&tx).await?;
         tx.execute(
             "UPDATE change_keys SET changes = $3 WHERE namespace = $1 AND key = $2",
             &[&namespace, &key, &ids],
@@ -535,6 +550,7 @@ impl RequestQueue for PgState {
                 .get(0);
             ids.push(id);
         }
+        wake_others(&tx).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -734,6 +750,60 @@ mod tests {
         assert!(again.lease().unwrap().0 > a.lease().unwrap().0);
         assert!(again.adopt_orphans().await.unwrap().is_empty());
         drop((a, b, again, base));
+        db.drop_database().await;
+    }
+
+    /// A change or a request stored through one master wakes the others;
+    /// a listening connection that breaks (the server restarted, or an
+    /// operator ended it) comes back, wakes once, and hears writes again.
+    #[tokio::test]
+    async fn a_write_on_one_master_wakes_the_others() {
+        use std::time::Duration;
+        let db = super::super::suite::TempPg::new().await;
+        let a = PgState::connect(&db.url).await.unwrap();
+        let b = PgState::connect(&db.url).await.unwrap();
+        let wakeups = b.listen().await.unwrap();
+        let woken = async |why: &str| {
+            tokio::time::timeout(Duration::from_secs(10), wakeups.woken())
+                .await
+                .unwrap_or_else(|_| panic!("not woken: {why}"))
+        };
+        let request = || NewRequest {
+            builder: "x".into(),
+            reason: "wake".into(),
+            ..Default::default()
+        };
+        a.add_requests(vec![request()]).await.unwrap();
+        woken("a request").await;
+        a.add_changes(vec![NewChange::default()]).await.unwrap();
+        woken("a change").await;
+        a.add_changes_keyed(("hook".into(), "k1".into()), vec![NewChange::default()])
+            .await
+            .unwrap();
+        woken("a keyed change").await;
+        // Nothing written, nothing to wake for.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), wakeups.woken())
+                .await
+                .is_err()
+        );
+        // The listening connection is ended from the server's side.
+        let (admin, conn) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let ended: i64 = admin
+            .query_one(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ended, 1);
+        woken("listening again").await;
+        a.add_requests(vec![request()]).await.unwrap();
+        woken("a request after the connection came back").await;
+        drop((wakeups, admin, a, b));
         db.drop_database().await;
     }
 
