@@ -22,7 +22,7 @@ mod workers;
 pub use events::{Event, Outcome, Stamped};
 pub use reconfig::{BuildsReport, ReconfigOptions};
 
-use crate::store::BuildStore;
+use crate::store::{BuildStore, TimerMarks};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
@@ -352,11 +352,20 @@ impl BuildMaster {
             let last = match state.mark(&fired_key).await {
                 Ok(Some(ms)) => ms,
                 Ok(None) => {
-                    // First sight: the schedule starts now, not in the past.
-                    let _ = state
-                        .add_requests_marking(Vec::new(), vec![(fired_key.clone(), now_ms)])
-                        .await;
-                    now_ms
+                    // First sight: the schedule starts now, not in the past
+                    // (or where another master started it meanwhile).
+                    match state
+                        .fire((fired_key.clone(), None, now_ms), Vec::new(), Vec::new())
+                        .await
+                    {
+                        Ok(Some(_)) => now_ms,
+                        _ => state
+                            .mark(&fired_key)
+                            .await
+                            .ok()
+                            .flatten()
+                            .unwrap_or(now_ms),
+                    }
                 }
                 Err(e) => {
                     tracing::error!(scheduler = %s.name, error = %e, "cannot read the nightly scheduler's last firing");
@@ -379,7 +388,7 @@ impl BuildMaster {
                 .await
                 .ok()
                 .flatten();
-            let mut marks = vec![(fired_key, now_ms)];
+            let mut marks = Vec::new();
             let changed = latest.as_ref().is_some_and(|(id, _, _)| *id > seen);
             let requests: Vec<NewRequest> = if n.only_if_changed && !changed {
                 tracing::info!(scheduler = %s.name, branch = %n.branch, "nightly scheduler fired; no new change on the branch, no build");
@@ -410,12 +419,19 @@ impl BuildMaster {
                     .collect()
             };
             let made = requests.len();
-            match state.add_requests_marking(requests, marks).await {
-                Ok(_) if made > 0 => {
+            // Fired once, by whichever master moves the mark from `last`.
+            match state
+                .fire((fired_key, Some(last), now_ms), requests, marks)
+                .await
+            {
+                Ok(Some(_)) if made > 0 => {
                     tracing::info!(scheduler = %s.name, branch = %n.branch, requests = made, "nightly scheduler fired");
                     self.wake();
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::info!(scheduler = %s.name, "nightly scheduler fired by another master");
+                }
                 Err(e) => {
                     tracing::error!(scheduler = %s.name, error = %e, "cannot record a nightly firing");
                 }

@@ -371,7 +371,8 @@ impl StepEndRecord {
 impl StateDb {
     /// Stores build requests; returns their ids in order.
     pub async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
-        self.add_requests_marking(requests, Vec::new()).await
+        self.write(move |conn| insert_requests(conn, &requests, &[]))
+            .await
     }
 
     /// Requests no build has taken yet, oldest first.
@@ -438,33 +439,6 @@ impl StateDb {
             )
         })
         .await
-    }
-
-    /// A number kept under `key` (the nightly schedulers' marks).
-    pub async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
-        let key = format!("mark:{key}");
-        self.read(move |conn| {
-            conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
-                r.get::<_, Vec<u8>>(0)
-            })
-            .optional()
-            .map(|v| {
-                v.and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(i64::from_be_bytes)
-            })
-        })
-        .await
-    }
-
-    /// Stores requests and sets marks in one transaction: a firing that
-    /// made its requests is recorded as fired, or neither happened.
-    pub async fn add_requests_marking(
-        &self,
-        requests: Vec<NewRequest>,
-        marks: Vec<(String, i64)>,
-    ) -> Result<Vec<i64>, StateError> {
-        self.write(move |conn| insert_requests(conn, &requests, &marks))
-            .await
     }
 
     /// Stores changes and the build requests `requests_for` makes of their
@@ -2152,6 +2126,51 @@ impl ReportOutbox for StateDb {
                 params![outbox_id, reporter, p.done as i64, p.attempts, p.next_ms, p.last_error],
             )?;
             Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl super::TimerMarks for StateDb {
+    async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
+        let key = format!("mark:{key}");
+        self.read(move |conn| {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()
+            .map(|v| {
+                v.and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(i64::from_be_bytes)
+            })
+        })
+        .await
+    }
+
+    async fn fire(
+        &self,
+        fired: (String, Option<i64>, i64),
+        requests: Vec<NewRequest>,
+        marks: Vec<(String, i64)>,
+    ) -> Result<Option<Vec<i64>>, StateError> {
+        self.write(move |conn| {
+            let (key, expected, value) = fired;
+            let now: Option<i64> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [format!("mark:{key}")],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+                .optional()?
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(i64::from_be_bytes);
+            if now != expected {
+                return Ok(None);
+            }
+            let mut marks = marks;
+            marks.push((key, value));
+            insert_requests(conn, &requests, &marks).map(Some)
         })
         .await
     }

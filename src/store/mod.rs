@@ -153,6 +153,27 @@ pub trait RequestQueue: Send + Sync + 'static {
     ) -> Result<Option<ClaimedRequest>, StateError>;
 }
 
+/// Timers that fire once across masters (the nightly schedulers): the
+/// last firing is a mark in the state, and a firing is stored only if the
+/// mark is still what the master read, so two masters that saw the same
+/// timer due make one firing between them.
+#[async_trait]
+pub trait TimerMarks: Send + Sync + 'static {
+    /// A number kept under `key`.
+    async fn mark(&self, key: &str) -> Result<Option<i64>, StateError>;
+
+    /// Stores `requests` and sets `marks` in one transaction, if the mark
+    /// `fired.0` still holds `fired.1` (`None`: no mark yet), and sets it
+    /// to `fired.2`. Otherwise nothing is written and `None` comes back:
+    /// another master fired first.
+    async fn fire(
+        &self,
+        fired: (String, Option<i64>, i64),
+        requests: Vec<NewRequest>,
+        marks: Vec<(String, i64)>,
+    ) -> Result<Option<Vec<i64>>, StateError>;
+}
+
 /// A step attempt's log: its size and line count, recorded with its end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogSize {
@@ -1037,7 +1058,8 @@ mod tests {
         let db = Arc::new(StateDb::open(&dir.path().join("state.sqlite")).unwrap());
         suite::changes(&db).await;
         suite::builds(&*db).await;
-        suite::requests(&[db.clone(), db]).await;
+        suite::requests(&[db.clone(), db.clone()]).await;
+        suite::timers(&[db.clone(), db]).await;
     }
 
     #[tokio::test]

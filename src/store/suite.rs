@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{
     BuildFilter, BuildStore, ChangeReader, ChangeStore, LogSize, LogStorage, NewChange, NewRequest,
     PropertyRow, QueuedReport, ReportOutbox, ReportProgress, ReportedBuild, RequestQueue,
-    StepEndRecord,
+    StepEndRecord, TimerMarks,
 };
 use crate::builds::Outcome;
 use crate::wire::StepId;
@@ -623,4 +623,44 @@ where
     assert_eq!(forgotten, 2);
     let left: Vec<_> = queue("r2").await.0.iter().map(|r| r.outbox_id).collect();
     assert_eq!(left, ids[2..].to_vec());
+}
+
+/// A timer two masters saw due at once fires once: one stores its firing
+/// and its requests, the other finds the mark moved and stores nothing.
+pub async fn timers<S: TimerMarks + RequestQueue>(masters: &[Arc<S>]) {
+    let key = "nightly:suite:fired".to_string();
+    assert_eq!(masters[0].mark(&key).await.unwrap(), None);
+    // First sight: one master starts the schedule.
+    let first = masters[0].fire((key.clone(), None, 100), Vec::new(), Vec::new());
+    assert!(first.await.unwrap().is_some());
+    let late = masters[1].fire((key.clone(), None, 101), Vec::new(), Vec::new());
+    assert!(late.await.unwrap().is_none());
+    assert_eq!(masters[1].mark(&key).await.unwrap(), Some(100));
+    // Both read 100 and fire together.
+    let fire = |m: Arc<S>, at: i64| {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let request = request_on("tm-nightly", "main", None);
+            let marks = vec![("nightly:suite:change".to_string(), 7)];
+            m.fire((key, Some(100), at), vec![request], marks)
+                .await
+                .unwrap()
+                .map(|_| at)
+        })
+    };
+    let (x, y) = (
+        fire(masters[0].clone(), 200),
+        fire(masters[1 % masters.len()].clone(), 201),
+    );
+    let fired: Vec<i64> = [x.await.unwrap(), y.await.unwrap()]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(fired.len(), 1, "fired by both");
+    assert_eq!(masters[0].mark(&key).await.unwrap(), Some(fired[0]));
+    let change = masters[1].mark("nightly:suite:change").await.unwrap();
+    assert_eq!(change, Some(7));
+    let waiting = masters[0].waiting_requests().await.unwrap();
+    let ours = waiting.iter().filter(|r| r.request.builder == "tm-nightly");
+    assert_eq!(ours.count(), 1);
 }

@@ -134,3 +134,35 @@ impl PgState {
         }
     }
 }
+
+/// 5: which master leads each job that runs once across masters (pollers,
+/// the reporters' sender, pruning), and the timers' marks.
+pub(super) const MIGRATION_5: &str = "
+CREATE TABLE leaders (job TEXT PRIMARY KEY, owner BIGINT NOT NULL REFERENCES masters(id));
+CREATE TABLE marks (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+";
+
+impl PgState {
+    /// Whether this master leads `job`: one master with a live lease at a
+    /// time does, and keeps it while its lease lives; when the lease
+    /// expires, the next master to ask takes the job over. A state without
+    /// a lease (one master) leads everything.
+    pub async fn leads(&self, job: &str) -> Result<bool, StateError> {
+        let Some(Lease(id)) = self.lease else {
+            return Ok(true);
+        };
+        let client = self.pool.get().await?;
+        let led = client
+            .query_opt(
+                "INSERT INTO leaders (job, owner)
+                 SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM masters WHERE id = $2 AND expires_at > clock_timestamp())
+                 ON CONFLICT (job) DO UPDATE SET owner = EXCLUDED.owner
+                 WHERE leaders.owner = EXCLUDED.owner
+                    OR NOT EXISTS (SELECT 1 FROM masters m WHERE m.id = leaders.owner AND m.expires_at > clock_timestamp())
+                 RETURNING owner",
+                &[&job, &id],
+            )
+            .await?;
+        Ok(led.is_some())
+    }
+}

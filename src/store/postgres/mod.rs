@@ -112,6 +112,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE builder_numbers (builder TEXT PRIMARY KEY, last BIGINT NOT NULL);",
     builds::MIGRATION_3,
     lease::MIGRATION_4,
+    lease::MIGRATION_5,
 ];
 
 impl From<tokio_postgres::Error> for StateError {
@@ -501,56 +502,67 @@ fn request_row(r: &tokio_postgres::Row) -> BuildRequest {
     }
 }
 
+/// Stores build requests in the transaction (a request with a collapse
+/// key pushes back the waiting ones of its group) and wakes the other
+/// masters at commit; their ids in order.
+async fn add_requests_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    requests: &[NewRequest],
+) -> Result<Vec<i64>, StateError> {
+    let now = super::now_ms();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        )
+        .await?;
+    // A tree-stable group waits as long as its newest request.
+    let stable = tx
+        .prepare_cached(
+            "UPDATE build_requests SET not_before_ms = $1
+             WHERE build_id IS NULL AND builder = $2 AND branch = $3 AND collapse_key = $4",
+        )
+        .await?;
+    let mut ids = Vec::with_capacity(requests.len());
+    for q in requests {
+        if !q.collapse_key.is_empty() {
+            tx.execute(
+                &stable,
+                &[&q.not_before_ms, &q.builder, &q.branch, &q.collapse_key],
+            )
+            .await?;
+        }
+        let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
+        let id: i64 = tx
+            .query_one(
+                &insert,
+                &[
+                    &q.builder,
+                    &q.change_id,
+                    &q.reason,
+                    &q.repository,
+                    &q.branch,
+                    &q.revision,
+                    &now,
+                    &props,
+                    &q.not_before_ms,
+                    &q.collapse_key,
+                ],
+            )
+            .await?
+            .get(0);
+        ids.push(id);
+    }
+    wake_others(tx).await?;
+    Ok(ids)
+}
+
 #[async_trait]
 impl RequestQueue for PgState {
     async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
-        let now = super::now_ms();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO build_requests (builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-            )
-            .await?;
-        // A tree-stable group waits as long as its newest request.
-        let stable = tx
-            .prepare_cached(
-                "UPDATE build_requests SET not_before_ms = $1
-                 WHERE build_id IS NULL AND builder = $2 AND branch = $3 AND collapse_key = $4",
-            )
-            .await?;
-        let mut ids = Vec::with_capacity(requests.len());
-        for q in &requests {
-            if !q.collapse_key.is_empty() {
-                tx.execute(
-                    &stable,
-                    &[&q.not_before_ms, &q.builder, &q.branch, &q.collapse_key],
-                )
-                .await?;
-            }
-            let props = serde_json::to_string(&q.properties).unwrap_or_else(|_| "[]".into());
-            let id: i64 = tx
-                .query_one(
-                    &insert,
-                    &[
-                        &q.builder,
-                        &q.change_id,
-                        &q.reason,
-                        &q.repository,
-                        &q.branch,
-                        &q.revision,
-                        &now,
-                        &props,
-                        &q.not_before_ms,
-                        &q.collapse_key,
-                    ],
-                )
-                .await?
-                .get(0);
-            ids.push(id);
-        }
-        wake_others(&tx).await?;
+        let ids = add_requests_in(&tx, &requests).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -619,6 +631,60 @@ impl RequestQueue for PgState {
     }
 }
 
+#[async_trait]
+impl super::TimerMarks for PgState {
+    async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt("SELECT value FROM marks WHERE key = $1", &[&key])
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    async fn fire(
+        &self,
+        fired: (String, Option<i64>, i64),
+        requests: Vec<NewRequest>,
+        marks: Vec<(String, i64)>,
+    ) -> Result<Option<Vec<i64>>, StateError> {
+        let (key, expected, value) = fired;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // The compare-and-set: a master that read the same mark and fires
+        // at the same time waits for this one's row, then finds it moved.
+        let moved = match expected {
+            None => {
+                tx.execute(
+                    "INSERT INTO marks (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                    &[&key, &value],
+                )
+                .await?
+            }
+            Some(old) => {
+                tx.execute(
+                    "UPDATE marks SET value = $3 WHERE key = $1 AND value = $2",
+                    &[&key, &old, &value],
+                )
+                .await?
+            }
+        };
+        if moved == 0 {
+            return Ok(None);
+        }
+        for (k, v) in &marks {
+            tx.execute(
+                "INSERT INTO marks (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[k, v],
+            )
+            .await?;
+        }
+        let ids = add_requests_in(&tx, &requests).await?;
+        tx.commit().await?;
+        Ok(Some(ids))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,6 +714,7 @@ mod tests {
         // and the two share one request queue.
         let again = std::sync::Arc::new(PgState::connect(&db.url).await.unwrap());
         super::super::suite::requests(&[state.clone(), again.clone()]).await;
+        super::super::suite::timers(&[state.clone(), again.clone()]).await;
         assert_eq!(
             again.change_count().await.unwrap(),
             state.change_count().await.unwrap()
@@ -745,10 +812,25 @@ mod tests {
         let record = b.build(c.build).await.unwrap().unwrap();
         assert_eq!(record.result, Some(Outcome::Success));
         assert_eq!(record.steps[0].result, Some(Outcome::Success));
+        // Jobs that run once across masters: A led the pollers while its
+        // lease lived (asked before it expired, below, with a fresh one);
+        // once a lease is gone, the next master to ask takes over.
+        assert!(
+            !a.leads("pollers").await.unwrap(),
+            "an expired lease leads nothing"
+        );
+        assert!(b.leads("pollers").await.unwrap());
+        assert!(b.leads("pollers").await.unwrap(), "a leader keeps its job");
         // A restarted takes a new lease, a later epoch, owning nothing.
         let again = base.take_lease("a", Duration::from_secs(10)).await.unwrap();
         assert!(again.lease().unwrap().0 > a.lease().unwrap().0);
         assert!(again.adopt_orphans().await.unwrap().is_empty());
+        assert!(
+            !again.leads("pollers").await.unwrap(),
+            "b's lease lives: b leads"
+        );
+        assert!(again.leads("pruning").await.unwrap());
+        assert!(!b.leads("pruning").await.unwrap());
         drop((a, b, again, base));
         db.drop_database().await;
     }
