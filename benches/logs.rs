@@ -292,7 +292,11 @@ async fn master_on(
         ),
     )
     .unwrap();
-    let master = Arc::new(switchyard::master::Master::load(&dir.join("master.toml")).unwrap());
+    let master = Arc::new(
+        switchyard::master::Master::load(&dir.join("master.toml"))
+            .await
+            .unwrap(),
+    );
     let listener = master.bind().await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -130,6 +130,8 @@ pub struct Master {
     reporters: Arc<crate::builds::reporters::Reporters>,
     /// `build_retention` and `log_retention`: runs in [`Master::serve`].
     pruner: Arc<crate::builds::retention::Pruner>,
+    /// `[master] lease_duration` (PostgreSQL state).
+    lease_duration: std::time::Duration,
     /// Steps whose output could not all be stored, for [`Master::serve`]
     /// to act on.
     log_troubles: std::sync::Mutex<
@@ -138,6 +140,39 @@ pub struct Master {
 }
 
 /// The retention a config asks for.
+/// Renews the lease every third of `ttl` until `shutdown`. A renewal that
+/// fails for a moment (the database restarting) is tried again; a lease
+/// found expired is lost for good: the others may have adopted this
+/// master's builds, and every write to them is refused from then on.
+async fn keep_lease(state: Arc<StateDb>, ttl: std::time::Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        match state.renew_lease(ttl).await {
+            Ok(()) => {}
+            Err(e @ crate::store::StateError::LeaseLost { .. }) => {
+                tracing::error!(error = %e, "this master lost its lease: its builds are the other masters' now; restart it to serve again");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew this master's lease; trying again"),
+        }
+    }
+}
+
+/// The name this master's leases carry: its host, config file and
+/// listening address, the same across its restarts and different for
+/// every other master. A master restarted under the same name takes its
+/// earlier leases' builds over at once (see [`StateDb::builds_to_resume`]).
+fn lease_name(config: &Config) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let path = std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone());
+    format!("{host} {} {}", path.display(), config.listen)
+}
+
 fn retention_of(config: &Config) -> crate::builds::retention::RetentionPolicy {
     crate::builds::retention::RetentionPolicy {
         builds: config.build_retention,
@@ -192,7 +227,7 @@ fn policy_of(config: &Config) -> AccessPolicy {
 
 impl Master {
     /// Reads and validates the config file and the secrets file it names.
-    pub fn load(path: &Path) -> Result<Self, MasterError> {
+    pub async fn load(path: &Path) -> Result<Self, MasterError> {
         let Loaded {
             config,
             secrets,
@@ -202,15 +237,27 @@ impl Master {
         for w in warnings {
             tracing::warn!("{w}");
         }
-        let master = Self::new(config, secrets)?;
+        let master = Self::new(config, secrets).await?;
         master.dispatcher.set_tls(tls);
         Ok(master)
     }
 
-    /// Opens the state database the config names and sets up the port.
-    pub fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
-        let state = Arc::new(StateDb::open_in(&config.state_path, &config.data_dir)?);
-        let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET)?);
+    /// Opens the state the config names (a SQLite file, or a PostgreSQL
+    /// database) and sets up the port.
+    pub async fn new(config: Config, secrets: Secrets) -> Result<Self, MasterError> {
+        let state = Arc::new(match &config.state_url {
+            Some(url) => {
+                StateDb::open_postgres(
+                    url,
+                    &config.data_dir,
+                    &lease_name(&config),
+                    config.lease_duration,
+                )
+                .await?
+            }
+            None => StateDb::open_in(&config.state_path, &config.data_dir)?,
+        });
+        let mock = MockCredentials::from_secret(state.secret(MOCK_SECRET).await?);
         mock.set_iterations_like(secrets.verifiers.values());
         let build_config = BuildConfig::from_config(&config, secrets.step_secrets.clone());
         let webhook_secrets = secrets.webhook_secrets.clone();
@@ -302,6 +349,7 @@ impl Master {
         let grpc = dispatcher
             .registry()
             .register_http(HttpFrontDoor::new(router).observed(observer))?;
+        let lease_duration = config.lease_duration;
         let master = Master {
             config: RwLock::new(Arc::new(config)),
             secrets: checker,
@@ -324,6 +372,7 @@ impl Master {
             pollers,
             reporters,
             pruner,
+            lease_duration,
             log_troubles: std::sync::Mutex::new(Some(log_troubles)),
         };
         master.warn_about_config();
@@ -422,6 +471,31 @@ impl Master {
             Ok(n) => tracing::info!(steps = n, "compressing the logs of steps that ended before"),
             Err(e) => tracing::warn!(error = %e, "cannot look for logs left to compress"),
         }
+        // Several masters on one database: the lease kept, and the others'
+        // writes waking this one's dispatch.
+        let lease = self.state.postgres().map(|_| {
+            let (state, ttl, shutdown) =
+                (self.state.clone(), self.lease_duration, shutdown.clone());
+            tokio::spawn(async move { keep_lease(state, ttl, shutdown).await })
+        });
+        let wakeups = match self.state.wakeups().await {
+            Ok(Some(w)) => {
+                let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = w.woken() => builds.wake(),
+                        }
+                    }
+                }))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for the other masters' wake-ups; requests they store wait for this master's next look (every 5 s)");
+                None
+            }
+        };
         let polls = tokio::spawn(self.pollers.clone().run(shutdown.clone()));
         let reports = tokio::spawn(self.reporters.clone().run(shutdown.clone()));
         let prunes = tokio::spawn(self.pruner.clone().run(shutdown.clone()));
@@ -470,6 +544,9 @@ impl Master {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reports).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), prunes).await;
         if let Some(t) = troubles {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        for t in [lease, wakeups].into_iter().flatten() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
         self.health
@@ -679,7 +756,7 @@ async fn read_files(path: &Path) -> Result<Loaded, ConfigError> {
 pub async fn run(config_path: &Path, pidfile: Option<&Path>) -> Result<(), MasterError> {
     use tokio::signal::unix::{SignalKind, signal};
 
-    let master = Arc::new(Master::load(config_path)?);
+    let master = Arc::new(Master::load(config_path).await?);
     let listener = master.bind().await?;
     let addr = listener.local_addr().map_err(|source| MasterError::Bind {
         addr: master.config().listen,

@@ -769,3 +769,122 @@ async fn a_worker_given_several_masters_skips_one_it_cannot_reach_and_fails_over
     wait_connected(&b, 1).await;
     assert!(build_on(&b).await.contains("built by b"));
 }
+
+/// Two masters on one PostgreSQL database (each its own port and config,
+/// one shared `data_dir`), six worker processes spread over them, 300
+/// changes pushed half to each: every request is built exactly once, both
+/// masters' workers build, and a build's log run on one master is read
+/// through the other's console.
+#[tokio::test]
+async fn two_masters_on_one_postgresql_database_build_each_request_once() {
+    use switchyard::store::BuildFilter;
+    let db = switchyard::store::postgres::testing::TempPg::new().await;
+    let shared = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (1..=6).map(|i| format!("w{i}")).collect();
+    let passwords: Vec<String> = names.iter().map(|n| format!("{n}-pw")).collect();
+    let workers: Vec<(&str, &str, u32)> = names
+        .iter()
+        .zip(&passwords)
+        .map(|(n, p)| (n.as_str(), p.as_str(), 1))
+        .collect();
+    let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let builds_toml = format!(
+        "\n[[builder]]\nname = \"b\"\nworkers = [{}]\n[[builder.step]]\nname = \"say\"\nshell = \"echo built $SWITCHYARD_BUILD_NUMBER\"\n\n[[scheduler]]\nname = \"all\"\nbuilders = [\"b\"]\n",
+        list.join(", ")
+    );
+    let extra = format!(
+        "state = {:?}\ndata_dir = {:?}\nlease_duration = \"3s\"",
+        db.url,
+        shared.path()
+    );
+    let a = master_configured(&extra, &workers, &builds_toml, "").await;
+    let b = master_configured(&extra, &workers, &builds_toml, "").await;
+    let (addr_a, addr_b) = (a.addr.to_string(), b.addr.to_string());
+    let _workers: Vec<Reaped> = names
+        .iter()
+        .zip(&passwords)
+        .enumerate()
+        .map(|(i, (n, p))| {
+            let order = if i < 3 {
+                [addr_a.clone(), addr_b.clone()]
+            } else {
+                [addr_b.clone(), addr_a.clone()]
+            };
+            spawn_worker_to(
+                &order,
+                n,
+                p,
+                &shared.path().join(format!("basedir-{n}")),
+                &[],
+                &[],
+            )
+        })
+        .collect();
+    wait_connected(&a, 3).await;
+    wait_connected(&b, 3).await;
+    // 300 changes, half pushed to each master, each making one request.
+    for m in [&a, &b] {
+        let mut conn = switchyard::grpc::client::ChangeSourceConnection::connect(
+            &m.addr.to_string(),
+            "hook",
+            "hook-pw",
+        )
+        .await
+        .unwrap();
+        for n in 0..150 {
+            let change = switchyard::proto::Change {
+                repository: "widgets".into(),
+                branch: "main".into(),
+                revision: format!("r{n}"),
+                ..Default::default()
+            };
+            within("a push", conn.push(change)).await.unwrap();
+        }
+    }
+    let state = a.master.state().clone();
+    let all = BuildFilter {
+        builder: Some("b".into()),
+        limit: 1000,
+        ..Default::default()
+    };
+    let builds = tokio::time::timeout(Duration::from_secs(240), async {
+        loop {
+            let builds = state.find_builds(all.clone()).await.unwrap();
+            if builds.len() >= 300 && builds.iter().all(|b| b.result.is_some()) {
+                return builds;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .expect("300 builds within 240 s");
+    assert_eq!(builds.len(), 300, "a request built twice");
+    assert!(builds.iter().all(|b| b.result == Some(Outcome::Success)));
+    let requests: std::collections::BTreeSet<i64> = builds.iter().map(|b| b.request_id).collect();
+    assert_eq!(requests.len(), 300, "a request built twice");
+    let numbers: std::collections::BTreeSet<i64> = builds.iter().map(|b| b.number).collect();
+    assert_eq!(numbers, (1..=300).collect());
+    assert!(state.waiting_requests().await.unwrap().is_empty());
+    let on_a = builds
+        .iter()
+        .filter(|b| ["w1", "w2", "w3"].contains(&b.worker.as_str()))
+        .count();
+    assert!(
+        on_a > 0 && on_a < 300,
+        "{on_a} of 300 built on master a's workers"
+    );
+    // A build run through a is read through b (console and state alike).
+    let from_a = builds.iter().find(|b| b.worker == "w1").unwrap();
+    let log = debug_log(&addr_b, &serde_json::json!({ "id": from_a.id }), None).await;
+    assert_eq!(
+        String::from_utf8_lossy(&log),
+        format!("built {}\n", from_a.number)
+    );
+    assert_eq!(
+        b.master.state().build(from_a.id).await.unwrap().unwrap(),
+        state.build(from_a.id).await.unwrap().unwrap()
+    );
+    a.stop().await;
+    b.stop().await;
+    db.drop_database().await;
+}

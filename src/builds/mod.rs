@@ -448,7 +448,8 @@ impl BuildMaster {
         next_in
     }
 
-    fn wake(&self) {
+    /// Looks at the waiting requests again now.
+    pub(crate) fn wake(&self) {
         self.inner.wake.notify_one();
     }
 
@@ -608,7 +609,7 @@ impl BuildMaster {
     /// comes back without it, or not within the grace, has lost it, and the
     /// step's `on_lost` applies. Call before the port serves workers.
     pub async fn recover(&self) -> Result<usize, StateError> {
-        let unfinished = self.inner.state.unfinished_builds().await?;
+        let unfinished = self.inner.state.builds_to_resume().await?;
         let config = self.inner.config();
         let mut resumed = 0;
         for b in unfinished {

@@ -75,7 +75,12 @@ impl Pollers {
         let mut last: HashMap<String, Instant> = HashMap::new();
         let mut failing: HashMap<String, String> = HashMap::new();
         loop {
-            let pollers = self.current();
+            // Masters sharing a database poll once between them: the one
+            // leading `pollers` (the mirrors are in the shared data_dir).
+            let mut pollers = self.current();
+            if !pollers.is_empty() && !self.builds.state_db().leads("pollers").await {
+                pollers = Arc::new(Vec::new());
+            }
             for p in pollers.iter() {
                 if last
                     .get(&p.repository)

@@ -126,6 +126,11 @@ impl Reporters {
     /// every reporter is done with are removed.
     async fn pass(&self) -> Result<(), crate::store::StateError> {
         let state = self.builds.state_db().clone();
+        // Masters sharing a database send each report once between them:
+        // the one leading `reporters` does.
+        if !state.leads("reporters").await {
+            return Ok(());
+        }
         let reporters = self
             .reporters
             .read()

@@ -92,6 +92,10 @@ impl Pruner {
     pub async fn pass(&self, shutdown: &CancellationToken) -> Result<Pruned, StateError> {
         let policy = *self.policy.read().unwrap_or_else(|e| e.into_inner());
         let mut pruned = Pruned::default();
+        // Masters sharing a database prune once between them.
+        if !self.state.leads("retention").await {
+            return Ok(pruned);
+        }
         let before = |keep: Duration| crate::store::now_ms() - keep.as_millis() as i64;
         // A build's logs go with it, so they are kept no longer than it.
         let logs = match (policy.logs, policy.builds) {

@@ -149,6 +149,7 @@ struct RawMaster {
     sniff_timeout: Option<Spanned<String>>,
     handshake_timeout: Option<Spanned<String>>,
     heartbeat_interval: Option<Spanned<String>>,
+    lease_duration: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_handshakes: Option<Spanned<i64>>,
     max_unauthenticated_per_address: Option<Spanned<i64>>,
@@ -419,6 +420,13 @@ pub struct Config {
     pub secret_at: BTreeMap<String, usize>,
     /// The SQLite database holding changes, builds and the master's secrets.
     pub state_path: PathBuf,
+    /// `[master] state = "postgres://USER@HOST/DB"`: the state is in that
+    /// PostgreSQL database instead (`state_path` is then unused).
+    pub state_url: Option<String>,
+    /// `[master] lease_duration` (PostgreSQL state): how long this master's
+    /// lease lasts unrenewed (renewed every third of it); once it has
+    /// expired, another master adopts this one's running builds.
+    pub lease_duration: Duration,
     /// `[master] data_dir`: where step logs (`logs/`) and pollers' mirrors
     /// (`pollers/`) live; by default the state database's directory.
     pub data_dir: PathBuf,
@@ -462,6 +470,11 @@ pub struct Config {
 }
 
 /// The shortest `sniff_timeout`, `handshake_timeout` and
+/// `[master] lease_duration` by default: a dead master's builds are adopted
+/// within about this long, and a master may be stopped (or cut off from
+/// the database) this long before it loses its builds.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
 /// `heartbeat_interval`: below it a busy machine would drop good clients.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -652,6 +665,7 @@ impl Config {
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let secrets_path = base.join(m.secrets.get_ref());
+        let mut state_url = None;
         let state_path = match &m.state {
             None => base.join(DEFAULT_STATE),
             Some(s) if s.get_ref().trim().is_empty() => {
@@ -659,11 +673,30 @@ impl Config {
             }
             // Not a file name (a file named `postgres:` would be made).
             Some(s) if s.get_ref().contains("://") => {
-                return c.err(
-                    s.span(),
-                    "master.state",
-                    "a database address is not supported yet: the PostgreSQL state keeps only the change log so far (issue 15); use a SQLite file",
-                );
+                let url = s.get_ref().trim();
+                if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+                    return c.err(
+                        s.span(),
+                        "master.state",
+                        "a database address must be postgres://USER@HOST/DB (or a SQLite file name)",
+                    );
+                }
+                if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                    return c.err(
+                        s.span(),
+                        "master.state",
+                        format!("is not a PostgreSQL address: {e}"),
+                    );
+                }
+                if m.data_dir.is_none() {
+                    return c.err(
+                        s.span(),
+                        "master.state",
+                        "with a PostgreSQL state, set master.data_dir too: the directory of logs and artifacts, shared by every master on the database",
+                    );
+                }
+                state_url = Some(url.to_string());
+                base.join(DEFAULT_STATE)
             }
             Some(s) => base.join(s.get_ref()),
         };
@@ -782,6 +815,13 @@ impl Config {
             },
             secret_at: builds.secret_at,
             state_path,
+            state_url,
+            lease_duration: c.duration_at_least(
+                &m.lease_duration,
+                "master.lease_duration",
+                DEFAULT_LEASE,
+                Duration::from_millis(300),
+            )?,
             data_dir,
             drain_removed_workers: m.drain_removed_workers.unwrap_or(false),
             build_retention: match &m.build_retention {
@@ -1145,15 +1185,44 @@ mod tests {
     }
 
     #[test]
-    fn a_database_address_as_state_is_refused_until_it_is_complete() {
+    fn a_database_address_as_state_is_postgresql_with_a_data_dir() {
+        let c = parse(
+            "[master]\nsecrets = \"s.toml\"\nstate = \"postgres://root@127.0.0.1/test\"\ndata_dir = \"/srv/shared\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.state_url.as_deref(),
+            Some("postgres://root@127.0.0.1/test")
+        );
+        assert_eq!(c.data_dir, Path::new("/srv/shared"));
         let e =
             parse("[master]\nsecrets = \"s.toml\"\nstate = \"postgres://root@127.0.0.1/test\"\n")
                 .unwrap_err()
                 .to_string();
         assert!(e.starts_with("/etc/sy/master.toml:3:"), "{e}");
         assert!(
-            e.contains("master.state") && e.contains("not supported yet"),
+            e.contains("master.state") && e.contains("master.data_dir"),
             "{e}"
+        );
+        let e = parse(
+            "[master]\nsecrets = \"s.toml\"\nstate = \"mysql://root@h/db\"\ndata_dir = \"d\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":3:") && e.contains("postgres://USER@HOST/DB"),
+            "{e}"
+        );
+        let e = parse("[master]\nsecrets = \"s.toml\"\nstate = \"postgres://root@h:notaport/db\"\ndata_dir = \"d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":3:") && e.contains("not a PostgreSQL address"),
+            "{e}"
+        );
+        assert_eq!(
+            parse("[master]\nsecrets = \"s.toml\"\n").unwrap().state_url,
+            None
         );
     }
 

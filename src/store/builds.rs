@@ -8,7 +8,9 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
 
-use super::{BuildStore, LogSize, LogStorage, ReportOutbox, StateDb, StateError, now_ms};
+use super::{
+    BuildStore, LogSize, LogStorage, ReportOutbox, RequestQueue, StateDb, StateError, now_ms,
+};
 use crate::builds::events::Outcome;
 use crate::wire::StepId;
 
@@ -371,12 +373,18 @@ impl StepEndRecord {
 impl StateDb {
     /// Stores build requests; returns their ids in order.
     pub async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.add_requests(requests).await;
+        }
         self.write(move |conn| insert_requests(conn, &requests, &[]))
             .await
     }
 
     /// Requests no build has taken yet, oldest first.
     pub async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.waiting_requests().await;
+        }
         self.read(|conn| {
             conn.prepare_cached(&format!(
                 "SELECT {REQUEST_COLUMNS} FROM build_requests WHERE build_id IS NULL ORDER BY id"
@@ -401,6 +409,9 @@ impl StateDb {
         first_step: Option<(String, String, StepId)>,
         make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>) + Send + 'static,
     ) -> Result<Option<Claim<T>>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.claim(request, merged, worker, first_step, make).await;
+        }
         let worker = worker.to_string();
         self.write(move |conn| claim_in(conn, request, &merged, &worker, first_step, make))
             .await
@@ -414,6 +425,9 @@ impl StateDb {
         builders: &[String],
         worker: &str,
     ) -> Result<Option<super::ClaimedRequest>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.claim_next(builders, worker).await;
+        }
         let (builders, worker) = (builders.to_vec(), worker.to_string());
         self.write(move |conn| {
             let list = serde_json::to_string(&builders).unwrap_or_else(|_| "[]".into());
@@ -452,6 +466,11 @@ impl StateDb {
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .add_changes_requesting(batch, Box::new(requests_for))
+                .await;
+        }
         self.write(move |conn| {
             let (ids, made) = store_changes(conn, &batch, requests_for)?;
             Ok((ids, made))
@@ -472,6 +491,11 @@ impl StateDb {
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>, bool), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .add_changes_once(delivery, batch, Box::new(requests_for))
+                .await;
+        }
         self.write(move |conn| {
             let (hook, id) = delivery;
             let seen: Option<String> = conn
@@ -511,6 +535,9 @@ impl StateDb {
         &self,
         repository: &str,
     ) -> Result<Option<BTreeMap<String, String>>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.poller_heads(repository).await;
+        }
         let repository = repository.to_string();
         self.read(move |conn| {
             let polled: Option<i64> = conn
@@ -546,6 +573,11 @@ impl StateDb {
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .add_polled_changes(repository, heads, batch, Box::new(requests_for))
+                .await;
+        }
         self.write(move |conn| {
             let (ids, made) = store_changes(conn, &batch, requests_for)?;
             conn.execute(
@@ -573,6 +605,9 @@ impl StateDb {
         branch: &str,
         repository: Option<&str>,
     ) -> Result<Option<(i64, String, String)>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.latest_change(branch, repository).await;
+        }
         let (branch, repository) = (branch.to_string(), repository.map(str::to_string));
         self.read(move |conn| {
             conn.query_row(
@@ -588,6 +623,9 @@ impl StateDb {
 
     /// When the earliest waiting request that is not due yet comes due.
     pub async fn next_due_ms(&self) -> Result<Option<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.next_due_ms().await;
+        }
         self.read(|conn| {
             conn.query_row(
                 "SELECT MIN(not_before_ms) FROM build_requests WHERE build_id IS NULL AND not_before_ms > ?1",
@@ -759,15 +797,18 @@ impl StateDb {
             .max_build_artifacts
             .load(std::sync::atomic::Ordering::Relaxed);
         let n = name.clone();
-        let others: i64 = self
-            .read(move |conn| {
+        let others: i64 = if let Some(pg) = &self.pg {
+            pg.other_artifacts_size(build, &n).await?
+        } else {
+            self.read(move |conn| {
                 conn.query_row(
                     "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE build_id = ?1 AND name != ?2",
                     params![build, n],
                     |r| r.get(0),
                 )
             })
-            .await?;
+            .await?
+        };
         let left = max_build.saturating_sub(others as u64);
         if left < self.uploads.max_log_size() {
             self.uploads.limit_row(row, left);
@@ -780,6 +821,9 @@ impl StateDb {
                         "max_build_artifacts_size ({max_build} bytes; the build's other artifacts take {others})"
                     ),
                 );
+        }
+        if let Some(pg) = &self.pg {
+            return pg.set_step_artifact(row, &name).await;
         }
         self.write(move |conn| {
             conn.execute(
@@ -890,6 +934,10 @@ impl StateDb {
             sha256,
             tar,
         };
+        if let Some(pg) = &self.pg {
+            pg.put_artifact(&record).await?;
+            return Ok(Ok(record));
+        }
         let r = record.clone();
         self.write(move |conn| {
             conn.execute(
@@ -903,6 +951,9 @@ impl StateDb {
 
     /// The artifacts of a build, by name.
     pub async fn artifacts(&self, build: i64) -> Result<Vec<ArtifactRecord>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.artifacts(build).await;
+        }
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT name, size, sha256, tar FROM artifacts WHERE build_id = ?1 ORDER BY name",
@@ -930,6 +981,9 @@ impl StateDb {
         from: &str,
         name: &str,
     ) -> Result<Result<ArtifactRecord, String>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.find_artifact(from, name).await;
+        }
         let (from, name) = (from.trim().to_string(), name.to_string());
         self.read(move |conn| {
             let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
@@ -988,6 +1042,9 @@ impl StateDb {
         build: i64,
         name: String,
     ) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.record_download(row, build, &name).await;
+        }
         self.write(move |conn| {
             conn.execute(
                 "UPDATE steps SET download_build = ?2, download_name = ?3 WHERE id = ?1",
@@ -1000,6 +1057,9 @@ impl StateDb {
 
     /// The artifact the download step of `row` was given, if it was.
     pub async fn recorded_download(&self, row: i64) -> Result<Option<(i64, String)>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.recorded_download(row).await;
+        }
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT download_build, download_name FROM steps WHERE id = ?1 AND download_build IS NOT NULL",
@@ -1039,6 +1099,10 @@ impl StateDb {
             .await?;
         if let Some(chunks) = from_files {
             return Ok(chunks);
+        }
+        // Logs kept in the database (before schema 8) are SQLite's only.
+        if self.pg.is_some() {
+            return Ok(Vec::new());
         }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
@@ -1080,6 +1144,10 @@ impl StateDb {
         if let Some(chunks) = from_files {
             return Ok(chunks);
         }
+        // Logs kept in the database (before schema 8) are SQLite's only.
+        if self.pg.is_some() {
+            return Ok(Vec::new());
+        }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT 4096",
@@ -1094,7 +1162,10 @@ impl StateDb {
     /// many builds went.
     pub async fn delete_builder(&self, builder: &str) -> Result<usize, StateError> {
         let builder = builder.to_string();
-        let (builds, rows, ids) = self.write(move |conn| {
+        let (builds, rows, ids) = if let Some(pg) = &self.pg {
+            pg.delete_builder(&builder).await?
+        } else {
+            self.write(move |conn| {
             let ids: Vec<i64> = conn
                 .prepare_cached("SELECT id FROM builds WHERE builder = ?1")?
                 .query_map([&builder], |r| r.get(0))?
@@ -1116,7 +1187,8 @@ impl StateDb {
             conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
             Ok((builds, rows, ids))
         })
-        .await?;
+        .await?
+        };
         // The rows are gone: nothing reads these files any more.
         self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
             .await?;
@@ -1153,6 +1225,9 @@ impl StateDb {
         builders: Vec<String>,
         per: usize,
     ) -> Result<Vec<BuilderOverview>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.builder_overview(builders, per).await;
+        }
         self.read(move |conn| {
             let mut recent = conn.prepare_cached(
                 "SELECT id, number, started_ms, finished_ms, result FROM builds
@@ -1201,8 +1276,10 @@ impl StateDb {
         &self,
         build: i64,
     ) -> Result<std::collections::HashMap<i64, u64>, StateError> {
-        let (rows, mut sizes): (Vec<i64>, HashMap<i64, u64>) = self
-            .read(move |conn| {
+        let (rows, mut sizes): (Vec<i64>, HashMap<i64, u64>) = if let Some(pg) = &self.pg {
+            (pg.step_rows(build).await?, HashMap::new())
+        } else {
+            self.read(move |conn| {
                 let rows = conn
                     .prepare_cached("SELECT id FROM steps WHERE build_id = ?1")?
                     .query_map([build], |r| r.get(0))?
@@ -1216,7 +1293,8 @@ impl StateDb {
                     .collect::<rusqlite::Result<_>>()?;
                 Ok((rows, sizes))
             })
-            .await?;
+            .await?
+        };
         let from_files = self
             .on_logs(move |l| {
                 let mut out = Vec::new();
@@ -1242,15 +1320,18 @@ impl StateDb {
         lines: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogTail>, StateError> {
-        let rows: Vec<i64> = self
-            .read(move |conn| {
+        let rows: Vec<i64> = if let Some(pg) = &self.pg {
+            pg.step_rows(build).await?
+        } else {
+            self.read(move |conn| {
                 conn.prepare_cached(
                     "SELECT id FROM steps WHERE build_id = ?1 ORDER BY position, attempt",
                 )?
                 .query_map([build], |r| r.get(0))?
                 .collect()
             })
-            .await?;
+            .await?
+        };
         let from_files = {
             let rows = rows.clone();
             self.on_logs(move |l| {
@@ -1291,7 +1372,7 @@ impl StateDb {
             .copied()
             .filter(|r| !from_files.contains_key(r))
             .collect();
-        let mut from_db: HashMap<i64, LogTail> = if in_db.is_empty() {
+        let mut from_db: HashMap<i64, LogTail> = if in_db.is_empty() || self.pg.is_some() {
             HashMap::new()
         } else {
             self.read(move |conn| {
@@ -1383,6 +1464,9 @@ impl StateDb {
         if let Some(found) = from_files {
             return Ok(found);
         }
+        if self.pg.is_some() {
+            return Ok((0, 0));
+        }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, length(data) FROM log_chunks WHERE step = ?1 ORDER BY seq",
@@ -1450,7 +1534,10 @@ impl StateDb {
     ) -> Result<usize, StateError> {
         // Their logs first, a few at a time: the delete below is small.
         while self.prune_logs(ended_before_ms, 100).await? > 0 {}
-        let (builds, rows) = self
+        let (builds, rows) = if let Some(pg) = &self.pg {
+            pg.prune_builds(ended_before_ms, limit).await?
+        } else {
+            self
             .write(move |conn| {
                 let ids: Vec<i64> = conn
                     .prepare_cached(
@@ -1474,7 +1561,8 @@ impl StateDb {
                 }
                 Ok((ids, rows))
             })
-            .await?;
+            .await?
+        };
         // Steps that ended after the logs were pruned (none, normally).
         self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
             .await?;
@@ -1486,6 +1574,9 @@ impl StateDb {
     pub async fn waiting_counts(
         &self,
     ) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.waiting_counts().await;
+        }
         self.read(|conn| {
             conn.prepare_cached("SELECT builder, COUNT(*) FROM build_requests WHERE build_id IS NULL GROUP BY builder")?
                 .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
@@ -1775,6 +1866,11 @@ impl BuildStore for StateDb {
         on_lost: &str,
         properties: Vec<PropertyRow>,
     ) -> Result<i64, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .start_step(build, position, name, attempt, step_id, on_lost, properties)
+                .await;
+        }
         let (name, on_lost) = (name.to_string(), on_lost.to_string());
         self.write(move |conn| {
             store_properties(conn, build, &properties)?;
@@ -1784,6 +1880,9 @@ impl BuildStore for StateDb {
     }
 
     async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.finish_build(build, result).await;
+        }
         self.write(move |conn| end_build(conn, build, result)).await
     }
 
@@ -1792,11 +1891,17 @@ impl BuildStore for StateDb {
         build: i64,
         properties: Vec<PropertyRow>,
     ) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.set_build_properties(build, properties).await;
+        }
         self.write(move |conn| store_properties(conn, build, &properties))
             .await
     }
 
     async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.find_builds(filter).await;
+        }
         self.read(move |conn| {
             let sql = format!(
                 "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
@@ -1827,6 +1932,9 @@ impl BuildStore for StateDb {
     }
 
     async fn build_by_number(&self, builder: &str, number: i64) -> Result<Option<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.build_by_number(builder, number).await;
+        }
         let builder = builder.to_string();
         self.read(move |conn| {
             conn.query_row(
@@ -1840,6 +1948,9 @@ impl BuildStore for StateDb {
     }
 
     async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.unfinished_builds().await;
+        }
         self.read(|conn| {
             let sql = format!(
                 "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
@@ -1859,6 +1970,9 @@ impl BuildStore for StateDb {
     }
 
     async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.build(id).await;
+        }
         self.read(move |conn| {
             let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
             let Some(mut b) = conn.prepare_cached(&sql)?.query_row([id], build_row).optional()? else { return Ok(None) };
@@ -1870,10 +1984,16 @@ impl BuildStore for StateDb {
     }
 
     async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.build_change_ids(build).await;
+        }
         self.read(move |conn| change_ids_of(conn, build)).await
     }
 
     async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.request_build(request).await;
+        }
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached("SELECT build_id FROM build_requests WHERE id = ?1")?
@@ -1885,6 +2005,9 @@ impl BuildStore for StateDb {
     }
 
     async fn record_step_end(&self, end: StepEndRecord, log: LogSize) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.record_step_end(end, log).await;
+        }
         self.write(move |conn| {
             conn.execute(
                 "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6,
@@ -1913,6 +2036,9 @@ impl BuildStore for StateDb {
     }
 
     async fn set_log_storage(&self, rows: Vec<i64>, stored: LogStorage) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.set_log_storage(rows, stored).await;
+        }
         self.write(move |conn| {
             let mut mark = conn.prepare_cached("UPDATE steps SET log_stored = ?2 WHERE id = ?1")?;
             for r in &rows {
@@ -1924,6 +2050,9 @@ impl BuildStore for StateDb {
     }
 
     async fn ended_logs_stored_as(&self, stored: LogStorage) -> Result<Vec<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.ended_logs_stored_as(stored).await;
+        }
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT id FROM steps WHERE log_stored = ?1 AND finished_ms IS NOT NULL ORDER BY id",
@@ -1939,6 +2068,9 @@ impl BuildStore for StateDb {
         ended_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<(i64, LogStorage)>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.logs_to_prune(ended_before_ms, limit).await;
+        }
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT s.id, s.log_stored FROM steps s
@@ -1962,6 +2094,9 @@ impl ReportOutbox for StateDb {
         reporter: String,
         limit: usize,
     ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.report_queue(reporter, limit).await;
+        }
         self.read(move |conn| {
             let mut s = conn.prepare_cached(
                 "SELECT o.id, o.build_id, o.finished, o.created_ms,
@@ -2022,6 +2157,9 @@ impl ReportOutbox for StateDb {
     }
 
     async fn skip_reports(&self, reporter: String, ids: Vec<i64>) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.skip_reports(reporter, ids).await;
+        }
         if ids.is_empty() {
             return Ok(());
         }
@@ -2044,6 +2182,9 @@ impl ReportOutbox for StateDb {
         reporters: Vec<String>,
         limit: usize,
     ) -> Result<usize, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.forget_delivered_reports(reporters, limit).await;
+        }
         let names = serde_json::to_string(&reporters).expect("a list of strings is JSON");
         let wanted = reporters.len() as i64;
         self.write(move |conn| {
@@ -2073,6 +2214,9 @@ impl ReportOutbox for StateDb {
         &self,
         limit: usize,
     ) -> Result<Vec<UndeliveredReport>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.undelivered_reports(limit).await;
+        }
         self.read(move |conn| {
             let mut s = conn.prepare_cached(
                 "SELECT p.reporter, o.build_id, o.finished, o.created_ms, p.attempts, p.next_ms,
@@ -2102,6 +2246,9 @@ impl ReportOutbox for StateDb {
     }
 
     async fn undelivered_report_count(&self) -> Result<u64, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.undelivered_report_count().await;
+        }
         self.read(|conn| {
             let n: i64 = conn.query_row(
                 "SELECT COUNT(*) FROM report_progress WHERE done = 0",
@@ -2119,6 +2266,9 @@ impl ReportOutbox for StateDb {
         reporter: String,
         p: ReportProgress,
     ) -> Result<(), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.set_report_progress(outbox_id, reporter, p).await;
+        }
         self.write(move |conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
@@ -2134,6 +2284,9 @@ impl ReportOutbox for StateDb {
 #[async_trait::async_trait]
 impl super::TimerMarks for StateDb {
     async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.mark(key).await;
+        }
         let key = format!("mark:{key}");
         self.read(move |conn| {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
@@ -2154,6 +2307,9 @@ impl super::TimerMarks for StateDb {
         requests: Vec<NewRequest>,
         marks: Vec<(String, i64)>,
     ) -> Result<Option<Vec<i64>>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.fire(fired, requests, marks).await;
+        }
         self.write(move |conn| {
             let (key, expected, value) = fired;
             let now: Option<i64> = conn

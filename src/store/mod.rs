@@ -62,6 +62,8 @@ pub enum StateError {
     Logs(#[from] std::io::Error),
     #[error("PostgreSQL state: {0}")]
     Postgres(String),
+    #[error("this operation reads the SQLite state, and the state is in PostgreSQL")]
+    SqliteOnly,
     #[error(
         "build {build} is not this master's (lease {epoch}): its lease expired and another master adopted it; nothing was written"
     )]
@@ -501,8 +503,13 @@ fn in_savepoint<T>(
 /// handle lets the writer finish what is queued and stop.
 pub struct StateDb {
     path: PathBuf,
-    jobs: std::sync::mpsc::Sender<Job>,
-    reader: Arc<Mutex<Connection>>,
+    /// SQLite: the writer thread's queue and the reader connection.
+    /// `None` when the state is in PostgreSQL (`pg`).
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    reader: Option<Arc<Mutex<Connection>>>,
+    /// PostgreSQL: every database operation goes there; the files (logs,
+    /// uploads, artifacts) stay under the data directory.
+    pg: Option<postgres::PgState>,
     logs: Arc<logs::LogFiles>,
     /// Uploads being received: the stdout of upload steps, as log files of
     /// their own (`data_dir/uploads/`), until they are checked and moved to
@@ -729,8 +736,9 @@ impl StateDb {
             .map_err(StateError::Thread)?;
         Ok(StateDb {
             path: path.to_path_buf(),
-            jobs: tx,
-            reader: Arc::new(Mutex::new(reader)),
+            jobs: Some(tx),
+            reader: Some(Arc::new(Mutex::new(reader))),
+            pg: None,
             logs,
             uploads: {
                 let u = logs::LogFiles::new(data_dir.join("uploads"));
@@ -744,6 +752,100 @@ impl StateDb {
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
         })
+    }
+
+    /// The state in the PostgreSQL database at `url` (see
+    /// [`postgres`]), with the files (logs, uploads, artifacts) under
+    /// `data_dir`, which every master sharing the database must share too
+    /// (see the README's "Several masters"). The master takes a lease
+    /// named `master` lasting `lease`, which it must renew
+    /// ([`StateDb::renew_lease`]) every third of that.
+    pub async fn open_postgres(
+        url: &str,
+        data_dir: &Path,
+        master: &str,
+        lease: std::time::Duration,
+    ) -> Result<Self, StateError> {
+        let pg = postgres::PgState::connect(url)
+            .await?
+            .take_lease(master, lease)
+            .await?;
+        let uploading = pg.uploading_rows().await?.into_iter().collect();
+        Ok(StateDb {
+            path: postgres::shown_url(url).into(),
+            jobs: None,
+            reader: None,
+            pg: Some(pg),
+            logs: Arc::new(logs::LogFiles::new(data_dir.join("logs"))),
+            uploads: {
+                let u = logs::LogFiles::new(data_dir.join("uploads"));
+                u.keep_digests();
+                Arc::new(u)
+            },
+            upload_rows: Mutex::new(uploading),
+            max_build_artifacts: std::sync::atomic::AtomicU64::new(u64::MAX),
+            build_limited: Mutex::new(Default::default()),
+            artifacts_dir: data_dir.join("artifacts"),
+            compressing: Arc::new(tokio::sync::Semaphore::new(1)),
+            log_troubles: Mutex::new(None),
+        })
+    }
+
+    /// The PostgreSQL state, when the state is there.
+    pub fn postgres(&self) -> Option<&postgres::PgState> {
+        self.pg.as_ref()
+    }
+
+    /// Whether this master runs `job` (pollers, the reporters' sender,
+    /// pruning), which runs once across the masters sharing a database:
+    /// always on SQLite; on PostgreSQL, while it holds the job's lead.
+    pub async fn leads(&self, job: &str) -> bool {
+        match &self.pg {
+            None => true,
+            Some(pg) => match pg.leads(job).await {
+                Ok(led) => led,
+                Err(e) => {
+                    tracing::warn!(job, error = %e, "cannot tell whether this master leads a job; leaving it to the others");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Renews this master's lease for `ttl` (PostgreSQL; nothing to do on
+    /// SQLite). [`StateError::LeaseLost`] once it has expired.
+    pub async fn renew_lease(&self, ttl: std::time::Duration) -> Result<(), StateError> {
+        match &self.pg {
+            None => Ok(()),
+            Some(pg) => pg.renew_lease(ttl).await,
+        }
+    }
+
+    /// The builds this master is to run on from where they are: on SQLite,
+    /// every unfinished build (a previous process left them); on
+    /// PostgreSQL, those it adopts: the builds of its own earlier leases
+    /// (a restart) and of every master whose lease expired.
+    pub async fn builds_to_resume(&self) -> Result<Vec<BuildRecord>, StateError> {
+        let Some(pg) = &self.pg else {
+            return self.unfinished_builds().await;
+        };
+        let adopted = pg.adopt_own_and_orphans().await?;
+        let mut builds = Vec::with_capacity(adopted.len());
+        for id in adopted {
+            if let Some(b) = pg.build(id).await? {
+                builds.push(b);
+            }
+        }
+        Ok(builds)
+    }
+
+    /// Wake-ups from the other masters sharing the database (PostgreSQL);
+    /// `None` on SQLite, where this master is alone.
+    pub async fn wakeups(&self) -> Result<Option<postgres::Wakeups>, StateError> {
+        match &self.pg {
+            None => Ok(None),
+            Some(pg) => pg.listen().await.map(Some),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -792,17 +894,21 @@ impl StateDb {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StateError> {
-        write_on(&self.jobs, f).await
+        match &self.jobs {
+            Some(jobs) => write_on(jobs, f).await,
+            None => Err(StateError::SqliteOnly),
+        }
     }
 
     /// Compresses the logs of these ended steps, one at a time, in the
     /// background (see [`logs`]); a log that cannot be compressed stays
     /// readable as it is.
     pub(crate) fn compress_later(&self, rows: Vec<i64>) {
-        let (logs, permits, jobs) = (
+        let (logs, permits, jobs, pg) = (
             self.logs.clone(),
             self.compressing.clone(),
             self.jobs.clone(),
+            self.pg.clone(),
         );
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -815,13 +921,20 @@ impl StateDb {
                 let l = logs.clone();
                 match tokio::task::spawn_blocking(move || l.compress(row)).await {
                     Ok(Ok(())) => {
-                        let marked = write_on(&jobs, move |c| {
-                            c.execute(
-                                "UPDATE steps SET log_stored = 'compressed' WHERE id = ?1",
-                                [row],
-                            )
-                        })
-                        .await;
+                        let marked = match (&pg, &jobs) {
+                            (Some(pg), _) => {
+                                pg.set_log_storage(vec![row], LogStorage::Compressed).await
+                            }
+                            (None, Some(jobs)) => write_on(jobs, move |c| {
+                                c.execute(
+                                    "UPDATE steps SET log_stored = 'compressed' WHERE id = ?1",
+                                    [row],
+                                )
+                                .map(|_| ())
+                            })
+                            .await,
+                            (None, None) => Err(StateError::SqliteOnly),
+                        };
                         if let Err(e) = marked {
                             tracing::warn!(step = row, error = %e, "cannot record a compressed log");
                         }
@@ -849,7 +962,7 @@ impl StateDb {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StateError> {
-        let reader = self.reader.clone();
+        let reader = self.reader.clone().ok_or(StateError::SqliteOnly)?;
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
             f(&conn).map_err(StateError::from)
@@ -860,8 +973,12 @@ impl StateDb {
 
     /// A 32-byte secret that belongs to this master and survives restarts,
     /// made at random the first time it is asked for under `name`.
-    pub fn secret(&self, name: &str) -> Result<[u8; 32], StateError> {
-        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+    pub async fn secret(&self, name: &str) -> Result<[u8; 32], StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.secret(name).await;
+        }
+        let reader = self.reader.clone().ok_or(StateError::SqliteOnly)?;
+        let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
         let key = format!("secret:{name}");
         let existing: Option<Vec<u8>> = conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
@@ -886,6 +1003,9 @@ impl StateDb {
 
     /// One change by id.
     pub async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.change(id).await;
+        }
         self.read(move |conn| load_change(conn, id)).await
     }
 
@@ -895,6 +1015,9 @@ impl StateDb {
         after: i64,
         limit: usize,
     ) -> Result<Vec<StoredChange>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.changes_after(after, limit).await;
+        }
         self.read(move |conn| {
             let ids: Vec<i64> = conn
                 .prepare_cached("SELECT id FROM changes WHERE id > ?1 ORDER BY id LIMIT ?2")?
@@ -918,6 +1041,9 @@ impl StateDb {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(StoredChange, Vec<i64>)>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.recent_changes(before, limit).await;
+        }
         self.read(move |conn| {
             let ids: Vec<i64> = conn
                 .prepare_cached(
@@ -944,6 +1070,9 @@ impl StateDb {
 
     /// How many changes are stored.
     pub async fn change_count(&self) -> Result<i64, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.change_count().await;
+        }
         self.read(|conn| conn.query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0)))
             .await
     }
@@ -996,6 +1125,9 @@ fn load_change(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredChan
 #[async_trait]
 impl ChangeStore for StateDb {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.add_changes(batch).await;
+        }
         self.write(move |conn| insert_changes(conn, &batch)).await
     }
 
@@ -1004,6 +1136,9 @@ impl ChangeStore for StateDb {
         key: (String, String),
         batch: Vec<NewChange>,
     ) -> Result<(Vec<i64>, bool), StateError> {
+        if let Some(pg) = &self.pg {
+            return pg.add_changes_keyed(key, batch).await;
+        }
         let (ids, _, again) = self.add_changes_once(key, batch, |_, _| Vec::new()).await?;
         Ok((ids, again))
     }
@@ -1083,14 +1218,14 @@ mod tests {
                 .unwrap();
             assert_eq!(ids.len(), 2);
             assert!(ids[1] > ids[0]);
-            secret = db.secret("mock").unwrap();
-            assert_eq!(db.secret("mock").unwrap(), secret);
+            secret = db.secret("mock").await.unwrap();
+            assert_eq!(db.secret("mock").await.unwrap(), secret);
         }
         let db = StateDb::open(&path).unwrap();
         let all = db.changes_after(0, 10).await.unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].change, change);
-        assert_eq!(db.secret("mock").unwrap(), secret);
+        assert_eq!(db.secret("mock").await.unwrap(), secret);
     }
 
     #[test]

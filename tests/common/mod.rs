@@ -82,7 +82,7 @@ impl TestMaster {
 
     /// Starts a master on the files (and state) already in `dir`.
     pub async fn start_in(dir: tempfile::TempDir) -> TestMaster {
-        let master = Arc::new(Master::load(&dir.path().join("master.toml")).unwrap());
+        let master = Arc::new(Master::load(&dir.path().join("master.toml")).await.unwrap());
         let listener = master.bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -345,9 +345,23 @@ pub async fn master_with_secrets(
     builds_toml: &str,
     extra_secrets: &str,
 ) -> TestMaster {
+    master_configured("", workers, builds_toml, extra_secrets).await
+}
+
+/// [`master_with_secrets`], with `extra_master` lines in `[master]` (e.g.
+/// a PostgreSQL `state`).
+pub async fn master_configured(
+    extra_master: &str,
+    workers: &[(&str, &str, u32)],
+    builds_toml: &str,
+    extra_secrets: &str,
+) -> TestMaster {
     let users = [HOOK, ADMIN];
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config_text("heartbeat_interval = \"1s\"", &users);
+    let mut config = config_text(
+        &format!("heartbeat_interval = \"1s\"\n{extra_master}"),
+        &users,
+    );
     for (name, _, max) in workers {
         config.push_str(&format!(
             "\n[[worker]]\nname = {name:?}\nmax_builds = {max}\n"

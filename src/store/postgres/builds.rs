@@ -159,7 +159,7 @@ async fn load_details(
     Ok(())
 }
 
-async fn store_properties(
+pub(super) async fn store_properties(
     client: &impl deadpool_postgres::GenericClient,
     build: i64,
     properties: &[PropertyRow],

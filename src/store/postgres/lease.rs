@@ -109,6 +109,26 @@ impl PgState {
         Ok(ids)
     }
 
+    /// As [`PgState::adopt_orphans`], and first the unfinished builds of
+    /// this master's own earlier leases (same name: it was restarted), whose
+    /// leases are ended at once so that nothing of them writes again.
+    pub async fn adopt_own_and_orphans(&self) -> Result<Vec<i64>, StateError> {
+        let Some(Lease(id)) = self.lease else {
+            return Ok(Vec::new());
+        };
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE masters SET expires_at = LEAST(expires_at, clock_timestamp())
+             WHERE name = (SELECT name FROM masters WHERE id = $1) AND id < $1",
+            &[&id],
+        )
+        .await?;
+        tx.commit().await?;
+        drop(client);
+        self.adopt_orphans().await
+    }
+
     /// Inside a write's transaction: holds `build`'s row and checks that
     /// this state's lease owns it and is live. Without a lease (one master,
     /// or a tool) there is nothing to check.

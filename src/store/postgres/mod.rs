@@ -24,6 +24,8 @@ use std::collections::BTreeMap;
 mod builds;
 mod lease;
 mod notify;
+mod rest;
+pub mod testing;
 
 pub use lease::Lease;
 pub use notify::Wakeups;
@@ -113,6 +115,7 @@ const MIGRATIONS: &[&str] = &[
     builds::MIGRATION_3,
     lease::MIGRATION_4,
     lease::MIGRATION_5,
+    rest::MIGRATION_6,
 ];
 
 impl From<tokio_postgres::Error> for StateError {
@@ -250,14 +253,14 @@ impl PgState {
 
 /// Wakes every listening master when the transaction commits (see
 /// `notify`).
-async fn wake_others(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StateError> {
+pub(super) async fn wake_others(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StateError> {
     tx.batch_execute(&format!("NOTIFY {}", notify::CHANNEL))
         .await?;
     Ok(())
 }
 
 /// Inserts `batch` in the transaction; returns the ids in order.
-async fn insert_changes(
+pub(super) async fn insert_changes(
     tx: &deadpool_postgres::Transaction<'_>,
     batch: &[NewChange],
 ) -> Result<Vec<i64>, StateError> {
@@ -381,8 +384,8 @@ impl ChangeStore for PgState {
 }
 
 /// The changes with these ids that exist, in the order asked.
-async fn load_changes(
-    client: &deadpool_postgres::Object,
+pub(super) async fn load_changes(
+    client: &impl deadpool_postgres::GenericClient,
     ids: &[i64],
 ) -> Result<Vec<StoredChange>, StateError> {
     if ids.is_empty() {
@@ -505,7 +508,7 @@ fn request_row(r: &tokio_postgres::Row) -> BuildRequest {
 /// Stores build requests in the transaction (a request with a collapse
 /// key pushes back the waiting ones of its group) and wakes the other
 /// masters at commit; their ids in order.
-async fn add_requests_in(
+pub(super) async fn add_requests_in(
     tx: &deadpool_postgres::Transaction<'_>,
     requests: &[NewRequest],
 ) -> Result<Vec<i64>, StateError> {
