@@ -139,21 +139,31 @@ pub struct Master {
     >,
 }
 
-/// The retention a config asks for.
-/// Renews the lease every third of `ttl` until `shutdown`. A renewal that
+/// Renews the lease every third of `ttl` until `shutdown`, and each time
+/// adopts the builds of masters whose leases have expired. A renewal that
 /// fails for a moment (the database restarting) is tried again; a lease
 /// found expired is lost for good: the others may have adopted this
 /// master's builds, and every write to them is refused from then on.
-async fn keep_lease(state: Arc<StateDb>, ttl: std::time::Duration, shutdown: CancellationToken) {
+async fn keep_lease(builds: BuildMaster, ttl: std::time::Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(ttl / 3) => {}
         }
-        match state.renew_lease(ttl).await {
-            Ok(()) => {}
+        match builds.state_db().renew_lease(ttl).await {
+            Ok(()) => match builds.adopt().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    builds = n,
+                    "adopted the running builds of a master whose lease expired"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot adopt the builds of masters whose leases expired")
+                }
+            },
             Err(e @ crate::store::StateError::LeaseLost { .. }) => {
-                tracing::error!(error = %e, "this master lost its lease: its builds are the other masters' now; restart it to serve again");
+                tracing::error!(error = %e, "this master lost its lease: its builds are the other masters' now, its workers are sent to them; restart it to serve again");
+                builds.lose_lease();
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "cannot renew this master's lease; trying again"),
@@ -173,6 +183,7 @@ fn lease_name(config: &Config) -> String {
     format!("{host} {} {}", path.display(), config.listen)
 }
 
+/// The retention a config asks for.
 fn retention_of(config: &Config) -> crate::builds::retention::RetentionPolicy {
     crate::builds::retention::RetentionPolicy {
         builds: config.build_retention,
@@ -474,9 +485,9 @@ impl Master {
         // Several masters on one database: the lease kept, and the others'
         // writes waking this one's dispatch.
         let lease = self.state.postgres().map(|_| {
-            let (state, ttl, shutdown) =
-                (self.state.clone(), self.lease_duration, shutdown.clone());
-            tokio::spawn(async move { keep_lease(state, ttl, shutdown).await })
+            let (builds, ttl, shutdown) =
+                (self.builds.clone(), self.lease_duration, shutdown.clone());
+            tokio::spawn(async move { keep_lease(builds, ttl, shutdown).await })
         });
         let wakeups = match self.state.wakeups().await {
             Ok(Some(w)) => {

@@ -792,11 +792,7 @@ async fn two_masters_on_one_postgresql_database_build_each_request_once() {
         "\n[[builder]]\nname = \"b\"\nworkers = [{}]\n[[builder.step]]\nname = \"say\"\nshell = \"echo built $SWITCHYARD_BUILD_NUMBER\"\n\n[[scheduler]]\nname = \"all\"\nbuilders = [\"b\"]\n",
         list.join(", ")
     );
-    let extra = format!(
-        "state = {:?}\ndata_dir = {:?}\nlease_duration = \"3s\"",
-        db.url,
-        shared.path()
-    );
+    let extra = format!("state = {:?}\ndata_dir = {:?}", db.url, shared.path());
     let a = master_configured(&extra, &workers, &builds_toml, "").await;
     let b = master_configured(&extra, &workers, &builds_toml, "").await;
     let (addr_a, addr_b) = (a.addr.to_string(), b.addr.to_string());
@@ -886,5 +882,163 @@ async fn two_masters_on_one_postgresql_database_build_each_request_once() {
     );
     a.stop().await;
     b.stop().await;
+    db.drop_database().await;
+}
+
+/// Config and secrets for a master process on a shared PostgreSQL state,
+/// with worker `w1` and `builds_toml`, in a directory of its own.
+fn shared_state_master(
+    db_url: &str,
+    data_dir: &std::path::Path,
+    builds_toml: &str,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let users = [HOOK, ADMIN];
+    let master = format!(
+        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"30s\"\nstate = {db_url:?}\ndata_dir = {:?}\nlease_duration = \"3s\"",
+        data_dir
+    );
+    let config = config_text(&master, &users) + "\n[[worker]]\nname = \"w1\"\n" + builds_toml;
+    std::fs::write(dir.path().join("master.toml"), config).unwrap();
+    let secrets = secrets_text(&users)
+        + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+    std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+    dir
+}
+
+/// Master processes a and b on one PostgreSQL database: a is killed with
+/// -9 mid-step; its worker fails over to b, which adopts the build once
+/// a's lease has expired and re-attaches the running step: the build ends
+/// with every step run once and a byte-exact log, shown by b's console.
+#[tokio::test]
+async fn a_build_goes_on_on_another_master_when_its_master_is_killed_with_9() {
+    let db = switchyard::store::postgres::testing::TempPg::new().await;
+    let shared = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (
+        shared_state_master(&db.url, shared.path(), COUNT),
+        shared_state_master(&db.url, shared.path(), COUNT),
+    );
+    let (mut a, addr_a) = master_process(dir_a.path());
+    let (_b, addr_b) = master_process(dir_b.path());
+    let _w = spawn_worker_to(
+        &[addr_a.clone(), addr_b.clone()],
+        "w1",
+        "w1-pw",
+        &shared.path().join("basedir-w1"),
+        &[],
+        &[],
+    );
+    within("the worker to connect to a", async {
+        while debug_json(&addr_a, &["workers"]).await[0]["connected"] != true {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    debug_json(&addr_a, &["force", "count"]).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Mid-step: a's machine is gone.
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let build = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let builds = debug_json(&addr_b, &["builds"]).await;
+            if builds[0]["result"].is_string() {
+                return builds[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the build to end on b");
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let log = debug_log(&addr_b, &build, Some("lines")).await;
+    assert!(
+        log == expected().into_bytes(),
+        "the log must be byte-exact across the failover ({} bytes, {} expected)",
+        log.len(),
+        expected().len()
+    );
+    drop(_w);
+    drop(_b);
+    db.drop_database().await;
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(p: &Reaped, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Master a is stopped (SIGSTOP) mid-step, past its lease: b adopts the
+/// build and finishes it. a, continued (SIGCONT), finds its lease gone:
+/// what it still had to write (the worker's output it read before it
+/// stopped, its own view of the build) is refused, and the build and its
+/// log stay exactly as b left them.
+#[tokio::test]
+async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
+    let db = switchyard::store::postgres::testing::TempPg::new().await;
+    let shared = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (
+        shared_state_master(&db.url, shared.path(), COUNT),
+        shared_state_master(&db.url, shared.path(), COUNT),
+    );
+    let (a, addr_a) = master_process(dir_a.path());
+    let (_b, addr_b) = master_process(dir_b.path());
+    let _w = spawn_worker_to(
+        &[addr_a.clone(), addr_b.clone()],
+        "w1",
+        "w1-pw",
+        &shared.path().join("basedir-w1"),
+        &[],
+        &[],
+    );
+    within("the worker to connect to a", async {
+        while debug_json(&addr_a, &["workers"]).await[0]["connected"] != true {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    debug_json(&addr_a, &["force", "count"]).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    signal(&a, "STOP");
+    let build = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let builds = debug_json(&addr_b, &["builds"]).await;
+            if builds[0]["result"].is_string() {
+                return builds[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the build to end on b");
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    assert_eq!(
+        debug_log(&addr_b, &build, Some("lines")).await,
+        expected().into_bytes()
+    );
+    // a comes back, and has a moment to do what it would.
+    signal(&a, "CONT");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = debug_json(&addr_b, &["builds"]).await[0].clone();
+    assert_eq!(after, build, "a wrote to a build it no longer owns");
+    assert!(
+        debug_log(&addr_b, &build, Some("lines")).await == expected().into_bytes(),
+        "the log must stay byte-exact after a comes back"
+    );
+    // a still shows the shared state, as b left it.
+    assert_eq!(debug_json(&addr_a, &["builds"]).await[0], build);
+    drop(_w);
+    drop(_b);
+    drop(a);
     db.drop_database().await;
 }

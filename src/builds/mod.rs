@@ -129,6 +129,11 @@ pub(crate) struct Inner {
     config: RwLock<Arc<BuildConfig>>,
     workers: Mutex<HashMap<String, Arc<WorkerLink>>>,
     running: Mutex<HashMap<i64, RunningBuild>>,
+    /// Adoptions one at a time (a build is taken over once per master).
+    adopting: tokio::sync::Mutex<()>,
+    /// The lease on a shared database was lost: nothing is claimed, and
+    /// workers are sent to the other masters.
+    lease_lost: std::sync::atomic::AtomicBool,
     events: broadcast::Sender<Stamped>,
     wake: Notify,
     /// Changed builders waiting for their running builds to end.
@@ -175,6 +180,8 @@ impl BuildMaster {
                 config: RwLock::new(Arc::new(config)),
                 workers: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashMap::new()),
+                adopting: tokio::sync::Mutex::new(()),
+                lease_lost: Default::default(),
                 events,
                 wake: Notify::new(),
                 pending_builders: Mutex::new(BTreeMap::new()),
@@ -456,6 +463,9 @@ impl BuildMaster {
     /// Gives waiting requests, oldest first, to connected workers with a free
     /// slot.
     async fn dispatch(&self) -> Result<(), StateError> {
+        if self.lease_lost() {
+            return Ok(());
+        }
         let waiting = self.inner.state.waiting_requests().await?;
         if waiting.is_empty() {
             return Ok(());
@@ -610,97 +620,219 @@ impl BuildMaster {
     /// step's `on_lost` applies. Call before the port serves workers.
     pub async fn recover(&self) -> Result<usize, StateError> {
         let unfinished = self.inner.state.builds_to_resume().await?;
-        let config = self.inner.config();
         let mut resumed = 0;
         for b in unfinished {
-            let Some(builder) = config.builders.get(&b.builder).cloned() else {
-                tracing::warn!(build = b.id, builder = %b.builder, "a build left running has no builder any more: marked exception");
-                for s in b.steps.iter().filter(|s| s.result.is_none()) {
-                    self.inner
-                        .state
-                        .finish_step(
-                            crate::store::StepEndRecord::new(
-                                s.row,
-                                Outcome::Exception,
-                                "the builder was removed while the master was down",
-                            ),
-                            Vec::new(),
-                        )
-                        .await?;
-                }
-                self.inner
-                    .state
-                    .finish_build(b.id, Outcome::Exception)
-                    .await?;
-                continue;
-            };
-            let mut resume = run::Resume {
-                runs: vec![0; builder.steps.len()],
-                ..Default::default()
-            };
-            for s in &b.steps {
-                if let Some(r) = resume.runs.get_mut(s.position as usize) {
-                    *r = (*r).max(s.attempt);
-                }
-            }
-            let last = b.steps.iter().max_by_key(|s| (s.started_ms, s.row));
-            match last {
-                None => {}
-                Some(s) if s.result.is_none() => {
-                    resume.position = s.position as usize;
-                    resume.in_flight = Some((s.step_id, s.row));
-                }
-                Some(s) if s.result == Some(Outcome::Success) => {
-                    resume.position = s.position as usize + 1
-                }
-                Some(s) => {
-                    // It had ended but its end was not recorded: record it now.
-                    let result = s.result.unwrap_or(Outcome::Exception);
-                    self.inner.state.finish_build(b.id, result).await?;
-                    continue;
-                }
-            }
-            let request = crate::store::BuildRequest {
-                id: b.request_id,
-                request: crate::store::NewRequest {
-                    builder: b.builder.clone(),
-                    change_id: None,
-                    reason: b.reason.clone(),
-                    repository: b.repository.clone(),
-                    branch: b.branch.clone(),
-                    revision: b.revision.clone(),
-                    ..Default::default()
-                },
-                created_ms: b.started_ms,
-            };
-            let slots = self.slots_for(&b.worker);
-            slots.busy.fetch_add(1, Ordering::SeqCst);
-            let stop = StopSignal::default();
-            self.inner
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    b.id,
-                    RunningBuild {
-                        builder: b.builder.clone(),
-                        worker: b.worker.clone(),
-                        stop: stop.clone(),
-                    },
-                );
-            if resume.in_flight.is_some() {
-                // Lost if the worker does not come back in time.
-                self.lose_steps_after_grace(
-                    b.worker.clone(),
-                    run::BEFORE_RESTART.to_string(),
-                    slots.clone(),
-                );
-            }
-            tracing::info!(build = b.id, builder = %b.builder, worker = %b.worker, position = resume.position, "resuming a build left running by the previous master");
-            self.spawn_build(b.id, request, builder, b.worker.clone(), stop, resume);
-            resumed += 1;
+            resumed += self.resume(b).await? as usize;
         }
         Ok(resumed)
+    }
+
+    /// Takes over, while it runs, the builds of masters sharing the database
+    /// whose leases have expired (their machine died, or they lost the
+    /// database), and runs them on from where they are, as [`Self::recover`]
+    /// does: their workers fail over to this master and their steps are
+    /// re-attached. Nothing to do on SQLite. Returns how many it took.
+    pub async fn adopt(&self) -> Result<usize, StateError> {
+        let Some(pg) = self.inner.state.postgres() else {
+            return Ok(0);
+        };
+        let _one_at_a_time = self.inner.adopting.lock().await;
+        let mut resumed = 0;
+        for id in pg.adopt_orphans().await? {
+            let Some(b) = self.inner.state.build(id).await? else {
+                continue;
+            };
+            tracing::info!(build = id, builder = %b.builder, worker = %b.worker, "adopted a build whose master's lease expired");
+            resumed += self.resume(b).await? as usize;
+        }
+        Ok(resumed)
+    }
+
+    /// This master's lease on a shared database expired before it was
+    /// renewed (it was stopped, or cut off): the other masters may have
+    /// adopted its builds, and the database refuses its writes to them.
+    /// It claims nothing more, hangs up every worker (they go on to the
+    /// other masters, which re-attach their steps) and takes none again.
+    pub(crate) fn lose_lease(&self) {
+        self.inner
+            .lease_lost
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let links: Vec<Arc<WorkerLink>> = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for l in links {
+            tracing::warn!(worker = %l.name, "hanging up: this master lost its lease");
+            l.hangup.cancel();
+        }
+    }
+
+    /// See [`Self::lose_lease`].
+    pub(crate) fn lease_lost(&self) -> bool {
+        self.inner
+            .lease_lost
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether every step a worker says it holds is known here, or of no
+    /// running build (the session then re-attaches or stops them): on a
+    /// shared database, a step of another master's build is adopted when
+    /// that master's lease has expired (tried every 0.5 s for at most 3 s)
+    /// and waited for until its resumed build expects it. `false`: a build that another
+    /// master still owns holds it.
+    pub(crate) async fn held_steps_are_ours(
+        &self,
+        worker: &str,
+        slots: &WorkerSlots,
+        hello: &crate::proto::WorkerHello,
+    ) -> bool {
+        let Some(pg) = self.inner.state.postgres() else {
+            return true;
+        };
+        let unknown = || -> Vec<Vec<u8>> {
+            let pending = slots.pending.lock().unwrap_or_else(|e| e.into_inner());
+            hello
+                .steps
+                .iter()
+                .filter(|h| !pending.contains_key(&h.step_id))
+                .map(|h| h.step_id.clone())
+                .collect()
+        };
+        if unknown().is_empty() {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut next_adoption = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_adoption {
+                if let Err(e) = self.adopt().await {
+                    tracing::warn!(worker, error = %e, "cannot adopt the builds of masters whose leases expired");
+                }
+                next_adoption = tokio::time::Instant::now() + Duration::from_millis(500);
+            }
+            let left = unknown();
+            if left.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for id in left {
+                    match pg.running_build_of_step(&id).await {
+                        Ok(None) => {}
+                        Ok(Some(build)) => {
+                            tracing::info!(
+                                worker,
+                                build,
+                                "a step the worker holds is of a build another master owns"
+                            );
+                            return false;
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker, error = %e, "cannot tell whose build a held step is of");
+                            return false;
+                        }
+                    }
+                }
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs an unfinished build on from where its records say it is; `false`
+    /// when it cannot be (its builder is gone, or its end was only not
+    /// recorded): it is ended instead.
+    async fn resume(&self, b: crate::store::BuildRecord) -> Result<bool, StateError> {
+        let config = self.inner.config();
+        let Some(builder) = config.builders.get(&b.builder).cloned() else {
+            tracing::warn!(build = b.id, builder = %b.builder, "a build left running has no builder any more: marked exception");
+            for s in b.steps.iter().filter(|s| s.result.is_none()) {
+                self.inner
+                    .state
+                    .finish_step(
+                        crate::store::StepEndRecord::new(
+                            s.row,
+                            Outcome::Exception,
+                            "the builder was removed while the master was down",
+                        ),
+                        Vec::new(),
+                    )
+                    .await?;
+            }
+            self.inner
+                .state
+                .finish_build(b.id, Outcome::Exception)
+                .await?;
+            return Ok(false);
+        };
+        let mut resume = run::Resume {
+            runs: vec![0; builder.steps.len()],
+            ..Default::default()
+        };
+        for s in &b.steps {
+            if let Some(r) = resume.runs.get_mut(s.position as usize) {
+                *r = (*r).max(s.attempt);
+            }
+        }
+        let last = b.steps.iter().max_by_key(|s| (s.started_ms, s.row));
+        match last {
+            None => {}
+            Some(s) if s.result.is_none() => {
+                resume.position = s.position as usize;
+                resume.in_flight = Some((s.step_id, s.row));
+            }
+            Some(s) if s.result == Some(Outcome::Success) => {
+                resume.position = s.position as usize + 1
+            }
+            Some(s) => {
+                // It had ended but its end was not recorded: record it now.
+                let result = s.result.unwrap_or(Outcome::Exception);
+                self.inner.state.finish_build(b.id, result).await?;
+                return Ok(false);
+            }
+        }
+        let request = crate::store::BuildRequest {
+            id: b.request_id,
+            request: crate::store::NewRequest {
+                builder: b.builder.clone(),
+                change_id: None,
+                reason: b.reason.clone(),
+                repository: b.repository.clone(),
+                branch: b.branch.clone(),
+                revision: b.revision.clone(),
+                ..Default::default()
+            },
+            created_ms: b.started_ms,
+        };
+        let slots = self.slots_for(&b.worker);
+        slots.busy.fetch_add(1, Ordering::SeqCst);
+        let stop = StopSignal::default();
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                b.id,
+                RunningBuild {
+                    builder: b.builder.clone(),
+                    worker: b.worker.clone(),
+                    stop: stop.clone(),
+                },
+            );
+        if resume.in_flight.is_some() {
+            // Lost if the worker does not come back in time.
+            self.lose_steps_after_grace(
+                b.worker.clone(),
+                run::BEFORE_RESTART.to_string(),
+                slots.clone(),
+            );
+        }
+        tracing::info!(build = b.id, builder = %b.builder, worker = %b.worker, position = resume.position, "resuming a build left running by the previous master");
+        self.spawn_build(b.id, request, builder, b.worker.clone(), stop, resume);
+        Ok(true)
     }
 
     /// Runs a build (its worker's slot already taken) in a task of its own,

@@ -226,6 +226,10 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
             return;
         }
     };
+    if bm.lease_lost() {
+        tracing::warn!(worker = %name, %peer, "refused a worker session: this master lost its lease on the shared database");
+        return;
+    }
     let Some(wc) = bm.inner.config().workers.get(&name).cloned() else {
         tracing::warn!(worker = %name, %peer, "refused worker session: not a [[worker]] in the config");
         return;
@@ -246,8 +250,16 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
         old.hangup.cancel();
     }
 
-    let (tx, mut rx) = mpsc::channel::<MasterMessage>(1024);
     let slots = bm.slots_for(&name);
+    // Masters sharing a database: the steps the worker holds may be of
+    // builds another master ran. Those whose master's lease has expired are
+    // adopted now and re-attached below; while it has not, the worker is
+    // sent away (it tries again) rather than told to stop them.
+    if !bm.held_steps_are_ours(&name, &slots, &hello).await {
+        tracing::warn!(worker = %name, %peer, "the worker holds steps of builds another master still owns (its lease has not expired); closing, the worker tries again");
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<MasterMessage>(1024);
     let link = Arc::new(WorkerLink {
         name: name.clone(),
         session_id: session_id.clone(),

@@ -646,6 +646,7 @@ impl StateDb {
         last_output: Vec<LogChunk>,
     ) -> Result<(), StateError> {
         let row = end.row;
+        self.check_lease()?;
         // An upload's own bytes were stored, checked and kept (or
         // discarded) before its end: they never go to the log.
         let (_upload, logs) = self.split_uploads(last_output);
@@ -687,6 +688,7 @@ impl StateDb {
         chunks: Vec<LogChunk>,
         written: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), StateError> {
+        self.check_lease()?;
         let (uploads, chunks) = self.split_uploads(chunks);
         let (files, logs) = (self.uploads.clone(), self.logs.clone());
         let troubles = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
@@ -844,6 +846,7 @@ impl StateDb {
         row: i64,
         name: String,
     ) -> Result<Result<ArtifactRecord, String>, StateError> {
+        self.check_lease()?;
         let log = self
             .on_logs(move |l| match l.reader(row)? {
                 Some(r) => r.last_lines(4).map(|(_, b)| b),

@@ -528,6 +528,9 @@ pub struct StateDb {
     compressing: Arc<tokio::sync::Semaphore>,
     /// Who hears of steps whose output could not all be stored.
     log_troubles: Mutex<Option<tokio::sync::mpsc::UnboundedSender<logs::LogTrouble>>>,
+    /// PostgreSQL: until when (on this process's monotonic clock) this
+    /// master may write files for its builds (see [`StateDb::lease_holds`]).
+    lease_until: Mutex<Option<std::time::Instant>>,
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StateError> {
@@ -563,6 +566,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
         tracing::info!(file = %path.display(), version = i + 1, "state database migrated");
     }
     Ok(())
+}
+
+/// How long after a renewal was sent a master still writes its builds'
+/// files: three quarters of the lease (see [`StateDb::lease_holds`]).
+fn lease_margin(lease: std::time::Duration) -> std::time::Duration {
+    lease * 3 / 4
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -751,6 +760,7 @@ impl StateDb {
             artifacts_dir: data_dir.join("artifacts"),
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
+            lease_until: Mutex::new(None),
         })
     }
 
@@ -766,6 +776,7 @@ impl StateDb {
         master: &str,
         lease: std::time::Duration,
     ) -> Result<Self, StateError> {
+        let taken = std::time::Instant::now();
         let pg = postgres::PgState::connect(url)
             .await?
             .take_lease(master, lease)
@@ -788,7 +799,32 @@ impl StateDb {
             artifacts_dir: data_dir.join("artifacts"),
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
+            lease_until: Mutex::new(Some(taken + lease_margin(lease))),
         })
+    }
+
+    /// Whether this master may still write the files of its builds (log
+    /// chunks, uploads): always on SQLite; on PostgreSQL, while its lease
+    /// holds by its own clock, which runs on while the process is stopped.
+    /// The database refuses a lapsed lease's writes to build records; this
+    /// keeps a master that comes back from writing files another master
+    /// has taken over. The bound is a quarter of the lease short of the
+    /// database's, so a write begun just before it ends well before
+    /// another master can adopt the build.
+    pub fn lease_holds(&self) -> bool {
+        match *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => true,
+            Some(until) => std::time::Instant::now() < until,
+        }
+    }
+
+    /// `Err(LeaseLost)` unless [`StateDb::lease_holds`].
+    fn check_lease(&self) -> Result<(), StateError> {
+        if self.lease_holds() {
+            return Ok(());
+        }
+        let epoch = self.pg.as_ref().and_then(|p| p.lease()).map_or(0, |l| l.0);
+        Err(StateError::LeaseLost { epoch })
     }
 
     /// The PostgreSQL state, when the state is there.
@@ -815,10 +851,16 @@ impl StateDb {
     /// Renews this master's lease for `ttl` (PostgreSQL; nothing to do on
     /// SQLite). [`StateError::LeaseLost`] once it has expired.
     pub async fn renew_lease(&self, ttl: std::time::Duration) -> Result<(), StateError> {
-        match &self.pg {
-            None => Ok(()),
-            Some(pg) => pg.renew_lease(ttl).await,
-        }
+        let Some(pg) = &self.pg else {
+            return Ok(());
+        };
+        // Counted from before the renewal was sent: the database's expiry
+        // is no earlier.
+        let sent = std::time::Instant::now();
+        pg.renew_lease(ttl).await?;
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(sent + lease_margin(ttl));
+        Ok(())
     }
 
     /// The builds this master is to run on from where they are: on SQLite,

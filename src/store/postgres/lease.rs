@@ -129,6 +129,27 @@ impl PgState {
         self.adopt_orphans().await
     }
 
+    /// Inside a claim's transaction: this state's lease (if any) is live,
+    /// so the build it makes is owned by a master that can run it.
+    pub(super) async fn check_live(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<(), StateError> {
+        let Some(Lease(id)) = self.lease else {
+            return Ok(());
+        };
+        let live = tx
+            .query_opt(
+                "SELECT 1 FROM masters WHERE id = $1 AND expires_at > clock_timestamp() FOR SHARE",
+                &[&id],
+            )
+            .await?;
+        match live {
+            Some(_) => Ok(()),
+            None => Err(StateError::LeaseLost { epoch: id }),
+        }
+    }
+
     /// Inside a write's transaction: holds `build`'s row and checks that
     /// this state's lease owns it and is live. Without a lease (one master,
     /// or a tool) there is nothing to check.

@@ -589,6 +589,7 @@ impl RequestQueue for PgState {
         let now = super::now_ms();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        self.check_live(&tx).await?;
         // A request another transaction (this master's or another's) holds
         // is skipped, not waited for: claimers never queue on each other.
         let Some(row) = tx

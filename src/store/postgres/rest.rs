@@ -55,6 +55,7 @@ impl PgState {
     ) -> Result<Option<Claim<T>>, StateError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        self.check_live(&tx).await?;
         // Held, not skipped: this master chose this request; another
         // holding it means it is being claimed there.
         let Some(row) = tx
@@ -621,6 +622,19 @@ impl PgState {
             )
             .await?
             .map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// The unfinished build a step attempt (by its id) belongs to, if any.
+    pub async fn running_build_of_step(&self, step_id: &[u8]) -> Result<Option<i64>, StateError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT b.id FROM steps s JOIN builds b ON b.id = s.build_id
+                 WHERE s.step_id = $1 AND b.result IS NULL",
+                &[&step_id],
+            )
+            .await?
+            .map(|r| r.get(0)))
     }
 
     /// A secret of the master's own (the mock challenges' seed), made once
