@@ -886,16 +886,18 @@ async fn two_masters_on_one_postgresql_database_build_each_request_once() {
 }
 
 /// Config and secrets for a master process on a shared PostgreSQL state,
-/// with worker `w1` and `builds_toml`, in a directory of its own.
+/// with worker `w1`, `builds_toml` and a reconnect grace of `grace`, in a
+/// directory of its own.
 fn shared_state_master(
     db_url: &str,
     data_dir: &std::path::Path,
     builds_toml: &str,
+    grace: &str,
 ) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let users = [HOOK, ADMIN];
     let master = format!(
-        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"30s\"\nstate = {db_url:?}\ndata_dir = {:?}\nlease_duration = \"3s\"",
+        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"{grace}\"\nstate = {db_url:?}\ndata_dir = {:?}\nlease_duration = \"3s\"",
         data_dir
     );
     let config = config_text(&master, &users) + "\n[[worker]]\nname = \"w1\"\n" + builds_toml;
@@ -915,8 +917,8 @@ async fn a_build_goes_on_on_another_master_when_its_master_is_killed_with_9() {
     let db = switchyard::store::postgres::testing::TempPg::new().await;
     let shared = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (
-        shared_state_master(&db.url, shared.path(), COUNT),
-        shared_state_master(&db.url, shared.path(), COUNT),
+        shared_state_master(&db.url, shared.path(), COUNT, "30s"),
+        shared_state_master(&db.url, shared.path(), COUNT, "30s"),
     );
     let (mut a, addr_a) = master_process(dir_a.path());
     let (_b, addr_b) = master_process(dir_b.path());
@@ -984,9 +986,12 @@ fn signal(p: &Reaped, signal: &str) {
 async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     let db = switchyard::store::postgres::testing::TempPg::new().await;
     let shared = tempfile::tempdir().unwrap();
+    // a's grace is short: once continued, it soon takes the step it no
+    // longer hears of for lost, and tries to record that (and to fail the
+    // build); those are the late writes that must not land.
     let (dir_a, dir_b) = (
-        shared_state_master(&db.url, shared.path(), COUNT),
-        shared_state_master(&db.url, shared.path(), COUNT),
+        shared_state_master(&db.url, shared.path(), COUNT, "1s"),
+        shared_state_master(&db.url, shared.path(), COUNT, "30s"),
     );
     let (a, addr_a) = master_process(dir_a.path());
     let (_b, addr_b) = master_process(dir_b.path());
@@ -1028,7 +1033,7 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     );
     // a comes back, and has a moment to do what it would.
     signal(&a, "CONT");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let after = debug_json(&addr_b, &["builds"]).await[0].clone();
     assert_eq!(after, build, "a wrote to a build it no longer owns");
     assert!(
