@@ -886,18 +886,19 @@ async fn two_masters_on_one_postgresql_database_build_each_request_once() {
 }
 
 /// Config and secrets for a master process on a shared PostgreSQL state,
-/// with worker `w1`, `builds_toml` and a reconnect grace of `grace`, in a
-/// directory of its own.
+/// with worker `w1`, `builds_toml`, a reconnect grace of `grace` and a
+/// lease of `lease`, in a directory of its own.
 fn shared_state_master(
     db_url: &str,
     data_dir: &std::path::Path,
     builds_toml: &str,
     grace: &str,
+    lease: &str,
 ) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let users = [HOOK, ADMIN];
     let master = format!(
-        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"{grace}\"\nstate = {db_url:?}\ndata_dir = {:?}\nlease_duration = \"3s\"",
+        "heartbeat_interval = \"1s\"\nworker_reconnect_grace = \"{grace}\"\nstate = {db_url:?}\ndata_dir = {:?}\nlease_duration = \"{lease}\"",
         data_dir
     );
     let config = config_text(&master, &users) + "\n[[worker]]\nname = \"w1\"\n" + builds_toml;
@@ -917,8 +918,8 @@ async fn a_build_goes_on_on_another_master_when_its_master_is_killed_with_9() {
     let db = switchyard::store::postgres::testing::TempPg::new().await;
     let shared = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (
-        shared_state_master(&db.url, shared.path(), COUNT, "30s"),
-        shared_state_master(&db.url, shared.path(), COUNT, "30s"),
+        shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
+        shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
     );
     let (mut a, addr_a) = master_process(dir_a.path());
     let (_b, addr_b) = master_process(dir_b.path());
@@ -990,8 +991,8 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     // longer hears of for lost, and tries to record that (and to fail the
     // build); those are the late writes that must not land.
     let (dir_a, dir_b) = (
-        shared_state_master(&db.url, shared.path(), COUNT, "1s"),
-        shared_state_master(&db.url, shared.path(), COUNT, "30s"),
+        shared_state_master(&db.url, shared.path(), COUNT, "1s", "3s"),
+        shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
     );
     let (a, addr_a) = master_process(dir_a.path());
     let (_b, addr_b) = master_process(dir_b.path());
@@ -1046,4 +1047,94 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     drop(_b);
     drop(a);
     db.drop_database().await;
+}
+
+/// PostgreSQL crashes and comes back (immediate stop, 2 s down, recovery)
+/// during a build and a stream of pushes: the master rides it out, the
+/// worker's session is not dropped, the build ends byte-exact with nothing
+/// re-run, and every push the master acknowledged is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
+    let pg = std::sync::Arc::new(PrivatePg::start());
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared_state_master(&pg.url(), shared.path(), COUNT, "30s", "10s");
+    let m = TestMaster::start_in(dir).await;
+    let addr = m.addr.to_string();
+    let _w = spawn_worker_to(
+        &[addr.clone()],
+        "w1",
+        "w1-pw",
+        &shared.path().join("basedir-w1"),
+        &[],
+        &[],
+    );
+    wait_connected(&m, 1).await;
+    let session = m.master.builds().connected()[0].session_id.clone();
+    debug_json(&addr, &["force", "count"]).await;
+    // Pushes all along, before, during and after the outage.
+    let pushes = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut conn =
+                switchyard::grpc::client::ChangeSourceConnection::connect(&addr, "hook", "hook-pw")
+                    .await
+                    .unwrap();
+            let mut acknowledged = Vec::new();
+            for n in 0..30 {
+                let change = switchyard::proto::Change {
+                    repository: "widgets".into(),
+                    branch: "main".into(),
+                    revision: format!("r{n}"),
+                    ..Default::default()
+                };
+                if let Ok(Ok(id)) =
+                    tokio::time::timeout(Duration::from_secs(40), conn.push(change)).await
+                {
+                    acknowledged.push(id);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let restart = pg.clone();
+    tokio::task::spawn_blocking(move || restart.crash_and_restart(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let acknowledged = tokio::time::timeout(Duration::from_secs(120), pushes)
+        .await
+        .expect("the pushes to end")
+        .unwrap();
+    let build = tokio::time::timeout(Duration::from_secs(60), newest_build_when_ended(&addr))
+        .await
+        .expect("the build to end");
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    assert!(
+        debug_log(&addr, &build, Some("lines")).await == expected().into_bytes(),
+        "the log must be byte-exact across the database's crash"
+    );
+    let now = m.master.builds().connected();
+    assert_eq!(now.len(), 1);
+    assert_eq!(
+        now[0].session_id, session,
+        "the worker's session was dropped"
+    );
+    assert_eq!(
+        acknowledged.len(),
+        30,
+        "pushes waited out the outage: {acknowledged:?}"
+    );
+    let state = m.master.state();
+    for id in &acknowledged {
+        assert!(
+            state.change(*id).await.unwrap().is_some(),
+            "acknowledged change {id} lost"
+        );
+    }
+    assert_eq!(state.change_count().await.unwrap(), 30);
+    m.stop().await;
 }

@@ -64,6 +64,8 @@ pub enum StateError {
     Postgres(String),
     #[error("this operation reads the SQLite state, and the state is in PostgreSQL")]
     SqliteOnly,
+    #[error("the database cannot be reached: {0}")]
+    Unavailable(String),
     #[error(
         "build {build} is not this master's (lease {epoch}): its lease expired and another master adopted it; nothing was written"
     )]

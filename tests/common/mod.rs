@@ -673,3 +673,118 @@ pub fn address_in(line: &str) -> Option<String> {
     let (_, rest) = line.split_once("listening on ")?;
     rest.split_whitespace().next().map(str::to_string)
 }
+
+/// A PostgreSQL server of the test's own, made with `initdb` in a temp dir
+/// and run as the `postgres` user, so that a test can restart it without
+/// disturbing the others (which use the machine's server). Stopped when
+/// dropped.
+pub struct PrivatePg {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePg {
+    pub fn start() -> PrivatePg {
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's programs under /usr/lib/postgresql")
+            .map(|e| e.unwrap().path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .collect();
+        versions.sort();
+        let bin = versions.pop().expect("an initdb under /usr/lib/postgresql");
+        let dir = tempfile::tempdir().unwrap();
+        let pg = PrivatePg {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        pg.run(
+            "chown",
+            &["-R", "postgres:", &pg.dir.path().display().to_string()],
+        );
+        let data = pg.data();
+        pg.as_postgres(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        pg.up();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs one of PostgreSQL's programs as `postgres` (it refuses root).
+    fn as_postgres(&self, program: &str, args: &[&str]) {
+        let path = self.bin.join(program).display().to_string();
+        let mut all = vec!["-u", "postgres", "--", path.as_str()];
+        all.extend_from_slice(args);
+        self.run("runuser", &all);
+    }
+
+    fn up(&self) {
+        let (data, log) = (
+            self.data(),
+            self.dir.path().join("log").display().to_string(),
+        );
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        self.as_postgres(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-w", "-o", &options, "start"],
+        );
+    }
+
+    /// The database every server has.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server as a crash would (`immediate`: no checkpoint, every
+    /// connection cut), keeps it down for `down`, and starts it again (it
+    /// recovers from its WAL).
+    pub fn crash_and_restart(&self, down: Duration) {
+        let data = self.data();
+        self.as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+        std::thread::sleep(down);
+        self.up();
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let path = self.bin.join("pg_ctl").display().to_string();
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &path,
+                "-D",
+                &self.data(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .output();
+    }
+}

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use super::PgState;
+use super::{PgState, retrying};
 use crate::builds::Outcome;
 use crate::store::{
     BuildFilter, BuildRecord, BuildStore, LogSize, LogStorage, PropertyRow, QueuedReport,
@@ -195,7 +195,9 @@ async fn end_build(
     Ok(())
 }
 
-/// Inserts a step attempt's row (its log in a file); its id.
+/// Inserts a step attempt's row (its log in a file); its id. Once per
+/// step id: done again (a retry after the commit's answer was lost), it
+/// finds the row made the first time.
 pub(super) async fn insert_step(
     client: &impl deadpool_postgres::GenericClient,
     build: i64,
@@ -207,8 +209,12 @@ pub(super) async fn insert_step(
 ) -> Result<i64, StateError> {
     Ok(client
         .query_one(
-            "INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms, log_stored)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'file') RETURNING id",
+            "WITH made AS (
+                 INSERT INTO steps (build_id, position, name, attempt, step_id, on_lost, started_ms, log_stored)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'file')
+                 ON CONFLICT (step_id) DO NOTHING RETURNING id
+             )
+             SELECT id FROM made UNION ALL SELECT id FROM steps WHERE step_id = $5",
             &[
                 &build,
                 &(position as i32),
@@ -225,6 +231,9 @@ pub(super) async fn insert_step(
 
 #[async_trait]
 impl BuildStore for PgState {
+    // The four writes below are retried while the database is away (see
+    // `retrying`): each is the same whether it ran once or twice.
+
     async fn start_step(
         &self,
         build: i64,
@@ -235,58 +244,67 @@ impl BuildStore for PgState {
         on_lost: &str,
         properties: Vec<PropertyRow>,
     ) -> Result<i64, StateError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        self.fence(&tx, build).await?;
-        store_properties(&tx, build, &properties).await?;
-        let row = insert_step(&tx, build, position, name, attempt, step_id, on_lost).await?;
-        tx.commit().await?;
-        Ok(row)
+        retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            self.fence(&tx, build).await?;
+            store_properties(&tx, build, &properties).await?;
+            let row = insert_step(&tx, build, position, name, attempt, step_id, on_lost).await?;
+            tx.commit().await?;
+            Ok(row)
+        })
+        .await
     }
 
     async fn record_step_end(&self, end: StepEndRecord, log: LogSize) -> Result<(), StateError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let build: Option<i64> = tx
-            .query_opt("SELECT build_id FROM steps WHERE id = $1", &[&end.row])
-            .await?
-            .map(|r| r.get(0));
-        if let Some(build) = build {
-            self.fence(&tx, build).await?;
-        }
-        tx.execute(
-            "UPDATE steps SET finished_ms = $2, result = $3, exit_code = $4, signal = $5, detail = $6,
-                              log_bytes = $7, log_lines = $8
-             WHERE id = $1",
-            &[
-                &end.row,
-                &now_ms(),
-                &end.result.as_str(),
-                &end.exit_code,
-                &end.signal,
-                &end.detail,
-                &(log.bytes as i64),
-                &(log.lines as i64),
-            ],
-        )
-        .await?;
-        if let Some((build, properties, build_result)) = &end.then {
-            store_properties(&tx, *build, properties).await?;
-            if let Some(result) = build_result {
-                end_build(&tx, *build, *result).await?;
+        retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let build: Option<i64> = tx
+                .query_opt("SELECT build_id FROM steps WHERE id = $1", &[&end.row])
+                .await?
+                .map(|r| r.get(0));
+            if let Some(build) = build {
+                self.fence(&tx, build).await?;
             }
-        }
-        tx.commit().await?;
-        Ok(())
+            tx.execute(
+                "UPDATE steps SET finished_ms = $2, result = $3, exit_code = $4, signal = $5, detail = $6,
+                                  log_bytes = $7, log_lines = $8
+                 WHERE id = $1",
+                &[
+                    &end.row,
+                    &now_ms(),
+                    &end.result.as_str(),
+                    &end.exit_code,
+                    &end.signal,
+                    &end.detail,
+                    &(log.bytes as i64),
+                    &(log.lines as i64),
+                ],
+            )
+            .await?;
+            if let Some((build, properties, build_result)) = &end.then {
+                store_properties(&tx, *build, properties).await?;
+                if let Some(result) = build_result {
+                    end_build(&tx, *build, *result).await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        self.fence(&tx, build).await?;
-        end_build(&tx, build, result).await?;
-        tx.commit().await?;
-        Ok(())
+        retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            self.fence(&tx, build).await?;
+            end_build(&tx, build, result).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn set_build_properties(
@@ -294,16 +312,19 @@ impl BuildStore for PgState {
         build: i64,
         properties: Vec<PropertyRow>,
     ) -> Result<(), StateError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        self.fence(&tx, build).await?;
-        store_properties(&tx, build, &properties).await?;
-        tx.commit().await?;
-        Ok(())
+        retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            self.fence(&tx, build).await?;
+            store_properties(&tx, build, &properties).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let Some(row) = client
             .query_opt(
                 &format!(
@@ -322,7 +343,7 @@ impl BuildStore for PgState {
     }
 
     async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
@@ -346,7 +367,7 @@ impl BuildStore for PgState {
     }
 
     async fn build_by_number(&self, builder: &str, number: i64) -> Result<Option<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT id FROM builds WHERE builder = $1 AND number = $2",
@@ -357,7 +378,7 @@ impl BuildStore for PgState {
     }
 
     async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
@@ -373,7 +394,7 @@ impl BuildStore for PgState {
     }
 
     async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT change_id FROM build_requests WHERE build_id = $1 AND change_id IS NOT NULL ORDER BY change_id",
@@ -386,7 +407,7 @@ impl BuildStore for PgState {
     }
 
     async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT build_id FROM build_requests WHERE id = $1",
@@ -397,7 +418,7 @@ impl BuildStore for PgState {
     }
 
     async fn set_log_storage(&self, rows: Vec<i64>, stored: LogStorage) -> Result<(), StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "UPDATE steps SET log_stored = $2 WHERE id = ANY($1)",
@@ -408,7 +429,7 @@ impl BuildStore for PgState {
     }
 
     async fn ended_logs_stored_as(&self, stored: LogStorage) -> Result<Vec<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT id FROM steps WHERE log_stored = $1 AND finished_ms IS NOT NULL ORDER BY id",
@@ -425,7 +446,7 @@ impl BuildStore for PgState {
         ended_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<(i64, LogStorage)>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT s.id, s.log_stored FROM steps s
@@ -448,7 +469,7 @@ impl ReportOutbox for PgState {
         reporter: String,
         limit: usize,
     ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT o.id, o.build_id, o.finished, o.created_ms,
@@ -504,7 +525,7 @@ impl ReportOutbox for PgState {
         reporter: String,
         p: ReportProgress,
     ) -> Result<(), StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
@@ -521,7 +542,7 @@ impl ReportOutbox for PgState {
         if ids.is_empty() {
             return Ok(());
         }
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
@@ -538,7 +559,7 @@ impl ReportOutbox for PgState {
         reporters: Vec<String>,
         limit: usize,
     ) -> Result<usize, StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<i64> = tx
             .query(
@@ -567,7 +588,7 @@ impl ReportOutbox for PgState {
         &self,
         limit: usize,
     ) -> Result<Vec<UndeliveredReport>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT p.reporter, o.build_id, o.finished, o.created_ms, p.attempts, p.next_ms,
@@ -594,7 +615,7 @@ impl ReportOutbox for PgState {
     }
 
     async fn undelivered_report_count(&self) -> Result<u64, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let n: i64 = client
             .query_one("SELECT COUNT(*) FROM report_progress WHERE NOT done", &[])
             .await?

@@ -46,7 +46,7 @@ impl PgState {
     /// Takes a new lease for master `name`, valid for `ttl`; the returned
     /// state claims builds for it and fences every write to a build on it.
     pub async fn take_lease(&self, name: &str, ttl: Duration) -> Result<PgState, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let id: i64 = client
             .query_one(
                 "INSERT INTO masters (name, started_at, expires_at)
@@ -74,7 +74,7 @@ impl PgState {
         let Some(Lease(id)) = self.lease else {
             return Ok(());
         };
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let renewed = client
             .execute(
                 "UPDATE masters SET expires_at = clock_timestamp() + $2 * INTERVAL '1 millisecond'
@@ -94,7 +94,7 @@ impl PgState {
         let Some(Lease(id)) = self.lease else {
             return Ok(Vec::new());
         };
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let rows = client
             .query(
                 "UPDATE builds SET owner = $1
@@ -116,7 +116,7 @@ impl PgState {
         let Some(Lease(id)) = self.lease else {
             return Ok(Vec::new());
         };
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.execute(
             "UPDATE masters SET expires_at = LEAST(expires_at, clock_timestamp())
@@ -192,7 +192,7 @@ impl PgState {
         let Some(Lease(id)) = self.lease else {
             return Ok(true);
         };
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let led = client
             .query_opt(
                 "INSERT INTO leaders (job, owner)

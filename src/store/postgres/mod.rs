@@ -39,6 +39,38 @@ use super::{
     StateError, StoredChange,
 };
 
+/// How long a master rides out its database being away (a restart, a
+/// failover) before an operation fails: writes a build cannot do without
+/// wait this long for the database to come back.
+pub const OUTAGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `f` until it does not fail with [`StateError::Unavailable`], for at
+/// most [`OUTAGE`], pausing 50 ms, then twice as long each time, up to 1 s.
+/// Only for what is safe to do again (no transaction of it committed, or
+/// doing it twice is doing it once).
+pub(super) async fn retrying<T, F, Fut>(mut f: F) -> Result<T, StateError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StateError>>,
+{
+    let deadline = tokio::time::Instant::now() + OUTAGE;
+    let mut pause = std::time::Duration::from_millis(50);
+    let mut told = false;
+    loop {
+        match f().await {
+            Err(StateError::Unavailable(why)) if tokio::time::Instant::now() < deadline => {
+                if !told {
+                    tracing::warn!(error = %why, "the database is away; trying again");
+                    told = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Most connections one master holds.
 pub const POOL_SIZE: usize = 16;
 
@@ -118,8 +150,28 @@ const MIGRATIONS: &[&str] = &[
     rest::MIGRATION_6,
 ];
 
+/// Whether an error is the database being away (restarting, unreachable,
+/// the connection broken) rather than refusing what was asked: worth
+/// trying again on a fresh connection.
+fn unavailable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(c) => {
+            let c = c.code();
+            c.starts_with("08") || ["57P01", "57P02", "57P03"].contains(&c)
+        }
+        None => std::error::Error::source(e)
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()),
+    }
+}
+
 impl From<tokio_postgres::Error> for StateError {
     fn from(e: tokio_postgres::Error) -> Self {
+        if unavailable(&e) {
+            return StateError::Unavailable(e.to_string());
+        }
         // The server's own message (with its detail) says most.
         match e.as_db_error() {
             Some(db) => StateError::Postgres(match db.detail() {
@@ -135,6 +187,7 @@ impl From<deadpool_postgres::PoolError> for StateError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e @ deadpool_postgres::PoolError::Timeout(_) => StateError::Unavailable(e.to_string()),
             e => StateError::Postgres(format!("no connection to the database: {e}")),
         }
     }
@@ -212,8 +265,16 @@ impl PgState {
         Ok(state)
     }
 
+    /// A pooled connection; while the database is away (restarting), tried
+    /// again with a growing pause for up to [`OUTAGE`].
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
+        retrying(|| async { Ok(self.pool.get().await?) }).await
+    }
+
     async fn migrate(&self) -> Result<(), StateError> {
-        let mut client = self.pool.get().await?;
+        // Not retried: a master that cannot reach its database at start
+        // says so at once.
+        let mut client = self.pool.get().await.map_err(StateError::from)?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
@@ -319,7 +380,7 @@ pub(super) async fn insert_changes(
 #[async_trait]
 impl ChangeStore for PgState {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids = insert_changes(&tx, &batch).await?;
         wake_others(&tx).await?;
@@ -335,7 +396,7 @@ impl ChangeStore for PgState {
         let (namespace, key) = key;
         let now = super::now_ms();
         let forgotten = now - super::builds::DELIVERY_MEMORY.as_millis() as i64;
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // A key older than the memory is forgotten: its push is new.
         tx.execute(
@@ -453,7 +514,7 @@ pub(super) async fn load_changes(
 #[async_trait]
 impl ChangeReader for PgState {
     async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(load_changes(&client, &[id]).await?.pop())
     }
 
@@ -462,7 +523,7 @@ impl ChangeReader for PgState {
         after: i64,
         limit: usize,
     ) -> Result<Vec<StoredChange>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let ids: Vec<i64> = client
             .query(
                 "SELECT id FROM changes WHERE id > $1 ORDER BY id LIMIT $2",
@@ -476,7 +537,7 @@ impl ChangeReader for PgState {
     }
 
     async fn change_count(&self) -> Result<i64, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_one("SELECT COUNT(*) FROM changes", &[])
             .await?
@@ -563,7 +624,7 @@ pub(super) async fn add_requests_in(
 #[async_trait]
 impl RequestQueue for PgState {
     async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids = add_requests_in(&tx, &requests).await?;
         tx.commit().await?;
@@ -571,7 +632,7 @@ impl RequestQueue for PgState {
     }
 
     async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let rows = client
             .query(
                 &format!("SELECT {REQUEST_COLUMNS} FROM build_requests WHERE build_id IS NULL ORDER BY id"),
@@ -587,7 +648,7 @@ impl RequestQueue for PgState {
         worker: &str,
     ) -> Result<Option<ClaimedRequest>, StateError> {
         let now = super::now_ms();
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         self.check_live(&tx).await?;
         // A request another transaction (this master's or another's) holds
@@ -638,7 +699,7 @@ impl RequestQueue for PgState {
 #[async_trait]
 impl super::TimerMarks for PgState {
     async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_opt("SELECT value FROM marks WHERE key = $1", &[&key])
             .await?
@@ -652,7 +713,7 @@ impl super::TimerMarks for PgState {
         marks: Vec<(String, i64)>,
     ) -> Result<Option<Vec<i64>>, StateError> {
         let (key, expected, value) = fired;
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // The compare-and-set: a master that read the same mark and fires
         // at the same time waits for this one's row, then finds it moved.

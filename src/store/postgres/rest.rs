@@ -53,7 +53,7 @@ impl PgState {
         first_step: Option<(String, String, StepId)>,
         make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>) + Send + 'static,
     ) -> Result<Option<Claim<T>>, StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         self.check_live(&tx).await?;
         // Held, not skipped: this master chose this request; another
@@ -138,7 +138,7 @@ impl PgState {
         batch: Vec<NewChange>,
         requests_for: Box<RequestsFor>,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids = insert_changes(&tx, &batch).await?;
         let made = add_requests_in(&tx, &requests_for(&ids, &batch)).await?;
@@ -159,7 +159,7 @@ impl PgState {
         let namespace = format!("webhook:{hook}");
         let now = now_ms();
         let forgotten = now - crate::store::builds::DELIVERY_MEMORY.as_millis() as i64;
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.execute(
             "DELETE FROM change_keys WHERE namespace = $1 AND key = $2 AND received_ms < $3",
@@ -201,7 +201,7 @@ impl PgState {
         &self,
         repository: &str,
     ) -> Result<Option<BTreeMap<String, String>>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let polled = client
             .query_opt(
                 "SELECT 1 FROM polled_repositories WHERE repository = $1",
@@ -232,7 +232,7 @@ impl PgState {
         batch: Vec<NewChange>,
         requests_for: Box<RequestsFor>,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids = insert_changes(&tx, &batch).await?;
         let made = add_requests_in(&tx, &requests_for(&ids, &batch)).await?;
@@ -264,7 +264,7 @@ impl PgState {
         branch: &str,
         repository: Option<&str>,
     ) -> Result<Option<(i64, String, String)>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT id, repository, revision FROM changes
@@ -277,7 +277,7 @@ impl PgState {
 
     /// See [`StateDb::next_due_ms`](crate::store::StateDb::next_due_ms).
     pub async fn next_due_ms(&self) -> Result<Option<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_one(
                 "SELECT MIN(not_before_ms) FROM build_requests WHERE build_id IS NULL AND not_before_ms > $1",
@@ -289,7 +289,7 @@ impl PgState {
 
     /// See [`StateDb::waiting_counts`](crate::store::StateDb::waiting_counts).
     pub async fn waiting_counts(&self) -> Result<BTreeMap<String, u64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT builder, COUNT(*) FROM build_requests WHERE build_id IS NULL GROUP BY builder",
@@ -307,7 +307,7 @@ impl PgState {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(StoredChange, Vec<i64>)>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let ids: Vec<i64> = client
             .query(
                 "SELECT id FROM changes WHERE ($1::BIGINT IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
@@ -344,7 +344,7 @@ impl PgState {
         builders: Vec<String>,
         per: usize,
     ) -> Result<Vec<BuilderOverview>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let mut out = Vec::with_capacity(builders.len());
         for name in builders {
             let builds: Vec<BuildBrief> = client
@@ -385,7 +385,7 @@ impl PgState {
 
     /// The rows of a build's step attempts, by position and attempt.
     pub async fn step_rows(&self, build: i64) -> Result<Vec<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT id FROM steps WHERE build_id = $1 ORDER BY position, attempt",
@@ -404,7 +404,7 @@ impl PgState {
         &self,
         builder: &str,
     ) -> Result<(usize, Vec<i64>, Vec<i64>), StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<i64> = tx
             .query("SELECT id FROM builds WHERE builder = $1", &[&builder])
@@ -435,7 +435,7 @@ impl PgState {
         ended_before_ms: i64,
         limit: usize,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<i64> = tx
             .query(
@@ -466,7 +466,7 @@ impl PgState {
 
     /// The size of a build's artifacts other than `name`.
     pub async fn other_artifacts_size(&self, build: i64, name: &str) -> Result<i64, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_one(
                 "SELECT COALESCE(SUM(size), 0)::BIGINT FROM artifacts WHERE build_id = $1 AND name != $2",
@@ -478,7 +478,7 @@ impl PgState {
 
     /// Records that the step of `row` uploads the artifact `name`.
     pub async fn set_step_artifact(&self, row: i64, name: &str) -> Result<(), StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "UPDATE steps SET artifact = $2 WHERE id = $1",
@@ -490,7 +490,7 @@ impl PgState {
 
     /// Step rows still running that upload (their stdout is an artifact).
     pub async fn uploading_rows(&self) -> Result<Vec<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT id FROM steps WHERE artifact IS NOT NULL AND finished_ms IS NULL",
@@ -504,7 +504,7 @@ impl PgState {
 
     /// Stores an artifact's record (replacing one of the same name).
     pub async fn put_artifact(&self, a: &ArtifactRecord) -> Result<(), StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO artifacts (build_id, name, size, sha256, created_ms, tar) VALUES ($1, $2, $3, $4, $5, $6)
@@ -518,7 +518,7 @@ impl PgState {
 
     /// See [`StateDb::artifacts`](crate::store::StateDb::artifacts).
     pub async fn artifacts(&self, build: i64) -> Result<Vec<ArtifactRecord>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query(
                 "SELECT name, size, sha256, tar FROM artifacts WHERE build_id = $1 ORDER BY name",
@@ -543,7 +543,7 @@ impl PgState {
         name: &str,
     ) -> Result<Result<ArtifactRecord, String>, StateError> {
         let from = from.trim();
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
             let found = client
                 .query_opt(
@@ -602,7 +602,7 @@ impl PgState {
         build: i64,
         name: &str,
     ) -> Result<(), StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "UPDATE steps SET download_build = $2, download_name = $3 WHERE id = $1",
@@ -614,7 +614,7 @@ impl PgState {
 
     /// See [`StateDb::recorded_download`](crate::store::StateDb::recorded_download).
     pub async fn recorded_download(&self, row: i64) -> Result<Option<(i64, String)>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT download_build, download_name FROM steps WHERE id = $1 AND download_build IS NOT NULL",
@@ -626,7 +626,7 @@ impl PgState {
 
     /// The unfinished build a step attempt (by its id) belongs to, if any.
     pub async fn running_build_of_step(&self, step_id: &[u8]) -> Result<Option<i64>, StateError> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT b.id FROM steps s JOIN builds b ON b.id = s.build_id
@@ -643,7 +643,7 @@ impl PgState {
         let key = format!("secret:{name}");
         let mut fresh = [0u8; 32];
         rand::fill(&mut fresh[..]);
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
