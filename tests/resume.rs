@@ -1061,7 +1061,7 @@ async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
     let m = TestMaster::start_in(dir).await;
     let addr = m.addr.to_string();
     let _w = spawn_worker_to(
-        &[addr.clone()],
+        std::slice::from_ref(&addr),
         "w1",
         "w1-pw",
         &shared.path().join("basedir-w1"),
