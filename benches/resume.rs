@@ -9,7 +9,11 @@
 //!    new session), against the heartbeat interval;
 //! 3. the time from a black hole to the step being re-attached on a new link
 //!    (both sides must first notice the silence), against the heartbeat
-//!    interval.
+//!    interval;
+//! 4. two masters on one PostgreSQL database (the machine's server, a
+//!    database of the bench's own): the time from a master's kill -9 to its
+//!    running step re-attached on the other master, against the lease
+//!    duration (1, 3 and 10 s), each failover also checked byte-exact.
 //!
 //! A real master process and a real worker process on 127.0.0.1, with a
 //! fault-injecting proxy between them. Run: `cargo bench --bench resume`
@@ -163,8 +167,86 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Part 4: `trials` failovers between two master processes on a shared
+/// PostgreSQL state with this lease; the seconds from each kill -9 to the
+/// worker's session on the other master (its held step re-attached), and
+/// how many builds ended byte-exact with nothing re-run.
+async fn failovers(lease: Duration, trials: usize, heartbeat: Duration) -> (Vec<f64>, usize) {
+    let db = switchyard::store::postgres::testing::TempPg::new().await;
+    let shared = tempfile::tempdir().unwrap();
+    let users = [("admin", "admin-pw", &["debug"][..])];
+    let mut dirs = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let keys = format!(
+            "heartbeat_interval = \"{}ms\"\nworker_reconnect_grace = \"60s\"\nstate = {:?}\ndata_dir = {:?}\nlease_duration = \"{}ms\"",
+            heartbeat.as_millis(),
+            db.url,
+            shared.path(),
+            lease.as_millis()
+        );
+        let config = config_text(&keys, &users).replace("127.0.0.1:0", &addr) + "\n[[worker]]\nname = \"w1\"\n" + STEPS;
+        std::fs::write(dir.path().join("master.toml"), config).unwrap();
+        let secrets = secrets_text(&users) + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+        std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
+        dirs.push(dir);
+        addrs.push(addr);
+    }
+    let mut masters: Vec<Reaped> = dirs.iter().map(|d| start_master(d.path())).collect();
+    let _worker = Reaped(
+        Command::new(BIN)
+            .args(["worker", "--master", &addrs[0], "--master", &addrs[1], "--name", "w1", "--basedir"])
+            .arg(shared.path().join("basedir"))
+            .env("SWITCHYARD_PASSWORD", "w1-pw")
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Where the worker is: it starts with the first.
+    let mut on = 0;
+    let mut c = client(&addrs[on]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker_session(&mut c).await.is_none() {
+        assert!(Instant::now() < deadline, "the worker did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut times, mut ok) = (Vec::new(), 0);
+    for _ in 0..trials {
+        let other = 1 - on;
+        let mut c = client(&addrs[on]).await;
+        c.force(req(ForceRequest { builder: "count".into(), ..Default::default() })).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 800)).await;
+        let at = Instant::now();
+        masters[on].0.kill().unwrap();
+        masters[on].0.wait().unwrap();
+        let took = new_session(&addrs[other], "", at).await;
+        times.push(took.as_secs_f64());
+        if check_last_build(&addrs[other]).await {
+            ok += 1;
+        }
+        // The killed master comes back (it adopts nothing: its builds are
+        // the other's now) for the next failover, the other way.
+        masters[on] = start_master(dirs[on].path());
+        on = other;
+    }
+    drop(masters);
+    db.drop_database().await;
+    (times, ok)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    if std::env::args().any(|a| a == "failover-only") {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        rt.block_on(part4(quick));
+        return;
+    }
     let faults = if quick { 9 } else { 50 };
     let heartbeat = Duration::from_millis(1000);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -259,5 +341,23 @@ fn main() {
             median(hole_times),
             heartbeat.as_secs_f64()
         );
+        part4(quick).await;
     });
+}
+
+async fn part4(quick: bool) {
+    let heartbeat = Duration::from_millis(1000);
+    for lease in [1, 3, 10].map(Duration::from_secs) {
+        let trials = if quick { 1 } else { 4 };
+        let (times, ok) = failovers(lease, trials, heartbeat).await;
+        println!(
+            "4. lease {:.0} s: master kill -9 -> step re-attached on the other master: median {:.2} s, min {:.2}, max {:.2} ({} failovers, {ok} byte-exact with no step re-run; heartbeat {:.1} s)",
+            lease.as_secs_f64(),
+            median(times.clone()),
+            times.iter().cloned().fold(f64::INFINITY, f64::min),
+            times.iter().cloned().fold(0.0, f64::max),
+            times.len(),
+            heartbeat.as_secs_f64()
+        );
+    }
 }

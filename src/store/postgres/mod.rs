@@ -170,7 +170,14 @@ fn unavailable(e: &tokio_postgres::Error) -> bool {
 impl From<tokio_postgres::Error> for StateError {
     fn from(e: tokio_postgres::Error) -> Self {
         if unavailable(&e) {
-            return StateError::Unavailable(e.to_string());
+            // "error connecting to server" says little without its cause.
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why = format!("{why}: {c}");
+                cause = c.source();
+            }
+            return StateError::Unavailable(why);
         }
         // The server's own message (with its detail) says most.
         match e.as_db_error() {
@@ -260,6 +267,7 @@ impl PgState {
         };
         state.migrate().await.map_err(|e| match e {
             StateError::Postgres(m) => StateError::Postgres(format!("{}: {m}", state.shown)),
+            StateError::Unavailable(m) => StateError::Unavailable(format!("{}: {m}", state.shown)),
             e => e,
         })?;
         Ok(state)
