@@ -179,7 +179,11 @@ async fn failovers(lease: Duration, trials: usize, heartbeat: Duration) -> (Vec<
     let mut addrs = Vec::new();
     for _ in 0..2 {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr = format!("127.0.0.1:{port}");
         let keys = format!(
             "heartbeat_interval = \"{}ms\"\nworker_reconnect_grace = \"60s\"\nstate = {:?}\ndata_dir = {:?}\nlease_duration = \"{}ms\"",
@@ -188,9 +192,12 @@ async fn failovers(lease: Duration, trials: usize, heartbeat: Duration) -> (Vec<
             shared.path(),
             lease.as_millis()
         );
-        let config = config_text(&keys, &users).replace("127.0.0.1:0", &addr) + "\n[[worker]]\nname = \"w1\"\n" + STEPS;
+        let config = config_text(&keys, &users).replace("127.0.0.1:0", &addr)
+            + "\n[[worker]]\nname = \"w1\"\n"
+            + STEPS;
         std::fs::write(dir.path().join("master.toml"), config).unwrap();
-        let secrets = secrets_text(&users) + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
+        let secrets = secrets_text(&users)
+            + secrets_text(&[("w1", "w1-pw", &[])]).trim_start_matches("[verifiers]\n");
         std::fs::write(dir.path().join("secrets.toml"), secrets).unwrap();
         dirs.push(dir);
         addrs.push(addr);
@@ -198,7 +205,16 @@ async fn failovers(lease: Duration, trials: usize, heartbeat: Duration) -> (Vec<
     let mut masters: Vec<Reaped> = dirs.iter().map(|d| start_master(d.path())).collect();
     let _worker = Reaped(
         Command::new(BIN)
-            .args(["worker", "--master", &addrs[0], "--master", &addrs[1], "--name", "w1", "--basedir"])
+            .args([
+                "worker",
+                "--master",
+                &addrs[0],
+                "--master",
+                &addrs[1],
+                "--name",
+                "w1",
+                "--basedir",
+            ])
             .arg(shared.path().join("basedir"))
             .env("SWITCHYARD_PASSWORD", "w1-pw")
             .env("RUST_LOG", "error")
@@ -220,7 +236,12 @@ async fn failovers(lease: Duration, trials: usize, heartbeat: Duration) -> (Vec<
     for _ in 0..trials {
         let other = 1 - on;
         let mut c = client(&addrs[on]).await;
-        c.force(req(ForceRequest { builder: "count".into(), ..Default::default() })).await.unwrap();
+        c.force(req(ForceRequest {
+            builder: "count".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 800)).await;
         let at = Instant::now();
         masters[on].0.kill().unwrap();
@@ -243,7 +264,10 @@ async fn failovers(lease: Duration, trials: usize, heartbeat: Duration) -> (Vec<
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     if std::env::args().any(|a| a == "failover-only") {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(part4(quick));
         return;
     }

@@ -26,6 +26,9 @@ use crate::proto::{
     WorkerHello, WorkerMessage, master_message, step_finished, worker_message,
 };
 
+/// How long a worker waits for a master to finish its login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Unacknowledged output bytes the agent holds before it stops reading its
 /// steps' pipes (and so slows the steps) until the master catches up. Big
 /// enough to cover the master's batch being synced while the next one
@@ -207,6 +210,10 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) {
         client_agent: format!("switchyard-worker/{}", env!("CARGO_PKG_VERSION")),
         tls: agent.opts.tls.clone(),
         mechanism: agent.opts.mechanism,
+        // A login takes milliseconds; a master that accepts the connection
+        // and never answers (stopped, or hung) is given up on after this,
+        // and the next master tried.
+        timeout: LOGIN_TIMEOUT,
         ..Default::default()
     };
     'agent: loop {
