@@ -679,16 +679,18 @@ impl BuildMaster {
     }
 
     /// Whether every step a worker says it holds is known here, or of no
-    /// running build (the session then re-attaches or stops them): on a
-    /// shared database, a step of another master's build is adopted when
-    /// that master's lease has expired (tried every 0.5 s for at most 3 s)
-    /// and waited for until its resumed build expects it. `false`: a build that another
-    /// master still owns holds it.
+    /// build another master runs (the session then re-attaches, acknowledges
+    /// or stops them): on a shared database, a step of another master's
+    /// build is adopted when that master's lease has expired, and waited
+    /// for until its resumed build expects it, for at most `wait` (the
+    /// worker hears nothing meanwhile: keep it under its heartbeat
+    /// interval). `false`: a build another master still owns holds it.
     pub(crate) async fn held_steps_are_ours(
         &self,
         worker: &str,
         slots: &WorkerSlots,
         hello: &crate::proto::WorkerHello,
+        wait: Duration,
     ) -> bool {
         let Some(pg) = self.inner.state.postgres() else {
             return true;
@@ -705,14 +707,14 @@ impl BuildMaster {
         if unknown().is_empty() {
             return true;
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let deadline = tokio::time::Instant::now() + wait;
         let mut next_adoption = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_adoption {
                 if let Err(e) = self.adopt().await {
                     tracing::warn!(worker, error = %e, "cannot adopt the builds of masters whose leases expired");
                 }
-                next_adoption = tokio::time::Instant::now() + Duration::from_millis(500);
+                next_adoption = tokio::time::Instant::now() + Duration::from_millis(200);
             }
             let left = unknown();
             if left.is_empty() {
@@ -720,7 +722,7 @@ impl BuildMaster {
             }
             if tokio::time::Instant::now() >= deadline {
                 for id in left {
-                    match pg.running_build_of_step(&id).await {
+                    match pg.others_running_build_of_step(&id).await {
                         Ok(None) => {}
                         Ok(Some(build)) => {
                             tracing::info!(

@@ -255,7 +255,10 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
     // builds another master ran. Those whose master's lease has expired are
     // adopted now and re-attached below; while it has not, the worker is
     // sent away (it tries again) rather than told to stop them.
-    if !bm.held_steps_are_ours(&name, &slots, &hello).await {
+    if !bm
+        .held_steps_are_ours(&name, &slots, &hello, heartbeat / 2)
+        .await
+    {
         tracing::warn!(worker = %name, %peer, "the worker holds steps of builds another master still owns (its lease has not expired); closing, the worker tries again");
         return;
     }

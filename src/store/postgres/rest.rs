@@ -624,14 +624,18 @@ impl PgState {
             .map(|r| (r.get(0), r.get(1))))
     }
 
-    /// The unfinished build a step attempt (by its id) belongs to, if any.
-    pub async fn running_build_of_step(&self, step_id: &[u8]) -> Result<Option<i64>, StateError> {
+    /// The unfinished build of another master (not this state's lease) a
+    /// step attempt (by its id) belongs to, if any.
+    pub async fn others_running_build_of_step(
+        &self,
+        step_id: &[u8],
+    ) -> Result<Option<i64>, StateError> {
         let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT b.id FROM steps s JOIN builds b ON b.id = s.build_id
-                 WHERE s.step_id = $1 AND b.result IS NULL",
-                &[&step_id],
+                 WHERE s.step_id = $1 AND b.result IS NULL AND b.owner IS DISTINCT FROM $2",
+                &[&step_id, &self.lease.map(|l| l.0)],
             )
             .await?
             .map(|r| r.get(0)))
