@@ -8,6 +8,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
 
+use super::records::*;
 use super::{
     BuildStore, LogSize, LogStorage, ReportOutbox, RequestQueue, StateDb, StateError, now_ms,
 };
@@ -90,129 +91,6 @@ CREATE TABLE build_properties (
 );
 ";
 
-/// A build request to create.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NewRequest {
-    pub builder: String,
-    pub change_id: Option<i64>,
-    pub reason: String,
-    pub repository: String,
-    pub branch: String,
-    pub revision: String,
-    /// Properties the request brings: (name, value, source), from its
-    /// scheduler or a force.
-    pub properties: Vec<(String, String, String)>,
-    /// Not to be built before this time (ms since the epoch; 0: at once).
-    pub not_before_ms: i64,
-    /// Non-empty: a tree-stable group. A new request of the group (same
-    /// builder, branch and key) moves every waiting one's `not_before_ms`
-    /// to its own, and they are built together, as one build of the newest.
-    pub collapse_key: String,
-}
-
-/// A stored build request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BuildRequest {
-    pub id: i64,
-    pub request: NewRequest,
-    pub created_ms: i64,
-}
-
-/// The end of a step attempt's output (see [`StateDb::log_tails`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogTail {
-    /// The step attempt's row.
-    pub row: i64,
-    pub data: bytes::Bytes,
-    /// Where `data` starts and ends in the step's output.
-    pub start: u64,
-    pub end: u64,
-}
-
-/// A build in a list: no steps, no properties.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BuildBrief {
-    pub id: i64,
-    pub number: i64,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    pub result: Option<Outcome>,
-}
-
-/// A builder at a glance (see [`StateDb::builder_overview`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BuilderOverview {
-    pub name: String,
-    /// Newest first.
-    pub builds: Vec<BuildBrief>,
-    /// How long its last successful build took.
-    pub last_success_ms: Option<i64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepRecord {
-    /// The row id (what log chunks hang off).
-    pub row: i64,
-    pub position: u32,
-    pub name: String,
-    pub attempt: u32,
-    pub step_id: StepId,
-    pub on_lost: String,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    /// `None` while it runs.
-    pub result: Option<Outcome>,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub detail: String,
-    /// Where its log is.
-    pub log_stored: LogStorage,
-    /// Once it has ended: its log's size and line count.
-    pub log_bytes: Option<u64>,
-    pub log_lines: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BuildRecord {
-    pub id: i64,
-    pub request_id: i64,
-    pub builder: String,
-    pub worker: String,
-    pub reason: String,
-    pub repository: String,
-    pub branch: String,
-    pub revision: String,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    pub result: Option<Outcome>,
-    /// Per builder: 1, 2, 3 …, never reused.
-    pub number: i64,
-    /// (name, value, source), by name.
-    pub properties: Vec<(String, String, String)>,
-    pub steps: Vec<StepRecord>,
-}
-
-/// An artifact a build stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ArtifactRecord {
-    pub build: i64,
-    pub name: String,
-    pub size: u64,
-    /// Hex.
-    pub sha256: String,
-    /// A directory, stored as a tar stream (a download unpacks it).
-    pub tar: bool,
-}
-
-/// One stored chunk of a step's output.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogChunk {
-    pub step: i64,
-    pub seq: u64,
-    pub stream: i32,
-    pub data: bytes::Bytes,
-}
-
 /// A stored result (`None` while the build or step runs).
 fn outcome_of(stored: Option<String>) -> Option<Outcome> {
     stored.as_deref().map(Outcome::parse)
@@ -256,54 +134,6 @@ fn load_steps(conn: &Connection, build: i64) -> rusqlite::Result<Vec<StepRecord>
         })
     })?
     .collect()
-}
-
-/// A build event waiting in the reporters' outbox, with what a report
-/// needs of its build.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueuedReport {
-    pub outbox_id: i64,
-    pub build_id: i64,
-    /// `false`: the build started; `true`: it ended.
-    pub finished: bool,
-    pub created_ms: i64,
-    /// `None` when the build is gone (its builder was deleted).
-    pub build: Option<ReportedBuild>,
-}
-
-/// What a report says of a build.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReportedBuild {
-    pub builder: String,
-    pub number: i64,
-    pub result: Option<Outcome>,
-    pub repository: String,
-    pub branch: String,
-    pub revision: String,
-}
-
-/// One reporter's progress on one outbox row.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReportProgress {
-    pub done: bool,
-    pub attempts: i64,
-    pub next_ms: i64,
-    pub last_error: String,
-}
-
-/// A report a reporter has not delivered yet, after trying.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UndeliveredReport {
-    pub reporter: String,
-    pub build_id: i64,
-    pub builder: String,
-    pub number: i64,
-    /// `false`: the build's start; `true`: its end.
-    pub finished: bool,
-    pub created_ms: i64,
-    pub attempts: i64,
-    pub next_ms: i64,
-    pub last_error: String,
 }
 
 /// Inserts changes and the build requests `requests_for` makes of their
@@ -353,21 +183,6 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
         properties: Vec::new(),
         steps: Vec::new(),
     })
-}
-
-impl StepEndRecord {
-    /// The end of the step attempt `row`, with no exit status, no last
-    /// output and nothing following from it.
-    pub fn new(row: i64, result: Outcome, detail: impl Into<String>) -> StepEndRecord {
-        StepEndRecord {
-            row,
-            result,
-            exit_code: None,
-            signal: None,
-            detail: detail.into(),
-            then: None,
-        }
-    }
 }
 
 impl StateDb {
@@ -1589,22 +1404,6 @@ impl StateDb {
     }
 }
 
-/// A build property as stored: name, value, source.
-pub type PropertyRow = (String, String, String);
-
-/// A step attempt's end (see [`StateDb::finish_step`]).
-#[derive(Clone, Debug)]
-pub struct StepEndRecord {
-    pub row: i64,
-    pub result: Outcome,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub detail: String,
-    /// The build, the properties the step set, and the build's result if
-    /// the step ends it.
-    pub then: Option<(i64, Vec<PropertyRow>, Option<Outcome>)>,
-}
-
 fn store_properties(
     conn: &rusqlite::Connection,
     build: i64,
@@ -1686,23 +1485,6 @@ fn change_ids_of(conn: &rusqlite::Connection, build: i64) -> rusqlite::Result<Ve
     )?
     .query_map([build], |r| r.get(0))?
     .collect()
-}
-
-/// A build just claimed, as [`StateDb::claim`] hands it to `make`.
-pub struct ClaimedBuild<'a> {
-    pub build: i64,
-    pub number: i64,
-    pub change: Option<&'a crate::store::StoredChange>,
-    pub change_ids: &'a [i64],
-}
-
-/// What [`StateDb::claim`] made.
-#[derive(Debug)]
-pub struct Claim<T> {
-    pub build: i64,
-    /// The first step's row, if one was asked for.
-    pub first_row: Option<i64>,
-    pub kept: T,
 }
 
 const REQUEST_COLUMNS: &str = "id, builder, change_id, reason, repository, branch, revision, created_ms, properties, not_before_ms, collapse_key";
@@ -1818,18 +1600,6 @@ fn insert_step(
         now_ms()
     ])?;
     Ok(conn.last_insert_rowid())
-}
-
-/// Which builds [`StateDb::find_builds`] returns (every set field must
-/// match).
-#[derive(Clone, Debug, Default)]
-pub struct BuildFilter {
-    pub builder: Option<String>,
-    pub branch: Option<String>,
-    pub result: Option<Outcome>,
-    /// Only builds with a smaller id (the next page).
-    pub before: Option<i64>,
-    pub limit: usize,
 }
 
 /// Log chunk rows (seq, stream, data) of `step_row`, until about

@@ -40,7 +40,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::builds::LogChunk;
+use super::LogChunk;
 
 /// One index record's size.
 const RECORD: u64 = 32;

@@ -28,11 +28,9 @@ pub mod postgres;
 #[cfg(test)]
 mod suite;
 
-pub use builds::{
-    ArtifactRecord, BuildBrief, BuildFilter, BuildRecord, BuildRequest, BuilderOverview, LogChunk,
-    LogTail, NewRequest, PropertyRow, QueuedReport, ReportProgress, ReportedBuild, StepEndRecord,
-    StepRecord, UndeliveredReport,
-};
+mod records;
+
+pub use records::*;
 
 /// Why the state database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -74,31 +72,6 @@ pub enum StateError {
         "this master's lease {epoch} expired before it was renewed; another master may have adopted its builds"
     )]
     LeaseLost { epoch: i64 },
-}
-
-/// A change as pushed, validated, before it has an id.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NewChange {
-    pub repository: String,
-    pub branch: String,
-    pub revision: String,
-    pub author: String,
-    pub comments: String,
-    pub category: String,
-    pub project: String,
-    pub files: Vec<String>,
-    /// The commit time, as (seconds, nanoseconds) since the Unix epoch.
-    pub when: Option<(i64, i32)>,
-    pub properties: BTreeMap<String, String>,
-}
-
-/// A change as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredChange {
-    pub id: i64,
-    pub change: NewChange,
-    /// When the master received it, milliseconds since the Unix epoch.
-    pub received_ms: i64,
 }
 
 /// Where pushed changes go. The master uses [`StateDb`]; benchmarks and
@@ -176,13 +149,6 @@ pub trait TimerMarks: Send + Sync + 'static {
         requests: Vec<NewRequest>,
         marks: Vec<(String, i64)>,
     ) -> Result<Option<Vec<i64>>, StateError>;
-}
-
-/// A step attempt's log: its size and line count, recorded with its end.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LogSize {
-    pub bytes: u64,
-    pub lines: u64,
 }
 
 /// Builds and their steps, and where each step's log is: the records every
@@ -311,57 +277,6 @@ pub trait ReportOutbox: Send + Sync + 'static {
 
     /// How many reports a reporter tried to deliver and could not yet.
     async fn undelivered_report_count(&self) -> Result<u64, StateError>;
-}
-
-/// Where a step attempt's log is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LogStorage {
-    /// Being written, or ended and not compressed yet: a file under the
-    /// data directory.
-    File,
-    /// Compressed (zstd, with a frame table) under the data directory.
-    Compressed,
-    /// Deleted by retention; the step's record stays.
-    Pruned,
-    /// In the database's `log_chunks` (logs stored before schema 8).
-    Database,
-}
-
-impl LogStorage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogStorage::File => "file",
-            LogStorage::Compressed => "compressed",
-            LogStorage::Pruned => "pruned",
-            LogStorage::Database => "database",
-        }
-    }
-
-    /// What a stored name says (anything unknown: the database, where
-    /// the oldest logs are).
-    pub fn parse(s: &str) -> LogStorage {
-        match s {
-            "file" => LogStorage::File,
-            "compressed" => LogStorage::Compressed,
-            "pruned" => LogStorage::Pruned,
-            _ => LogStorage::Database,
-        }
-    }
-}
-
-impl std::fmt::Display for LogStorage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A request [`RequestQueue::claim_next`] claimed, and the build made for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClaimedRequest {
-    pub request: BuildRequest,
-    pub build: i64,
-    /// The build's number in its builder (`widgets#12`).
-    pub number: i64,
 }
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
@@ -653,10 +568,10 @@ fn move_running_logs(conn: &mut Connection, logs: &logs::LogFiles) -> Result<(),
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for row in rows {
-        let chunks: Vec<builds::LogChunk> = conn
+        let chunks: Vec<LogChunk> = conn
             .prepare("SELECT seq, stream, data FROM log_chunks WHERE step = ?1 ORDER BY seq")?
             .query_map([row], |r| {
-                Ok(builds::LogChunk {
+                Ok(LogChunk {
                     step: row,
                     seq: r.get::<_, i64>(0)? as u64,
                     stream: r.get(1)?,

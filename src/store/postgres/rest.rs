@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{PgState, add_requests_in, insert_changes, load_changes, wake_others};
 use crate::builds::Outcome;
-use crate::store::builds::{Claim, ClaimedBuild};
 use crate::store::{
     ArtifactRecord, BuildBrief, BuilderOverview, NewChange, NewRequest, PropertyRow, StateError,
     StoredChange, now_ms,
 };
+use crate::store::{Claim, ClaimedBuild};
 use crate::wire::StepId;
 
 /// 6: artifacts, the step columns uploads and downloads keep, pollers'
