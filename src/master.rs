@@ -489,6 +489,10 @@ impl Master {
                 (self.builds.clone(), self.lease_duration, shutdown.clone());
             tokio::spawn(async move { keep_lease(builds, ttl, shutdown).await })
         });
+        let relay = self.state.postgres().map(|pg| {
+            let (builds, pg, shutdown) = (self.builds.clone(), pg.clone(), shutdown.clone());
+            tokio::spawn(crate::builds::relay::send(builds, pg, shutdown))
+        });
         let wakeups = match self.state.wakeups().await {
             Ok(Some(w)) => {
                 let (builds, shutdown) = (self.builds.clone(), shutdown.clone());
@@ -497,6 +501,7 @@ impl Master {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = w.woken() => builds.wake(),
+                            Some(r) = w.relayed() => crate::builds::relay::receive(&builds, r),
                         }
                     }
                 }))
@@ -557,7 +562,7 @@ impl Master {
         if let Some(t) = troubles {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
-        for t in [lease, wakeups].into_iter().flatten() {
+        for t in [lease, wakeups, relay].into_iter().flatten() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
         self.health

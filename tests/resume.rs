@@ -7,7 +7,7 @@
 mod common;
 
 use std::time::Duration;
-use switchyard::builds::Outcome;
+use switchyard::builds::{Event, Outcome};
 use switchyard::store::BuildStore;
 
 use common::*;
@@ -1137,4 +1137,54 @@ async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
     }
     assert_eq!(state.change_count().await.unwrap(), 30);
     m.stop().await;
+}
+
+/// A build running on one master is seen live on another sharing its
+/// database: b's event stream (what its console's `watch`, web UI and API
+/// follow) carries the build's start, its output and its end, marked as
+/// having happened elsewhere.
+#[tokio::test]
+async fn a_build_on_one_master_is_seen_live_on_another() {
+    let db = switchyard::store::postgres::testing::TempPg::new().await;
+    let shared = tempfile::tempdir().unwrap();
+    let extra = format!("state = {:?}\ndata_dir = {:?}", db.url, shared.path());
+    let builds_toml = marked("a");
+    let a = master_configured(&extra, &[("w1", "w1-pw", 1)], &builds_toml, "").await;
+    let b = master_configured(&extra, &[("w1", "w1-pw", 1)], &builds_toml, "").await;
+    let _w = spawn_worker_to(
+        &[a.addr.to_string()],
+        "w1",
+        "w1-pw",
+        &shared.path().join("basedir-w1"),
+        &[],
+        &[],
+    );
+    wait_connected(&a, 1).await;
+    let mut on_b = b.master.builds().subscribe();
+    push(&a, "main").await;
+    let seen = within("b to see the build on a", async {
+        let mut seen = Vec::new();
+        loop {
+            let s = on_b.recv().await.unwrap();
+            assert!(s.elsewhere, "b ran nothing itself: {s:?}");
+            let end = matches!(s.event, Event::BuildEnded { .. });
+            seen.push(s.event);
+            if end {
+                return seen;
+            }
+        }
+    })
+    .await;
+    let Some(Event::BuildStarted { build, .. }) = seen.first().cloned() else {
+        panic!("{seen:?}")
+    };
+    assert!(seen.iter().any(|e| matches!(e, Event::OutputStored { build: x, bytes, .. } if *x == build && *bytes > 0)), "{seen:?}");
+    assert!(
+        matches!(seen.last(), Some(Event::BuildEnded { outcome: Outcome::Success, build: x, .. }) if *x == build),
+        "{seen:?}"
+    );
+    assert_eq!(log_text(&b, build, 0).await, "built by a\n");
+    a.stop().await;
+    b.stop().await;
+    db.drop_database().await;
 }

@@ -65,6 +65,14 @@ impl std::str::FromStr for Outcome {
     }
 }
 
+/// One of the four names.
+impl<'de> serde::Deserialize<'de> for Outcome {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Outcome, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// As its name.
 impl serde::Serialize for Outcome {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -78,8 +86,10 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Something that happened in the build master.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Something that happened in the build master. (Serialized only to relay
+/// it to the other masters sharing a database, see `relay`.)
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     WorkerConnected {
         worker: String,
@@ -125,8 +135,12 @@ pub enum Event {
 }
 
 /// An event and when it happened (Unix milliseconds).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamped {
     pub unix_ms: i64,
     pub event: Event,
+    /// It happened on another master sharing the database, and was relayed
+    /// to this one (a build running there, seen live here).
+    #[serde(skip)]
+    pub elsewhere: bool,
 }

@@ -14,6 +14,7 @@ pub mod events;
 pub mod poller;
 pub mod properties;
 mod reconfig;
+pub(crate) mod relay;
 pub mod reporters;
 pub mod retention;
 mod run;
@@ -159,6 +160,7 @@ impl Inner {
         let _ = self.events.send(Stamped {
             unix_ms: crate::store::now_ms(),
             event,
+            elsewhere: false,
         });
     }
 
@@ -453,6 +455,11 @@ impl BuildMaster {
             }
         }
         next_in
+    }
+
+    /// Emits an event that happened elsewhere (see `relay`).
+    pub(crate) fn emit_stamped(&self, s: Stamped) {
+        let _ = self.inner.events.send(s);
     }
 
     /// Looks at the waiting requests again now.

@@ -625,6 +625,7 @@ impl LogBatcher {
                             let _ = events.send(super::Stamped {
                                 unix_ms: now_ms(),
                                 event: super::Event::OutputStored { build, step, bytes },
+                                elsewhere: false,
                             });
                         }
                         Ok(acks)

@@ -28,7 +28,7 @@ mod rest;
 pub mod testing;
 
 pub use lease::Lease;
-pub use notify::Wakeups;
+pub use notify::{Relayed, Wakeups};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

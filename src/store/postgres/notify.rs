@@ -21,10 +21,26 @@ use crate::store::StateError;
 /// The channel every master listens on.
 pub(super) const CHANNEL: &str = "switchyard";
 
+/// The channel build events are relayed on (see `builds::relay`).
+const EVENTS: &str = "switchyard_events";
+
+/// A notification's payload is at most 8,000 bytes: events are sent in
+/// batches below this.
+const MAX_PAYLOAD: usize = 7000;
+
+/// Build events another master relayed.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Relayed {
+    /// The sending master's lease (its own relays are not re-emitted).
+    pub from: i64,
+    pub events: Vec<crate::builds::Stamped>,
+}
+
 /// Wake-ups from the other masters (and this one's own writes). Dropping
 /// it closes the listening connection.
 pub struct Wakeups {
     notify: Arc<Notify>,
+    events: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Relayed>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,6 +49,11 @@ impl Wakeups {
     /// wake-ups before a call make one).
     pub async fn woken(&self) {
         self.notify.notified().await
+    }
+
+    /// The next batch of build events another master relayed.
+    pub async fn relayed(&self) -> Option<Relayed> {
+        self.events.lock().await.recv().await
     }
 }
 
@@ -48,14 +69,17 @@ impl PgState {
     /// Fails only if the first connection cannot be made.
     pub async fn listen(&self) -> Result<Wakeups, StateError> {
         let notify = Arc::new(Notify::new());
-        let first = listening(&self.config, notify.clone()).await?;
+        let me = self.lease.map_or(0, |l| l.0);
+        // A listener that falls behind loses batches, not memory.
+        let (events_tx, events) = tokio::sync::mpsc::channel(256);
+        let first = listening(&self.config, notify.clone(), events_tx.clone(), me).await?;
         let (config, wake) = (self.config.clone(), notify.clone());
         let task = tokio::spawn(async move {
             first.await;
             let mut backoff = Duration::from_millis(100);
             loop {
                 tokio::time::sleep(backoff).await;
-                match listening(&config, wake.clone()).await {
+                match listening(&config, wake.clone(), events_tx.clone(), me).await {
                     Ok(connected) => {
                         backoff = Duration::from_millis(100);
                         // Whatever was sent while no connection listened
@@ -70,7 +94,38 @@ impl PgState {
                 }
             }
         });
-        Ok(Wakeups { notify, task })
+        Ok(Wakeups {
+            notify,
+            events: tokio::sync::Mutex::new(events),
+            task,
+        })
+    }
+
+    /// Sends build events to the other masters listening (in batches that
+    /// fit a notification).
+    pub async fn relay(&self, events: &[crate::builds::Stamped]) -> Result<(), StateError> {
+        let from = self.lease.map_or(0, |l| l.0);
+        let mut batches: Vec<Vec<String>> = vec![Vec::new()];
+        let mut size = 0;
+        for e in events {
+            let one = serde_json::to_string(e).map_err(|e| StateError::Postgres(e.to_string()))?;
+            if size + one.len() > MAX_PAYLOAD && !batches.last().is_some_and(Vec::is_empty) {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += one.len() + 1;
+            if let Some(b) = batches.last_mut() {
+                b.push(one);
+            }
+        }
+        let client = self.client().await?;
+        for b in batches.into_iter().filter(|b| !b.is_empty()) {
+            let payload = format!("{{\"from\":{from},\"events\":[{}]}}", b.join(","));
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&EVENTS, &payload])
+                .await?;
+        }
+        Ok(())
     }
 }
 
@@ -79,12 +134,25 @@ impl PgState {
 async fn listening(
     config: &tokio_postgres::Config,
     wake: Arc<Notify>,
+    events: tokio::sync::mpsc::Sender<Relayed>,
+    me: i64,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, StateError> {
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let messages = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == EVENTS => {
+                    match serde_json::from_str::<Relayed>(n.payload()) {
+                        Ok(r) if r.from != me => {
+                            let _ = events.try_send(r);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "a relayed event batch does not parse")
+                        }
+                    }
+                }
                 Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
@@ -96,7 +164,9 @@ async fn listening(
         }
         let _ = tx.send(());
     });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS}"))
+        .await?;
     Ok(async move {
         let _ = rx.await;
         drop(client);
