@@ -8,7 +8,10 @@
 //! claim until none is left; every request must be claimed exactly once.
 //! Rounds alternate between the setups; medians are reported.
 //!
-//! Run: `cargo bench --bench store` (`-- quick` for a short run). Uses the
+//! Run: `cargo bench --bench store` (`-- quick` for a short run; `-- vacuum`
+//! to `VACUUM` the queue's tables before each PostgreSQL round, as
+//! autovacuum does on a running site, which tells the cost of dead index
+//! entries from that of the tables' size). Uses the
 //! machine's PostgreSQL at 127.0.0.1:5432 (a database made for the run and
 //! dropped after). Loopback only; every loop is bounded.
 
@@ -79,6 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    let vacuum = std::env::args().any(|a| a == "vacuum");
     let (rounds, count) = if quick { (1, 300) } else { (5, 3_000) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -98,13 +102,22 @@ fn main() {
         for _ in 0..rounds {
             rates[0].push(claim_all(std::slice::from_ref(&sqlite), count).await);
             for m in 1..=3 {
+                if vacuum {
+                    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    client
+                        .batch_execute("VACUUM build_requests, builds, builder_numbers, report_outbox")
+                        .await
+                        .unwrap();
+                }
                 rates[m].push(claim_all(&pg[..m], count).await);
             }
         }
         let show = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
         let sqlite_rate = median(rates[0].clone());
         println!(
-            "requests claimed/s, {CLAIMERS} claimers, {count} requests a round, medians of {rounds} alternating rounds:"
+            "requests claimed/s, {CLAIMERS} claimers, {count} requests a round, medians of {rounds} alternating rounds{}:",
+            if vacuum { ", VACUUM before each PostgreSQL round" } else { "" }
         );
         println!("  SQLite, 1 master: {sqlite_rate:.0} [{}]", show(&rates[0]));
         for (m, rates) in rates.iter().enumerate().skip(1) {
