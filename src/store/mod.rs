@@ -448,6 +448,9 @@ pub struct StateDb {
     /// PostgreSQL: until when (on this process's monotonic clock) this
     /// master may write files for its builds (see [`StateDb::lease_holds`]).
     lease_until: Mutex<Option<std::time::Instant>>,
+    /// PostgreSQL: the jobs this master leads (`None`), or when it last
+    /// found another leading them (see [`StateDb::leads`]).
+    leading: Mutex<HashMap<String, Option<std::time::Instant>>>,
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StateError> {
@@ -678,6 +681,7 @@ impl StateDb {
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
             lease_until: Mutex::new(None),
+            leading: Mutex::new(HashMap::new()),
         })
     }
 
@@ -717,6 +721,7 @@ impl StateDb {
             compressing: Arc::new(tokio::sync::Semaphore::new(1)),
             log_troubles: Mutex::new(None),
             lease_until: Mutex::new(Some(taken + lease_margin(lease))),
+            leading: Mutex::new(HashMap::new()),
         })
     }
 
@@ -752,17 +757,40 @@ impl StateDb {
     /// Whether this master runs `job` (pollers, the reporters' sender,
     /// pruning), which runs once across the masters sharing a database:
     /// always on SQLite; on PostgreSQL, while it holds the job's lead.
+    ///
+    /// Asked often (each poller and reporter pass): a lead held is kept
+    /// without asking while the lease holds (nobody can take it before the
+    /// lease expires), and a lead another master holds is asked about again
+    /// a second later, not sooner.
     pub async fn leads(&self, job: &str) -> bool {
-        match &self.pg {
-            None => true,
-            Some(pg) => match pg.leads(job).await {
-                Ok(led) => led,
-                Err(e) => {
-                    tracing::warn!(job, error = %e, "cannot tell whether this master leads a job; leaving it to the others");
-                    false
-                }
-            },
+        let Some(pg) = &self.pg else {
+            return true;
+        };
+        let known = self
+            .leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(job)
+            .copied();
+        match known {
+            Some(None) if self.lease_holds() => return true,
+            Some(Some(asked)) if asked.elapsed() < std::time::Duration::from_secs(1) => {
+                return false;
+            }
+            _ => {}
         }
+        let led = match pg.leads(job).await {
+            Ok(led) => led,
+            Err(e) => {
+                tracing::warn!(job, error = %e, "cannot tell whether this master leads a job; leaving it to the others");
+                false
+            }
+        };
+        self.leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.to_string(), (!led).then(std::time::Instant::now));
+        led
     }
 
     /// Renews this master's lease for `ttl` (PostgreSQL; nothing to do on
@@ -1150,6 +1178,32 @@ impl ChangeReader for StateDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two masters' states on one PostgreSQL database: each job is led by
+    /// one of them, and asking again (from what a master remembers, or the
+    /// database) gives the same answer.
+    #[tokio::test]
+    async fn on_postgresql_one_master_leads_each_job() {
+        let db = suite::TempPg::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = std::time::Duration::from_secs(10);
+        let a = StateDb::open_postgres(&db.url, dir.path(), "a", ttl)
+            .await
+            .unwrap();
+        let b = StateDb::open_postgres(&db.url, dir.path(), "b", ttl)
+            .await
+            .unwrap();
+        assert!(a.leads("pollers").await);
+        assert!(!b.leads("pollers").await);
+        assert!(b.leads("retention").await);
+        assert!(!a.leads("retention").await);
+        for _ in 0..3 {
+            assert!(a.leads("pollers").await && b.leads("retention").await);
+            assert!(!b.leads("pollers").await && !a.leads("retention").await);
+        }
+        drop((a, b));
+        db.drop_database().await;
+    }
 
     /// The store suite, against a SQLite file in a temporary directory.
     #[tokio::test]
