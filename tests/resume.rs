@@ -1142,13 +1142,15 @@ async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
 /// A build running on one master is seen live on another sharing its
 /// database: b's event stream (what its console's `watch`, web UI and API
 /// follow) carries the build's start, its output and its end, marked as
-/// having happened elsewhere.
+/// having happened elsewhere; its log and the artifact it stored on a are
+/// read through b, also once a is gone.
 #[tokio::test]
 async fn a_build_on_one_master_is_seen_live_on_another() {
     let db = switchyard::store::postgres::testing::TempPg::new().await;
     let shared = tempfile::tempdir().unwrap();
     let extra = format!("state = {:?}\ndata_dir = {:?}", db.url, shared.path());
-    let builds_toml = marked("a");
+    let builds_toml = marked("a")
+        + "[[builder.step]]\nname = \"make\"\nshell = \"echo artifact made on a > out.txt\"\n[[builder.step]]\nname = \"up\"\nupload = { source = \"out.txt\", name = \"out\" }\n";
     let a = master_configured(&extra, &[("w1", "w1-pw", 1)], &builds_toml, "").await;
     let b = master_configured(&extra, &[("w1", "w1-pw", 1)], &builds_toml, "").await;
     let _w = spawn_worker_to(
@@ -1184,7 +1186,18 @@ async fn a_build_on_one_master_is_seen_live_on_another() {
         "{seen:?}"
     );
     assert_eq!(log_text(&b, build, 0).await, "built by a\n");
+    // a is gone: b still serves what a stored.
     a.stop().await;
+    assert_eq!(log_text(&b, build, 0).await, "built by a\n");
+    let admin = basic("admin", "admin-pw");
+    let (head, body) = http_get(
+        &b,
+        &format!("/api/v1/builds/{build}/artifacts/out"),
+        Some(&admin),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("artifact made on a"), "{body}");
     b.stop().await;
     db.drop_database().await;
 }
