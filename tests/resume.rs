@@ -909,39 +909,82 @@ fn shared_state_master(
     dir
 }
 
+/// Master processes a and b on one PostgreSQL database (a database of the
+/// test's own, one shared data_dir, leases of 3 s), worker `w1` logged in to
+/// a (naming both), and the counting build forced on a, 0.9 s into its
+/// first step.
+struct Failover {
+    db: Option<switchyard::store::postgres::testing::TempPg>,
+    _shared: tempfile::TempDir,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    a: Reaped,
+    /// Kept running until the end.
+    _b: Reaped,
+    addr_a: String,
+    addr_b: String,
+    worker: Option<Reaped>,
+}
+
+impl Failover {
+    /// `grace_a`: a's worker reconnect grace.
+    async fn mid_step(grace_a: &str) -> Failover {
+        let db = switchyard::store::postgres::testing::TempPg::new().await;
+        let shared = tempfile::tempdir().unwrap();
+        let dirs = (
+            shared_state_master(&db.url, shared.path(), COUNT, grace_a, "3s"),
+            shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
+        );
+        let (a, addr_a) = master_process(dirs.0.path());
+        let (b, addr_b) = master_process(dirs.1.path());
+        let worker = spawn_worker_to(
+            &[addr_a.clone(), addr_b.clone()],
+            "w1",
+            "w1-pw",
+            &shared.path().join("basedir-w1"),
+            &[],
+            &[],
+        );
+        within("the worker to connect to a", async {
+            while debug_json(&addr_a, &["workers"]).await[0]["connected"] != true {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        debug_json(&addr_a, &["force", "count"]).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        Failover {
+            db: Some(db),
+            _shared: shared,
+            _dirs: dirs,
+            a,
+            _b: b,
+            addr_a,
+            addr_b,
+            worker: Some(worker),
+        }
+    }
+
+    /// Stops the processes and drops the database.
+    async fn end(mut self) {
+        drop(self.worker.take());
+        if let Some(db) = self.db.take() {
+            // The masters' connections go with the database (FORCE).
+            db.drop_database().await;
+        }
+    }
+}
+
 /// Master processes a and b on one PostgreSQL database: a is killed with
 /// -9 mid-step; its worker fails over to b, which adopts the build once
 /// a's lease has expired and re-attaches the running step: the build ends
 /// with every step run once and a byte-exact log, shown by b's console.
 #[tokio::test]
 async fn a_build_goes_on_on_another_master_when_its_master_is_killed_with_9() {
-    let db = switchyard::store::postgres::testing::TempPg::new().await;
-    let shared = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (
-        shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
-        shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
-    );
-    let (mut a, addr_a) = master_process(dir_a.path());
-    let (_b, addr_b) = master_process(dir_b.path());
-    let _w = spawn_worker_to(
-        &[addr_a.clone(), addr_b.clone()],
-        "w1",
-        "w1-pw",
-        &shared.path().join("basedir-w1"),
-        &[],
-        &[],
-    );
-    within("the worker to connect to a", async {
-        while debug_json(&addr_a, &["workers"]).await[0]["connected"] != true {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    debug_json(&addr_a, &["force", "count"]).await;
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut f = Failover::mid_step("30s").await;
+    let addr_b = f.addr_b.clone();
     // Mid-step: a's machine is gone.
-    a.0.kill().unwrap();
-    a.0.wait().unwrap();
+    f.a.0.kill().unwrap();
+    f.a.0.wait().unwrap();
     let build = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let builds = debug_json(&addr_b, &["builds"]).await;
@@ -964,9 +1007,7 @@ async fn a_build_goes_on_on_another_master_when_its_master_is_killed_with_9() {
         log.len(),
         expected().len()
     );
-    drop(_w);
-    drop(_b);
-    db.drop_database().await;
+    f.end().await;
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to a process.
@@ -985,34 +1026,12 @@ fn signal(p: &Reaped, signal: &str) {
 /// log stay exactly as b left them.
 #[tokio::test]
 async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
-    let db = switchyard::store::postgres::testing::TempPg::new().await;
-    let shared = tempfile::tempdir().unwrap();
     // a's grace is short: once continued, it soon takes the step it no
     // longer hears of for lost, and tries to record that (and to fail the
     // build); those are the late writes that must not land.
-    let (dir_a, dir_b) = (
-        shared_state_master(&db.url, shared.path(), COUNT, "1s", "3s"),
-        shared_state_master(&db.url, shared.path(), COUNT, "30s", "3s"),
-    );
-    let (a, addr_a) = master_process(dir_a.path());
-    let (_b, addr_b) = master_process(dir_b.path());
-    let _w = spawn_worker_to(
-        &[addr_a.clone(), addr_b.clone()],
-        "w1",
-        "w1-pw",
-        &shared.path().join("basedir-w1"),
-        &[],
-        &[],
-    );
-    within("the worker to connect to a", async {
-        while debug_json(&addr_a, &["workers"]).await[0]["connected"] != true {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    debug_json(&addr_a, &["force", "count"]).await;
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    signal(&a, "STOP");
+    let f = Failover::mid_step("1s").await;
+    let (a, addr_a, addr_b) = (&f.a, f.addr_a.clone(), f.addr_b.clone());
+    signal(a, "STOP");
     let build = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let builds = debug_json(&addr_b, &["builds"]).await;
@@ -1033,7 +1052,7 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
         expected().into_bytes()
     );
     // a comes back, and has a moment to do what it would.
-    signal(&a, "CONT");
+    signal(a, "CONT");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let after = debug_json(&addr_b, &["builds"]).await[0].clone();
     assert_eq!(after, build, "a wrote to a build it no longer owns");
@@ -1043,10 +1062,7 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     );
     // a still shows the shared state, as b left it.
     assert_eq!(debug_json(&addr_a, &["builds"]).await[0], build);
-    drop(_w);
-    drop(_b);
-    drop(a);
-    db.drop_database().await;
+    f.end().await;
 }
 
 /// PostgreSQL crashes and comes back (immediate stop, 2 s down, recovery)
