@@ -151,16 +151,22 @@ async fn keep_lease(builds: BuildMaster, ttl: std::time::Duration, shutdown: Can
             _ = tokio::time::sleep(ttl / 3) => {}
         }
         match builds.state_db().renew_lease(ttl).await {
-            Ok(()) => match builds.adopt().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    builds = n,
-                    "adopted the running builds of a master whose lease expired"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot adopt the builds of masters whose leases expired")
+            Ok(()) => {
+                match builds.adopt().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        builds = n,
+                        "adopted the running builds of a master whose lease expired"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot adopt the builds of masters whose leases expired")
+                    }
                 }
-            },
+                // What a dead master left uncompressed (the leader only).
+                if let Err(e) = builds.state_db().compress_ended_logs().await {
+                    tracing::warn!(error = %e, "cannot look for logs left to compress");
+                }
+            }
             Err(e @ crate::store::StateError::LeaseLost { .. }) => {
                 tracing::error!(error = %e, "this master lost its lease: its builds are the other masters' now, its workers are sent to them; restart it to serve again");
                 builds.lose_lease();

@@ -937,12 +937,21 @@ impl StateDb {
 
     /// Compresses the logs of steps that ended while the master was not
     /// there to (it stopped or died first), in the background.
+    ///
+    /// On a shared database, each master compresses the logs of the steps
+    /// it ends; what a master left when it died (its lease expired) is
+    /// compressed by the master leading `compression`, and never a log of
+    /// a build whose master's lease is live (that master may be
+    /// compressing it right now).
     pub async fn compress_ended_logs(&self) -> Result<usize, StateError> {
-        // On a shared database another master may be compressing one of
-        // them right now: each master compresses the logs of the steps it
-        // ends, and leftovers stay readable uncompressed.
-        if self.pg.is_some() {
-            return Ok(0);
+        if let Some(pg) = &self.pg {
+            if !self.leads("compression").await {
+                return Ok(0);
+            }
+            let rows = pg.orphaned_logs_to_compress().await?;
+            let n = rows.len();
+            self.compress_later(rows);
+            return Ok(n);
         }
         let rows = self.ended_logs_stored_as(LogStorage::File).await?;
         let n = rows.len();
@@ -1202,6 +1211,78 @@ mod tests {
             assert!(!b.leads("pollers").await && !a.leads("retention").await);
         }
         drop((a, b));
+        db.drop_database().await;
+    }
+
+    /// A master that died after a step ended but before compressing its
+    /// log (its lease expired) leaves it plain: the master leading
+    /// `compression` compresses it; a live master's plain logs are left to
+    /// that master.
+    #[tokio::test]
+    async fn on_postgresql_logs_a_dead_master_left_plain_are_compressed_by_the_leader() {
+        let db = suite::TempPg::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let short = std::time::Duration::from_millis(400);
+        let dead = StateDb::open_postgres(&db.url, dir.path(), "dead", short)
+            .await
+            .unwrap();
+        let leader = StateDb::open_postgres(&db.url, dir.path(), "leader", 10 * short)
+            .await
+            .unwrap();
+        dead.add_requests(vec![NewRequest {
+            builder: "b".into(),
+            reason: "compress".into(),
+            ..Default::default()
+        }])
+        .await
+        .unwrap();
+        let claimed = dead.claim_next(&["b".into()], "w").await.unwrap().unwrap();
+        let row = dead
+            .start_step(
+                claimed.build,
+                0,
+                "s",
+                1,
+                StepId::random(),
+                "fail",
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        let chunk = LogChunk {
+            step: row,
+            seq: 1,
+            stream: 1,
+            data: "kept\n".repeat(50_000).into(),
+        };
+        dead.append_logs(vec![chunk]).await.unwrap();
+        // Its end recorded, and then the master is gone.
+        dead.record_step_end(
+            StepEndRecord::new(row, Outcome::Success, ""),
+            LogSize::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            leader.compress_ended_logs().await.unwrap(),
+            0,
+            "its master is alive"
+        );
+        tokio::time::sleep(short + std::time::Duration::from_millis(200)).await;
+        assert_eq!(leader.compress_ended_logs().await.unwrap(), 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let b = leader.build(claimed.build).await.unwrap().unwrap();
+            if b.steps[0].log_stored == LogStorage::Compressed {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "not compressed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let page = leader.log_page(row, 0, usize::MAX).await.unwrap();
+        let text: Vec<u8> = page.iter().flat_map(|c| c.data.iter().copied()).collect();
+        assert_eq!(text, "kept\n".repeat(50_000).into_bytes());
+        drop((dead, leader));
         db.drop_database().await;
     }
 

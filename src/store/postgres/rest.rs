@@ -641,6 +641,25 @@ impl PgState {
             .map(|r| r.get(0)))
     }
 
+    /// Ended step attempts whose logs are still plain files, of builds no
+    /// live lease owns (their master died before compressing them).
+    pub async fn orphaned_logs_to_compress(&self) -> Result<Vec<i64>, StateError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id
+                 WHERE s.log_stored = 'file' AND s.finished_ms IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM masters m
+                                   WHERE m.id = b.owner AND m.expires_at > clock_timestamp())
+                 ORDER BY s.id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// A secret of the master's own (the mock challenges' seed), made once
     /// and shared by every master on the database.
     pub async fn secret(&self, name: &str) -> Result<[u8; 32], StateError> {
