@@ -663,10 +663,24 @@ impl StateDb {
                 tracing::debug!(file = %thread_path.display(), "state writer stopped");
             })
             .map_err(StateError::Thread)?;
-        Ok(StateDb {
-            path: path.to_path_buf(),
-            jobs: Some(tx),
-            reader: Some(Arc::new(Mutex::new(reader))),
+        let mut state = StateDb::with_files(path.to_path_buf(), logs, data_dir, uploading);
+        state.jobs = Some(tx);
+        state.reader = Some(Arc::new(Mutex::new(reader)));
+        Ok(state)
+    }
+
+    /// A state with its files under `data_dir` (`logs` already open) and no
+    /// database yet: each backend's constructor sets its own.
+    fn with_files(
+        path: PathBuf,
+        logs: Arc<logs::LogFiles>,
+        data_dir: &Path,
+        uploading: std::collections::HashSet<i64>,
+    ) -> StateDb {
+        StateDb {
+            path,
+            jobs: None,
+            reader: None,
             pg: None,
             logs,
             uploads: {
@@ -682,7 +696,7 @@ impl StateDb {
             log_troubles: Mutex::new(None),
             lease_until: Mutex::new(None),
             leading: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// The state in the PostgreSQL database at `url` (see
@@ -703,26 +717,12 @@ impl StateDb {
             .take_lease(master, lease)
             .await?;
         let uploading = pg.uploading_rows().await?.into_iter().collect();
-        Ok(StateDb {
-            path: postgres::shown_url(url).into(),
-            jobs: None,
-            reader: None,
-            pg: Some(pg),
-            logs: Arc::new(logs::LogFiles::new(data_dir.join("logs"))),
-            uploads: {
-                let u = logs::LogFiles::new(data_dir.join("uploads"));
-                u.keep_digests();
-                Arc::new(u)
-            },
-            upload_rows: Mutex::new(uploading),
-            max_build_artifacts: std::sync::atomic::AtomicU64::new(u64::MAX),
-            build_limited: Mutex::new(Default::default()),
-            artifacts_dir: data_dir.join("artifacts"),
-            compressing: Arc::new(tokio::sync::Semaphore::new(1)),
-            log_troubles: Mutex::new(None),
-            lease_until: Mutex::new(Some(taken + lease_margin(lease))),
-            leading: Mutex::new(HashMap::new()),
-        })
+        let logs = Arc::new(logs::LogFiles::new(data_dir.join("logs")));
+        let mut state =
+            StateDb::with_files(postgres::shown_url(url).into(), logs, data_dir, uploading);
+        state.pg = Some(pg);
+        state.lease_until = Mutex::new(Some(taken + lease_margin(lease)));
+        Ok(state)
     }
 
     /// Whether this master may still write the files of its builds (log
