@@ -964,6 +964,27 @@ impl Failover {
         }
     }
 
+    /// Waits (60 s at most) for the build to end on b; checks it succeeded
+    /// with both steps run once, and returns it as b's console shows it.
+    async fn ended_on_b_once_each(&self) -> serde_json::Value {
+        let build = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let builds = debug_json(&self.addr_b, &["builds"]).await;
+                if builds[0]["result"].is_string() {
+                    return builds[0].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("the build to end on b");
+        assert_eq!(build["result"], "success", "{build}");
+        let steps = build["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+        assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+        build
+    }
+
     /// Stops the processes and drops the database.
     async fn end(mut self) {
         drop(self.worker.take());
@@ -985,21 +1006,7 @@ async fn a_build_goes_on_on_another_master_when_its_master_is_killed_with_9() {
     // Mid-step: a's machine is gone.
     f.a.0.kill().unwrap();
     f.a.0.wait().unwrap();
-    let build = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let builds = debug_json(&addr_b, &["builds"]).await;
-            if builds[0]["result"].is_string() {
-                return builds[0].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("the build to end on b");
-    assert_eq!(build["result"], "success", "{build}");
-    let steps = build["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
-    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let build = f.ended_on_b_once_each().await;
     let log = debug_log(&addr_b, &build, Some("lines")).await;
     assert!(
         log == expected().into_bytes(),
@@ -1032,21 +1039,7 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     let f = Failover::mid_step("1s").await;
     let (a, addr_a, addr_b) = (&f.a, f.addr_a.clone(), f.addr_b.clone());
     signal(a, "STOP");
-    let build = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let builds = debug_json(&addr_b, &["builds"]).await;
-            if builds[0]["result"].is_string() {
-                return builds[0].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("the build to end on b");
-    assert_eq!(build["result"], "success", "{build}");
-    let steps = build["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
-    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let build = f.ended_on_b_once_each().await;
     assert_eq!(
         debug_log(&addr_b, &build, Some("lines")).await,
         expected().into_bytes()
