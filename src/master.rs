@@ -141,15 +141,37 @@ pub struct Master {
 
 /// Renews the lease every third of `ttl` until `shutdown`, and each time
 /// adopts the builds of masters whose leases have expired. A renewal that
-/// fails for a moment (the database restarting) is tried again; a lease
-/// found expired is lost for good: the others may have adopted this
-/// master's builds, and every write to them is refused from then on.
+/// fails for a moment (the database restarting) is tried again. A lease
+/// found expired (this master was stopped, or cut off from the database,
+/// for longer than the lease) is lost for good: the others may have
+/// adopted this master's builds, and every write under it is refused. The
+/// master then lets go of its builds and workers, and takes a new lease
+/// to serve again ([`rejoin`]); so it does, too, when one of its builds
+/// finds the lease gone first (its writes refused), ending the old lease
+/// at once.
 async fn keep_lease(builds: BuildMaster, ttl: std::time::Duration, shutdown: CancellationToken) {
+    let mut next = tokio::time::Instant::now() + ttl / 3;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep_until(next) => {}
+            _ = builds.lease_doubted() => {
+                // A build's write was refused for the lease before a
+                // renewal said so: step down (the others may adopt at
+                // once) and serve again under a new lease.
+                tracing::error!("a build found this master's lease lapsed: stepping down; taking a new lease");
+                if let Err(e) = builds.state_db().end_lease().await {
+                    tracing::warn!(error = %e, "cannot end the lapsed lease; it expires by itself");
+                }
+                builds.lose_lease();
+                if !rejoin(&builds, ttl, &shutdown).await {
+                    return;
+                }
+                next = tokio::time::Instant::now() + ttl / 3;
+                continue;
+            }
         }
+        next = tokio::time::Instant::now() + ttl / 3;
         match builds.state_db().renew_lease(ttl).await {
             Ok(()) => {
                 match builds.adopt().await {
@@ -168,11 +190,56 @@ async fn keep_lease(builds: BuildMaster, ttl: std::time::Duration, shutdown: Can
                 }
             }
             Err(e @ crate::store::StateError::LeaseLost { .. }) => {
-                tracing::error!(error = %e, "this master lost its lease: its builds are the other masters' now, its workers are sent to them; restart it to serve again");
+                tracing::error!(error = %e, "this master lost its lease: it lets go of its builds (the other masters adopt them) and hangs up its workers; taking a new lease");
                 builds.lose_lease();
-                return;
+                if !rejoin(&builds, ttl, &shutdown).await {
+                    return;
+                }
+                next = tokio::time::Instant::now() + ttl / 3;
             }
             Err(e) => tracing::warn!(error = %e, "cannot renew this master's lease; trying again"),
+        }
+    }
+}
+
+/// After a lost lease: waits for the workers' sessions to end (at most a
+/// lease's time: nothing of the old lease is written once they have), then
+/// takes a new lease, trying again every third of `ttl`, and serves again
+/// ([`BuildMaster::rejoin`]). `false` if `shutdown` came first.
+async fn rejoin(
+    builds: &BuildMaster,
+    ttl: std::time::Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    let quiet = tokio::time::Instant::now() + ttl;
+    while !builds.connected().is_empty() && tokio::time::Instant::now() < quiet {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+        }
+    }
+    loop {
+        match builds.state_db().retake_lease(ttl).await {
+            Ok(lease) => {
+                match builds.rejoin().await {
+                    Ok(n) => tracing::info!(
+                        epoch = lease.0,
+                        builds = n,
+                        "took a new lease: serving again"
+                    ),
+                    Err(e) => {
+                        // Serving anyway: the adoptions at the next renewals
+                        // take what this one could not.
+                        tracing::warn!(epoch = lease.0, error = %e, "took a new lease; cannot take its earlier builds back yet")
+                    }
+                }
+                return true;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take a new lease; trying again"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(ttl / 3) => {}
         }
     }
 }

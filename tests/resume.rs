@@ -1029,8 +1029,9 @@ fn signal(p: &Reaped, signal: &str) {
 /// Master a is stopped (SIGSTOP) mid-step, past its lease: b adopts the
 /// build and finishes it. a, continued (SIGCONT), finds its lease gone:
 /// what it still had to write (the worker's output it read before it
-/// stopped, its own view of the build) is refused, and the build and its
-/// log stay exactly as b left them.
+/// stopped, its own view of the build) is refused or let go of, and the
+/// build and its log stay exactly as b left them, also once a has taken
+/// a new lease (which takes back nothing: b owns the build).
 #[tokio::test]
 async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     // a's grace is short: once continued, it soon takes the step it no
@@ -1145,6 +1146,65 @@ async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
         );
     }
     assert_eq!(state.change_count().await.unwrap(), 30);
+    m.stop().await;
+}
+
+/// PostgreSQL is away longer than the master's lease (1 s lease, 4 s
+/// down) mid-step: the master finds its lease lost when the database is
+/// back, lets go of its build and hangs up its worker, takes a new lease,
+/// takes its own build back and serves again: the worker logs in again,
+/// its step is re-attached, the build ends byte-exact with nothing re-run,
+/// and the next build runs, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_lost_its_lease_to_a_database_outage_takes_a_new_one_and_builds_on() {
+    let pg = std::sync::Arc::new(PrivatePg::start());
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared_state_master(&pg.url(), shared.path(), COUNT, "30s", "1s");
+    let m = TestMaster::start_in(dir).await;
+    let addr = m.addr.to_string();
+    let _w = spawn_worker_to(
+        std::slice::from_ref(&addr),
+        "w1",
+        "w1-pw",
+        &shared.path().join("basedir-w1"),
+        &[],
+        &[],
+    );
+    wait_connected(&m, 1).await;
+    let epoch = || m.master.state().postgres().unwrap().lease().unwrap().0;
+    let first_epoch = epoch();
+    debug_json(&addr, &["force", "count"]).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let outage = pg.clone();
+    tokio::task::spawn_blocking(move || outage.crash_and_restart(Duration::from_secs(4)))
+        .await
+        .unwrap();
+    let build = tokio::time::timeout(Duration::from_secs(90), newest_build_when_ended(&addr))
+        .await
+        .expect("the build to end");
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    assert!(
+        debug_log(&addr, &build, Some("lines")).await == expected().into_bytes(),
+        "the log must be byte-exact across the lost lease"
+    );
+    assert!(epoch() > first_epoch, "the master serves under a new lease");
+    // It serves on: the next build runs on the worker, here.
+    debug_json(&addr, &["force", "count"]).await;
+    let next = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let b = newest_build_when_ended(&addr).await;
+            if b["number"] == 2 {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the next build to end");
+    assert_eq!(next["result"], "success", "{next}");
     m.stop().await;
 }
 

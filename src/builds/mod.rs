@@ -90,10 +90,14 @@ impl BuildConfig {
     }
 }
 
+/// A build this master runs: made by [`BuildMaster::spawn_build`], removed
+/// by its task when the build ends, or by [`BuildMaster::lose_lease`],
+/// which aborts the task.
 struct RunningBuild {
     builder: String,
     worker: String,
     stop: StopSignal,
+    task: tokio::task::AbortHandle,
 }
 
 /// Stops a running build, saying why.
@@ -135,6 +139,15 @@ pub(crate) struct Inner {
     /// The lease on a shared database was lost: nothing is claimed, and
     /// workers are sent to the other masters.
     lease_lost: std::sync::atomic::AtomicBool,
+    /// How many leases this master has lost: a build task or a worker
+    /// session of an earlier lease leaves no trace in the tables of a
+    /// later one.
+    generation: std::sync::atomic::AtomicU64,
+    /// A build found the lease gone before the renewals did: the
+    /// generation it ran under, plus one (0: none). See
+    /// [`BuildMaster::doubt_lease`].
+    doubted: std::sync::atomic::AtomicU64,
+    lease_doubt: Notify,
     events: broadcast::Sender<Stamped>,
     wake: Notify,
     /// Changed builders waiting for their running builds to end.
@@ -184,6 +197,9 @@ impl BuildMaster {
                 running: Mutex::new(HashMap::new()),
                 adopting: tokio::sync::Mutex::new(()),
                 lease_lost: Default::default(),
+                generation: Default::default(),
+                doubted: Default::default(),
+                lease_doubt: Notify::new(),
                 events,
                 wake: Notify::new(),
                 pending_builders: Mutex::new(BTreeMap::new()),
@@ -473,6 +489,7 @@ impl BuildMaster {
         if self.lease_lost() {
             return Ok(());
         }
+        let generation = self.generation();
         let waiting = self.inner.state.waiting_requests().await?;
         if waiting.is_empty() {
             return Ok(());
@@ -582,30 +599,25 @@ impl BuildMaster {
                 Ok(Some(claim)) => {
                     let build = claim.build;
                     let first = first_id.zip(claim.first_row);
-                    let stop = StopSignal::default();
-                    self.inner
-                        .running
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(
-                            build,
-                            RunningBuild {
-                                builder: builder.name.clone(),
-                                worker: link.name.clone(),
-                                stop: stop.clone(),
-                            },
-                        );
-                    self.spawn_build(
+                    let spawned = self.spawn_build(
                         build,
                         req.clone(),
                         builder.clone(),
                         link.name.clone(),
-                        stop,
                         run::Resume {
                             fresh: Some((claim.kept, first)),
                             ..Default::default()
                         },
+                        generation,
                     );
+                    if !spawned {
+                        link.slots.busy.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(
+                            build,
+                            "this master lost its lease as it claimed a build: the build is left to whoever adopts it"
+                        );
+                        return Ok(());
+                    }
                 }
                 Ok(None) => {
                     link.slots.busy.fetch_sub(1, Ordering::SeqCst);
@@ -659,11 +671,17 @@ impl BuildMaster {
     /// renewed (it was stopped, or cut off): the other masters may have
     /// adopted its builds, and the database refuses its writes to them.
     /// It claims nothing more, hangs up every worker (they go on to the
-    /// other masters, which re-attach their steps) and takes none again.
+    /// other masters, which re-attach their steps, or come back once this
+    /// one has a new lease) and lets go of its builds silently: their tasks
+    /// are aborted, never to write again, and its workers' slots start
+    /// afresh. [`Self::rejoin`] serves again under a new lease.
     pub(crate) fn lose_lease(&self) {
         self.inner
             .lease_lost
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let links: Vec<Arc<WorkerLink>> = self
             .inner
             .workers
@@ -676,12 +694,73 @@ impl BuildMaster {
             tracing::warn!(worker = %l.name, "hanging up: this master lost its lease");
             l.hangup.cancel();
         }
+        let dropped: Vec<(i64, RunningBuild)> = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        for (build, r) in dropped {
+            r.task.abort();
+            tracing::warn!(build, builder = %r.builder, worker = %r.worker, "let go of a build: this master lost its lease");
+            self.after_build(&r.builder, &r.worker);
+        }
+    }
+
+    /// Serves again after [`Self::lose_lease`], once the state holds a new
+    /// lease: takes back the builds of its earlier leases that nobody
+    /// adopted meanwhile (and those of masters whose leases expired) and
+    /// runs them on from where they are, as after a restart; then admits
+    /// workers and claims requests again. Returns how many builds it took.
+    pub(crate) async fn rejoin(&self) -> Result<usize, StateError> {
+        let resumed = self.recover().await;
+        self.inner
+            .lease_lost
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.wake();
+        resumed
     }
 
     /// See [`Self::lose_lease`].
     pub(crate) fn lease_lost(&self) -> bool {
         self.inner
             .lease_lost
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A build running under the lease of `generation` found it gone (a
+    /// write was refused: the lease lapsed by this master's clock, or the
+    /// database fenced it) before the renewals noticed: the master is to
+    /// step down and take a new lease ([`Self::lease_doubted`]).
+    pub(crate) fn doubt_lease(&self, generation: u64) {
+        self.inner
+            .doubted
+            .store(generation + 1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.lease_doubt.notify_one();
+    }
+
+    /// Resolves once a build of the current lease has found it gone (see
+    /// [`Self::doubt_lease`]); doubts about earlier leases are passed over.
+    pub(crate) async fn lease_doubted(&self) {
+        loop {
+            self.inner.lease_doubt.notified().await;
+            if self.inner.doubted.load(std::sync::atomic::Ordering::SeqCst) == self.generation() + 1
+            {
+                return;
+            }
+        }
+    }
+
+    /// How many leases this master has lost (see [`Self::lose_lease`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner
+            .generation
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
@@ -755,6 +834,7 @@ impl BuildMaster {
     /// when it cannot be (its builder is gone, or its end was only not
     /// recorded): it is ended instead.
     async fn resume(&self, b: crate::store::BuildRecord) -> Result<bool, StateError> {
+        let generation = self.generation();
         let config = self.inner.config();
         let Some(builder) = config.builders.get(&b.builder).cloned() else {
             tracing::warn!(build = b.id, builder = %b.builder, "a build left running has no builder any more: marked exception");
@@ -818,19 +898,6 @@ impl BuildMaster {
         };
         let slots = self.slots_for(&b.worker);
         slots.busy.fetch_add(1, Ordering::SeqCst);
-        let stop = StopSignal::default();
-        self.inner
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                b.id,
-                RunningBuild {
-                    builder: b.builder.clone(),
-                    worker: b.worker.clone(),
-                    stop: stop.clone(),
-                },
-            );
         if resume.in_flight.is_some() {
             // Lost if the worker does not come back in time.
             self.lose_steps_after_grace(
@@ -840,24 +907,42 @@ impl BuildMaster {
             );
         }
         tracing::info!(build = b.id, builder = %b.builder, worker = %b.worker, position = resume.position, "resuming a build left running by the previous master");
-        self.spawn_build(b.id, request, builder, b.worker.clone(), stop, resume);
+        if !self.spawn_build(b.id, request, builder, b.worker.clone(), resume, generation) {
+            slots.busy.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                build = b.id,
+                "this master lost its lease as it resumed a build: the build is left to whoever adopts it"
+            );
+            return Ok(false);
+        }
         Ok(true)
     }
 
     /// Runs a build (its worker's slot already taken) in a task of its own,
-    /// and frees the slot when it ends.
+    /// listed as running until it ends; then frees the slot. `false`, and
+    /// nothing run, if the lease of `generation` (under which the build was
+    /// claimed or adopted) has been lost since.
+    #[must_use]
     fn spawn_build(
         &self,
         build: i64,
         req: crate::store::BuildRequest,
         builder: BuilderConfig,
         worker: String,
-        stop: StopSignal,
         resume: run::Resume,
-    ) {
+        generation: u64,
+    ) -> bool {
         let me = self.clone();
         let slots = self.slots_for(&worker);
-        tokio::spawn(async move {
+        let stop = StopSignal::default();
+        // Listed before the task can end and unlist it, and checked under
+        // the same lock [`Self::lose_lease`] takes to let go of builds.
+        let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation() != generation {
+            return false;
+        }
+        let entry = (builder.name.clone(), worker.clone(), stop.clone());
+        let task = tokio::spawn(async move {
             let name = builder.name.clone();
             run::run_build(
                 &me,
@@ -870,6 +955,9 @@ impl BuildMaster {
                 resume,
             )
             .await;
+            if me.generation() != generation {
+                return; // its lease was lost meanwhile: nothing of it is listed
+            }
             slots.busy.fetch_sub(1, Ordering::SeqCst);
             me.inner
                 .running
@@ -879,6 +967,16 @@ impl BuildMaster {
             me.after_build(&name, &worker);
             me.wake();
         });
+        running.insert(
+            build,
+            RunningBuild {
+                builder: entry.0,
+                worker: entry.1,
+                stop: entry.2,
+                task: task.abort_handle(),
+            },
+        );
+        true
     }
 
     /// What makes a batch's build requests: the schedulers of the config

@@ -550,6 +550,16 @@ pub(super) type StepRow = (StepId, i64);
 /// process stopped: no session of this process has that id.
 pub(super) const BEFORE_RESTART: &str = "before the master restarted";
 
+/// A build whose master lost its lease goes no further here: it is
+/// another master's now (or this one's again under a new lease, in a task
+/// of its own), and nothing of this run may be written or announced. The
+/// master is told, and steps down if it has not yet (see
+/// [`BuildMaster::doubt_lease`]).
+fn let_go(bm: &BuildMaster, generation: u64, build: i64, why: &crate::store::StateError) {
+    tracing::warn!(build, error = %why, "this master no longer owns the build: leaving it");
+    bm.doubt_lease(generation);
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run_build(
     bm: &BuildMaster,
@@ -562,6 +572,8 @@ pub(super) async fn run_build(
     resume: Resume,
 ) {
     let inner = &bm.inner;
+    // The lease it runs under (a task is aborted before it sees another).
+    let generation = bm.generation();
     let resumed = resume.position > 0 || resume.in_flight.is_some();
     let verb = if resumed {
         "build resumed after a master restart"
@@ -617,6 +629,7 @@ pub(super) async fn run_build(
                     .await
                 {
                     Ok(row) => row,
+                    Err(e) if e.lease_gone() => return let_go(bm, generation, build, &e),
                     Err(e) => {
                         tracing::error!(build, error = %e, "cannot record a step; the build ends as exception");
                         outcome = Outcome::Exception;
@@ -945,6 +958,7 @@ pub(super) async fn run_build(
                     let _ = tokio::time::timeout(Duration::from_secs(1), link.tx.send(ack)).await;
                 }
             }
+            Err(e) if e.lease_gone() => return let_go(bm, generation, build, &e),
             Err(e) => tracing::error!(build, error = %e, "cannot record a step's end"),
         }
         for (name, value) in &set {

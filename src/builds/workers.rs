@@ -226,6 +226,7 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
             return;
         }
     };
+    let generation = bm.generation();
     if bm.lease_lost() {
         tracing::warn!(worker = %name, %peer, "refused a worker session: this master lost its lease on the shared database");
         return;
@@ -275,11 +276,16 @@ pub(crate) async fn serve(bm: BuildMaster, session: Session) {
         last_heard_ms: AtomicI64::new(now_ms()),
         probing: Default::default(),
     });
-    bm.inner
-        .workers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.clone(), link.clone());
+    {
+        let mut workers = bm.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
+        // The lease this session began under was lost while it logged in:
+        // its steps' builds are no longer this master's to run.
+        if bm.generation() != generation || bm.lease_lost() {
+            tracing::warn!(worker = %name, %peer, "refused a worker session: this master lost its lease while the worker logged in");
+            return;
+        }
+        workers.insert(name.clone(), link.clone());
+    }
     tracing::info!(worker = %name, %peer, session = %session_id, host = %hello.hostname, os = %hello.os, arch = %hello.arch, cpus = hello.cpus, version = %hello.version, "worker connected");
     bm.inner.emit(super::Event::WorkerConnected {
         worker: name.clone(),

@@ -74,6 +74,18 @@ pub enum StateError {
     LeaseLost { epoch: i64 },
 }
 
+impl StateError {
+    /// Whether this master's lease is gone ([`StateError::LeaseLost`],
+    /// [`StateError::Fenced`]): the build is another master's, or will be,
+    /// and this one must write nothing more to it.
+    pub fn lease_gone(&self) -> bool {
+        matches!(
+            self,
+            StateError::LeaseLost { .. } | StateError::Fenced { .. }
+        )
+    }
+}
+
 /// Where pushed changes go. The master uses [`StateDb`]; benchmarks and
 /// embedders may plug in their own.
 #[async_trait]
@@ -806,6 +818,40 @@ impl StateDb {
         *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(sent + lease_margin(ttl));
         Ok(())
+    }
+
+    /// Ends this master's lease at once (PostgreSQL; a master stepping
+    /// down): file writes stop here, and the database refuses its writes.
+    pub async fn end_lease(&self) -> Result<(), StateError> {
+        let Some(pg) = &self.pg else {
+            return Ok(());
+        };
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now());
+        pg.end_lease().await
+    }
+
+    /// Takes a new lease for `ttl` in place of one that was lost
+    /// (PostgreSQL; see [`postgres::PgState::retake_lease`]): file writes
+    /// are allowed again, and which jobs this master leads is asked anew.
+    pub async fn retake_lease(
+        &self,
+        ttl: std::time::Duration,
+    ) -> Result<postgres::Lease, StateError> {
+        let Some(pg) = &self.pg else {
+            return Err(StateError::Postgres(
+                "only a master on PostgreSQL holds a lease".into(),
+            ));
+        };
+        let sent = std::time::Instant::now();
+        let lease = pg.retake_lease(ttl).await?;
+        self.leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(sent + lease_margin(ttl));
+        Ok(lease)
     }
 
     /// The builds this master is to run on from where they are: on SQLite,

@@ -17,6 +17,8 @@
 //! Adoption takes the same rows, so it waits for a write in flight, and a
 //! write after it sees the new owner.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use super::PgState;
@@ -46,8 +48,35 @@ impl PgState {
     /// Takes a new lease for master `name`, valid for `ttl`; the returned
     /// state claims builds for it and fences every write to a build on it.
     pub async fn take_lease(&self, name: &str, ttl: Duration) -> Result<PgState, StateError> {
+        let id = self.new_lease(name, ttl).await?;
+        Ok(PgState {
+            lease: Arc::new(AtomicI64::new(id)),
+            lease_name: Arc::from(name),
+            origin: rand::random::<i64>() | 1,
+            ..self.clone()
+        })
+    }
+
+    /// Takes a new lease, under the same name, in place of one that was
+    /// lost (it expired before it was renewed): this state and its clones
+    /// claim and write under the new one from now on, and nothing more
+    /// under the old, which stays fenced. Adopting the old lease's builds
+    /// is the caller's next step ([`PgState::adopt_own_and_orphans`]).
+    pub async fn retake_lease(&self, ttl: Duration) -> Result<Lease, StateError> {
+        if self.lease().is_none() {
+            return Err(StateError::Postgres(
+                "no lease was taken, so none can be taken again".into(),
+            ));
+        }
+        let id = self.new_lease(&self.lease_name, ttl).await?;
+        self.lease.store(id, Ordering::SeqCst);
+        Ok(Lease(id))
+    }
+
+    /// A new `masters` row: a lease's epoch.
+    async fn new_lease(&self, name: &str, ttl: Duration) -> Result<i64, StateError> {
         let client = self.client().await?;
-        let id: i64 = client
+        Ok(client
             .query_one(
                 "INSERT INTO masters (name, started_at, expires_at)
                  VALUES ($1, clock_timestamp(), clock_timestamp() + $2 * INTERVAL '1 millisecond')
@@ -55,23 +84,22 @@ impl PgState {
                 &[&name, &millis(ttl)],
             )
             .await?
-            .get(0);
-        Ok(PgState {
-            lease: Some(Lease(id)),
-            ..self.clone()
-        })
+            .get(0))
     }
 
     /// This state's lease, if it has one.
     pub fn lease(&self) -> Option<Lease> {
-        self.lease
+        match self.lease.load(Ordering::SeqCst) {
+            0 => None,
+            id => Some(Lease(id)),
+        }
     }
 
     /// Extends the lease to `ttl` from now. A lease that has expired is
     /// never renewed ([`StateError::LeaseLost`]): another master may have
     /// adopted its builds; the master must stop serving them.
     pub async fn renew_lease(&self, ttl: Duration) -> Result<(), StateError> {
-        let Some(Lease(id)) = self.lease else {
+        let Some(Lease(id)) = self.lease() else {
             return Ok(());
         };
         let client = self.client().await?;
@@ -88,10 +116,26 @@ impl PgState {
         Ok(())
     }
 
+    /// Ends this state's lease now (a master stepping down): the others may
+    /// adopt its builds at once, and nothing more is written under it.
+    pub async fn end_lease(&self) -> Result<(), StateError> {
+        let Some(Lease(id)) = self.lease() else {
+            return Ok(());
+        };
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE masters SET expires_at = LEAST(expires_at, clock_timestamp()) WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Takes over the unfinished builds of every master whose lease has
     /// expired; returns their ids. Only a state with a live lease adopts.
     pub async fn adopt_orphans(&self) -> Result<Vec<i64>, StateError> {
-        let Some(Lease(id)) = self.lease else {
+        let Some(Lease(id)) = self.lease() else {
             return Ok(Vec::new());
         };
         let client = self.client().await?;
@@ -113,7 +157,7 @@ impl PgState {
     /// this master's own earlier leases (same name: it was restarted), whose
     /// leases are ended at once so that nothing of them writes again.
     pub async fn adopt_own_and_orphans(&self) -> Result<Vec<i64>, StateError> {
-        let Some(Lease(id)) = self.lease else {
+        let Some(Lease(id)) = self.lease() else {
             return Ok(Vec::new());
         };
         let mut client = self.client().await?;
@@ -135,7 +179,7 @@ impl PgState {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
     ) -> Result<(), StateError> {
-        let Some(Lease(id)) = self.lease else {
+        let Some(Lease(id)) = self.lease() else {
             return Ok(());
         };
         let live = tx
@@ -158,7 +202,7 @@ impl PgState {
         tx: &deadpool_postgres::Transaction<'_>,
         build: i64,
     ) -> Result<(), StateError> {
-        let Some(Lease(id)) = self.lease else {
+        let Some(Lease(id)) = self.lease() else {
             return Ok(());
         };
         let owned = tx
@@ -189,7 +233,7 @@ impl PgState {
     /// expires, the next master to ask takes the job over. A state without
     /// a lease (one master) leads everything.
     pub async fn leads(&self, job: &str) -> Result<bool, StateError> {
-        let Some(Lease(id)) = self.lease else {
+        let Some(Lease(id)) = self.lease() else {
             return Ok(true);
         };
         let client = self.client().await?;

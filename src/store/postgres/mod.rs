@@ -20,6 +20,8 @@
 //! commit on their own connection, and the server groups their syncs.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 
 mod builds;
 mod lease;
@@ -204,9 +206,16 @@ impl From<deadpool_postgres::PoolError> for StateError {
 #[derive(Clone)]
 pub struct PgState {
     pool: Pool,
-    /// This master's lease, once taken: builds it claims are its own, and
-    /// every write to a build checks it still owns it (see `lease`).
-    lease: Option<Lease>,
+    /// This master's lease, once taken (0: none): builds it claims are its
+    /// own, and every write to a build checks it still owns it (see
+    /// `lease`). Shared by the state's clones: a master that lost its lease
+    /// takes a new one for all of them ([`PgState::retake_lease`]).
+    lease: Arc<AtomicI64>,
+    /// The name the lease was taken under (see [`PgState::take_lease`]).
+    lease_name: Arc<str>,
+    /// Which master process relays events (random, one per lease taken
+    /// fresh): what it relayed comes back to it and is not news.
+    origin: i64,
     /// Where the pool connects, for connections of its own (listening).
     config: tokio_postgres::Config,
     /// The address with any password left out, for messages.
@@ -262,7 +271,9 @@ impl PgState {
         let state = PgState {
             pool,
             shown,
-            lease: None,
+            lease: Default::default(),
+            lease_name: Arc::from(""),
+            origin: 0,
             config,
         };
         state.migrate().await.map_err(|e| match e {
@@ -686,7 +697,7 @@ impl RequestQueue for PgState {
         let build: i64 = tx
             .query_one(
                 "INSERT INTO builds (request_id, builder, worker, number, started_ms, owner) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-                &[&request.id, &request.request.builder, &worker, &number, &now, &self.lease.map(|l| l.0)],
+                &[&request.id, &request.request.builder, &worker, &number, &now, &self.lease().map(|l| l.0)],
             )
             .await?
             .get(0);
@@ -904,7 +915,23 @@ mod tests {
         );
         assert!(again.leads("pruning").await.unwrap());
         assert!(!b.leads("pruning").await.unwrap());
-        drop((a, b, again, base));
+        // Or A, running on, takes a new lease in place of the lost one:
+        // every clone of its state (the master's other parts) is under
+        // the new epoch, renews it, and still writes nothing to the build
+        // B adopted.
+        let part = a.clone();
+        let lost = a.lease().unwrap();
+        let new = a.retake_lease(Duration::from_secs(10)).await.unwrap();
+        assert!(new.0 > again.lease().unwrap().0 && new.0 > lost.0);
+        assert_eq!(part.lease(), Some(new));
+        part.renew_lease(Duration::from_secs(10)).await.unwrap();
+        let err = part
+            .set_build_properties(c.build, vec![("p".into(), "v".into(), "step".into())])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+        assert!(part.adopt_own_and_orphans().await.unwrap().is_empty());
+        drop((a, b, again, base, part));
         db.drop_database().await;
     }
 

@@ -31,7 +31,8 @@ const MAX_PAYLOAD: usize = 7000;
 /// Build events another master relayed.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Relayed {
-    /// The sending master's lease (its own relays are not re-emitted).
+    /// The sending master process (a random id of its own; its own relays
+    /// are not re-emitted).
     pub from: i64,
     pub events: Vec<crate::builds::Stamped>,
 }
@@ -69,7 +70,7 @@ impl PgState {
     /// Fails only if the first connection cannot be made.
     pub async fn listen(&self) -> Result<Wakeups, StateError> {
         let notify = Arc::new(Notify::new());
-        let me = self.lease.map_or(0, |l| l.0);
+        let me = self.origin;
         // A listener that falls behind loses batches, not memory.
         let (events_tx, events) = tokio::sync::mpsc::channel(256);
         let first = listening(&self.config, notify.clone(), events_tx.clone(), me).await?;
@@ -104,7 +105,7 @@ impl PgState {
     /// Sends build events to the other masters listening (in batches that
     /// fit a notification).
     pub async fn relay(&self, events: &[crate::builds::Stamped]) -> Result<(), StateError> {
-        let from = self.lease.map_or(0, |l| l.0);
+        let from = self.origin;
         let mut batches: Vec<Vec<String>> = vec![Vec::new()];
         let mut size = 0;
         for e in events {

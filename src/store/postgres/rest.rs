@@ -87,7 +87,7 @@ impl PgState {
                     &worker,
                     &number,
                     &now_ms(),
-                    &self.lease.map(|l| l.0),
+                    &self.lease().map(|l| l.0),
                 ],
             )
             .await?
@@ -635,7 +635,7 @@ impl PgState {
             .query_opt(
                 "SELECT b.id FROM steps s JOIN builds b ON b.id = s.build_id
                  WHERE s.step_id = $1 AND b.result IS NULL AND b.owner IS DISTINCT FROM $2",
-                &[&step_id, &self.lease.map(|l| l.0)],
+                &[&step_id, &self.lease().map(|l| l.0)],
             )
             .await?
             .map(|r| r.get(0)))
