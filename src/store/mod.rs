@@ -1,23 +1,18 @@
-//! The master's durable state, in an embedded SQLite database.
-//!
-//! One writer thread owns the write connection. Writes arrive as jobs on a
-//! channel; the thread takes every job that is waiting (up to a bound), runs
-//! them in one transaction, each inside its own savepoint so that one bad job
-//! cannot undo another, commits with a full sync, and only then answers. So
-//! a change is on disk before its RPC returns, and concurrent pushes share
-//! one fsync ("group commit").
-//!
-//! The schema is versioned with `PRAGMA user_version` and migrated forward
-//! on open; a file from a newer Switchyard is refused rather than damaged.
+//! The master's durable state: changes, build requests, builds, steps,
+//! the reporters' outbox and timers' marks, behind one seam (the traits
+//! below, with typed records in `records`), in one of two backends:
+//! `sqlite` (embedded, the default) or `postgres` (several masters on one
+//! database). Log bytes, uploads and artifacts are files under the data
+//! directory (`logs`) with either. [`StateDb`] is what the master holds:
+//! the files, and the backend every database operation goes to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::oneshot;
+use rusqlite::{Connection, params};
 
 use crate::builds::Outcome;
 use crate::wire::StepId;
@@ -25,6 +20,7 @@ use crate::wire::StepId;
 mod builds;
 pub mod logs;
 pub mod postgres;
+mod sqlite;
 #[cfg(test)]
 mod suite;
 
@@ -291,151 +287,14 @@ pub trait ReportOutbox: Send + Sync + 'static {
     async fn undelivered_report_count(&self) -> Result<u64, StateError>;
 }
 
-/// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
-    // 1: changes, and a key/value table for the master's own settings.
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-     CREATE TABLE changes (
-         id INTEGER PRIMARY KEY AUTOINCREMENT,
-         repository TEXT NOT NULL,
-         branch TEXT NOT NULL,
-         revision TEXT NOT NULL,
-         author TEXT NOT NULL,
-         comments TEXT NOT NULL,
-         category TEXT NOT NULL,
-         project TEXT NOT NULL,
-         when_secs INTEGER,
-         when_nanos INTEGER,
-         received_ms INTEGER NOT NULL
-     );
-     CREATE TABLE change_files (
-         change_id INTEGER NOT NULL REFERENCES changes(id) ON DELETE CASCADE,
-         position INTEGER NOT NULL,
-         path TEXT NOT NULL,
-         PRIMARY KEY (change_id, position)
-     );
-     CREATE TABLE change_properties (
-         change_id INTEGER NOT NULL REFERENCES changes(id) ON DELETE CASCADE,
-         name TEXT NOT NULL,
-         value TEXT NOT NULL,
-         PRIMARY KEY (change_id, name)
-     );",
-    builds::MIGRATION_2,
-    builds::MIGRATION_3,
-    builds::MIGRATION_4,
-    // 5: webhook deliveries already stored, so a redelivery makes nothing
-    // twice.
-    "CREATE TABLE webhook_deliveries (
-         hook TEXT NOT NULL,
-         delivery TEXT NOT NULL,
-         received_ms INTEGER NOT NULL,
-         changes TEXT NOT NULL,
-         PRIMARY KEY (hook, delivery)
-     ) WITHOUT ROWID;
-     CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries (received_ms);",
-    // 6: what each [[poller]] has seen: the branches' heads at its last
-    // poll (a repository polled once, even with no branch, has a row in
-    // polled_repositories, so its first poll makes no changes).
-    "CREATE TABLE polled_repositories (repository TEXT PRIMARY KEY) WITHOUT ROWID;
-     CREATE TABLE poller_heads (
-         repository TEXT NOT NULL,
-         branch TEXT NOT NULL,
-         revision TEXT NOT NULL,
-         PRIMARY KEY (repository, branch)
-     ) WITHOUT ROWID;",
-    // 7: the reporters' outbox: a row per build start and end, written by
-    // triggers in the build's own transaction, so a crash cannot lose a
-    // report; each reporter's progress on each row.
-    "CREATE TABLE report_outbox (
-         id INTEGER PRIMARY KEY AUTOINCREMENT,
-         build_id INTEGER NOT NULL,
-         finished INTEGER NOT NULL,
-         created_ms INTEGER NOT NULL
-     );
-     CREATE TABLE report_progress (
-         outbox_id INTEGER NOT NULL,
-         reporter TEXT NOT NULL,
-         done INTEGER NOT NULL,
-         attempts INTEGER NOT NULL,
-         next_ms INTEGER NOT NULL,
-         last_error TEXT NOT NULL,
-         PRIMARY KEY (outbox_id, reporter)
-     ) WITHOUT ROWID;
-     CREATE TRIGGER report_build_started AFTER INSERT ON builds BEGIN
-         INSERT INTO report_outbox (build_id, finished, created_ms)
-         VALUES (NEW.id, 0, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
-     END;
-     CREATE TRIGGER report_build_finished AFTER UPDATE OF finished_ms ON builds
-     WHEN NEW.finished_ms IS NOT NULL AND OLD.finished_ms IS NULL BEGIN
-         INSERT INTO report_outbox (build_id, finished, created_ms)
-         VALUES (NEW.id, 1, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
-     END;",
-    // 8: step output in files under the data directory (see `logs`); the
-    // database keeps where (`database` for logs stored before, in
-    // `log_chunks`, which stay readable there; `file`; `compressed`), and
-    // the size and line count once the step has ended.
-    "ALTER TABLE steps ADD COLUMN log_stored TEXT NOT NULL DEFAULT 'database';
-     ALTER TABLE steps ADD COLUMN log_bytes INTEGER;
-     ALTER TABLE steps ADD COLUMN log_lines INTEGER;
-     CREATE INDEX steps_log_uncompressed ON steps(id) WHERE log_stored = 'file';
-     CREATE INDEX builds_by_end ON builds(finished_ms) WHERE finished_ms IS NOT NULL;",
-    // 9: artifacts a build's upload steps stored, under
-    // `data_dir/artifacts/BUILD/NAME`.
-    "CREATE TABLE artifacts (
-         build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
-         name TEXT NOT NULL,
-         size INTEGER NOT NULL,
-         sha256 TEXT NOT NULL,
-         created_ms INTEGER NOT NULL,
-         PRIMARY KEY (build_id, name)
-     );
-     ALTER TABLE steps ADD COLUMN artifact TEXT;",
-    // 10: whether an artifact is a directory's tar stream; which artifact a
-    // download step sends (chosen once, so that a master restart resumes
-    // the same bytes even if a newer build has one of that name).
-    "ALTER TABLE artifacts ADD COLUMN tar INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE steps ADD COLUMN download_build INTEGER;
-     ALTER TABLE steps ADD COLUMN download_name TEXT;",
-];
-
-/// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
-/// Most jobs the writer puts in one transaction.
-const MAX_GROUP: usize = 256;
-
-/// Called once the group a job ran in has committed (`None`) or failed to
-/// (`Some(error)`): only then is the job's caller answered.
-type Completion = Box<dyn FnOnce(Option<String>) + Send>;
-/// A write, run by the writer thread inside its own savepoint.
-type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
-
-/// Runs `f` in a savepoint: on error, exactly its own writes are undone.
-fn in_savepoint<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    conn.execute_batch("SAVEPOINT job")?;
-    match f(conn) {
-        Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
-            Ok(v)
-        }
-        Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
-            Err(e)
-        }
-    }
-}
+pub use sqlite::SCHEMA_VERSION;
 
 /// The master's state database. Cheap to share (`Arc`); dropping the last
 /// handle lets the writer finish what is queued and stop.
 pub struct StateDb {
     path: PathBuf,
-    /// SQLite: the writer thread's queue and the reader connection.
-    /// `None` when the state is in PostgreSQL (`pg`).
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
-    reader: Option<Arc<Mutex<Connection>>>,
+    /// SQLite: `None` when the state is in PostgreSQL (`pg`).
+    sqlite: Option<sqlite::SqliteDb>,
     /// PostgreSQL: every database operation goes there; the files (logs,
     /// uploads, artifacts) stay under the data directory.
     pg: Option<postgres::PgState>,
@@ -465,41 +324,6 @@ pub struct StateDb {
     leading: Mutex<HashMap<String, Option<std::time::Instant>>>,
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StateError> {
-    let open = |path: &Path| -> rusqlite::Result<Connection> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a commit is synced to disk before it returns.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        Ok(conn)
-    };
-    open(path).map_err(|source| StateError::Open {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StateError::TooNew {
-            path: path.to_path_buf(),
-            found: version,
-            known: SCHEMA_VERSION,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
-        tracing::info!(file = %path.display(), version = i + 1, "state database migrated");
-    }
-    Ok(())
-}
-
 /// How long after a renewal was sent a master still writes its builds'
 /// files: three quarters of the lease (see [`StateDb::lease_holds`]).
 fn lease_margin(lease: std::time::Duration) -> std::time::Duration {
@@ -513,128 +337,6 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Inserts a batch of changes, received now; returns their ids.
-fn insert_changes(conn: &Connection, batch: &[NewChange]) -> rusqlite::Result<Vec<i64>> {
-    let received = now_ms();
-    batch
-        .iter()
-        .map(|c| insert_change(conn, c, received))
-        .collect()
-}
-
-fn insert_change(conn: &Connection, c: &NewChange, received_ms: i64) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO changes (repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
-        c.repository,
-        c.branch,
-        c.revision,
-        c.author,
-        c.comments,
-        c.category,
-        c.project,
-        c.when.map(|w| w.0),
-        c.when.map(|w| w.1),
-        received_ms
-    ])?;
-    let id = conn.last_insert_rowid();
-    let mut files = conn.prepare_cached(
-        "INSERT INTO change_files (change_id, position, path) VALUES (?1, ?2, ?3)",
-    )?;
-    for (i, f) in c.files.iter().enumerate() {
-        files.execute(params![id, i as i64, f])?;
-    }
-    let mut props = conn.prepare_cached(
-        "INSERT INTO change_properties (change_id, name, value) VALUES (?1, ?2, ?3)",
-    )?;
-    for (k, v) in &c.properties {
-        props.execute(params![id, k, v])?;
-    }
-    Ok(id)
-}
-
-/// Runs a write on the writer thread behind `jobs` (see [`StateDb::write`]).
-async fn write_on<T: Send + 'static>(
-    jobs: &std::sync::mpsc::Sender<Job>,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-) -> Result<T, StateError> {
-    let (tx, rx) = oneshot::channel();
-    let job: Job = Box::new(move |conn| {
-        let result = in_savepoint(conn, f);
-        Box::new(move |commit_error| {
-            let _ = tx.send(match commit_error {
-                None => result.map_err(StateError::from),
-                Some(e) => Err(StateError::Transaction(e)),
-            });
-        })
-    });
-    jobs.send(job).map_err(|_| StateError::WriterGone)?;
-    rx.await.map_err(|_| StateError::WriterGone)?
-}
-
-/// Moves the output of steps still running that a master before schema 8
-/// kept in the database into their log files, so that their logs go on
-/// in one place; ended steps' logs stay where they are and are read there.
-fn move_running_logs(conn: &mut Connection, logs: &logs::LogFiles) -> Result<(), StateError> {
-    let rows: Vec<i64> = conn
-        .prepare("SELECT id FROM steps WHERE log_stored = 'database' AND finished_ms IS NULL")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    for row in rows {
-        let chunks: Vec<LogChunk> = conn
-            .prepare("SELECT seq, stream, data FROM log_chunks WHERE step = ?1 ORDER BY seq")?
-            .query_map([row], |r| {
-                Ok(LogChunk {
-                    step: row,
-                    seq: r.get::<_, i64>(0)? as u64,
-                    stream: r.get(1)?,
-                    data: r.get::<_, Vec<u8>>(2)?.into(),
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let _ = logs.append(&chunks)?;
-        logs.close(row);
-        let tx = conn.transaction()?;
-        tx.execute("UPDATE steps SET log_stored = 'file' WHERE id = ?1", [row])?;
-        tx.execute("DELETE FROM log_chunks WHERE step = ?1", [row])?;
-        tx.commit()?;
-        tracing::info!(
-            step = row,
-            chunks = chunks.len(),
-            "a running step's log moved to its file"
-        );
-    }
-    Ok(())
-}
-
-/// Runs a group of jobs in one transaction, each in its own savepoint, and
-/// answers them all once the transaction has committed.
-fn run_group(conn: &Connection, jobs: Vec<Job>) {
-    let began = conn.execute_batch("BEGIN IMMEDIATE");
-    if let Err(e) = &began {
-        // Each job's savepoint then commits on its own.
-        tracing::error!(error = %e, "state database: cannot begin a transaction");
-    }
-    let completions: Vec<Completion> = jobs.into_iter().map(|job| job(conn)).collect();
-    let outcome = if began.is_ok() {
-        match conn.execute_batch("COMMIT") {
-            Ok(()) => None,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "state database commit failed");
-                Some(e.to_string())
-            }
-        }
-    } else {
-        None
-    };
-    for done in completions {
-        done(outcome.clone());
-    }
-}
-
 impl StateDb {
     /// Opens (creating if needed) and migrates the database at `path`, with
     /// log files beside it (`logs/` in its directory).
@@ -646,38 +348,10 @@ impl StateDb {
     /// Opens (creating if needed) and migrates the database at `path`, with
     /// log files under `data_dir/logs/`.
     pub fn open_in(path: &Path, data_dir: &Path) -> Result<Self, StateError> {
-        let mut writer = open_connection(path)?;
-        migrate(&mut writer, path)?;
         let logs = Arc::new(logs::LogFiles::new(data_dir.join("logs")));
-        move_running_logs(&mut writer, &logs)?;
-        // Uploads in flight when the master stopped: their stdout is still
-        // the artifact when the worker replays it.
-        let uploading: std::collections::HashSet<i64> = writer
-            .prepare("SELECT id FROM steps WHERE artifact IS NOT NULL AND finished_ms IS NULL")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        let reader = open_connection(path)?;
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let thread_path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("switchyard-state".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut group = vec![first];
-                    while group.len() < MAX_GROUP {
-                        match rx.try_recv() {
-                            Ok(job) => group.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    run_group(&writer, group);
-                }
-                tracing::debug!(file = %thread_path.display(), "state writer stopped");
-            })
-            .map_err(StateError::Thread)?;
+        let (db, uploading) = sqlite::SqliteDb::open(path, &logs)?;
         let mut state = StateDb::with_files(path.to_path_buf(), logs, data_dir, uploading);
-        state.jobs = Some(tx);
-        state.reader = Some(Arc::new(Mutex::new(reader)));
+        state.sqlite = Some(db);
         Ok(state)
     }
 
@@ -691,8 +365,7 @@ impl StateDb {
     ) -> StateDb {
         StateDb {
             path,
-            jobs: None,
-            reader: None,
+            sqlite: None,
             pg: None,
             logs,
             uploads: {
@@ -927,8 +600,8 @@ impl StateDb {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StateError> {
-        match &self.jobs {
-            Some(jobs) => write_on(jobs, f).await,
+        match &self.sqlite {
+            Some(db) => db.write(f).await,
             None => Err(StateError::SqliteOnly),
         }
     }
@@ -937,10 +610,10 @@ impl StateDb {
     /// background (see [`logs`]); a log that cannot be compressed stays
     /// readable as it is.
     pub(crate) fn compress_later(&self, rows: Vec<i64>) {
-        let (logs, permits, jobs, pg) = (
+        let (logs, permits, db, pg) = (
             self.logs.clone(),
             self.compressing.clone(),
-            self.jobs.clone(),
+            self.sqlite.clone(),
             self.pg.clone(),
         );
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -954,11 +627,11 @@ impl StateDb {
                 let l = logs.clone();
                 match tokio::task::spawn_blocking(move || l.compress(row)).await {
                     Ok(Ok(())) => {
-                        let marked = match (&pg, &jobs) {
+                        let marked = match (&pg, &db) {
                             (Some(pg), _) => {
                                 pg.set_log_storage(vec![row], LogStorage::Compressed).await
                             }
-                            (None, Some(jobs)) => write_on(jobs, move |c| {
+                            (None, Some(db)) => db.write(move |c| {
                                 c.execute(
                                     "UPDATE steps SET log_stored = 'compressed' WHERE id = ?1",
                                     [row],
@@ -1010,13 +683,10 @@ impl StateDb {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StateError> {
-        let reader = self.reader.clone().ok_or(StateError::SqliteOnly)?;
-        tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
-            f(&conn).map_err(StateError::from)
-        })
-        .await
-        .map_err(|_| StateError::WriterGone)?
+        match &self.sqlite {
+            Some(db) => db.read(f).await,
+            None => Err(StateError::SqliteOnly),
+        }
     }
 
     /// A 32-byte secret that belongs to this master and survives restarts,
@@ -1025,28 +695,8 @@ impl StateDb {
         if let Some(pg) = &self.pg {
             return pg.secret(name).await;
         }
-        let reader = self.reader.clone().ok_or(StateError::SqliteOnly)?;
-        let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
-        let key = format!("secret:{name}");
-        let existing: Option<Vec<u8>> = conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if let Some(v) = existing.and_then(|v| <[u8; 32]>::try_from(v).ok()) {
-            return Ok(v);
-        }
-        let mut fresh = [0u8; 32];
-        rand::fill(&mut fresh[..]);
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
-            params![key, &fresh[..]],
-        )?;
-        // Another master process on the same file may have won the race.
-        let v: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
-            r.get(0)
-        })?;
-        Ok(<[u8; 32]>::try_from(v).unwrap_or(fresh))
+        let db = self.sqlite.as_ref().ok_or(StateError::SqliteOnly)?;
+        db.read_now(|conn| sqlite::rows::secret(conn, name))
     }
 
     /// One change by id.
@@ -1054,7 +704,8 @@ impl StateDb {
         if let Some(pg) = &self.pg {
             return pg.change(id).await;
         }
-        self.read(move |conn| load_change(conn, id)).await
+        self.read(move |conn| sqlite::rows::load_change(conn, id))
+            .await
     }
 
     /// Changes with ids above `after`, oldest first, at most `limit`.
@@ -1073,7 +724,7 @@ impl StateDb {
                 .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(c) = load_change(conn, id)? {
+                if let Some(c) = sqlite::rows::load_change(conn, id)? {
                     out.push(c);
                 }
             }
@@ -1101,7 +752,7 @@ impl StateDb {
                 .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(c) = load_change(conn, id)? {
+                if let Some(c) = sqlite::rows::load_change(conn, id)? {
                     let builds = conn
                         .prepare_cached(
                             "SELECT build_id FROM build_requests WHERE change_id = ?1 AND build_id IS NOT NULL ORDER BY build_id",
@@ -1126,57 +777,14 @@ impl StateDb {
     }
 }
 
-fn load_change(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredChange>> {
-    let row = conn
-        .prepare_cached(
-            "SELECT repository, branch, revision, author, comments, category, project, when_secs, when_nanos, received_ms
-             FROM changes WHERE id = ?1",
-        )?
-        .query_row([id], |r| {
-            let when_secs: Option<i64> = r.get(7)?;
-            let when_nanos: Option<i32> = r.get(8)?;
-            Ok((
-                NewChange {
-                    repository: r.get(0)?,
-                    branch: r.get(1)?,
-                    revision: r.get(2)?,
-                    author: r.get(3)?,
-                    comments: r.get(4)?,
-                    category: r.get(5)?,
-                    project: r.get(6)?,
-                    files: Vec::new(),
-                    when: when_secs.map(|s| (s, when_nanos.unwrap_or(0))),
-                    properties: BTreeMap::new(),
-                },
-                r.get::<_, i64>(9)?,
-            ))
-        })
-        .optional()?;
-    let Some((mut change, received_ms)) = row else {
-        return Ok(None);
-    };
-    change.files = conn
-        .prepare_cached("SELECT path FROM change_files WHERE change_id = ?1 ORDER BY position")?
-        .query_map([id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    change.properties = conn
-        .prepare_cached("SELECT name, value FROM change_properties WHERE change_id = ?1")?
-        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(Some(StoredChange {
-        id,
-        change,
-        received_ms,
-    }))
-}
-
 #[async_trait]
 impl ChangeStore for StateDb {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
         if let Some(pg) = &self.pg {
             return pg.add_changes(batch).await;
         }
-        self.write(move |conn| insert_changes(conn, &batch)).await
+        self.write(move |conn| sqlite::rows::insert_changes(conn, &batch))
+            .await
     }
 
     async fn add_changes_keyed(
