@@ -1251,24 +1251,13 @@ impl BuildStore for StateDb {
         on_lost: &str,
         properties: Vec<PropertyRow>,
     ) -> Result<i64, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg
-                .start_step(build, position, name, attempt, step_id, on_lost, properties)
-                .await;
-        }
-        let (name, on_lost) = (name.to_string(), on_lost.to_string());
-        self.write(move |conn| {
-            store_properties(conn, build, &properties)?;
-            insert_step(conn, build, position, &name, attempt, &step_id, &on_lost)
-        })
-        .await
+        self.db()?
+            .start_step(build, position, name, attempt, step_id, on_lost, properties)
+            .await
     }
 
     async fn finish_build(&self, build: i64, result: Outcome) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.finish_build(build, result).await;
-        }
-        self.write(move |conn| end_build(conn, build, result)).await
+        self.db()?.finish_build(build, result).await
     }
 
     async fn set_build_properties(
@@ -1276,176 +1265,43 @@ impl BuildStore for StateDb {
         build: i64,
         properties: Vec<PropertyRow>,
     ) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.set_build_properties(build, properties).await;
-        }
-        self.write(move |conn| store_properties(conn, build, &properties))
-            .await
+        self.db()?.set_build_properties(build, properties).await
     }
 
     async fn find_builds(&self, filter: BuildFilter) -> Result<Vec<BuildRecord>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.find_builds(filter).await;
-        }
-        self.read(move |conn| {
-            let sql = format!(
-                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
-                 WHERE (?1 IS NULL OR b.builder = ?1) AND (?2 IS NULL OR r.branch = ?2)
-                   AND (?3 IS NULL OR b.result = ?3) AND (?4 IS NULL OR b.id < ?4)
-                 ORDER BY b.id DESC LIMIT ?5"
-            );
-            let mut builds: Vec<BuildRecord> = conn
-                .prepare_cached(&sql)?
-                .query_map(
-                    params![
-                        filter.builder,
-                        filter.branch,
-                        filter.result.map(Outcome::as_str),
-                        filter.before,
-                        filter.limit as i64
-                    ],
-                    build_row,
-                )?
-                .collect::<rusqlite::Result<_>>()?;
-            for b in &mut builds {
-                b.steps = load_steps(conn, b.id)?;
-                b.properties = load_properties(conn, b.id)?;
-            }
-            Ok(builds)
-        })
-        .await
+        self.db()?.find_builds(filter).await
     }
 
     async fn build_by_number(&self, builder: &str, number: i64) -> Result<Option<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.build_by_number(builder, number).await;
-        }
-        let builder = builder.to_string();
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT id FROM builds WHERE builder = ?1 AND number = ?2",
-                params![builder, number],
-                |r| r.get(0),
-            )
-            .optional()
-        })
-        .await
+        self.db()?.build_by_number(builder, number).await
     }
 
     async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.unfinished_builds().await;
-        }
-        self.read(|conn| {
-            let sql = format!(
-                "SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id
-                 WHERE b.result IS NULL ORDER BY b.id"
-            );
-            let mut builds: Vec<BuildRecord> = conn
-                .prepare_cached(&sql)?
-                .query_map([], build_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            for b in &mut builds {
-                b.steps = load_steps(conn, b.id)?;
-                b.properties = load_properties(conn, b.id)?;
-            }
-            Ok(builds)
-        })
-        .await
+        self.db()?.unfinished_builds().await
     }
 
     async fn build(&self, id: i64) -> Result<Option<BuildRecord>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.build(id).await;
-        }
-        self.read(move |conn| {
-            let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?1");
-            let Some(mut b) = conn.prepare_cached(&sql)?.query_row([id], build_row).optional()? else { return Ok(None) };
-            b.steps = load_steps(conn, b.id)?;
-            b.properties = load_properties(conn, b.id)?;
-            Ok(Some(b))
-        })
-        .await
+        self.db()?.build(id).await
     }
 
     async fn build_change_ids(&self, build: i64) -> Result<Vec<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.build_change_ids(build).await;
-        }
-        self.read(move |conn| change_ids_of(conn, build)).await
+        self.db()?.build_change_ids(build).await
     }
 
     async fn request_build(&self, request: i64) -> Result<Option<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.request_build(request).await;
-        }
-        self.read(move |conn| {
-            Ok(conn
-                .prepare_cached("SELECT build_id FROM build_requests WHERE id = ?1")?
-                .query_row([request], |r| r.get::<_, Option<i64>>(0))
-                .optional()?
-                .flatten())
-        })
-        .await
+        self.db()?.request_build(request).await
     }
 
     async fn record_step_end(&self, end: StepEndRecord, log: LogSize) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.record_step_end(end, log).await;
-        }
-        self.write(move |conn| {
-            conn.execute(
-                "UPDATE steps SET finished_ms = ?2, result = ?3, exit_code = ?4, signal = ?5, detail = ?6,
-                                  log_bytes = ?7, log_lines = ?8
-                 WHERE id = ?1",
-                params![
-                    end.row,
-                    now_ms(),
-                    end.result.as_str(),
-                    end.exit_code,
-                    end.signal,
-                    end.detail,
-                    log.bytes as i64,
-                    log.lines as i64
-                ],
-            )?;
-            if let Some((build, properties, build_result)) = &end.then {
-                store_properties(conn, *build, properties)?;
-                if let Some(result) = build_result {
-                    end_build(conn, *build, *result)?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        self.db()?.record_step_end(end, log).await
     }
 
     async fn set_log_storage(&self, rows: Vec<i64>, stored: LogStorage) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.set_log_storage(rows, stored).await;
-        }
-        self.write(move |conn| {
-            let mut mark = conn.prepare_cached("UPDATE steps SET log_stored = ?2 WHERE id = ?1")?;
-            for r in &rows {
-                mark.execute(params![r, stored.as_str()])?;
-            }
-            Ok(())
-        })
-        .await
+        self.db()?.set_log_storage(rows, stored).await
     }
 
     async fn ended_logs_stored_as(&self, stored: LogStorage) -> Result<Vec<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.ended_logs_stored_as(stored).await;
-        }
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT id FROM steps WHERE log_stored = ?1 AND finished_ms IS NOT NULL ORDER BY id",
-            )?
-            .query_map([stored.as_str()], |r| r.get(0))?
-            .collect()
-        })
-        .await
+        self.db()?.ended_logs_stored_as(stored).await
     }
 
     async fn logs_to_prune(
@@ -1453,22 +1309,7 @@ impl BuildStore for StateDb {
         ended_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<(i64, LogStorage)>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.logs_to_prune(ended_before_ms, limit).await;
-        }
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT s.id, s.log_stored FROM steps s
-                 WHERE s.build_id IN (SELECT id FROM builds WHERE finished_ms < ?1)
-                   AND s.log_stored != 'pruned'
-                 ORDER BY s.id LIMIT ?2",
-            )?
-            .query_map(params![ended_before_ms, limit as i64], |r| {
-                Ok((r.get(0)?, LogStorage::parse(&r.get::<_, String>(1)?)))
-            })?
-            .collect()
-        })
-        .await
+        self.db()?.logs_to_prune(ended_before_ms, limit).await
     }
 }
 
@@ -1479,87 +1320,11 @@ impl ReportOutbox for StateDb {
         reporter: String,
         limit: usize,
     ) -> Result<(Vec<QueuedReport>, HashMap<i64, ReportProgress>), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.report_queue(reporter, limit).await;
-        }
-        self.read(move |conn| {
-            let mut s = conn.prepare_cached(
-                "SELECT o.id, o.build_id, o.finished, o.created_ms,
-                        b.builder, COALESCE(b.number, 0), b.result, r.repository, r.branch, r.revision,
-                        p.attempts, p.next_ms, p.last_error
-                 FROM report_outbox o
-                 LEFT JOIN report_progress p ON p.outbox_id = o.id AND p.reporter = ?2
-                 LEFT JOIN builds b ON b.id = o.build_id
-                 LEFT JOIN build_requests r ON r.id = b.request_id
-                 WHERE COALESCE(p.done, 0) = 0
-                 ORDER BY o.id LIMIT ?1",
-            )?;
-            let mut progress = HashMap::new();
-            let rows = s
-                .query_map(params![limit as i64, reporter], |r| {
-                    let builder: Option<String> = r.get(4)?;
-                    let attempts: Option<i64> = r.get(10)?;
-                    let progress = match attempts {
-                        None => None,
-                        Some(attempts) => Some(ReportProgress {
-                            done: false,
-                            attempts,
-                            next_ms: r.get(11)?,
-                            last_error: r.get(12)?,
-                        }),
-                    };
-                    let row = QueuedReport {
-                        outbox_id: r.get(0)?,
-                        build_id: r.get(1)?,
-                        finished: r.get::<_, i64>(2)? != 0,
-                        created_ms: r.get(3)?,
-                        build: match builder {
-                            None => None,
-                            Some(builder) => Some(ReportedBuild {
-                                builder,
-                                number: r.get(5)?,
-                                result: outcome_of(r.get(6)?),
-                                repository: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
-                                branch: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
-                                revision: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
-                            }),
-                        },
-                    };
-                    Ok((row, progress))
-                })?
-                .map(|r| {
-                    r.map(|(row, p)| {
-                        if let Some(p) = p {
-                            progress.insert(row.outbox_id, p);
-                        }
-                        row
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((rows, progress))
-        })
-        .await
+        self.db()?.report_queue(reporter, limit).await
     }
 
     async fn skip_reports(&self, reporter: String, ids: Vec<i64>) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.skip_reports(reporter, ids).await;
-        }
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.write(move |conn| {
-            let mut s = conn.prepare_cached(
-                "INSERT INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
-                 VALUES (?1, ?2, 1, 0, 0, '')
-                 ON CONFLICT (outbox_id, reporter) DO UPDATE SET done = 1",
-            )?;
-            for id in &ids {
-                s.execute(params![id, reporter])?;
-            }
-            Ok(())
-        })
-        .await
+        self.db()?.skip_reports(reporter, ids).await
     }
 
     async fn forget_delivered_reports(
@@ -1567,82 +1332,18 @@ impl ReportOutbox for StateDb {
         reporters: Vec<String>,
         limit: usize,
     ) -> Result<usize, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.forget_delivered_reports(reporters, limit).await;
-        }
-        let names = serde_json::to_string(&reporters).expect("a list of strings is JSON");
-        let wanted = reporters.len() as i64;
-        self.write(move |conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached(
-                    "SELECT o.id FROM report_outbox o
-                     WHERE (SELECT COUNT(*) FROM report_progress p
-                            WHERE p.outbox_id = o.id AND p.done = 1
-                              AND p.reporter IN (SELECT value FROM json_each(?1))) = ?2
-                     ORDER BY o.id LIMIT ?3",
-                )?
-                .query_map(params![names, wanted, limit as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for id in &ids {
-                conn.execute(
-                    "DELETE FROM report_progress WHERE outbox_id = ?1",
-                    params![id],
-                )?;
-                conn.execute("DELETE FROM report_outbox WHERE id = ?1", params![id])?;
-            }
-            Ok(ids.len())
-        })
-        .await
+        self.db()?.forget_delivered_reports(reporters, limit).await
     }
 
     async fn undelivered_reports(
         &self,
         limit: usize,
     ) -> Result<Vec<UndeliveredReport>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.undelivered_reports(limit).await;
-        }
-        self.read(move |conn| {
-            let mut s = conn.prepare_cached(
-                "SELECT p.reporter, o.build_id, o.finished, o.created_ms, p.attempts, p.next_ms,
-                        p.last_error, COALESCE(b.builder, ''), COALESCE(b.number, 0)
-                 FROM report_progress p JOIN report_outbox o ON o.id = p.outbox_id
-                 LEFT JOIN builds b ON b.id = o.build_id
-                 WHERE p.done = 0 ORDER BY o.id LIMIT ?1",
-            )?;
-            let rows = s
-                .query_map(params![limit as i64], |r| {
-                    Ok(UndeliveredReport {
-                        reporter: r.get(0)?,
-                        build_id: r.get(1)?,
-                        finished: r.get::<_, i64>(2)? != 0,
-                        created_ms: r.get(3)?,
-                        attempts: r.get(4)?,
-                        next_ms: r.get(5)?,
-                        last_error: r.get(6)?,
-                        builder: r.get(7)?,
-                        number: r.get(8)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
+        self.db()?.undelivered_reports(limit).await
     }
 
     async fn undelivered_report_count(&self) -> Result<u64, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.undelivered_report_count().await;
-        }
-        self.read(|conn| {
-            let n: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM report_progress WHERE done = 0",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok(n as u64)
-        })
-        .await
+        self.db()?.undelivered_report_count().await
     }
 
     async fn set_report_progress(
@@ -1651,39 +1352,14 @@ impl ReportOutbox for StateDb {
         reporter: String,
         p: ReportProgress,
     ) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.set_report_progress(outbox_id, reporter, p).await;
-        }
-        self.write(move |conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO report_progress (outbox_id, reporter, done, attempts, next_ms, last_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![outbox_id, reporter, p.done as i64, p.attempts, p.next_ms, p.last_error],
-            )?;
-            Ok(())
-        })
-        .await
+        self.db()?.set_report_progress(outbox_id, reporter, p).await
     }
 }
 
 #[async_trait::async_trait]
 impl super::TimerMarks for StateDb {
     async fn mark(&self, key: &str) -> Result<Option<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.mark(key).await;
-        }
-        let key = format!("mark:{key}");
-        self.read(move |conn| {
-            conn.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
-                r.get::<_, Vec<u8>>(0)
-            })
-            .optional()
-            .map(|v| {
-                v.and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(i64::from_be_bytes)
-            })
-        })
-        .await
+        self.db()?.mark(key).await
     }
 
     async fn fire(
@@ -1692,27 +1368,6 @@ impl super::TimerMarks for StateDb {
         requests: Vec<NewRequest>,
         marks: Vec<(String, i64)>,
     ) -> Result<Option<Vec<i64>>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.fire(fired, requests, marks).await;
-        }
-        self.write(move |conn| {
-            let (key, expected, value) = fired;
-            let now: Option<i64> = conn
-                .query_row(
-                    "SELECT value FROM meta WHERE key = ?1",
-                    [format!("mark:{key}")],
-                    |r| r.get::<_, Vec<u8>>(0),
-                )
-                .optional()?
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(i64::from_be_bytes);
-            if now != expected {
-                return Ok(None);
-            }
-            let mut marks = marks;
-            marks.push((key, value));
-            insert_requests(conn, &requests, &marks).map(Some)
-        })
-        .await
+        self.db()?.fire(fired, requests, marks).await
     }
 }

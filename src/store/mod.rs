@@ -289,6 +289,11 @@ pub trait ReportOutbox: Send + Sync + 'static {
 
 pub use sqlite::SCHEMA_VERSION;
 
+/// What a backend keeps for [`StateDb`] beyond changes and requests:
+/// builds and steps, the reporters' outbox, the timers' marks.
+trait Backend: BuildStore + ReportOutbox + TimerMarks {}
+impl<T: BuildStore + ReportOutbox + TimerMarks> Backend for T {}
+
 /// The master's state database. Cheap to share (`Arc`); dropping the last
 /// handle lets the writer finish what is queued and stop.
 pub struct StateDb {
@@ -432,6 +437,15 @@ impl StateDb {
         }
         let epoch = self.pg.as_ref().and_then(|p| p.lease()).map_or(0, |l| l.0);
         Err(StateError::LeaseLost { epoch })
+    }
+
+    /// The backend the database operations go to.
+    fn db(&self) -> Result<&dyn Backend, StateError> {
+        match (&self.pg, &self.sqlite) {
+            (Some(pg), _) => Ok(pg),
+            (None, Some(db)) => Ok(db),
+            (None, None) => Err(StateError::SqliteOnly),
+        }
     }
 
     /// The PostgreSQL state, when the state is there.

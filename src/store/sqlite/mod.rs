@@ -17,6 +17,7 @@ use crate::store::LogChunk;
 use crate::store::StateError;
 use crate::store::logs;
 
+mod builds;
 pub(in crate::store) mod rows;
 mod schema;
 
