@@ -1208,6 +1208,102 @@ async fn a_master_that_lost_its_lease_to_a_database_outage_takes_a_new_one_and_b
     m.stop().await;
 }
 
+/// A build's write is refused for the lease while the lease still lives in
+/// the database: the renewal is held up (its `masters` row locked) past
+/// this master's own bound on file writes, three quarters of the lease,
+/// and then goes through. The step ending in that window cannot be
+/// recorded; the master steps down (ends that lease), takes a new one,
+/// takes its build back and re-attaches the step: the build ends with
+/// nothing re-run. Without the step-down the build would wait forever,
+/// owned by a live lease that no task runs it under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_refused_a_write_for_its_lease_makes_its_master_step_down_and_take_it_back() {
+    let db = switchyard::store::postgres::testing::TempPg::new().await;
+    let shared = tempfile::tempdir().unwrap();
+    let go = shared.path().join("go");
+    let builds_toml = format!(
+        "[[builder]]\nname = \"wait\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"wait\"\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; echo released\"\n[[builder.step]]\nname = \"after\"\nshell = \"echo second step\"\n",
+        go.display()
+    );
+    let dir = shared_state_master(&db.url, shared.path(), &builds_toml, "30s", "4s");
+    let m = TestMaster::start_in(dir).await;
+    let addr = m.addr.to_string();
+    let _w = spawn_worker_to(
+        std::slice::from_ref(&addr),
+        "w1",
+        "w1-pw",
+        &shared.path().join("basedir-w1"),
+        &[],
+        &[],
+    );
+    wait_connected(&m, 1).await;
+    let epoch = || m.master.state().postgres().unwrap().lease().unwrap().0;
+    let first = epoch();
+    debug_json(&addr, &["force", "wait"]).await;
+    within("the step to start", async {
+        while debug_json(&addr, &["builds"]).await[0]["steps"]
+            .as_array()
+            .is_none_or(|s| s.is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Left of the lease by the database's clock, in ms.
+    let left = || async {
+        client
+            .query_one(
+                "SELECT (EXTRACT(EPOCH FROM expires_at - clock_timestamp()) * 1000)::float8 FROM masters WHERE id = $1",
+                &[&first],
+            )
+            .await
+            .unwrap()
+            .get::<_, f64>(0)
+    };
+    // Right after a renewal (the lease moves on), hold the next one back.
+    let was = left().await;
+    within("a renewal", async {
+        while left().await < was {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let left_ms = client
+        .query_one(
+            "SELECT (EXTRACT(EPOCH FROM expires_at - clock_timestamp()) * 1000)::float8 FROM masters WHERE id = $1 FOR UPDATE",
+            &[&first],
+        )
+        .await
+        .unwrap()
+        .get::<_, f64>(0);
+    // The renewal was sent at about 4 s before the lease ends: the
+    // master's own bound passes 1 s before it ends. The step ends 0.8 s
+    // before, and the renewal goes through 0.4 s before.
+    tokio::time::sleep(Duration::from_millis((left_ms - 800.0).max(0.0) as u64)).await;
+    std::fs::write(&go, b"").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client.batch_execute("COMMIT").await.unwrap();
+    let build = tokio::time::timeout(Duration::from_secs(60), newest_build_when_ended(&addr))
+        .await
+        .expect("the build to end");
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    assert_eq!(debug_log(&addr, &build, Some("wait")).await, b"released\n");
+    assert!(epoch() > first, "the master took a new lease");
+    assert!(
+        left().await <= 0.0,
+        "the lease it stepped down from was ended"
+    );
+    m.stop().await;
+}
+
 /// A build running on one master is seen live on another sharing its
 /// database: b's event stream (what its console's `watch`, web UI and API
 /// follow) carries the build's start, its output and its end, marked as
