@@ -5,7 +5,7 @@
 //! same request. Log chunks are keyed by (step, seq) and inserted with
 //! `OR IGNORE`: a chunk replayed after a reconnect is stored once.
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 use std::collections::{BTreeMap, HashMap};
 
 use super::records::*;
@@ -23,26 +23,18 @@ pub const DELIVERY_MEMORY: std::time::Duration = std::time::Duration::from_secs(
 impl StateDb {
     /// Stores build requests; returns their ids in order.
     pub async fn add_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.add_requests(requests).await;
+        match &self.pg {
+            Some(pg) => pg.add_requests(requests).await,
+            None => self.sqlite_db()?.add_requests(requests).await,
         }
-        self.write(move |conn| insert_requests(conn, &requests, &[]))
-            .await
     }
 
     /// Requests no build has taken yet, oldest first.
     pub async fn waiting_requests(&self) -> Result<Vec<BuildRequest>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.waiting_requests().await;
+        match &self.pg {
+            Some(pg) => pg.waiting_requests().await,
+            None => self.sqlite_db()?.waiting_requests().await,
         }
-        self.read(|conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {REQUEST_COLUMNS} FROM build_requests WHERE build_id IS NULL ORDER BY id"
-            ))?
-            .query_map([], request_row)?
-            .collect()
-        })
-        .await
     }
 
     /// Claims a waiting request (and `merged` ones, collapsed into it) for
@@ -59,50 +51,28 @@ impl StateDb {
         first_step: Option<(String, String, StepId)>,
         make: impl FnOnce(ClaimedBuild<'_>) -> (T, Vec<PropertyRow>) + Send + 'static,
     ) -> Result<Option<Claim<T>>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.claim(request, merged, worker, first_step, make).await;
+        match &self.pg {
+            Some(pg) => pg.claim(request, merged, worker, first_step, make).await,
+            None => {
+                self.sqlite_db()?
+                    .claim(request, merged, worker, first_step, make)
+                    .await
+            }
         }
-        let worker = worker.to_string();
-        self.write(move |conn| claim_in(conn, request, &merged, &worker, first_step, make))
-            .await
     }
 
     /// Claims the oldest waiting request that is due for one of
     /// `builders`, for a build on `worker`, in one write: the
-    /// [`super::RequestQueue`] side of the SQLite state.
+    /// [`super::RequestQueue`]'s claim.
     pub async fn claim_next(
         &self,
         builders: &[String],
         worker: &str,
     ) -> Result<Option<super::ClaimedRequest>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.claim_next(builders, worker).await;
+        match &self.pg {
+            Some(pg) => pg.claim_next(builders, worker).await,
+            None => self.sqlite_db()?.claim_next(builders, worker).await,
         }
-        let (builders, worker) = (builders.to_vec(), worker.to_string());
-        self.write(move |conn| {
-            let list = serde_json::to_string(&builders).unwrap_or_else(|_| "[]".into());
-            let next: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT id FROM build_requests WHERE build_id IS NULL AND not_before_ms <= ?1
-                     AND builder IN (SELECT value FROM json_each(?2)) ORDER BY id LIMIT 1",
-                )?
-                .query_row(params![now_ms(), list], |r| r.get(0))
-                .optional()?;
-            let Some(id) = next else {
-                return Ok(None);
-            };
-            let request = load_request(conn, id)?;
-            Ok(
-                claim_in(conn, id, &[], &worker, None, |b| (b.number, Vec::new()))?.map(|c| {
-                    super::ClaimedRequest {
-                        request,
-                        build: c.build,
-                        number: c.kept,
-                    }
-                }),
-            )
-        })
-        .await
     }
 
     /// Stores changes and the build requests `requests_for` makes of their
@@ -116,16 +86,17 @@ impl StateDb {
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg
-                .add_changes_requesting(batch, Box::new(requests_for))
-                .await;
+        match &self.pg {
+            Some(pg) => {
+                pg.add_changes_requesting(batch, Box::new(requests_for))
+                    .await
+            }
+            None => {
+                self.sqlite_db()?
+                    .add_changes_requesting(batch, requests_for)
+                    .await
+            }
         }
-        self.write(move |conn| {
-            let (ids, made) = store_changes(conn, &batch, requests_for)?;
-            Ok((ids, made))
-        })
-        .await
     }
 
     /// As [`StateDb::add_changes_requesting`], once per webhook delivery:
@@ -141,42 +112,17 @@ impl StateDb {
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>, bool), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg
-                .add_changes_once(delivery, batch, Box::new(requests_for))
-                .await;
-        }
-        self.write(move |conn| {
-            let (hook, id) = delivery;
-            let seen: Option<String> = conn
-                .query_row(
-                    "SELECT changes FROM webhook_deliveries WHERE hook = ?1 AND delivery = ?2",
-                    params![hook, id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(seen) = seen {
-                let ids = seen
-                    .split(',')
-                    .filter_map(|i| i.parse().ok())
-                    .collect();
-                return Ok((ids, Vec::new(), true));
+        match &self.pg {
+            Some(pg) => {
+                pg.add_changes_once(delivery, batch, Box::new(requests_for))
+                    .await
             }
-            let (ids, made) = store_changes(conn, &batch, requests_for)?;
-            let now = crate::store::now_ms();
-            let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-            conn.execute(
-                "INSERT INTO webhook_deliveries (hook, delivery, received_ms, changes) VALUES (?1, ?2, ?3, ?4)",
-                params![hook, id, now, list.join(",")],
-            )?;
-            conn.execute(
-                "DELETE FROM webhook_deliveries WHERE (hook, delivery) IN
-                 (SELECT hook, delivery FROM webhook_deliveries WHERE received_ms < ?1 LIMIT 16)",
-                params![now - DELIVERY_MEMORY.as_millis() as i64],
-            )?;
-            Ok((ids, made, false))
-        })
-        .await
+            None => {
+                self.sqlite_db()?
+                    .add_changes_once(delivery, batch, requests_for)
+                    .await
+            }
+        }
     }
 
     /// The branch heads a poller saw at its last poll of `repository`, or
@@ -185,30 +131,10 @@ impl StateDb {
         &self,
         repository: &str,
     ) -> Result<Option<BTreeMap<String, String>>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.poller_heads(repository).await;
+        match &self.pg {
+            Some(pg) => pg.poller_heads(repository).await,
+            None => self.sqlite_db()?.poller_heads(repository).await,
         }
-        let repository = repository.to_string();
-        self.read(move |conn| {
-            let polled: Option<i64> = conn
-                .query_row(
-                    "SELECT 1 FROM polled_repositories WHERE repository = ?1",
-                    params![repository],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if polled.is_none() {
-                return Ok(None);
-            }
-            let mut s = conn.prepare_cached(
-                "SELECT branch, revision FROM poller_heads WHERE repository = ?1",
-            )?;
-            let heads = s
-                .query_map(params![repository], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            Ok(Some(heads))
-        })
-        .await
     }
 
     /// Stores a poll's changes, with their build requests, and the heads
@@ -223,30 +149,17 @@ impl StateDb {
         + Send
         + 'static,
     ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg
-                .add_polled_changes(repository, heads, batch, Box::new(requests_for))
-                .await;
-        }
-        self.write(move |conn| {
-            let (ids, made) = store_changes(conn, &batch, requests_for)?;
-            conn.execute(
-                "INSERT OR IGNORE INTO polled_repositories (repository) VALUES (?1)",
-                params![repository],
-            )?;
-            conn.execute(
-                "DELETE FROM poller_heads WHERE repository = ?1",
-                params![repository],
-            )?;
-            let mut insert = conn.prepare_cached(
-                "INSERT INTO poller_heads (repository, branch, revision) VALUES (?1, ?2, ?3)",
-            )?;
-            for (branch, revision) in &heads {
-                insert.execute(params![repository, branch, revision])?;
+        match &self.pg {
+            Some(pg) => {
+                pg.add_polled_changes(repository, heads, batch, Box::new(requests_for))
+                    .await
             }
-            Ok((ids, made))
-        })
-        .await
+            None => {
+                self.sqlite_db()?
+                    .add_polled_changes(repository, heads, batch, requests_for)
+                    .await
+            }
+        }
     }
 
     /// The newest change on `branch` (of `repository`, if given).
@@ -255,35 +168,18 @@ impl StateDb {
         branch: &str,
         repository: Option<&str>,
     ) -> Result<Option<(i64, String, String)>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.latest_change(branch, repository).await;
+        match &self.pg {
+            Some(pg) => pg.latest_change(branch, repository).await,
+            None => self.sqlite_db()?.latest_change(branch, repository).await,
         }
-        let (branch, repository) = (branch.to_string(), repository.map(str::to_string));
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT id, repository, revision FROM changes
-                 WHERE branch = ?1 AND (?2 IS NULL OR repository = ?2) ORDER BY id DESC LIMIT 1",
-                params![branch, repository],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-        })
-        .await
     }
 
     /// When the earliest waiting request that is not due yet comes due.
     pub async fn next_due_ms(&self) -> Result<Option<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.next_due_ms().await;
+        match &self.pg {
+            Some(pg) => pg.next_due_ms().await,
+            None => self.sqlite_db()?.next_due_ms().await,
         }
-        self.read(|conn| {
-            conn.query_row(
-                "SELECT MIN(not_before_ms) FROM build_requests WHERE build_id IS NULL AND not_before_ms > ?1",
-                [now_ms()],
-                |r| r.get(0),
-            )
-        })
-        .await
     }
 
     /// Records a step attempt's end, with what follows from it in the same
@@ -604,25 +500,10 @@ impl StateDb {
 
     /// The artifacts of a build, by name.
     pub async fn artifacts(&self, build: i64) -> Result<Vec<ArtifactRecord>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.artifacts(build).await;
+        match &self.pg {
+            Some(pg) => pg.artifacts(build).await,
+            None => self.sqlite_db()?.artifacts(build).await,
         }
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT name, size, sha256, tar FROM artifacts WHERE build_id = ?1 ORDER BY name",
-            )?
-            .query_map([build], |r| {
-                Ok(ArtifactRecord {
-                    build,
-                    name: r.get(0)?,
-                    size: r.get::<_, i64>(1)? as u64,
-                    sha256: r.get(2)?,
-                    tar: r.get(3)?,
-                })
-            })?
-            .collect()
-        })
-        .await
     }
 
     /// The artifact a download step should send, from `from` (already
@@ -634,58 +515,10 @@ impl StateDb {
         from: &str,
         name: &str,
     ) -> Result<Result<ArtifactRecord, String>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.find_artifact(from, name).await;
+        match &self.pg {
+            Some(pg) => pg.find_artifact(from, name).await,
+            None => self.sqlite_db()?.find_artifact(from, name).await,
         }
-        let (from, name) = (from.trim().to_string(), name.to_string());
-        self.read(move |conn| {
-            let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
-                let found = conn
-                    .prepare_cached(
-                        "SELECT b.id FROM builds b JOIN artifacts a ON a.build_id = b.id AND a.name = ?2
-                         WHERE b.builder = ?1 AND b.result = 'success' ORDER BY b.id DESC LIMIT 1",
-                    )?
-                    .query_row(params![builder, name], |r| r.get(0))
-                    .optional()?;
-                if found.is_none() {
-                    return Ok(Err(format!(
-                        "no successful build of builder `{builder}` stored an artifact `{name}`"
-                    )));
-                }
-                found
-            } else if let Some((builder, number)) = from.rsplit_once('#')
-                && let Ok(number) = number.parse::<i64>()
-            {
-                conn.prepare_cached("SELECT id FROM builds WHERE builder = ?1 AND number = ?2")?
-                    .query_row(params![builder, number], |r| r.get(0))
-                    .optional()?
-            } else if let Ok(id) = from.parse::<i64>() {
-                Some(id)
-            } else {
-                return Ok(Err(format!(
-                    "`{from}` names no build (a build id, BUILDER#NUMBER or latest-success:BUILDER)"
-                )));
-            };
-            let Some(build) = build else {
-                return Ok(Err(format!("there is no build `{from}`")));
-            };
-            let found = conn
-                .prepare_cached(
-                    "SELECT size, sha256, tar FROM artifacts WHERE build_id = ?1 AND name = ?2",
-                )?
-                .query_row(params![build, name], |r| {
-                    Ok(ArtifactRecord {
-                        build,
-                        name: name.clone(),
-                        size: r.get::<_, i64>(0)? as u64,
-                        sha256: r.get(1)?,
-                        tar: r.get(2)?,
-                    })
-                })
-                .optional()?;
-            Ok(found.ok_or_else(|| format!("build {build} has no artifact `{name}`")))
-        })
-        .await
     }
 
     /// Records which artifact the download step of `row` sends.
@@ -695,32 +528,18 @@ impl StateDb {
         build: i64,
         name: String,
     ) -> Result<(), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.record_download(row, build, &name).await;
+        match &self.pg {
+            Some(pg) => pg.record_download(row, build, &name).await,
+            None => self.sqlite_db()?.record_download(row, build, name).await,
         }
-        self.write(move |conn| {
-            conn.execute(
-                "UPDATE steps SET download_build = ?2, download_name = ?3 WHERE id = ?1",
-                params![row, build, name],
-            )
-        })
-        .await
-        .map(|_| ())
     }
 
     /// The artifact the download step of `row` was given, if it was.
     pub async fn recorded_download(&self, row: i64) -> Result<Option<(i64, String)>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.recorded_download(row).await;
+        match &self.pg {
+            Some(pg) => pg.recorded_download(row).await,
+            None => self.sqlite_db()?.recorded_download(row).await,
         }
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT download_build, download_name FROM steps WHERE id = ?1 AND download_build IS NOT NULL",
-            )?
-            .query_row([row], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
-        })
-        .await
     }
 
     /// Where an artifact's bytes are.
@@ -878,49 +697,10 @@ impl StateDb {
         builders: Vec<String>,
         per: usize,
     ) -> Result<Vec<BuilderOverview>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.builder_overview(builders, per).await;
+        match &self.pg {
+            Some(pg) => pg.builder_overview(builders, per).await,
+            None => self.sqlite_db()?.builder_overview(builders, per).await,
         }
-        self.read(move |conn| {
-            let mut recent = conn.prepare_cached(
-                "SELECT id, number, started_ms, finished_ms, result FROM builds
-                 WHERE builder = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let mut success = conn.prepare_cached(
-                "SELECT finished_ms - started_ms FROM builds
-                 WHERE builder = ?1 AND result = 'success' ORDER BY id DESC LIMIT 1",
-            )?;
-            let mut out = Vec::with_capacity(builders.len());
-            for name in builders {
-                let builds = recent
-                    .query_map(params![name, per as i64], |r| {
-                        Ok(BuildBrief {
-                            id: r.get(0)?,
-                            number: r.get::<_, Option<i64>>(1)?.unwrap_or(0),
-                            started_ms: r.get(2)?,
-                            finished_ms: r.get(3)?,
-                            result: outcome_of(r.get(4)?),
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                // Most builders' last success is among their last builds.
-                let last_success_ms =
-                    match builds.iter().find(|b| b.result == Some(Outcome::Success)) {
-                        Some(b) => b.finished_ms.map(|f| f - b.started_ms),
-                        None => success
-                            .query_row([&name], |r| r.get::<_, Option<i64>>(0))
-                            .optional()?
-                            .flatten(),
-                    };
-                out.push(BuilderOverview {
-                    name,
-                    builds,
-                    last_success_ms,
-                });
-            }
-            Ok(out)
-        })
-        .await
     }
 
     /// How many bytes of output each step attempt of a build has stored, by
@@ -1227,17 +1007,13 @@ impl StateDb {
     pub async fn waiting_counts(
         &self,
     ) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.waiting_counts().await;
+        match &self.pg {
+            Some(pg) => pg.waiting_counts().await,
+            None => self.sqlite_db()?.waiting_counts().await,
         }
-        self.read(|conn| {
-            conn.prepare_cached("SELECT builder, COUNT(*) FROM build_requests WHERE build_id IS NULL GROUP BY builder")?
-                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
-                .collect()
-        })
-        .await
     }
 }
+
 #[async_trait::async_trait]
 impl BuildStore for StateDb {
     #[allow(clippy::too_many_arguments)]

@@ -439,6 +439,11 @@ impl StateDb {
         Err(StateError::LeaseLost { epoch })
     }
 
+    /// The SQLite state, when the state is there.
+    fn sqlite_db(&self) -> Result<&sqlite::SqliteDb, StateError> {
+        self.sqlite.as_ref().ok_or(StateError::SqliteOnly)
+    }
+
     /// The backend the database operations go to.
     fn db(&self) -> Result<&dyn Backend, StateError> {
         match (&self.pg, &self.sqlite) {

@@ -18,6 +18,7 @@ use crate::store::StateError;
 use crate::store::logs;
 
 mod builds;
+mod rest;
 pub(in crate::store) mod rows;
 mod schema;
 
