@@ -1059,6 +1059,30 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     f.end().await;
 }
 
+/// A master in this process on the database at `db_url` (files under
+/// `shared`, reconnect grace 30 s, lease `lease`), with worker `w1`, a
+/// process, logged in to it.
+async fn master_on(
+    db_url: &str,
+    shared: &std::path::Path,
+    builds_toml: &str,
+    lease: &str,
+) -> (TestMaster, String, Reaped) {
+    let dir = shared_state_master(db_url, shared, builds_toml, "30s", lease);
+    let m = TestMaster::start_in(dir).await;
+    let addr = m.addr.to_string();
+    let w = spawn_worker_to(
+        std::slice::from_ref(&addr),
+        "w1",
+        "w1-pw",
+        &shared.join("basedir-w1"),
+        &[],
+        &[],
+    );
+    wait_connected(&m, 1).await;
+    (m, addr, w)
+}
+
 /// PostgreSQL crashes and comes back (immediate stop, 2 s down, recovery)
 /// during a build and a stream of pushes: the master rides it out, the
 /// worker's session is not dropped, the build ends byte-exact with nothing
@@ -1067,18 +1091,7 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
 async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
     let pg = std::sync::Arc::new(PrivatePg::start());
     let shared = tempfile::tempdir().unwrap();
-    let dir = shared_state_master(&pg.url(), shared.path(), COUNT, "30s", "10s");
-    let m = TestMaster::start_in(dir).await;
-    let addr = m.addr.to_string();
-    let _w = spawn_worker_to(
-        std::slice::from_ref(&addr),
-        "w1",
-        "w1-pw",
-        &shared.path().join("basedir-w1"),
-        &[],
-        &[],
-    );
-    wait_connected(&m, 1).await;
+    let (m, addr, _w) = master_on(&pg.url(), shared.path(), COUNT, "10s").await;
     let session = m.master.builds().connected()[0].session_id.clone();
     debug_json(&addr, &["force", "count"]).await;
     // Pushes all along, before, during and after the outage.
@@ -1159,18 +1172,7 @@ async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
 async fn a_master_that_lost_its_lease_to_a_database_outage_takes_a_new_one_and_builds_on() {
     let pg = std::sync::Arc::new(PrivatePg::start());
     let shared = tempfile::tempdir().unwrap();
-    let dir = shared_state_master(&pg.url(), shared.path(), COUNT, "30s", "1s");
-    let m = TestMaster::start_in(dir).await;
-    let addr = m.addr.to_string();
-    let _w = spawn_worker_to(
-        std::slice::from_ref(&addr),
-        "w1",
-        "w1-pw",
-        &shared.path().join("basedir-w1"),
-        &[],
-        &[],
-    );
-    wait_connected(&m, 1).await;
+    let (m, addr, _w) = master_on(&pg.url(), shared.path(), COUNT, "1s").await;
     let epoch = || m.master.state().postgres().unwrap().lease().unwrap().0;
     let first_epoch = epoch();
     debug_json(&addr, &["force", "count"]).await;
@@ -1225,18 +1227,7 @@ async fn a_build_refused_a_write_for_its_lease_makes_its_master_step_down_and_ta
         "[[builder]]\nname = \"wait\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"wait\"\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; echo released\"\n[[builder.step]]\nname = \"after\"\nshell = \"echo second step\"\n",
         go.display()
     );
-    let dir = shared_state_master(&db.url, shared.path(), &builds_toml, "30s", "4s");
-    let m = TestMaster::start_in(dir).await;
-    let addr = m.addr.to_string();
-    let _w = spawn_worker_to(
-        std::slice::from_ref(&addr),
-        "w1",
-        "w1-pw",
-        &shared.path().join("basedir-w1"),
-        &[],
-        &[],
-    );
-    wait_connected(&m, 1).await;
+    let (m, addr, _w) = master_on(&db.url, shared.path(), &builds_toml, "4s").await;
     let epoch = || m.master.state().postgres().unwrap().lease().unwrap().0;
     let first = epoch();
     debug_json(&addr, &["force", "wait"]).await;
