@@ -1039,6 +1039,9 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
     // build); those are the late writes that must not land.
     let f = Failover::mid_step("1s").await;
     let (a, addr_a, addr_b) = (&f.a, f.addr_a.clone(), f.addr_b.clone());
+    let lease_of_a = debug_json(&addr_a, &["status"]).await["lease_epoch"]
+        .as_i64()
+        .unwrap();
     signal(a, "STOP");
     let build = f.ended_on_b_once_each().await;
     assert_eq!(
@@ -1054,8 +1057,14 @@ async fn a_master_stopped_past_its_lease_writes_nothing_when_it_comes_back() {
         debug_log(&addr_b, &build, Some("lines")).await == expected().into_bytes(),
         "the log must stay byte-exact after a comes back"
     );
-    // a still shows the shared state, as b left it.
+    // a still shows the shared state, as b left it, and serves again
+    // under a new lease.
     assert_eq!(debug_json(&addr_a, &["builds"]).await[0], build);
+    let status = debug_json(&addr_a, &["status"]).await;
+    assert!(
+        status["lease_epoch"].as_i64().unwrap() > lease_of_a && status["lease_lost"] == false,
+        "{status}"
+    );
     f.end().await;
 }
 
@@ -1193,6 +1202,12 @@ async fn a_master_that_lost_its_lease_to_a_database_outage_takes_a_new_one_and_b
         "the log must be byte-exact across the lost lease"
     );
     assert!(epoch() > first_epoch, "the master serves under a new lease");
+    let status = debug_json(&addr, &["status"]).await;
+    assert_eq!(
+        (status["lease_epoch"].as_i64(), &status["lease_lost"]),
+        (Some(epoch()), &serde_json::json!(false)),
+        "the console says which lease: {status}"
+    );
     // It serves on: the next build runs on the worker, here.
     debug_json(&addr, &["force", "count"]).await;
     let next = tokio::time::timeout(Duration::from_secs(60), async {

@@ -112,6 +112,7 @@ pub struct Metrics {
     step_seconds: Family<StepLabels, Histogram>,
     log_bytes: Counter,
     workers_connected: Gauge,
+    lease_epoch: Gauge,
     reloads: Family<OutcomeLabel, Counter>,
     reload_seconds: Histogram,
     queue: Family<BuilderLabel, Gauge>,
@@ -175,6 +176,12 @@ impl Metrics {
             "Workers with a session now",
             workers_connected.clone(),
         );
+        let lease_epoch = Gauge::default();
+        registry.register(
+            "lease_epoch",
+            "Several masters on one database: this master's lease (its epoch; a new one after each lease lost); 0 while it holds none (SQLite, or lost and not yet taken again)",
+            lease_epoch.clone(),
+        );
         let reloads = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "reloads",
@@ -236,6 +243,7 @@ impl Metrics {
             step_seconds,
             log_bytes,
             workers_connected,
+            lease_epoch,
             reloads,
             reload_seconds,
             queue,
@@ -405,6 +413,11 @@ impl Metrics {
     /// read now.
     pub async fn render(&self, builds: &BuildMaster, port: &Dispatcher) -> String {
         self.port(port.counts());
+        self.lease_epoch.set(if builds.lease_lost() {
+            0
+        } else {
+            builds.lease_epoch()
+        });
         if let Ok(waiting) = builds.state().waiting_counts().await {
             self.queue.clear();
             for name in builds.config().builders.keys() {

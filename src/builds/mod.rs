@@ -727,8 +727,9 @@ impl BuildMaster {
         resumed
     }
 
-    /// See [`Self::lose_lease`].
-    pub(crate) fn lease_lost(&self) -> bool {
+    /// Whether this master has lost its lease and not yet taken a new
+    /// one (see [`Self::lose_lease`]): it runs no builds meanwhile.
+    pub fn lease_lost(&self) -> bool {
         self.inner
             .lease_lost
             .load(std::sync::atomic::Ordering::SeqCst)
@@ -755,6 +756,16 @@ impl BuildMaster {
                 return;
             }
         }
+    }
+
+    /// The epoch of this master's lease on a shared database; 0 on SQLite,
+    /// where there is none.
+    pub fn lease_epoch(&self) -> i64 {
+        self.inner
+            .state
+            .postgres()
+            .and_then(|pg| pg.lease())
+            .map_or(0, |l| l.0)
     }
 
     /// How many leases this master has lost (see [`Self::lose_lease`]).

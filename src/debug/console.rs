@@ -483,6 +483,7 @@ impl Console {
                     "version": s.version, "workers_configured": s.workers_configured, "workers_connected": s.workers_connected,
                     "builders": s.builders, "builds_running": s.builds_running, "requests_waiting": s.requests_waiting,
                     "watchers": s.watchers, "reports_undelivered": s.reports_undelivered,
+                    "lease_epoch": s.lease_epoch, "lease_lost": s.lease_lost,
                 }),
                 R::Workers(w) => workers_json(&w),
                 R::Builders(b) => builders_json(&b),
@@ -539,6 +540,15 @@ impl Console {
                         ", {} reports undelivered (`debug reports`)",
                         s.reports_undelivered
                     )?;
+                }
+                if s.lease_lost {
+                    write!(
+                        out,
+                        ", LEASE LOST (lease {}): taking a new one, no builds run here meanwhile",
+                        s.lease_epoch
+                    )?;
+                } else if s.lease_epoch > 0 {
+                    write!(out, ", lease {}", s.lease_epoch)?;
                 }
                 writeln!(out)?
             }

@@ -188,6 +188,8 @@ impl DebugApi {
             requests_waiting: waiting,
             watchers: self.watching.load(std::sync::atomic::Ordering::SeqCst) as u32,
             reports_undelivered: self.state().undelivered_report_count().await?,
+            lease_epoch: self.builds.lease_epoch(),
+            lease_lost: self.builds.lease_lost(),
         })
     }
 
