@@ -1242,7 +1242,7 @@ async fn a_build_refused_a_write_for_its_lease_makes_its_master_step_down_and_ta
         "[[builder]]\nname = \"wait\"\nworkers = [\"w1\"]\n[[builder.step]]\nname = \"wait\"\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; echo released\"\n[[builder.step]]\nname = \"after\"\nshell = \"echo second step\"\n",
         go.display()
     );
-    let (m, addr, _w) = master_on(&db.url, shared.path(), &builds_toml, "4s").await;
+    let (m, addr, _w) = master_on(&db.url, shared.path(), &builds_toml, "8s").await;
     let epoch = || m.master.state().postgres().unwrap().lease().unwrap().0;
     let first = epoch();
     debug_json(&addr, &["force", "wait"]).await;
@@ -1287,12 +1287,13 @@ async fn a_build_refused_a_write_for_its_lease_makes_its_master_step_down_and_ta
         .await
         .unwrap()
         .get::<_, f64>(0);
-    // The renewal was sent at about 4 s before the lease ends: the
-    // master's own bound passes 1 s before it ends. The step ends 0.8 s
-    // before, and the renewal goes through 0.4 s before.
-    tokio::time::sleep(Duration::from_millis((left_ms - 800.0).max(0.0) as u64)).await;
+    // The renewal was sent about 8 s before the lease ends: the master's
+    // own bound passes 2 s before it ends. The step is let go of 1.7 s
+    // before (the master then has 1.2 s to find its write refused), and
+    // the renewal goes through 0.5 s before.
+    tokio::time::sleep(Duration::from_millis((left_ms - 1700.0).max(0.0) as u64)).await;
     std::fs::write(&go, b"").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     client.batch_execute("COMMIT").await.unwrap();
     let build = tokio::time::timeout(Duration::from_secs(60), newest_build_when_ended(&addr))
         .await
