@@ -5,14 +5,10 @@
 //! same request. Log chunks are keyed by (step, seq) and inserted with
 //! `OR IGNORE`: a chunk replayed after a reconnect is stored once.
 
-use rusqlite::params;
 use std::collections::{BTreeMap, HashMap};
 
 use super::records::*;
-use super::sqlite::rows::*;
-use super::{
-    BuildStore, LogSize, LogStorage, ReportOutbox, RequestQueue, StateDb, StateError, now_ms,
-};
+use super::{BuildStore, LogSize, LogStorage, ReportOutbox, RequestQueue, StateDb, StateError};
 use crate::builds::events::Outcome;
 use crate::wire::StepId;
 
@@ -345,17 +341,9 @@ impl StateDb {
             .max_build_artifacts
             .load(std::sync::atomic::Ordering::Relaxed);
         let n = name.clone();
-        let others: i64 = if let Some(pg) = &self.pg {
-            pg.other_artifacts_size(build, &n).await?
-        } else {
-            self.read(move |conn| {
-                conn.query_row(
-                    "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE build_id = ?1 AND name != ?2",
-                    params![build, n],
-                    |r| r.get(0),
-                )
-            })
-            .await?
+        let others: i64 = match &self.pg {
+            Some(pg) => pg.other_artifacts_size(build, &n).await?,
+            None => self.sqlite_db()?.other_artifacts_size(build, &n).await?,
         };
         let left = max_build.saturating_sub(others as u64);
         if left < self.uploads.max_log_size() {
@@ -370,17 +358,10 @@ impl StateDb {
                     ),
                 );
         }
-        if let Some(pg) = &self.pg {
-            return pg.set_step_artifact(row, &name).await;
+        match &self.pg {
+            Some(pg) => pg.set_step_artifact(row, &name).await,
+            None => self.sqlite_db()?.set_step_artifact(row, &name).await,
         }
-        self.write(move |conn| {
-            conn.execute(
-                "UPDATE steps SET artifact = ?2 WHERE id = ?1",
-                params![row, name],
-            )
-        })
-        .await?;
-        Ok(())
     }
 
     /// Checks the upload of the step of `row` against the digest its log
@@ -483,18 +464,10 @@ impl StateDb {
             sha256,
             tar,
         };
-        if let Some(pg) = &self.pg {
-            pg.put_artifact(&record).await?;
-            return Ok(Ok(record));
+        match &self.pg {
+            Some(pg) => pg.put_artifact(&record).await?,
+            None => self.sqlite_db()?.put_artifact(&record).await?,
         }
-        let r = record.clone();
-        self.write(move |conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO artifacts (build_id, name, size, sha256, created_ms, tar) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![r.build, r.name, r.size as i64, r.sha256, now_ms(), r.tar],
-            )
-        })
-        .await?;
         Ok(Ok(record))
     }
 
@@ -573,17 +546,10 @@ impl StateDb {
             return Ok(chunks);
         }
         // Logs kept in the database (before schema 8) are SQLite's only.
-        if self.pg.is_some() {
-            return Ok(Vec::new());
+        match (&self.pg, &self.sqlite) {
+            (None, Some(db)) => db.legacy_log_page(step_row, after_seq, max_bytes).await,
+            _ => Ok(Vec::new()),
         }
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND seq > ?2 ORDER BY seq LIMIT 4096",
-            )?;
-            let rows = stmt.query(params![step_row, after_seq as i64])?;
-            chunks_upto(rows, step_row, max_bytes)
-        })
-        .await
     }
 
     /// A step's log read backwards: the chunks before `before_seq` (all,
@@ -617,49 +583,21 @@ impl StateDb {
             return Ok(chunks);
         }
         // Logs kept in the database (before schema 8) are SQLite's only.
-        if self.pg.is_some() {
-            return Ok(Vec::new());
+        match (&self.pg, &self.sqlite) {
+            (None, Some(db)) => {
+                db.legacy_log_page_back(step_row, before_seq, max_bytes)
+                    .await
+            }
+            _ => Ok(Vec::new()),
         }
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, stream, data FROM log_chunks WHERE step = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT 4096",
-            )?;
-            let rows = stmt.query(params![step_row, before_seq.map(|s| s as i64)])?;
-            chunks_upto(rows, step_row, max_bytes)
-        })
-        .await
     }
 
     /// Deletes a builder's requests, builds, steps and logs. Returns how
     /// many builds went.
     pub async fn delete_builder(&self, builder: &str) -> Result<usize, StateError> {
-        let builder = builder.to_string();
-        let (builds, rows, ids) = if let Some(pg) = &self.pg {
-            pg.delete_builder(&builder).await?
-        } else {
-            self.write(move |conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached("SELECT id FROM builds WHERE builder = ?1")?
-                .query_map([&builder], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let rows: Vec<i64> = conn
-                .prepare_cached(
-                    "SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1",
-                )?
-                .query_map([&builder], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            conn.execute(
-                "DELETE FROM log_chunks WHERE step IN
-                   (SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1)",
-                [&builder],
-            )?;
-            conn.execute("DELETE FROM steps WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
-            conn.execute("DELETE FROM build_properties WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
-            let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
-            conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
-            Ok((builds, rows, ids))
-        })
-        .await?
+        let (builds, rows, ids) = match &self.pg {
+            Some(pg) => pg.delete_builder(builder).await?,
+            None => self.sqlite_db()?.delete_builder(builder).await?,
         };
         // The rows are gone: nothing reads these files any more.
         self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))
@@ -709,24 +647,9 @@ impl StateDb {
         &self,
         build: i64,
     ) -> Result<std::collections::HashMap<i64, u64>, StateError> {
-        let (rows, mut sizes): (Vec<i64>, HashMap<i64, u64>) = if let Some(pg) = &self.pg {
-            (pg.step_rows(build).await?, HashMap::new())
-        } else {
-            self.read(move |conn| {
-                let rows = conn
-                    .prepare_cached("SELECT id FROM steps WHERE build_id = ?1")?
-                    .query_map([build], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
-                let sizes = conn
-                    .prepare_cached(
-                        "SELECT c.step, SUM(length(c.data)) FROM log_chunks c
-                         WHERE c.step IN (SELECT id FROM steps WHERE build_id = ?1) GROUP BY c.step",
-                    )?
-                    .query_map([build], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
-                    .collect::<rusqlite::Result<_>>()?;
-                Ok((rows, sizes))
-            })
-            .await?
+        let (rows, mut sizes): (Vec<i64>, HashMap<i64, u64>) = match &self.pg {
+            Some(pg) => (pg.step_rows(build).await?, HashMap::new()),
+            None => self.sqlite_db()?.step_rows_and_legacy_sizes(build).await?,
         };
         let from_files = self
             .on_logs(move |l| {
@@ -753,17 +676,9 @@ impl StateDb {
         lines: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogTail>, StateError> {
-        let rows: Vec<i64> = if let Some(pg) = &self.pg {
-            pg.step_rows(build).await?
-        } else {
-            self.read(move |conn| {
-                conn.prepare_cached(
-                    "SELECT id FROM steps WHERE build_id = ?1 ORDER BY position, attempt",
-                )?
-                .query_map([build], |r| r.get(0))?
-                .collect()
-            })
-            .await?
+        let rows: Vec<i64> = match &self.pg {
+            Some(pg) => pg.step_rows(build).await?,
+            None => self.sqlite_db()?.step_rows(build).await?,
         };
         let from_files = {
             let rows = rows.clone();
@@ -805,71 +720,11 @@ impl StateDb {
             .copied()
             .filter(|r| !from_files.contains_key(r))
             .collect();
-        let mut from_db: HashMap<i64, LogTail> = if in_db.is_empty() || self.pg.is_some() {
-            HashMap::new()
-        } else {
-            self.read(move |conn| {
-                let tx = conn.unchecked_transaction()?;
-                let rows = in_db;
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let end: i64 = tx
-                        .prepare_cached(
-                            "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks WHERE step = ?1",
-                        )?
-                        .query_row([row], |r| r.get(0))?;
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT data FROM log_chunks WHERE step = ?1 ORDER BY seq DESC",
-                    )?;
-                    let mut chunks = stmt.query([row])?;
-                    let (mut pieces, mut newlines, mut bytes) = (Vec::new(), 0usize, 0usize);
-                    while let Some(r) = chunks.next()? {
-                        let data: Vec<u8> = r.get(0)?;
-                        // The last line's own end does not count.
-                        let skip_last = usize::from(bytes == 0 && data.last() == Some(&b'\n'));
-                        newlines += data.iter().filter(|&&b| b == b'\n').count() - skip_last;
-                        bytes += data.len();
-                        pieces.push(data);
-                        if newlines >= lines || bytes >= max_bytes {
-                            break;
-                        }
-                    }
-                    let mut all = Vec::with_capacity(bytes);
-                    for p in pieces.iter().rev() {
-                        all.extend_from_slice(p);
-                    }
-                    let body = all.strip_suffix(b"\n").unwrap_or(&all);
-                    let mut cut = 0;
-                    let mut seen = 0;
-                    for (i, b) in body.iter().enumerate().rev() {
-                        if *b == b'\n' {
-                            seen += 1;
-                            if seen == lines {
-                                cut = i + 1;
-                                break;
-                            }
-                        }
-                    }
-                    if cut == 0 && all.len() > max_bytes {
-                        let from = all.len() - max_bytes;
-                        cut = all[from..]
-                            .iter()
-                            .position(|&b| b == b'\n')
-                            .map_or(from, |i| from + i + 1);
-                    }
-                    let data = bytes::Bytes::from(all).slice(cut..);
-                    let end = end as u64;
-                    out.push(LogTail {
-                        row,
-                        start: end - data.len() as u64,
-                        end,
-                        data,
-                    });
-                }
-                tx.commit()?;
-                Ok(out.into_iter().map(|t| (t.row, t)).collect())
-            })
-            .await?
+        let mut from_db: HashMap<i64, LogTail> = match (&self.pg, &self.sqlite) {
+            (None, Some(db)) if !in_db.is_empty() => {
+                db.legacy_log_tails(in_db, lines, max_bytes).await?
+            }
+            _ => HashMap::new(),
         };
         Ok(rows
             .iter()
@@ -897,26 +752,10 @@ impl StateDb {
         if let Some(found) = from_files {
             return Ok(found);
         }
-        if self.pg.is_some() {
-            return Ok((0, 0));
+        match (&self.pg, &self.sqlite) {
+            (None, Some(db)) => db.legacy_log_seek(step_row, offset).await,
+            _ => Ok((0, 0)),
         }
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, length(data) FROM log_chunks WHERE step = ?1 ORDER BY seq",
-            )?;
-            let mut rows = stmt.query([step_row])?;
-            let (mut pos, mut after) = (0u64, 0u64);
-            while let Some(r) = rows.next()? {
-                let (seq, len): (i64, i64) = (r.get(0)?, r.get(1)?);
-                if pos + len as u64 > offset {
-                    break;
-                }
-                pos += len as u64;
-                after = seq as u64;
-            }
-            Ok((after, pos))
-        })
-        .await
     }
 
     /// Deletes the logs of (at most `limit`) steps of builds that ended
@@ -932,18 +771,7 @@ impl StateDb {
         for (row, stored) in &steps {
             let row = *row;
             if *stored == LogStorage::Database {
-                // Logs from before schema 8: a thousand chunks a write.
-                while self
-                    .write(move |conn| {
-                        conn.execute(
-                            "DELETE FROM log_chunks WHERE rowid IN
-                               (SELECT rowid FROM log_chunks WHERE step = ?1 LIMIT 1000)",
-                            [row],
-                        )
-                    })
-                    .await?
-                    > 0
-                {}
+                self.sqlite_db()?.delete_legacy_log(row).await?;
             } else {
                 files.push(row);
             }
@@ -967,34 +795,13 @@ impl StateDb {
     ) -> Result<usize, StateError> {
         // Their logs first, a few at a time: the delete below is small.
         while self.prune_logs(ended_before_ms, 100).await? > 0 {}
-        let (builds, rows) = if let Some(pg) = &self.pg {
-            pg.prune_builds(ended_before_ms, limit).await?
-        } else {
-            self
-            .write(move |conn| {
-                let ids: Vec<i64> = conn
-                    .prepare_cached(
-                        "SELECT id FROM builds WHERE finished_ms < ?1 ORDER BY finished_ms LIMIT ?2",
-                    )?
-                    .query_map(params![ended_before_ms, limit as i64], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
-                let mut rows = Vec::new();
-                for id in &ids {
-                    rows.extend(
-                        conn.prepare_cached("SELECT id FROM steps WHERE build_id = ?1")?
-                            .query_map([id], |r| r.get::<_, i64>(0))?
-                            .collect::<rusqlite::Result<Vec<_>>>()?,
-                    );
-                    conn.execute("DELETE FROM builds WHERE id = ?1", [id])?;
-                    conn.execute(
-                        "DELETE FROM build_requests WHERE build_id = ?1
-                           AND id NOT IN (SELECT request_id FROM builds)",
-                        [id],
-                    )?;
-                }
-                Ok((ids, rows))
-            })
-            .await?
+        let (builds, rows) = match &self.pg {
+            Some(pg) => pg.prune_builds(ended_before_ms, limit).await?,
+            None => {
+                self.sqlite_db()?
+                    .prune_builds(ended_before_ms, limit)
+                    .await?
+            }
         };
         // Steps that ended after the logs were pruned (none, normally).
         self.on_logs(move |l| rows.iter().try_for_each(|r| l.remove(*r)))

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use crate::builds::Outcome;
 use crate::wire::StepId;
@@ -289,10 +289,10 @@ pub trait ReportOutbox: Send + Sync + 'static {
 
 pub use sqlite::SCHEMA_VERSION;
 
-/// What a backend keeps for [`StateDb`] beyond changes and requests:
+/// What a backend keeps for [`StateDb`] beyond the request queue: changes,
 /// builds and steps, the reporters' outbox, the timers' marks.
-trait Backend: BuildStore + ReportOutbox + TimerMarks {}
-impl<T: BuildStore + ReportOutbox + TimerMarks> Backend for T {}
+trait Backend: ChangeStore + ChangeReader + BuildStore + ReportOutbox + TimerMarks {}
+impl<T: ChangeStore + ChangeReader + BuildStore + ReportOutbox + TimerMarks> Backend for T {}
 
 /// The master's state database. Cheap to share (`Arc`); dropping the last
 /// handle lets the writer finish what is queued and stop.
@@ -650,14 +650,9 @@ impl StateDb {
                             (Some(pg), _) => {
                                 pg.set_log_storage(vec![row], LogStorage::Compressed).await
                             }
-                            (None, Some(db)) => db.write(move |c| {
-                                c.execute(
-                                    "UPDATE steps SET log_stored = 'compressed' WHERE id = ?1",
-                                    [row],
-                                )
-                                .map(|_| ())
-                            })
-                            .await,
+                            (None, Some(db)) => {
+                                db.set_log_storage(vec![row], LogStorage::Compressed).await
+                            }
                             (None, None) => Err(StateError::SqliteOnly),
                         };
                         if let Err(e) = marked {
@@ -720,11 +715,7 @@ impl StateDb {
 
     /// One change by id.
     pub async fn change(&self, id: i64) -> Result<Option<StoredChange>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.change(id).await;
-        }
-        self.read(move |conn| sqlite::rows::load_change(conn, id))
-            .await
+        self.db()?.change(id).await
     }
 
     /// Changes with ids above `after`, oldest first, at most `limit`.
@@ -733,23 +724,7 @@ impl StateDb {
         after: i64,
         limit: usize,
     ) -> Result<Vec<StoredChange>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.changes_after(after, limit).await;
-        }
-        self.read(move |conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached("SELECT id FROM changes WHERE id > ?1 ORDER BY id LIMIT ?2")?
-                .query_map(params![after, limit as i64], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(c) = sqlite::rows::load_change(conn, id)? {
-                    out.push(c);
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.db()?.changes_after(after, limit).await
     }
 
     /// The newest changes (below id `before`, if given), newest first,
@@ -759,51 +734,22 @@ impl StateDb {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(StoredChange, Vec<i64>)>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.recent_changes(before, limit).await;
+        match &self.pg {
+            Some(pg) => pg.recent_changes(before, limit).await,
+            None => self.sqlite_db()?.recent_changes(before, limit).await,
         }
-        self.read(move |conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached(
-                    "SELECT id FROM changes WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
-                )?
-                .query_map(params![before, limit as i64], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(c) = sqlite::rows::load_change(conn, id)? {
-                    let builds = conn
-                        .prepare_cached(
-                            "SELECT build_id FROM build_requests WHERE change_id = ?1 AND build_id IS NOT NULL ORDER BY build_id",
-                        )?
-                        .query_map([id], |r| r.get(0))?
-                        .collect::<rusqlite::Result<Vec<i64>>>()?;
-                    out.push((c, builds));
-                }
-            }
-            Ok(out)
-        })
-        .await
     }
 
     /// How many changes are stored.
     pub async fn change_count(&self) -> Result<i64, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.change_count().await;
-        }
-        self.read(|conn| conn.query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0)))
-            .await
+        self.db()?.change_count().await
     }
 }
 
 #[async_trait]
 impl ChangeStore for StateDb {
     async fn add_changes(&self, batch: Vec<NewChange>) -> Result<Vec<i64>, StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.add_changes(batch).await;
-        }
-        self.write(move |conn| sqlite::rows::insert_changes(conn, &batch))
-            .await
+        self.db()?.add_changes(batch).await
     }
 
     async fn add_changes_keyed(
@@ -811,11 +757,7 @@ impl ChangeStore for StateDb {
         key: (String, String),
         batch: Vec<NewChange>,
     ) -> Result<(Vec<i64>, bool), StateError> {
-        if let Some(pg) = &self.pg {
-            return pg.add_changes_keyed(key, batch).await;
-        }
-        let (ids, _, again) = self.add_changes_once(key, batch, |_, _| Vec::new()).await?;
-        Ok((ids, again))
+        self.db()?.add_changes_keyed(key, batch).await
     }
 }
 
@@ -860,6 +802,7 @@ impl ChangeReader for StateDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     /// Two masters' states on one PostgreSQL database: each job is led by
     /// one of them, and asking again (from what a master remembers, or the

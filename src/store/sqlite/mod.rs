@@ -18,6 +18,8 @@ use crate::store::StateError;
 use crate::store::logs;
 
 mod builds;
+mod changes;
+mod legacy_logs;
 mod rest;
 pub(in crate::store) mod rows;
 mod schema;

@@ -400,4 +400,122 @@ impl SqliteDb {
         })
         .await
     }
+
+    /// The size of `build`'s artifacts other than `name`.
+    pub(in crate::store) async fn other_artifacts_size(
+        &self,
+        build: i64,
+        name: &str,
+    ) -> Result<i64, StateError> {
+        let name = name.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE build_id = ?1 AND name != ?2",
+                params![build, name],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    /// Marks the step of `row` as the upload of artifact `name`.
+    pub(in crate::store) async fn set_step_artifact(
+        &self,
+        row: i64,
+        name: &str,
+    ) -> Result<(), StateError> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE steps SET artifact = ?2 WHERE id = ?1",
+                params![row, name],
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Records a stored artifact (in place of one of the same name).
+    pub(in crate::store) async fn put_artifact(
+        &self,
+        a: &ArtifactRecord,
+    ) -> Result<(), StateError> {
+        let a = a.clone();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO artifacts (build_id, name, size, sha256, created_ms, tar) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![a.build, a.name, a.size as i64, a.sha256, now_ms(), a.tar],
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a builder's requests, builds, steps and the logs kept in the
+    /// database; returns how many builds went, their steps' rows and their
+    /// ids (whose files the caller removes).
+    pub(in crate::store) async fn delete_builder(
+        &self,
+        builder: &str,
+    ) -> Result<(usize, Vec<i64>, Vec<i64>), StateError> {
+        let builder = builder.to_string();
+        self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM builds WHERE builder = ?1")?
+                .query_map([&builder], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let rows: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1",
+                )?
+                .query_map([&builder], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            conn.execute(
+                "DELETE FROM log_chunks WHERE step IN
+                   (SELECT s.id FROM steps s JOIN builds b ON b.id = s.build_id WHERE b.builder = ?1)",
+                [&builder],
+            )?;
+            conn.execute("DELETE FROM steps WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
+            conn.execute("DELETE FROM build_properties WHERE build_id IN (SELECT id FROM builds WHERE builder = ?1)", [&builder])?;
+            let builds = conn.execute("DELETE FROM builds WHERE builder = ?1", [&builder])?;
+            conn.execute("DELETE FROM build_requests WHERE builder = ?1", [&builder])?;
+            Ok((builds, rows, ids))
+        })
+        .await
+    }
+
+    /// Deletes (at most `limit`) builds that ended before
+    /// `ended_before_ms`, with their requests, steps and properties;
+    /// returns their ids and their steps' rows (whose files the caller
+    /// removes).
+    pub(in crate::store) async fn prune_builds(
+        &self,
+        ended_before_ms: i64,
+        limit: usize,
+    ) -> Result<(Vec<i64>, Vec<i64>), StateError> {
+        self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT id FROM builds WHERE finished_ms < ?1 ORDER BY finished_ms LIMIT ?2",
+                )?
+                .query_map(params![ended_before_ms, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut rows = Vec::new();
+            for id in &ids {
+                rows.extend(
+                    conn.prepare_cached("SELECT id FROM steps WHERE build_id = ?1")?
+                        .query_map([id], |r| r.get::<_, i64>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                );
+                conn.execute("DELETE FROM builds WHERE id = ?1", [id])?;
+                conn.execute(
+                    "DELETE FROM build_requests WHERE build_id = ?1
+                       AND id NOT IN (SELECT request_id FROM builds)",
+                    [id],
+                )?;
+            }
+            Ok((ids, rows))
+        })
+        .await
+    }
 }
