@@ -1,9 +1,13 @@
-//! Build requests, builds, steps and their logs.
+//! [`StateDb`]'s build requests, builds, steps, their logs and artifacts:
+//! the files (log chunks, uploads, artifacts) it keeps itself, and the
+//! rows, which its backend keeps (`sqlite`, `postgres`), in the order that
+//! keeps them in step: a step's output is durable in its file before its
+//! end is recorded; a build's rows go before its files.
 //!
 //! A request waits (`build_id IS NULL`) until a worker claims it; claiming
 //! creates the build in the same write, so two workers can never take the
-//! same request. Log chunks are keyed by (step, seq) and inserted with
-//! `OR IGNORE`: a chunk replayed after a reconnect is stored once.
+//! same request. Log chunks are keyed by (step, seq): a chunk replayed
+//! after a reconnect is stored once.
 
 use std::collections::{BTreeMap, HashMap};
 
