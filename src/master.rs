@@ -220,21 +220,26 @@ async fn rejoin(
     }
     loop {
         match builds.state_db().retake_lease(ttl).await {
-            Ok(lease) => {
-                match builds.rejoin().await {
-                    Ok(n) => tracing::info!(
+            Ok(lease) => match builds.rejoin().await {
+                Ok(n) => {
+                    tracing::info!(
                         epoch = lease.0,
                         builds = n,
                         "took a new lease: serving again"
-                    ),
-                    Err(e) => {
-                        // Serving anyway: the adoptions at the next renewals
-                        // take what this one could not.
-                        tracing::warn!(epoch = lease.0, error = %e, "took a new lease; cannot take its earlier builds back yet")
-                    }
+                    );
+                    return true;
                 }
-                return true;
-            }
+                Err(e) => {
+                    // Some of its builds may be the new lease's and not
+                    // running: end that lease too (the next one takes them
+                    // back) and let go of what was resumed.
+                    tracing::warn!(epoch = lease.0, error = %e, "took a new lease but cannot take its builds back; ending it and trying again");
+                    if let Err(e) = builds.state_db().end_lease().await {
+                        tracing::warn!(error = %e, "cannot end the lease; it expires by itself");
+                    }
+                    builds.lose_lease();
+                }
+            },
             Err(e) => tracing::warn!(error = %e, "cannot take a new lease; trying again"),
         }
         tokio::select! {

@@ -718,13 +718,15 @@ impl BuildMaster {
     /// adopted meanwhile (and those of masters whose leases expired) and
     /// runs them on from where they are, as after a restart; then admits
     /// workers and claims requests again. Returns how many builds it took.
+    /// On an error it stays out (the lease lost, no worker admitted): the
+    /// caller ends the new lease and tries again.
     pub(crate) async fn rejoin(&self) -> Result<usize, StateError> {
-        let resumed = self.recover().await;
+        let resumed = self.recover().await?;
         self.inner
             .lease_lost
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.wake();
-        resumed
+        Ok(resumed)
     }
 
     /// Whether this master has lost its lease and not yet taken a new
