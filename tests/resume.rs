@@ -909,6 +909,27 @@ fn shared_state_master(
     dir
 }
 
+/// Waits (at most `bound`) for the newest build `addr` shows to end, and
+/// checks it succeeded with both its steps run once each (nothing re-run).
+async fn ended_once_each(addr: &str, bound: Duration) -> serde_json::Value {
+    let build = tokio::time::timeout(bound, async {
+        loop {
+            let builds = debug_json(addr, &["builds"]).await;
+            if builds[0]["result"].is_string() {
+                return builds[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the build on {addr} to end within {bound:?}"));
+    assert_eq!(build["result"], "success", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
+    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    build
+}
+
 /// Master processes a and b on one PostgreSQL database (a database of the
 /// test's own, one shared data_dir, leases of 3 s), worker `w1` logged in to
 /// a (naming both), and the counting build forced on a, 0.9 s into its
@@ -967,22 +988,7 @@ impl Failover {
     /// Waits (60 s at most) for the build to end on b; checks it succeeded
     /// with both steps run once, and returns it as b's console shows it.
     async fn ended_on_b_once_each(&self) -> serde_json::Value {
-        let build = tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                let builds = debug_json(&self.addr_b, &["builds"]).await;
-                if builds[0]["result"].is_string() {
-                    return builds[0].clone();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-        .await
-        .expect("the build to end on b");
-        assert_eq!(build["result"], "success", "{build}");
-        let steps = build["steps"].as_array().unwrap();
-        assert_eq!(steps.len(), 2, "nothing re-run: {build}");
-        assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
-        build
+        ended_once_each(&self.addr_b, Duration::from_secs(60)).await
     }
 
     /// Stops the processes and drops the database.
@@ -1138,13 +1144,7 @@ async fn a_build_and_pushes_ride_out_a_postgresql_crash() {
         .await
         .expect("the pushes to end")
         .unwrap();
-    let build = tokio::time::timeout(Duration::from_secs(60), newest_build_when_ended(&addr))
-        .await
-        .expect("the build to end");
-    assert_eq!(build["result"], "success", "{build}");
-    let steps = build["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
-    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let build = ended_once_each(&addr, Duration::from_secs(60)).await;
     assert!(
         debug_log(&addr, &build, Some("lines")).await == expected().into_bytes(),
         "the log must be byte-exact across the database's crash"
@@ -1190,13 +1190,7 @@ async fn a_master_that_lost_its_lease_to_a_database_outage_takes_a_new_one_and_b
     tokio::task::spawn_blocking(move || outage.crash_and_restart(Duration::from_secs(4)))
         .await
         .unwrap();
-    let build = tokio::time::timeout(Duration::from_secs(90), newest_build_when_ended(&addr))
-        .await
-        .expect("the build to end");
-    assert_eq!(build["result"], "success", "{build}");
-    let steps = build["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
-    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let build = ended_once_each(&addr, Duration::from_secs(90)).await;
     assert!(
         debug_log(&addr, &build, Some("lines")).await == expected().into_bytes(),
         "the log must be byte-exact across the lost lease"
@@ -1295,13 +1289,7 @@ async fn a_build_refused_a_write_for_its_lease_makes_its_master_step_down_and_ta
     std::fs::write(&go, b"").unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     client.batch_execute("COMMIT").await.unwrap();
-    let build = tokio::time::timeout(Duration::from_secs(60), newest_build_when_ended(&addr))
-        .await
-        .expect("the build to end");
-    assert_eq!(build["result"], "success", "{build}");
-    let steps = build["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 2, "nothing re-run: {build}");
-    assert!(steps.iter().all(|s| s["attempt"] == 1), "{build}");
+    let build = ended_once_each(&addr, Duration::from_secs(60)).await;
     assert_eq!(debug_log(&addr, &build, Some("wait")).await, b"released\n");
     assert!(epoch() > first, "the master took a new lease");
     assert!(
