@@ -492,10 +492,38 @@ impl StateDb {
         from: &str,
         name: &str,
     ) -> Result<Result<ArtifactRecord, String>, StateError> {
-        match &self.pg {
-            Some(pg) => pg.find_artifact(from, name).await,
-            None => self.sqlite_db()?.find_artifact(from, name).await,
-        }
+        let from = from.trim();
+        let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
+            let found = match &self.pg {
+                Some(pg) => pg.latest_success_with(builder, name).await?,
+                None => self.sqlite_db()?.latest_success_with(builder, name).await?,
+            };
+            if found.is_none() {
+                return Ok(Err(format!(
+                    "no successful build of builder `{builder}` stored an artifact `{name}`"
+                )));
+            }
+            found
+        } else if let Some((builder, number)) = from.rsplit_once('#')
+            && let Ok(number) = number.parse::<i64>()
+        {
+            self.build_by_number(builder, number).await?
+        } else if let Ok(id) = from.parse::<i64>() {
+            Some(id)
+        } else {
+            return Ok(Err(format!(
+                "`{from}` names no build (a build id, BUILDER#NUMBER or latest-success:BUILDER)"
+            )));
+        };
+        let Some(build) = build else {
+            return Ok(Err(format!("there is no build `{from}`")));
+        };
+        let found = self
+            .artifacts(build)
+            .await?
+            .into_iter()
+            .find(|a| a.name == name);
+        Ok(found.ok_or_else(|| format!("build {build} has no artifact `{name}`")))
     }
 
     /// Records which artifact the download step of `row` sends.

@@ -536,63 +536,22 @@ impl PgState {
             .collect())
     }
 
-    /// See [`StateDb::find_artifact`](crate::store::StateDb::find_artifact).
-    pub async fn find_artifact(
+    /// The newest successful build of `builder` that stored an artifact
+    /// `name`.
+    pub async fn latest_success_with(
         &self,
-        from: &str,
+        builder: &str,
         name: &str,
-    ) -> Result<Result<ArtifactRecord, String>, StateError> {
-        let from = from.trim();
+    ) -> Result<Option<i64>, StateError> {
         let client = self.client().await?;
-        let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
-            let found = client
-                .query_opt(
-                    "SELECT b.id FROM builds b JOIN artifacts a ON a.build_id = b.id AND a.name = $2
-                     WHERE b.builder = $1 AND b.result = 'success' ORDER BY b.id DESC LIMIT 1",
-                    &[&builder, &name],
-                )
-                .await?
-                .map(|r| r.get(0));
-            if found.is_none() {
-                return Ok(Err(format!(
-                    "no successful build of builder `{builder}` stored an artifact `{name}`"
-                )));
-            }
-            found
-        } else if let Some((builder, number)) = from.rsplit_once('#')
-            && let Ok(number) = number.parse::<i64>()
-        {
-            client
-                .query_opt(
-                    "SELECT id FROM builds WHERE builder = $1 AND number = $2",
-                    &[&builder, &number],
-                )
-                .await?
-                .map(|r| r.get(0))
-        } else if let Ok(id) = from.parse::<i64>() {
-            Some(id)
-        } else {
-            return Ok(Err(format!(
-                "`{from}` names no build (a build id, BUILDER#NUMBER or latest-success:BUILDER)"
-            )));
-        };
-        let Some(build) = build else {
-            return Ok(Err(format!("there is no build `{from}`")));
-        };
-        let found = client
+        Ok(client
             .query_opt(
-                "SELECT size, sha256, tar FROM artifacts WHERE build_id = $1 AND name = $2",
-                &[&build, &name],
+                "SELECT b.id FROM builds b JOIN artifacts a ON a.build_id = b.id AND a.name = $2
+                 WHERE b.builder = $1 AND b.result = 'success' ORDER BY b.id DESC LIMIT 1",
+                &[&builder, &name],
             )
             .await?
-            .map(|r| ArtifactRecord {
-                build,
-                name: name.to_string(),
-                size: r.get::<_, i64>(0) as u64,
-                sha256: r.get(1),
-                tar: r.get(2),
-            });
-        Ok(found.ok_or_else(|| format!("build {build} has no artifact `{name}`")))
+            .map(|r| r.get(0)))
     }
 
     /// See [`StateDb::record_download`](crate::store::StateDb::record_download).

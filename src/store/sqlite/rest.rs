@@ -252,59 +252,21 @@ impl SqliteDb {
         .await
     }
 
-    /// See [`crate::store::StateDb::find_artifact`].
-    pub(in crate::store) async fn find_artifact(
+    /// The newest successful build of `builder` that stored an artifact
+    /// `name`.
+    pub(in crate::store) async fn latest_success_with(
         &self,
-        from: &str,
+        builder: &str,
         name: &str,
-    ) -> Result<Result<ArtifactRecord, String>, StateError> {
-        let (from, name) = (from.trim().to_string(), name.to_string());
+    ) -> Result<Option<i64>, StateError> {
+        let (builder, name) = (builder.to_string(), name.to_string());
         self.read(move |conn| {
-            let build: Option<i64> = if let Some(builder) = from.strip_prefix("latest-success:") {
-                let found = conn
-                    .prepare_cached(
-                        "SELECT b.id FROM builds b JOIN artifacts a ON a.build_id = b.id AND a.name = ?2
-                         WHERE b.builder = ?1 AND b.result = 'success' ORDER BY b.id DESC LIMIT 1",
-                    )?
-                    .query_row(params![builder, name], |r| r.get(0))
-                    .optional()?;
-                if found.is_none() {
-                    return Ok(Err(format!(
-                        "no successful build of builder `{builder}` stored an artifact `{name}`"
-                    )));
-                }
-                found
-            } else if let Some((builder, number)) = from.rsplit_once('#')
-                && let Ok(number) = number.parse::<i64>()
-            {
-                conn.prepare_cached("SELECT id FROM builds WHERE builder = ?1 AND number = ?2")?
-                    .query_row(params![builder, number], |r| r.get(0))
-                    .optional()?
-            } else if let Ok(id) = from.parse::<i64>() {
-                Some(id)
-            } else {
-                return Ok(Err(format!(
-                    "`{from}` names no build (a build id, BUILDER#NUMBER or latest-success:BUILDER)"
-                )));
-            };
-            let Some(build) = build else {
-                return Ok(Err(format!("there is no build `{from}`")));
-            };
-            let found = conn
-                .prepare_cached(
-                    "SELECT size, sha256, tar FROM artifacts WHERE build_id = ?1 AND name = ?2",
-                )?
-                .query_row(params![build, name], |r| {
-                    Ok(ArtifactRecord {
-                        build,
-                        name: name.clone(),
-                        size: r.get::<_, i64>(0)? as u64,
-                        sha256: r.get(1)?,
-                        tar: r.get(2)?,
-                    })
-                })
-                .optional()?;
-            Ok(found.ok_or_else(|| format!("build {build} has no artifact `{name}`")))
+            conn.prepare_cached(
+                "SELECT b.id FROM builds b JOIN artifacts a ON a.build_id = b.id AND a.name = ?2
+                 WHERE b.builder = ?1 AND b.result = 'success' ORDER BY b.id DESC LIMIT 1",
+            )?
+            .query_row(params![builder, name], |r| r.get(0))
+            .optional()
         })
         .await
     }
