@@ -160,10 +160,7 @@ async fn keep_lease(builds: BuildMaster, ttl: std::time::Duration, shutdown: Can
                 // renewal said so: step down (the others may adopt at
                 // once) and serve again under a new lease.
                 tracing::error!("a build found this master's lease lapsed: stepping down; taking a new lease");
-                if let Err(e) = builds.state_db().end_lease().await {
-                    tracing::warn!(error = %e, "cannot end the lapsed lease; it expires by itself");
-                }
-                builds.lose_lease();
+                step_down(&builds).await;
                 if !rejoin(&builds, ttl, &shutdown).await {
                     return;
                 }
@@ -202,6 +199,15 @@ async fn keep_lease(builds: BuildMaster, ttl: std::time::Duration, shutdown: Can
     }
 }
 
+/// Ends this master's lease at once (the others may adopt its builds) and
+/// lets go of its builds and workers ([`BuildMaster::lose_lease`]).
+async fn step_down(builds: &BuildMaster) {
+    if let Err(e) = builds.state_db().end_lease().await {
+        tracing::warn!(error = %e, "cannot end this master's lease; it expires by itself");
+    }
+    builds.lose_lease();
+}
+
 /// After a lost lease: waits for the workers' sessions to end (at most a
 /// lease's time: nothing of the old lease is written once they have), then
 /// takes a new lease, trying again every third of `ttl`, and serves again
@@ -234,10 +240,7 @@ async fn rejoin(
                     // running: end that lease too (the next one takes them
                     // back) and let go of what was resumed.
                     tracing::warn!(epoch = lease.0, error = %e, "took a new lease but cannot take its builds back; ending it and trying again");
-                    if let Err(e) = builds.state_db().end_lease().await {
-                        tracing::warn!(error = %e, "cannot end the lease; it expires by itself");
-                    }
-                    builds.lose_lease();
+                    step_down(builds).await;
                 }
             },
             Err(e) => tracing::warn!(error = %e, "cannot take a new lease; trying again"),

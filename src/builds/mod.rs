@@ -954,41 +954,38 @@ impl BuildMaster {
         if self.generation() != generation {
             return false;
         }
-        let entry = (builder.name.clone(), worker.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let name = builder.name.clone();
-            run::run_build(
-                &me,
-                build,
-                req,
-                builder,
-                worker.clone(),
-                slots.clone(),
-                stop,
-                resume,
-            )
-            .await;
-            if me.generation() != generation {
-                return; // its lease was lost meanwhile: nothing of it is listed
-            }
-            slots.busy.fetch_sub(1, Ordering::SeqCst);
-            me.inner
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&build);
-            me.after_build(&name, &worker);
-            me.wake();
-        });
-        running.insert(
-            build,
-            RunningBuild {
-                builder: entry.0,
-                worker: entry.1,
-                stop: entry.2,
-                task: task.abort_handle(),
-            },
-        );
+        let listed = RunningBuild {
+            builder: builder.name.clone(),
+            worker: worker.clone(),
+            stop: stop.clone(),
+            task: tokio::spawn(async move {
+                let name = builder.name.clone();
+                run::run_build(
+                    &me,
+                    build,
+                    req,
+                    builder,
+                    worker.clone(),
+                    slots.clone(),
+                    stop,
+                    resume,
+                )
+                .await;
+                if me.generation() != generation {
+                    return; // its lease was lost meanwhile: nothing of it is listed
+                }
+                slots.busy.fetch_sub(1, Ordering::SeqCst);
+                me.inner
+                    .running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&build);
+                me.after_build(&name, &worker);
+                me.wake();
+            })
+            .abort_handle(),
+        };
+        running.insert(build, listed);
         true
     }
 
